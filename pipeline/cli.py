@@ -1,0 +1,253 @@
+"""The ``apmpipe`` command line: parse options, build a stage config, call the stage, print a summary.
+
+User errors (``storage.errors.ApmError``) print one line on stderr and exit 2; ``--debug`` shows their
+traceback. Any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import click
+import typer
+from rich.table import Table
+
+from storage.errors import ApmError, ConfigError
+
+from .console import ExtractProgress, err_console, human_bytes, out_console
+
+app = typer.Typer(
+    name="apmpipe",
+    help="Feature-cache distillation for the Asynchronous Perception Machine: extract a timm teacher's tokens once, train the APM student from the cache, evaluate it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Measure throughput side by side in one run and print ratios.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TokenDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    int8 = "int8"
+
+
+class Codec(str, Enum):
+    zstd = "zstd"
+    blosc_lz4 = "blosc-lz4"
+    none = "none"
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors too.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details (INFO level).")] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def reports_user_errors(command: F) -> F:
+    """Turn an ApmError into one line on stderr and exit code 2 (unless --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ApmError as exc:
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
+                raise
+            err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ConfigError(f"{option} {text!r} is not a comma-separated list of integers, e.g. {option} 4,8,12") from None
+
+
+def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are Python literals when they parse as one (``32``, ``True``, ``(1, 2)``), else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{option} {item!r} is not KEY=VALUE, e.g. {option} img_size=224")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@app.command()
+@reports_user_errors
+def extract(
+    sources: Annotated[list[str], typer.Argument(help="WebDataset shards (.tar/.tar.gz/.tgz, brace patterns, globs, a directory; local or fsspec URLs) or an image folder root/<class>/<file>.", show_default=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Feature cache to create or complete (local path or fsspec URL).", show_default=False)],
+    teacher: Annotated[str, typer.Option("--teacher", "-t", help="timm model name, hf-hub:org/repo or local-dir:/path.", show_default=False)],
+    layers: Annotated[str, typer.Option(help="Teacher blocks to cache, 1-based; negative counts from the end (-1 = last).")] = "-1",
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load the teacher's pretrained weights.")] = True,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Teacher state dict (.safetensors, or .pth loaded with weights_only).")] = None,
+    model_arg: Annotated[list[str], typer.Option("--model-arg", help="Extra timm.create_model argument KEY=VALUE (repeatable), e.g. img_size=448.")] = [],
+    seed: Annotated[int, typer.Option(help="Seed for a random-init teacher.")] = 0,
+    final_norm: Annotated[bool, typer.Option("--final-norm/--no-final-norm", help="Apply the teacher's final norm to every cached level.")] = False,
+    dtype: Annotated[TokenDtype, typer.Option(help="Token storage dtype; int8 is per-token scaled and its fidelity is reported.")] = TokenDtype.float16,
+    codec: Annotated[Codec, typer.Option(help="Compressor for cached arrays.")] = Codec.zstd,
+    batch_size: Annotated[int, typer.Option(help="Images per teacher forward.")] = 32,
+    loader_workers: Annotated[int, typer.Option(help="DataLoader processes decoding images (0: in the main process).")] = 2,
+    chunk_samples: Annotated[int, typer.Option(help="Samples per zarr chunk (unit of a read).")] = 16,
+    shard_samples: Annotated[int, typer.Option(help="Samples per zarr shard file (unit of a write); a multiple of --chunk-samples.")] = 256,
+    label_key: Annotated[str, typer.Option(help="WebDataset field with the integer label.")] = "cls",
+    no_labels: Annotated[bool, typer.Option("--no-labels", help="Ignore labels (all stored as -1).")] = False,
+    folder_block: Annotated[int, typer.Option(help="Images per shard group when reading an image folder.")] = 1000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
+    workers: Annotated[int, typer.Option(help="Run shards on a local dask cluster of N worker processes (0: in this process).")] = 0,
+    scheduler: Annotated[Optional[str], typer.Option(help="Run shards on an existing dask scheduler, e.g. tcp://10.0.0.5:8786.")] = None,
+    scheduler_file: Annotated[Optional[Path], typer.Option(help="Dask scheduler file (dask scheduler --scheduler-file).")] = None,
+    resources: Annotated[list[str], typer.Option("--resources", help="Dask resources each task needs, KEY=VALUE (repeatable), e.g. GPU=1.")] = [],
+    storage_option: Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for remote inputs/cache (repeatable), e.g. endpoint_url=http://...")] = [],
+) -> None:
+    """Run a frozen timm teacher once over image shards into a resumable Zarr v3 feature cache."""
+    from stages.extract import ExtractConfig, extract as run_extract
+    from stages.teacher import TeacherConfig
+
+    storage_options = parse_storage_options(storage_option)
+    config = ExtractConfig(
+        inputs=tuple(sources), out=out,
+        teacher=TeacherConfig(name=teacher, pretrained=pretrained, checkpoint=str(checkpoint.resolve()) if checkpoint else None,
+                              model_kwargs=tuple(sorted(parse_key_values(model_arg, "--model-arg").items())), seed=seed),
+        layers=parse_int_list(layers, "--layers"), final_norm=final_norm, dtype=dtype.value, codec=codec.value,
+        batch_size=batch_size, loader_workers=loader_workers, chunk_samples=chunk_samples, shard_samples=shard_samples,
+        label_key=None if no_labels else label_key, folder_block=folder_block, device=device, amp=amp, storage_options=storage_options,
+    )
+    runner = None
+    if workers or scheduler or scheduler_file:
+        from .cluster import dask_runner
+
+        runner = dask_runner(workers, scheduler, str(scheduler_file) if scheduler_file else None, parse_key_values(resources, "--resources") or None)
+    with ExtractProgress() as progress:
+        summary = run_extract(config, progress=progress, runner=runner, on_plan=progress.plan)
+    _print_extract_summary(summary)
+    if summary.count("failed"):
+        raise typer.Exit(1)
+
+
+def parse_storage_options(items: list[str]) -> dict[str, Any]:
+    """``--storage-option`` pairs; ``endpoint_url`` goes where s3fs expects it (``client_kwargs``)."""
+    options = parse_key_values(items, "--storage-option")
+    if "endpoint_url" in options:
+        options.setdefault("client_kwargs", {})["endpoint_url"] = options.pop("endpoint_url")
+    return options
+
+
+def _print_extract_summary(summary: Any) -> None:
+    images = summary.images
+    rows = [
+        ("cache", summary.cache),
+        ("shards", f"{summary.count('done')} done, {summary.count('skipped')} already complete, {summary.count('failed')} failed"),
+        ("images", f"{images} written, {len(summary.skipped_samples)} samples skipped"),
+        ("on disk", f"{human_bytes(summary.stored_bytes)} in the cache"),
+        ("throughput", f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f} s"),
+        ("teacher head", summary.head),
+    ]
+    if summary.cache_samples:
+        rows.insert(4, ("bytes per image", human_bytes(summary.stored_bytes / summary.cache_samples)))
+    for layer, stats in summary.fidelity.items():
+        rows.append((f"fidelity layer {layer}", f"min cosine {stats['cosine_min']:.5f}, relative MSE {stats['relative_mse']:.2e}"))
+    out_console.print(_table("apmpipe extract", rows))
+    for shard, key, reason in summary.skipped_samples[:20]:
+        err_console.print(f"skipped {shard}/{key}: {reason}", highlight=False, markup=False)
+    for result in summary.results:
+        if result.status == "failed":
+            err_console.print(f"failed shard {result.name}: {result.error}", highlight=False, markup=False)
+
+
+@app.command()
+@reports_user_errors
+def info(
+    cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+) -> None:
+    """Describe a feature cache: teacher, layers, shapes, shards, sizes, compression, bad samples."""
+    from storage.cache import FeatureCache
+
+    desc = FeatureCache.open(cache).describe()
+    if as_json:
+        out_console.print_json(json.dumps(desc))
+        return
+    spec = desc["spec"]
+    teacher = spec["teacher"]
+    rows = [
+        ("format", desc["format"]),
+        ("teacher", f"{teacher['name']} ({teacher['weights']}, sha256 {teacher['weights_sha256'][:12]})"),
+        ("input", f"{spec['data_config']['input_size']} {spec['data_config']['interpolation']}, crop {spec['data_config'].get('crop_pct')}, mean {spec['data_config']['mean']}"),
+        ("levels", ", ".join(f"{lv['layer']}: {lv['prefix_tokens']}+{lv['grid'][0]}x{lv['grid'][1]} tokens x {lv['dim']}" for lv in spec["levels"])),
+        ("storage", f"{spec['dtype']}, codec {spec['codec']}, chunks of {spec['chunk_samples']}, zarr shards of {spec['shard_samples']}"),
+        ("shards", f"{desc['shards']['complete']} complete, {desc['shards']['writing']} incomplete, {desc['shards']['failed']} failed"),
+        ("samples", str(desc["samples"])),
+        ("size", f"{human_bytes(desc['stored_bytes'])} on disk, {human_bytes(desc['raw_bytes'])} raw, ratio {desc['compression_ratio']:.2f}x, {human_bytes(desc['bytes_per_sample'])}/sample"),
+        ("teacher head", "stored" if desc["head"].get("available") else f"none ({desc['head'].get('reason', 'unknown')})"),
+        ("skipped samples", str(len(desc["skipped_samples"]))),
+    ]
+    out_console.print(_table(f"apmpipe cache {cache}", rows))
+    for item in desc["skipped_samples"][:20]:
+        out_console.print(f"skipped {item['shard']}/{item['key']}: {item['reason']}", highlight=False, markup=False)
+    for item in desc["failed_shards"]:
+        out_console.print(f"failed shard {item['shard']}: {item['error']}", highlight=False, markup=False)
+
+
+@app.command()
+@reports_user_errors
+def verify(
+    cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
+    samples: Annotated[int, typer.Option(help="Number of cached samples to recompute.")] = 8,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Teacher weights, if not where extraction found them.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Recompute a sample of cached images with the teacher and report the difference to the cache."""
+    from stages.verify import verify_cache
+
+    report = verify_cache(cache, samples=samples, device=device, checkpoint=str(checkpoint) if checkpoint else None)
+    rows = [(f"layer {layer}", f"max |diff| {s['max_abs']:.3g}, min cosine {s['min_cosine']:.6f}") for layer, s in report.levels.items()]
+    if report.logits_max_abs is not None:
+        rows.append(("logits", f"max |diff| {report.logits_max_abs:.3g}"))
+    out_console.print(_table(f"apmpipe verify: {report.samples} samples recomputed", rows))
+
+
+def main() -> None:
+    """Console-script entry point: usage errors are one line with exit code 2, like user errors."""
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        err_console.print(f"error: {exc.format_message()}{hint}", highlight=False, markup=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except click.exceptions.Abort:
+        err_console.print("aborted", highlight=False)
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

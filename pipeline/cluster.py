@@ -1,0 +1,60 @@
+"""dask.distributed execution of extraction: one task per input shard, teacher built once per worker.
+
+``dask_runner`` returns a :data:`stages.extract.ShardRunner` that submits :func:`stages.extract.extract_shards`
+for each shard to a local cluster (``--workers N``) or an existing scheduler (``--scheduler ADDRESS`` or
+``--scheduler-file FILE``). Tasks are idempotent (a retried task rewrites its own shard group), so dask's
+retries after a lost worker are safe.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import dask
+from distributed import Client, LocalCluster, as_completed
+
+from stages.extract import ExtractConfig, Progress, ShardResult, ShardRunner, extract_shards
+from storage.errors import ConfigError
+from storage.sources import ShardSource
+
+from .console import err_console
+
+TASK_RETRIES = 3
+
+
+@contextlib.contextmanager
+def dask_client(workers: int = 0, scheduler: str | None = None, scheduler_file: str | None = None) -> Iterator[Client]:
+    """A client on an existing scheduler, or on a local cluster of ``workers`` single-threaded processes."""
+    if scheduler or scheduler_file:
+        try:
+            client = Client(scheduler, scheduler_file=scheduler_file, timeout="20s")
+        except OSError as exc:
+            raise ConfigError(f"cannot reach dask scheduler {scheduler or scheduler_file!r} ({exc}); check --scheduler") from None
+        with client:
+            yield client
+        return
+    # Workers must not be daemonic: extraction decodes images in DataLoader worker processes.
+    with dask.config.set({"distributed.worker.daemon": False}):
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+            yield client
+
+
+def dask_runner(workers: int = 0, scheduler: str | None = None, scheduler_file: str | None = None, resources: dict[str, float] | None = None) -> ShardRunner:
+    """A shard runner that spreads shards over a dask cluster and reports progress as tasks finish."""
+
+    def run(config: ExtractConfig, shards: list[ShardSource], progress: Progress) -> list[ShardResult]:
+        with dask_client(workers, scheduler, scheduler_file) as client:
+            err_console.print(f"dask dashboard: {client.dashboard_link}", highlight=False)
+            futures = [
+                client.submit(extract_shards, config, [shard], key=f"extract-{shard.name}", pure=False, retries=TASK_RETRIES, resources=resources)
+                for shard in shards
+            ]
+            results: list[ShardResult] = []
+            for future in as_completed(futures):
+                for result in future.result():
+                    progress.images(result.images)
+                    progress.shard(result)
+                    results.append(result)
+        return results
+
+    return run

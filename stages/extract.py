@@ -1,0 +1,286 @@
+"""Stage one: run the frozen teacher once over input shards and write the feature cache.
+
+``extract(config)`` resolves the inputs, builds the teacher, creates (or checks and reopens) the cache and
+runs every incomplete shard through :func:`extract_shards`: DataLoader workers decode and preprocess whole
+shards, the main thread runs the teacher, and one background thread encodes, compresses and writes, so
+writing never stalls the forward. :func:`extract_shards` is also the unit a dask worker runs for one shard:
+it is idempotent (an incomplete shard group is rewritten whole) and its output does not depend on where it
+ran, because batches never cross shard boundaries.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from storage.batches import ShardBatches
+from storage.cache import CODECS, TOKEN_DTYPES, CacheSpec, EncodedTokens, FeatureCache, decode_tokens, encode_tokens, writer_lock
+from storage.errors import CacheError, ConfigError, ModelError
+from storage.sources import ShardSource, resolve_inputs
+
+from .teacher import Teacher, TeacherConfig, cached_teacher
+
+MAX_PENDING_WRITES = 4
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Options of one ``apmpipe extract`` run (saved in the cache's root attributes)."""
+
+    inputs: tuple[str, ...]
+    out: str
+    teacher: TeacherConfig
+    layers: tuple[int, ...] = (-1,)
+    final_norm: bool = False
+    dtype: str = "float16"
+    codec: str = "zstd"
+    batch_size: int = 32
+    loader_workers: int = 2
+    chunk_samples: int = 16
+    shard_samples: int = 256
+    label_key: str | None = "cls"
+    folder_block: int = 1000
+    device: str = "auto"
+    amp: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder")
+        for name in ("batch_size", "folder_block", "chunk_samples", "shard_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.loader_workers < 0:
+            raise ConfigError(f"--loader-workers must be 0 or more, got {self.loader_workers}")
+        if self.dtype not in TOKEN_DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
+        if self.codec not in CODECS:
+            raise ConfigError(f"--codec {self.codec!r} is not one of {', '.join(CODECS)}")
+        if not self.layers:
+            raise ConfigError("--layers is empty; pass e.g. --layers 4,8,12 or --layers -1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": list(self.inputs), "teacher": self.teacher.to_dict(), "layers": list(self.layers), "final_norm": self.final_norm,
+            "dtype": self.dtype, "codec": self.codec, "batch_size": self.batch_size, "label_key": self.label_key,
+            "folder_block": self.folder_block, "amp": self.amp,
+        }
+
+
+@dataclass
+class ShardResult:
+    """What happened to one input shard."""
+
+    name: str
+    status: str  # "done" | "failed" | "skipped" (already complete)
+    images: int = 0
+    skipped_samples: list[tuple[str, str]] = field(default_factory=list)
+    error: str = ""
+    fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class ExtractSummary:
+    """Totals of one run, for the CLI's summary table."""
+
+    cache: str
+    results: list[ShardResult]
+    seconds: float
+    stored_bytes: int
+    cache_samples: int
+    head: str
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def images(self) -> int:
+        return sum(r.images for r in self.results if r.status == "done")
+
+    @property
+    def skipped_samples(self) -> list[tuple[str, str, str]]:
+        return [(r.name, key, reason) for r in self.results for key, reason in r.skipped_samples]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    @property
+    def fidelity(self) -> dict[str, dict[str, float]]:
+        """Worst-case cosine and mean relative MSE per level over the shards written in this run."""
+        out: dict[str, dict[str, float]] = {}
+        for result in self.results:
+            for layer, stats in result.fidelity.items():
+                agg = out.setdefault(layer, {"cosine_min": 1.0, "relative_mse": 0.0, "n": 0})
+                agg["cosine_min"] = min(agg["cosine_min"], stats["cosine_min"])
+                agg["relative_mse"] += stats["relative_mse"]
+                agg["n"] += 1
+        return {k: {"cosine_min": v["cosine_min"], "relative_mse": v["relative_mse"] / v["n"]} for k, v in out.items()}
+
+
+class Progress(Protocol):
+    def images(self, count: int) -> None: ...
+    def shard(self, result: ShardResult) -> None: ...
+
+
+class _Silent:
+    def images(self, count: int) -> None:
+        pass
+
+    def shard(self, result: ShardResult) -> None:
+        pass
+
+
+class _ShardJob:
+    """Encodes and writes one shard's batches; runs on the background writer thread only."""
+
+    def __init__(self, cache: FeatureCache, source: ShardSource) -> None:
+        self.dtype = cache.spec.dtype
+        self.layers = [str(level.layer) for level in cache.spec.levels]
+        self.writer = cache.open_writer(source.name, source.url)
+        self.result = ShardResult(name=source.name, status="done")
+        self._stats: dict[str, list[float]] = {}
+
+    def _measure(self, tokens: list[np.ndarray], encoded: list[EncodedTokens]) -> None:
+        if self.dtype == "float32":
+            return
+        for layer, ref, enc in zip(self.layers, tokens, encoded):
+            approx = decode_tokens(enc.values, enc.scale)
+            dot = (ref * approx).sum(-1)
+            norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(approx, axis=-1)
+            cosine = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
+            stats = self._stats.setdefault(layer, [1.0, 0.0, 0.0])
+            stats[0] = min(stats[0], float(cosine.min()))
+            stats[1] += float(((ref - approx) ** 2).sum())
+            stats[2] += float((ref**2).sum())
+
+    def append(self, pixels: np.ndarray, labels: np.ndarray, keys: list[str], tokens: list[np.ndarray], logits: np.ndarray | None, skipped: list) -> None:
+        self.result.skipped_samples += [tuple(s) for s in skipped]
+        if self.result.error or not len(labels):
+            return
+        try:
+            encoded = [encode_tokens(t, self.dtype) for t in tokens]
+        except CacheError as exc:
+            self.result.error = str(exc)
+            return
+        self._measure(tokens, encoded)
+        self.writer.append(pixels, labels, keys, encoded, logits)
+        self.result.images += len(labels)
+
+    def fail(self, reason: str, skipped: list) -> None:
+        self.result.skipped_samples += [tuple(s) for s in skipped]
+        self.result.error = self.result.error or reason
+
+    def close(self) -> ShardResult:
+        if self.result.error:
+            self.writer.fail(self.result.error, self.result.skipped_samples)
+            self.result.status, self.result.images = "failed", 0
+            return self.result
+        self.result.fidelity = {
+            layer: {"cosine_min": s[0], "relative_mse": s[1] / s[2] if s[2] else 0.0} for layer, s in self._stats.items()
+        }
+        self.writer.finish(self.result.skipped_samples, {"fidelity": self.result.fidelity})
+        return self.result
+
+
+def _teacher_for(config: ExtractConfig) -> Teacher:
+    return cached_teacher(config.teacher, tuple(config.layers), config.final_norm, config.device, config.amp)
+
+
+def _loader(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> DataLoader:
+    dataset = ShardBatches(shards, teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key, config.storage_options)
+    workers = min(config.loader_workers, len(shards))
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=teacher.device.type == "cuda", prefetch_factor=4 if workers else None)
+
+
+def extract_shards(config: ExtractConfig, shards: Sequence[ShardSource], progress: Progress | None = None) -> list[ShardResult]:
+    """Extract ``shards`` into the (existing) cache at ``config.out``: the unit of work, local or on a dask worker."""
+    progress = progress or _Silent()
+    teacher = _teacher_for(config)
+    cache = FeatureCache.open(config.out, mode="r+", storage_options=config.storage_options)
+    if cache.spec.teacher["weights_sha256"] != teacher.weights_sha256:
+        raise ModelError(f"teacher weights on this worker differ from cache {config.out!r}; give every worker the same --checkpoint / pretrained weights")
+    sources = {s.name: s for s in shards}
+    jobs: dict[str, _ShardJob] = {}
+    finished: list[Future] = []
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="apmpipe-writer") as writer:
+
+        def submit(fn: Callable, *args: Any) -> Future:
+            pending.append(writer.submit(fn, *args))
+            while len(pending) > MAX_PENDING_WRITES:
+                pending.pop(0).result()
+            return pending[-1]
+
+        for record in _loader(config, teacher, shards):
+            name = record["shard"]
+            if name not in jobs:
+                jobs[name] = writer.submit(_ShardJob, cache, sources[name]).result()
+            job = jobs[name]
+            if record["error"]:
+                submit(job.fail, record["error"], record["skipped"])
+            else:
+                tokens, logits = teacher.forward(record["pixels"]) if len(record["pixels"]) else ([], None)
+                submit(
+                    job.append, record["pixels"].numpy(), record["labels"].numpy(), record["keys"],
+                    [t.cpu().numpy() for t in tokens], None if logits is None else logits.cpu().numpy(), record["skipped"],
+                )
+                progress.images(len(record["pixels"]))
+            if record["last"]:
+                future = submit(job.close)
+                future.add_done_callback(lambda f: progress.shard(f.result()) if not f.exception() else None)
+                finished.append(future)
+        for future in pending:
+            future.result()
+    return [future.result() for future in finished]
+
+
+def _write_teacher_head(cache: FeatureCache, teacher: Teacher) -> str:
+    """Store the rebuilt classifier once; return a one-line description for the summary."""
+    head, reason = teacher.head()
+    if head is None:
+        cache.update_attrs(head={"available": False, "reason": reason})
+        return f"not stored: {reason}"
+    if cache.head() is None:
+        cache.write_head(head.tensors(), head.attrs)
+    cache.update_attrs(head={"available": True, "pool": head.pool, "num_classes": teacher.num_classes})
+    return f"stored ({head.pool} pooling, {teacher.num_classes} classes)"
+
+
+def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
+    return CacheSpec(
+        teacher=teacher.identity(), data_config=teacher.data_config, levels=teacher.levels, final_norm=config.final_norm,
+        num_classes=teacher.num_classes, dtype=config.dtype, codec=config.codec,
+        chunk_samples=config.chunk_samples, shard_samples=config.shard_samples,
+    )
+
+
+ShardRunner = Callable[[ExtractConfig, list[ShardSource], Progress], list[ShardResult]]
+
+
+def extract(config: ExtractConfig, progress: Progress | None = None, runner: ShardRunner | None = None, on_plan: Callable[[int, int], None] | None = None) -> ExtractSummary:
+    """Run stage one. ``runner`` executes the incomplete shards (default: in this process)."""
+    progress = progress or _Silent()
+    start = time.perf_counter()
+    inputs = resolve_inputs(config.inputs, folder_block=config.folder_block, storage_options=config.storage_options)
+    teacher = _teacher_for(config)
+    with writer_lock(config.out):
+        cache = FeatureCache.create_or_open(config.out, cache_spec(config, teacher), storage_options=config.storage_options)
+        cache.record_sources([s.url for s in inputs.shards], inputs.classes)
+        cache.update_attrs(teacher_build=config.teacher.to_dict(), extract_config=config.to_dict())
+        head = _write_teacher_head(cache, teacher)
+        status = cache.shard_status()
+        todo = [s for s in inputs.shards if status.get(s.name) != "complete"]
+        results = [ShardResult(name=s.name, status="skipped") for s in inputs.shards if status.get(s.name) == "complete"]
+        if on_plan:
+            on_plan(len(inputs.shards), len(todo))
+        if todo:
+            results += (runner or extract_shards)(config, todo, progress)
+    return ExtractSummary(
+        cache=config.out, results=results, seconds=time.perf_counter() - start, stored_bytes=cache.stored_bytes(),
+        cache_samples=sum(cache.num_samples(name) for name in cache.complete_shards()), head=head,
+    )

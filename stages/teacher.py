@@ -1,0 +1,272 @@
+"""The frozen timm teacher: building it, its preprocessing, and its multi-level tokens.
+
+A :class:`Teacher` wraps any timm model with ``forward_intermediates`` (ViTs first-class, ConvNets too). It
+resolves 1-based ``--layers`` into timm indices, returns each cached level as tokens ``[B, T, D]`` (prefix
+tokens such as CLS/registers first, then the patch grid row-major; ConvNet feature maps flattened), the
+logits when the model has a head, and the data config (size, crop, interpolation, mean/std) that timm
+derives from the model's pretrained config.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from timm.data.transforms import MaybePILToTensor, MaybeToTensor, ToTensor
+from torch import nn
+from torchvision import transforms as T
+
+from storage.cache import LevelLayout
+from storage.errors import ConfigError, ModelError
+
+from .head import TeacherHead, describe_head
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """How to build the teacher.
+
+    Args:
+        name: any name ``timm.create_model`` accepts, incl. ``hf-hub:org/repo`` and ``local-dir:/path``.
+        pretrained: load the model's pretrained weights (hub download, or the ``local-dir`` folder's weights).
+        checkpoint: a bare state dict (``.safetensors``, or ``.pth``/``.bin`` loaded with ``weights_only``).
+        model_kwargs: extra ``create_model`` keyword arguments, e.g. ``(("img_size", 32), ("depth", 2))``.
+        seed: seeds random initialisation, so a random-init teacher is the same in every process.
+    """
+
+    name: str
+    pretrained: bool = True
+    checkpoint: str | None = None
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "pretrained": self.pretrained, "checkpoint": self.checkpoint, "model_kwargs": dict(self.model_kwargs), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TeacherConfig":
+        return cls(name=data["name"], pretrained=data["pretrained"], checkpoint=data.get("checkpoint"), model_kwargs=tuple(sorted(data.get("model_kwargs", {}).items())), seed=data.get("seed", 0))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def _weights_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _create(config: TeacherConfig) -> nn.Module:
+    kwargs = dict(config.model_kwargs)
+    pretrained = config.pretrained and not config.checkpoint
+    if ":" not in config.name and not timm.is_model(config.name):
+        close = timm.list_models(f"*{config.name.split('.')[0][:12]}*")[:3]
+        raise ModelError(f"unknown timm model {config.name!r}; see timm.list_models(){' (close: ' + ', '.join(close) + ')' if close else ''}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        try:
+            model = timm.create_model(config.name, pretrained=pretrained, **kwargs)
+        except TypeError as exc:
+            raise ModelError(f"teacher {config.name!r} rejected --model-arg values {kwargs}: {exc}") from None
+        except Exception as exc:
+            if not pretrained:
+                raise
+            raise ModelError(
+                f"could not obtain pretrained weights for {config.name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                "download them where there is network and pass --checkpoint FILE or --teacher local-dir:/path, or use --no-pretrained"
+            ) from None
+    if config.checkpoint:
+        if not os.path.isfile(config.checkpoint):
+            raise ModelError(f"--checkpoint {config.checkpoint!r} does not exist")
+        try:
+            timm.models.load_checkpoint(model, config.checkpoint, weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"--checkpoint {config.checkpoint!r} does not fit {config.name!r}: {str(exc).splitlines()[0][:160]}") from None
+    return model.eval().requires_grad_(False)
+
+
+def _data_config(model: nn.Module, in_chans: int) -> dict[str, Any]:
+    """timm's eval data config, corrected for input-size and channel overrides passed as model kwargs."""
+    cfg = dict(resolve_data_config({}, model=model))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    size = tuple(img_size) if img_size else tuple(cfg["input_size"][1:])
+    cfg["input_size"] = (in_chans, *size)
+    for key in ("mean", "std"):
+        values = tuple(float(v) for v in cfg[key])
+        if len(values) != in_chans:
+            values = (sum(values) / len(values),) * in_chans
+        cfg[key] = values
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def _in_chans(model: nn.Module) -> int:
+    first = model.pretrained_cfg.get("first_conv")
+    if isinstance(first, (list, tuple)):
+        first = first[0]
+    module = model.get_submodule(first) if first else None
+    chans = getattr(module, "in_channels", None) or getattr(model, "in_chans", None)
+    if chans not in (1, 3):
+        raise ModelError(f"teacher expects {chans} input channels; apmpipe feeds 1 (grayscale) or 3 (RGB) channel images")
+    return int(chans)
+
+
+def pixel_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's eval transform without ToTensor/Normalize: PIL image -> uint8 ``[C, H, W]`` the teacher sees."""
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+    full = create_transform(**cfg, is_training=False)
+    geometric = [t for t in full.transforms if not isinstance(t, (ToTensor, MaybeToTensor, MaybePILToTensor, T.ToTensor, T.Normalize))]
+    return T.Compose([*geometric, T.PILToTensor()])
+
+
+def resolve_layers(layers: tuple[int, ...], depth: int, name: str) -> tuple[int, ...]:
+    """1-based block numbers (negative counts from the end, -1 is the last) -> sorted unique 1-based numbers."""
+    resolved = []
+    for layer in layers:
+        number = depth + 1 + layer if layer < 0 else layer
+        if layer == 0 or not 1 <= number <= depth:
+            raise ConfigError(f"--layers {layer}: teacher {name!r} has {depth} levels; pick from 1..{depth} (1-based) or -1..-{depth}")
+        resolved.append(number)
+    return tuple(sorted(set(resolved)))
+
+
+class Teacher:
+    """A frozen timm model returning tokens for the cached levels (and logits when it has a head).
+
+    Args:
+        config: how to build the model.
+        layers: 1-based level numbers (``-1`` = last); resolved against the model's depth.
+        final_norm: apply the model's final norm to every cached level (timm's ``norm=True``).
+        device: torch device.
+        amp: autocast (bfloat16) on CUDA.
+    """
+
+    def __init__(self, config: TeacherConfig, layers: tuple[int, ...], final_norm: bool = False, device: str = "auto", amp: bool = True) -> None:
+        self.config = config
+        self.model = _create(config)
+        if not hasattr(self.model, "forward_intermediates"):
+            raise ModelError(f"teacher {config.name!r} has no forward_intermediates in this timm; pick a ViT or another model that has it")
+        self.depth = len(self.model.feature_info)
+        self.layers = resolve_layers(layers, self.depth, config.name)
+        self.final_norm = final_norm
+        self.in_chans = _in_chans(self.model)
+        self.data_config = _data_config(self.model, self.in_chans)
+        self.num_classes = int(getattr(self.model, "num_classes", 0) or 0)
+        self.weights_sha256 = _weights_sha256(self.model)
+        self.device = resolve_device(device)
+        self.amp = amp and self.device.type == "cuda"
+        self.model.to(self.device)
+        self._mean = torch.tensor(self.data_config["mean"], device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(self.data_config["std"], device=self.device).view(1, -1, 1, 1)
+        params = inspect.signature(self.model.forward_intermediates).parameters
+        self._prefix_kw = {"return_prefix_tokens": True} if "return_prefix_tokens" in params else {}
+        self.levels = self._probe_levels()
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.data_config["input_size"]
+        return int(c), int(h), int(w)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two teachers the same for a cache: architecture, arguments, weights."""
+        cfg = self.model.pretrained_cfg
+        return {
+            "name": self.config.name,
+            "architecture": cfg.get("architecture", type(self.model).__name__),
+            "model_kwargs": dict(self.config.model_kwargs),
+            "pretrained_tag": cfg.get("tag") or cfg.get("hf_hub_id") or "",
+            "weights": "pretrained" if self.config.pretrained and not self.config.checkpoint else ("checkpoint" if self.config.checkpoint else f"random-init(seed={self.config.seed})"),
+            "weights_sha256": self.weights_sha256,
+        }
+
+    def pixel_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return pixel_transform(self.data_config)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, C, H, W]`` -> normalised float on the teacher's device."""
+        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
+        return (x - self._mean) / self._std
+
+    @staticmethod
+    def _as_tokens(feature: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if isinstance(feature, tuple):  # (spatial [B, D, H, W], prefix [B, P, D])
+            spatial, prefix = feature
+            return torch.cat([prefix, spatial.flatten(2).transpose(1, 2)], dim=1)
+        return feature.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Tokens per cached level (float32 ``[B, T, D]``) and logits (float32 ``[B, K]`` or None)."""
+        x = self.normalize(pixels)
+        indices = [layer - 1 for layer in self.layers]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model.forward_intermediates(
+                x, indices=indices, norm=self.final_norm, output_fmt="NCHW", intermediates_only=not self.num_classes, **self._prefix_kw
+            )
+            if self.num_classes:
+                final, features = out
+                logits = self.model.forward_head(final).float()
+            else:
+                features, logits = out, None
+        return [self._as_tokens(f).float() for f in features], logits
+
+    def _probe_levels(self) -> tuple[LevelLayout, ...]:
+        with torch.inference_mode():
+            features = self.model.forward_intermediates(
+                self.normalize(torch.zeros((1, *self.pixel_shape), dtype=torch.uint8)),
+                indices=[layer - 1 for layer in self.layers], output_fmt="NCHW", intermediates_only=True, **self._prefix_kw,
+            )
+        levels = []
+        for layer, feature in zip(self.layers, features):
+            spatial, prefix = feature if isinstance(feature, tuple) else (feature, None)
+            levels.append(LevelLayout(
+                layer=layer, prefix_tokens=0 if prefix is None else int(prefix.shape[1]),
+                grid=(int(spatial.shape[2]), int(spatial.shape[3])), dim=int(spatial.shape[1]),
+            ))
+        return tuple(levels)
+
+    def head(self) -> tuple[TeacherHead | None, str]:
+        """The classifier rebuilt from the final level's tokens, checked against the teacher's own logits.
+
+        Returns ``(head, "")`` or ``(None, reason)`` when it cannot be rebuilt exactly.
+        """
+        if not self.num_classes:
+            return None, "teacher has no classification head"
+        if self.layers[-1] != self.depth:
+            return None, f"the final level ({self.depth}) is not cached; add -1 to --layers"
+        try:
+            head = describe_head(self.model, prefix_tokens=self.levels[-1].prefix_tokens, tokens_normed=self.final_norm)
+        except ValueError as exc:
+            return None, str(exc)
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.randint(0, 256, (2, *self.pixel_shape), dtype=torch.uint8, generator=generator)
+        tokens, logits = self.forward(pixels)
+        with torch.inference_mode():
+            rebuilt = head.to(self.device)(tokens[-1])
+        scale = float(logits.abs().max()) + 1e-6
+        if not torch.allclose(rebuilt, logits, atol=2e-3 * scale, rtol=1e-3):
+            return None, "rebuilding the head from cached tokens did not reproduce the teacher's logits"
+        return head.cpu(), ""
+
+
+@functools.lru_cache(maxsize=2)
+def cached_teacher(config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
+    """One teacher per process and configuration (dask workers reuse it across tasks)."""
+    return Teacher(config, layers, final_norm=final_norm, device=device, amp=amp)

@@ -1,0 +1,106 @@
+"""Decoded, preprocessed batches of input shards, produced in DataLoader workers.
+
+:class:`ShardBatches` is a torch ``IterableDataset`` over a list of :class:`~storage.sources.ShardSource`.
+Each DataLoader worker takes whole shards (``shards[worker::num_workers]``), decodes and transforms their
+images and yields one :class:`dict` per batch. Batches never span two shards and always start at the shard's
+first sample, so the batch partition (and hence the teacher's output) does not depend on how many workers
+or machines ran the job.
+
+A batch record holds ``shard`` (name), ``pixels`` (uint8 ``[B, C, H, W]``), ``labels`` (int64 ``[B]``),
+``keys`` (list of str), ``skipped`` (list of ``(key, reason)`` for undecodable samples in this batch),
+``last`` (True on the shard's final record) and ``error`` (a reason when the shard itself could not be read;
+then ``last`` is True and nothing more comes for it).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .sources import ShardSource, decode_image, iter_samples
+
+PixelTransform = Callable[[Image.Image], torch.Tensor]
+
+
+class ShardBatches(IterableDataset):
+    """Batches of teacher-ready uint8 pixels, whole shards per DataLoader worker.
+
+    Args:
+        shards: the shard units to read, in order.
+        transform: PIL image -> uint8 tensor ``[C, H, W]`` (the teacher's geometric preprocessing).
+        pixel_shape: ``(C, H, W)`` of the transform's output, used for empty batches.
+        batch_size: images per batch.
+        label_key: WebDataset field holding the integer label, or None.
+        storage_options: fsspec options for remote inputs.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[ShardSource],
+        transform: PixelTransform,
+        pixel_shape: tuple[int, int, int],
+        batch_size: int,
+        label_key: str | None = "cls",
+        storage_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.shards = list(shards)
+        self.transform = transform
+        self.pixel_shape = pixel_shape
+        self.batch_size = batch_size
+        self.label_key = label_key
+        self.storage_options = storage_options or {}
+
+    def _my_shards(self) -> list[ShardSource]:
+        info = get_worker_info()
+        if info is None:
+            return self.shards
+        return self.shards[info.id :: info.num_workers]
+
+    def _record(self, shard: str, pixels: list[torch.Tensor], labels: list[int], keys: list[str], skipped: list, *, last: bool, error: str | None = None) -> dict:
+        stacked = torch.stack(pixels) if pixels else torch.zeros((0, *self.pixel_shape), dtype=torch.uint8)
+        return {
+            "shard": shard,
+            "pixels": stacked,
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "keys": list(keys),
+            "skipped": list(skipped),
+            "last": last,
+            "error": error,
+        }
+
+    def _preprocess(self, data: bytes) -> torch.Tensor:
+        pixels = self.transform(decode_image(data, self.pixel_shape[0]))
+        assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == self.pixel_shape, (pixels.dtype, pixels.shape)
+        return pixels
+
+    def _iter_shard(self, shard: ShardSource) -> Iterator[dict]:
+        pixels: list[torch.Tensor] = []
+        labels: list[int] = []
+        keys: list[str] = []
+        skipped: list[tuple[str, str]] = []
+        try:
+            for sample in iter_samples(shard, label_key=self.label_key, storage_options=self.storage_options):
+                if sample.image is None:
+                    skipped.append((sample.key, "no image field"))
+                    continue
+                try:
+                    pixels.append(self._preprocess(sample.image))
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                    skipped.append((sample.key, f"undecodable image: {exc}"))
+                    continue
+                labels.append(sample.label)
+                keys.append(sample.key)
+                if len(pixels) == self.batch_size:
+                    yield self._record(shard.name, pixels, labels, keys, skipped, last=False)
+                    pixels, labels, keys, skipped = [], [], [], []
+        except Exception as exc:  # an unreadable shard fails alone; the run goes on with the others
+            yield self._record(shard.name, [], [], [], skipped, last=True, error=f"{type(exc).__name__}: {exc}")
+            return
+        yield self._record(shard.name, pixels, labels, keys, skipped, last=True)
+
+    def __iter__(self) -> Iterator[dict]:
+        for shard in self._my_shards():
+            yield from self._iter_shard(shard)

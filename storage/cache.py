@@ -1,0 +1,432 @@
+"""The feature cache: apmpipe's public, versioned Zarr v3 format (see ``storage/FORMAT.md``).
+
+This module alone knows array names, chunking, codecs, attributes and the format version. It creates a cache,
+checks that a run may append to it, writes one input shard as one group (whole zarr shards at a time, marked
+complete only after every array is written), opens and validates caches for reading and describes them.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Sequence
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from .errors import CacheError, ConfigError
+
+FORMAT_NAME = "apmpipe.feature-cache"
+FORMAT_VERSION = 1
+ROOT_KEY = "apmpipe"
+SHARDS_GROUP = "shards"
+HEAD_GROUP = "teacher_head"
+
+STATUS_WRITING = "writing"
+STATUS_COMPLETE = "complete"
+STATUS_FAILED = "failed"
+
+TOKEN_DTYPES = ("float32", "float16", "int8")
+CODECS = ("zstd", "blosc-lz4", "none")
+INT8_MAX = 127.0
+
+
+@dataclass(frozen=True)
+class LevelLayout:
+    """Token layout of one cached teacher level: ``prefix_tokens`` (CLS, registers) then a row-major grid."""
+
+    layer: int  # 1-based block/stage index in the teacher
+    prefix_tokens: int
+    grid: tuple[int, int]
+    dim: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefix_tokens + self.grid[0] * self.grid[1]
+
+    @property
+    def array_name(self) -> str:
+        return str(self.layer)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything two runs must agree on to write into the same cache (stored in the root attributes)."""
+
+    teacher: dict[str, Any]
+    data_config: dict[str, Any]
+    levels: tuple[LevelLayout, ...]
+    final_norm: bool
+    num_classes: int
+    dtype: str = "float16"
+    codec: str = "zstd"
+    chunk_samples: int = 16
+    shard_samples: int = 256
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TOKEN_DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
+        if self.codec not in CODECS:
+            raise ConfigError(f"--codec {self.codec!r} is not one of {', '.join(CODECS)}")
+        if self.chunk_samples < 1 or self.shard_samples < 1 or self.shard_samples % self.chunk_samples:
+            raise ConfigError(f"--shard-samples ({self.shard_samples}) must be a positive multiple of --chunk-samples ({self.chunk_samples})")
+        if not self.levels:
+            raise ConfigError("no teacher levels to cache; pass --layers")
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.data_config["input_size"]
+        return int(c), int(h), int(w)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["levels"] = [asdict(level) for level in self.levels]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CacheSpec":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["levels"] = tuple(LevelLayout(**{**lv, "grid": tuple(lv["grid"])}) for lv in data["levels"])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class EncodedTokens:
+    """Tokens in their storage dtype; ``scale`` (float32 ``[B, T]``) only for int8."""
+
+    values: np.ndarray
+    scale: np.ndarray | None = None
+
+
+def encode_tokens(tokens: np.ndarray, dtype: str) -> EncodedTokens:
+    """Encode float32 tokens ``[B, T, D]`` in the storage dtype; int8 is symmetric per token with a scale.
+
+    Raises CacheError when a value is not finite after encoding (e.g. float16 overflow).
+    """
+    if dtype == "int8":
+        absmax = np.abs(tokens).max(axis=-1)
+        scale = (np.where(absmax > 0, absmax, 1.0) / INT8_MAX).astype(np.float32)
+        values = np.clip(np.rint(tokens / scale[..., None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+        finite = np.isfinite(scale).all() and np.isfinite(tokens).all()
+        encoded = EncodedTokens(values, scale)
+    else:
+        values = tokens.astype(dtype)
+        finite = bool(np.isfinite(values).all())
+        encoded = EncodedTokens(values)
+    if not finite:
+        hint = "use --dtype float32" if dtype != "float32" else "the teacher itself produced inf/nan; check its weights and inputs"
+        raise CacheError(f"teacher tokens are not finite in {dtype} (max |x| = {np.nanmax(np.abs(tokens)):.3g}); {hint}")
+    return encoded
+
+
+def decode_tokens(values: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Stored tokens back to float32 ``[B, T, D]``."""
+    if scale is None:
+        return values.astype(np.float32)
+    return values.astype(np.float32) * scale[..., None].astype(np.float32)
+
+
+def _compressors(codec: str) -> list:
+    if codec == "zstd":
+        return [ZstdCodec(level=3)]
+    if codec == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    return []
+
+
+def _local_path(url: str) -> str | None:
+    fs, path = fsspec.core.url_to_fs(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else None
+
+
+@contextlib.contextmanager
+def writer_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive OS lock on a local cache directory for one extraction run.
+
+    A second run on the same cache is refused at once. The kernel drops the lock when the holder dies, so a
+    killed run never blocks the rerun. Object-store caches have no lock: do not run two drivers on them.
+    """
+    path = _local_path(url)
+    if path is None:
+        yield
+        return
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"cache {url!r} is being written by another apmpipe extract; wait for it to finish or use another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return [key for key in new if key in old and old[key] != new[key]]
+
+
+@dataclass(frozen=True)
+class CachedSamples:
+    """A slice of one shard: uint8 pixels ``[B, C, H, W]``, labels, keys, logits and float32 tokens per level."""
+
+    pixels: np.ndarray | None
+    labels: np.ndarray
+    keys: list[str]
+    logits: np.ndarray | None
+    tokens: list[np.ndarray]
+
+
+class ShardWriter:
+    """Writes one input shard into its own group, whole zarr shards at a time.
+
+    The group is deleted and recreated on open (an incomplete group is rewritten whole), buffered samples are
+    flushed every ``spec.shard_samples`` and the group is marked complete by :meth:`finish` only after every
+    array holds all samples.
+    """
+
+    def __init__(self, cache: "FeatureCache", name: str, source: str) -> None:
+        self.spec = cache.spec
+        self.name = name
+        shards = cache.root[SHARDS_GROUP]
+        if name in shards:
+            del shards[name]
+        self.group = shards.create_group(name, attributes={"status": STATUS_WRITING, "source": source})
+        self.arrays = self._create_arrays()
+        self.buffers: dict[str, list[np.ndarray]] = {key: [] for key in self.arrays}
+        self.buffered = 0
+        self.written = 0
+
+    def _array(self, name: str, item_shape: tuple[int, ...], dtype: Any, sharded: bool) -> zarr.Array:
+        spec = self.spec
+        if sharded:
+            chunks, shards = (spec.chunk_samples, *item_shape), (spec.shard_samples, *item_shape)
+        else:
+            chunks, shards = (spec.shard_samples, *item_shape), None
+        return self.group.create_array(
+            name, shape=(0, *item_shape), chunks=chunks, shards=shards, dtype=dtype,
+            compressors=_compressors(spec.codec) if dtype is not str else "auto",
+        )
+
+    def _create_arrays(self) -> dict[str, zarr.Array]:
+        spec = self.spec
+        arrays = {
+            "pixels": self._array("pixels", spec.pixel_shape, "uint8", sharded=True),
+            "labels": self._array("labels", (), "int64", sharded=False),
+            "keys": self._array("keys", (), str, sharded=False),
+        }
+        if spec.num_classes:
+            arrays["logits"] = self._array("logits", (spec.num_classes,), "float32", sharded=False)
+        for level in spec.levels:
+            arrays[f"tokens/{level.array_name}"] = self._array(f"tokens/{level.array_name}", (level.num_tokens, level.dim), spec.dtype, sharded=True)
+            if spec.dtype == "int8":
+                arrays[f"scales/{level.array_name}"] = self._array(f"scales/{level.array_name}", (level.num_tokens,), "float32", sharded=False)
+        return arrays
+
+    def append(self, pixels: np.ndarray, labels: np.ndarray, keys: Sequence[str], tokens: Sequence[EncodedTokens], logits: np.ndarray | None) -> None:
+        """Buffer one batch (tokens already encoded, one per level) and flush whole zarr shards."""
+        batch = {"pixels": pixels, "labels": labels, "keys": np.asarray(keys, dtype=object)}
+        if "logits" in self.arrays:
+            assert logits is not None, "teacher has a head: logits required"
+            batch["logits"] = logits.astype(np.float32)
+        for level, encoded in zip(self.spec.levels, tokens, strict=True):
+            batch[f"tokens/{level.array_name}"] = encoded.values
+            if encoded.scale is not None:
+                batch[f"scales/{level.array_name}"] = encoded.scale
+        for key, value in batch.items():
+            self.buffers[key].append(value)
+        self.buffered += len(labels)
+        if self.buffered >= self.spec.shard_samples:
+            self._flush(whole_shards_only=True)
+
+    def _flush(self, whole_shards_only: bool) -> None:
+        step = self.spec.shard_samples
+        count = (self.buffered // step) * step if whole_shards_only else self.buffered
+        if count == 0:
+            return
+        start, stop = self.written, self.written + count
+        for key, parts in self.buffers.items():
+            data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            array = self.arrays[key]
+            array.resize((stop, *array.shape[1:]))
+            array[start:stop] = data[:count]
+            self.buffers[key] = [data[count:]] if len(data) > count else []
+        self.buffered -= count
+        self.written = stop
+
+    def finish(self, skipped: Sequence[tuple[str, str]], stats: dict[str, Any] | None = None) -> int:
+        """Write what is buffered, then mark the group complete. Returns the number of samples."""
+        self._flush(whole_shards_only=False)
+        self.group.update_attributes({
+            "num_samples": self.written,
+            "skipped": [{"key": k, "reason": r} for k, r in skipped],
+            "stats": stats or {},
+            "status": STATUS_COMPLETE,
+        })
+        return self.written
+
+    def fail(self, reason: str, skipped: Sequence[tuple[str, str]] = ()) -> None:
+        """Record why this shard could not be written; a later run rewrites it."""
+        self.group.update_attributes({"status": STATUS_FAILED, "error": reason, "skipped": [{"key": k, "reason": r} for k, r in skipped]})
+
+
+@dataclass
+class FeatureCache:
+    """An open feature cache: root group, spec and the apmpipe root attributes."""
+
+    url: str
+    root: zarr.Group
+    spec: CacheSpec
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, url: str, *, mode: str = "r", storage_options: dict | None = None) -> "FeatureCache":
+        """Open an existing cache, checking that it is an apmpipe cache of a supported version."""
+        try:
+            root = zarr.open_group(url, mode=mode, storage_options=storage_options or None)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            raise CacheError(f"no feature cache at {url!r}; create one with apmpipe extract ... --out {url}") from None
+        attrs = dict(root.attrs).get(ROOT_KEY)
+        if not attrs or attrs.get("format") != FORMAT_NAME:
+            raise CacheError(f"{url!r} is a zarr group but not an apmpipe feature cache (no '{ROOT_KEY}' root attribute)")
+        if attrs.get("version") != FORMAT_VERSION:
+            raise CacheError(f"cache {url!r} has format version {attrs.get('version')}; this apmpipe reads version {FORMAT_VERSION}: re-extract it or use a matching apmpipe")
+        return cls(url=url, root=root, spec=CacheSpec.from_dict(attrs["spec"]), attrs=attrs)
+
+    @classmethod
+    def create_or_open(cls, url: str, spec: CacheSpec, *, storage_options: dict | None = None) -> "FeatureCache":
+        """Open ``url`` for appending shards made with ``spec``, creating the cache if it does not exist.
+
+        Refuses (CacheError) a cache written with another teacher, layers, dtype or layout.
+        """
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        if fs.exists(path) and fs.exists(f"{path.rstrip('/')}/zarr.json"):
+            cache = cls.open(url, mode="r+", storage_options=storage_options)
+            old, new = cache.spec.to_dict(), spec.to_dict()
+            diff = _differences(old, new)
+            if diff:
+                key = diff[0]
+                raise CacheError(f"cache {url!r} was written with a different {key} ({_short(old[key])} != {_short(new[key])}); use another --out or the same options")
+            return cache
+        if fs.exists(path) and fs.ls(path):
+            raise CacheError(f"--out {url!r} exists and is not an apmpipe cache; choose a new path")
+        attrs = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(), "sources": [], "classes": []}
+        root = zarr.open_group(url, mode="w", storage_options=storage_options or None, attributes={ROOT_KEY: attrs})
+        root.create_group(SHARDS_GROUP)
+        return cls(url=url, root=root, spec=spec, attrs=attrs)
+
+    def update_attrs(self, **values: Any) -> None:
+        """Merge values into the apmpipe root attributes (driver only: one writer of the root)."""
+        self.attrs = {**self.attrs, **values}
+        self.root.update_attributes({ROOT_KEY: self.attrs})
+
+    def record_sources(self, sources: Sequence[str], classes: Sequence[str]) -> None:
+        """Add input URLs to the root attributes and check image-folder classes against earlier runs."""
+        known = list(self.attrs.get("sources", []))
+        old_classes = list(self.attrs.get("classes", []))
+        if classes and old_classes and list(classes) != old_classes:
+            raise CacheError(f"cache {self.url!r} holds image-folder classes {old_classes[:4]}...; these inputs have {list(classes)[:4]}...: use another --out")
+        self.update_attrs(sources=known + [s for s in sources if s not in known], classes=list(classes) or old_classes)
+
+    # -- shards ----------------------------------------------------------------------------------------------
+    def _shards(self) -> zarr.Group:
+        return self.root[SHARDS_GROUP]
+
+    def shard_status(self) -> dict[str, str]:
+        """Status (``complete``, ``writing``, ``failed``) of every shard group."""
+        return {name: group.attrs.get("status", STATUS_WRITING) for name, group in self._shards().groups()}
+
+    def complete_shards(self) -> list[str]:
+        return sorted(name for name, status in self.shard_status().items() if status == STATUS_COMPLETE)
+
+    def shard(self, name: str) -> zarr.Group:
+        return self._shards()[name]
+
+    def num_samples(self, name: str) -> int:
+        return int(self.shard(name).attrs.get("num_samples", 0))
+
+    def read(self, name: str, start: int, stop: int, *, tokens: bool = True, pixels: bool = True) -> CachedSamples:
+        """Samples ``start:stop`` of a complete shard, tokens decoded to float32."""
+        group = self.shard(name)
+        levels = []
+        if tokens:
+            for level in self.spec.levels:
+                values = group[f"tokens/{level.array_name}"][start:stop]
+                scale = group[f"scales/{level.array_name}"][start:stop] if self.spec.dtype == "int8" else None
+                levels.append(decode_tokens(values, scale))
+        return CachedSamples(
+            pixels=group["pixels"][start:stop] if pixels else None,
+            labels=group["labels"][start:stop],
+            keys=[str(k) for k in group["keys"][start:stop]],
+            logits=group["logits"][start:stop] if "logits" in group else None,
+            tokens=levels,
+        )
+
+    def open_writer(self, name: str, source: str) -> ShardWriter:
+        return ShardWriter(self, name, source)
+
+    # -- teacher head ----------------------------------------------------------------------------------------
+    def write_head(self, tensors: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+        """Store, once, what classifies from the final level without the teacher (float32 arrays + attrs)."""
+        if HEAD_GROUP in self.root:
+            del self.root[HEAD_GROUP]
+        group = self.root.create_group(HEAD_GROUP, attributes={"status": STATUS_WRITING, **attrs})
+        for name, value in tensors.items():
+            group.create_array(name, data=np.ascontiguousarray(value, dtype=np.float32))
+        group.update_attributes({"status": STATUS_COMPLETE})
+
+    def head(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        if HEAD_GROUP not in self.root:
+            return None
+        group = self.root[HEAD_GROUP]
+        attrs = dict(group.attrs)
+        if attrs.pop("status", None) != STATUS_COMPLETE:
+            return None
+        return {name: array[...] for name, array in group.arrays()}, attrs
+
+    # -- description -----------------------------------------------------------------------------------------
+    def stored_bytes(self) -> int:
+        fs, path = fsspec.core.url_to_fs(self.url)
+        return int(fs.du(path))
+
+    def describe(self) -> dict[str, Any]:
+        """Counts, sizes and problems of this cache, for ``apmpipe info`` and run summaries."""
+        status = self.shard_status()
+        complete = sorted(n for n, s in status.items() if s == STATUS_COMPLETE)
+        samples = raw = 0
+        skipped, failed = [], []
+        for name in sorted(status):
+            group = self.shard(name)
+            if status[name] == STATUS_FAILED:
+                failed.append({"shard": name, "error": group.attrs.get("error", "")})
+            skipped += [{"shard": name, **s} for s in group.attrs.get("skipped", [])]
+            if status[name] == STATUS_COMPLETE:
+                samples += int(group.attrs["num_samples"])
+                raw += sum(m.nbytes for _, m in group.members(max_depth=None) if isinstance(m, zarr.Array))
+        stored = self.stored_bytes()
+        return {
+            "url": self.url,
+            "format": f"{FORMAT_NAME} v{self.attrs['version']}",
+            "spec": self.spec.to_dict(),
+            "head": self.attrs.get("head", {}),
+            "shards": {"complete": len(complete), "writing": sum(s == STATUS_WRITING for s in status.values()), "failed": len(failed)},
+            "samples": samples,
+            "stored_bytes": stored,
+            "raw_bytes": raw,
+            "compression_ratio": raw / stored if stored else 0.0,
+            "bytes_per_sample": stored / samples if samples else 0.0,
+            "skipped_samples": skipped,
+            "failed_shards": failed,
+            "sources": self.attrs.get("sources", []),
+            "classes": self.attrs.get("classes", []),
+        }
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,27 @@
+"""The one domain exception of apmpipe and its few subclasses.
+
+Every user-facing problem (bad option, unreadable input, incompatible cache, missing weights) is raised as an
+``ApmError`` whose message is one complete line: what is wrong and what to do. The CLI prints that line and
+exits 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class ApmError(Exception):
+    """Root of all errors that are the user's to fix."""
+
+
+class ConfigError(ApmError):
+    """An option or config value is invalid or inconsistent."""
+
+
+class InputError(ApmError):
+    """An input dataset (shard, folder, image) is missing or unreadable."""
+
+
+class CacheError(ApmError):
+    """A feature cache is missing, incomplete, incompatible or corrupt."""
+
+
+class ModelError(ApmError):
+    """A teacher or student cannot be built, loaded or matched to a cache."""
