@@ -13,7 +13,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
-import click
 import typer
 from rich.table import Table
 
@@ -54,17 +53,19 @@ def root(
 ) -> None:
     ctx.obj = {"debug": debug}
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # the hub's retry chatter drowns the one-line error that follows it
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def reports_user_errors(command: F) -> F:
-    """Turn an ApmError into one line on stderr and exit code 2 (unless --debug)."""
+    """Turn an ApmError into one line on stderr and exit code 2 (unless --debug; commands take ``ctx``)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except ApmError as exc:
-            ctx = click.get_current_context(silent=True)
+            ctx = kwargs.get("ctx")
             if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
                 raise
             err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
@@ -106,6 +107,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @app.command()
 @reports_user_errors
 def extract(
+    ctx: typer.Context,
     sources: Annotated[list[str], typer.Argument(help="WebDataset shards (.tar/.tar.gz/.tgz, brace patterns, globs, a directory; local or fsspec URLs) or an image folder root/<class>/<file>.", show_default=False)],
     out: Annotated[str, typer.Option("--out", "-o", help="Feature cache to create or complete (local path or fsspec URL).", show_default=False)],
     teacher: Annotated[str, typer.Option("--teacher", "-t", help="timm model name, hf-hub:org/repo or local-dir:/path.", show_default=False)],
@@ -190,6 +192,7 @@ def _print_extract_summary(summary: Any) -> None:
 @app.command()
 @reports_user_errors
 def info(
+    ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
 ) -> None:
@@ -224,6 +227,7 @@ def info(
 @app.command()
 @reports_user_errors
 def verify(
+    ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
     samples: Annotated[int, typer.Option(help="Number of cached samples to recompute.")] = 8,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Teacher weights, if not where extraction found them.")] = None,
@@ -243,11 +247,13 @@ def main() -> None:
     """Console-script entry point: usage errors are one line with exit code 2, like user errors."""
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-        err_console.print(f"error: {exc.format_message()}{hint}", highlight=False, markup=False, soft_wrap=True)
-        raise SystemExit(2) from None
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("aborted", highlight=False)
         raise SystemExit(130) from None
+    except typer.TyperException as exc:  # the parser's usage errors (bad option value, missing argument)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err_console.print(f"error: {message}{hint}", highlight=False, markup=False, soft_wrap=True)
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
     raise SystemExit(code if isinstance(code, int) else 0)

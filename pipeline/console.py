@@ -31,6 +31,8 @@ class ExtractProgress:
         self._images = 0
 
     def plan(self, total: int, todo: int) -> None:
+        """Called once the work is known: the bar appears only then, not before a one-line error."""
+        self._bar.start()
         self._bar.update(self._task, total=todo, description=f"extract ({total - todo} of {total} shards already cached)" if total > todo else "extract")
 
     def images(self, count: int) -> None:
@@ -42,7 +44,6 @@ class ExtractProgress:
         self._bar.advance(self._task)
 
     def __enter__(self) -> "ExtractProgress":
-        self._bar.start()
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:

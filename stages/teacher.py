@@ -70,7 +70,7 @@ def _weights_sha256(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -90,7 +90,7 @@ def _create(config: TeacherConfig) -> nn.Module:
             if not pretrained:
                 raise
             raise ModelError(
-                f"could not obtain pretrained weights for {config.name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                f"could not obtain pretrained weights for {config.name!r} ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120].strip()}); "
                 "download them where there is network and pass --checkpoint FILE or --teacher local-dir:/path, or use --no-pretrained"
             ) from None
     if config.checkpoint:

@@ -167,8 +167,18 @@ def writer_lock(url: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    return [key for key in new if key in old and old[key] != new[key]]
+def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every differing entry, descending into nested dicts."""
+    out = []
+    for key in list(old) + [k for k in new if k not in old]:
+        was, now = old.get(key), new.get(key)
+        if was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):
+            out += _differences(was, now, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", was, now))
+    return out
 
 
 @dataclass(frozen=True)
@@ -310,8 +320,8 @@ class FeatureCache:
             old, new = cache.spec.to_dict(), spec.to_dict()
             diff = _differences(old, new)
             if diff:
-                key = diff[0]
-                raise CacheError(f"cache {url!r} was written with a different {key} ({_short(old[key])} != {_short(new[key])}); use another --out or the same options")
+                key, was, now = diff[0]
+                raise CacheError(f"cache {url!r} was written with a different {key} ({_short(was)}, now {_short(now)}); use another --out or the same options")
             return cache
         if fs.exists(path) and fs.ls(path):
             raise CacheError(f"--out {url!r} exists and is not an apmpipe cache; choose a new path")
