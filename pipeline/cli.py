@@ -243,10 +243,53 @@ def verify(
     out_console.print(_table(f"apmpipe verify: {report.samples} samples recomputed", rows))
 
 
-def main() -> None:
+@bench_app.command("extract")
+@reports_user_errors
+def bench_extract_command(
+    ctx: typer.Context,
+    sources: Annotated[Optional[list[str]], typer.Argument(help="Shards to extract (default: bundled digits written as shards).", show_default=False)] = None,
+    teacher: Annotated[str, typer.Option(help="timm model name.")] = "vit_tiny_patch16_224",
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights (not needed for speed).")] = False,
+    model_arg: Annotated[list[str], typer.Option("--model-arg", help="Extra timm.create_model argument KEY=VALUE (repeatable).")] = [],
+    layers: Annotated[str, typer.Option(help="Teacher blocks to cache, 1-based.")] = "4,8,12",
+    images: Annotated[int, typer.Option(help="Images in the default dataset.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 32,
+    loader_workers: Annotated[int, typer.Option(help="DataLoader processes.")] = 2,
+    dtype: Annotated[TokenDtype, typer.Option(help="Token storage dtype.")] = TokenDtype.float16,
+    codec: Annotated[Codec, typer.Option(help="Compressor.")] = Codec.zstd,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Extraction img/s vs bare forward_intermediates img/s (same teacher, batch, device); target ratio >= 0.95."""
+    from stages.extract import ExtractConfig
+    from stages.teacher import TeacherConfig
+
+    from .bench import bench_extract, default_bench_shards, scratch_dir
+
+    with scratch_dir() as tmp:
+        inputs = sources or default_bench_shards(Path(tmp), images, 64)
+        config = ExtractConfig(
+            inputs=tuple(inputs), out=str(Path(tmp) / "bench.zarr"),
+            teacher=TeacherConfig(teacher, pretrained=pretrained, model_kwargs=tuple(sorted(parse_key_values(model_arg, "--model-arg").items()))),
+            layers=parse_int_list(layers, "--layers"), dtype=dtype.value, codec=codec.value, batch_size=batch_size,
+            loader_workers=loader_workers, device=device,
+        )
+        result = bench_extract(config)
+    rows = [
+        ("machine", result.machine),
+        ("images", f"{result.images} ({teacher}, batch {batch_size}, layers {layers})"),
+        ("bare forward_intermediates", f"{result.forward_ips:.1f} img/s"),
+        ("apmpipe extract", f"{result.extract_ips:.1f} img/s (decode in {loader_workers} workers, background writer)"),
+        ("ratio extract / forward", f"{result.ratio:.3f} (target >= 0.95)"),
+        ("stored bytes / image", f"{human_bytes(result.stored_bytes_per_image)} ({dtype.value}, {codec.value})"),
+        ("raw bytes / image (fp32 tokens)", f"{human_bytes(result.raw_fp32_bytes_per_image)}; {result.compression:.2f}x smaller on disk"),
+    ]
+    out_console.print(_table("apmpipe bench extract", rows))
+
+
+def main(args: list[str] | None = None) -> None:
     """Console-script entry point: usage errors are one line with exit code 2, like user errors."""
     try:
-        code = app(standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
     except typer.Abort:
         err_console.print("aborted", highlight=False)
         raise SystemExit(130) from None

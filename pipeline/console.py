@@ -29,10 +29,12 @@ class ExtractProgress:
         )
         self._task = self._bar.add_task("extract", total=None, images=0, rate=0.0)
         self._images = 0
+        self._started = False
 
     def plan(self, total: int, todo: int) -> None:
         """Called once the work is known: the bar appears only then, not before a one-line error."""
         self._bar.start()
+        self._started = True
         self._bar.update(self._task, total=todo, description=f"extract ({total - todo} of {total} shards already cached)" if total > todo else "extract")
 
     def images(self, count: int) -> None:
@@ -47,4 +49,5 @@ class ExtractProgress:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._bar.stop()
+        if self._started:
+            self._bar.stop()

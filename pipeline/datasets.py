@@ -19,7 +19,7 @@ def digit_images(size: int = 32, mode: str = "L") -> tuple[list[Image.Image], np
     digits = load_digits()
     images = []
     for pixels in digits.images:
-        gray = Image.fromarray((pixels * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
+        gray = Image.fromarray((pixels * (255.0 / 16.0)).round().astype(np.uint8))
         images.append(gray.resize((size, size), Image.Resampling.NEAREST).convert(mode))
     return images, digits.target.astype(np.int64)
 

@@ -216,7 +216,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         else:
             top = 65535.0 if array.max(initial=0) > 255 else 255.0
         scaled = np.clip(array.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled, mode="L")
+        return Image.fromarray(scaled)
     return image
 
 

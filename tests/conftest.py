@@ -1,0 +1,57 @@
+"""Shared fixtures: real bundled images (scikit-learn digits) as WebDataset shards and a tiny random ViT teacher."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app, main
+from pipeline.datasets import write_digit_shards
+
+TINY_VIT = ["--teacher", "vit_tiny_patch16_224", "--no-pretrained", "--model-arg", "img_size=32", "--model-arg", "depth=2", "--model-arg", "num_classes=10"]
+FAST = ["--batch-size", "16", "--chunk-samples", "8", "--shard-samples", "16", "--loader-workers", "0"]
+
+
+def run_cli(*args: str) -> "CliRunner.invoke":
+    """Invoke ``apmpipe`` in-process, as a user would type it."""
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> Outcome:
+    """Run the console-script entry point in this process; exit code and streams as a user would see them."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return Outcome(int(exit_info.value.code or 0), captured.out, captured.err)
+
+
+def run_subprocess(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed console script in a real process (exit codes and stderr exactly as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Three WebDataset shards of 40 real digits each (32x32 grayscale PNG, labels in ``cls``)."""
+    return write_digit_shards(tmp_path_factory.mktemp("shards"), count=120, per_shard=40, size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory, digit_shards: list[str]) -> Path:
+    """A float32 cache of both levels of the tiny ViT over the digit shards."""
+    out = tmp_path_factory.mktemp("cache") / "digits.zarr"
+    result = run_cli("extract", *digit_shards, "--out", out, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST)
+    assert result.exit_code == 0, result.output
+    return out
