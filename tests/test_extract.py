@@ -257,3 +257,13 @@ def test_user_error_in_a_real_process_is_one_line(tmp_path: Path, digit_shards: 
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     result = run_subprocess("--debug", "extract", digit_shards[0], "--out", tmp_path / "c.zarr", *TINY_VIT, "--layers", "7")
     assert result.returncode == 1 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_dask_workers_give_the_same_cache(tmp_path: Path, tiny_cache: Path, digit_shards: list[str]) -> None:
+    out = tmp_path / "dask.zarr"
+    result = run_cli("extract", *digit_shards, "--out", out, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    ref, got = shard_arrays(tiny_cache), shard_arrays(out)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        np.testing.assert_array_equal(ref[key], got[key], err_msg=key)
