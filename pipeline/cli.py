@@ -243,6 +243,105 @@ def verify(
     out_console.print(_table(f"apmpipe verify: {report.samples} samples recomputed", rows))
 
 
+class Preset(str, Enum):
+    paper = "paper"
+    base = "base"
+    small = "small"
+    tiny = "tiny"
+
+
+class LevelMode(str, Enum):
+    heads = "heads"
+    query = "query"
+
+
+def apply_config_file(ctx: Any, values: dict[str, Any], path: Optional[Path], allowed: list[str]) -> dict[str, Any]:
+    """Options from a TOML file, for every option not given on the command line (CLI overrides the file)."""
+    if path is None:
+        return values
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
+    merged = dict(values)
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in allowed:
+            raise ConfigError(f"--config {path}: unknown option {key!r}; see apmpipe {ctx.info_name} --help")
+        if name in merged and ctx.get_parameter_source(name).name == "DEFAULT":
+            merged[name] = value
+    return merged
+
+
+@app.command()
+@reports_user_errors
+def train(
+    ctx: typer.Context,
+    caches: Annotated[list[str], typer.Argument(help="Feature caches written by apmpipe extract (one teacher).", show_default=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="Run directory: checkpoints, metrics.jsonl, loss.png, student.safetensors.", show_default=False)],
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of options (keys as below, e.g. lr = 3e-4); command-line options override it.")] = None,
+    preset: Annotated[Preset, typer.Option(help="Student size: paper (the authors' 4096-wide ReLU MLP), base, small, tiny.")] = Preset.small,
+    hidden: Annotated[Optional[str], typer.Option(help="MLP trunk widths, overriding the preset, e.g. 1024,1024,512.")] = None,
+    trigger_channels: Annotated[Optional[int], typer.Option(help="Conv filter output channels (T = channels x grid).")] = None,
+    pos_dim: Annotated[Optional[int], typer.Option(help="Location code width (0: as wide as T).")] = None,
+    level_mode: Annotated[LevelMode, typer.Option(help="heads: one output head per level on a shared trunk; query: level code in the query.")] = LevelMode.heads,
+    rgb_weight: Annotated[float, typer.Option(help="Weight of the pixel reconstruction loss (0 disables the rgb head).")] = 1.0,
+    mse_weight: Annotated[float, typer.Option(help="Weight of MSE on teacher tokens, per level.")] = 1.0,
+    cosine_weight: Annotated[float, typer.Option(help="Weight of (1 - cosine) on teacher tokens, per level.")] = 0.0,
+    locations: Annotated[int, typer.Option(help="Random locations per image per step (0: all).")] = 0,
+    epochs: Annotated[int, typer.Option(help="Passes over the caches.")] = 10,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: run all epochs).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per step per rank.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.05,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay.")] = 100,
+    clip_grad: Annotated[float, typer.Option(help="Gradient norm clip (0: off).")] = 1.0,
+    window_samples: Annotated[int, typer.Option(help="Shuffle window in samples (memory: a few windows per loader worker).")] = 1024,
+    loader_workers: Annotated[int, typer.Option(help="DataLoader processes reading the cache.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of weights, data order and location sampling.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    log_every: Annotated[int, typer.Option(help="Steps between metric records.")] = 10,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torchrun: one GPU per rank).")] = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
+    storage_option: Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for remote caches (repeatable).")] = [],
+) -> None:
+    """Train the APM student from cached teacher tokens, streaming shards; the teacher is never loaded."""
+    from stages.train import TrainConfig, train as run_train
+
+    from .console import TrainProgress
+    from .report import plot_losses
+
+    values = apply_config_file(ctx, dict(ctx.params), config, TrainConfig.field_names())
+    values["hidden"] = parse_int_list(values["hidden"], "--hidden") if isinstance(values["hidden"], str) else values["hidden"]
+    values = {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
+    values["storage_options"] = parse_storage_options(values.pop("storage_option"))
+    values.pop("config")
+    values.pop("ctx", None)
+    train_config = TrainConfig(**{**values, "caches": tuple(values["caches"]), "hidden": tuple(values["hidden"]) if values["hidden"] else None})
+    with TrainProgress() as progress:
+        summary = run_train(train_config, on_step=progress.step,
+                            on_start=lambda model, total: (err_console.print(f"student: {model.num_params() / 1e6:.2f} M parameters, {model.flops_per_image() / 1e9:.3f} GFLOPs per image (all locations)", highlight=False), progress.start(total, 0)))
+    if summary.student:
+        from storage.checkpoint import RunDir
+
+        plot = plot_losses(RunDir(summary.run_dir).read_metrics(), Path(summary.run_dir) / "loss.png")
+        rows = [
+            ("run", summary.run_dir),
+            ("student", f"{summary.student} ({summary.params / 1e6:.2f} M params, {summary.flops_per_image / 1e9:.3f} GFLOPs/image)"),
+            ("steps", f"{summary.steps} ({summary.epochs_done:.2f} epochs)"),
+            ("loss", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}"),
+            ("throughput", f"{summary.samples / summary.seconds:.1f} samples/s over {summary.seconds:.1f} s" if summary.seconds else "-"),
+            ("loss curve", str(plot)),
+        ]
+        out_console.print(_table("apmpipe train", rows))
+
+
 @bench_app.command("extract")
 @reports_user_errors
 def bench_extract_command(

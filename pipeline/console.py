@@ -51,3 +51,29 @@ class ExtractProgress:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._started:
             self._bar.stop()
+
+
+class TrainProgress:
+    """Progress of training: steps of total with ETA, samples/s and the latest loss per level."""
+
+    def __init__(self) -> None:
+        self._bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+        )
+        self._task = self._bar.add_task("train", total=None, info="")
+
+    def start(self, total: int, done: int) -> None:
+        self._bar.start()
+        self._bar.update(self._task, total=total, completed=done)
+
+    def step(self, step: int, total: int, record: dict) -> None:
+        levels = " ".join(f"L{k.rsplit('_', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("loss_level_"))
+        rgb = f" rgb {record['loss_rgb']:.4f}" if "loss_rgb" in record else ""
+        self._bar.update(self._task, completed=step, info=f"{record['samples_per_s']:.0f} samples/s loss {record['loss']:.4f} ({levels}{rgb})")
+
+    def __enter__(self) -> "TrainProgress":
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._bar.stop()

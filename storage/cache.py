@@ -123,11 +123,11 @@ def encode_tokens(tokens: np.ndarray, dtype: str) -> EncodedTokens:
     return encoded
 
 
-def decode_tokens(values: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-    """Stored tokens back to float32 ``[B, T, D]``."""
+def decode_tokens(values: np.ndarray, scale: np.ndarray | None = None, dtype: Any = np.float32) -> np.ndarray:
+    """Stored tokens back to floats ``[B, T, D]`` (float32 by default; float16 halves loader memory)."""
     if scale is None:
-        return values.astype(np.float32)
-    return values.astype(np.float32) * scale[..., None].astype(np.float32)
+        return values.astype(dtype, copy=False)
+    return (values.astype(np.float32) * scale[..., None].astype(np.float32)).astype(dtype, copy=False)
 
 
 def _compressors(codec: str) -> list:
@@ -360,15 +360,15 @@ class FeatureCache:
     def num_samples(self, name: str) -> int:
         return int(self.shard(name).attrs.get("num_samples", 0))
 
-    def read(self, name: str, start: int, stop: int, *, tokens: bool = True, pixels: bool = True) -> CachedSamples:
-        """Samples ``start:stop`` of a complete shard, tokens decoded to float32."""
+    def read(self, name: str, start: int, stop: int, *, tokens: bool = True, pixels: bool = True, token_dtype: Any = np.float32) -> CachedSamples:
+        """Samples ``start:stop`` of a complete shard, tokens decoded to ``token_dtype``."""
         group = self.shard(name)
         levels = []
         if tokens:
             for level in self.spec.levels:
                 values = group[f"tokens/{level.array_name}"][start:stop]
                 scale = group[f"scales/{level.array_name}"][start:stop] if self.spec.dtype == "int8" else None
-                levels.append(decode_tokens(values, scale))
+                levels.append(decode_tokens(values, scale, token_dtype))
         return CachedSamples(
             pixels=group["pixels"][start:stop] if pixels else None,
             labels=group["labels"][start:stop],

@@ -1,0 +1,248 @@
+"""The Asynchronous Perception Machine student (Modi & Rawat, NeurIPS 2024).
+
+One convolutional "filter" folds the whole image into one trigger column ``T``; a fixed 2-D sin/cos code
+``p(i, j)`` names every token location of the teacher's layout (prefix tokens get codes of their own); one
+shared MLP maps each query ``[T, p]`` to the teacher's tokens at that location, for every cached level, and
+(optionally) to the location's pixels. Locations are independent queries: any subset, in any order.
+
+Levels: by default one linear head per level on the shared trunk (``level_mode="heads"``): the trunk runs
+once per location for all levels. ``level_mode="query"`` instead appends a fixed level code to the query and
+runs the trunk once per (location, level) with a single head; it needs equal token widths across levels.
+
+Seams follow timm: :meth:`APM.forward_features` (trunk), :meth:`APM.forward_head`,
+:meth:`APM.forward_intermediates` (tokens per level, chunked over locations) and :meth:`APM.forward`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from storage.cache import CacheSpec
+from storage.errors import ConfigError
+
+LEVEL_MODES = ("heads", "query")
+
+
+def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed 2-D sinusoidal code: half the channels encode the row, half the column. ``[N] x 2 -> [N, dim]``."""
+    assert dim % 4 == 0, "position code width must be a multiple of 4"
+    quarter = dim // 4
+    freqs = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    parts = []
+    for coord in (rows, cols):
+        angles = coord.double()[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def location_codes(prefix_tokens: int, grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """Codes for every token of a layout ``[prefix + h*w, dim]``: prefix k sits at (-1-k, -1-k), grid row-major."""
+    h, w = grid
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    prefix = -1 - torch.arange(prefix_tokens)
+    return sincos_2d(torch.cat([prefix, rows]), torch.cat([prefix, cols]), dim)
+
+
+@dataclass(frozen=True)
+class APMConfig:
+    """Architecture of the student; the layout fields come from the cache, the rest from the preset/options.
+
+    Args:
+        in_chans, image_size: the teacher's input.
+        grid, prefix_tokens, level_dims: the teacher's token layout (shared grid) and width per cached level.
+        trigger_channels: output channels of the conv filter; ``T`` has ``trigger_channels * h * w`` entries.
+        pos_dim: width of the location code (0: as wide as ``T``, as in the paper).
+        hidden: widths of the MLP trunk's layers.
+        act: ``gelu`` or ``relu``.
+        level_mode: ``heads`` (one head per level) or ``query`` (level code in the query).
+        rgb: predict each grid location's pixels (the paper's f_rgb).
+    """
+
+    in_chans: int
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+    prefix_tokens: int
+    level_dims: tuple[int, ...]
+    trigger_channels: int = 1
+    pos_dim: int = 0
+    hidden: tuple[int, ...] = (1024, 1024, 1024)
+    act: str = "gelu"
+    level_mode: str = "heads"
+    rgb: bool = True
+
+    def __post_init__(self) -> None:
+        if self.level_mode not in LEVEL_MODES:
+            raise ConfigError(f"--level-mode {self.level_mode!r} is not one of {', '.join(LEVEL_MODES)}")
+        if self.act not in ("gelu", "relu"):
+            raise ConfigError(f"--act {self.act!r} is not gelu or relu")
+        if self.level_mode == "query" and len(set(self.level_dims)) > 1:
+            raise ConfigError(f"--level-mode query needs equal token widths across levels, got {self.level_dims}; use --level-mode heads")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ConfigError(f"--hidden needs at least one positive width, got {self.hidden}")
+        if self.image_size[0] % self.grid[0] or self.image_size[1] % self.grid[1]:
+            raise ConfigError(f"teacher input {self.image_size} is not a whole number of {self.grid} cells; the student's filter needs an exact tiling")
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self.image_size[0] // self.grid[0], self.image_size[1] // self.grid[1]
+
+    @property
+    def trigger_dim(self) -> int:
+        return self.trigger_channels * self.grid[0] * self.grid[1]
+
+    @property
+    def code_dim(self) -> int:
+        width = self.pos_dim or self.trigger_dim
+        return int(math.ceil(width / 4) * 4)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefix_tokens + self.grid[0] * self.grid[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "APMConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**values)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the authors' released model: 1-channel filter, code as wide as T, ReLU MLP 4096-4096-4096-2048-1024
+    "paper": {"trigger_channels": 1, "pos_dim": 0, "hidden": (4096, 4096, 4096, 2048, 1024), "act": "relu"},
+    "base": {"trigger_channels": 4, "pos_dim": 512, "hidden": (1024, 1024, 1024), "act": "gelu"},
+    "small": {"trigger_channels": 2, "pos_dim": 256, "hidden": (512, 512, 512), "act": "gelu"},
+    "tiny": {"trigger_channels": 1, "pos_dim": 64, "hidden": (128, 128), "act": "gelu"},
+}
+
+
+def config_for_cache(spec: CacheSpec, preset: str = "small", **overrides: Any) -> APMConfig:
+    """Size the student from a cache's layout (grid, widths, input) and a preset, with explicit overrides."""
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
+    grids = {level.grid for level in spec.levels}
+    prefixes = {level.prefix_tokens for level in spec.levels}
+    if len(grids) > 1 or len(prefixes) > 1:
+        raise ConfigError(f"the cached levels have different grids {sorted(grids)}; the student needs one grid: extract layers of one stage (e.g. ViT blocks)")
+    c, h, w = spec.pixel_shape
+    base = APMConfig(in_chans=c, image_size=(h, w), grid=next(iter(grids)), prefix_tokens=next(iter(prefixes)),
+                     level_dims=tuple(level.dim for level in spec.levels), **PRESETS[preset])
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class MLP(nn.Module):
+    """The shared trunk: Linear + activation per hidden width. ``[..., in] -> [..., hidden[-1]]``."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], act_layer: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), act_layer()]
+            in_dim = width
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class APM(nn.Module):
+    """Conv filter -> trigger column T; queries [T, p(loc) (, level code)] -> shared MLP -> level tokens (+ rgb)."""
+
+    def __init__(self, config: APMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.filter = nn.Conv2d(config.in_chans, config.trigger_channels, kernel_size=config.patch_size, stride=config.patch_size)
+        self.register_buffer("codes", location_codes(config.prefix_tokens, config.grid, config.code_dim), persistent=False)
+        levels = len(config.level_dims)
+        query_dim = config.trigger_dim + config.code_dim
+        if config.level_mode == "query":
+            self.register_buffer("level_codes", sincos_2d(torch.arange(levels), torch.arange(levels), 16), persistent=False)
+            query_dim += 16
+        self.trunk = MLP(query_dim, config.hidden, nn.ReLU if config.act == "relu" else nn.GELU)
+        width = config.hidden[-1]
+        head_count = 1 if config.level_mode == "query" else levels
+        self.heads = nn.ModuleList(nn.Linear(width, config.level_dims[i]) for i in range(head_count))
+        ph, pw = config.patch_size
+        self.rgb_head = nn.Linear(width, config.in_chans * ph * pw) if config.rgb else None
+
+    # -- parts -------------------------------------------------------------------------------------------------
+    def trigger(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``[B, C, H, W]`` -> trigger columns ``[B, trigger_dim]``."""
+        return self.filter(images).flatten(1)
+
+    def queries(self, trigger: torch.Tensor, locations: torch.Tensor | None, level: int | None = None) -> torch.Tensor:
+        """``[B, Dt]`` and locations (``[L]`` shared or ``[B, L]`` per image; None = all) -> queries ``[B, L, Dq]``."""
+        b = trigger.shape[0]
+        if locations is None:
+            codes = self.codes.expand(b, -1, -1)
+        elif locations.dim() == 1:
+            codes = self.codes[locations].expand(b, -1, -1)
+        else:
+            codes = self.codes[locations]
+        parts = [trigger[:, None, :].expand(-1, codes.shape[1], -1), codes]
+        if level is not None:
+            parts.append(self.level_codes[level].expand(b, codes.shape[1], -1))
+        return torch.cat(parts, dim=-1)
+
+    # -- timm-style seams ------------------------------------------------------------------------------------
+    def forward_features(self, images: torch.Tensor, locations: torch.Tensor | None = None, level: int | None = None) -> torch.Tensor:
+        """Trunk features ``[B, L, hidden[-1]]`` for the queried locations (and level in query mode)."""
+        return self.trunk(self.queries(self.trigger(images), locations, level))
+
+    def forward_head(self, features: torch.Tensor, level: int | None = None) -> list[torch.Tensor]:
+        """Trunk features -> tokens: one ``[B, L, D_l]`` per level (heads mode) or the given level (query mode)."""
+        if level is not None:
+            return [self.heads[0](features)]
+        return [head(features) for head in self.heads]
+
+    def forward(self, images: torch.Tensor, locations: torch.Tensor | None = None) -> dict[str, Any]:
+        """Tokens per level ``list[[B, L, D_l]]`` and, if enabled, rgb ``[B, L, C*ph*pw]`` for the locations."""
+        if self.config.level_mode == "query":
+            trigger = self.trigger(images)
+            features = [self.trunk(self.queries(trigger, locations, level)) for level in range(len(self.config.level_dims))]
+            tokens = [self.heads[0](f) for f in features]
+            rgb_features = features[-1]
+        else:
+            rgb_features = self.forward_features(images, locations)
+            tokens = self.forward_head(rgb_features)
+        rgb = self.rgb_head(rgb_features) if self.rgb_head is not None else None
+        return {"tokens": tokens, "rgb": rgb}
+
+    @torch.no_grad()
+    def forward_intermediates(self, images: torch.Tensor, chunk: int = 256) -> list[torch.Tensor]:
+        """All locations, queried ``chunk`` at a time (memory does not grow with the grid): tokens per level."""
+        outs: list[list[torch.Tensor]] = [[] for _ in self.config.level_dims]
+        for start in range(0, self.config.num_tokens, chunk):
+            locations = torch.arange(start, min(start + chunk, self.config.num_tokens), device=images.device)
+            for i, tokens in enumerate(self.forward(images, locations)["tokens"]):
+                outs[i].append(tokens)
+        return [torch.cat(parts, dim=1) for parts in outs]
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self) -> int:
+        """Multiply-adds x 2 for one image with every location queried."""
+        cfg = self.config
+        macs = cfg.in_chans * cfg.trigger_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.grid[0] * cfg.grid[1]
+        trunk = sum(m.in_features * m.out_features for m in self.trunk.modules() if isinstance(m, nn.Linear))
+        heads = sum(h.in_features * h.out_features for h in self.heads)
+        passes = len(cfg.level_dims) if cfg.level_mode == "query" else 1
+        rgb = self.rgb_head.in_features * self.rgb_head.out_features if self.rgb_head is not None else 0
+        macs += cfg.num_tokens * (passes * (trunk + heads) + rgb)
+        return 2 * macs
+
+
+def patch_targets(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """Normalised images ``[B, C, H, W]`` -> per grid location pixels ``[B, h*w, C*ph*pw]`` (the rgb target)."""
+    ph, pw = patch_size
+    return F.unfold(images, kernel_size=(ph, pw), stride=(ph, pw)).transpose(1, 2)

@@ -1,0 +1,176 @@
+"""Streaming training batches from one or more feature caches, by DDP rank and DataLoader worker.
+
+Every epoch has a plan computed from indices alone (no data read): the complete shard groups of all caches
+are cut into blocks of whole zarr chunks, the blocks are shuffled with ``(seed, epoch)``, dealt to ranks
+(``blocks[rank::world_size]``), and each rank's sample sequence is cut to the same number of whole batches
+on every rank (no DDP hang at epoch end). The sequence is then split into *windows* of ``window_samples``
+(the shuffle buffer): a window is read whole (chunk-aligned reads), its samples permuted with
+``(seed, epoch, rank, window)``, and yielded as one DataLoader item holding its batches. Windows are dealt to
+DataLoader workers round-robin, so the DataLoader delivers them in plan order.
+
+Because the plan is a pure function of the seed, a :class:`StreamPosition` (epoch, window, batch) is all a
+checkpoint needs to resume mid-epoch exactly, skipping finished windows without reading them. Memory is a
+few windows per worker, independent of cache size; caches are opened lazily inside each worker.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .cache import CacheSpec, FeatureCache
+from .errors import CacheError
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where an epoch's stream stands: next window to read and batches of it already consumed."""
+
+    epoch: int = 0
+    window: int = 0
+    batch: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Samples ``start:stop`` of one shard group of cache number ``cache``."""
+
+    cache: int
+    shard: str
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def _layout(spec: CacheSpec) -> dict[str, Any]:
+    """What caches trained together must share: teacher, input and token layout."""
+    return {"teacher": spec.teacher, "data_config": spec.data_config, "levels": spec.levels, "final_norm": spec.final_norm}
+
+
+def open_caches(urls: Sequence[str], storage_options: dict | None = None) -> list[FeatureCache]:
+    """Open caches for training, checking they exist, hold complete shards and share one teacher layout."""
+    if not urls:
+        raise CacheError("no CACHE given; pass one or more caches written by apmpipe extract")
+    caches = [FeatureCache.open(url, storage_options=storage_options) for url in urls]
+    for cache in caches:
+        if not cache.complete_shards():
+            raise CacheError(f"cache {cache.url!r} has no complete shard; finish it with apmpipe extract (rerun the same command)")
+        if _layout(cache.spec) != _layout(caches[0].spec):
+            raise CacheError(f"cache {cache.url!r} was made with another teacher or layout than {caches[0].url!r}; train on caches of one teacher")
+    return caches
+
+
+class CacheStream(IterableDataset):
+    """Batches of ``pixels`` (uint8 ``[B, C, H, W]``), ``tokens`` (list per level of ``[B, T, D]``) and ``labels``.
+
+    Use with ``DataLoader(stream, batch_size=None)``; each item is ``{"window": k, "batches": [...]}``.
+
+    Args:
+        urls: feature caches to train on (one teacher layout).
+        batch_size: samples per batch (per rank).
+        window_samples: shuffle window (rounded up to whole batches).
+        seed: seeds block order and in-window permutations.
+        rank, world_size: DDP rank split.
+        token_dtype: ``float16`` (default, half the memory) or ``float32``.
+    """
+
+    def __init__(
+        self, urls: Sequence[str], batch_size: int, window_samples: int = 1024, seed: int = 0, rank: int = 0, world_size: int = 1,
+        token_dtype: str = "float16", storage_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        caches = open_caches(urls, storage_options)
+        self.urls = [c.url for c in caches]
+        self.spec = caches[0].spec
+        self.batch_size = batch_size
+        self.window = max(1, -(-window_samples // batch_size)) * batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.token_dtype = np.dtype(token_dtype)
+        self.storage_options = storage_options or {}
+        self.blocks = [
+            Block(i, name, start, min(start + cache.spec.chunk_samples, cache.num_samples(name)))
+            for i, cache in enumerate(caches) for name in cache.complete_shards()
+            for start in range(0, cache.num_samples(name), cache.spec.chunk_samples)
+        ]
+        self.num_samples = sum(b.size for b in self.blocks)
+        self.position = StreamPosition()
+        self._open: list[FeatureCache] | None = None
+        if self.steps_per_epoch() == 0:
+            raise CacheError(f"{self.num_samples} cached samples give no full batch of {batch_size} per rank on {world_size} rank(s); lower --batch-size")
+
+    # -- the plan (indices only) -----------------------------------------------------------------------------
+    def _rank_blocks(self, epoch: int) -> list[list[Block]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
+        return [[self.blocks[i] for i in order[r :: self.world_size]] for r in range(self.world_size)]
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        """Whole batches per rank; equal on every rank (the smallest rank's count)."""
+        return min(sum(b.size for b in blocks) // self.batch_size for blocks in self._rank_blocks(epoch))
+
+    def windows(self, epoch: int) -> list[list[Block]]:
+        """This rank's windows for ``epoch``: each a list of block slices covering ``window`` samples (the last fewer)."""
+        total = self.steps_per_epoch(epoch) * self.batch_size
+        windows: list[list[Block]] = [[]]
+        filled = 0
+        for block in self._rank_blocks(epoch)[self.rank]:
+            start = block.start
+            while start < block.stop and total > 0:
+                take = min(block.stop - start, self.window - filled, total)
+                windows[-1].append(Block(block.cache, block.shard, start, start + take))
+                start, filled, total = start + take, filled + take, total - take
+                if filled == self.window:
+                    windows.append([])
+                    filled = 0
+        return [w for w in windows if w]
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def _caches(self) -> list[FeatureCache]:
+        if self._open is None:
+            self._open = [FeatureCache.open(url, storage_options=self.storage_options) for url in self.urls]
+        return self._open
+
+    def _read_block(self, block: Block) -> dict[str, Any]:
+        cache = self._caches()[block.cache]
+        chunk = cache.spec.chunk_samples
+        first = block.start // chunk * chunk  # whole chunks only
+        last = min(-(-block.stop // chunk) * chunk, cache.num_samples(block.shard))
+        data = cache.read(block.shard, first, last, token_dtype=self.token_dtype)
+        cut = slice(block.start - first, block.stop - first)
+        return {"pixels": data.pixels[cut], "labels": data.labels[cut], "tokens": [t[cut] for t in data.tokens]}
+
+    def load_window(self, epoch: int, index: int, blocks: list[Block]) -> list[dict[str, Any]]:
+        """Read one window, permute its samples and cut it into batches."""
+        parts = [self._read_block(b) for b in blocks]
+        pixels = np.concatenate([p["pixels"] for p in parts])
+        labels = np.concatenate([p["labels"] for p in parts])
+        tokens = [np.concatenate([p["tokens"][i] for p in parts]) for i in range(len(self.spec.levels))]
+        perm = np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(len(labels))
+        batches = []
+        for start in range(0, len(perm), self.batch_size):
+            idx = perm[start : start + self.batch_size]
+            batches.append({
+                "pixels": torch.from_numpy(pixels[idx]),
+                "labels": torch.from_numpy(labels[idx]),
+                "tokens": [torch.from_numpy(t[idx]) for t in tokens],
+            })
+        return batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        pos = self.position
+        for index, blocks in enumerate(self.windows(pos.epoch)):
+            if index < pos.window or (index - pos.window) % workers != worker:
+                continue
+            batches = self.load_window(pos.epoch, index, blocks)
+            yield {"window": index, "first_batch": pos.batch if index == pos.window else 0,
+                   "batches": batches[pos.batch :] if index == pos.window else batches}

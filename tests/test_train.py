@@ -1,0 +1,164 @@
+"""Stage two through the CLI: learning, streaming/sharding, resume after SIGKILL, DDP, config files, errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from storage.checkpoint import load_student
+from storage.stream import CacheStream
+
+from .conftest import run_cli, run_main
+
+TRAIN_FAST = ["--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0", "--log-every", "2"]
+
+
+def test_student_learns_from_cache(tmp_path: Path, tiny_cache: Path) -> None:
+    run = tmp_path / "run"
+    result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--epochs", "6", "--lr", "2e-3", "--warmup-steps", "5")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 6 * 15
+    first, last = records[0], records[-1]
+    assert last["loss"] < 0.5 * first["loss"], (first, last)
+    assert last["loss_level_1"] < first["loss_level_1"] and last["loss_level_2"] < first["loss_level_2"] and last["loss_rgb"] < first["loss_rgb"]
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    weights, meta = load_student(run)
+    assert meta["model_config"]["grid"] == [2, 2] and meta["layout"]["levels"][1]["layer"] == 2
+    assert (run / "config.toml").exists()
+
+
+def test_training_never_builds_or_imports_the_teacher(tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was constructed during training")
+
+    monkeypatch.setattr(timm, "create_model", refuse)
+    result = run_cli("train", tiny_cache, "--out", tmp_path / "run", *TRAIN_FAST, "--max-steps", "3")
+    assert result.exit_code == 0, result.output
+    code = "import sys, stages.train, stages.apm, storage.stream; assert 'timm' not in sys.modules, 'timm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 1), (1, 2), (2, 2)])
+def test_stream_covers_each_sample_once_per_epoch(tiny_cache: Path, world: int, workers: int) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    seen: list[bytes] = []
+    steps = []
+    for rank in range(world):
+        stream = CacheStream([str(tiny_cache)], batch_size=8, window_samples=24, seed=3, rank=rank, world_size=world)
+        count = 0
+        for item in DataLoader(stream, batch_size=None, num_workers=workers):
+            for batch in item["batches"]:
+                count += 1
+                seen += [t.numpy().tobytes() for t in batch["tokens"][0]]
+        steps.append(count)
+    assert len(set(steps)) == 1 and steps[0] == stream.steps_per_epoch()
+    assert len(seen) == len(set(seen)), "a sample was delivered twice in one epoch"
+    if world == 1:
+        assert len(seen) == 120  # 120 samples, batch 8: every sample exactly once
+    else:
+        assert len(seen) >= 120 - world * 8  # equal whole batches per rank drop less than a batch each
+
+
+def test_stream_order_depends_on_epoch_and_resumes_mid_window(tiny_cache: Path) -> None:
+    from storage.stream import StreamPosition
+
+    stream = CacheStream([str(tiny_cache)], batch_size=8, window_samples=24, seed=0)
+    def batches(position: StreamPosition) -> list[bytes]:
+        stream.position = position
+        return [b["pixels"].numpy().tobytes() + b["tokens"][1].numpy().tobytes() for item in stream for b in item["batches"]]
+    epoch0, epoch1 = batches(StreamPosition(0)), batches(StreamPosition(1))
+    assert epoch0 != epoch1 and len(epoch0) == len(epoch1) == 15
+    assert batches(StreamPosition(0, window=2, batch=1)) == epoch0[2 * 3 + 1 :]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists() and proc.poll() is None:
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache: Path) -> None:
+    args = ["train", str(tiny_cache), *TRAIN_FAST, "--loader-workers", "1", "--max-steps", "40", "--checkpoint-every", "4", "--warmup-steps", "3", "--locations", "3"]
+    reference = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(reference)], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(killed / "checkpoints" / "step-00000012", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "student.safetensors").exists(), "the kill came too late to test anything"
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(killed), "--resume"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    ref, _ = load_student(reference)
+    got, _ = load_student(killed)
+    for key in ref:
+        assert ref[key].equal(got[key]), key
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+def test_ddp_two_processes_gloo(tmp_path: Path, tiny_cache: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    run = tmp_path / "ddp"
+    result = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "pipeline", "train", str(tiny_cache), "--out", str(run), *TRAIN_FAST, "--epochs", "2", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stream = CacheStream([str(tiny_cache)], batch_size=8, rank=0, world_size=2)
+    assert records[-1]["step"] == 2 * stream.steps_per_epoch()
+    weights, _ = load_student(run)
+    assert all(np.isfinite(w.numpy()).all() for w in weights.values())
+
+
+def test_config_file_with_cli_overrides(tmp_path: Path, tiny_cache: Path) -> None:
+    config = tmp_path / "train.toml"
+    config.write_text('preset = "tiny"\nlr = 0.003\nmax-steps = 7\nbatch_size = 8\nlog_every = 1\nwindow_samples = 32\nloader_workers = 0\n')
+    run = tmp_path / "run"
+    result = run_cli("train", tiny_cache, "--out", run, "--config", config, "--max-steps", "4")
+    assert result.exit_code == 0, result.output
+    saved = (run / "config.toml").read_text()
+    assert "lr = 0.003" in saved and "max_steps = 4" in saved and 'preset = "tiny"' in saved
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_train_errors_are_one_line(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path) -> None:
+    def error(*args: str) -> str:
+        result = run_main(capsys, "train", *args)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        return lines[0]
+
+    assert "no feature cache" in error(tmp_path / "missing.zarr", "--out", tmp_path / "r1")
+    empty = tmp_path / "empty.zarr"
+    shutil.copytree(tiny_cache, empty)
+    for group in (empty / "shards").iterdir():
+        if group.is_dir():
+            shutil.rmtree(group)
+    assert "has no complete shard" in error(empty, "--out", tmp_path / "r2")
+    old = tmp_path / "old.zarr"
+    shutil.copytree(tiny_cache, old)
+    root = zarr.open_group(str(old), mode="r+")
+    root.update_attributes({"apmpipe": {**root.attrs["apmpipe"], "version": 99}})
+    assert "format version 99" in error(old, "--out", tmp_path / "r3")
+    run = tmp_path / "r4"
+    assert run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "2").exit_code == 0
+    assert "already holds a training run" in error(tiny_cache, "--out", run, *TRAIN_FAST)
+    assert "another student or teacher layout" in error(tiny_cache, "--out", run, *TRAIN_FAST, "--preset", "small", "--resume")
+    assert "--batch-size must be at least 1" in error(tiny_cache, "--out", tmp_path / "r5", "--batch-size", "0")
