@@ -103,3 +103,110 @@ def bench_extract(config: ExtractConfig) -> ExtractBench:
 
 def scratch_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="apmpipe-bench-")
+
+
+@dataclass
+class TrainBench:
+    machine: str
+    teacher: str
+    samples: int
+    loader_sps: float
+    step_sps: float
+    cached_epoch_s: float
+    online_epoch_s: float
+    rss: list[tuple[int, float]]  # (cache samples, peak RSS MiB of the training process tree)
+
+    @property
+    def loader_headroom(self) -> float:
+        return self.loader_sps / self.step_sps
+
+    @property
+    def cached_speedup(self) -> float:
+        return self.online_epoch_s / self.cached_epoch_s
+
+
+def _peak_tree_rss(command: list[str]) -> float:
+    """Run ``command`` and return the peak summed RSS (MiB) of it and its children, sampled every 50 ms."""
+    import subprocess
+
+    import psutil
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        except psutil.Error:
+            continue
+        peak = max(peak, total)
+        time.sleep(0.05)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
+    return peak / 2**20
+
+
+def grow_cache(url: str, factor: int) -> None:
+    """Make a cache ``factor`` times larger by copying its complete shard groups under new names (bench only)."""
+    import shutil
+
+    root = Path(url) / "shards"
+    originals = [p for p in root.iterdir() if p.is_dir()]
+    for k in range(1, factor):
+        for group in originals:
+            shutil.copytree(group, root / f"{group.name}-copy{k}")
+
+
+def bench_train(workdir: Path, teacher_name: str, images: int, batch_size: int, preset: str, loader_workers: int, device: str, growth: int, locations: int = 0) -> TrainBench:
+    """Loader vs student throughput, cached vs online epoch, and peak RSS at 1x and ``growth``x cache size."""
+    import sys
+
+    from stages.apm import APM, config_for_cache
+    from stages.teacher import TeacherConfig
+    from stages.train import Normalizer, TrainConfig, make_optimizer, sample_locations, train, train_step
+    from storage.stream import CacheStream
+    from torch.utils.data import DataLoader
+
+    cache = str(workdir / "bench.zarr")
+    extract_config = ExtractConfig(inputs=tuple(default_bench_shards(workdir, images, 64)), out=cache, teacher=TeacherConfig(teacher_name, pretrained=False),
+                                   layers=(4, 8, 12), batch_size=batch_size, loader_workers=loader_workers, device=device)
+    extract(extract_config)
+    stream = CacheStream([cache], batch_size, window_samples=4 * batch_size)
+    loader = DataLoader(stream, batch_size=None, num_workers=loader_workers)
+    start = time.perf_counter()
+    batches = [b for item in loader for b in item["batches"]]
+    loader_seconds = time.perf_counter() - start
+    samples = sum(len(b["labels"]) for b in batches)
+
+    window = 4 * batch_size  # smaller than the 1x cache, so the RSS check compares like with like
+    train_config = TrainConfig(caches=(cache,), out=str(workdir / "run"), preset=preset, batch_size=batch_size, epochs=1, loader_workers=loader_workers,
+                               device=device, warmup_steps=1, locations=locations, window_samples=window)
+    teacher = Teacher(extract_config.teacher, extract_config.layers, device=device)
+    dev = teacher.device
+    normalize = Normalizer(stream.spec.data_config).to(dev)
+
+    def student_epoch(targets_of: Callable[[dict], list[torch.Tensor]]) -> float:
+        model = APM(config_for_cache(stream.spec, preset)).to(dev)
+        optimizer, scheduler = make_optimizer(model, train_config, len(batches), dev)
+        begin = time.perf_counter()
+        for step, batch in enumerate(batches):
+            where = sample_locations(len(batch["labels"]), model.config.num_tokens, locations, 0, step)
+            where = None if where is None else where.to(dev)
+            train_step(model, model, optimizer, scheduler, normalize(batch["pixels"].to(dev)), targets_of(batch), where, train_config, dev.type == "cuda")
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - begin
+
+    step_seconds = student_epoch(lambda b: [t.to(dev).float() for t in b["tokens"]])
+    online_seconds = student_epoch(lambda b: [t.clone() for t in teacher.forward(b["pixels"])[0]])  # clone: leave inference mode
+    cached_seconds = train(train_config).seconds
+
+    rss = []
+    for factor in (1, growth):
+        if factor > 1:
+            grow_cache(cache, factor)
+        command = [sys.executable, "-m", "pipeline", "train", cache, "--out", str(workdir / f"rss-{factor}"), "--preset", preset, "--epochs", "1",
+                   "--batch-size", str(batch_size), "--loader-workers", str(loader_workers), "--device", device,
+                   "--window-samples", str(window), "--locations", str(locations)]
+        rss.append((factor * samples, _peak_tree_rss(command)))
+    return TrainBench(machine=machine_line(dev), teacher=teacher_name, samples=samples, loader_sps=samples / loader_seconds, step_sps=samples / step_seconds,
+                      cached_epoch_s=cached_seconds, online_epoch_s=online_seconds, rss=rss)

@@ -300,7 +300,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.05,
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay.")] = 100,
     clip_grad: Annotated[float, typer.Option(help="Gradient norm clip (0: off).")] = 1.0,
-    window_samples: Annotated[int, typer.Option(help="Shuffle window in samples (memory: a few windows per loader worker).")] = 1024,
+    window_samples: Annotated[int, typer.Option(help="Shuffle window in samples; loader memory is about (2 x workers + 1) windows.")] = 512,
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes reading the cache.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and location sampling.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
@@ -340,6 +340,100 @@ def train(
             ("loss curve", str(plot)),
         ]
         out_console.print(_table("apmpipe train", rows))
+
+
+class TTTStart(str, Enum):
+    trained = "trained"
+    scratch = "scratch"
+
+
+class IslandsMode(str, Enum):
+    pca = "pca"
+    kmeans = "kmeans"
+
+
+@app.command("eval")
+@reports_user_errors
+def eval_command(
+    ctx: typer.Context,
+    cache: Annotated[str, typer.Argument(help="Evaluation feature cache.", show_default=False)],
+    student: Annotated[str, typer.Option(help="Run directory (or student.safetensors) from apmpipe train.", show_default=False)],
+    train_cache: Annotated[Optional[str], typer.Option(help="Training cache: fits weighted k-NN and a linear probe on global features.")] = None,
+    class_embeddings: Annotated[Optional[Path], typer.Option(help="classes x dim .npy of text embeddings (CLIP zero-shot through the cached projection head).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN_DIR/eval-<cache name>).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per student forward.")] = 64,
+    max_samples: Annotated[int, typer.Option(help="Evaluate only the first N samples (0: all).")] = 0,
+    knn_k: Annotated[int, typer.Option(help="Neighbours for weighted k-NN.")] = 20,
+    knn_temperature: Annotated[float, typer.Option(help="Temperature of k-NN vote weights exp(sim/T).")] = 0.07,
+    ttt_steps: Annotated[int, typer.Option(help="Test-time training steps per sample (0: no TTT).")] = 0,
+    ttt_lr: Annotated[float, typer.Option(help="TTT learning rate (AdamW, reset per sample).")] = 1e-4,
+    ttt_locations: Annotated[int, typer.Option(help="Random locations per TTT step (0: all).")] = 0,
+    ttt_from: Annotated[TTTStart, typer.Option(help="Start each sample's TTT from the trained student or from fresh weights.")] = TTTStart.trained,
+    ttt_samples: Annotated[int, typer.Option(help="Run TTT on the first N samples (0: all evaluated).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    storage_option: Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for remote caches (repeatable).")] = [],
+) -> None:
+    """Fidelity per level, classification beside the teacher, test-time training; terminal table, JSON and PNGs."""
+    from stages.evaluate import EvalConfig, evaluate
+
+    from .report import plot_fidelity, plot_per_class
+
+    config = EvalConfig(
+        cache=cache, student=student, train_cache=train_cache, class_embeddings=str(class_embeddings) if class_embeddings else None,
+        batch_size=batch_size, max_samples=max_samples, knn_k=knn_k, knn_temperature=knn_temperature, ttt_steps=ttt_steps, ttt_lr=ttt_lr,
+        ttt_locations=ttt_locations, ttt_from=ttt_from.value, ttt_samples=ttt_samples, device=device, storage_options=parse_storage_options(storage_option),
+    )
+    report = evaluate(config)
+    folder = out or Path(student if Path(student).is_dir() else Path(student).parent) / f"eval-{Path(cache.rstrip('/')).stem}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    plot_fidelity(report["fidelity"], folder / "fidelity.png")
+    for key, result in report["classification"].items():
+        if isinstance(result, dict):
+            plot_per_class(result["per_class"], f"{result['method']}: per-class top-1", folder / f"per_class_{key}.png")
+    print_eval_report(report, folder)
+
+
+def print_eval_report(report: dict[str, Any], folder: Path) -> None:
+    """The eval report as terminal tables."""
+    rows = [("samples", str(report["samples"]))]
+    for layer, f in report["fidelity"].items():
+        prefix = f", prefix cos {f['prefix_cosine']:.4f} mse {f['prefix_mse']:.4g}" if "prefix_cosine" in f else ""
+        rows.append((f"fidelity layer {layer}", f"patch cos {f['patch_cosine']:.4f} mse {f['patch_mse']:.4g}{prefix}"))
+    for key, result in report["classification"].items():
+        if isinstance(result, dict):
+            s, t = result["student"], result["teacher"]
+            rows.append((result["method"], f"student top-1 {s['top1']:.3f} top-5 {s['top5']:.3f} | teacher top-1 {t['top1']:.3f} top-5 {t['top5']:.3f} | agreement {result['agreement']:.3f}"))
+        else:
+            rows.append((key.replace("_", " "), result))
+    if "ttt" in report:
+        t = report["ttt"]
+        rows.append(("test-time training", f"{t['samples']} samples x {t['steps']} steps from {t['start']}: loss {t['loss_before']:.4f} -> {t['loss_after']:.4f}, {t['ms_per_sample']:.1f} ms/sample"))
+        for key in ("head_before", "head_after", "knn_after"):
+            if key in t:
+                rows.append((f"  TTT {key.replace('_', ' ')}", f"top-1 {t[key]['top1']:.3f} top-5 {t[key]['top5']:.3f}"))
+    rows.append(("report", str(folder / "report.json")))
+    out_console.print(_table("apmpipe eval", rows))
+
+
+@app.command()
+@reports_user_errors
+def islands(
+    ctx: typer.Context,
+    sources: Annotated[list[str], typer.Argument(help="A feature cache (student beside teacher) or image files.", show_default=False)],
+    student: Annotated[str, typer.Option(help="Run directory (or student.safetensors) from apmpipe train.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("islands.png"),
+    images: Annotated[int, typer.Option(help="Images to draw (rows).")] = 4,
+    mode: Annotated[IslandsMode, typer.Option(help="pca: 3 principal components as RGB; kmeans: clusters as colours.")] = IslandsMode.pca,
+    clusters: Annotated[int, typer.Option(help="k-means clusters.")] = 6,
+    panel: Annotated[int, typer.Option(help="Panel size in pixels.")] = 160,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+) -> None:
+    """Draw islands of agreement: per-level student outputs (and the teacher's) as PCA colours or k-means clusters."""
+    from stages.islands import islands as draw
+
+    result = draw(student, sources, str(out), images=images, mode=mode.value, clusters=clusters, panel=panel, device=device)
+    out_console.print(f"wrote {result.path} ({result.width}x{result.height} px, {result.images} images{', student beside teacher' if result.with_teacher else ''})", highlight=False)
 
 
 @bench_app.command("extract")
@@ -383,6 +477,38 @@ def bench_extract_command(
         ("raw bytes / image (fp32 tokens)", f"{human_bytes(result.raw_fp32_bytes_per_image)}; {result.compression:.2f}x smaller on disk"),
     ]
     out_console.print(_table("apmpipe bench extract", rows))
+
+
+@bench_app.command("train")
+@reports_user_errors
+def bench_train_command(
+    ctx: typer.Context,
+    teacher: Annotated[str, typer.Option(help="timm model for the cache and the online baseline (random init).")] = "vit_small_patch16_224",
+    images: Annotated[int, typer.Option(help="Bundled digit images in the cache.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    preset: Annotated[Preset, typer.Option(help="Student size.")] = Preset.small,
+    loader_workers: Annotated[int, typer.Option(help="DataLoader processes.")] = 2,
+    growth: Annotated[int, typer.Option(help="Cache growth factor for the peak-RSS check.")] = 10,
+    locations: Annotated[int, typer.Option(help="Random locations per image per step, in both cached and online runs (0: all).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+) -> None:
+    """Loader vs student samples/s, cached vs online-distillation epoch, peak RSS as the cache grows (one run)."""
+    from .bench import bench_train, scratch_dir
+
+    with scratch_dir() as tmp:
+        result = bench_train(Path(tmp), teacher, images, batch_size, preset.value, loader_workers, device if device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu"), growth, locations)
+    rows = [
+        ("machine", result.machine),
+        ("setup", f"{result.samples} images, teacher {result.teacher} (layers 4,8,12), student preset {preset.value}, batch {batch_size}"),
+        ("(a) loader only", f"{result.loader_sps:.1f} samples/s ({loader_workers} workers)"),
+        ("(b) student step, from memory", f"{result.step_sps:.1f} samples/s"),
+        ("loader / student", f"{result.loader_headroom:.2f}x (target >= 3)"),
+        ("(c) cached epoch (apmpipe train)", f"{result.cached_epoch_s:.2f} s"),
+        ("    online distillation epoch", f"{result.online_epoch_s:.2f} s (teacher forward every step)"),
+        ("online / cached", f"{result.cached_speedup:.2f}x (target >= 5)"),
+    ]
+    rows += [(f"peak RSS, {n} cached samples", f"{mib:.0f} MiB (train process + loader workers)") for n, mib in result.rss]
+    out_console.print(_table("apmpipe bench train", rows))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -29,3 +29,45 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_fidelity(fidelity: dict[str, dict[str, float]], path: str | Path) -> Path:
+    """Student-teacher cosine per level (patch and prefix tokens) as a bar chart."""
+    path = Path(path)
+    layers = list(fidelity)
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(layers) + 2), 3.5), dpi=120)
+    width = 0.38
+    for offset, part in ((-width / 2, "patch"), (width / 2, "prefix")):
+        values = [fidelity[l].get(f"{part}_cosine", float("nan")) for l in layers]
+        ax.bar([i + offset for i in range(len(layers))], values, width, label=f"{part} tokens")
+    ax.set_xticks(range(len(layers)), [f"layer {l}" for l in layers])
+    ax.set_ylim(min(0.0, min(v.get("patch_cosine", 0) for v in fidelity.values())), 1.0)
+    ax.set_ylabel("mean cosine to teacher")
+    ax.set_title("Student fidelity per level")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_per_class(per_class: dict[str, list[float]], title: str, path: str | Path, class_names: list[str] | None = None) -> Path:
+    """Top-1 accuracy per class, student beside teacher."""
+    path = Path(path)
+    classes = len(per_class["student"])
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * classes + 2), 3.5), dpi=120)
+    width = 0.4
+    for offset, who in ((-width / 2, "student"), (width / 2, "teacher")):
+        ax.bar([i + offset for i in range(classes)], per_class[who], width, label=who)
+    names = class_names if class_names and len(class_names) == classes else [str(i) for i in range(classes)]
+    ax.set_xticks(range(classes), names, rotation=45 if classes > 12 else 0, fontsize=7 if classes > 12 else 9)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -19,15 +19,15 @@ from typing import Any, Callable
 import timm
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
-from timm.data.transforms import MaybePILToTensor, MaybeToTensor, ToTensor
+from timm.data import resolve_data_config
 from torch import nn
-from torchvision import transforms as T
 
 from storage.cache import LevelLayout
 from storage.errors import ConfigError, ModelError
 
 from .head import TeacherHead, describe_head
+from .preprocess import pixel_transform
+from .runtime import resolve_device
 
 _logger = logging.getLogger(__name__)
 
@@ -56,14 +56,6 @@ class TeacherConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TeacherConfig":
         return cls(name=data["name"], pretrained=data["pretrained"], checkpoint=data.get("checkpoint"), model_kwargs=tuple(sorted(data.get("model_kwargs", {}).items())), seed=data.get("seed", 0))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(device)
 
 
 def _weights_sha256(model: nn.Module) -> str:
@@ -126,14 +118,6 @@ def _in_chans(model: nn.Module) -> int:
     if chans not in (1, 3):
         raise ModelError(f"teacher expects {chans} input channels; apmpipe feeds 1 (grayscale) or 3 (RGB) channel images")
     return int(chans)
-
-
-def pixel_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's eval transform without ToTensor/Normalize: PIL image -> uint8 ``[C, H, W]`` the teacher sees."""
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
-    full = create_transform(**cfg, is_training=False)
-    geometric = [t for t in full.transforms if not isinstance(t, (ToTensor, MaybeToTensor, MaybePILToTensor, T.ToTensor, T.Normalize))]
-    return T.Compose([*geometric, T.PILToTensor()])
 
 
 def resolve_layers(layers: tuple[int, ...], depth: int, name: str) -> tuple[int, ...]:

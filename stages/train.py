@@ -6,8 +6,8 @@ teacher input pixels come from the cache (``storage.stream``); this module never
 """
 from __future__ import annotations
 
+import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -18,11 +18,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from storage.cache import CacheSpec
 from storage.checkpoint import RunDir
 from storage.errors import ConfigError, ModelError
 from storage.stream import CacheStream, StreamPosition
 
 from .apm import APM, APMConfig, config_for_cache, patch_targets
+from .runtime import setup_distributed
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     clip_grad: float = 1.0
-    window_samples: int = 1024
+    window_samples: int = 512
     loader_workers: int = 2
     seed: int = 0
     checkpoint_every: int = 500
@@ -93,26 +95,6 @@ class TrainSummary:
     student: str
 
 
-def _distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; initialises the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if world > 1:  # one GPU per rank
-            device = f"cuda:{local}"
-    target = torch.device(device)
-    if world > 1 and not dist.is_initialized():
-        if target.type == "cuda":
-            torch.cuda.set_device(target)
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
-    return rank, world, target
-
-
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     """Linear warmup then cosine decay to 10% of ``lr`` (multiplier for LambdaLR)."""
     if step < config.warmup_steps:
@@ -152,10 +134,10 @@ def rgb_loss(rgb: torch.Tensor, images: torch.Tensor, locations: torch.Tensor | 
     return ((rgb.float() - gathered) ** 2 * mask).sum() / (mask.sum() * target.shape[-1]).clamp(min=1)
 
 
-def cache_layout(stream: CacheStream) -> dict[str, Any]:
-    """What a student is bound to: the teacher, its input and token layout."""
-    spec = stream.spec
-    return {"teacher": spec.teacher, "data_config": spec.data_config, "levels": [asdict(lv) for lv in spec.levels], "final_norm": spec.final_norm}
+def cache_layout(spec: CacheSpec) -> dict[str, Any]:
+    """What a student is bound to: the teacher, its input and token layout (JSON-normalised, as stored)."""
+    layout = {"teacher": spec.teacher, "data_config": spec.data_config, "levels": [asdict(lv) for lv in spec.levels], "final_norm": spec.final_norm}
+    return json.loads(json.dumps(layout))
 
 
 class Normalizer(torch.nn.Module):
@@ -173,10 +155,42 @@ class Normalizer(torch.nn.Module):
 StepCallback = Callable[[int, int, dict[str, float]], None]
 
 
+def make_optimizer(model: APM, config: TrainConfig, total_steps: int, device: torch.device) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no decay on biases) with warmup + cosine."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, config))
+
+
+def train_step(
+    net: torch.nn.Module, model: APM, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+    images: torch.Tensor, targets: list[torch.Tensor], locations: torch.Tensor | None, config: TrainConfig, amp: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """One optimisation step on normalised images and float targets ``[B, T, D]`` per level (gathered if ``locations``)."""
+    if locations is not None:
+        targets = [torch.gather(t, 1, locations[..., None].expand(-1, -1, t.shape[-1])) for t in targets]
+    with torch.autocast(images.device.type, dtype=torch.bfloat16) if amp else nullcontext():
+        out = net(images, locations)
+        per_level = level_losses(out["tokens"], targets, config)
+        loss = sum(per_level)
+        rgb = rgb_loss(out["rgb"], images, locations, model.config) if out["rgb"] is not None else None
+        if rgb is not None:
+            loss = loss + config.rgb_weight * rgb
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), [v.detach() for v in per_level], None if rgb is None else rgb.detach()
+
+
 def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Callable[[APM, int], None] | None = None) -> TrainSummary:
     """Train (or resume) a student on ``config.caches``; returns what the CLI summarises."""
     # -- setup ---------------------------------------------------------------------------------------------------
-    rank, world, device = _distributed(config.device)
+    rank, world, device = setup_distributed(config.device)
     stream = CacheStream(config.caches, config.batch_size, config.window_samples, config.seed, rank, world, storage_options=config.storage_options)
     model_cfg = config_for_cache(stream.spec, config.preset, hidden=config.hidden, trigger_channels=config.trigger_channels,
                                  pos_dim=config.pos_dim, level_mode=config.level_mode, rgb=config.rgb_weight > 0)
@@ -191,16 +205,13 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
     torch.manual_seed(config.seed)
     model = APM(model_cfg).to(device)
     normalize = Normalizer(stream.spec.data_config).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, config))
+    optimizer, scheduler = make_optimizer(model, config, total_steps, device)
     step, position = 0, StreamPosition()
 
     # -- resume --------------------------------------------------------------------------------------------------
     if config.resume and run.has_checkpoint():
         weights, state = run.load_checkpoint()
-        if state["model_config"] != model_cfg.to_dict() or state["layout"] != cache_layout(stream):
+        if state["model_config"] != model_cfg.to_dict() or state["layout"] != cache_layout(stream.spec):
             raise ModelError(f"the checkpoint in {config.out} was trained for another student or teacher layout than these caches; use another --out")
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
@@ -228,7 +239,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
         if rank == 0:
             state = {"step": path_step, "position": position.to_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": {"torch": torch.get_rng_state()}, "config": config.to_dict(), "model_config": model_cfg.to_dict(),
-                     "layout": cache_layout(stream), "world_size": world}
+                     "layout": cache_layout(stream.spec), "world_size": world}
             run.save_checkpoint(path_step, model.state_dict(), state)
         if world > 1:
             dist.barrier()
@@ -237,7 +248,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
     start, samples, first_loss, last_loss = time.perf_counter(), 0, float("nan"), float("nan")
     loader_kwargs = {"batch_size": None, "num_workers": config.loader_workers, "pin_memory": device.type == "cuda"}
     if config.loader_workers:
-        loader_kwargs["prefetch_factor"] = 2
+        loader_kwargs["prefetch_factor"] = 1  # items are whole windows: one ahead per worker bounds memory
     while step < total_steps:
         stream.position = position
         for item in DataLoader(stream, **loader_kwargs):
@@ -245,33 +256,19 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
                 images = normalize(batch["pixels"].to(device, non_blocking=True))
                 targets = [t.to(device, non_blocking=True).float() for t in batch["tokens"]]
                 locations = sample_locations(images.shape[0], model_cfg.num_tokens, config.locations, config.seed, step)
-                if locations is not None:
-                    locations = locations.to(device)
-                    targets = [torch.gather(t, 1, locations[..., None].expand(-1, -1, t.shape[-1])) for t in targets]
-                with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
-                    out = net(images, locations)
-                    per_level = level_losses(out["tokens"], targets, config)
-                    loss = sum(per_level)
-                    rgb = rgb_loss(out["rgb"], images, locations, model_cfg) if out["rgb"] is not None else None
-                    if rgb is not None:
-                        loss = loss + config.rgb_weight * rgb
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                optimizer.step()
-                scheduler.step()
+                locations = None if locations is None else locations.to(device)
+                loss, per_level, rgb = train_step(net, model, optimizer, scheduler, images, targets, locations, config, amp)
                 step += 1
                 samples += images.shape[0] * world
                 position = StreamPosition(position.epoch, item["window"], item["first_batch"] + offset + 1)
-                last_loss = float(loss.detach())
+                last_loss = float(loss)
                 first_loss = last_loss if math.isnan(first_loss) else first_loss
                 if step % config.log_every == 0 or step == total_steps:
                     record = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0], "loss": last_loss,
                               "samples_per_s": samples / (time.perf_counter() - start),
-                              **{f"loss_level_{lv.layer}": float(v.detach()) for lv, v in zip(stream.spec.levels, per_level)}}
+                              **{f"loss_level_{lv.layer}": float(v) for lv, v in zip(stream.spec.levels, per_level)}}
                     if rgb is not None:
-                        record["loss_rgb"] = float(rgb.detach())
+                        record["loss_rgb"] = float(rgb)
                     if rank == 0:
                         run.append_metrics(record)
                         if on_step:
@@ -288,7 +285,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
     # -- export ------------------------------------------------------------------------------------------------
     student = ""
     if rank == 0:
-        student = str(run.save_student(model.state_dict(), {"model_config": model_cfg.to_dict(), "layout": cache_layout(stream), "train_config": config.to_dict(), "step": step}))
+        student = str(run.save_student(model.state_dict(), {"model_config": model_cfg.to_dict(), "layout": cache_layout(stream.spec), "train_config": config.to_dict(), "step": step}))
     if world > 1:
         dist.barrier()
     return TrainSummary(run_dir=config.out, steps=step, epochs_done=step / steps_per_epoch, seconds=time.perf_counter() - start, samples=samples,

@@ -293,6 +293,7 @@ class FeatureCache:
     root: zarr.Group
     spec: CacheSpec
     attrs: dict[str, Any] = field(default_factory=dict)
+    _array_handles: dict[str, dict[str, zarr.Array]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, url: str, *, mode: str = "r", storage_options: dict | None = None) -> "FeatureCache":
@@ -360,20 +361,27 @@ class FeatureCache:
     def num_samples(self, name: str) -> int:
         return int(self.shard(name).attrs.get("num_samples", 0))
 
-    def read(self, name: str, start: int, stop: int, *, tokens: bool = True, pixels: bool = True, token_dtype: Any = np.float32) -> CachedSamples:
-        """Samples ``start:stop`` of a complete shard, tokens decoded to ``token_dtype``."""
-        group = self.shard(name)
+    def _arrays(self, name: str) -> dict[str, zarr.Array]:
+        """The arrays of a complete shard group, opened once per cache object (metadata reads are not free)."""
+        if name not in self._array_handles:
+            group = self.shard(name)
+            self._array_handles[name] = {path: node for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)}
+        return self._array_handles[name]
+
+    def read(self, name: str, start: int, stop: int, *, tokens: bool = True, pixels: bool = True, extras: bool = True, token_dtype: Any = np.float32) -> CachedSamples:
+        """Samples ``start:stop`` of a complete shard, tokens decoded to ``token_dtype``; ``extras``: keys and logits."""
+        arrays = self._arrays(name)
         levels = []
         if tokens:
             for level in self.spec.levels:
-                values = group[f"tokens/{level.array_name}"][start:stop]
-                scale = group[f"scales/{level.array_name}"][start:stop] if self.spec.dtype == "int8" else None
+                values = arrays[f"tokens/{level.array_name}"][start:stop]
+                scale = arrays[f"scales/{level.array_name}"][start:stop] if self.spec.dtype == "int8" else None
                 levels.append(decode_tokens(values, scale, token_dtype))
         return CachedSamples(
-            pixels=group["pixels"][start:stop] if pixels else None,
-            labels=group["labels"][start:stop],
-            keys=[str(k) for k in group["keys"][start:stop]],
-            logits=group["logits"][start:stop] if "logits" in group else None,
+            pixels=arrays["pixels"][start:stop] if pixels else None,
+            labels=arrays["labels"][start:stop],
+            keys=[str(k) for k in arrays["keys"][start:stop]] if extras else [],
+            logits=arrays["logits"][start:stop] if extras and "logits" in arrays else None,
             tokens=levels,
         )
 

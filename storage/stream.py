@@ -14,6 +14,7 @@ few windows per worker, independent of cache size; caches are opened lazily insi
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
@@ -23,6 +24,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .cache import CacheSpec, FeatureCache
 from .errors import CacheError
+
+
+READ_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class CacheStream(IterableDataset):
     """
 
     def __init__(
-        self, urls: Sequence[str], batch_size: int, window_samples: int = 1024, seed: int = 0, rank: int = 0, world_size: int = 1,
+        self, urls: Sequence[str], batch_size: int, window_samples: int = 512, seed: int = 0, rank: int = 0, world_size: int = 1,
         token_dtype: str = "float16", storage_options: dict | None = None,
     ) -> None:
         super().__init__()
@@ -143,26 +147,25 @@ class CacheStream(IterableDataset):
         chunk = cache.spec.chunk_samples
         first = block.start // chunk * chunk  # whole chunks only
         last = min(-(-block.stop // chunk) * chunk, cache.num_samples(block.shard))
-        data = cache.read(block.shard, first, last, token_dtype=self.token_dtype)
+        data = cache.read(block.shard, first, last, extras=False, token_dtype=self.token_dtype)
         cut = slice(block.start - first, block.stop - first)
         return {"pixels": data.pixels[cut], "labels": data.labels[cut], "tokens": [t[cut] for t in data.tokens]}
 
     def load_window(self, epoch: int, index: int, blocks: list[Block]) -> list[dict[str, Any]]:
         """Read one window, permute its samples and cut it into batches."""
-        parts = [self._read_block(b) for b in blocks]
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # overlaps storage latency and decompression
+            parts = list(pool.map(self._read_block, blocks))
         pixels = np.concatenate([p["pixels"] for p in parts])
         labels = np.concatenate([p["labels"] for p in parts])
         tokens = [np.concatenate([p["tokens"][i] for p in parts]) for i in range(len(self.spec.levels))]
         perm = np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(len(labels))
-        batches = []
-        for start in range(0, len(perm), self.batch_size):
-            idx = perm[start : start + self.batch_size]
-            batches.append({
-                "pixels": torch.from_numpy(pixels[idx]),
-                "labels": torch.from_numpy(labels[idx]),
-                "tokens": [torch.from_numpy(t[idx]) for t in tokens],
-            })
-        return batches
+        # one permuted copy per array, then batches as views of one storage (shared once between processes)
+        pixels_t, labels_t = torch.from_numpy(pixels[perm]), torch.from_numpy(labels[perm])
+        tokens_t = [torch.from_numpy(t[perm]) for t in tokens]
+        return [
+            {"pixels": pixels_t[s : s + self.batch_size], "labels": labels_t[s : s + self.batch_size], "tokens": [t[s : s + self.batch_size] for t in tokens_t]}
+            for s in range(0, len(perm), self.batch_size)
+        ]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -174,3 +177,21 @@ class CacheStream(IterableDataset):
             batches = self.load_window(pos.epoch, index, blocks)
             yield {"window": index, "first_batch": pos.batch if index == pos.window else 0,
                    "batches": batches[pos.batch :] if index == pos.window else batches}
+
+
+def iter_cache(cache: FeatureCache, batch_size: int, limit: int = 0, token_dtype: str = "float32") -> Iterator[tuple[str, int, Any]]:
+    """Every sample of a cache in stored order (complete shards sorted by name), as ``(shard, start, CachedSamples)``.
+
+    Reads whole chunks; ``limit`` > 0 stops after that many samples. For evaluation, not training.
+    """
+    remaining = limit or -1
+    for name in cache.complete_shards():
+        total = cache.num_samples(name)
+        step = max(cache.spec.chunk_samples, batch_size // cache.spec.chunk_samples * cache.spec.chunk_samples)
+        for start in range(0, total, step):
+            stop = min(start + step, total) if remaining < 0 else min(start + step, total, start + remaining)
+            yield name, start, cache.read(name, start, stop, token_dtype=np.dtype(token_dtype))
+            if remaining > 0:
+                remaining -= stop - start
+                if remaining == 0:
+                    return

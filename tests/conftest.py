@@ -55,3 +55,24 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory, digit_shards: list[str]
     result = run_cli("extract", *digit_shards, "--out", out, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST)
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Held-out digits (samples 1000..1079) through the same tiny ViT as ``tiny_cache``."""
+    folder = tmp_path_factory.mktemp("eval")
+    shards = write_digit_shards(folder / "shards", prefix="heldout", count=80, start=1000, per_shard=40, size=32)
+    out = folder / "heldout.zarr"
+    result = run_cli("extract", *shards, "--out", out, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
+    """A tiny-preset student trained for a few epochs on ``tiny_cache``."""
+    run = tmp_path_factory.mktemp("student") / "run"
+    result = run_cli("train", tiny_cache, "--out", run, "--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0",
+                     "--epochs", "8", "--lr", "2e-3", "--warmup-steps", "5", "--log-every", "5")
+    assert result.exit_code == 0, result.output
+    return run
