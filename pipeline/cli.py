@@ -195,11 +195,12 @@ def info(
     ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+    storage_option: Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for a remote cache (repeatable).")] = [],
 ) -> None:
     """Describe a feature cache: teacher, layers, shapes, shards, sizes, compression, bad samples."""
     from storage.cache import FeatureCache
 
-    desc = FeatureCache.open(cache).describe()
+    desc = FeatureCache.open(cache, storage_options=parse_storage_options(storage_option)).describe()
     if as_json:
         out_console.print_json(json.dumps(desc))
         return
@@ -232,11 +233,12 @@ def verify(
     samples: Annotated[int, typer.Option(help="Number of cached samples to recompute.")] = 8,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Teacher weights, if not where extraction found them.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    storage_option: Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for a remote cache (repeatable).")] = [],
 ) -> None:
     """Recompute a sample of cached images with the teacher and report the difference to the cache."""
     from stages.verify import verify_cache
 
-    report = verify_cache(cache, samples=samples, device=device, checkpoint=str(checkpoint) if checkpoint else None)
+    report = verify_cache(cache, samples=samples, device=device, checkpoint=str(checkpoint) if checkpoint else None, storage_options=parse_storage_options(storage_option))
     rows = [(f"layer {layer}", f"max |diff| {s['max_abs']:.3g}, min cosine {s['min_cosine']:.6f}") for layer, s in report.levels.items()]
     if report.logits_max_abs is not None:
         rows.append(("logits", f"max |diff| {report.logits_max_abs:.3g}"))
@@ -391,10 +393,10 @@ def eval_command(
     for key, result in report["classification"].items():
         if isinstance(result, dict):
             plot_per_class(result["per_class"], f"{result['method']}: per-class top-1", folder / f"per_class_{key}.png")
-    print_eval_report(report, folder)
+    print_eval_report(report, folder / "report.json")
 
 
-def print_eval_report(report: dict[str, Any], folder: Path) -> None:
+def print_eval_report(report: dict[str, Any], json_path: Path) -> None:
     """The eval report as terminal tables."""
     rows = [("samples", str(report["samples"]))]
     for layer, f in report["fidelity"].items():
@@ -412,7 +414,7 @@ def print_eval_report(report: dict[str, Any], folder: Path) -> None:
         for key in ("head_before", "head_after", "knn_after"):
             if key in t:
                 rows.append((f"  TTT {key.replace('_', ' ')}", f"top-1 {t[key]['top1']:.3f} top-5 {t[key]['top5']:.3f}"))
-    rows.append(("report", str(folder / "report.json")))
+    rows.append(("report", str(json_path)))
     out_console.print(_table("apmpipe eval", rows))
 
 
@@ -434,6 +436,22 @@ def islands(
 
     result = draw(student, sources, str(out), images=images, mode=mode.value, clusters=clusters, panel=panel, device=device)
     out_console.print(f"wrote {result.path} ({result.width}x{result.height} px, {result.images} images{', student beside teacher' if result.with_teacher else ''})", highlight=False)
+
+
+@app.command()
+@reports_user_errors
+def demo(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder for data, caches, student and the report.")] = Path("demo-out"),
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller run (under a minute on 2 CPU cores).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for the random-init teacher, student and data order.")] = 0,
+) -> None:
+    """The whole pipeline offline on bundled real images (scikit-learn digits), with a report folder."""
+    from .demo import run_demo
+
+    summary = run_demo(out, quick=quick, seed=seed)
+    print_eval_report(summary["eval"], out / "eval.json")
+    out_console.print(f"report: {out / 'report.md'} (loss.png, fidelity.png, per-class plots, islands.png)", highlight=False)
 
 
 @bench_app.command("extract")

@@ -293,6 +293,7 @@ class FeatureCache:
     root: zarr.Group
     spec: CacheSpec
     attrs: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)
     _array_handles: dict[str, dict[str, zarr.Array]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -307,7 +308,7 @@ class FeatureCache:
             raise CacheError(f"{url!r} is a zarr group but not an apmpipe feature cache (no '{ROOT_KEY}' root attribute)")
         if attrs.get("version") != FORMAT_VERSION:
             raise CacheError(f"cache {url!r} has format version {attrs.get('version')}; this apmpipe reads version {FORMAT_VERSION}: re-extract it or use a matching apmpipe")
-        return cls(url=url, root=root, spec=CacheSpec.from_dict(attrs["spec"]), attrs=attrs)
+        return cls(url=url, root=root, spec=CacheSpec.from_dict(attrs["spec"]), attrs=attrs, storage_options=storage_options or {})
 
     @classmethod
     def create_or_open(cls, url: str, spec: CacheSpec, *, storage_options: dict | None = None) -> "FeatureCache":
@@ -329,7 +330,7 @@ class FeatureCache:
         attrs = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(), "sources": [], "classes": []}
         root = zarr.open_group(url, mode="w", storage_options=storage_options or None, attributes={ROOT_KEY: attrs})
         root.create_group(SHARDS_GROUP)
-        return cls(url=url, root=root, spec=spec, attrs=attrs)
+        return cls(url=url, root=root, spec=spec, attrs=attrs, storage_options=storage_options or {})
 
     def update_attrs(self, **values: Any) -> None:
         """Merge values into the apmpipe root attributes (driver only: one writer of the root)."""
@@ -409,7 +410,7 @@ class FeatureCache:
 
     # -- description -----------------------------------------------------------------------------------------
     def stored_bytes(self) -> int:
-        fs, path = fsspec.core.url_to_fs(self.url)
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
         return int(fs.du(path))
 
     def describe(self) -> dict[str, Any]:
