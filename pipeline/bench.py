@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from stages.extract import ExtractConfig, extract, extract_shards
+from stages.extract import ExtractConfig, extract, extract_shards, loader_workers
 from stages.teacher import Teacher
 from storage.batches import ShardBatches
 from storage.sources import resolve_inputs
@@ -52,6 +52,7 @@ class ExtractBench:
     stored_bytes_per_image: float
     raw_fp32_bytes_per_image: float
     machine: str
+    loader_workers: int
 
     @property
     def ratio(self) -> float:
@@ -82,7 +83,7 @@ def bench_extract(config: ExtractConfig) -> ExtractBench:
             torch.cuda.synchronize()
 
     bare_forward()  # warm-up (allocator, kernels)
-    forward_seconds = timed(bare_forward)
+    before = timed(bare_forward)
     run_seconds: list[float] = []
 
     def timed_runner(cfg, todo, progress):  # type: ignore[no-untyped-def]
@@ -92,12 +93,13 @@ def bench_extract(config: ExtractConfig) -> ExtractBench:
         return results
 
     summary = extract(config, runner=timed_runner)
+    forward_seconds = (before + timed(bare_forward)) / 2  # baseline before and after: machine drift cancels
     raw = sum(level.num_tokens * level.dim * 4 for level in teacher.levels) + 4 * teacher.num_classes
     raw += teacher.pixel_shape[0] * teacher.pixel_shape[1] * teacher.pixel_shape[2] + 8  # uint8 pixels, int64 label
     return ExtractBench(
         images=images, forward_ips=images / forward_seconds, extract_ips=summary.images / run_seconds[0],
         stored_bytes_per_image=summary.stored_bytes / max(1, summary.cache_samples), raw_fp32_bytes_per_image=raw,
-        machine=machine_line(teacher.device),
+        machine=machine_line(teacher.device), loader_workers=loader_workers(config.loader_workers, teacher.device.type),
     )
 
 
@@ -177,7 +179,7 @@ def bench_train(workdir: Path, teacher_name: str, images: int, batch_size: int, 
     loader_seconds = time.perf_counter() - start
     samples = sum(len(b["labels"]) for b in batches)
 
-    window = 4 * batch_size  # smaller than the 1x cache, so the RSS check compares like with like
+    window = batch_size  # several windows even in the 1x cache, so the RSS check compares like with like
     train_config = TrainConfig(caches=(cache,), out=str(workdir / "run"), preset=preset, batch_size=batch_size, epochs=1, loader_workers=loader_workers,
                                device=device, warmup_steps=1, locations=locations, window_samples=window)
     teacher = Teacher(extract_config.teacher, extract_config.layers, device=device)
