@@ -411,6 +411,8 @@ def print_eval_report(report: dict[str, Any], json_path: Path) -> None:
     if "ttt" in report:
         t = report["ttt"]
         rows.append(("test-time training", f"{t['samples']} samples x {t['steps']} steps from {t['start']}: loss {t['loss_before']:.4f} -> {t['loss_after']:.4f}, {t['ms_per_sample']:.1f} ms/sample"))
+        last = list(t["fidelity_after"])[-1]
+        rows.append(("  TTT fidelity, last level", f"patch cos {t['fidelity_before'][last]['patch_cosine']:.4f} -> {t['fidelity_after'][last]['patch_cosine']:.4f}"))
         for key in ("head_before", "head_after", "knn_after"):
             if key in t:
                 rows.append((f"  TTT {key.replace('_', ' ')}", f"top-1 {t[key]['top1']:.3f} top-5 {t[key]['top5']:.3f}"))

@@ -219,7 +219,7 @@ def _ttt(model: APM, cache: FeatureCache, config: EvalConfig, device: torch.devi
     prefix = model.config.prefix_tokens
     before, after, times, labels = [], [], [], []
     scores_before, scores_after, feats_after = [], [], []
-    fidelity = _Fidelity(prefix)
+    fidelity, fidelity_before = _Fidelity(prefix), _Fidelity(prefix)
     limit = config.ttt_samples or config.max_samples
     for _, _, block in iter_cache(cache, config.batch_size, limit):
         for i in range(len(block.labels)):
@@ -246,7 +246,8 @@ def _ttt(model: APM, cache: FeatureCache, config: EvalConfig, device: torch.devi
                 pred = model.forward_intermediates(images, config.chunk)
                 after.append(float(sum(level_losses(pred, targets, loss_config))))
             times.append(time.perf_counter() - start)
-            for level, p, t in zip(cache.spec.levels, pred, targets):
+            for level, p0, p, t in zip(cache.spec.levels, first_pred, pred, targets):
+                fidelity_before.add(str(level.layer), p0, t)
                 fidelity.add(str(level.layer), p, t)
             labels.append(torch.from_numpy(block.labels[one]))
             feats_after.append(global_feature(pred[-1], prefix).cpu())
@@ -259,7 +260,7 @@ def _ttt(model: APM, cache: FeatureCache, config: EvalConfig, device: torch.devi
         "samples": len(before), "steps": config.ttt_steps, "lr": config.ttt_lr, "start": config.ttt_from, "locations": config.ttt_locations or "all",
         "loss_before": float(np.mean(before)), "loss_after": float(np.mean(after)), "ms_per_sample": 1000 * float(np.mean(times)),
         "per_sample": [{"loss_before": b, "loss_after": a} for b, a in zip(before, after)],
-        "fidelity_after": fidelity.report(),
+        "fidelity_before": fidelity_before.report(), "fidelity_after": fidelity.report(),
     }
     label_t = torch.cat(labels)
     if (label_t >= 0).all():

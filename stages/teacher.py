@@ -241,7 +241,11 @@ class Teacher:
             return None, str(exc)
         generator = torch.Generator().manual_seed(0)
         pixels = torch.randint(0, 256, (2, *self.pixel_shape), dtype=torch.uint8, generator=generator)
-        tokens, logits = self.forward(pixels)
+        amp, self.amp = self.amp, False  # compare in float32: autocast noise is not a head mismatch
+        try:
+            tokens, logits = self.forward(pixels)
+        finally:
+            self.amp = amp
         with torch.inference_mode():
             rebuilt = head.to(self.device)(tokens[-1])
         scale = float(logits.abs().max()) + 1e-6

@@ -1,0 +1,48 @@
+"""Unit tests where the logic is subtle: token encodings, layer indices, position codes, the epoch plan."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stages.apm import location_codes
+from stages.teacher import resolve_layers
+from storage.cache import decode_tokens, encode_tokens
+from storage.errors import CacheError, ConfigError
+
+
+def test_float16_overflow_fails_with_a_hint() -> None:
+    tokens = np.array([[[1.0, 70000.0]]], dtype=np.float32)
+    with pytest.raises(CacheError, match="use --dtype float32"):
+        encode_tokens(tokens, "float16")
+    np.testing.assert_array_equal(decode_tokens(encode_tokens(tokens, "float32").values), tokens)
+
+
+def test_int8_is_per_token_symmetric_and_close() -> None:
+    rng = np.random.default_rng(0)
+    tokens = (rng.standard_normal((4, 5, 64)) * rng.uniform(0.01, 100, (4, 5, 1))).astype(np.float32)
+    tokens[0, 0] = 0.0  # an all-zero token stays zero
+    encoded = encode_tokens(tokens, "int8")
+    assert encoded.values.dtype == np.int8 and encoded.scale.shape == (4, 5)
+    decoded = decode_tokens(encoded.values, encoded.scale)
+    assert np.abs(decoded - tokens).max(axis=-1).max() <= (np.abs(tokens).max(-1) / 127 / 2 + 1e-6).max()
+    assert (decoded[0, 0] == 0).all()
+    cosine = (decoded * tokens).sum(-1)[1:] / (np.linalg.norm(decoded, axis=-1) * np.linalg.norm(tokens, axis=-1))[1:]
+    assert cosine.min() > 0.999
+    with pytest.raises(CacheError):
+        encode_tokens(np.array([[[np.nan, 1.0]]], dtype=np.float32), "int8")
+
+
+def test_layers_are_one_based_with_negative_from_the_end() -> None:
+    assert resolve_layers((4, 8, -1), 12, "m") == (4, 8, 12)
+    assert resolve_layers((-12, 1), 12, "m") == (1,)
+    for bad in (0, 13, -13):
+        with pytest.raises(ConfigError):
+            resolve_layers((bad,), 12, "m")
+
+
+def test_location_codes_are_distinct_and_fixed() -> None:
+    codes = location_codes(prefix_tokens=5, grid=(4, 6), dim=32)
+    assert codes.shape == (5 + 24, 32)
+    assert torch.cdist(codes, codes).add(torch.eye(29) * 10).min() > 1e-3
+    assert torch.equal(codes, location_codes(5, (4, 6), 32))
