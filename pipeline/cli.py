@@ -31,6 +31,9 @@ bench_app = typer.Typer(help="Measure throughput side by side in one run and pri
 app.add_typer(bench_app, name="bench")
 
 F = TypeVar("F", bound=Callable[..., Any])
+DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+StorageOptions = Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for remote inputs or caches (repeatable), e.g. endpoint_url=http://127.0.0.1:9000.")]
+ModelArgs = Annotated[list[str], typer.Option("--model-arg", help="Extra timm.create_model argument KEY=VALUE (repeatable), e.g. img_size=448.")]
 
 
 class TokenDtype(str, Enum):
@@ -114,7 +117,7 @@ def extract(
     layers: Annotated[str, typer.Option(help="Teacher blocks to cache, 1-based; negative counts from the end (-1 = last).")] = "-1",
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load the teacher's pretrained weights.")] = True,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Teacher state dict (.safetensors, or .pth loaded with weights_only).")] = None,
-    model_arg: Annotated[list[str], typer.Option("--model-arg", help="Extra timm.create_model argument KEY=VALUE (repeatable), e.g. img_size=448.")] = [],
+    model_arg: ModelArgs = [],
     seed: Annotated[int, typer.Option(help="Seed for a random-init teacher.")] = 0,
     final_norm: Annotated[bool, typer.Option("--final-norm/--no-final-norm", help="Apply the teacher's final norm to every cached level.")] = False,
     dtype: Annotated[TokenDtype, typer.Option(help="Token storage dtype; int8 is per-token scaled and its fidelity is reported.")] = TokenDtype.float16,
@@ -126,13 +129,13 @@ def extract(
     label_key: Annotated[str, typer.Option(help="WebDataset field with the integer label.")] = "cls",
     no_labels: Annotated[bool, typer.Option("--no-labels", help="Ignore labels (all stored as -1).")] = False,
     folder_block: Annotated[int, typer.Option(help="Images per shard group when reading an image folder.")] = 1000,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
     workers: Annotated[int, typer.Option(help="Run shards on a local dask cluster of N worker processes (0: in this process).")] = 0,
     scheduler: Annotated[Optional[str], typer.Option(help="Run shards on an existing dask scheduler, e.g. tcp://10.0.0.5:8786.")] = None,
     scheduler_file: Annotated[Optional[Path], typer.Option(help="Dask scheduler file (dask scheduler --scheduler-file).")] = None,
     resources: Annotated[list[str], typer.Option("--resources", help="Dask resources each task needs, KEY=VALUE (repeatable), e.g. GPU=1.")] = [],
-    storage_option: Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for remote inputs/cache (repeatable), e.g. endpoint_url=http://...")] = [],
+    storage_option: StorageOptions = [],
 ) -> None:
     """Run a frozen timm teacher once over image shards into a resumable Zarr v3 feature cache."""
     from stages.extract import ExtractConfig, extract as run_extract
@@ -195,7 +198,7 @@ def info(
     ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
-    storage_option: Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for a remote cache (repeatable).")] = [],
+    storage_option: StorageOptions = [],
 ) -> None:
     """Describe a feature cache: teacher, layers, shapes, shards, sizes, compression, bad samples."""
     from storage.cache import FeatureCache
@@ -232,8 +235,8 @@ def verify(
     cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
     samples: Annotated[int, typer.Option(help="Number of cached samples to recompute.")] = 8,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Teacher weights, if not where extraction found them.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    storage_option: Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for a remote cache (repeatable).")] = [],
+    device: DeviceOption = "auto",
+    storage_option: StorageOptions = [],
 ) -> None:
     """Recompute a sample of cached images with the teacher and report the difference to the cache."""
     from stages.verify import verify_cache
@@ -307,11 +310,11 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and location sampling.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     log_every: Annotated[int, typer.Option(help="Steps between metric records.")] = 10,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torchrun: one GPU per rank).")] = "auto",
+    device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
-    storage_option: Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for remote caches (repeatable).")] = [],
+    storage_option: StorageOptions = [],
 ) -> None:
     """Train the APM student from cached teacher tokens, streaming shards; the teacher is never loaded."""
     from stages.train import TrainConfig, train as run_train
@@ -372,8 +375,8 @@ def eval_command(
     ttt_locations: Annotated[int, typer.Option(help="Random locations per TTT step (0: all).")] = 0,
     ttt_from: Annotated[TTTStart, typer.Option(help="Start each sample's TTT from the trained student or from fresh weights.")] = TTTStart.trained,
     ttt_samples: Annotated[int, typer.Option(help="Run TTT on the first N samples (0: all evaluated).")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    storage_option: Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for remote caches (repeatable).")] = [],
+    device: DeviceOption = "auto",
+    storage_option: StorageOptions = [],
 ) -> None:
     """Fidelity per level, classification beside the teacher, test-time training; terminal table, JSON and PNGs."""
     from stages.evaluate import EvalConfig, evaluate
@@ -431,7 +434,7 @@ def islands(
     mode: Annotated[IslandsMode, typer.Option(help="pca: 3 principal components as RGB; kmeans: clusters as colours.")] = IslandsMode.pca,
     clusters: Annotated[int, typer.Option(help="k-means clusters.")] = 6,
     panel: Annotated[int, typer.Option(help="Panel size in pixels.")] = 160,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Draw islands of agreement: per-level student outputs (and the teacher's) as PCA colours or k-means clusters."""
     from stages.islands import islands as draw
@@ -463,14 +466,14 @@ def bench_extract_command(
     sources: Annotated[Optional[list[str]], typer.Argument(help="Shards to extract (default: bundled digits written as shards).", show_default=False)] = None,
     teacher: Annotated[str, typer.Option(help="timm model name.")] = "vit_tiny_patch16_224",
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights (not needed for speed).")] = False,
-    model_arg: Annotated[list[str], typer.Option("--model-arg", help="Extra timm.create_model argument KEY=VALUE (repeatable).")] = [],
+    model_arg: ModelArgs = [],
     layers: Annotated[str, typer.Option(help="Teacher blocks to cache, 1-based.")] = "4,8,12",
     images: Annotated[int, typer.Option(help="Images in the default dataset.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 32,
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes (-1: auto, as in extract).")] = -1,
     dtype: Annotated[TokenDtype, typer.Option(help="Token storage dtype.")] = TokenDtype.float16,
     codec: Annotated[Codec, typer.Option(help="Compressor.")] = Codec.zstd,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Extraction img/s vs bare forward_intermediates img/s (same teacher, batch, device); target ratio >= 0.95."""
     from stages.extract import ExtractConfig
@@ -510,7 +513,7 @@ def bench_train_command(
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes.")] = 2,
     growth: Annotated[int, typer.Option(help="Cache growth factor for the peak-RSS check.")] = 10,
     locations: Annotated[int, typer.Option(help="Random locations per image per step, in both cached and online runs (0: all).")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Loader vs student samples/s, cached vs online-distillation epoch, peak RSS as the cache grows (one run)."""
     from .bench import bench_train, scratch_dir

@@ -10,6 +10,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _finish(fig: plt.Figure, ax: plt.Axes, path: Path, grid_axis: str = "y") -> Path:
+    """Legend, light grid, tight layout; write the PNG and free the figure."""
+    ax.legend(fontsize=8)
+    ax.grid(True, axis=grid_axis, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Total, per-level and rgb loss against step (log scale) as a PNG."""
     path = Path(path)
@@ -23,12 +33,7 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("APM student distillation loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, grid_axis="both")
 
 
 def plot_fidelity(fidelity: dict[str, dict[str, float]], path: str | Path) -> Path:
@@ -44,12 +49,7 @@ def plot_fidelity(fidelity: dict[str, dict[str, float]], path: str | Path) -> Pa
     ax.set_ylim(min(0.0, min(v.get("patch_cosine", 0) for v in fidelity.values())), 1.0)
     ax.set_ylabel("mean cosine to teacher")
     ax.set_title("Student fidelity per level")
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
 
 
 def plot_per_class(per_class: dict[str, list[float]], title: str, path: str | Path, class_names: list[str] | None = None) -> Path:
@@ -65,9 +65,4 @@ def plot_per_class(per_class: dict[str, list[float]], title: str, path: str | Pa
     ax.set_ylim(0, 1)
     ax.set_ylabel("top-1 accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)

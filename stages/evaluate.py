@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from storage.cache import FeatureCache
 from storage.checkpoint import load_student
-from storage.errors import ConfigError, ModelError
+from storage.errors import ConfigError, ModelError, require_at_least
 from storage.stream import iter_cache
 
 from .apm import APM, APMConfig
@@ -57,12 +57,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.ttt_from not in TTT_START:
             raise ConfigError(f"--ttt-from {self.ttt_from!r} is not one of {', '.join(TTT_START)}")
-        for name in ("batch_size", "chunk", "knn_k"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_samples", "ttt_steps", "ttt_locations", "ttt_samples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        require_at_least(self, ("batch_size", "chunk", "knn_k"), 1)
+        require_at_least(self, ("max_samples", "ttt_steps", "ttt_locations", "ttt_samples"), 0)
 
 
 def check_student_matches(metadata: dict[str, Any], cache: FeatureCache, what: str) -> None:

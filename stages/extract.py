@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from storage.batches import ShardBatches
 from storage.cache import CODECS, TOKEN_DTYPES, CacheSpec, EncodedTokens, FeatureCache, decode_tokens, encode_tokens, writer_lock
-from storage.errors import CacheError, ConfigError, ModelError
+from storage.errors import CacheError, ConfigError, ModelError, require_at_least
 from storage.sources import ShardSource, resolve_inputs
 
 from .teacher import Teacher, TeacherConfig, cached_teacher
@@ -53,11 +53,8 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ConfigError("no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder")
-        for name in ("batch_size", "folder_block", "chunk_samples", "shard_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.loader_workers < -1:
-            raise ConfigError(f"--loader-workers must be -1 (auto) or more, got {self.loader_workers}")
+        require_at_least(self, ("batch_size", "folder_block", "chunk_samples", "shard_samples"), 1)
+        require_at_least(self, ("loader_workers",), -1)
         if self.dtype not in TOKEN_DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
         if self.codec not in CODECS:

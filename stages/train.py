@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from storage.cache import CacheSpec
 from storage.checkpoint import RunDir
-from storage.errors import ConfigError, ModelError
+from storage.errors import ConfigError, ModelError, require_at_least
 from storage.stream import CacheStream, StreamPosition
 
 from .apm import APM, APMConfig, config_for_cache, patch_targets
@@ -61,12 +61,8 @@ class TrainConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "window_samples", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "locations", "warmup_steps", "loader_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        require_at_least(self, ("epochs", "batch_size", "window_samples", "checkpoint_every", "log_every"), 1)
+        require_at_least(self, ("max_steps", "locations", "warmup_steps", "loader_workers"), 0)
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if min(self.rgb_weight, self.mse_weight, self.cosine_weight) < 0 or self.mse_weight + self.cosine_weight == 0:

@@ -107,20 +107,27 @@ def encode_tokens(tokens: np.ndarray, dtype: str) -> EncodedTokens:
 
     Raises CacheError when a value is not finite after encoding (e.g. float16 overflow).
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and reported below
+        encoded = _encode(tokens, dtype)
+    if not _finite(tokens, encoded):
+        hint = "use --dtype float32" if dtype != "float32" else "the teacher itself produced inf/nan; check its weights and inputs"
+        raise CacheError(f"teacher tokens are not finite in {dtype} (max |x| = {np.nanmax(np.abs(tokens)):.3g}); {hint}")
+    return encoded
+
+
+def _encode(tokens: np.ndarray, dtype: str) -> EncodedTokens:
     if dtype == "int8":
         absmax = np.abs(tokens).max(axis=-1)
         scale = (np.where(absmax > 0, absmax, 1.0) / INT8_MAX).astype(np.float32)
         values = np.clip(np.rint(tokens / scale[..., None]), -INT8_MAX, INT8_MAX).astype(np.int8)
-        finite = np.isfinite(scale).all() and np.isfinite(tokens).all()
-        encoded = EncodedTokens(values, scale)
-    else:
-        values = tokens.astype(dtype)
-        finite = bool(np.isfinite(values).all())
-        encoded = EncodedTokens(values)
-    if not finite:
-        hint = "use --dtype float32" if dtype != "float32" else "the teacher itself produced inf/nan; check its weights and inputs"
-        raise CacheError(f"teacher tokens are not finite in {dtype} (max |x| = {np.nanmax(np.abs(tokens)):.3g}); {hint}")
-    return encoded
+        return EncodedTokens(values, scale)
+    return EncodedTokens(tokens.astype(dtype))
+
+
+def _finite(tokens: np.ndarray, encoded: EncodedTokens) -> bool:
+    if encoded.scale is not None:
+        return bool(np.isfinite(encoded.scale).all() and np.isfinite(tokens).all())
+    return bool(np.isfinite(encoded.values).all())
 
 
 def decode_tokens(values: np.ndarray, scale: np.ndarray | None = None, dtype: Any = np.float32) -> np.ndarray:

@@ -6,6 +6,8 @@ exits 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 
 class ApmError(Exception):
     """Root of all errors that are the user's to fix."""
@@ -25,3 +27,12 @@ class CacheError(ApmError):
 
 class ModelError(ApmError):
     """A teacher or student cannot be built, loaded or matched to a cache."""
+
+
+def require_at_least(config: object, names: Iterable[str], minimum: int) -> None:
+    """Raise ConfigError naming the ``--option`` whose value on ``config`` is below ``minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum:
+            bound = "at least 1" if minimum == 1 else f"{minimum} or more"
+            raise ConfigError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
