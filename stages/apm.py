@@ -85,12 +85,16 @@ class APMConfig:
             raise ConfigError(f"--level-mode query needs equal token widths across levels, got {self.level_dims}; use --level-mode heads")
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"--hidden needs at least one positive width, got {self.hidden}")
-        if self.image_size[0] % self.grid[0] or self.image_size[1] % self.grid[1]:
-            raise ConfigError(f"teacher input {self.image_size} is not a whole number of {self.grid} cells; the student's filter needs an exact tiling")
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return self.image_size[0] // self.grid[0], self.image_size[1] // self.grid[1]
+        """The filter's kernel and stride: one cell of the teacher's grid (at least 1 pixel)."""
+        return max(1, self.image_size[0] // self.grid[0]), max(1, self.image_size[1] // self.grid[1])
+
+    @property
+    def tiled_size(self) -> tuple[int, int]:
+        """Input size the filter sees: the grid times the cell, equal to ``image_size`` when it tiles exactly."""
+        return self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1]
 
     @property
     def trigger_dim(self) -> int:
@@ -174,9 +178,15 @@ class APM(nn.Module):
         self.rgb_head = nn.Linear(width, config.in_chans * ph * pw) if config.rgb else None
 
     # -- parts -------------------------------------------------------------------------------------------------
+    def fit_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize images whose size is not a whole number of grid cells (e.g. a 225 px input on a 15x15 grid)."""
+        if tuple(images.shape[-2:]) == self.config.tiled_size:
+            return images
+        return F.interpolate(images, size=self.config.tiled_size, mode="bilinear", antialias=True, align_corners=False)
+
     def trigger(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images ``[B, C, H, W]`` -> trigger columns ``[B, trigger_dim]``."""
-        return self.filter(images).flatten(1)
+        return self.filter(self.fit_input(images)).flatten(1)
 
     def queries(self, trigger: torch.Tensor, locations: torch.Tensor | None, level: int | None = None) -> torch.Tensor:
         """``[B, Dt]`` and locations (``[L]`` shared or ``[B, L]`` per image; None = all) -> queries ``[B, L, Dq]``."""

@@ -119,9 +119,10 @@ def level_losses(pred: list[torch.Tensor], targets: list[torch.Tensor], config: 
     return out
 
 
-def rgb_loss(rgb: torch.Tensor, images: torch.Tensor, locations: torch.Tensor | None, cfg: APMConfig) -> torch.Tensor:
+def rgb_loss(rgb: torch.Tensor, images: torch.Tensor, locations: torch.Tensor | None, model: APM) -> torch.Tensor:
     """MSE between predicted and true (normalised) pixels of the queried grid locations; prefix tokens excluded."""
-    target = patch_targets(images, cfg.patch_size)  # [B, h*w, C*ph*pw]
+    cfg = model.config
+    target = patch_targets(model.fit_input(images), cfg.patch_size)  # [B, h*w, C*ph*pw]
     if locations is None:
         return F.mse_loss(rgb[:, cfg.prefix_tokens :].float(), target)
     grid_index = (locations - cfg.prefix_tokens).clamp(min=0)
@@ -171,7 +172,7 @@ def train_step(
         out = net(images, locations)
         per_level = level_losses(out["tokens"], targets, config)
         loss = sum(per_level)
-        rgb = rgb_loss(out["rgb"], images, locations, model.config) if out["rgb"] is not None else None
+        rgb = rgb_loss(out["rgb"], images, locations, model) if out["rgb"] is not None else None
         if rgb is not None:
             loss = loss + config.rgb_weight * rgb
     optimizer.zero_grad(set_to_none=True)
