@@ -111,11 +111,12 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache
     assert steps == sorted(set(steps)) and steps[-1] == 40
 
 
-def test_ddp_two_processes_gloo(tmp_path: Path, tiny_cache: Path) -> None:
+def test_ddp_two_processes_gloo_with_uneven_shards_per_rank(tmp_path: Path, tiny_cache: Path) -> None:
+    # 3 shards of 40 in chunks of 8 = 15 blocks: 8 for one rank, 7 for the other; both must run the same steps
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     run = tmp_path / "ddp"
     result = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "pipeline", "train", str(tiny_cache), "--out", str(run), *TRAIN_FAST, "--epochs", "2", "--device", "cpu"],
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "pipeline", "train", str(tiny_cache), "--out", str(run), *TRAIN_FAST, "--epochs", "2", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
