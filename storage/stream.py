@@ -152,19 +152,18 @@ class CacheStream(IterableDataset):
         return {"pixels": data.pixels[cut], "labels": data.labels[cut], "tokens": [t[cut] for t in data.tokens]}
 
     def load_window(self, epoch: int, index: int, blocks: list[Block]) -> list[dict[str, Any]]:
-        """Read one window, permute its samples and cut it into batches."""
+        """Read one window, permute its samples and cut it into batches (views of one buffer per array)."""
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # overlaps storage latency and decompression
             parts = list(pool.map(self._read_block, blocks))
-        pixels = np.concatenate([p["pixels"] for p in parts])
-        labels = np.concatenate([p["labels"] for p in parts])
-        tokens = [np.concatenate([p["tokens"][i] for p in parts]) for i in range(len(self.spec.levels))]
-        perm = np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(len(labels))
-        # one permuted copy per array, then batches as views of one storage (shared once between processes)
-        pixels_t, labels_t = torch.from_numpy(pixels[perm]), torch.from_numpy(labels[perm])
-        tokens_t = [torch.from_numpy(t[perm]) for t in tokens]
+        count = sum(len(p["labels"]) for p in parts)
+        destination = np.argsort(np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(count))
+        shared = get_worker_info() is not None  # in a DataLoader worker: fill shared memory, saving the IPC copy
+        pixels = _scatter([p["pixels"] for p in parts], destination, shared)
+        labels = _scatter([p["labels"] for p in parts], destination, shared)
+        tokens = [_scatter([p["tokens"][i] for p in parts], destination, shared) for i in range(len(self.spec.levels))]
         return [
-            {"pixels": pixels_t[s : s + self.batch_size], "labels": labels_t[s : s + self.batch_size], "tokens": [t[s : s + self.batch_size] for t in tokens_t]}
-            for s in range(0, len(perm), self.batch_size)
+            {"pixels": pixels[s : s + self.batch_size], "labels": labels[s : s + self.batch_size], "tokens": [t[s : s + self.batch_size] for t in tokens]}
+            for s in range(0, count, self.batch_size)
         ]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -177,6 +176,21 @@ class CacheStream(IterableDataset):
             batches = self.load_window(pos.epoch, index, blocks)
             yield {"window": index, "first_batch": pos.batch if index == pos.window else 0,
                    "batches": batches[pos.batch :] if index == pos.window else batches}
+
+
+def _scatter(parts: list[np.ndarray], destination: np.ndarray, shared: bool) -> torch.Tensor:
+    """Concatenate ``parts`` and permute in one copy: sample ``i`` of the concatenation goes to ``destination[i]``."""
+    first = parts[0]
+    dtype = torch.from_numpy(np.empty(0, dtype=first.dtype)).dtype
+    out = torch.empty((len(destination), *first.shape[1:]), dtype=dtype)
+    if shared:
+        out.share_memory_()
+    target = out.numpy()
+    start = 0
+    for part in parts:
+        target[destination[start : start + len(part)]] = part
+        start += len(part)
+    return out
 
 
 def iter_cache(cache: FeatureCache, batch_size: int, limit: int = 0, token_dtype: str = "float32") -> Iterator[tuple[str, int, Any]]:
