@@ -140,7 +140,7 @@ class _ShardJob:
     def __init__(self, cache: FeatureCache, source: ShardSource) -> None:
         self.dtype = cache.spec.dtype
         self.layers = [str(level.layer) for level in cache.spec.levels]
-        self.writer = cache.open_writer(source.name, source.url)
+        self.writer = cache.open_writer(source.name, source.url, source.fingerprint)
         self.result = ShardResult(name=source.name, status="done")
         self._stats: dict[str, list[float]] = {}
         self._batches = 0
@@ -166,11 +166,14 @@ class _ShardJob:
             return
         try:
             encoded = [encode_tokens(t, self.dtype) for t in tokens]
+            self._measure(tokens, encoded)
+            self.writer.append(pixels, labels, keys, encoded, logits)
         except CacheError as exc:
             self.result.error = str(exc)
             return
-        self._measure(tokens, encoded)
-        self.writer.append(pixels, labels, keys, encoded, logits)
+        except Exception as exc:  # a failed write (full disk, lost connection) fails this shard; a rerun rewrites it
+            self.result.error = f"{type(exc).__name__}: {exc}"
+            return
         self.result.images += len(labels)
 
     def fail(self, reason: str, skipped: list) -> None:
@@ -269,6 +272,17 @@ def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
     )
 
 
+def _check_fingerprints(cache: FeatureCache, shards: Sequence[ShardSource]) -> None:
+    """Refuse an input whose name matches a complete group made from something else (another tar, a changed folder)."""
+    made_from = cache.shard_fingerprints()
+    for shard in shards:
+        if shard.name in made_from and made_from[shard.name] != shard.fingerprint:
+            raise CacheError(
+                f"cache {cache.url!r} already holds shard {shard.name!r} made from {made_from[shard.name]!r}, not from {shard.fingerprint!r}; "
+                "extract other data into another --out (or restore the original inputs)"
+            )
+
+
 ShardRunner = Callable[[ExtractConfig, list[ShardSource], Progress], list[ShardResult]]
 
 
@@ -284,6 +298,7 @@ def extract(config: ExtractConfig, progress: Progress | None = None, runner: Sha
         cache.update_attrs(teacher_build=config.teacher.to_dict(), extract_config=config.to_dict())
         head = _write_teacher_head(cache, teacher)
         status = cache.shard_status()
+        _check_fingerprints(cache, inputs.shards)
         todo = [s for s in inputs.shards if status.get(s.name) != "complete"]
         results = [ShardResult(name=s.name, status="skipped") for s in inputs.shards if status.get(s.name) == "complete"]
         if on_plan:

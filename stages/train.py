@@ -7,6 +7,7 @@ teacher input pixels come from the cache (``storage.stream``); this module never
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -20,11 +21,13 @@ from torch.utils.data import DataLoader
 
 from storage.cache import CacheSpec
 from storage.checkpoint import RunDir
-from storage.errors import ConfigError, ModelError, require_at_least
+from storage.errors import CacheError, ConfigError, ModelError, require_at_least
 from storage.stream import CacheStream, StreamPosition
 
 from .apm import APM, APMConfig, config_for_cache, patch_targets
 from .runtime import setup_distributed
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,15 @@ class TrainSummary:
     params: int
     flops_per_image: int
     student: str
+
+
+def _check_same_plan(stream: CacheStream, world: int) -> None:
+    """Under DDP every rank must see the same complete shards (not a cache still being extracted)."""
+    if world > 1:
+        plans: list[str] = [""] * world
+        dist.all_gather_object(plans, stream.fingerprint())
+        if len(set(plans)) > 1:
+            raise CacheError("DDP ranks see different complete shards (is extraction still running?); finish the caches, then train")
 
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
@@ -194,8 +206,9 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
     run = RunDir(config.out)
     if run.has_checkpoint() and not config.resume:
         raise ConfigError(f"{config.out} already holds a training run; pass --resume to continue it or choose another --out")
+    _check_same_plan(stream, world)
     steps_per_epoch = stream.steps_per_epoch()
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    total_steps = config.max_steps or sum(stream.steps_per_epoch(epoch) for epoch in range(config.epochs))
     amp = config.amp and device.type == "cuda"
 
     # -- model and optimizer -----------------------------------------------------------------------------------
@@ -216,7 +229,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
         torch.set_rng_state(state["rng"]["torch"])
         step = int(state["step"])
         position = StreamPosition(**state["position"])
-        if int(state.get("world_size", 1)) != world:  # another rank split: restart the interrupted epoch's plan
+        if state.get("plan") != stream.fingerprint():  # caches, batch or world size changed: that epoch's plan differs
+            _logger.warning("the data plan changed since the checkpoint (caches, batch size or world size); restarting epoch %d from its start", position.epoch)
             position = StreamPosition(position.epoch, 0, 0)
         if rank == 0:
             run.truncate_metrics(step)
@@ -236,7 +250,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
         if rank == 0:
             state = {"step": path_step, "position": position.to_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": {"torch": torch.get_rng_state()}, "config": config.to_dict(), "model_config": model_cfg.to_dict(),
-                     "layout": cache_layout(stream.spec), "world_size": world}
+                     "layout": cache_layout(stream.spec), "world_size": world, "plan": stream.fingerprint()}
             run.save_checkpoint(path_step, model.state_dict(), state)
         if world > 1:
             dist.barrier()
@@ -261,7 +275,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
                 last_loss = float(loss)
                 first_loss = last_loss if math.isnan(first_loss) else first_loss
                 if step % config.log_every == 0 or step == total_steps:
-                    record = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0], "loss": last_loss,
+                    record = {"step": step, "epoch": position.epoch, "lr": scheduler.get_last_lr()[0], "loss": last_loss,
                               "samples_per_s": samples / (time.perf_counter() - start),
                               **{f"loss_level_{lv.layer}": float(v) for lv, v in zip(stream.spec.levels, per_level)}}
                     if rgb is not None:

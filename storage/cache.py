@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Sequence
@@ -207,13 +208,13 @@ class ShardWriter:
     array holds all samples.
     """
 
-    def __init__(self, cache: "FeatureCache", name: str, source: str) -> None:
+    def __init__(self, cache: "FeatureCache", name: str, source: str, fingerprint: str) -> None:
         self.spec = cache.spec
         self.name = name
         shards = cache.root[SHARDS_GROUP]
         if name in shards:
             del shards[name]
-        self.group = shards.create_group(name, attributes={"status": STATUS_WRITING, "source": source})
+        self.group = shards.create_group(name, attributes={"status": STATUS_WRITING, "source": source, "fingerprint": fingerprint})
         self.arrays = self._create_arrays()
         self.buffers: dict[str, list[np.ndarray]] = {key: [] for key in self.arrays}
         self.buffered = 0
@@ -267,12 +268,13 @@ class ShardWriter:
         if count == 0:
             return
         start, stop = self.written, self.written + count
-        for key, parts in self.buffers.items():
-            data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        joined = {key: np.concatenate(parts) if len(parts) > 1 else parts[0] for key, parts in self.buffers.items()}
+        for key, data in joined.items():
             array = self.arrays[key]
             array.resize((stop, *array.shape[1:]))
             array[start:stop] = data[:count]
-            self.buffers[key] = [data[count:]] if len(data) > count else []
+        # only once every array holds the samples: a failed write leaves the bookkeeping (and the group) unfinished
+        self.buffers = {key: [data[count:]] if len(data) > count else [] for key, data in joined.items()}
         self.buffered -= count
         self.written = stop
 
@@ -326,7 +328,7 @@ class FeatureCache:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
         if fs.exists(path) and fs.exists(f"{path.rstrip('/')}/zarr.json"):
             cache = cls.open(url, mode="r+", storage_options=storage_options)
-            old, new = cache.spec.to_dict(), spec.to_dict()
+            old, new = (json.loads(json.dumps(s.to_dict())) for s in (cache.spec, spec))  # compare as stored (tuples -> lists)
             diff = _differences(old, new)
             if diff:
                 key, was, now = diff[0]
@@ -335,7 +337,8 @@ class FeatureCache:
         if fs.exists(path) and fs.ls(path):
             raise CacheError(f"--out {url!r} exists and is not an apmpipe cache; choose a new path")
         attrs = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(), "sources": [], "classes": []}
-        root = zarr.open_group(url, mode="w", storage_options=storage_options or None, attributes={ROOT_KEY: attrs})
+        # "w-" creates in place: "w" would delete and recreate the directory that writer_lock holds
+        root = zarr.open_group(url, mode="w-", storage_options=storage_options or None, attributes={ROOT_KEY: attrs})
         root.create_group(SHARDS_GROUP)
         return cls(url=url, root=root, spec=spec, attrs=attrs, storage_options=storage_options or {})
 
@@ -393,8 +396,12 @@ class FeatureCache:
             tokens=levels,
         )
 
-    def open_writer(self, name: str, source: str) -> ShardWriter:
-        return ShardWriter(self, name, source)
+    def open_writer(self, name: str, source: str, fingerprint: str) -> ShardWriter:
+        return ShardWriter(self, name, source, fingerprint)
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        """What each complete shard group was made from (see ``ShardSource.fingerprint``)."""
+        return {name: str(self.shard(name).attrs.get("fingerprint", self.shard(name).attrs.get("source", ""))) for name in self.complete_shards()}
 
     # -- teacher head ----------------------------------------------------------------------------------------
     def write_head(self, tensors: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:

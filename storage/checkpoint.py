@@ -53,6 +53,8 @@ class RunDir:
 
     def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        for stale in self.checkpoints.glob(".tmp-*"):  # left by a save that was killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
         final = self.checkpoints / f"step-{step:08d}"
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=".tmp-"))
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import braceexpand
 import fsspec
+import fsspec.implementations.local
 import numpy as np
 import webdataset as wds
 from PIL import Image
@@ -49,6 +50,14 @@ class ShardSource:
     @property
     def is_folder_block(self) -> bool:
         return bool(self.files)
+
+    @property
+    def fingerprint(self) -> str:
+        """What the shard group was made from: the tar's URL, or a hash of a folder block's files and labels."""
+        if not self.is_folder_block:
+            return self.url
+        digest = hashlib.sha1("\n".join(f"{f}\t{label}" for f, label in zip(self.files, self.labels)).encode()).hexdigest()
+        return f"{self.url}#files-sha1={digest}"
 
 
 @dataclass(frozen=True)
@@ -88,18 +97,21 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "shard"
 
 
+def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path of ``fs`` as a URL fsspec can open again (plain paths for the local filesystem)."""
+    return path if isinstance(fs, fsspec.implementations.local.LocalFileSystem) else fs.unstrip_protocol(path)
+
+
 def _expand(pattern: str, storage_options: dict) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
     """Expand braces and globs; return (filesystem, path, url) triples that exist."""
     found = []
     for item in braceexpand.braceexpand(pattern):
         fs, path = fsspec.core.url_to_fs(item, **storage_options)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         paths = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
         for p in paths:
             if not fs.exists(p):
                 raise InputError(f"input {item!r} does not exist; check the path or URL")
-            url = p if protocol in ("file", "local") else f"{protocol}://{p}"
-            found.append((fs, p, url))
+            found.append((fs, p, _url(fs, p)))
     if not found:
         raise InputError(f"input pattern {pattern!r} matched no files")
     return found
@@ -155,8 +167,7 @@ def resolve_inputs(inputs: Sequence[str], *, folder_block: int = 1000, storage_o
             if fs.isdir(path):
                 tars = sorted(p for p in fs.find(path) if _is_tar(p))
                 if tars:
-                    prefix = url[: len(url) - len(path)] if url != path else ""
-                    shards += [ShardSource(name=_safe_name(_stem(t)), url=prefix + t) for t in tars]
+                    shards += [ShardSource(name=_safe_name(_stem(t)), url=_url(fs, t)) for t in tars]
                     continue
                 blocks, names = _folder_blocks(fs, path, url, folder_block)
                 if classes and names != classes:

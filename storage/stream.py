@@ -14,6 +14,8 @@ few windows per worker, independent of cache size; caches are opened lazily insi
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
@@ -84,12 +86,13 @@ class CacheStream(IterableDataset):
         window_samples: shuffle window (rounded up to whole batches).
         seed: seeds block order and in-window permutations.
         rank, world_size: DDP rank split.
-        token_dtype: ``float16`` (default, half the memory) or ``float32``.
+        token_dtype: ``float16`` or ``float32``; default: float16 for float16 caches, float32 otherwise
+            (float32 and int8 caches may hold values float16 cannot represent).
     """
 
     def __init__(
         self, urls: Sequence[str], batch_size: int, window_samples: int = 512, seed: int = 0, rank: int = 0, world_size: int = 1,
-        token_dtype: str = "float16", storage_options: dict | None = None,
+        token_dtype: str | None = None, storage_options: dict | None = None,
     ) -> None:
         super().__init__()
         caches = open_caches(urls, storage_options)
@@ -98,7 +101,7 @@ class CacheStream(IterableDataset):
         self.batch_size = batch_size
         self.window = max(1, -(-window_samples // batch_size)) * batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.token_dtype = np.dtype(token_dtype)
+        self.token_dtype = np.dtype(token_dtype or ("float16" if self.spec.dtype == "float16" else "float32"))
         self.storage_options = storage_options or {}
         self.blocks = [
             Block(i, name, start, min(start + cache.spec.chunk_samples, cache.num_samples(name)))
@@ -112,6 +115,11 @@ class CacheStream(IterableDataset):
             raise CacheError(f"{self.num_samples} cached samples give no full batch of {batch_size} per rank on {world_size} rank(s); lower --batch-size")
 
     # -- the plan (indices only) -----------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Identifies the plan: the blocks read and how they are dealt. Equal fingerprints give equal epochs."""
+        text = json.dumps([self.urls, [asdict(b) for b in self.blocks], self.batch_size, self.window, self.seed, self.world_size])
+        return hashlib.sha1(text.encode()).hexdigest()
+
     def _rank_blocks(self, epoch: int) -> list[list[Block]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
         return [[self.blocks[i] for i in order[r :: self.world_size]] for r in range(self.world_size)]

@@ -267,3 +267,27 @@ def test_dask_workers_give_the_same_cache(tmp_path: Path, tiny_cache: Path, digi
     assert ref.keys() == got.keys()
     for key in ref:
         np.testing.assert_array_equal(ref[key], got[key], err_msg=key)
+
+
+def test_same_shard_name_from_other_data_is_refused(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    first = write_digit_shards(tmp_path / "a", count=20, per_shard=20, size=32)
+    other = write_digit_shards(tmp_path / "b", count=20, start=500, per_shard=20, size=32)
+    out = tmp_path / "c.zarr"
+    assert run_cli("extract", *first, "--out", out, *TINY_VIT, *FAST).exit_code == 0
+    result = run_main(capsys, "extract", *other, "--out", out, *TINY_VIT, *FAST)
+    assert result.returncode == 2 and "already holds shard 'digits-0000'" in result.stderr
+
+
+def test_tuple_model_args_resume_and_a_new_cache_is_locked_from_the_start(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    shards = write_digit_shards(tmp_path / "in", count=160, per_shard=20, size=32)
+    args = [*shards, *TINY_VIT, "--model-arg", "img_size=(32, 32)", *FAST]
+    out = tmp_path / "c.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "shards").exists():
+        time.sleep(0.01)
+    second = run_main(capsys, "extract", *args, "--out", out)
+    assert second.returncode == 2 and "being written by another apmpipe extract" in second.stderr
+    assert proc.wait() == 0, proc.stderr.read()
+    again = run_main(capsys, "extract", *args, "--out", out)
+    assert again.returncode == 0 and "8 already complete" in again.stdout

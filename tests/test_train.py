@@ -163,3 +163,12 @@ def test_train_errors_are_one_line(capsys: pytest.CaptureFixture, tmp_path: Path
     assert "already holds a training run" in error(tiny_cache, "--out", run, *TRAIN_FAST)
     assert "another student or teacher layout" in error(tiny_cache, "--out", run, *TRAIN_FAST, "--preset", "small", "--resume")
     assert "--batch-size must be at least 1" in error(tiny_cache, "--out", tmp_path / "r5", "--batch-size", "0")
+
+
+def test_float32_caches_stream_float32_tokens(tiny_cache: Path) -> None:
+    import torch
+
+    stream = CacheStream([str(tiny_cache)], batch_size=8)
+    assert stream.spec.dtype == "float32"
+    batch = next(iter(stream))["batches"][0]
+    assert all(t.dtype == torch.float32 for t in batch["tokens"])
