@@ -23,8 +23,9 @@ TASK_RETRIES = 3
 
 
 @contextlib.contextmanager
-def dask_client(workers: int = 0, scheduler: str | None = None, scheduler_file: str | None = None) -> Iterator[Client]:
-    """A client on an existing scheduler, or on a local cluster of ``workers`` single-threaded processes."""
+def dask_client(workers: int = 0, scheduler: str | None = None, scheduler_file: str | None = None, resources: dict[str, float] | None = None) -> Iterator[Client]:
+    """A client on an existing scheduler, or on a local cluster of ``workers`` single-threaded processes
+    (each declaring ``resources``, so tasks that ask for them can run there)."""
     if scheduler or scheduler_file:
         try:
             client = Client(scheduler, scheduler_file=scheduler_file, timeout="20s")
@@ -35,7 +36,7 @@ def dask_client(workers: int = 0, scheduler: str | None = None, scheduler_file: 
         return
     # Workers must not be daemonic: extraction decodes images in DataLoader worker processes.
     with dask.config.set({"distributed.worker.daemon": False}):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", resources=resources) as cluster, Client(cluster) as client:
             yield client
 
 
@@ -43,7 +44,7 @@ def dask_runner(workers: int = 0, scheduler: str | None = None, scheduler_file: 
     """A shard runner that spreads shards over a dask cluster and reports progress as tasks finish."""
 
     def run(config: ExtractConfig, shards: list[ShardSource], progress: Progress) -> list[ShardResult]:
-        with dask_client(workers, scheduler, scheduler_file) as client:
+        with dask_client(workers, scheduler, scheduler_file, resources) as client:
             err_console.print(f"dask dashboard: {client.dashboard_link}", highlight=False)
             futures = [
                 client.submit(extract_shards, config, [shard], key=f"extract-{shard.name}", pure=False, retries=TASK_RETRIES, resources=resources)
