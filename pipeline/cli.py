@@ -435,11 +435,13 @@ def islands(
     clusters: Annotated[int, typer.Option(help="k-means clusters.")] = 6,
     panel: Annotated[int, typer.Option(help="Panel size in pixels.")] = 160,
     device: DeviceOption = "auto",
+    storage_option: StorageOptions = [],
 ) -> None:
     """Draw islands of agreement: per-level student outputs (and the teacher's) as PCA colours or k-means clusters."""
     from stages.islands import islands as draw
 
-    result = draw(student, sources, str(out), images=images, mode=mode.value, clusters=clusters, panel=panel, device=device)
+    result = draw(student, sources, str(out), images=images, mode=mode.value, clusters=clusters, panel=panel, device=device,
+                  storage_options=parse_storage_options(storage_option))
     out_console.print(f"wrote {result.path} ({result.width}x{result.height} px, {result.images} images{', student beside teacher' if result.with_teacher else ''})", highlight=False)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -41,11 +42,17 @@ class IslandsResult:
     with_teacher: bool
 
 
-def _load_inputs(sources: list[str], layout: dict[str, Any], count: int) -> tuple[np.ndarray, list[list[np.ndarray]] | None, list[str]]:
+def _open_cache(sources: list[str], storage_options: dict) -> FeatureCache | None:
+    """The feature cache when the one source is a Zarr group (local or fsspec URL), else None (image files)."""
+    if len(sources) != 1:
+        return None
+    fs, path = fsspec.core.url_to_fs(sources[0], **storage_options)
+    return FeatureCache.open(sources[0], storage_options=storage_options) if fs.exists(f"{path.rstrip('/')}/zarr.json") else None
+
+
+def _load_inputs(sources: list[str], cache: FeatureCache | None, layout: dict[str, Any], count: int) -> tuple[np.ndarray, list[list[np.ndarray]] | None, list[str]]:
     """uint8 pixels ``[N, C, H, W]``, teacher tokens per image per level (caches only) and a title per image."""
-    first = Path(sources[0])
-    if len(sources) == 1 and (first / "zarr.json").exists():
-        cache = FeatureCache.open(sources[0])
+    if cache is not None:
         pixels, teacher, names = [], [], []
         for shard, start, data in iter_cache(cache, count, count):
             pixels.append(data.pixels)
@@ -87,7 +94,10 @@ def _panel(array: np.ndarray, size: int) -> Image.Image:
     return image.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
 
 
-def islands(student: str, sources: list[str], out: str, *, images: int = 4, mode: str = "pca", clusters: int = 6, panel: int = 160, device: str = "auto") -> IslandsResult:
+def islands(
+    student: str, sources: list[str], out: str, *, images: int = 4, mode: str = "pca", clusters: int = 6, panel: int = 160, device: str = "auto",
+    storage_options: dict | None = None,
+) -> IslandsResult:
     """Draw the islands figure for ``images`` inputs (a cache, or image files) and write it as PNG to ``out``."""
     if mode not in ("pca", "kmeans"):
         raise ConfigError(f"--mode {mode!r} is not pca or kmeans")
@@ -95,9 +105,10 @@ def islands(student: str, sources: list[str], out: str, *, images: int = 4, mode
         raise ConfigError("pass a feature cache or image files to draw")
     dev = resolve_device(device)
     model, metadata = load_model(student, dev)
-    if (Path(sources[0]) / "zarr.json").exists():
-        check_student_matches(metadata, FeatureCache.open(sources[0]), "cache")
-    pixels, teacher, names = _load_inputs(sources, metadata["layout"], images)
+    cache = _open_cache(sources, storage_options or {})
+    if cache is not None:
+        check_student_matches(metadata, cache, "cache")
+    pixels, teacher, names = _load_inputs(sources, cache, metadata["layout"], images)
     cfg = model.config
     normalize = Normalizer(metadata["layout"]["data_config"]).to(dev)
     predicted = model.forward_intermediates(normalize(torch.from_numpy(pixels).to(dev)))

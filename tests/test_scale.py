@@ -60,6 +60,8 @@ def test_extract_train_eval_against_s3(tmp_path: Path, s3_endpoint: str, digit_s
     result = run_cli("eval", cache, "--student", run, "--out", tmp_path / "report", "--max-samples", "16", *opts)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "report" / "report.json").read_text())["samples"] == 16
+    result = run_cli("islands", cache, "--student", run, "--out", tmp_path / "islands.png", "--images", "2", "--panel", "32", *opts)
+    assert result.exit_code == 0 and "student beside teacher" in result.output, result.output
 
 
 def test_killed_dask_worker_is_retried_with_identical_result(tmp_path: Path, digit_shards: list[str], tiny_cache: Path) -> None:
