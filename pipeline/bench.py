@@ -15,8 +15,7 @@ from typing import Callable
 
 import torch
 
-from stages.extract import ExtractConfig, extract, extract_shards, loader_workers
-from stages.teacher import Teacher
+from stages.extract import ExtractConfig, extract, extract_shards, loader_workers, teacher_for
 from storage.batches import ShardBatches
 from storage.sources import resolve_inputs
 
@@ -70,7 +69,7 @@ def default_bench_shards(workdir: Path, images: int, size: int) -> list[str]:
 def bench_extract(config: ExtractConfig) -> ExtractBench:
     """Extraction images/s vs bare ``forward_intermediates`` images/s of the same teacher, batch and device."""
     shards = list(resolve_inputs(config.inputs, folder_block=config.folder_block).shards)
-    teacher = Teacher(config.teacher, config.layers, final_norm=config.final_norm, device=config.device, amp=config.amp)
+    teacher = teacher_for(config)  # the same instance extract() uses below: built once
     batches = [b["pixels"] for b in ShardBatches(shards, teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key) if len(b["pixels"])]
     images = sum(len(b) for b in batches)
     indices = [layer - 1 for layer in teacher.layers]
@@ -185,7 +184,7 @@ def bench_train(workdir: Path, teacher_name: str, images: int, batch_size: int, 
 
     train_config = TrainConfig(caches=(cache,), out=str(workdir / "run"), preset=preset, batch_size=batch_size, epochs=1, loader_workers=loader_workers,
                                device=device, warmup_steps=1, locations=locations, window_samples=window)
-    teacher = Teacher(extract_config.teacher, extract_config.layers, device=device)
+    teacher = teacher_for(extract_config)
     dev = teacher.device
     normalize = Normalizer(stream.spec.data_config).to(dev)
 

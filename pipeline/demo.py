@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.evaluate import EvalConfig, evaluate
-from stages.extract import ExtractConfig, ExtractSummary, extract
+from stages.extract import ExtractConfig, ExtractSummary, extract, teacher_for
 from stages.islands import islands
 from stages.teacher import TeacherConfig
 from stages.train import TrainConfig, TrainSummary, train
@@ -54,8 +54,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _extract(shards: list[str], out: Path, teacher: TeacherConfig, batch: int) -> ExtractSummary:
-    config = ExtractConfig(inputs=tuple(shards), out=str(out), teacher=teacher, layers=(4, 8, 12), batch_size=batch, loader_workers=1, chunk_samples=16, shard_samples=128)
+def _extract_config(shards: list[str], out: Path, teacher: TeacherConfig) -> ExtractConfig:
+    return ExtractConfig(inputs=tuple(shards), out=str(out), teacher=teacher, layers=(4, 8, 12), batch_size=64, loader_workers=1, chunk_samples=16, shard_samples=128)
+
+
+def _extract(shards: list[str], out: Path, teacher: TeacherConfig) -> ExtractSummary:
+    config = _extract_config(shards, out, teacher)
     with ExtractProgress() as progress:
         return extract(config, progress=progress, on_plan=progress.plan)
 
@@ -64,10 +68,8 @@ def _teacher(image_size: int, seed: int) -> tuple[TeacherConfig, str]:
     kwargs = (("img_size", image_size), ("num_classes", 10))
     if hub_reachable():
         pretrained = TeacherConfig(TEACHER, pretrained=True, model_kwargs=kwargs, seed=seed)
-        try:
-            from stages.teacher import Teacher
-
-            Teacher(pretrained, (-1,), device="cpu")
+        try:  # the teacher extraction will use (built once per process): no second download or build
+            teacher_for(_extract_config(["probe"], Path("probe"), pretrained))
             return pretrained, f"{TEACHER} with pretrained weights (ImageNet head replaced by a 10-class head)"
         except ModelError as exc:
             err_console.print(f"demo: {exc}; continuing with a random-init teacher", highlight=False, markup=False)
@@ -84,8 +86,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     val_shards = write_digit_shards(out / "data", prefix="val", count=plan.val_images, start=plan.train_images, per_shard=128, size=plan.image_size)
     teacher, teacher_note = _teacher(plan.image_size, seed)
     err_console.print(f"[bold]1/4 extract[/bold] teacher {teacher_note}")
-    train_summary = _extract(train_shards, out / "cache" / "train.zarr", teacher, 64)
-    val_summary = _extract(val_shards, out / "cache" / "val.zarr", teacher, 64)
+    train_summary = _extract(train_shards, out / "cache" / "train.zarr", teacher)
+    val_summary = _extract(val_shards, out / "cache" / "val.zarr", teacher)
     err_console.print("[bold]2/4 train[/bold] the APM student from the cache")
     run_dir = out / "student"
     config = TrainConfig(caches=(str(out / "cache" / "train.zarr"),), out=str(run_dir), preset=plan.preset, epochs=plan.epochs, batch_size=32,

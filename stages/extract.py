@@ -19,7 +19,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from storage.batches import ShardBatches
-from storage.cache import CODECS, TOKEN_DTYPES, CacheSpec, EncodedTokens, FeatureCache, decode_tokens, encode_tokens, writer_lock
+from storage.cache import CODECS, STATUS_COMPLETE, TOKEN_DTYPES, CacheSpec, EncodedTokens, FeatureCache, decode_tokens, encode_tokens, writer_lock
 from storage.errors import CacheError, ConfigError, ModelError, require_at_least
 from storage.sources import ShardSource, resolve_inputs
 
@@ -134,6 +134,13 @@ class _Silent:
         pass
 
 
+def min_token_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest cosine between matching tokens of ``[..., D]`` arrays (1 where a token is all zeros)."""
+    dot = (a * b).sum(-1)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return float(np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0).min())
+
+
 class _ShardJob:
     """Encodes and writes one shard's batches; runs on the background writer thread only."""
 
@@ -152,11 +159,8 @@ class _ShardJob:
             return
         for layer, ref, enc in zip(self.layers, tokens, encoded):
             approx = decode_tokens(enc.values, enc.scale)
-            dot = (ref * approx).sum(-1)
-            norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(approx, axis=-1)
-            cosine = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
             stats = self._stats.setdefault(layer, [1.0, 0.0, 0.0])
-            stats[0] = min(stats[0], float(cosine.min()))
+            stats[0] = min(stats[0], min_token_cosine(ref, approx))
             stats[1] += float(((ref - approx) ** 2).sum())
             stats[2] += float((ref**2).sum())
 
@@ -168,11 +172,8 @@ class _ShardJob:
             encoded = [encode_tokens(t, self.dtype) for t in tokens]
             self._measure(tokens, encoded)
             self.writer.append(pixels, labels, keys, encoded, logits)
-        except CacheError as exc:
-            self.result.error = str(exc)
-            return
-        except Exception as exc:  # a failed write (full disk, lost connection) fails this shard; a rerun rewrites it
-            self.result.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # bad tokens or a failed write (full disk, lost connection) fail this shard; a rerun rewrites it
+            self.result.error = str(exc) if isinstance(exc, CacheError) else f"{type(exc).__name__}: {exc}"
             return
         self.result.images += len(labels)
 
@@ -192,7 +193,8 @@ class _ShardJob:
         return self.result
 
 
-def _teacher_for(config: ExtractConfig) -> Teacher:
+def teacher_for(config: ExtractConfig) -> Teacher:
+    """The run's teacher, built once per process and configuration."""
     return cached_teacher(config.teacher, tuple(config.layers), config.final_norm, config.device, config.amp)
 
 
@@ -213,7 +215,7 @@ def _loader(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSourc
 def extract_shards(config: ExtractConfig, shards: Sequence[ShardSource], progress: Progress | None = None) -> list[ShardResult]:
     """Extract ``shards`` into the (existing) cache at ``config.out``: the unit of work, local or on a dask worker."""
     progress = progress or _Silent()
-    teacher = _teacher_for(config)
+    teacher = teacher_for(config)
     cache = FeatureCache.open(config.out, mode="r+", storage_options=config.storage_options)
     if cache.spec.teacher["weights_sha256"] != teacher.weights_sha256:
         raise ModelError(f"teacher weights on this worker differ from cache {config.out!r}; give every worker the same --checkpoint / pretrained weights")
@@ -272,15 +274,23 @@ def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
     )
 
 
-def _check_fingerprints(cache: FeatureCache, shards: Sequence[ShardSource]) -> None:
-    """Refuse an input whose name matches a complete group made from something else (another tar, a changed folder)."""
-    made_from = cache.shard_fingerprints()
+def _complete_shards(cache: FeatureCache, shards: Sequence[ShardSource]) -> set[str]:
+    """Names of the inputs already complete in the cache; refuses an input whose name matches a complete group made
+    from something else (another tar, a changed folder block)."""
+    done = set()
+    records = cache.shard_attrs()
     for shard in shards:
-        if shard.name in made_from and made_from[shard.name] != shard.fingerprint:
+        attrs = records.get(shard.name, {})
+        if attrs.get("status") != STATUS_COMPLETE:
+            continue
+        made_from = attrs.get("fingerprint", attrs.get("source", ""))
+        if made_from != shard.fingerprint:
             raise CacheError(
-                f"cache {cache.url!r} already holds shard {shard.name!r} made from {made_from[shard.name]!r}, not from {shard.fingerprint!r}; "
+                f"cache {cache.url!r} already holds shard {shard.name!r} made from {made_from!r}, not from {shard.fingerprint!r}; "
                 "extract other data into another --out (or restore the original inputs)"
             )
+        done.add(shard.name)
+    return done
 
 
 ShardRunner = Callable[[ExtractConfig, list[ShardSource], Progress], list[ShardResult]]
@@ -291,21 +301,20 @@ def extract(config: ExtractConfig, progress: Progress | None = None, runner: Sha
     progress = progress or _Silent()
     start = time.perf_counter()
     inputs = resolve_inputs(config.inputs, folder_block=config.folder_block, storage_options=config.storage_options)
-    teacher = _teacher_for(config)
+    teacher = teacher_for(config)
     with writer_lock(config.out):
         cache = FeatureCache.create_or_open(config.out, cache_spec(config, teacher), storage_options=config.storage_options)
         cache.record_sources([s.url for s in inputs.shards], inputs.classes)
         cache.update_attrs(teacher_build=config.teacher.to_dict(), extract_config=config.to_dict())
         head = _write_teacher_head(cache, teacher)
-        status = cache.shard_status()
-        _check_fingerprints(cache, inputs.shards)
-        todo = [s for s in inputs.shards if status.get(s.name) != "complete"]
-        results = [ShardResult(name=s.name, status="skipped") for s in inputs.shards if status.get(s.name) == "complete"]
+        done = _complete_shards(cache, inputs.shards)
+        todo = [s for s in inputs.shards if s.name not in done]
+        results = [ShardResult(name=s.name, status="skipped") for s in inputs.shards if s.name in done]
         if on_plan:
             on_plan(len(inputs.shards), len(todo))
         if todo:
             results += (runner or extract_shards)(config, todo, progress)
     return ExtractSummary(
         cache=config.out, results=results, seconds=time.perf_counter() - start, stored_bytes=cache.stored_bytes(),
-        cache_samples=sum(cache.num_samples(name) for name in cache.complete_shards()), head=head,
+        cache_samples=sum(cache.sample_counts().values()), head=head,
     )

@@ -196,11 +196,14 @@ class Teacher:
         return feature.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Tokens per cached level (float32 ``[B, T, D]``) and logits (float32 ``[B, K]`` or None)."""
+    def forward(self, pixels: torch.Tensor, amp: bool | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Tokens per cached level (float32 ``[B, T, D]``) and logits (float32 ``[B, K]`` or None).
+
+        ``amp`` overrides the teacher's autocast setting for this call.
+        """
         x = self.normalize(pixels)
         indices = [layer - 1 for layer in self.layers]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp if amp is None else amp):
             out = self.model.forward_intermediates(
                 x, indices=indices, norm=self.final_norm, output_fmt="NCHW", intermediates_only=not self.num_classes, **self._prefix_kw
             )
@@ -241,11 +244,7 @@ class Teacher:
             return None, str(exc)
         generator = torch.Generator().manual_seed(0)
         pixels = torch.randint(0, 256, (2, *self.pixel_shape), dtype=torch.uint8, generator=generator)
-        amp, self.amp = self.amp, False  # compare in float32: autocast noise is not a head mismatch
-        try:
-            tokens, logits = self.forward(pixels)
-        finally:
-            self.amp = amp
+        tokens, logits = self.forward(pixels, amp=False)  # compare in float32: autocast noise is not a head mismatch
         with torch.inference_mode():
             rebuilt = head.to(self.device)(tokens[-1])
         scale = float(logits.abs().max()) + 1e-6

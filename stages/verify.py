@@ -9,6 +9,7 @@ import torch
 from storage.cache import FeatureCache
 from storage.errors import CacheError, ModelError
 
+from .extract import min_token_cosine
 from .teacher import Teacher, TeacherConfig
 
 
@@ -23,17 +24,11 @@ class VerifyReport:
 
 def _pick(cache: FeatureCache, count: int) -> list[tuple[str, int]]:
     """``count`` (shard, index) pairs spread evenly over all complete shards."""
-    positions = [(name, i) for name in cache.complete_shards() for i in range(cache.num_samples(name))]
+    positions = [(name, i) for name, count in cache.sample_counts().items() for i in range(count)]
     if not positions:
         raise CacheError(f"cache {cache.url!r} has no complete shard to verify; run apmpipe extract first")
     picks = np.linspace(0, len(positions) - 1, num=min(count, len(positions))).round().astype(int)
     return [positions[i] for i in sorted(set(picks.tolist()))]
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return float(np.where(den > 0, num / np.maximum(den, 1e-30), 1.0).min())
 
 
 def verify_cache(url: str, samples: int = 8, device: str = "auto", checkpoint: str | None = None, storage_options: dict | None = None) -> VerifyReport:
@@ -55,7 +50,7 @@ def verify_cache(url: str, samples: int = 8, device: str = "auto", checkpoint: s
             stats = report.levels.setdefault(str(level.layer), {"max_abs": 0.0, "min_cosine": 1.0})
             new = new.cpu().numpy()
             stats["max_abs"] = max(stats["max_abs"], float(np.abs(ref - new).max()))
-            stats["min_cosine"] = min(stats["min_cosine"], _cosine(ref, new))
+            stats["min_cosine"] = min(stats["min_cosine"], min_token_cosine(ref, new))
         if logits is not None and cached.logits is not None:
             diff = float(np.abs(cached.logits - logits.cpu().numpy()).max())
             report.logits_max_abs = max(report.logits_max_abs or 0.0, diff)

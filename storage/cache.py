@@ -359,18 +359,24 @@ class FeatureCache:
     def _shards(self) -> zarr.Group:
         return self.root[SHARDS_GROUP]
 
+    def shard_attrs(self) -> dict[str, dict[str, Any]]:
+        """Attributes of every shard group, in one listing (each group's metadata is one read, remote ones too)."""
+        return {name: dict(group.attrs) for name, group in self._shards().groups()}
+
     def shard_status(self) -> dict[str, str]:
         """Status (``complete``, ``writing``, ``failed``) of every shard group."""
-        return {name: group.attrs.get("status", STATUS_WRITING) for name, group in self._shards().groups()}
+        return {name: attrs.get("status", STATUS_WRITING) for name, attrs in self.shard_attrs().items()}
+
+    def sample_counts(self) -> dict[str, int]:
+        """Samples in each complete shard group, sorted by name."""
+        attrs = self.shard_attrs()
+        return {name: int(attrs[name]["num_samples"]) for name in sorted(attrs) if attrs[name].get("status") == STATUS_COMPLETE}
 
     def complete_shards(self) -> list[str]:
-        return sorted(name for name, status in self.shard_status().items() if status == STATUS_COMPLETE)
+        return list(self.sample_counts())
 
     def shard(self, name: str) -> zarr.Group:
         return self._shards()[name]
-
-    def num_samples(self, name: str) -> int:
-        return int(self.shard(name).attrs.get("num_samples", 0))
 
     def _arrays(self, name: str) -> dict[str, zarr.Array]:
         """The arrays of a complete shard group, opened once per cache object (metadata reads are not free)."""
@@ -399,9 +405,7 @@ class FeatureCache:
     def open_writer(self, name: str, source: str, fingerprint: str) -> ShardWriter:
         return ShardWriter(self, name, source, fingerprint)
 
-    def shard_fingerprints(self) -> dict[str, str]:
-        """What each complete shard group was made from (see ``ShardSource.fingerprint``)."""
-        return {name: str(self.shard(name).attrs.get("fingerprint", self.shard(name).attrs.get("source", ""))) for name in self.complete_shards()}
+
 
     # -- teacher head ----------------------------------------------------------------------------------------
     def write_head(self, tensors: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
@@ -429,18 +433,19 @@ class FeatureCache:
 
     def describe(self) -> dict[str, Any]:
         """Counts, sizes and problems of this cache, for ``apmpipe info`` and run summaries."""
-        status = self.shard_status()
+        records = self.shard_attrs()
+        status = {name: attrs.get("status", STATUS_WRITING) for name, attrs in records.items()}
         complete = sorted(n for n, s in status.items() if s == STATUS_COMPLETE)
         samples = raw = 0
         skipped, failed = [], []
-        for name in sorted(status):
-            group = self.shard(name)
+        for name in sorted(records):
+            attrs = records[name]
             if status[name] == STATUS_FAILED:
-                failed.append({"shard": name, "error": group.attrs.get("error", "")})
-            skipped += [{"shard": name, **s} for s in group.attrs.get("skipped", [])]
+                failed.append({"shard": name, "error": attrs.get("error", "")})
+            skipped += [{"shard": name, **s} for s in attrs.get("skipped", [])]
             if status[name] == STATUS_COMPLETE:
-                samples += int(group.attrs["num_samples"])
-                raw += sum(m.nbytes for _, m in group.members(max_depth=None) if isinstance(m, zarr.Array))
+                samples += int(attrs["num_samples"])
+                raw += sum(array.nbytes for array in self._arrays(name).values())
         stored = self.stored_bytes()
         return {
             "url": self.url,

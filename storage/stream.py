@@ -103,10 +103,10 @@ class CacheStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.token_dtype = np.dtype(token_dtype or ("float16" if self.spec.dtype == "float16" else "float32"))
         self.storage_options = storage_options or {}
+        self.sizes = {(i, name): count for i, cache in enumerate(caches) for name, count in cache.sample_counts().items()}
         self.blocks = [
-            Block(i, name, start, min(start + cache.spec.chunk_samples, cache.num_samples(name)))
-            for i, cache in enumerate(caches) for name in cache.complete_shards()
-            for start in range(0, cache.num_samples(name), cache.spec.chunk_samples)
+            Block(i, name, start, min(start + caches[i].spec.chunk_samples, count))
+            for (i, name), count in self.sizes.items() for start in range(0, count, caches[i].spec.chunk_samples)
         ]
         self.num_samples = sum(b.size for b in self.blocks)
         self.position = StreamPosition()
@@ -154,7 +154,7 @@ class CacheStream(IterableDataset):
         cache = self._caches()[block.cache]
         chunk = cache.spec.chunk_samples
         first = block.start // chunk * chunk  # whole chunks only
-        last = min(-(-block.stop // chunk) * chunk, cache.num_samples(block.shard))
+        last = min(-(-block.stop // chunk) * chunk, self.sizes[(block.cache, block.shard)])
         data = cache.read(block.shard, first, last, extras=False, token_dtype=self.token_dtype)
         cut = slice(block.start - first, block.stop - first)
         return {"pixels": data.pixels[cut], "labels": data.labels[cut], "tokens": [t[cut] for t in data.tokens]}
@@ -207,8 +207,7 @@ def iter_cache(cache: FeatureCache, batch_size: int, limit: int = 0, token_dtype
     Reads whole chunks; ``limit`` > 0 stops after that many samples. For evaluation, not training.
     """
     remaining = limit or -1
-    for name in cache.complete_shards():
-        total = cache.num_samples(name)
+    for name, total in cache.sample_counts().items():
         step = max(cache.spec.chunk_samples, batch_size // cache.spec.chunk_samples * cache.spec.chunk_samples)
         for start in range(0, total, step):
             stop = min(start + step, total) if remaining < 0 else min(start + step, total, start + remaining)
