@@ -126,8 +126,10 @@ def extract(
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes decoding images (0: in the main process; -1: 1 beside a CPU teacher, up to 8 for a GPU).")] = -1,
     chunk_samples: Annotated[int, typer.Option(help="Samples per zarr chunk (unit of a read).")] = 16,
     shard_samples: Annotated[int, typer.Option(help="Samples per zarr shard file (unit of a write); a multiple of --chunk-samples.")] = 256,
-    label_key: Annotated[str, typer.Option(help="WebDataset field with the integer label.")] = "cls",
+    label_key: Annotated[str, typer.Option(help="WebDataset field with the label, or FIELD:PATH into a JSON field, e.g. json:label or json:meta.class.")] = "cls",
+    class_names: Annotated[Optional[str], typer.Option(help="Text file of class names, one per line (label = line number), for tar shards whose labels are names.")] = None,
     no_labels: Annotated[bool, typer.Option("--no-labels", help="Ignore labels (all stored as -1).")] = False,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Skip images with more pixels than this, checked before decoding [default: 64,000,000].", show_default=False)] = None,
     folder_block: Annotated[int, typer.Option(help="Images per shard group when reading an image folder.")] = 1000,
     device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
@@ -140,6 +142,7 @@ def extract(
     """Run a frozen timm teacher once over image shards into a resumable Zarr v3 feature cache."""
     from stages.extract import ExtractConfig, extract as run_extract
     from stages.teacher import TeacherConfig
+    from storage.sources import DEFAULT_MAX_PIXELS, read_class_names
 
     storage_options = parse_storage_options(storage_option)
     config = ExtractConfig(
@@ -148,15 +151,16 @@ def extract(
                               model_kwargs=tuple(sorted(parse_key_values(model_arg, "--model-arg").items())), seed=seed),
         layers=parse_int_list(layers, "--layers"), final_norm=final_norm, dtype=dtype.value, codec=codec.value,
         batch_size=batch_size, loader_workers=loader_workers, chunk_samples=chunk_samples, shard_samples=shard_samples,
-        label_key=None if no_labels else label_key, folder_block=folder_block, device=device, amp=amp, storage_options=storage_options,
+        label_key=None if no_labels else label_key, class_names=read_class_names(class_names, storage_options) if class_names and not no_labels else (),
+        max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, folder_block=folder_block, device=device, amp=amp, storage_options=storage_options,
     )
     runner = None
     if workers or scheduler or scheduler_file:
         from .cluster import dask_runner
 
         runner = dask_runner(workers, scheduler, str(scheduler_file) if scheduler_file else None, parse_key_values(resources, "--resources") or None)
-    with ExtractProgress() as progress:
-        summary = run_extract(config, progress=progress, runner=runner, on_plan=progress.plan)
+    with ExtractProgress() as progress:  # beside remote workers the driver's teacher (spec, head check) stays on the CPU
+        summary = run_extract(config, progress=progress, runner=runner, on_plan=progress.plan, driver_device="cpu" if runner else None)
     _print_extract_summary(summary)
     if summary.count("failed"):
         raise typer.Exit(1)
@@ -186,10 +190,10 @@ def _print_extract_summary(summary: Any) -> None:
         rows.append((f"fidelity layer {layer}", f"min cosine {stats['cosine_min']:.5f}, relative MSE {stats['relative_mse']:.2e}"))
     out_console.print(_table("apmpipe extract", rows))
     for shard, key, reason in summary.skipped_samples[:20]:
-        err_console.print(f"skipped {shard}/{key}: {reason}", highlight=False, markup=False)
+        err_console.print(f"skipped {shard}/{key}: {reason}", highlight=False, markup=False, soft_wrap=True)
     for result in summary.results:
         if result.status == "failed":
-            err_console.print(f"failed shard {result.name}: {result.error}", highlight=False, markup=False)
+            err_console.print(f"failed shard {result.name}: {result.error}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -198,12 +202,13 @@ def info(
     ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+    sizes: Annotated[bool, typer.Option("--sizes", help="Also measure bytes on disk and compression (lists every file: slow on object stores).")] = False,
     storage_option: StorageOptions = [],
 ) -> None:
-    """Describe a feature cache: teacher, layers, shapes, shards, sizes, compression, bad samples."""
+    """Describe a feature cache: teacher, layers, shapes, shards, samples, precision, bad samples (sizes with --sizes)."""
     from storage.cache import FeatureCache
 
-    desc = FeatureCache.open(cache, storage_options=parse_storage_options(storage_option)).describe()
+    desc = FeatureCache.open(cache, storage_options=parse_storage_options(storage_option)).describe(sizes=sizes)
     if as_json:
         out_console.print_json(json.dumps(desc))
         return
@@ -217,11 +222,13 @@ def info(
         ("storage", f"{spec['dtype']}, codec {spec['codec']}, chunks of {spec['chunk_samples']}, zarr shards of {spec['shard_samples']}"),
         ("shards", f"{desc['shards']['complete']} complete, {desc['shards']['writing']} incomplete, {desc['shards']['failed']} failed"),
         ("samples", str(desc["samples"])),
-        ("size", f"{human_bytes(desc['stored_bytes'])} on disk, {human_bytes(desc['raw_bytes'])} raw, ratio {desc['compression_ratio']:.2f}x, {human_bytes(desc['bytes_per_sample'])}/sample"),
+        ("precision", ", ".join(desc["precision"]) or "-"),
+        ("size", f"{human_bytes(desc['stored_bytes'])} on disk, {human_bytes(desc['raw_bytes'])} raw, ratio {desc['compression_ratio']:.2f}x, {human_bytes(desc['bytes_per_sample'])}/sample"
+         if sizes else f"{human_bytes(desc['raw_bytes'])} raw (--sizes: bytes on disk)"),
         ("teacher head", "stored" if desc["head"].get("available") else f"none ({desc['head'].get('reason', 'unknown')})"),
         ("skipped samples", str(len(desc["skipped_samples"]))),
     ]
-    out_console.print(_table(f"apmpipe cache {cache}", rows))
+    out_console.print(_table(f"apmpipe cache {desc['url']}", rows))
     for item in desc["skipped_samples"][:20]:
         out_console.print(f"skipped {item['shard']}/{item['key']}: {item['reason']}", highlight=False, markup=False)
     for item in desc["failed_shards"]:

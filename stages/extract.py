@@ -9,19 +9,22 @@ ran, because batches never cross shard boundaries.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader
 
-from storage.batches import ShardBatches
+from storage.batches import ShardBatches, die_with_parent
 from storage.cache import CODECS, STATUS_COMPLETE, TOKEN_DTYPES, CacheSpec, EncodedTokens, FeatureCache, decode_tokens, encode_tokens, writer_lock
-from storage.errors import CacheError, ConfigError, ModelError, require_at_least
-from storage.sources import ShardSource, resolve_inputs
+from storage.errors import ApmError, CacheError, ConfigError, ModelError, require_at_least
+from storage.redact import redact_url
+from storage.sources import DEFAULT_MAX_PIXELS, ShardSource, resolve_inputs
 
 from .teacher import Teacher, TeacherConfig, cached_teacher
 
@@ -45,15 +48,17 @@ class ExtractConfig:
     chunk_samples: int = 16
     shard_samples: int = 256
     label_key: str | None = "cls"
+    class_names: tuple[str, ...] = ()
+    max_pixels: int = DEFAULT_MAX_PIXELS
     folder_block: int = 1000
     device: str = "auto"
     amp: bool = True
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials; dask logs reprs
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ConfigError("no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder")
-        require_at_least(self, ("batch_size", "folder_block", "chunk_samples", "shard_samples"), 1)
+        require_at_least(self, ("batch_size", "folder_block", "chunk_samples", "shard_samples", "max_pixels"), 1)
         require_at_least(self, ("loader_workers",), -1)
         if self.dtype not in TOKEN_DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
@@ -64,9 +69,9 @@ class ExtractConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "inputs": list(self.inputs), "teacher": self.teacher.to_dict(), "layers": list(self.layers), "final_norm": self.final_norm,
+            "inputs": [redact_url(i) for i in self.inputs], "teacher": self.teacher.to_dict(), "layers": list(self.layers), "final_norm": self.final_norm,
             "dtype": self.dtype, "codec": self.codec, "batch_size": self.batch_size, "label_key": self.label_key,
-            "folder_block": self.folder_block, "amp": self.amp,
+            "class_names": list(self.class_names), "max_pixels": self.max_pixels, "folder_block": self.folder_block, "amp": self.amp,
         }
 
 
@@ -141,16 +146,29 @@ def min_token_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0).min())
 
 
-class _ShardJob:
-    """Encodes and writes one shard's batches; runs on the background writer thread only."""
+def _reason(exc: Exception) -> str:
+    """One line for a shard's failure: the message of a domain error, type and message of anything else."""
+    return str(exc) if isinstance(exc, ApmError) else f"{type(exc).__name__}: {exc}"
 
-    def __init__(self, cache: FeatureCache, source: ShardSource) -> None:
+
+class _ShardJob:
+    """Encodes and writes one shard's batches; runs on the background writer thread only.
+
+    Any failure of this shard's storage (opening its group, appending, finishing, recording the failure) fails
+    this shard alone; the run goes on with the others and a rerun rewrites the group.
+    """
+
+    def __init__(self, cache: FeatureCache, source: ShardSource, precision: str) -> None:
         self.dtype = cache.spec.dtype
         self.layers = [str(level.layer) for level in cache.spec.levels]
-        self.writer = cache.open_writer(source.name, source.url, source.fingerprint)
         self.result = ShardResult(name=source.name, status="done")
         self._stats: dict[str, list[float]] = {}
         self._batches = 0
+        try:
+            self.writer = cache.open_writer(source.name, source.url, source.fingerprint, precision)
+        except Exception as exc:  # e.g. the store refuses the group: this shard fails, the others go on
+            self.writer = None
+            self.result.error = _reason(exc)
 
     def _measure(self, tokens: list[np.ndarray], encoded: list[EncodedTokens]) -> None:
         """Fidelity of lossy storage, on every ``FIDELITY_EVERY``-th batch (the check costs CPU beside the teacher)."""
@@ -173,7 +191,7 @@ class _ShardJob:
             self._measure(tokens, encoded)
             self.writer.append(pixels, labels, keys, encoded, logits)
         except Exception as exc:  # bad tokens or a failed write (full disk, lost connection) fail this shard; a rerun rewrites it
-            self.result.error = str(exc) if isinstance(exc, CacheError) else f"{type(exc).__name__}: {exc}"
+            self.result.error = _reason(exc)
             return
         self.result.images += len(labels)
 
@@ -182,14 +200,19 @@ class _ShardJob:
         self.result.error = self.result.error or reason
 
     def close(self) -> ShardResult:
-        if self.result.error:
-            self.writer.fail(self.result.error, self.result.skipped_samples)
-            self.result.status, self.result.images = "failed", 0
-            return self.result
-        self.result.fidelity = {
-            layer: {"cosine_min": s[0], "relative_mse": s[1] / s[2] if s[2] else 0.0} for layer, s in self._stats.items()
-        }
-        self.writer.finish(self.result.skipped_samples, {"fidelity": self.result.fidelity})
+        if not self.result.error:
+            self.result.fidelity = {
+                layer: {"cosine_min": s[0], "relative_mse": s[1] / s[2] if s[2] else 0.0} for layer, s in self._stats.items()
+            }
+            try:
+                self.writer.finish(self.result.skipped_samples, {"fidelity": self.result.fidelity})
+                return self.result
+            except Exception as exc:  # the final write or the status attribute failed
+                self.result.error = _reason(exc)
+        self.result.status, self.result.images = "failed", 0
+        if self.writer is not None:
+            with contextlib.suppress(Exception):  # the store may be failing still; an unmarked group is rewritten all the same
+                self.writer.fail(self.result.error, self.result.skipped_samples)
         return self.result
 
 
@@ -207,9 +230,22 @@ def loader_workers(requested: int, device_type: str) -> int:
 
 
 def _loader(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> DataLoader:
-    dataset = ShardBatches(shards, teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key, config.storage_options)
+    dataset = ShardBatches(shards, teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key, config.storage_options,
+                           config.class_names, config.max_pixels)
     workers = min(loader_workers(config.loader_workers, teacher.device.type), len(shards))
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=teacher.device.type == "cuda", prefetch_factor=4 if workers else None)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=teacher.device.type == "cuda", prefetch_factor=4 if workers else None,
+                      worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None)
+
+
+def _check_precision(cache: FeatureCache, teacher: Teacher) -> None:
+    """Refuse to add shards computed in another precision than the cache's complete ones (CPU float32 vs CUDA
+    bfloat16 autocast): readers would mix numerics silently."""
+    existing = cache.precision()
+    if existing and existing != teacher.precision:
+        raise CacheError(
+            f"cache {redact_url(cache.url)!r} holds shards computed in {existing}, this run computes in {teacher.precision} "
+            f"(--device {teacher.device.type}, --amp {teacher.amp}); extract with the same --device/--amp or into another --out"
+        )
 
 
 def extract_shards(config: ExtractConfig, shards: Sequence[ShardSource], progress: Progress | None = None) -> list[ShardResult]:
@@ -218,7 +254,8 @@ def extract_shards(config: ExtractConfig, shards: Sequence[ShardSource], progres
     teacher = teacher_for(config)
     cache = FeatureCache.open(config.out, mode="r+", storage_options=config.storage_options)
     if cache.spec.teacher["weights_sha256"] != teacher.weights_sha256:
-        raise ModelError(f"teacher weights on this worker differ from cache {config.out!r}; give every worker the same --checkpoint / pretrained weights")
+        raise ModelError(f"teacher weights on this worker differ from cache {redact_url(config.out)!r}; give every worker the same --checkpoint / pretrained weights")
+    _check_precision(cache, teacher)
     sources = {s.name: s for s in shards}
     jobs: dict[str, _ShardJob] = {}
     finished: list[Future] = []
@@ -234,7 +271,7 @@ def extract_shards(config: ExtractConfig, shards: Sequence[ShardSource], progres
         for record in _loader(config, teacher, shards):
             name = record["shard"]
             if name not in jobs:
-                jobs[name] = writer.submit(_ShardJob, cache, sources[name]).result()
+                jobs[name] = writer.submit(_ShardJob, cache, sources[name], teacher.precision).result()
             job = jobs[name]
             if record["error"]:
                 submit(job.fail, record["error"], record["skipped"])
@@ -275,36 +312,46 @@ def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
 
 
 def _complete_shards(cache: FeatureCache, shards: Sequence[ShardSource]) -> set[str]:
-    """Names of the inputs already complete in the cache; refuses an input whose name matches a complete group made
-    from something else (another tar, a changed folder block)."""
+    """Names of the inputs already complete in the cache, under their own name or another one (the same tar
+    reached through a symlink); refuses an input whose name matches a complete group made from something else
+    (another tar, a changed folder block)."""
+    records = {name: attrs for name, attrs in cache.shard_attrs().items() if attrs.get("status") == STATUS_COMPLETE}
+    made_from = {name: attrs.get("fingerprint", "") for name, attrs in records.items()}
+    extracted = set(made_from.values())
     done = set()
-    records = cache.shard_attrs()
     for shard in shards:
-        attrs = records.get(shard.name, {})
-        if attrs.get("status") != STATUS_COMPLETE:
-            continue
-        made_from = attrs.get("fingerprint", attrs.get("source", ""))
-        if made_from != shard.fingerprint:
+        fingerprint = redact_url(shard.fingerprint)  # as the cache stores it
+        if fingerprint in extracted:
+            done.add(shard.name)
+        elif shard.name in records:
             raise CacheError(
-                f"cache {cache.url!r} already holds shard {shard.name!r} made from {made_from!r}, not from {shard.fingerprint!r}; "
+                f"cache {redact_url(cache.url)!r} already holds shard {shard.name!r} made from {made_from[shard.name]!r}, not from {fingerprint!r}; "
                 "extract other data into another --out (or restore the original inputs)"
             )
-        done.add(shard.name)
     return done
 
 
 ShardRunner = Callable[[ExtractConfig, list[ShardSource], Progress], list[ShardResult]]
 
 
-def extract(config: ExtractConfig, progress: Progress | None = None, runner: ShardRunner | None = None, on_plan: Callable[[int, int], None] | None = None) -> ExtractSummary:
-    """Run stage one. ``runner`` executes the incomplete shards (default: in this process)."""
+def extract(
+    config: ExtractConfig, progress: Progress | None = None, runner: ShardRunner | None = None, on_plan: Callable[[int, int], None] | None = None,
+    driver_device: str | None = None,
+) -> ExtractSummary:
+    """Run stage one. ``runner`` executes the incomplete shards (default: in this process).
+
+    ``driver_device``: where this process builds its own teacher (cache spec, head check); None shares
+    ``config.device`` and the teacher with an in-process runner, ``"cpu"`` suits a driver of remote workers.
+    """
     progress = progress or _Silent()
     start = time.perf_counter()
     inputs = resolve_inputs(config.inputs, folder_block=config.folder_block, storage_options=config.storage_options)
-    teacher = teacher_for(config)
+    if config.class_names and inputs.classes:
+        raise ConfigError("--class-names is for tar shards; image folders take their classes from sub-folder names")
+    teacher = teacher_for(config if driver_device is None else replace(config, device=driver_device))
     with writer_lock(config.out):
         cache = FeatureCache.create_or_open(config.out, cache_spec(config, teacher), storage_options=config.storage_options)
-        cache.record_sources([s.url for s in inputs.shards], inputs.classes)
+        cache.record_sources([s.url for s in inputs.shards], inputs.classes or config.class_names)
         cache.update_attrs(teacher_build=config.teacher.to_dict(), extract_config=config.to_dict())
         head = _write_teacher_head(cache, teacher)
         done = _complete_shards(cache, inputs.shards)

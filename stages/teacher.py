@@ -164,6 +164,11 @@ class Teacher:
         self.levels = self._probe_levels()
 
     @property
+    def precision(self) -> str:
+        """How this teacher computes tokens (recorded per shard; readers refuse a mix)."""
+        return "bfloat16-autocast" if self.amp else "float32"
+
+    @property
     def pixel_shape(self) -> tuple[int, int, int]:
         c, h, w = self.data_config["input_size"]
         return int(c), int(h), int(w)

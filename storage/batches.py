@@ -7,19 +7,26 @@ first sample, so the batch partition (and hence the teacher's output) does not d
 or machines ran the job.
 
 A batch record holds ``shard`` (name), ``pixels`` (uint8 ``[B, C, H, W]``), ``labels`` (int64 ``[B]``),
-``keys`` (list of str), ``skipped`` (list of ``(key, reason)`` for undecodable samples in this batch),
-``last`` (True on the shard's final record) and ``error`` (a reason when the shard itself could not be read;
-then ``last`` is True and nothing more comes for it).
+``keys`` (list of str), ``skipped`` (list of ``(key, reason)`` for samples skipped in this batch: no image,
+undecodable or too large image, bad label), ``last`` (True on the shard's final record) and ``error`` (a
+reason when the shard itself could not be read; then ``last`` is True and nothing more comes for it).
+
+DataLoader workers should start with :func:`die_with_parent`, so that a killed driver leaves no decoding
+process behind.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .sources import ShardSource, decode_image, iter_samples
+from .sources import DEFAULT_MAX_PIXELS, ImageTooLarge, ShardSource, decode_image, iter_samples
 
 PixelTransform = Callable[[Image.Image], torch.Tensor]
 
@@ -32,7 +39,9 @@ class ShardBatches(IterableDataset):
         transform: PIL image -> uint8 tensor ``[C, H, W]`` (the teacher's geometric preprocessing).
         pixel_shape: ``(C, H, W)`` of the transform's output, used for empty batches.
         batch_size: images per batch.
-        label_key: WebDataset field holding the integer label, or None.
+        label_key: WebDataset field holding the label (``cls``, or ``json:path.in.json``), or None.
+        class_names: names that labels may be given as (index = label).
+        max_pixels: images with more pixels are skipped before decoding.
         storage_options: fsspec options for remote inputs.
     """
 
@@ -44,6 +53,8 @@ class ShardBatches(IterableDataset):
         batch_size: int,
         label_key: str | None = "cls",
         storage_options: dict | None = None,
+        class_names: tuple[str, ...] = (),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         self.shards = list(shards)
@@ -51,6 +62,8 @@ class ShardBatches(IterableDataset):
         self.pixel_shape = pixel_shape
         self.batch_size = batch_size
         self.label_key = label_key
+        self.class_names = tuple(class_names)
+        self.max_pixels = max_pixels
         self.storage_options = storage_options or {}
 
     def _my_shards(self) -> list[ShardSource]:
@@ -72,7 +85,7 @@ class ShardBatches(IterableDataset):
         }
 
     def _preprocess(self, data: bytes) -> torch.Tensor:
-        pixels = self.transform(decode_image(data, self.pixel_shape[0]))
+        pixels = self.transform(decode_image(data, self.pixel_shape[0], self.max_pixels))
         assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == self.pixel_shape, (pixels.dtype, pixels.shape)
         return pixels
 
@@ -82,12 +95,15 @@ class ShardBatches(IterableDataset):
         keys: list[str] = []
         skipped: list[tuple[str, str]] = []
         try:
-            for sample in iter_samples(shard, label_key=self.label_key, storage_options=self.storage_options):
-                if sample.image is None:
-                    skipped.append((sample.key, "no image field"))
+            for sample in iter_samples(shard, label_key=self.label_key, class_names=self.class_names, storage_options=self.storage_options):
+                if sample.problem or sample.image is None:
+                    skipped.append((sample.key, sample.problem or "no image field"))
                     continue
                 try:
                     pixels.append(self._preprocess(sample.image))
+                except ImageTooLarge as exc:
+                    skipped.append((sample.key, str(exc)))
+                    continue
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                     skipped.append((sample.key, f"undecodable image: {exc}"))
                     continue
@@ -104,3 +120,15 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         for shard in self._my_shards():
             yield from self._iter_shard(shard)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn`` (bind ``parent`` = the driver's pid with functools.partial): the kernel kills
+    this worker when its parent dies (Linux; elsewhere torch's own watchdog ends it within seconds)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(0)

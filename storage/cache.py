@@ -19,12 +19,14 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from .errors import CacheError, ConfigError
+from .redact import redact_url
 
 FORMAT_NAME = "apmpipe.feature-cache"
 FORMAT_VERSION = 1
 ROOT_KEY = "apmpipe"
 SHARDS_GROUP = "shards"
 HEAD_GROUP = "teacher_head"
+LOCK_FILE = ".apmpipe-extract.lock"  # not a zarr node; holds the writing process's pid
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
@@ -94,6 +96,56 @@ class CacheSpec:
         kwargs["levels"] = tuple(LevelLayout(**{**lv, "grid": tuple(lv["grid"])}) for lv in data["levels"])
         return cls(**kwargs)
 
+    @property
+    def raw_bytes_per_sample(self) -> int:
+        """Uncompressed bytes of one sample's fixed-size arrays (pixels, label, logits, tokens, scales)."""
+        tokens = sum(level.num_tokens * (level.dim * np.dtype(self.dtype).itemsize + (4 if self.dtype == "int8" else 0)) for level in self.levels)
+        return int(np.prod(self.pixel_shape)) + 8 + 4 * self.num_classes + tokens
+
+
+def _is_int(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _stored_spec_problem(data: Any) -> str | None:
+    """What is wrong with a spec read from a cache's attributes (its types and ranges), or None."""
+    if not isinstance(data, dict):
+        return "spec is not an object"
+    for key, kind in (("teacher", dict), ("data_config", dict), ("levels", list), ("final_norm", bool)):
+        if not isinstance(data.get(key), kind):
+            return f"spec.{key} is missing or not a {kind.__name__}"
+    if not isinstance(data["teacher"].get("weights_sha256"), str):
+        return "spec.teacher.weights_sha256 is missing"
+    size = data["data_config"].get("input_size")
+    if not (isinstance(size, list) and len(size) == 3 and all(_is_int(v, 1) for v in size)):
+        return f"spec.data_config.input_size is {size!r}, not [C, H, W]"
+    for key in ("mean", "std"):
+        values = data["data_config"].get(key)
+        if not (isinstance(values, list) and len(values) == size[0] and all(isinstance(v, (int, float)) for v in values)):
+            return f"spec.data_config.{key} is {values!r}, not {size[0]} numbers"
+    for index, level in enumerate(data["levels"]):
+        ok = isinstance(level, dict) and set(level) == {"layer", "prefix_tokens", "grid", "dim"} and _is_int(level["layer"], 1)
+        ok = ok and _is_int(level["prefix_tokens"]) and _is_int(level["dim"], 1)
+        if not (ok and isinstance(level["grid"], list) and len(level["grid"]) == 2 and all(_is_int(v, 1) for v in level["grid"])):
+            return f"spec.levels[{index}] is {_short(level)}, not {{layer, prefix_tokens, grid: [h, w], dim}}"
+    for key in ("num_classes", "chunk_samples", "shard_samples"):
+        if not _is_int(data.get(key), 0 if key == "num_classes" else 1):
+            return f"spec.{key} is {data.get(key)!r}, not a count"
+    if data.get("dtype") not in TOKEN_DTYPES or data.get("codec") not in CODECS:
+        return f"spec.dtype/codec are {data.get('dtype')!r}/{data.get('codec')!r}, not one of {TOKEN_DTYPES}/{CODECS}"
+    return None
+
+
+def parse_stored_spec(url: str, data: Any) -> CacheSpec:
+    """The spec of the cache at ``url`` from its attributes; one-line CacheError when they are malformed."""
+    problem = _stored_spec_problem(data)
+    if problem is None:
+        try:
+            return CacheSpec.from_dict(data)
+        except ConfigError as exc:
+            problem = str(exc)
+    raise CacheError(f"cache {redact_url(url)!r} has malformed attributes: {problem}; it was damaged or not written by apmpipe: re-extract it")
+
 
 @dataclass(frozen=True)
 class EncodedTokens:
@@ -152,27 +204,67 @@ def _local_path(url: str) -> str | None:
     return path if protocol in ("file", "local") else None
 
 
+_LOCKED_HERE: set[str] = set()  # lock files this process holds: POSIX record locks never exclude their own process
+
+
+def _busy(url: str, holder: str) -> CacheError:
+    return CacheError(f"cache {redact_url(url)!r} is being written by another apmpipe extract (pid {holder}); wait for it to finish or use another --out")
+
+
 @contextlib.contextmanager
 def writer_lock(url: str) -> Iterator[None]:
-    """Hold an exclusive OS lock on a local cache directory for one extraction run.
+    """Hold an exclusive lock on a local cache for one extraction run, naming the holder's pid in ``LOCK_FILE``.
 
-    A second run on the same cache is refused at once. The kernel drops the lock when the holder dies, so a
-    killed run never blocks the rerun. Object-store caches have no lock: do not run two drivers on them.
+    A second run on the same cache is refused at once. It is a POSIX record lock (``lockf``): it belongs to this
+    process alone, so forked children (DataLoader workers) do not inherit it, and the kernel drops it the
+    moment the process dies: a rerun right after ``kill -9`` proceeds. Object-store caches have no lock: do not
+    run two drivers on them.
     """
     path = _local_path(url)
     if path is None:
         yield
         return
     os.makedirs(path, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY)
+    lock_path = os.path.realpath(os.path.join(path, LOCK_FILE))
+    if lock_path in _LOCKED_HERE:
+        raise _busy(url, f"{os.getpid()}, this process")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CacheError(f"cache {url!r} is being written by another apmpipe extract; wait for it to finish or use another --out") from None
-        yield
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise _busy(url, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _LOCKED_HERE.add(lock_path)
+        try:
+            yield
+        finally:
+            _LOCKED_HERE.discard(lock_path)
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
+
+
+_ITEM_DIMENSIONS = {"pixels": ("channel", "y", "x"), "labels": (), "keys": (), "logits": ("class",)}
+_REWRITE = "delete its group (shards/{name}) and rerun apmpipe extract to rewrite it"
+
+
+def _dimension_names(name: str, ndim: int) -> tuple[str, ...]:
+    """Names of a shard array's axes (zarr ``dimension_names``, which xarray needs): ``sample`` first; token
+    axes carry their level (levels may differ in token count and width)."""
+    kind, _, layer = name.partition("/")
+    item = (f"token_{layer}", f"feature_{layer}")[: ndim - 1] if kind in ("tokens", "scales") else _ITEM_DIMENSIONS.get(name)
+    if item is None or len(item) != ndim - 1:
+        item = tuple(f"{name.replace('/', '_')}_{axis}" for axis in range(1, ndim))
+    return ("sample", *item)
+
+
+def _sample_arrays(spec: CacheSpec) -> list[str]:
+    """Names of the arrays with one entry per sample that every complete shard group holds."""
+    names = ["pixels", "labels", "keys"] + (["logits"] if spec.num_classes else [])
+    for level in spec.levels:
+        names += [f"tokens/{level.array_name}"] + ([f"scales/{level.array_name}"] if spec.dtype == "int8" else [])
+    return names
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -208,13 +300,14 @@ class ShardWriter:
     array holds all samples.
     """
 
-    def __init__(self, cache: "FeatureCache", name: str, source: str, fingerprint: str) -> None:
+    def __init__(self, cache: "FeatureCache", name: str, source: str, fingerprint: str, precision: str) -> None:
         self.spec = cache.spec
         self.name = name
         shards = cache.root[SHARDS_GROUP]
         if name in shards:
             del shards[name]
-        self.group = shards.create_group(name, attributes={"status": STATUS_WRITING, "source": source, "fingerprint": fingerprint})
+        attributes = {"status": STATUS_WRITING, "source": redact_url(source), "fingerprint": redact_url(fingerprint), "precision": precision}
+        self.group = shards.create_group(name, attributes=attributes)
         self.arrays = self._create_arrays()
         self.buffers: dict[str, list[np.ndarray]] = {key: [] for key in self.arrays}
         self.buffered = 0
@@ -228,7 +321,7 @@ class ShardWriter:
             chunks, shards = (spec.shard_samples, *item_shape), None
         return self.group.create_array(
             name, shape=(0, *item_shape), chunks=chunks, shards=shards, dtype=dtype,
-            compressors=_compressors(spec.codec) if dtype is not str else "auto",
+            compressors=_compressors(spec.codec) if dtype is not str else "auto", dimension_names=_dimension_names(name, 1 + len(item_shape)),
         )
 
     def _create_arrays(self) -> dict[str, zarr.Array]:
@@ -302,7 +395,7 @@ class FeatureCache:
     root: zarr.Group
     spec: CacheSpec
     attrs: dict[str, Any] = field(default_factory=dict)
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     _array_handles: dict[str, dict[str, zarr.Array]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -313,11 +406,11 @@ class FeatureCache:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             raise CacheError(f"no feature cache at {url!r}; create one with apmpipe extract ... --out {url}") from None
         attrs = dict(root.attrs).get(ROOT_KEY)
-        if not attrs or attrs.get("format") != FORMAT_NAME:
-            raise CacheError(f"{url!r} is a zarr group but not an apmpipe feature cache (no '{ROOT_KEY}' root attribute)")
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+            raise CacheError(f"{redact_url(url)!r} is a zarr group but not an apmpipe feature cache (no '{ROOT_KEY}' root attribute)")
         if attrs.get("version") != FORMAT_VERSION:
-            raise CacheError(f"cache {url!r} has format version {attrs.get('version')}; this apmpipe reads version {FORMAT_VERSION}: re-extract it or use a matching apmpipe")
-        return cls(url=url, root=root, spec=CacheSpec.from_dict(attrs["spec"]), attrs=attrs, storage_options=storage_options or {})
+            raise CacheError(f"cache {redact_url(url)!r} has format version {attrs.get('version')}; this apmpipe reads version {FORMAT_VERSION}: re-extract it or use a matching apmpipe")
+        return cls(url=url, root=root, spec=parse_stored_spec(url, attrs.get("spec")), attrs=attrs, storage_options=storage_options or {})
 
     @classmethod
     def create_or_open(cls, url: str, spec: CacheSpec, *, storage_options: dict | None = None) -> "FeatureCache":
@@ -334,11 +427,11 @@ class FeatureCache:
                 key, was, now = diff[0]
                 raise CacheError(f"cache {url!r} was written with a different {key} ({_short(was)}, now {_short(now)}); use another --out or the same options")
             return cache
-        if fs.exists(path) and fs.ls(path):
+        if fs.exists(path) and [p for p in fs.ls(path, detail=False) if not p.endswith(LOCK_FILE)]:
             raise CacheError(f"--out {url!r} exists and is not an apmpipe cache; choose a new path")
         attrs = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(), "sources": [], "classes": []}
-        # "w-" creates in place: "w" would delete and recreate the directory that writer_lock holds
-        root = zarr.open_group(url, mode="w-", storage_options=storage_options or None, attributes={ROOT_KEY: attrs})
+        # "a" creates in place beside the lock file: "w" would delete the directory that writer_lock holds, "w-" wants it empty
+        root = zarr.open_group(url, mode="a", storage_options=storage_options or None, attributes={ROOT_KEY: attrs})
         root.create_group(SHARDS_GROUP)
         return cls(url=url, root=root, spec=spec, attrs=attrs, storage_options=storage_options or {})
 
@@ -353,7 +446,8 @@ class FeatureCache:
         old_classes = list(self.attrs.get("classes", []))
         if classes and old_classes and list(classes) != old_classes:
             raise CacheError(f"cache {self.url!r} holds image-folder classes {old_classes[:4]}...; these inputs have {list(classes)[:4]}...: use another --out")
-        self.update_attrs(sources=known + [s for s in sources if s not in known], classes=list(classes) or old_classes)
+        redacted = [redact_url(s) for s in sources]
+        self.update_attrs(sources=known + [s for s in redacted if s not in known], classes=list(classes) or old_classes)
 
     # -- shards ----------------------------------------------------------------------------------------------
     def _shards(self) -> zarr.Group:
@@ -370,19 +464,45 @@ class FeatureCache:
     def sample_counts(self) -> dict[str, int]:
         """Samples in each complete shard group, sorted by name."""
         attrs = self.shard_attrs()
-        return {name: int(attrs[name]["num_samples"]) for name in sorted(attrs) if attrs[name].get("status") == STATUS_COMPLETE}
+        return {name: self._num_samples(name, attrs[name]) for name in sorted(attrs) if attrs[name].get("status") == STATUS_COMPLETE}
+
+    def _num_samples(self, name: str, attrs: dict[str, Any]) -> int:
+        count = attrs.get("num_samples")
+        if not _is_int(count):
+            raise CacheError(f"shard {name!r} of cache {redact_url(self.url)!r} is marked complete but records num_samples={count!r}; {_REWRITE.format(name=name)}")
+        return count
 
     def complete_shards(self) -> list[str]:
         return list(self.sample_counts())
+
+    def precision(self) -> str | None:
+        """How the complete shards' tokens were computed (``float32``, ``bfloat16-autocast``); None when there are
+        none. Raises CacheError when shards disagree: their numerics must not be mixed silently."""
+        found: dict[str, str] = {}
+        for name, attrs in self.shard_attrs().items():
+            if attrs.get("status") == STATUS_COMPLETE:
+                found.setdefault(str(attrs.get("precision")), name)
+        if len(found) > 1:
+            kinds = ", ".join(f"{kind} (e.g. shard {name!r})" for kind, name in sorted(found.items()))
+            raise CacheError(f"cache {redact_url(self.url)!r} mixes shards computed in {kinds}; re-extract the odd ones into another --out with matching --device/--amp")
+        return next(iter(found), None)
 
     def shard(self, name: str) -> zarr.Group:
         return self._shards()[name]
 
     def _arrays(self, name: str) -> dict[str, zarr.Array]:
-        """The arrays of a complete shard group, opened once per cache object (metadata reads are not free)."""
+        """The arrays of a complete shard group, opened once per cache object (metadata reads are not free) and
+        checked against the group's ``num_samples``."""
         if name not in self._array_handles:
             group = self.shard(name)
-            self._array_handles[name] = {path: node for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)}
+            arrays = {path: node for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)}
+            count = self._num_samples(name, dict(group.attrs))
+            for key in _sample_arrays(self.spec):
+                held = arrays[key].shape[0] if key in arrays else None
+                if held != count:
+                    what = "lacks array" if held is None else f"holds {held} samples in array"
+                    raise CacheError(f"shard {name!r} of cache {redact_url(self.url)!r} records {count} samples but {what} {key!r}; {_REWRITE.format(name=name)}")
+            self._array_handles[name] = arrays
         return self._array_handles[name]
 
     def read(self, name: str, start: int, stop: int, *, tokens: bool = True, pixels: bool = True, extras: bool = True, token_dtype: Any = np.float32) -> CachedSamples:
@@ -402,8 +522,9 @@ class FeatureCache:
             tokens=levels,
         )
 
-    def open_writer(self, name: str, source: str, fingerprint: str) -> ShardWriter:
-        return ShardWriter(self, name, source, fingerprint)
+    def open_writer(self, name: str, source: str, fingerprint: str, precision: str) -> ShardWriter:
+        """A writer for shard group ``name``; ``precision`` is how its tokens were computed (see :meth:`precision`)."""
+        return ShardWriter(self, name, source, fingerprint, precision)
 
 
 
@@ -414,7 +535,8 @@ class FeatureCache:
             del self.root[HEAD_GROUP]
         group = self.root.create_group(HEAD_GROUP, attributes={"status": STATUS_WRITING, **attrs})
         for name, value in tensors.items():
-            group.create_array(name, data=np.ascontiguousarray(value, dtype=np.float32))
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            group.create_array(name, data=value, dimension_names=tuple(f"{name}_{axis}" for axis in range(value.ndim)))
         group.update_attributes({"status": STATUS_COMPLETE})
 
     def head(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
@@ -431,38 +553,37 @@ class FeatureCache:
         fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
         return int(fs.du(path))
 
-    def describe(self) -> dict[str, Any]:
-        """Counts, sizes and problems of this cache, for ``apmpipe info`` and run summaries."""
+    def describe(self, sizes: bool = False) -> dict[str, Any]:
+        """Counts, precision and problems of this cache from one listing of shard attributes, for ``apmpipe info``.
+
+        Raw bytes come from the spec (no array is opened); ``sizes`` also measures the stored bytes, which lists
+        every file of the cache (thousands of requests on an object store).
+        """
         records = self.shard_attrs()
         status = {name: attrs.get("status", STATUS_WRITING) for name, attrs in records.items()}
         complete = sorted(n for n, s in status.items() if s == STATUS_COMPLETE)
-        samples = raw = 0
-        skipped, failed = [], []
-        for name in sorted(records):
-            attrs = records[name]
-            if status[name] == STATUS_FAILED:
-                failed.append({"shard": name, "error": attrs.get("error", "")})
-            skipped += [{"shard": name, **s} for s in attrs.get("skipped", [])]
-            if status[name] == STATUS_COMPLETE:
-                samples += int(attrs["num_samples"])
-                raw += sum(array.nbytes for array in self._arrays(name).values())
-        stored = self.stored_bytes()
-        return {
-            "url": self.url,
+        samples = sum(self._num_samples(name, records[name]) for name in complete)
+        skipped = [{"shard": name, **s} for name in sorted(records) for s in records[name].get("skipped", [])]
+        failed = [{"shard": name, "error": records[name].get("error", "")} for name in sorted(records) if status[name] == STATUS_FAILED]
+        raw = samples * self.spec.raw_bytes_per_sample
+        out = {
+            "url": redact_url(self.url),
             "format": f"{FORMAT_NAME} v{self.attrs['version']}",
             "spec": self.spec.to_dict(),
             "head": self.attrs.get("head", {}),
             "shards": {"complete": len(complete), "writing": sum(s == STATUS_WRITING for s in status.values()), "failed": len(failed)},
             "samples": samples,
-            "stored_bytes": stored,
+            "precision": sorted({str(records[name].get("precision")) for name in complete}),
             "raw_bytes": raw,
-            "compression_ratio": raw / stored if stored else 0.0,
-            "bytes_per_sample": stored / samples if samples else 0.0,
             "skipped_samples": skipped,
             "failed_shards": failed,
-            "sources": self.attrs.get("sources", []),
+            "sources": [redact_url(s) for s in self.attrs.get("sources", [])],
             "classes": self.attrs.get("classes", []),
         }
+        if sizes:
+            stored = self.stored_bytes()
+            out.update(stored_bytes=stored, compression_ratio=raw / stored if stored else 0.0, bytes_per_sample=stored / samples if samples else 0.0)
+        return out
 
 
 def _short(value: Any) -> str:

@@ -3,17 +3,20 @@
 A :class:`ShardSource` is the unit of work, of resume and of distribution: one WebDataset tar (``.tar``,
 ``.tar.gz``, ``.tgz``; local path or fsspec URL) or one fixed-size block of an image folder
 (``root/<class>/<file>``, classes sorted by name as torchvision's ``ImageFolder`` does). Each becomes one
-group in the feature cache, named by :attr:`ShardSource.name`.
+group in the feature cache, named by :attr:`ShardSource.name`: the tar's stem or ``<folder>-NNNNN``, a
+function of that input alone, so a group keeps its name whatever else a run extracts. Inputs are
+deduplicated by resolved URL (symlinks followed); two different inputs with one name are refused.
 
-:func:`iter_samples` yields raw :class:`Sample` records (key, encoded bytes, label); decoding is left to the
-consumer so that a corrupt image can be skipped and recorded with its key.
+:func:`iter_samples` yields raw :class:`Sample` records (key, encoded bytes, label, and a problem such as an
+unparsable label); decoding is left to the consumer so that a bad sample can be skipped and recorded.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -25,10 +28,12 @@ import webdataset as wds
 from PIL import Image
 
 from .errors import InputError
+from .redact import redact_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 NO_LABEL = -1
+DEFAULT_MAX_PIXELS = 64_000_000  # decoded pixels per image (a 8000 x 8000 photo); larger images are skipped
 
 
 @dataclass(frozen=True)
@@ -62,11 +67,17 @@ class ShardSource:
 
 @dataclass(frozen=True)
 class Sample:
-    """A raw sample: key, encoded image bytes (None when the sample has no image) and label."""
+    """A raw sample: key, encoded image bytes (None when the sample has no image), label, and ``problem``: why
+    the sample must be skipped (e.g. a label that is not a class), or None."""
 
     key: str
     image: bytes | None
     label: int
+    problem: str | None = None
+
+
+class ImageTooLarge(ValueError):
+    """An image has more pixels than the configured limit (raised before its pixels are decoded)."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +109,8 @@ def _safe_name(text: str) -> str:
 
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A path of ``fs`` as a URL fsspec can open again (plain paths for the local filesystem)."""
-    return path if isinstance(fs, fsspec.implementations.local.LocalFileSystem) else fs.unstrip_protocol(path)
+    """A path of ``fs`` as a URL fsspec can open again: resolved local paths (symlinks followed), else full URLs."""
+    return os.path.realpath(path) if isinstance(fs, fsspec.implementations.local.LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def _expand(pattern: str, storage_options: dict) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
@@ -110,10 +121,10 @@ def _expand(pattern: str, storage_options: dict) -> list[tuple[fsspec.AbstractFi
         paths = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
         for p in paths:
             if not fs.exists(p):
-                raise InputError(f"input {item!r} does not exist; check the path or URL")
+                raise InputError(f"input {redact_url(item)!r} does not exist; check the path or URL")
             found.append((fs, p, _url(fs, p)))
     if not found:
-        raise InputError(f"input pattern {pattern!r} matched no files")
+        raise InputError(f"input pattern {redact_url(pattern)!r} matched no files")
     return found
 
 
@@ -141,15 +152,19 @@ def _folder_blocks(fs: fsspec.AbstractFileSystem, root: str, url: str, block: in
     return blocks, classes
 
 
-def _disambiguate(shards: list[ShardSource]) -> list[ShardSource]:
-    """Give shards that share a stem (``a/000.tar`` and ``b/000.tar``) names suffixed by a hash of their URL."""
-    counts = Counter(s.name for s in shards)
+def _unique(shards: list[ShardSource]) -> list[ShardSource]:
+    """Drop repeats of one input (``a.tar`` and ``dir/*.tar``); refuse two inputs that would share a group name."""
+    seen: dict[str, ShardSource] = {}
     out = []
-    for s in shards:
-        if counts[s.name] > 1:
-            digest = hashlib.sha1(s.url.encode()).hexdigest()[:8]
-            s = ShardSource(name=f"{s.name}-{digest}", url=s.url, files=s.files, labels=s.labels)
-        out.append(s)
+    for shard in shards:
+        other = seen.setdefault(shard.name, shard)
+        if other is shard:
+            out.append(shard)
+        elif other.fingerprint != shard.fingerprint:
+            raise InputError(
+                f"inputs {redact_url(other.url)!r} and {redact_url(shard.url)!r} would both be shard group {shard.name!r} "
+                "(groups are named by file stem); extract them into separate caches or rename one"
+            )
     return out
 
 
@@ -178,29 +193,67 @@ def resolve_inputs(inputs: Sequence[str], *, folder_block: int = 1000, storage_o
                 shards.append(ShardSource(name=_safe_name(_stem(path)), url=url))
             else:
                 raise InputError(f"input {url!r} is neither a tar shard ({', '.join(TAR_SUFFIXES)}) nor a folder")
-    return ResolvedInputs(shards=tuple(_disambiguate(shards)), classes=tuple(classes))
+    return ResolvedInputs(shards=tuple(_unique(shards)), classes=tuple(classes))
 
 
-def _parse_label(sample: dict, label_key: str | None) -> int:
-    if not label_key:
-        return NO_LABEL
-    raw = sample.get(label_key.lower())
-    if raw is None:
-        return NO_LABEL
-    text = raw.decode("utf-8").strip() if isinstance(raw, bytes) else str(raw)
+def read_class_names(path: str, storage_options: dict | None = None) -> tuple[str, ...]:
+    """Class names, one per line (label = line number from 0), for tar shards whose labels are names."""
     try:
-        return int(text)
+        with fsspec.open(path, "rt", encoding="utf-8", **(storage_options or {})) as handle:
+            names = tuple(line.strip() for line in handle if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--class-names {redact_url(path)!r} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not names or len(set(names)) != len(names):
+        raise InputError(f"--class-names {redact_url(path)!r} must list distinct class names, one per line")
+    return names
+
+
+def _label_value(sample: dict, label_key: str) -> object:
+    """The raw label: field ``cls``, or ``json:a.b`` for a path inside the sample's JSON field; None when absent."""
+    field, _, path = label_key.partition(":")
+    raw = sample.get(field.lower())
+    if raw is None or not path:
+        return raw.decode("utf-8").strip() if isinstance(raw, bytes) else raw
+    value = json.loads(raw)
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _parse_label(sample: dict, label_key: str | None, class_names: tuple[str, ...]) -> tuple[int, str | None]:
+    """(label, None), or (NO_LABEL, why the sample is skipped)."""
+    if not label_key:
+        return NO_LABEL, None
+    try:
+        value = _label_value(sample, label_key)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return NO_LABEL, f"label field of {label_key!r} is not valid JSON/UTF-8: {exc}"
+    if value is None:
+        return NO_LABEL, None
+    if class_names and isinstance(value, str) and value in class_names:
+        return class_names.index(value), None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return NO_LABEL, f"label {label_key!r} is {str(value)[:20]!r}, not an integer or class name"
+    try:
+        label = int(value)
     except ValueError:
-        raise InputError(f"label {label_key!r} of sample {sample.get('__key__')!r} is {text[:20]!r}, not an integer; pass --label-key or --no-labels") from None
+        hint = "not in --class-names" if class_names else "not an integer (pass --class-names for named labels)"
+        return NO_LABEL, f"label {label_key!r} is {value[:20]!r}, {hint}"
+    if label < NO_LABEL or class_names and label >= len(class_names):
+        return NO_LABEL, f"label {label_key!r} is {label}, not a class index{f' below {len(class_names)}' if class_names else ''} (-1: no label)"
+    return label, None
 
 
-def _iter_tar(source: ShardSource, label_key: str | None, storage_options: dict) -> Iterator[Sample]:
+def _iter_tar(source: ShardSource, label_key: str | None, class_names: tuple[str, ...], storage_options: dict) -> Iterator[Sample]:
     with fsspec.open(source.url, "rb", **storage_options) as stream:
         files = wds.tariterators.tar_file_expander([{"url": source.url, "stream": stream}])
         for sample in wds.tariterators.group_by_keys(files):
             image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
             image = sample[image_ext] if image_ext else None
-            yield Sample(key=sample["__key__"], image=image, label=_parse_label(sample, label_key))
+            label, problem = _parse_label(sample, label_key, class_names)
+            yield Sample(key=sample["__key__"], image=image, label=label, problem=problem)
 
 
 def _iter_folder_block(source: ShardSource, storage_options: dict) -> Iterator[Sample]:
@@ -209,35 +262,51 @@ def _iter_folder_block(source: ShardSource, storage_options: dict) -> Iterator[S
         yield Sample(key=rel.rsplit(".", 1)[0], image=fs.cat_file(f"{root.rstrip('/')}/{rel}"), label=label)
 
 
-def iter_samples(source: ShardSource, *, label_key: str | None = "cls", storage_options: dict | None = None) -> Iterator[Sample]:
-    """Yield the raw samples of one shard in stored order. Raises on an unreadable or truncated shard."""
+def iter_samples(source: ShardSource, *, label_key: str | None = "cls", class_names: tuple[str, ...] = (), storage_options: dict | None = None) -> Iterator[Sample]:
+    """Yield the raw samples of one shard in stored order. Raises on an unreadable or truncated shard.
+
+    ``label_key``: the tar field holding the label (``cls``), or ``field:path`` into a JSON field
+    (``json:label``, ``json:meta.class``); labels may be class names when ``class_names`` lists them.
+    """
     storage_options = storage_options or {}
     if source.is_folder_block:
         yield from _iter_folder_block(source, storage_options)
     else:
-        yield from _iter_tar(source, label_key, storage_options)
+        yield from _iter_tar(source, label_key, class_names, storage_options)
+
+
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) * 510 + 65535) // 131070).astype(np.uint8)  # round(v / 65535 * 255)
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """Map 16/32-bit integer and float images to 8 bits (full range), keeping other modes."""
+    """Map 16/32-bit integer and float images to 8 bits (full range), keeping other modes.
+
+    16-bit images go through a 65,536-entry lookup table (no wider copy), 32-bit ones through float32.
+    """
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         array = np.asarray(image)
+        if image.mode.startswith("I;16"):
+            return Image.fromarray(_SIXTEEN_TO_EIGHT[array] if array.max(initial=0) > 255 else array.astype(np.uint8))
         if image.mode == "F":
             top = 1.0 if array.max(initial=0) <= 1.0 else 255.0
         else:
             top = 65535.0 if array.max(initial=0) > 255 else 255.0
-        scaled = np.clip(array.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        scaled = np.clip(array.astype(np.float32) * np.float32(255.0 / top) + np.float32(0.5), 0, 255).astype(np.uint8)
         return Image.fromarray(scaled)
     return image
 
 
-def decode_image(data: bytes, channels: int) -> Image.Image:
+def decode_image(data: bytes, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes into an 8-bit image with ``channels`` (1: ``L``, 3: ``RGB``).
 
     Grayscale, palette (with transparency), RGBA, CMYK and 16-bit inputs are converted; alpha is dropped.
-    Raises ``OSError``/``ValueError`` (from PIL) for undecodable or truncated data.
+    Raises :class:`ImageTooLarge` (from the header, before decoding) above ``max_pixels`` and
+    ``OSError``/``ValueError`` (from PIL) for undecodable or truncated data.
     """
     image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image too large: {width}x{height} = {width * height:,} pixels, above --max-pixels {max_pixels:,}")
     image.load()
     image = _to_8bit(image)
     if image.mode == "P":

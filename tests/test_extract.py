@@ -72,10 +72,11 @@ def test_keys_are_zarr_v3_string_dtype(tiny_cache: Path) -> None:
 
 
 def test_info_and_verify(tiny_cache: Path) -> None:
-    result = run_cli("info", tiny_cache, "--json")
+    result = run_cli("info", tiny_cache, "--json", "--sizes")
     assert result.exit_code == 0
     desc = json.loads(result.output)
     assert desc["samples"] == 120 and desc["shards"]["complete"] == 3 and desc["compression_ratio"] > 1.0
+    assert desc["precision"] == ["float32"]
     result = run_cli("verify", tiny_cache, "--samples", "4")
     assert result.exit_code == 0, result.output
     assert "4 samples recomputed" in result.output and "min cosine 1.000000" in result.output
