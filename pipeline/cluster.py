@@ -3,14 +3,17 @@
 ``dask_runner`` returns a :data:`stages.extract.ShardRunner` that submits :func:`stages.extract.extract_shards`
 for each shard to a local cluster (``--workers N``) or an existing scheduler (``--scheduler ADDRESS`` or
 ``--scheduler-file FILE``). Tasks are idempotent (a retried task rewrites its own shard group), so dask's
-retries after a lost worker are safe.
+retries after a lost worker are safe. Task keys name the cache and the input as well as the shard, so two
+extractions sharing a scheduler never merge their tasks.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Iterator
 
 import dask
+import fsspec
 from distributed import Client, LocalCluster, as_completed
 
 from stages.extract import ExtractConfig, Progress, ShardResult, ShardRunner, extract_shards
@@ -40,6 +43,13 @@ def dask_client(workers: int = 0, scheduler: str | None = None, scheduler_file: 
             yield client
 
 
+def task_key(config: ExtractConfig, shard: ShardSource) -> str:
+    """A dask key unique to (cache, input): ``extract-<shard>-<hash of the resolved cache URL and the input>``."""
+    fs, path = fsspec.core.url_to_fs(config.out, **config.storage_options)
+    identity = f"{fs.unstrip_protocol(path)}\n{shard.fingerprint}"
+    return f"extract-{shard.name}-{hashlib.sha1(identity.encode()).hexdigest()[:16]}"
+
+
 def dask_runner(workers: int = 0, scheduler: str | None = None, scheduler_file: str | None = None, resources: dict[str, float] | None = None) -> ShardRunner:
     """A shard runner that spreads shards over a dask cluster and reports progress as tasks finish."""
 
@@ -47,7 +57,7 @@ def dask_runner(workers: int = 0, scheduler: str | None = None, scheduler_file: 
         with dask_client(workers, scheduler, scheduler_file, resources) as client:
             err_console.print(f"dask dashboard: {client.dashboard_link}", highlight=False)
             futures = [
-                client.submit(extract_shards, config, [shard], key=f"extract-{shard.name}", pure=False, retries=TASK_RETRIES, resources=resources)
+                client.submit(extract_shards, config, [shard], key=task_key(config, shard), pure=False, retries=TASK_RETRIES, resources=resources)
                 for shard in shards
             ]
             results: list[ShardResult] = []

@@ -299,7 +299,7 @@ def _write_teacher_head(cache: FeatureCache, teacher: Teacher) -> str:
         return f"not stored: {reason}"
     if cache.head() is None:
         cache.write_head(head.tensors(), head.attrs)
-    cache.update_attrs(head={"available": True, "pool": head.pool, "num_classes": teacher.num_classes})
+    cache.update_attrs(head={"available": True, "pool": head.pool, "num_classes": teacher.num_classes, "ops": [op["type"] for op in head.ops]})
     return f"stored ({head.pool} pooling, {teacher.num_classes} classes)"
 
 

@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -237,28 +238,48 @@ class Teacher:
     def head(self) -> tuple[TeacherHead | None, str]:
         """The classifier rebuilt from the final level's tokens, checked against the teacher's own logits.
 
-        Returns ``(head, "")`` or ``(None, reason)`` when it cannot be rebuilt exactly.
+        Returns ``(head, "")`` or ``(None, reason)``; never raises, so extraction (and its logits) goes on.
         """
         if not self.num_classes:
             return None, "teacher has no classification head"
         if self.layers[-1] != self.depth:
             return None, f"the final level ({self.depth}) is not cached; add -1 to --layers"
         try:
-            head = describe_head(self.model, prefix_tokens=self.levels[-1].prefix_tokens, tokens_normed=self.final_norm)
+            return self._checked_head(), ""
         except ValueError as exc:
             return None, str(exc)
+        except Exception as exc:  # an unforeseen head must not abort extraction: store the reason instead
+            return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+    def _checked_head(self) -> TeacherHead:
         generator = torch.Generator().manual_seed(0)
         pixels = torch.randint(0, 256, (2, *self.pixel_shape), dtype=torch.uint8, generator=generator)
+
+        @torch.inference_mode()
+        def run() -> torch.Tensor:  # the path extraction takes, float32, intermediates un-normed
+            final, _ = self.model.forward_intermediates(self.normalize(pixels), indices=[self.depth - 1], norm=False, output_fmt="NCHW", **self._prefix_kw)
+            return self.model.forward_head(final)
+
+        level = self.levels[-1]
+        head = describe_head(self.model, run, self.model.feature_info[-1]["module"], level.prefix_tokens, level.grid, self.final_norm)
         tokens, logits = self.forward(pixels, amp=False)  # compare in float32: autocast noise is not a head mismatch
         with torch.inference_mode():
             rebuilt = head.to(self.device)(tokens[-1])
         scale = float(logits.abs().max()) + 1e-6
-        if not torch.allclose(rebuilt, logits, atol=2e-3 * scale, rtol=1e-3):
-            return None, "rebuilding the head from cached tokens did not reproduce the teacher's logits"
-        return head.cpu(), ""
+        if rebuilt.shape != logits.shape or not torch.allclose(rebuilt, logits, atol=2e-3 * scale, rtol=1e-3):
+            raise ValueError("rebuilding the head from cached tokens did not reproduce the teacher's logits")
+        return head.cpu()
+
+
+_BUILD_LOCK = threading.Lock()  # random init seeds torch's global RNG: two threads building at once get other weights
+
+
+def cached_teacher(config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
+    """One teacher per process and configuration (dask workers reuse it across tasks, threads included)."""
+    with _BUILD_LOCK:
+        return _cached_teacher(config, layers, final_norm, device, amp)
 
 
 @functools.lru_cache(maxsize=2)
-def cached_teacher(config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
-    """One teacher per process and configuration (dask workers reuse it across tasks)."""
+def _cached_teacher(config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
     return Teacher(config, layers, final_norm=final_norm, device=device, amp=amp)

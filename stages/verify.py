@@ -1,4 +1,5 @@
-"""``apmpipe verify``: recompute cached samples with the teacher and compare them with the cache."""
+"""``apmpipe verify``: recompute cached samples with the teacher, in the precision each shard was made with
+(float32, or bfloat16 autocast), and compare them with the cache."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ class VerifyReport:
     samples: int
     levels: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> max_abs, min_cosine
     logits_max_abs: float | None = None
+    precision: str = ""  # the precisions recomputed in, comma-separated
 
 
 def _pick(cache: FeatureCache, count: int) -> list[tuple[str, int]]:
@@ -43,9 +45,11 @@ def verify_cache(url: str, samples: int = 8, device: str = "auto", checkpoint: s
     if teacher.weights_sha256 != spec.teacher["weights_sha256"]:
         raise ModelError(f"the rebuilt teacher's weights differ from those that made {url!r}; pass the original weights with --checkpoint")
     report = VerifyReport(samples=0)
-    for name, index in _pick(cache, samples):
+    precision = {name: attrs.get("precision", "float32") for name, attrs in cache.shard_attrs().items()}
+    picks = _pick(cache, samples)
+    for name, index in picks:
         cached = cache.read(name, index, index + 1)
-        tokens, logits = teacher.forward(torch.from_numpy(cached.pixels))
+        tokens, logits = teacher.forward(torch.from_numpy(cached.pixels), amp=precision[name] == "bfloat16-autocast")
         for level, ref, new in zip(spec.levels, cached.tokens, tokens):
             stats = report.levels.setdefault(str(level.layer), {"max_abs": 0.0, "min_cosine": 1.0})
             new = new.cpu().numpy()
@@ -55,4 +59,5 @@ def verify_cache(url: str, samples: int = 8, device: str = "auto", checkpoint: s
             diff = float(np.abs(cached.logits - logits.cpu().numpy()).max())
             report.logits_max_abs = max(report.logits_max_abs or 0.0, diff)
         report.samples += 1
+    report.precision = ", ".join(sorted({precision[name] for name, _ in picks}))
     return report

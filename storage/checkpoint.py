@@ -8,9 +8,12 @@ Layout of a run directory::
     checkpoints/latest          name of the newest complete checkpoint
     student.safetensors         final weights; metadata holds the student and cache-layout JSON
 
-A checkpoint directory is written under a temporary name and renamed into place, and ``latest`` is replaced
-atomically after it, so a killed run always leaves the previous checkpoint readable. ``state.pt`` holds only
-tensors and plain Python values and is loaded with ``weights_only=True``.
+A checkpoint directory is written under a temporary name, its files and itself fsynced, renamed into place
+(the parent fsynced), and ``latest`` is replaced atomically after it, so a killed run or a power cut always
+leaves ``latest`` naming a complete checkpoint; when one step is saved twice, ``latest`` names the new copy
+before the old one is removed. Stale temporaries of a killed save go at the next save (and, called at a run's
+start, :meth:`RunDir.remove_stale_temporaries`).
+``state.pt`` holds only tensors and plain Python values and is loaded with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -31,13 +34,26 @@ KEEP_CHECKPOINTS = 2
 STUDENT_FILE = "student.safetensors"
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk (a rename is durable once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 class RunDir:
@@ -51,28 +67,58 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return (self.checkpoints / "latest").exists()
 
+    def _latest_name(self) -> str:
+        latest = self.checkpoints / "latest"
+        return latest.read_text().strip() if latest.exists() else ""
+
+    def remove_stale_temporaries(self) -> None:
+        """Remove what a killed save left (``.tmp-*`` folders, ``*.tmp`` files), never what ``latest`` names.
+        Call it at the start of a run, on the rank that writes."""
+        keep = self._latest_name()
+        stale = [*self.checkpoints.glob(".tmp-*"), *self.checkpoints.glob(f".*{TMP_SUFFIX}"), *self.path.glob(f".*{TMP_SUFFIX}")]
+        for path in stale:
+            if path.name == keep:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
     def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        for stale in self.checkpoints.glob(".tmp-*"):  # left by a save that was killed half-way
-            shutil.rmtree(stale, ignore_errors=True)
+        self.remove_stale_temporaries()
         final = self.checkpoints / f"step-{step:08d}"
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=".tmp-"))
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
-        if final.exists():
+        for path in (tmp / "model.safetensors", tmp / "state.pt", tmp):
+            _fsync(path)
+        if final.exists():  # the same step again (a resumed run): name the new copy in latest before the old one goes
+            _atomic_write_text(self.checkpoints / "latest", tmp.name)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(self.checkpoints)
         _atomic_write_text(self.checkpoints / "latest", final.name)
         older = sorted(p for p in self.checkpoints.glob("step-*") if p != final)
         for old in older[: max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def _checkpoint_folder(self) -> Path:
+        """The folder ``latest`` names, or (after a crash of an older apmpipe left it dangling) the newest complete one."""
+        named = self.checkpoints / self._latest_name()
+        if (named / "state.pt").exists():
+            return named
+        complete = sorted(p for p in self.checkpoints.glob("step-*") if (p / "model.safetensors").exists() and (p / "state.pt").exists())
+        if not complete:
+            raise ModelError(f"checkpoint {named} is missing and {self.checkpoints} holds no complete one; drop --resume to start a new run")
+        return complete[-1]
+
     def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The newest complete checkpoint's weights and state."""
         if not self.has_checkpoint():
             raise ModelError(f"no checkpoint in {self.path}; drop --resume to start a new run")
-        folder = self.checkpoints / (self.checkpoints / "latest").read_text().strip()
+        folder = self._checkpoint_folder()
         weights = load_weights(folder / "model.safetensors")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         return weights, state
@@ -99,9 +145,11 @@ class RunDir:
     def save_student(self, weights: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
         """Export final weights with their description (JSON strings in the safetensors metadata)."""
         path = self.path / STUDENT_FILE
-        tmp = self.path / f".{STUDENT_FILE}.tmp"
+        tmp = self.path / f".{STUDENT_FILE}{TMP_SUFFIX}"
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(self.path)
         return path
 
 
