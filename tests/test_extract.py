@@ -168,7 +168,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
     result = run_subprocess("extract", *args, "--out", killed)
     assert result.returncode == 0, result.stderr
     ref, got = shard_arrays(reference), shard_arrays(killed)
-    assert ref.keys() == got.keys() and len(ref) == 8 * 6
+    assert ref.keys() == got.keys() and len({key.split("/")[0] for key in ref}) == 8
     for key in ref:
         np.testing.assert_array_equal(ref[key], got[key], err_msg=key)
 
