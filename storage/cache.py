@@ -22,10 +22,11 @@ from .errors import CacheError, ConfigError
 from .redact import redact_url
 
 FORMAT_NAME = "apmpipe.feature-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROOT_KEY = "apmpipe"
 SHARDS_GROUP = "shards"
 HEAD_GROUP = "teacher_head"
+MOMENTS_GROUP = "moments"
 LOCK_FILE = ".apmpipe-extract.lock"  # not a zarr node; holds the writing process's pid
 
 STATUS_WRITING = "writing"
@@ -88,6 +89,19 @@ class CacheSpec:
         out = asdict(self)
         out["levels"] = [asdict(level) for level in self.levels]
         return out
+
+    def layout(self) -> dict[str, Any]:
+        """What a student and every cache it trains or evaluates on must share: teacher, input, token layout
+        (JSON-normalised, as stored in checkpoints)."""
+        layout = {"teacher": self.teacher, "data_config": self.data_config, "levels": [asdict(lv) for lv in self.levels], "final_norm": self.final_norm}
+        return json.loads(json.dumps(layout))
+
+    def check_layout(self, layout: dict[str, Any], what: str) -> None:
+        """Refuse (CacheError) a student or cache whose ``layout`` differs, naming the first differing field."""
+        diff = _differences(layout, self.layout())
+        if diff:
+            key, was, now = diff[0]
+            raise CacheError(f"{what} differs in {key} ({_short(was)} vs {_short(now)}); use a cache and student of one teacher and layers")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CacheSpec":
@@ -282,6 +296,39 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any,
 
 
 @dataclass(frozen=True)
+class TokenMoments:
+    """First and second moments of one level's tokens per location over ``count`` samples (float64 ``[T, D]``).
+
+    Stored per shard group (``moments/<layer>``, shape ``[2, T, D]``: sums, sums of squares) so that any set of
+    complete shards can be summed without reading tokens: the student's target standardisation and the
+    constant baseline (the mean token per location) come from here.
+    """
+
+    count: int
+    sums: np.ndarray
+    squares: np.ndarray
+
+    @classmethod
+    def of(cls, tokens: np.ndarray) -> "TokenMoments":
+        """Moments of float tokens ``[B, T, D]``."""
+        values = tokens.astype(np.float64)
+        return cls(len(values), values.sum(0), np.square(values).sum(0))
+
+    def __add__(self, other: "TokenMoments") -> "TokenMoments":
+        return TokenMoments(self.count + other.count, self.sums + other.sums, self.squares + other.squares)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The mean token per location ``[T, D]`` (the constant baseline predictor)."""
+        return self.sums / max(self.count, 1)
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Per-location, per-channel variance ``[T, D]`` (population, clipped at 0)."""
+        return np.maximum(self.squares / max(self.count, 1) - np.square(self.mean), 0.0)
+
+
+@dataclass(frozen=True)
 class CachedSamples:
     """A slice of one shard: uint8 pixels ``[B, C, H, W]``, labels, keys, logits and float32 tokens per level."""
 
@@ -312,6 +359,7 @@ class ShardWriter:
         self.buffers: dict[str, list[np.ndarray]] = {key: [] for key in self.arrays}
         self.buffered = 0
         self.written = 0
+        self.moments: list[TokenMoments | None] = [None] * len(self.spec.levels)
 
     def _array(self, name: str, item_shape: tuple[int, ...], dtype: Any, sharded: bool) -> zarr.Array:
         spec = self.spec
@@ -345,7 +393,9 @@ class ShardWriter:
         if "logits" in self.arrays:
             assert logits is not None, "teacher has a head: logits required"
             batch["logits"] = logits.astype(np.float32)
-        for level, encoded in zip(self.spec.levels, tokens, strict=True):
+        for i, (level, encoded) in enumerate(zip(self.spec.levels, tokens, strict=True)):
+            moments = TokenMoments.of(decode_tokens(encoded.values, encoded.scale))  # of the values readers will get
+            self.moments[i] = moments if self.moments[i] is None else self.moments[i] + moments
             batch[f"tokens/{level.array_name}"] = encoded.values
             if encoded.scale is not None:
                 batch[f"scales/{level.array_name}"] = encoded.scale
@@ -374,6 +424,7 @@ class ShardWriter:
     def finish(self, skipped: Sequence[tuple[str, str]], stats: dict[str, Any] | None = None) -> int:
         """Write what is buffered, then mark the group complete. Returns the number of samples."""
         self._flush(whole_shards_only=False)
+        self._write_moments()
         self.group.update_attributes({
             "num_samples": self.written,
             "skipped": [{"key": k, "reason": r} for k, r in skipped],
@@ -381,6 +432,13 @@ class ShardWriter:
             "status": STATUS_COMPLETE,
         })
         return self.written
+
+    def _write_moments(self) -> None:
+        for level, moments in zip(self.spec.levels, self.moments):
+            if moments is None:  # an empty shard: zero sums keep the sum over shards exact
+                moments = TokenMoments(0, *np.zeros((2, level.num_tokens, level.dim)))
+            self.group.create_array(f"{MOMENTS_GROUP}/{level.array_name}", data=np.stack([moments.sums, moments.squares]),
+                                    dimension_names=("moment", f"token_{level.layer}", f"feature_{level.layer}"))
 
     def fail(self, reason: str, skipped: Sequence[tuple[str, str]] = ()) -> None:
         """Record why this shard could not be written; a later run rewrites it."""
@@ -505,8 +563,12 @@ class FeatureCache:
             self._array_handles[name] = arrays
         return self._array_handles[name]
 
-    def read(self, name: str, start: int, stop: int, *, tokens: bool = True, pixels: bool = True, extras: bool = True, token_dtype: Any = np.float32) -> CachedSamples:
-        """Samples ``start:stop`` of a complete shard, tokens decoded to ``token_dtype``; ``extras``: keys and logits."""
+    def read(
+        self, name: str, start: int, stop: int, *, tokens: bool = True, pixels: bool = True, extras: bool = True, logits: bool = False,
+        token_dtype: Any = np.float32,
+    ) -> CachedSamples:
+        """Samples ``start:stop`` of a complete shard, tokens decoded to ``token_dtype``; ``extras``: keys and logits
+        (``logits`` alone: logits without keys)."""
         arrays = self._arrays(name)
         levels = []
         if tokens:
@@ -518,7 +580,7 @@ class FeatureCache:
             pixels=arrays["pixels"][start:stop] if pixels else None,
             labels=arrays["labels"][start:stop],
             keys=[str(k) for k in arrays["keys"][start:stop]] if extras else [],
-            logits=arrays["logits"][start:stop] if extras and "logits" in arrays else None,
+            logits=arrays["logits"][start:stop] if (extras or logits) and "logits" in arrays else None,
             tokens=levels,
         )
 
@@ -526,7 +588,21 @@ class FeatureCache:
         """A writer for shard group ``name``; ``precision`` is how its tokens were computed (see :meth:`precision`)."""
         return ShardWriter(self, name, source, fingerprint, precision)
 
-
+    def token_moments(self) -> list[TokenMoments]:
+        """Per-level token moments summed over the complete shards (no token is read)."""
+        counts = self.sample_counts()
+        totals = []
+        for level in self.spec.levels:
+            key = f"{MOMENTS_GROUP}/{level.array_name}"
+            total = TokenMoments(0, *np.zeros((2, level.num_tokens, level.dim)))
+            for name, count in counts.items():
+                arrays = self._arrays(name)
+                if key not in arrays:
+                    raise CacheError(f"shard {name!r} of cache {redact_url(self.url)!r} lacks {key!r}; {_REWRITE.format(name=name)}")
+                sums, squares = arrays[key][...]
+                total = total + TokenMoments(count, sums, squares)
+            totals.append(total)
+        return totals
 
     # -- teacher head ----------------------------------------------------------------------------------------
     def write_head(self, tensors: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:

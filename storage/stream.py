@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .cache import CacheSpec, FeatureCache
+from .cache import CachedSamples, CacheSpec, FeatureCache, TokenMoments
 from .errors import CacheError
 
 
@@ -57,22 +57,29 @@ class Block:
         return self.stop - self.start
 
 
-def _layout(spec: CacheSpec) -> dict[str, Any]:
-    """What caches trained together must share: teacher, input and token layout."""
-    return {"teacher": spec.teacher, "data_config": spec.data_config, "levels": spec.levels, "final_norm": spec.final_norm}
-
-
 def open_caches(urls: Sequence[str], storage_options: dict | None = None) -> list[FeatureCache]:
-    """Open caches for training, checking they exist, hold complete shards and share one teacher layout."""
+    """Open caches for training, checking they exist, hold complete shards and share one teacher layout, one token
+    dtype (all are decoded as one dtype) and one precision (float32 or bfloat16 autocast: not mixed silently)."""
     if not urls:
         raise CacheError("no CACHE given; pass one or more caches written by apmpipe extract")
     caches = [FeatureCache.open(url, storage_options=storage_options) for url in urls]
+    first = caches[0]
+    precision = first.precision()  # also refuses a cache that mixes precisions
     for cache in caches:
         if not cache.complete_shards():
             raise CacheError(f"cache {cache.url!r} has no complete shard; finish it with apmpipe extract (rerun the same command)")
-        if _layout(cache.spec) != _layout(caches[0].spec):
-            raise CacheError(f"cache {cache.url!r} was made with another teacher or layout than {caches[0].url!r}; train on caches of one teacher")
+        first.spec.check_layout(cache.spec.layout(), f"cache {cache.url!r} (beside {first.url!r})")
+        if cache.spec.dtype != first.spec.dtype:
+            raise CacheError(f"cache {cache.url!r} stores {cache.spec.dtype} tokens, {first.url!r} {first.spec.dtype}: a token dtype must be common to all caches; re-extract one with --dtype {first.spec.dtype}")
+        if cache is not first and cache.precision() != precision:
+            raise CacheError(f"cache {cache.url!r} was computed in {cache.precision()}, {first.url!r} in {precision}; train on caches of one precision (--device/--amp at extraction)")
     return caches
+
+
+def _summed_moments(caches: Sequence[FeatureCache]) -> list[TokenMoments]:
+    """Token moments per level over every complete shard of ``caches`` (fits the student's target scales)."""
+    per_cache = [cache.token_moments() for cache in caches]
+    return [sum(levels[1:], levels[0]) for levels in zip(*per_cache)]
 
 
 class CacheStream(IterableDataset):
@@ -88,11 +95,12 @@ class CacheStream(IterableDataset):
         rank, world_size: DDP rank split.
         token_dtype: ``float16`` or ``float32``; default: float16 for float16 caches, float32 otherwise
             (float32 and int8 caches may hold values float16 cannot represent).
+        logits: also yield the teacher's cached ``logits`` ``[B, K]`` (when the caches have a head).
     """
 
     def __init__(
         self, urls: Sequence[str], batch_size: int, window_samples: int = 512, seed: int = 0, rank: int = 0, world_size: int = 1,
-        token_dtype: str | None = None, storage_options: dict | None = None,
+        token_dtype: str | None = None, storage_options: dict | None = None, logits: bool = False,
     ) -> None:
         super().__init__()
         caches = open_caches(urls, storage_options)
@@ -103,6 +111,8 @@ class CacheStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.token_dtype = np.dtype(token_dtype or ("float16" if self.spec.dtype == "float16" else "float32"))
         self.storage_options = storage_options or {}
+        self.logits = logits and self.spec.num_classes > 0
+        self.moments = _summed_moments(caches)
         self.sizes = {(i, name): count for i, cache in enumerate(caches) for name, count in cache.sample_counts().items()}
         self.blocks = [
             Block(i, name, start, min(start + caches[i].spec.chunk_samples, count))
@@ -155,9 +165,12 @@ class CacheStream(IterableDataset):
         chunk = cache.spec.chunk_samples
         first = block.start // chunk * chunk  # whole chunks only
         last = min(-(-block.stop // chunk) * chunk, self.sizes[(block.cache, block.shard)])
-        data = cache.read(block.shard, first, last, extras=False, token_dtype=self.token_dtype)
+        data = cache.read(block.shard, first, last, extras=False, logits=self.logits, token_dtype=self.token_dtype)
         cut = slice(block.start - first, block.stop - first)
-        return {"pixels": data.pixels[cut], "labels": data.labels[cut], "tokens": [t[cut] for t in data.tokens]}
+        part = {"pixels": data.pixels[cut], "labels": data.labels[cut], "tokens": [t[cut] for t in data.tokens]}
+        if self.logits:
+            part["logits"] = data.logits[cut]
+        return part
 
     def load_window(self, epoch: int, index: int, blocks: list[Block]) -> list[dict[str, Any]]:
         """Read one window, permute its samples and cut it into batches (views of one buffer per array)."""
@@ -169,10 +182,15 @@ class CacheStream(IterableDataset):
         pixels = _scatter([p["pixels"] for p in parts], destination, shared)
         labels = _scatter([p["labels"] for p in parts], destination, shared)
         tokens = [_scatter([p["tokens"][i] for p in parts], destination, shared) for i in range(len(self.spec.levels))]
-        return [
-            {"pixels": pixels[s : s + self.batch_size], "labels": labels[s : s + self.batch_size], "tokens": [t[s : s + self.batch_size] for t in tokens]}
-            for s in range(0, count, self.batch_size)
-        ]
+        logits = _scatter([p["logits"] for p in parts], destination, shared) if self.logits else None
+        batches = []
+        for s in range(0, count, self.batch_size):
+            cut = slice(s, s + self.batch_size)
+            batch = {"pixels": pixels[cut], "labels": labels[cut], "tokens": [t[cut] for t in tokens]}
+            if logits is not None:
+                batch["logits"] = logits[cut]
+            batches.append(batch)
+        return batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -216,3 +234,31 @@ def iter_cache(cache: FeatureCache, batch_size: int, limit: int = 0, token_dtype
                 remaining -= stop - start
                 if remaining == 0:
                     return
+
+
+def sample_subset(cache: FeatureCache, count: int, seed: int) -> dict[str, np.ndarray]:
+    """A seeded random choice of ``count`` samples across all complete shards (0 or more than held: all), as
+    sorted indices per shard. Shard order is not class order, but folder caches are class-sorted: never take the first N."""
+    sizes = cache.sample_counts()
+    total = sum(sizes.values())
+    chosen = np.arange(total) if not count or count >= total else np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
+    out, offset = {}, 0
+    for name, size in sizes.items():
+        mine = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
+        if len(mine):
+            out[name] = mine
+        offset += size
+    return out
+
+
+def iter_subset(cache: FeatureCache, subset: dict[str, np.ndarray], batch_size: int, token_dtype: str = "float32") -> Iterator[CachedSamples]:
+    """The samples of ``subset`` (see :func:`sample_subset`) in batches of at most ``batch_size``, reading whole chunks."""
+    chunk, sizes = cache.spec.chunk_samples, cache.sample_counts()
+    for name, indices in subset.items():
+        for first in range(0, len(indices), batch_size):
+            wanted = indices[first : first + batch_size]
+            start, stop = wanted[0] // chunk * chunk, min((wanted[-1] // chunk + 1) * chunk, sizes[name])
+            data = cache.read(name, int(start), int(stop), token_dtype=np.dtype(token_dtype))
+            rows = wanted - start
+            yield CachedSamples(pixels=data.pixels[rows], labels=data.labels[rows], keys=[data.keys[i] for i in rows],
+                                logits=None if data.logits is None else data.logits[rows], tokens=[t[rows] for t in data.tokens])
