@@ -10,7 +10,8 @@ once per location for all levels. ``level_mode="query"`` instead appends a fixed
 runs the trunk once per (location, level) with a single head; it needs equal token widths across levels.
 
 Seams follow timm: :meth:`APM.forward_features` (trunk), :meth:`APM.forward_head`,
-:meth:`APM.forward_intermediates` (tokens per level, chunked over locations) and :meth:`APM.forward`.
+:meth:`APM.predict_tokens` (every location's tokens per level, chunked) and :meth:`APM.forward`. Heads predict
+standardised tokens (:class:`TargetScale`, fitted on the training cache); `forward` also returns them in teacher units.
 """
 from __future__ import annotations
 
@@ -157,6 +158,41 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
+def gather_locations(values: torch.Tensor, locations: torch.Tensor | None) -> torch.Tensor:
+    """Rows of a per-location table ``[T, ...]`` for ``locations`` (None: all ``[T, ...]``; ``[L]``; ``[B, L]``)."""
+    return values if locations is None else values[locations]
+
+
+class TargetScale(nn.Module):
+    """One level's target standardisation: ``z = (token - mean[loc]) / std[loc]`` and back.
+
+    ``mean`` is the training cache's mean token per location (the constant baseline); ``std`` is per channel,
+    pooled over the grid for patch tokens and per location for each prefix token (CLS, registers), so high-norm
+    tokens and channels do not dominate the loss. Both are buffers saved with the student.
+    """
+
+    def __init__(self, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_tokens, dim))
+        self.register_buffer("std", torch.ones(num_tokens, dim))
+
+    @torch.no_grad()
+    def fit(self, mean: torch.Tensor, variance: torch.Tensor, prefix_tokens: int) -> None:
+        """Set from per-location moments ``[T, D]`` (see ``storage.cache.TokenMoments``)."""
+        std = variance.clone()
+        std[prefix_tokens:] = variance[prefix_tokens:].mean(0, keepdim=True)
+        std = std.sqrt()
+        floor = 1e-3 * float(std.mean()) + 1e-12  # constant channels: no division blow-up
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp(min=floor))
+
+    def standardize(self, tokens: torch.Tensor, locations: torch.Tensor | None) -> torch.Tensor:
+        return (tokens.float() - gather_locations(self.mean, locations)) / gather_locations(self.std, locations)
+
+    def restore(self, z: torch.Tensor, locations: torch.Tensor | None) -> torch.Tensor:
+        return z * gather_locations(self.std, locations) + gather_locations(self.mean, locations)
+
+
 class APM(nn.Module):
     """Conv filter -> trigger column T; queries [T, p(loc) (, level code)] -> shared MLP -> level tokens (+ rgb)."""
 
@@ -176,6 +212,7 @@ class APM(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(width, config.level_dims[i]) for i in range(head_count))
         ph, pw = config.patch_size
         self.rgb_head = nn.Linear(width, config.in_chans * ph * pw) if config.rgb else None
+        self.scales = nn.ModuleList(TargetScale(config.num_tokens, dim) for dim in config.level_dims)
 
     # -- parts -------------------------------------------------------------------------------------------------
     def fit_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -208,33 +245,46 @@ class APM(nn.Module):
         return self.trunk(self.queries(self.trigger(images), locations, level))
 
     def forward_head(self, features: torch.Tensor, level: int | None = None) -> list[torch.Tensor]:
-        """Trunk features -> tokens: one ``[B, L, D_l]`` per level (heads mode) or the given level (query mode)."""
-        if level is not None:
+        """Trunk features -> standardised tokens: one ``[B, L, D_l]`` per level, or only ``level``'s."""
+        if self.config.level_mode == "query":
             return [self.heads[0](features)]
-        return [head(features) for head in self.heads]
+        heads = self.heads if level is None else [self.heads[level]]
+        return [head(features) for head in heads]
 
     def forward(self, images: torch.Tensor, locations: torch.Tensor | None = None) -> dict[str, Any]:
-        """Tokens per level ``list[[B, L, D_l]]`` and, if enabled, rgb ``[B, L, C*ph*pw]`` for the locations."""
+        """For the queried locations: ``standardized`` and ``tokens`` (teacher units), one ``[B, L, D_l]`` per level,
+        and, if enabled, ``rgb`` ``[B, L, C*ph*pw]``."""
         if self.config.level_mode == "query":
             trigger = self.trigger(images)
             features = [self.trunk(self.queries(trigger, locations, level)) for level in range(len(self.config.level_dims))]
-            tokens = [self.heads[0](f) for f in features]
+            standardized = [self.heads[0](f) for f in features]
             rgb_features = features[-1]
         else:
             rgb_features = self.forward_features(images, locations)
-            tokens = self.forward_head(rgb_features)
+            standardized = self.forward_head(rgb_features)
+        tokens = [scale.restore(z.float(), locations) for scale, z in zip(self.scales, standardized)]
         rgb = self.rgb_head(rgb_features) if self.rgb_head is not None else None
-        return {"tokens": tokens, "rgb": rgb}
+        return {"standardized": standardized, "tokens": tokens, "rgb": rgb}
 
     @torch.no_grad()
-    def forward_intermediates(self, images: torch.Tensor, chunk: int = 256) -> list[torch.Tensor]:
-        """All locations, queried ``chunk`` at a time (memory does not grow with the grid): tokens per level."""
+    def predict_tokens(self, images: torch.Tensor, chunk: int = 256) -> list[torch.Tensor]:
+        """Every location's predicted teacher tokens per level ``[B, T, D_l]``, queried ``chunk`` locations at a time
+        (memory does not grow with the grid)."""
         outs: list[list[torch.Tensor]] = [[] for _ in self.config.level_dims]
         for start in range(0, self.config.num_tokens, chunk):
             locations = torch.arange(start, min(start + chunk, self.config.num_tokens), device=images.device)
             for i, tokens in enumerate(self.forward(images, locations)["tokens"]):
                 outs[i].append(tokens)
         return [torch.cat(parts, dim=1) for parts in outs]
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Fresh random weights (seeded), keeping the target standardisation: a student trained from scratch."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    module.reset_parameters()
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -252,7 +302,15 @@ class APM(nn.Module):
         return 2 * macs
 
 
-def patch_targets(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
-    """Normalised images ``[B, C, H, W]`` -> per grid location pixels ``[B, h*w, C*ph*pw]`` (the rgb target)."""
+def patch_pixels(images: torch.Tensor, patch_size: tuple[int, int], grid_locations: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixels of grid cells (the rgb target): images ``[B, C, H, W]`` -> ``[B, L, C*ph*pw]`` for ``grid_locations``
+    ``[B, L]`` (row-major cell indices; None: every cell). Only the queried cells are copied."""
+    b, c, height, width = images.shape
     ph, pw = patch_size
-    return F.unfold(images, kernel_size=(ph, pw), stride=(ph, pw)).transpose(1, 2)
+    h, w = height // ph, width // pw
+    cells = images.view(b, c, h, ph, w, pw)
+    if grid_locations is None:
+        return cells.permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * ph * pw)
+    batch = torch.arange(b, device=images.device)[:, None]
+    picked = cells[batch, :, grid_locations // w, :, grid_locations % w, :]  # [B, L, C, ph, pw]
+    return picked.reshape(b, grid_locations.shape[1], c * ph * pw)
