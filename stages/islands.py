@@ -21,10 +21,10 @@ from storage.errors import ConfigError, InputError
 from storage.sources import decode_image
 from storage.stream import iter_cache
 
-from .evaluate import check_student_matches, load_model
+from .student import check_student_matches, load_model
 from .preprocess import pixel_transform
 from .runtime import resolve_device
-from .train import Normalizer
+from .inputs import PixelNormalizer
 
 HEADER = 22
 PALETTE = np.array([
@@ -110,8 +110,8 @@ def islands(
         check_student_matches(metadata, cache, "cache")
     pixels, teacher, names = _load_inputs(sources, cache, metadata["layout"], images)
     cfg = model.config
-    normalize = Normalizer(metadata["layout"]["data_config"]).to(dev)
-    predicted = model.forward_intermediates(normalize(torch.from_numpy(pixels).to(dev)))
+    normalize = PixelNormalizer(metadata["layout"]["data_config"]).to(dev)
+    predicted = model.predict_tokens(normalize(torch.from_numpy(pixels).to(dev)))
     levels = [lv["layer"] for lv in metadata["layout"]["levels"]]
     per_level = 2 if teacher is not None else 1
     columns = 1 + per_level * len(levels)

@@ -1,0 +1,124 @@
+"""Classification from tokens, student beside teacher: global features, weighted k-NN, linear probe, accuracy.
+
+Global features (``--feature``): ``pooled`` is what the teacher's head reads (its pooled, normed pre-logits:
+CLS or average, as the head says; final level only); ``cls`` the first prefix token; ``mean-patch`` the mean
+of the grid tokens. The probe standardises features and picks its regularisation on a split of the training
+features, so a trained teacher's probe lands near its own head.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from storage.errors import ConfigError
+
+FEATURES = ("pooled", "cls", "mean-patch")
+PROBE_C = (0.01, 0.1, 1.0, 10.0)
+
+
+def global_feature(tokens: torch.Tensor, kind: str, prefix: int, head: torch.nn.Module | None) -> torch.Tensor:
+    """One level's tokens ``[B, T, D]`` -> global features ``[B, F]`` (float32, on the CPU)."""
+    if kind == "pooled":
+        assert head is not None, "pooled features need the teacher head (checked by resolve_feature)"
+        with torch.no_grad():
+            return head(tokens, pre_logits=True).float().cpu()
+    if kind == "cls":
+        return tokens[:, 0].float().cpu()
+    return tokens[:, prefix:].float().mean(1).cpu()
+
+
+def resolve_feature(kind: str, level: int, levels: int, prefix: int, has_head: bool) -> tuple[str, int]:
+    """Check ``--feature``/``--level`` against the cache; returns (feature, 0-based level index)."""
+    if kind not in FEATURES:
+        raise ConfigError(f"--feature {kind!r} is not one of {', '.join(FEATURES)}")
+    index = level - 1 if level > 0 else levels + level
+    if not 0 <= index < levels:
+        raise ConfigError(f"--level {level}: the cache holds {levels} levels; pick 1..{levels} or -1..-{levels}")
+    if kind == "pooled" and (not has_head or index != levels - 1):
+        raise ConfigError("--feature pooled needs the teacher head and the final level; use --feature cls or mean-patch")
+    if kind == "cls" and not prefix:
+        raise ConfigError("--feature cls: this teacher has no prefix tokens; use --feature mean-patch")
+    return kind, index
+
+
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean ``[B]``: label among the top ``k`` scores."""
+    k = min(k, scores.shape[1])
+    return (scores.topk(k, dim=1).indices == labels[:, None]).any(1)
+
+
+def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, classes: int, k: int, temperature: float) -> torch.Tensor:
+    """Weighted k-NN class scores (DINO's evaluation): cosine top-k, weights exp(sim / T). ``-> [Q, classes]``."""
+    train, query = F.normalize(train, dim=1), F.normalize(query, dim=1)
+    scores = []
+    for block in query.split(1024):
+        sim, idx = (block @ train.T).topk(min(k, train.shape[0]), dim=1)
+        votes = torch.zeros(block.shape[0], classes).scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def _standardise(train: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    return (train - mean) / std, (query - mean) / std
+
+
+def _pick_c(features: np.ndarray, labels: np.ndarray, seed: int) -> float:
+    """The probe's inverse regularisation with the best accuracy on a held-out fifth of the training features."""
+    from sklearn.linear_model import LogisticRegression
+
+    order = np.random.default_rng(seed).permutation(len(labels))
+    cut = max(1, len(labels) // 5)
+    held, fit = order[:cut], order[cut:]
+    if len(np.unique(labels[fit])) < 2:
+        return 1.0
+    scores = [LogisticRegression(C=c, max_iter=1000).fit(features[fit], labels[fit]).score(features[held], labels[held]) for c in PROBE_C]
+    return PROBE_C[int(np.argmax(scores))]
+
+
+def probe_scores(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Linear probe (multinomial logistic regression on standardised features): class probabilities and the chosen C."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, q = _standardise(train.numpy().astype(np.float64), query.numpy().astype(np.float64))
+    y = train_labels.numpy()
+    c = _pick_c(x, y, seed)
+    clf = LogisticRegression(C=c, max_iter=2000).fit(x, y)
+    probs = np.zeros((len(q), int(y.max()) + 1), dtype=np.float32)
+    probs[:, clf.classes_] = clf.predict_proba(q)
+    return torch.from_numpy(probs), c
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {"top1": float(topk_hits(scores, labels, 1).float().mean()), "top5": float(topk_hits(scores, labels, 5).float().mean())}
+
+
+def per_class(scores: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    hits = topk_hits(scores, labels, 1).float()
+    return [float(hits[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(int(labels.max()) + 1)]
+
+
+def side_by_side(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Student and teacher scores on the same samples: accuracy, agreement of their top-1, per-class top-1."""
+    return {
+        "method": name, "student": accuracy(student, labels), "teacher": accuracy(teacher, labels),
+        "agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean()),
+        "per_class": {"student": per_class(student, labels), "teacher": per_class(teacher, labels)},
+    }
+
+
+def cosine_scores(embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    return F.normalize(embeddings, dim=1) @ F.normalize(classes, dim=1).T
+
+
+def load_class_embeddings(path: str, width: int) -> torch.Tensor:
+    try:
+        array = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--class-embeddings {path!r} is not a readable .npy array ({exc})") from None
+    if array.ndim != 2 or array.shape[1] != width:
+        raise ConfigError(f"--class-embeddings {path!r} has shape {array.shape}; expected (classes, {width}) to match the teacher's projected feature")
+    return torch.from_numpy(array.astype(np.float32))

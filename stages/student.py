@@ -1,0 +1,30 @@
+"""A trained student on disk: loading it with its metadata and checking that it fits a cache."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from storage.cache import FeatureCache
+from storage.checkpoint import load_student
+
+from .apm import APM, APMConfig
+from .objectives import LossConfig
+
+
+def load_model(path: str, device: torch.device) -> tuple[APM, dict[str, Any]]:
+    """The exported student (run directory or ``student.safetensors``) in eval mode, and its metadata."""
+    weights, metadata = load_student(path)
+    model = APM(APMConfig.from_dict(metadata["model_config"]))
+    model.load_state_dict(weights)
+    return model.to(device).eval(), metadata
+
+
+def loss_config_of(metadata: dict[str, Any]) -> LossConfig:
+    """The objective the student was trained with (test-time training reuses it)."""
+    return LossConfig.from_dict(metadata.get("loss_config", {}))
+
+
+def check_student_matches(metadata: dict[str, Any], cache: FeatureCache, what: str) -> None:
+    """Refuse a student trained on another teacher, input or layers than ``cache``."""
+    cache.spec.check_layout(metadata["layout"], f"the student's teacher layout and {what} {cache.url!r}")
