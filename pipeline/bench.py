@@ -5,6 +5,7 @@ device, with the same model and batch, and prints the ratio (the number to compa
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import tempfile
@@ -126,23 +127,40 @@ class TrainBench:
         return self.online_epoch_s / self.cached_epoch_s
 
 
+def _tree_rss(root: "psutil.Process") -> int:
+    """Summed RSS of ``root`` and its children now; processes that end or deny access meanwhile count as 0."""
+    import psutil
+
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
+
+
 def _peak_tree_rss(command: list[str]) -> float:
-    """Run ``command`` and return the peak summed RSS (MiB) of it and its children, sampled every 50 ms."""
+    """Run ``command`` and return the peak summed RSS (MiB) of it and its children, sampled every 50 ms.
+
+    The child's stderr goes to a temporary file (a pipe nobody reads would block it past 64 KiB) and its tail
+    is quoted if the command fails.
+    """
     import subprocess
 
     import psutil
 
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-        except psutil.Error:
-            continue
-        peak = max(peak, total)
-        time.sleep(0.05)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        root, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(root))
+            time.sleep(0.05)
+        if proc.returncode:
+            errors.seek(0)
+            raise RuntimeError(f"{' '.join(command)} failed: {errors.read().decode(errors='replace')[-500:]}")
     return peak / 2**20
 
 
@@ -166,7 +184,10 @@ def bench_train(workdir: Path, teacher_name: str, images: int, batch_size: int, 
 
     from stages.apm import APM, config_for_cache
     from stages.teacher import TeacherConfig
-    from stages.train import Normalizer, TrainConfig, make_optimizer, sample_locations, train, train_step
+    from stages.inputs import PixelNormalizer
+    from stages.objectives import LossConfig
+    from stages.objectives import location_generator, sample_locations
+    from stages.train import TrainConfig, fit_target_scales, make_optimizer, train, train_step
     from storage.stream import CacheStream
     from torch.utils.data import DataLoader
 
@@ -183,19 +204,23 @@ def bench_train(workdir: Path, teacher_name: str, images: int, batch_size: int, 
     samples = sum(len(b["labels"]) for b in batches)
 
     train_config = TrainConfig(caches=(cache,), out=str(workdir / "run"), preset=preset, batch_size=batch_size, epochs=1, loader_workers=loader_workers,
-                               device=device, warmup_steps=1, locations=locations, window_samples=window)
+                               device=device, warmup_steps=1, locations=locations, window_samples=window,
+                               loss=LossConfig(logit_weight=0.0))
     teacher = teacher_for(extract_config)
     dev = teacher.device
-    normalize = Normalizer(stream.spec.data_config).to(dev)
+    normalize = PixelNormalizer(stream.spec.data_config).to(dev)
 
     def student_epoch(targets_of: Callable[[dict], list[torch.Tensor]]) -> float:
-        model = APM(config_for_cache(stream.spec, preset)).to(dev)
+        model = APM(config_for_cache(stream.spec, preset))
+        fit_target_scales(model, stream)
+        model = model.to(dev)
         optimizer, scheduler = make_optimizer(model, train_config, len(batches), dev)
         begin = time.perf_counter()
         for step, batch in enumerate(batches):
-            where = sample_locations(len(batch["labels"]), model.config.num_tokens, locations, 0, step)
+            cfg = model.config
+            where = sample_locations(len(batch["labels"]), cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, locations, location_generator(0, 0, step))
             where = None if where is None else where.to(dev)
-            train_step(model, model, optimizer, scheduler, normalize(batch["pixels"].to(dev)), targets_of(batch), where, train_config, dev.type == "cuda")
+            train_step(model, model, optimizer, scheduler, normalize(batch["pixels"].to(dev)), targets_of(batch), where, train_config.loss, dev.type == "cuda")
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - begin

@@ -252,7 +252,7 @@ def verify(
     rows = [(f"layer {layer}", f"max |diff| {s['max_abs']:.3g}, min cosine {s['min_cosine']:.6f}") for layer, s in report.levels.items()]
     if report.logits_max_abs is not None:
         rows.append(("logits", f"max |diff| {report.logits_max_abs:.3g}"))
-    out_console.print(_table(f"apmpipe verify: {report.samples} samples recomputed", rows))
+    out_console.print(_table(f"apmpipe verify: {report.samples} samples recomputed in {report.precision}", rows))
 
 
 class Preset(str, Enum):
@@ -301,17 +301,21 @@ def train(
     trigger_channels: Annotated[Optional[int], typer.Option(help="Conv filter output channels (T = channels x grid).")] = None,
     pos_dim: Annotated[Optional[int], typer.Option(help="Location code width (0: as wide as T).")] = None,
     level_mode: Annotated[LevelMode, typer.Option(help="heads: one output head per level on a shared trunk; query: level code in the query.")] = LevelMode.heads,
-    rgb_weight: Annotated[float, typer.Option(help="Weight of the pixel reconstruction loss (0 disables the rgb head).")] = 1.0,
-    mse_weight: Annotated[float, typer.Option(help="Weight of MSE on teacher tokens, per level.")] = 1.0,
-    cosine_weight: Annotated[float, typer.Option(help="Weight of (1 - cosine) on teacher tokens, per level.")] = 0.0,
-    locations: Annotated[int, typer.Option(help="Random locations per image per step (0: all).")] = 0,
-    epochs: Annotated[int, typer.Option(help="Passes over the caches.")] = 10,
+    locations: Annotated[int, typer.Option(help="Random grid locations per image per step, besides the prefix tokens (0: all).")] = 16,
+    epochs: Annotated[int, typer.Option(help="Passes over the caches (0: enough for --min-steps steps).")] = 0,
+    min_steps: Annotated[int, typer.Option(help="With --epochs 0: train at least this many steps (whole epochs).")] = 4000,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: run all epochs).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per step per rank.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(help="Images per step per rank.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.05,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay.")] = 100,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps (at most 5% of the run) before cosine decay.")] = 200,
     clip_grad: Annotated[float, typer.Option(help="Gradient norm clip (0: off).")] = 1.0,
+    mse_weight: Annotated[float, typer.Option(help="Weight of MSE on standardised teacher tokens, per level.")] = 1.0,
+    prefix_weight: Annotated[float, typer.Option(help="Extra weight of the prefix tokens' (CLS, registers) MSE.")] = 1.0,
+    cosine_weight: Annotated[float, typer.Option(help="Weight of (1 - cosine) on teacher tokens, per level.")] = 0.0,
+    logit_weight: Annotated[float, typer.Option(help="Weight of KL to the teacher's cached logits through its stored head (0: off).")] = 1.0,
+    kd_temperature: Annotated[float, typer.Option(help="Temperature of that KL.")] = 2.0,
+    rgb_weight: Annotated[float, typer.Option(help="Weight of the pixel reconstruction loss (0 disables the rgb head).")] = 0.1,
     window_samples: Annotated[int, typer.Option(help="Shuffle window in samples; loader memory is about (2 x workers + 1) windows.")] = 512,
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes reading the cache.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and location sampling.")] = 0,
@@ -329,13 +333,13 @@ def train(
     from .console import TrainProgress
     from .report import plot_losses
 
-    values = apply_config_file(ctx, dict(ctx.params), config, TrainConfig.field_names())
+    values = apply_config_file(ctx, dict(ctx.params), config, TrainConfig.option_names())
     values["hidden"] = parse_int_list(values["hidden"], "--hidden") if isinstance(values["hidden"], str) else values["hidden"]
     values = {k: (v.value if isinstance(v, Enum) else v) for k, v in values.items()}
     values["storage_options"] = parse_storage_options(values.pop("storage_option"))
     values.pop("config")
     values.pop("ctx", None)
-    train_config = TrainConfig(**{**values, "caches": tuple(values["caches"]), "hidden": tuple(values["hidden"]) if values["hidden"] else None})
+    train_config = TrainConfig.from_options({**values, "caches": tuple(values["caches"]), "hidden": tuple(values["hidden"]) if values["hidden"] else None})
     with TrainProgress() as progress:
         summary = run_train(train_config, on_step=progress.step,
                             on_start=lambda model, total: (err_console.print(f"student: {model.num_params() / 1e6:.2f} M parameters, {model.flops_per_image() / 1e9:.3f} GFLOPs per image (all locations)", highlight=False), progress.start(total, 0)))
@@ -373,15 +377,18 @@ def eval_command(
     train_cache: Annotated[Optional[str], typer.Option(help="Training cache: fits weighted k-NN and a linear probe on global features.")] = None,
     class_embeddings: Annotated[Optional[Path], typer.Option(help="classes x dim .npy of text embeddings (CLIP zero-shot through the cached projection head).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN_DIR/eval-<cache name>).")] = None,
+    feature: Annotated[str, typer.Option(help="Global feature for k-NN/probe: pooled (what the teacher's head reads), cls, mean-patch.")] = "pooled",
+    level: Annotated[int, typer.Option(help="Level (1-based, -1 = last) whose tokens give the global feature.")] = -1,
     batch_size: Annotated[int, typer.Option(help="Images per student forward.")] = 64,
-    max_samples: Annotated[int, typer.Option(help="Evaluate only the first N samples (0: all).")] = 0,
+    max_samples: Annotated[int, typer.Option(help="Evaluate a seeded random subset of N samples across all shards (0: all).")] = 0,
     knn_k: Annotated[int, typer.Option(help="Neighbours for weighted k-NN.")] = 20,
     knn_temperature: Annotated[float, typer.Option(help="Temperature of k-NN vote weights exp(sim/T).")] = 0.07,
     ttt_steps: Annotated[int, typer.Option(help="Test-time training steps per sample (0: no TTT).")] = 0,
     ttt_lr: Annotated[float, typer.Option(help="TTT learning rate (AdamW, reset per sample).")] = 1e-4,
     ttt_locations: Annotated[int, typer.Option(help="Random locations per TTT step (0: all).")] = 0,
     ttt_from: Annotated[TTTStart, typer.Option(help="Start each sample's TTT from the trained student or from fresh weights.")] = TTTStart.trained,
-    ttt_samples: Annotated[int, typer.Option(help="Run TTT on the first N samples (0: all evaluated).")] = 0,
+    ttt_samples: Annotated[int, typer.Option(help="Run TTT on a seeded random subset of N samples (0: as --max-samples).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the sample subsets, the probe's split and TTT.")] = 0,
     device: DeviceOption = "auto",
     storage_option: StorageOptions = [],
 ) -> None:
@@ -392,7 +399,7 @@ def eval_command(
 
     config = EvalConfig(
         cache=cache, student=student, train_cache=train_cache, class_embeddings=str(class_embeddings) if class_embeddings else None,
-        batch_size=batch_size, max_samples=max_samples, knn_k=knn_k, knn_temperature=knn_temperature, ttt_steps=ttt_steps, ttt_lr=ttt_lr,
+        feature=feature, level=level, seed=seed, batch_size=batch_size, max_samples=max_samples, knn_k=knn_k, knn_temperature=knn_temperature, ttt_steps=ttt_steps, ttt_lr=ttt_lr,
         ttt_locations=ttt_locations, ttt_from=ttt_from.value, ttt_samples=ttt_samples, device=device, storage_options=parse_storage_options(storage_option),
     )
     report = evaluate(config)
@@ -406,26 +413,37 @@ def eval_command(
     print_eval_report(report, folder / "report.json")
 
 
+def _fidelity_line(f: dict[str, float]) -> str:
+    """Cosine and R^2 per token kind, the constant baseline's cosine beside."""
+    parts = []
+    for part in ("patch", "prefix"):
+        if f"{part}_cosine" in f:
+            base = f" (mean token {f[part + '_baseline_cosine']:.3f}), R2 {f[part + '_r2']:.3f}" if f"{part}_r2" in f else ""
+            parts.append(f"{part} cos {f[part + '_cosine']:.3f}{base}")
+    return "; ".join(parts)
+
+
 def print_eval_report(report: dict[str, Any], json_path: Path) -> None:
     """The eval report as terminal tables."""
     rows = [("samples", str(report["samples"]))]
     for layer, f in report["fidelity"].items():
-        prefix = f", prefix cos {f['prefix_cosine']:.4f} mse {f['prefix_mse']:.4g}" if "prefix_cosine" in f else ""
-        rows.append((f"fidelity layer {layer}", f"patch cos {f['patch_cosine']:.4f} mse {f['patch_mse']:.4g}{prefix}"))
+        rows.append((f"fidelity layer {layer}", _fidelity_line(f)))
     for key, result in report["classification"].items():
         if isinstance(result, dict):
             s, t = result["student"], result["teacher"]
-            rows.append((result["method"], f"student top-1 {s['top1']:.3f} top-5 {s['top5']:.3f} | teacher top-1 {t['top1']:.3f} top-5 {t['top5']:.3f} | agreement {result['agreement']:.3f}"))
+            rows.append((result["method"], f"student top-1 {s['top1']:.3f} ({s['top1'] / max(t['top1'], 1e-9):.3f}x teacher) | teacher {t['top1']:.3f} | agree {result['agreement']:.3f}"))
         else:
             rows.append((key.replace("_", " "), result))
     if "ttt" in report:
         t = report["ttt"]
-        rows.append(("test-time training", f"{t['samples']} samples x {t['steps']} steps from {t['start']}: loss {t['loss_before']:.4f} -> {t['loss_after']:.4f}, {t['ms_per_sample']:.1f} ms/sample"))
+        rows.append(("test-time training", f"{t['samples']} samples x {t['steps']} steps from {t['start']}: {t['ms_per_step']:.1f} ms/step ({t['threads']} threads)"))
         last = list(t["fidelity_after"])[-1]
-        rows.append(("  TTT fidelity, last level", f"patch cos {t['fidelity_before'][last]['patch_cosine']:.4f} -> {t['fidelity_after'][last]['patch_cosine']:.4f}"))
-        for key in ("head_before", "head_after", "knn_after"):
-            if key in t:
-                rows.append((f"  TTT {key.replace('_', ' ')}", f"top-1 {t[key]['top1']:.3f} top-5 {t[key]['top5']:.3f}"))
+        rows.append(("  TTT fidelity, last level", f"before: {_fidelity_line(t['fidelity_before'][last])}; after: {_fidelity_line(t['fidelity_after'][last])}"))
+        for key in ("head", "knn"):
+            if f"{key}_before" in t:
+                b, a = t[f"{key}_before"], t[f"{key}_after"]
+                teacher = f" (teacher {t['teacher_head']['top1']:.3f})" if key == "head" and "top1" in t.get("teacher_head", {}) else ""
+                rows.append((f"  TTT {key} top-1", f"{b.get('top1', float('nan')):.3f} -> {a.get('top1', float('nan')):.3f}{teacher}"))
     rows.append(("report", str(json_path)))
     out_console.print(_table("apmpipe eval", rows))
 
@@ -457,8 +475,8 @@ def islands(
 def demo(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Folder for data, caches, student and the report.")] = Path("demo-out"),
-    quick: Annotated[bool, typer.Option("--quick", help="A smaller run (under a minute on 2 CPU cores).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for the random-init teacher, student and data order.")] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="A shorter teacher recipe and a 150-step student (for tests).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the train/val split, the teacher, the student and data order.")] = 0,
 ) -> None:
     """The whole pipeline offline on bundled real images (scikit-learn digits), with a report folder."""
     from .demo import run_demo

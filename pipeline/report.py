@@ -25,9 +25,10 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     steps = [r["step"] for r in records]
-    keys = ["loss"] + sorted({k for r in records for k in r if k.startswith("loss_level_")}) + (["loss_rgb"] if any("loss_rgb" in r for r in records) else [])
+    extras = [k for k in ("loss_logits", "loss_rgb") if any(k in r for r in records)]
+    keys = ["loss"] + sorted({k for r in records for k in r if k.startswith("loss_level_")}) + extras
     for key in keys:
-        label = "total" if key == "loss" else key.replace("loss_level_", "level ").replace("loss_rgb", "rgb")
+        label = "total" if key == "loss" else key.replace("loss_level_", "level ").replace("loss_rgb", "rgb").replace("loss_logits", "KL to teacher logits")
         ax.plot(steps, [r.get(key, float("nan")) for r in records], label=label, linewidth=2 if key == "loss" else 1)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -37,17 +38,21 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def plot_fidelity(fidelity: dict[str, dict[str, float]], path: str | Path) -> Path:
-    """Student-teacher cosine per level (patch and prefix tokens) as a bar chart."""
+    """Explained variance R^2 per level (patch and prefix tokens; 0 = the mean-token baseline), values on the bars.
+    Falls back to cosine for reports without a baseline."""
     path = Path(path)
     layers = list(fidelity)
+    metric = "r2" if any("patch_r2" in f for f in fidelity.values()) else "cosine"
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(layers) + 2), 3.5), dpi=120)
     width = 0.38
     for offset, part in ((-width / 2, "patch"), (width / 2, "prefix")):
-        values = [fidelity[l].get(f"{part}_cosine", float("nan")) for l in layers]
-        ax.bar([i + offset for i in range(len(layers))], values, width, label=f"{part} tokens")
-    ax.set_xticks(range(len(layers)), [f"layer {l}" for l in layers])
-    ax.set_ylim(min(0.0, min(v.get("patch_cosine", 0) for v in fidelity.values())), 1.0)
-    ax.set_ylabel("mean cosine to teacher")
+        values = [fidelity[layer].get(f"{part}_{metric}", float("nan")) for layer in layers]
+        bars = ax.bar([i + offset for i in range(len(layers))], values, width, label=f"{part} tokens")
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+    low = min(0.0, *(v for f in fidelity.values() for k, v in f.items() if k.endswith(f"_{metric}") and "baseline" not in k))
+    ax.set_ylim(low, 1.08)
+    ax.set_ylabel("R² vs mean-token baseline" if metric == "r2" else "mean cosine to teacher")
     ax.set_title("Student fidelity per level")
     return _finish(fig, ax, path)
 

@@ -36,6 +36,9 @@ def test_eval_reports_fidelity_classification_and_ttt(tmp_path: Path, tiny_stude
     assert report["samples"] == 80
     fid = report["fidelity"]
     assert set(fid) == {"1", "2"} and -1 <= fid["2"]["patch_cosine"] <= 1 and "prefix_mse" in fid["2"]
+    # beside every fidelity figure: the mean-token baseline and the explained variance against it
+    assert {"patch_baseline_cosine", "patch_baseline_mse", "patch_r2", "prefix_r2"} <= set(fid["2"])
+    assert report["options"]["ttt_steps"] == 8 and "torch" in report["versions"] and report["student"]["step"] > 0
     cls = report["classification"]
     head = cls["teacher_head"]
     assert 0 <= head["student"]["top1"] <= 1 and 0 <= head["agreement"] <= 1
@@ -43,26 +46,37 @@ def test_eval_reports_fidelity_classification_and_ttt(tmp_path: Path, tiny_stude
     assert cls["knn"]["teacher"]["top1"] > 0.3 and cls["probe"]["teacher"]["top1"] > 0.3
     assert cls["knn"]["student"]["top1"] > 0.2 and cls["probe"]["student"]["top1"] > 0.2
     ttt = report["ttt"]
-    assert ttt["samples"] == 4 and ttt["loss_after"] < ttt["loss_before"] and ttt["ms_per_sample"] > 0
+    assert ttt["samples"] == 4 and ttt["loss_after"] < ttt["loss_before"] and ttt["ms_per_step"] > 0
+    assert {"head_before", "head_after", "knn_before", "knn_after"} <= set(ttt) and len({p["key"] for p in ttt["per_sample"]}) == 4
     for name in ("fidelity.png", "per_class_knn.png", "per_class_probe.png", "per_class_teacher_head.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "test-time training" in result.output and "weighted k-NN" in result.output
 
 
-def test_ttt_from_scratch_and_is_episodic(tmp_path: Path, tiny_student: Path, eval_cache: Path) -> None:
-    out = tmp_path / "r"
-    args = ["eval", eval_cache, "--student", tiny_student, "--out", out, "--max-samples", "6", "--ttt-steps", "5", "--ttt-lr", "3e-3"]
-    assert run_cli(*args, "--ttt-samples", "3").exit_code == 0
-    three = json.loads((out / "report.json").read_text())["ttt"]
-    assert run_cli(*args, "--ttt-samples", "1").exit_code == 0
-    one = json.loads((out / "report.json").read_text())["ttt"]
-    # the first sample's result does not depend on how many samples follow, and later samples start fresh
-    assert one["samples"] == 1 and three["samples"] == 3
-    assert one["per_sample"][0] == three["per_sample"][0]
-    assert all(p["loss_after"] < p["loss_before"] for p in three["per_sample"])
-    assert run_cli(*args, "--ttt-samples", "2", "--ttt-from", "scratch").exit_code == 0
-    scratch = json.loads((out / "report.json").read_text())["ttt"]
-    assert scratch["start"] == "scratch" and scratch["loss_after"] < scratch["loss_before"]
+def test_ttt_is_episodic_and_seeded_per_sample(tiny_student: Path, eval_cache: Path) -> None:
+    from stages.inputs import PixelNormalizer
+    from stages.student import load_model, loss_config_of
+    from stages.ttt import EpisodicTTT, TTTConfig
+
+    cache = FeatureCache.open(str(eval_cache))
+    model, metadata = load_model(str(tiny_student), torch.device("cpu"))
+    data = cache.read(cache.complete_shards()[0], 0, 2)
+    normalize = PixelNormalizer(cache.spec.data_config)
+    samples = [(normalize(torch.from_numpy(data.pixels[i : i + 1])), [torch.from_numpy(t[i : i + 1]) for t in data.tokens],
+                torch.from_numpy(data.logits[i : i + 1])) for i in range(2)]
+    ttt = EpisodicTTT(model, loss_config_of(metadata), TTTConfig(steps=5, lr=3e-3, locations=2), None)
+    first, second = ttt.adapt(7, *samples[0]), ttt.adapt(8, *samples[1])
+    ttt.restore()
+    alone = EpisodicTTT(model, loss_config_of(metadata), TTTConfig(steps=5, lr=3e-3, locations=2), None).adapt(8, *samples[1])
+    # sample k is unaffected by sample k-1: same weights, optimiser state and location draws as when run alone
+    assert first.loss_after < first.loss_before and second.loss_after < second.loss_before
+    assert second.loss_after == alone.loss_after and all(torch.equal(a, b) for a, b in zip(second.after, alone.after))
+    other_seed = ttt.adapt(9, *samples[1])  # another sample seed draws other locations
+    assert other_seed.loss_after != second.loss_after
+    ttt.restore()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ttt.start_weights.items())
+    scratch = EpisodicTTT(model, loss_config_of(metadata), TTTConfig(steps=5, lr=3e-3, start="scratch"), None).adapt(8, *samples[1])
+    assert scratch.loss_after < scratch.loss_before
 
 
 def test_unlabelled_cache_gives_fidelity_and_says_why(tmp_path: Path, tiny_student: Path, eval_cache: Path) -> None:
@@ -81,7 +95,7 @@ def test_student_of_another_teacher_is_refused(capsys: pytest.CaptureFixture, tm
     other = tmp_path / "other.zarr"
     assert run_cli("extract", digit_shards[0], "--out", other, *TINY_VIT, "--layers", "-1", *FAST).exit_code == 0
     result = run_main(capsys, "eval", other, "--student", tiny_student)
-    assert result.returncode == 2 and "differs in levels" in result.stderr and result.stderr.strip().count("\n") == 0
+    assert result.returncode == 2 and "differs in levels" in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
     result = run_main(capsys, "eval", other, "--student", tmp_path / "nope")
     assert result.returncode == 2 and "no trained student" in result.stderr
 

@@ -29,7 +29,7 @@ def test_student_learns_from_cache(tmp_path: Path, tiny_cache: Path) -> None:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 6 * 15
     first, last = records[0], records[-1]
-    assert last["loss"] < 0.5 * first["loss"], (first, last)
+    assert last["loss"] < 0.8 * first["loss"], (first, last)
     assert last["loss_level_1"] < first["loss_level_1"] and last["loss_level_2"] < first["loss_level_2"] and last["loss_rgb"] < first["loss_rgb"]
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     weights, meta = load_student(run)

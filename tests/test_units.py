@@ -50,15 +50,15 @@ def test_location_codes_are_distinct_and_fixed() -> None:
 
 def test_student_handles_inputs_that_do_not_tile_the_grid() -> None:
     from stages.apm import APM, APMConfig
-    from stages.train import rgb_loss
+    from stages.objectives import rgb_loss
 
     config = APMConfig(in_chans=1, image_size=(230, 224), grid=(16, 16), prefix_tokens=2, level_dims=(24, 40), hidden=(32,))
     model = APM(config)
     images = torch.randn(2, 1, 230, 224)
     out = model(images)
     assert [tuple(t.shape) for t in out["tokens"]] == [(2, 258, 24), (2, 258, 40)]
-    assert config.tiled_size == (224, 224) and torch.isfinite(rgb_loss(out["rgb"], images, None, model))
+    assert config.tiled_size == (224, 224) and torch.isfinite(rgb_loss(model, out["rgb"], images, None))
     locations = torch.tensor([[0, 5, 257], [1, 2, 3]])
     assert [tuple(t.shape) for t in model(images, locations)["tokens"]] == [(2, 3, 24), (2, 3, 40)]
-    chunked = model.forward_intermediates(images, chunk=7)
+    chunked = model.predict_tokens(images, chunk=7)
     torch.testing.assert_close(chunked[1], out["tokens"][1].detach(), rtol=1e-5, atol=1e-5)
