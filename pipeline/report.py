@@ -10,9 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _finish(fig: plt.Figure, ax: plt.Axes, path: Path, grid_axis: str = "y") -> Path:
+def _finish(fig: plt.Figure, ax: plt.Axes, path: Path, grid_axis: str = "y", legend: bool = True) -> Path:
     """Legend, light grid, tight layout; write the PNG and free the figure."""
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8)
     ax.grid(True, axis=grid_axis, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -57,17 +58,36 @@ def plot_fidelity(fidelity: dict[str, dict[str, float]], path: str | Path) -> Pa
     return _finish(fig, ax, path)
 
 
+MAX_CLASS_BARS = 40
+
+
 def plot_per_class(per_class: dict[str, list[float]], title: str, path: str | Path, class_names: list[str] | None = None) -> Path:
-    """Top-1 accuracy per class, student beside teacher."""
+    """Top-1 accuracy per class, student beside teacher: one bar pair per class up to ``MAX_CLASS_BARS`` classes,
+    else the distribution of per-class accuracies (a histogram stays readable for 1,000+ classes)."""
     path = Path(path)
     classes = len(per_class["student"])
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * classes + 2), 3.5), dpi=120)
+    if classes > MAX_CLASS_BARS:
+        return _per_class_histogram(per_class, title, path)
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * classes + 2), 3.8), dpi=120)
     width = 0.4
     for offset, who in ((-width / 2, "student"), (width / 2, "teacher")):
         ax.bar([i + offset for i in range(classes)], per_class[who], width, label=who)
     names = class_names if class_names and len(class_names) == classes else [str(i) for i in range(classes)]
     ax.set_xticks(range(classes), names, rotation=45 if classes > 12 else 0, fontsize=7 if classes > 12 else 9)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.18)  # headroom: the legend sits above the bars, never on them
     ax.set_ylabel("top-1 accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    return _finish(fig, ax, path, legend=False)
+
+
+def _per_class_histogram(per_class: dict[str, list[float]], title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    bins = [i / 20 for i in range(21)]
+    for who in ("student", "teacher"):
+        values = [v for v in per_class[who] if v == v]  # classes absent from the samples are NaN
+        ax.hist(values, bins=bins, alpha=0.55, label=f"{who} ({len(values)} classes)")
+    ax.set_xlabel("per-class top-1 accuracy")
+    ax.set_ylabel("classes")
     ax.set_title(title)
     return _finish(fig, ax, path)
