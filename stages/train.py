@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+import types
+import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
@@ -50,7 +52,9 @@ class TrainConfig:
     pos_dim: int | None = None
     level_mode: str = "heads"
     loss: LossConfig = LossConfig()
+    standardize: bool = True
     locations: int = 16
+    echo: int = 1
     epochs: int = 0
     min_steps: int = 4000
     max_steps: int = 0
@@ -71,7 +75,7 @@ class TrainConfig:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        require_at_least(self, ("batch_size", "window_samples", "checkpoint_every", "log_every"), 1)
+        require_at_least(self, ("batch_size", "echo", "window_samples", "checkpoint_every", "log_every"), 1)
         require_at_least(self, ("epochs", "min_steps", "max_steps", "locations", "warmup_steps", "loader_workers"), 0)
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
@@ -87,10 +91,35 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from flat options (loss weights beside the rest)."""
+        """Build from flat options (loss weights beside the rest), checking every value's type (TOML files too)."""
+        values = {k: _checked(k, v) for k, v in values.items()}
         loss_names = {f.name for f in fields(LossConfig)}
         loss = LossConfig(**{k: v for k, v in values.items() if k in loss_names})
         return cls(**{k: v for k, v in values.items() if k not in loss_names}, loss=loss)
+
+
+def _option_types() -> dict[str, Any]:
+    return {**typing.get_type_hints(LossConfig), **typing.get_type_hints(TrainConfig)}
+
+
+def _checked(name: str, value: Any) -> Any:
+    """``value`` as option ``name``'s declared type (ints for floats are widened); ConfigError naming both."""
+    expected = _option_types().get(name)
+    if expected is None:
+        raise ConfigError(f"unknown training option {name!r}; see apmpipe train --help")
+    if value is None and type(None) in typing.get_args(expected):
+        return value
+    base = next((t for t in typing.get_args(expected) if t is not type(None)), expected) if typing.get_origin(expected) in (typing.Union, types.UnionType) else expected
+    origin = typing.get_origin(base) or base
+    if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        item = typing.get_args(base)[0]
+        if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+    elif isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"training option {name!r} must be {getattr(base, '__name__', str(base))}, got {value!r}")
 
 
 @dataclass
@@ -111,10 +140,11 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 
 
 def planned_steps(stream: CacheStream, config: TrainConfig) -> tuple[int, int]:
-    """(epochs, total steps): ``--max-steps`` wins; ``--epochs 0`` sizes the run to ``min_steps`` (>= 1 epoch)."""
-    per_epoch = stream.steps_per_epoch()
+    """(epochs, total steps): ``--max-steps`` wins; ``--epochs 0`` sizes the run to ``min_steps`` (>= 1 epoch).
+    Each loaded batch gives ``echo`` steps."""
+    per_epoch = stream.steps_per_epoch() * config.echo
     epochs = config.epochs or max(1, math.ceil(config.min_steps / per_epoch))
-    return epochs, config.max_steps or sum(stream.steps_per_epoch(epoch) for epoch in range(epochs))
+    return epochs, config.max_steps or config.echo * sum(stream.steps_per_epoch(epoch) for epoch in range(epochs))
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
@@ -148,10 +178,11 @@ def teacher_head(url: str, config: TrainConfig, device: torch.device) -> Teacher
     return TeacherHead(*stored).to(device).requires_grad_(False) if stored else None
 
 
-def fit_target_scales(model: APM, stream: CacheStream) -> None:
-    """Standardise each level's targets with the training caches' moments (stored in the student)."""
+def fit_target_scales(model: APM, stream: CacheStream, standardize: bool = True) -> None:
+    """Standardise each level's targets with the training caches' moments (stored in the student, with the
+    mean-token baseline); ``standardize=False`` trains on raw targets."""
     for scale, moments in zip(model.scales, stream.moments):
-        scale.fit(torch.from_numpy(moments.mean).float(), torch.from_numpy(moments.variance).float(), model.config.prefix_tokens)
+        scale.fit(torch.from_numpy(moments.mean).float(), torch.from_numpy(moments.variance).float(), model.config.prefix_tokens, standardize)
 
 
 def train_step(
@@ -227,7 +258,7 @@ def _set_up(config: TrainConfig) -> _Run:
     _, total_steps = planned_steps(stream, config)
     torch.manual_seed(config.seed)
     model = APM(model_cfg)
-    fit_target_scales(model, stream)
+    fit_target_scales(model, stream, config.standardize)
     model = model.to(device)
     optimizer, scheduler = make_optimizer(model, config, total_steps, device)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
@@ -261,6 +292,18 @@ def _checkpoint(run: _Run) -> None:
         dist.barrier()
 
 
+def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logits: torch.Tensor | None) -> Losses:
+    """One optimiser step on a batch with this step's locations (seeded by seed, rank and step)."""
+    cfg = run.model.config
+    generator = location_generator(run.config.seed, run.rank, run.step)
+    locations = sample_locations(images.shape[0], cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, run.config.locations, generator)
+    locations = None if locations is None else locations.to(run.device)
+    losses = train_step(run.net, run.model, run.optimizer, run.scheduler, images, targets, locations, run.config.loss, run.amp,
+                        run.config.clip_grad, run.head, logits)
+    run.step += 1
+    return losses
+
+
 def _batches(run: _Run):
     """(stream position after the batch, batch) from the current position to the end of training, epoch after epoch."""
     loader_kwargs: dict[str, Any] = {"batch_size": None, "num_workers": run.config.loader_workers, "pin_memory": run.device.type == "cuda"}
@@ -291,34 +334,37 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
             on_start(run.model, run.total_steps)
 
     start, samples, first_loss, last_loss = time.perf_counter(), 0, float("nan"), float("nan")
-    model_cfg, layers = run.model.config, [level.layer for level in run.stream.spec.levels]
+    layers, waited, ready = [level.layer for level in run.stream.spec.levels], 0.0, time.perf_counter()
     for position, batch in (_batches(run) if run.step < run.total_steps else ()):
+        waited += time.perf_counter() - ready  # the step waited this long for the loader
         images = run.normalize(batch["pixels"].to(run.device, non_blocking=True))
         targets = [t.to(run.device, non_blocking=True) for t in batch["tokens"]]
         logits = batch["logits"].to(run.device, non_blocking=True) if "logits" in batch else None
-        generator = location_generator(config.seed, run.rank, run.step)
-        locations = sample_locations(images.shape[0], model_cfg.prefix_tokens, model_cfg.num_tokens - model_cfg.prefix_tokens, config.locations, generator)
-        locations = None if locations is None else locations.to(run.device)
-        losses = train_step(run.net, run.model, run.optimizer, run.scheduler, images, targets, locations, config.loss, run.amp, config.clip_grad, run.head, logits)
-        record = losses.record(layers)
-        run.step, run.position = run.step + 1, position
-        samples += images.shape[0] * run.world
-        last_loss = record["loss"]
-        first_loss = last_loss if math.isnan(first_loss) else first_loss
-        if run.rank == 0 and (run.step % config.log_every == 0 or run.step == run.total_steps):
-            record = {"step": run.step, "epoch": position.epoch, "lr": run.scheduler.get_last_lr()[0], **record,
-                      "samples_per_s": samples / (time.perf_counter() - start)}
-            run.run_dir.append_metrics(record)
-            if on_step:
-                on_step(run.step, run.total_steps, record)
-        if run.step % config.checkpoint_every == 0 or run.step == run.total_steps:
-            _checkpoint(run)
+        first_step = run.step
+        for _ in range(config.echo):  # echoed steps reuse the loaded batch, each with fresh locations
+            record = _optimise(run, images, targets, logits).record(layers)
+            last_loss = record["loss"]
+            first_loss = last_loss if math.isnan(first_loss) else first_loss
+            if run.rank == 0 and (run.step % config.log_every == 0 or run.step == run.total_steps):
+                record = {"step": run.step, "epoch": position.epoch, "lr": run.scheduler.get_last_lr()[0], **record,
+                          "samples_per_s": samples / max(time.perf_counter() - start, 1e-9), "data_wait_s": waited}
+                waited = 0.0
+                run.run_dir.append_metrics(record)
+                if on_step:
+                    on_step(run.step, run.total_steps, record)
+            if run.step >= run.total_steps:
+                break
+        run.position = position
+        samples += images.shape[0] * run.world * (run.step - first_step)  # trained samples, echoes included
+        if run.step // config.checkpoint_every > first_step // config.checkpoint_every or run.step >= run.total_steps:
+            _checkpoint(run)  # at batch boundaries only: a resumed run restarts exactly after a whole (echoed) batch
         if run.step >= run.total_steps:
             break
+        ready = time.perf_counter()
 
     student = str(run.run_dir.save_student(run.model.state_dict(), run.metadata())) if run.rank == 0 else ""
     if run.world > 1:
         dist.barrier()
-    return TrainSummary(run_dir=config.out, steps=run.step, epochs_done=run.step / run.stream.steps_per_epoch(), seconds=time.perf_counter() - start,
+    return TrainSummary(run_dir=config.out, steps=run.step, epochs_done=run.step / (run.stream.steps_per_epoch() * config.echo), seconds=time.perf_counter() - start,
                         samples=samples, first_loss=first_loss, last_loss=last_loss, params=run.model.num_params(),
                         flops_per_image=run.model.flops_per_image(), student=student)

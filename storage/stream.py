@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
+import fsspec
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -76,6 +78,15 @@ def open_caches(urls: Sequence[str], storage_options: dict | None = None) -> lis
     return caches
 
 
+def canonical_url(url: str) -> str:
+    """One spelling per location: protocol plus absolute path (local paths resolved, trailing slashes dropped)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return "file://" + os.path.realpath(path)
+    return f"{protocol}://{path.rstrip('/')}"
+
+
 def _summed_moments(caches: Sequence[FeatureCache]) -> list[TokenMoments]:
     """Token moments per level over every complete shard of ``caches`` (fits the student's target scales)."""
     per_cache = [cache.token_moments() for cache in caches]
@@ -126,8 +137,10 @@ class CacheStream(IterableDataset):
 
     # -- the plan (indices only) -----------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Identifies the plan: the blocks read and how they are dealt. Equal fingerprints give equal epochs."""
-        text = json.dumps([self.urls, [asdict(b) for b in self.blocks], self.batch_size, self.window, self.seed, self.world_size])
+        """Identifies the plan: the blocks read and how they are dealt. Equal fingerprints give equal epochs.
+        Caches are named by canonical URL (``./c.zarr`` and ``/abs/c.zarr`` are one cache)."""
+        urls = [canonical_url(url) for url in self.urls]
+        text = json.dumps([urls, [asdict(b) for b in self.blocks], self.batch_size, self.window, self.seed, self.world_size])
         return hashlib.sha1(text.encode()).hexdigest()
 
     def _rank_blocks(self, epoch: int) -> list[list[Block]]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import zarr
 
@@ -91,8 +92,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
-def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache: Path) -> None:
-    args = ["train", str(tiny_cache), *TRAIN_FAST, "--loader-workers", "1", "--max-steps", "40", "--checkpoint-every", "4", "--warmup-steps", "3", "--locations", "3"]
+@pytest.mark.parametrize("echo", [1, 3])
+def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache: Path, echo: int) -> None:
+    args = ["train", str(tiny_cache), *TRAIN_FAST, "--loader-workers", "1", "--max-steps", "40", "--checkpoint-every", "4", "--warmup-steps", "3",
+            "--locations", "3", "--echo", str(echo)]
     reference = tmp_path / "ref"
     subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(reference)], check=True, capture_output=True)
     killed = tmp_path / "killed"
@@ -172,3 +175,58 @@ def test_float32_caches_stream_float32_tokens(tiny_cache: Path) -> None:
     assert stream.spec.dtype == "float32"
     batch = next(iter(stream))["batches"][0]
     assert all(t.dtype == torch.float32 for t in batch["tokens"])
+
+
+def test_location_draws_differ_by_rank_and_always_include_prefix_tokens() -> None:
+    from stages.objectives import location_generator, sample_locations
+
+    rank0 = sample_locations(4, 1, 64, 8, location_generator(0, 0, 5))
+    rank1 = sample_locations(4, 1, 64, 8, location_generator(0, 1, 5))
+    again = sample_locations(4, 1, 64, 8, location_generator(0, 0, 5))
+    assert rank0.shape == (4, 9) and (rank0[:, 0] == 0).all() and (rank0[:, 1:] >= 1).all()
+    assert torch.equal(rank0, again) and not torch.equal(rank0, rank1)
+
+
+def test_resume_plan_compares_caches_by_location_not_spelling(tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tiny_cache.parent)
+    relative = CacheStream([f"./{tiny_cache.name}"], 8)
+    absolute = CacheStream([str(tiny_cache)], 8)
+    assert relative.fingerprint() == absolute.fingerprint()
+
+
+def test_toml_values_are_type_checked_and_run_options_refused(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path) -> None:
+    bad_type = tmp_path / "a.toml"
+    bad_type.write_text('lr = "3e-4"\n')
+    result = run_main(capsys, "train", tiny_cache, "--out", tmp_path / "r", "--config", bad_type)
+    assert result.returncode == 2 and "'lr' must be float" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    for text in ('out = "elsewhere"\n', 'caches = ["x.zarr"]\n', "no_such_option = 1\n"):
+        path = tmp_path / "b.toml"
+        path.write_text(text)
+        result = run_main(capsys, "train", tiny_cache, "--out", tmp_path / "r", "--config", path)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    good = tmp_path / "c.toml"
+    good.write_text("lr = 1\nhidden = [16, 16]\nlogit_weight = 0\n")  # ints where floats are declared are fine
+    result = run_main(capsys, "train", tiny_cache, "--out", tmp_path / "r", "--config", good, *TRAIN_FAST, "--max-steps", "2")
+    assert result.returncode == 0, result.stderr
+    _, meta = load_student(tmp_path / "r")
+    assert meta["train_config"]["lr"] == 1.0 and meta["model_config"]["hidden"] == [16, 16] and meta["loss_config"]["logit_weight"] == 0.0
+
+
+def test_per_class_plot_stays_readable_for_many_classes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pipeline.report import plot_per_class
+
+    rng = np.random.default_rng(0)
+    path = plot_per_class({"student": list(rng.random(1500)), "teacher": list(rng.random(1500))}, "1,500 classes", tmp_path / "many.png")
+    with Image.open(path) as image:
+        assert image.size[0] < 2000  # a histogram, not 1,500 bar pairs
+
+
+def test_echo_trains_several_steps_per_loaded_batch(tmp_path: Path, tiny_cache: Path) -> None:
+    run = tmp_path / "run"
+    result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--epochs", "1", "--echo", "3", "--log-every", "1")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 3 * 15 + 1)) and records[-1]["epoch"] == 0
+    assert all(r["data_wait_s"] >= 0 for r in records)
