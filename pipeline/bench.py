@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -239,3 +240,51 @@ def bench_train(workdir: Path, teacher_name: str, images: int, batch_size: int, 
         rss.append((factor * samples, _peak_tree_rss(command)))
     return TrainBench(machine=machine_line(dev), teacher=teacher_name, samples=samples, loader_sps=LOADER_PASSES * samples / loader_seconds, step_sps=samples / step_seconds,
                       cached_epoch_s=cached_seconds, online_epoch_s=online_seconds, rss=rss)
+
+
+ABLATIONS: dict[str, dict[str, object]] = {
+    "defaults": {},
+    "no KL through the head (--logit-weight 0)": {"logit_weight": 0.0},
+    "no target standardisation (--no-standardize)": {"standardize": False},
+    "no extra prefix weight (--prefix-weight 0)": {"prefix_weight": 0.0},
+    "no pixel loss (--rgb-weight 0)": {"rgb_weight": 0.0},
+    "old defaults (MSE only, all locations, lr 5e-4, batch 64, rgb 1)": {
+        "logit_weight": 0.0, "standardize": False, "prefix_weight": 0.0, "rgb_weight": 1.0, "locations": 0, "lr": 5e-4, "batch_size": 64},
+}
+
+
+@dataclass
+class AblationRow:
+    name: str
+    options: dict[str, object]
+    fidelity: dict[str, dict[str, float]]
+    head: dict[str, object]
+    seconds: float
+
+
+def bench_ablation(workdir: Path, steps: int, seed: int = 0, only: list[str] | None = None) -> tuple[dict[str, object], list[AblationRow]]:
+    """Each objective switched off in turn on the demo's trained teacher: held-out R^2 and teacher-head top-1.
+
+    Every run trains ``steps`` steps (``--min-steps``) from the same seed on the same cache; returns the teacher
+    record and one row per run.
+    """
+    from stages.evaluate import EvalConfig, evaluate
+    from stages.reference_teacher import ReferenceRecipe
+    from stages.train import TrainConfig, train
+
+    from .demo import prepare_digit_caches
+
+    data = prepare_digit_caches(workdir, ReferenceRecipe(seed=seed), seed)
+    rows = []
+    for name, options in ABLATIONS.items():
+        if only and not any(word in name for word in only):
+            continue
+        out = workdir / "runs" / f"ablation-{len(rows)}"
+        shutil.rmtree(out, ignore_errors=True)
+        config = TrainConfig.from_options({"caches": (data.train,), "out": str(out), "min_steps": steps, "loader_workers": 1, "seed": seed, **options})
+        start = time.perf_counter()
+        train(config)
+        seconds = time.perf_counter() - start
+        report = evaluate(EvalConfig(cache=data.val, student=str(out), seed=seed))
+        rows.append(AblationRow(name, options, report["fidelity"], report["classification"].get("teacher_head", {}), seconds))
+    return data.teacher, rows

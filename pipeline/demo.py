@@ -46,16 +46,16 @@ class DemoPlan:
         return cls(teacher=recipe, max_steps=0, ttt_samples=20)
 
 
-def _teacher_folder(out: Path, plan: DemoPlan, seed: int) -> tuple[Path, dict[str, Any]]:
+def _teacher_folder(out: Path, recipe: ReferenceRecipe, seed: int) -> tuple[Path, dict[str, Any]]:
     """The trained reference ViT in ``out/teacher`` (trained now unless a folder of the same recipe is there)."""
     folder = out / "teacher"
-    record = trained_record(folder, plan.teacher)
+    record = trained_record(folder, recipe)
     if record is None:
-        err_console.print(f"demo: no pretrained weights offline, so training a small ViT teacher on the digits' train split ({plan.teacher.epochs} epochs)", highlight=False)
+        err_console.print(f"demo: no pretrained weights offline, so training a small ViT teacher on the digits' train split ({recipe.epochs} epochs)", highlight=False)
         images, labels = digit_images(IMAGE_SIZE, "L")
         pixels = np.stack([np.asarray(image) for image in images])
         train_idx, val_idx = digit_split(seed)
-        record = train_reference_vit(folder, (pixels[train_idx], labels[train_idx]), (pixels[val_idx], labels[val_idx]), plan.teacher,
+        record = train_reference_vit(folder, (pixels[train_idx], labels[train_idx]), (pixels[val_idx], labels[val_idx]), recipe,
                                      data_note=f"scikit-learn digits, seeded split {seed}: {len(train_idx)} train / {len(val_idx)} val")
     err_console.print(f"demo: teacher {folder} (trained in {record['seconds']:.0f} s; val top-1 {record['val_top1']:.3f})", highlight=False)
     return folder, record
@@ -74,28 +74,45 @@ def _previous(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run the demo into ``out``; returns the summary written to ``out/summary.json``."""
-    plan = DemoPlan.of(quick, seed)
+@dataclass(frozen=True)
+class DigitCaches:
+    """The demo's trained teacher and its train/val caches (made or reused)."""
+
+    train: str
+    val: str
+    teacher: dict[str, Any]
+    extracted: tuple[ExtractSummary, ExtractSummary]
+
+
+def prepare_digit_caches(out: Path, recipe: ReferenceRecipe, seed: int) -> DigitCaches:
+    """Digit shards, the trained reference ViT and its caches in ``out`` (each step reused when already done)."""
     out.mkdir(parents=True, exist_ok=True)
-    previous = _previous(out)
     train_idx, val_idx = digit_split(seed)
     train_shards = write_digit_shards(out / "data", prefix="train", indices=train_idx, per_shard=256, size=IMAGE_SIZE)
     val_shards = write_digit_shards(out / "data", prefix="val", indices=val_idx, per_shard=256, size=IMAGE_SIZE)
-    teacher, teacher_record = _teacher_folder(out, plan, seed)
+    teacher, record = _teacher_folder(out, recipe, seed)
     err_console.print("[bold]1/4 extract[/bold] the teacher's tokens (layers 1, 2), pixels and logits, once")
-    train_summary = _extract(train_shards, out / "cache" / "train.zarr", teacher)
-    val_summary = _extract(val_shards, out / "cache" / "val.zarr", teacher)
+    caches = out / "cache" / "train.zarr", out / "cache" / "val.zarr"
+    summaries = _extract(train_shards, caches[0], teacher), _extract(val_shards, caches[1], teacher)
+    return DigitCaches(str(caches[0]), str(caches[1]), {**record, "folder": str(teacher)}, summaries)
+
+
+def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run the demo into ``out``; returns the summary written to ``out/summary.json``."""
+    plan = DemoPlan.of(quick, seed)
+    previous = _previous(out)
+    data = prepare_digit_caches(out, plan.teacher, seed)
+    train_summary, val_summary = data.extracted
     err_console.print("[bold]2/4 train[/bold] the APM student from the cache (apmpipe train defaults)")
     run_dir = out / "student"
-    config = TrainConfig(caches=(str(out / "cache" / "train.zarr"),), out=str(run_dir), max_steps=plan.max_steps, loader_workers=1, seed=seed,
+    config = TrainConfig(caches=(data.train,), out=str(run_dir), max_steps=plan.max_steps, loader_workers=1, seed=seed,
                          resume=RunDir(run_dir).has_checkpoint())
     with TrainProgress() as progress:
         trained = train(config, on_step=progress.step, on_start=lambda model, total: progress.start(total, 0))
     records = RunDir(run_dir).read_metrics()
     plot_losses(records, out / "loss.png")
     err_console.print("[bold]3/4 eval[/bold] fidelity beside the mean token, classification beside the teacher, test-time training")
-    report = evaluate(EvalConfig(cache=str(out / "cache" / "val.zarr"), student=str(run_dir), train_cache=str(out / "cache" / "train.zarr"),
+    report = evaluate(EvalConfig(cache=data.val, student=str(run_dir), train_cache=data.train,
                                  ttt_steps=10, ttt_lr=1e-3, ttt_locations=16, ttt_samples=plan.ttt_samples, seed=seed))
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     plot_fidelity(report["fidelity"], out / "fidelity.png")
@@ -103,11 +120,11 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         if isinstance(result, dict):
             plot_per_class(result["per_class"], f"{result['method']}: per-class top-1", out / f"per_class_{key}.png")
     err_console.print("[bold]4/4 islands[/bold] of agreement")
-    pictures = islands(str(run_dir), [str(out / "cache" / "val.zarr")], str(out / "islands.png"), images=4, panel=128)
+    pictures = islands(str(run_dir), [data.val], str(out / "islands.png"), images=4, panel=128)
     fresh_extract = train_summary.images + val_summary.images > 0
     summary = {
-        "teacher": {**teacher_record, "folder": str(teacher)}, "quick": quick,
-        "extract": {"train_images": len(train_idx), "val_images": len(val_idx), "stored_bytes": train_summary.stored_bytes + val_summary.stored_bytes,
+        "teacher": data.teacher, "quick": quick,
+        "extract": {"train_images": train_summary.cache_samples, "val_images": val_summary.cache_samples, "stored_bytes": train_summary.stored_bytes + val_summary.stored_bytes,
                     "images_per_s": train_summary.images_per_second} if fresh_extract or "extract" not in previous else previous["extract"],
         "train": {"steps": trained.steps, "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "seconds": trained.seconds,
                   "params": trained.params, "flops_per_image": trained.flops_per_image, "options": config.to_dict()}

@@ -166,19 +166,25 @@ def gather_locations(values: torch.Tensor, locations: torch.Tensor | None) -> to
 class TargetScale(nn.Module):
     """One level's target standardisation: ``z = (token - mean[loc]) / std[loc]`` and back.
 
-    ``mean`` is the training cache's mean token per location (the constant baseline); ``std`` is per channel,
-    pooled over the grid for patch tokens and per location for each prefix token (CLS, registers), so high-norm
-    tokens and channels do not dominate the loss. Both are buffers saved with the student.
+    ``mean`` is the training cache's mean token per location; ``std`` is per channel, pooled over the grid for
+    patch tokens and per location for each prefix token (CLS, registers), so high-norm tokens and channels do
+    not dominate the loss. ``baseline`` is the mean token per location whether or not targets are standardised
+    (the constant predictor evaluation compares against). All are buffers saved with the student.
     """
 
     def __init__(self, num_tokens: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(num_tokens, dim))
         self.register_buffer("std", torch.ones(num_tokens, dim))
+        self.register_buffer("baseline", torch.zeros(num_tokens, dim))
 
     @torch.no_grad()
-    def fit(self, mean: torch.Tensor, variance: torch.Tensor, prefix_tokens: int) -> None:
-        """Set from per-location moments ``[T, D]`` (see ``storage.cache.TokenMoments``)."""
+    def fit(self, mean: torch.Tensor, variance: torch.Tensor, prefix_tokens: int, standardize: bool = True) -> None:
+        """Set from per-location moments ``[T, D]`` (see ``storage.cache.TokenMoments``); ``standardize=False``
+        keeps the identity (raw targets) and records only the baseline."""
+        self.baseline.copy_(mean)
+        if not standardize:
+            return
         std = variance.clone()
         std[prefix_tokens:] = variance[prefix_tokens:].mean(0, keepdim=True)
         std = std.sqrt()

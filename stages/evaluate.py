@@ -105,7 +105,7 @@ class _Outputs:
 
 def _baselines(model: APM) -> list[torch.Tensor]:
     """The constant predictor per level: the training cache's mean token per location (held by the student)."""
-    return [scale.mean.detach().cpu() for scale in model.scales]
+    return [scale.baseline.detach().cpu() for scale in model.scales]
 
 
 def _pass(ctx: _Context, cache: FeatureCache, subset: dict[str, np.ndarray], batch_size: int, chunk: int, fidelity: TokenFidelity | None) -> _Outputs:

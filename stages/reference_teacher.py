@@ -25,6 +25,7 @@ from storage.errors import ConfigError
 ARCHITECTURE = "vit_tiny_patch16_224"
 MEAN, STD = 0.5, 0.5
 TRAINING_FILE = "training.json"
+TRAIN_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -91,18 +92,31 @@ def train_reference_vit(
         raise ConfigError(f"the reference teacher trains on {recipe.image_size}x{recipe.image_size} grayscale images, got {images.shape[1:]}")
     num_classes = int(max(labels.max(), val[1].max())) + 1
     start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)  # the same teacher whatever the machine's load (float sums depend on threads)
+    try:
+        model, record = _train(images, labels, val, recipe, num_classes)
+    finally:
+        torch.set_num_threads(threads)
+    record.update({"data": data_note, "seconds": time.perf_counter() - start, "torch": torch.__version__, "timm": timm.__version__})
+    _save(model, Path(out_dir), recipe, record)
+    return record
+
+
+def _train(
+    images: np.ndarray, labels: np.ndarray, val: tuple[np.ndarray, np.ndarray], recipe: ReferenceRecipe, num_classes: int,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model and its record (recipe, train/val top-1)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = timm.create_model(ARCHITECTURE, pretrained=False, **recipe.model_args(num_classes))
         train_x, train_y = _normalise(images), torch.from_numpy(labels).long()
         _fit(model, train_x, train_y, recipe)
-    record = {
-        "architecture": ARCHITECTURE, "recipe": asdict(recipe), "num_classes": num_classes, "data": data_note,
+    return model, {
+        "architecture": ARCHITECTURE, "recipe": asdict(recipe), "num_classes": num_classes,
         "train_top1": _accuracy(model, train_x, train_y), "val_top1": _accuracy(model, _normalise(val[0]), torch.from_numpy(val[1]).long()),
-        "train_images": int(len(labels)), "val_images": int(len(val[1])), "seconds": time.perf_counter() - start, "torch": torch.__version__, "timm": timm.__version__,
+        "train_images": int(len(labels)), "val_images": int(len(val[1])), "threads": TRAIN_THREADS,
     }
-    _save(model, Path(out_dir), recipe, record)
-    return record
 
 
 def _save(model: torch.nn.Module, out_dir: Path, recipe: ReferenceRecipe, record: dict[str, Any]) -> None:

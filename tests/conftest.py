@@ -1,6 +1,7 @@
 """Shared fixtures: real bundled images (scikit-learn digits) as WebDataset shards and a tiny random ViT teacher."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -11,6 +12,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app, main
 from pipeline.datasets import write_digit_shards
+
+# one thread count for every process the tests start: bit-identical comparisons across runs hold on a loaded machine
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 TINY_VIT = ["--teacher", "vit_tiny_patch16_224", "--no-pretrained", "--model-arg", "img_size=32", "--model-arg", "depth=2", "--model-arg", "num_classes=10"]
 FAST = ["--batch-size", "16", "--chunk-samples", "8", "--shard-samples", "16", "--loader-workers", "0"]
