@@ -1,7 +1,8 @@
 """Input datasets: WebDataset tar shards and image folders, as a list of shard units.
 
 A :class:`ShardSource` is the unit of work, of resume and of distribution: one WebDataset tar (``.tar``,
-``.tar.gz``, ``.tgz``; local path or fsspec URL) or one fixed-size block of an image folder
+``.tar.gz``, ``.tgz``; local path, fsspec URL, or WebDataset's ``pipe:COMMAND`` whose output is the tar) or
+one fixed-size block of an image folder
 (``root/<class>/<file>``, classes sorted by name as torchvision's ``ImageFolder`` does). Each becomes one
 group in the feature cache, named by :attr:`ShardSource.name`: the tar's stem or ``<folder>-NNNNN``, a
 function of that input alone, so a group keeps its name whatever else a run extracts. Inputs are
@@ -17,6 +18,7 @@ import io
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -24,7 +26,6 @@ import braceexpand
 import fsspec
 import fsspec.implementations.local
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from .errors import InputError
@@ -32,6 +33,7 @@ from .redact import redact_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PIPE = "pipe:"  # WebDataset's URL for a shell command that writes a tar shard to stdout
 NO_LABEL = -1
 DEFAULT_MAX_PIXELS = 64_000_000  # decoded pixels per image (a 8000 x 8000 photo); larger images are skipped
 
@@ -128,6 +130,22 @@ def _expand(pattern: str, storage_options: dict) -> list[tuple[fsspec.AbstractFi
     return found
 
 
+def _pipe_shards(pattern: str) -> list[ShardSource]:
+    """``pipe:COMMAND`` inputs (braces expanded, as WebDataset does), each named after the tar its command names."""
+    shards = []
+    for item in braceexpand.braceexpand(pattern):
+        try:
+            words = shlex.split(item[len(PIPE):])
+        except ValueError as exc:
+            raise InputError(f"input {redact_url(item)!r} is not a valid shell command ({exc})") from None
+        tars = [w for w in words if _is_tar(w.split("?", 1)[0])]
+        if not tars:
+            raise InputError(f"input {redact_url(item)!r} names no .tar/.tar.gz/.tgz file in its command; the shard group is named after it, "
+                             "e.g. 'pipe:curl -s https://host/train-0000.tar'")
+        shards.append(ShardSource(name=_safe_name(_stem(tars[-1].split("?", 1)[0])), url=item))
+    return shards
+
+
 def _folder_blocks(fs: fsspec.AbstractFileSystem, root: str, url: str, block: int) -> tuple[list[ShardSource], list[str]]:
     classes = sorted(_stem(d) for d in fs.ls(root, detail=False) if fs.isdir(d))
     if not classes:
@@ -172,12 +190,16 @@ def resolve_inputs(inputs: Sequence[str], *, folder_block: int = 1000, storage_o
     """Turn the user's SOURCE arguments into shard units.
 
     Each input may be a tar shard, a brace pattern (``train-{0000..0099}.tar``), a glob, a directory of tar
-    shards, or an image folder ``root/<class>/<file>``; local paths or fsspec URLs.
+    shards, or an image folder ``root/<class>/<file>``; local paths or fsspec URLs; or ``pipe:COMMAND``
+    writing a tar shard to stdout (run by the shell when the shard is read, as in WebDataset).
     """
     storage_options = storage_options or {}
     shards: list[ShardSource] = []
     classes: list[str] = []
     for pattern in inputs:
+        if pattern.startswith(PIPE):
+            shards += _pipe_shards(pattern)
+            continue
         for fs, path, url in _expand(pattern, storage_options):
             if fs.isdir(path):
                 tars = sorted(p for p in fs.find(path) if _is_tar(p))
@@ -247,7 +269,10 @@ def _parse_label(sample: dict, label_key: str | None, class_names: tuple[str, ..
 
 
 def _iter_tar(source: ShardSource, label_key: str | None, class_names: tuple[str, ...], storage_options: dict) -> Iterator[Sample]:
-    with fsspec.open(source.url, "rb", **storage_options) as stream:
+    import webdataset as wds  # here, not at the top: it imports torch, which option checks must not wait for
+
+    opened = wds.gopen(source.url, "rb") if source.url.startswith(PIPE) else fsspec.open(source.url, "rb", **storage_options)
+    with opened as stream:  # a pipe's command failing (non-zero exit) raises here, failing this shard
         files = wds.tariterators.tar_file_expander([{"url": source.url, "stream": stream}])
         for sample in wds.tariterators.group_by_keys(files):
             image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
