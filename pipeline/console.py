@@ -1,10 +1,16 @@
-"""Terminal output: the stderr console, progress bars and number formatting shared by every command."""
+"""The terminal: the stderr console, progress bars, number formatting, and stop requests (Ctrl-C, SIGTERM)
+shared by every command."""
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from types import TracebackType
+from typing import Any, Callable, Iterator
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -53,27 +59,69 @@ class ExtractProgress:
             self._bar.stop()
 
 
+class _DetailProgress(Progress):
+    """A progress bar with one line of detail under it (what does not fit beside the bar at 80 columns)."""
+
+    detail: str = ""
+
+    def get_renderables(self) -> Iterator[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        if self.detail:
+            yield Text(self.detail, no_wrap=True, overflow="ellipsis")
+
+
 class TrainProgress:
-    """Progress of training: steps of total with ETA, samples/s and the latest loss per level."""
+    """Progress of training: step/total, epoch, ETA and elapsed time first (they fit 80 columns); the loss,
+    its per-level terms and samples/s on the line below."""
 
     def __init__(self) -> None:
-        self._bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+        self._bar = _DetailProgress(
+            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("epoch {task.fields[epoch]}"),
+            TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(), console=err_console,
         )
-        self._task = self._bar.add_task("train", total=None, info="")
+        self._task = self._bar.add_task("train", total=None, epoch="-")
+        self._started = False
 
     def start(self, total: int, done: int) -> None:
         self._bar.start()
+        self._started = True
         self._bar.update(self._task, total=total, completed=done)
 
     def step(self, step: int, total: int, record: dict) -> None:
-        levels = " ".join(f"L{k.rsplit('_', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("loss_level_"))
-        rgb = f" rgb {record['loss_rgb']:.4f}" if "loss_rgb" in record else ""
-        self._bar.update(self._task, completed=step, info=f"{record['samples_per_s']:.0f} samples/s loss {record['loss']:.4f} ({levels}{rgb})")
+        levels = ", ".join(f"L{k.rsplit('_', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("loss_level_"))
+        rgb = f", rgb {record['loss_rgb']:.4f}" if "loss_rgb" in record else ""
+        self._bar.detail = f"  loss {record['loss']:.4f} ({levels}{rgb}), {record['samples_per_s']:.0f} samples/s"
+        self._bar.update(self._task, completed=step, epoch=int(record.get("epoch", 0)) + 1)
 
     def __enter__(self) -> "TrainProgress":
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._bar.stop()
+        if self._started:  # a bar never started must not leave an empty line before an error message
+            self._bar.stop()
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], int]]:
+    """While open, the first SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers send before they kill) is only
+    recorded: the yielded function returns its number (0 before), so a long loop can save and stop cleanly. A
+    second signal acts as it normally does. Outside the main thread nothing is caught."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: 0
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def record(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        err_console.print(f"{signal.Signals(signum).name}: stopping after this step's checkpoint (again to stop at once)", highlight=False)
+
+    for sig in previous:
+        signal.signal(sig, record)
+    try:
+        yield lambda: received[0] if received else 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
