@@ -162,8 +162,11 @@ def load_student(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     """Weights and metadata of an exported student: a run directory or its ``student.safetensors``."""
     path = Path(path)
     file = path / STUDENT_FILE if path.is_dir() else path
+    if not path.exists():
+        raise ModelError(f"no trained student at {path}: it does not exist; pass the --out folder of apmpipe train (or its {STUDENT_FILE})")
     if not file.exists():
-        raise ModelError(f"no trained student at {path} (expected {file.name}); run apmpipe train --out {path} first")
+        unfinished = " (it holds checkpoints: finish the run with apmpipe train ... --resume)" if RunDir(path).has_checkpoint() else ""
+        raise ModelError(f"no trained student at {path}: it holds no {STUDENT_FILE}{unfinished}; train one with apmpipe train CACHE --out {path}")
     with safe_open(str(file), framework="pt") as handle:
         metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
     return load_weights(file), metadata
