@@ -3,7 +3,9 @@
 ``extract(config)`` resolves the inputs, builds the teacher, creates (or checks and reopens) the cache and
 runs every incomplete shard through :func:`extract_shards`: DataLoader workers decode and preprocess whole
 shards, the main thread runs the teacher, and one background thread encodes, compresses and writes, so
-writing never stalls the forward. :func:`extract_shards` is also the unit a dask worker runs for one shard:
+writing never stalls the forward. With ``--rank`` the driver first fits one token basis per level and stores it
+in the cache, before any shard, so every shard of the cache (any worker, any later run) uses the same one.
+:func:`extract_shards` is also the unit a dask worker runs for one shard:
 it is idempotent (an incomplete shard group is rewritten whole) and its output does not depend on where it
 ran, because batches never cross shard boundaries.
 """
@@ -21,58 +23,22 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from storage.batches import ShardBatches, die_with_parent
-from storage.cache import CODECS, STATUS_COMPLETE, TOKEN_DTYPES, CacheSpec, EncodedTokens, FeatureCache, decode_tokens, encode_tokens, writer_lock
-from storage.errors import ApmError, CacheError, ConfigError, ModelError, require_at_least
+from storage.cache import (
+    STATUS_COMPLETE, CacheSpec, EncodedTokens, FeatureCache, decode_pixels, decode_tokens, encode_pixels, encode_tokens, writer_lock,
+)
+from storage.errors import ApmError, CacheError, InputError, ModelError
+from storage.lowrank import BasisFit, TokenBasis
+from storage.pixel_codecs import LOSSY_CODECS, psnr
 from storage.redact import redact_url
-from storage.sources import DEFAULT_MAX_PIXELS, ShardSource, resolve_inputs
+from storage.sources import ResolvedInputs, ShardSource
 
-from .teacher import Teacher, TeacherConfig, cached_teacher
+from .extract_config import ExtractConfig, preflight  # ExtractConfig is public here too (cluster, bench, demo import it)
+from .teacher import Teacher, cached_teacher
 
 MAX_PENDING_WRITES = 4
 FIDELITY_EVERY = 4
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Options of one ``apmpipe extract`` run (saved in the cache's root attributes)."""
-
-    inputs: tuple[str, ...]
-    out: str
-    teacher: TeacherConfig
-    layers: tuple[int, ...] = (-1,)
-    final_norm: bool = False
-    dtype: str = "float16"
-    codec: str = "zstd"
-    batch_size: int = 32
-    loader_workers: int = -1
-    chunk_samples: int = 16
-    shard_samples: int = 256
-    label_key: str | None = "cls"
-    class_names: tuple[str, ...] = ()
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    folder_block: int = 1000
-    device: str = "auto"
-    amp: bool = True
-    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials; dask logs reprs
-
-    def __post_init__(self) -> None:
-        if not self.inputs:
-            raise ConfigError("no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder")
-        require_at_least(self, ("batch_size", "folder_block", "chunk_samples", "shard_samples", "max_pixels"), 1)
-        require_at_least(self, ("loader_workers",), -1)
-        if self.dtype not in TOKEN_DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
-        if self.codec not in CODECS:
-            raise ConfigError(f"--codec {self.codec!r} is not one of {', '.join(CODECS)}")
-        if not self.layers:
-            raise ConfigError("--layers is empty; pass e.g. --layers 4,8,12 or --layers -1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "inputs": [redact_url(i) for i in self.inputs], "teacher": self.teacher.to_dict(), "layers": list(self.layers), "final_norm": self.final_norm,
-            "dtype": self.dtype, "codec": self.codec, "batch_size": self.batch_size, "label_key": self.label_key,
-            "class_names": list(self.class_names), "max_pixels": self.max_pixels, "folder_block": self.folder_block, "amp": self.amp,
-        }
+BASIS_SAMPLES = 256  # images whose tokens fit the --rank bases ...
+BASIS_INPUTS = 8  # ... taken from the first images of up to this many inputs spread over the input list
 
 
 @dataclass
@@ -85,6 +51,7 @@ class ShardResult:
     skipped_samples: list[tuple[str, str]] = field(default_factory=list)
     error: str = ""
     fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
+    pixel_fidelity: dict[str, float] = field(default_factory=dict)  # psnr_db, for lossy --pixel-codec
 
 
 @dataclass
@@ -125,6 +92,12 @@ class ExtractSummary:
                 agg["n"] += 1
         return {k: {"cosine_min": v["cosine_min"], "relative_mse": v["relative_mse"] / v["n"]} for k, v in out.items()}
 
+    @property
+    def pixel_psnr(self) -> float | None:
+        """Worst PSNR (dB) of lossy pixel storage over the shards written in this run; None when lossless."""
+        found = [r.pixel_fidelity["psnr_db"] for r in self.results if "psnr_db" in r.pixel_fidelity]
+        return min(found) if found else None
+
 
 class Progress(Protocol):
     def images(self, count: int) -> None: ...
@@ -159,10 +132,11 @@ class _ShardJob:
     """
 
     def __init__(self, cache: FeatureCache, source: ShardSource, precision: str) -> None:
-        self.dtype = cache.spec.dtype
+        self.spec = cache.spec
         self.layers = [str(level.layer) for level in cache.spec.levels]
         self.result = ShardResult(name=source.name, status="done")
         self._stats: dict[str, list[float]] = {}
+        self._pixel_error = [0.0, 0]  # summed squared error, values compared
         self._batches = 0
         try:
             self.writer = cache.open_writer(source.name, source.url, source.fingerprint, precision)
@@ -170,26 +144,33 @@ class _ShardJob:
             self.writer = None
             self.result.error = _reason(exc)
 
-    def _measure(self, tokens: list[np.ndarray], encoded: list[EncodedTokens]) -> None:
-        """Fidelity of lossy storage, on every ``FIDELITY_EVERY``-th batch (the check costs CPU beside the teacher)."""
+    def _measure(self, tokens: list[np.ndarray], encoded: list[EncodedTokens], pixels: np.ndarray, stored: np.ndarray) -> None:
+        """Fidelity of lossy storage (tokens: int8, float16, --rank; pixels: JPEG) on every ``FIDELITY_EVERY``-th
+        batch, the first included (the check costs CPU beside the teacher)."""
         self._batches += 1
-        if self.dtype == "float32" or (self._batches - 1) % FIDELITY_EVERY:
+        if (self._batches - 1) % FIDELITY_EVERY:
             return
-        for layer, ref, enc in zip(self.layers, tokens, encoded):
-            approx = decode_tokens(enc.values, enc.scale)
-            stats = self._stats.setdefault(layer, [1.0, 0.0, 0.0])
-            stats[0] = min(stats[0], min_token_cosine(ref, approx))
-            stats[1] += float(((ref - approx) ** 2).sum())
-            stats[2] += float((ref**2).sum())
+        if self.spec.dtype != "float32" or self.spec.rank:
+            for layer, ref, enc, basis in zip(self.layers, tokens, encoded, self.writer.bases):
+                approx = decode_tokens(enc.values, enc.scale, basis=basis)
+                stats = self._stats.setdefault(layer, [1.0, 0.0, 0.0])
+                stats[0] = min(stats[0], min_token_cosine(ref, approx))
+                stats[1] += float(((ref - approx) ** 2).sum())
+                stats[2] += float((ref**2).sum())
+        if self.spec.pixel_codec in LOSSY_CODECS:
+            error = decode_pixels(stored, self.spec.pixel_codec, self.spec.pixel_shape).astype(np.float64) - pixels
+            self._pixel_error[0] += float(np.square(error).sum())
+            self._pixel_error[1] += error.size
 
     def append(self, pixels: np.ndarray, labels: np.ndarray, keys: list[str], tokens: list[np.ndarray], logits: np.ndarray | None, skipped: list) -> None:
         self.result.skipped_samples += [tuple(s) for s in skipped]
         if self.result.error or not len(labels):
             return
         try:
-            encoded = [encode_tokens(t, self.dtype) for t in tokens]
-            self._measure(tokens, encoded)
-            self.writer.append(pixels, labels, keys, encoded, logits)
+            encoded = [encode_tokens(t, self.spec.dtype, basis) for t, basis in zip(tokens, self.writer.bases)]
+            stored = encode_pixels(pixels, self.spec.pixel_codec)
+            self._measure(tokens, encoded, pixels, stored)
+            self.writer.append(stored, labels, keys, encoded, logits)
         except Exception as exc:  # bad tokens or a failed write (full disk, lost connection) fail this shard; a rerun rewrites it
             self.result.error = _reason(exc)
             return
@@ -204,8 +185,11 @@ class _ShardJob:
             self.result.fidelity = {
                 layer: {"cosine_min": s[0], "relative_mse": s[1] / s[2] if s[2] else 0.0} for layer, s in self._stats.items()
             }
+            stats: dict[str, Any] = {"fidelity": self.result.fidelity}
+            if self._pixel_error[1]:
+                stats["pixel_fidelity"] = self.result.pixel_fidelity = {"psnr_db": psnr(*self._pixel_error)}
             try:
-                self.writer.finish(self.result.skipped_samples, {"fidelity": self.result.fidelity})
+                self.writer.finish(self.result.skipped_samples, stats)
                 return self.result
             except Exception as exc:  # the final write or the status attribute failed
                 self.result.error = _reason(exc)
@@ -307,8 +291,47 @@ def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
     return CacheSpec(
         teacher=teacher.identity(), data_config=teacher.data_config, levels=teacher.levels, final_norm=config.final_norm,
         num_classes=teacher.num_classes, dtype=config.dtype, codec=config.codec,
-        chunk_samples=config.chunk_samples, shard_samples=config.shard_samples,
+        chunk_samples=config.chunk_samples, shard_samples=config.shard_samples, rank=config.rank, pixel_codec=config.pixel_codec,
     )
+
+
+def _fit_bases(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> tuple[list[TokenBasis], dict[str, Any]]:
+    """One PCA basis per level (``--rank`` components) of the teacher's tokens of the first images of up to
+    ``BASIS_INPUTS`` inputs spread evenly over ``shards``, ``BASIS_SAMPLES`` images in all: a function of the input
+    list alone (deterministic), cheap to read (the start of a few tars or folder blocks, no full pass), and less
+    biased than one input's images when inputs are sorted by class."""
+    chosen = list(shards)[:: -(-len(shards) // BASIS_INPUTS)][:BASIS_INPUTS]
+    per_input = -(-BASIS_SAMPLES // len(chosen))
+    fits = [BasisFit(level.dim) for level in teacher.levels]
+    used = 0
+    for shard in chosen:
+        batches = ShardBatches([shard], teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key, config.storage_options,
+                               config.class_names, config.max_pixels)
+        taken = 0
+        for record in batches:
+            pixels = record["pixels"][: per_input - taken]
+            if len(pixels):
+                for fit, tokens in zip(fits, teacher.forward(pixels)[0]):
+                    fit.add(tokens.float().cpu().numpy())
+                taken += len(pixels)
+            if taken >= per_input:
+                break
+        used += taken
+    if not used:
+        raise InputError(f"no image of {', '.join(redact_url(s.url) for s in chosen)} could be read to fit the --rank bases; check these inputs")
+    bases, explained = zip(*(fit.basis(config.rank) for fit in fits))
+    attrs = {"samples": used, "inputs": [s.name for s in chosen], "explained_variance": {str(lv.layer): e for lv, e in zip(teacher.levels, explained)}}
+    return list(bases), attrs
+
+
+def _ensure_bases(cache: FeatureCache, config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> None:
+    """With ``--rank``: fit and store the cache's bases once, before its first shard is written; every later run,
+    resumed run and dask worker reads these same bases from the cache."""
+    if not cache.spec.rank or cache.has_bases():
+        return
+    if cache.complete_shards():
+        raise CacheError(f"cache {redact_url(cache.url)!r} holds complete shards but no bases for its rank-{cache.spec.rank} tokens; it is damaged: re-extract into a new --out")
+    cache.write_bases(*_fit_bases(config, teacher, shards))
 
 
 def _complete_shards(cache: FeatureCache, shards: Sequence[ShardSource]) -> set[str]:
@@ -336,22 +359,22 @@ ShardRunner = Callable[[ExtractConfig, list[ShardSource], Progress], list[ShardR
 
 def extract(
     config: ExtractConfig, progress: Progress | None = None, runner: ShardRunner | None = None, on_plan: Callable[[int, int], None] | None = None,
-    driver_device: str | None = None,
+    driver_device: str | None = None, inputs: ResolvedInputs | None = None,
 ) -> ExtractSummary:
     """Run stage one. ``runner`` executes the incomplete shards (default: in this process).
 
     ``driver_device``: where this process builds its own teacher (cache spec, head check); None shares
     ``config.device`` and the teacher with an in-process runner, ``"cpu"`` suits a driver of remote workers.
+    ``inputs``: what :func:`preflight` returned for ``config``, when the caller checked it already.
     """
     progress = progress or _Silent()
     start = time.perf_counter()
-    inputs = resolve_inputs(config.inputs, folder_block=config.folder_block, storage_options=config.storage_options)
-    if config.class_names and inputs.classes:
-        raise ConfigError("--class-names is for tar shards; image folders take their classes from sub-folder names")
+    inputs = inputs or preflight(config)
     teacher = teacher_for(config if driver_device is None else replace(config, device=driver_device))
     with writer_lock(config.out):
         cache = FeatureCache.create_or_open(config.out, cache_spec(config, teacher), storage_options=config.storage_options)
         cache.record_sources([s.url for s in inputs.shards], inputs.classes or config.class_names)
+        _ensure_bases(cache, config, teacher, inputs.shards)
         cache.update_attrs(teacher_build=config.teacher.to_dict(), extract_config=config.to_dict())
         head = _write_teacher_head(cache, teacher)
         done = _complete_shards(cache, inputs.shards)

@@ -12,9 +12,7 @@ import functools
 import hashlib
 import inspect
 import logging
-import os
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import timm
@@ -26,37 +24,12 @@ from torch import nn
 from storage.cache import LevelLayout
 from storage.errors import ConfigError, ModelError
 
+from .extract_config import LOCAL_DIR, TeacherConfig  # noqa: F401 (TeacherConfig is public here too)
 from .head import TeacherHead, describe_head
 from .preprocess import pixel_transform
 from .runtime import resolve_device
 
 _logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """How to build the teacher.
-
-    Args:
-        name: any name ``timm.create_model`` accepts, incl. ``hf-hub:org/repo`` and ``local-dir:/path``.
-        pretrained: load the model's pretrained weights (hub download, or the ``local-dir`` folder's weights).
-        checkpoint: a bare state dict (``.safetensors``, or ``.pth``/``.bin`` loaded with ``weights_only``).
-        model_kwargs: extra ``create_model`` keyword arguments, e.g. ``(("img_size", 32), ("depth", 2))``.
-        seed: seeds random initialisation, so a random-init teacher is the same in every process.
-    """
-
-    name: str
-    pretrained: bool = True
-    checkpoint: str | None = None
-    model_kwargs: tuple[tuple[str, Any], ...] = ()
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "pretrained": self.pretrained, "checkpoint": self.checkpoint, "model_kwargs": dict(self.model_kwargs), "seed": self.seed}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TeacherConfig":
-        return cls(name=data["name"], pretrained=data["pretrained"], checkpoint=data.get("checkpoint"), model_kwargs=tuple(sorted(data.get("model_kwargs", {}).items())), seed=data.get("seed", 0))
 
 
 def _weights_sha256(model: nn.Module) -> str:
@@ -67,28 +40,86 @@ def _weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+HUB_TIMEOUT_S = 3.0  # an answer from the hub within this long means downloads can go ahead
+WEIGHTS_HINT = "download them where there is network and pass --checkpoint FILE or --teacher local-dir:FOLDER, or use --no-pretrained"
+
+
+def _cached_hub_file(repo: str, filename: str | None) -> str | None:
+    """The weights file of hub ``repo`` (``org/name[@revision]``) already in the local Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, _, revision = repo.partition("@")
+    for name in (filename,) if filename else ("model.safetensors", "pytorch_model.bin"):  # the files timm fetches, in its order
+        path = try_to_load_from_cache(repo_id, name, revision=revision or None)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _hub_problem(endpoint: str) -> str | None:
+    """Why the hub at ``endpoint`` cannot be reached (one short HEAD request through the hub's own client,
+    proxies included), or None when it answers."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_TIMEOUT_S)
+    except Exception as exc:  # DNS failure, refused connection, timeout, proxy error: all mean no download
+        return str(exc).strip().splitlines()[0][:80] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def _pretrained_source(config: TeacherConfig) -> dict[str, Any]:
+    """``create_model`` arguments for hub-hosted pretrained weights: the file in the local cache when it is
+    there (no network at all); otherwise none, once the hub has answered, so that an offline machine fails in
+    one line instead of after a minute of download retries. Weights from a checkpoint, a local folder or a
+    plain URL need no check."""
+    if not config.pretrained or config.checkpoint or config.name.startswith(LOCAL_DIR):
+        return {}
+    from huggingface_hub import constants
+
+    if config.name.startswith("hf-hub:"):
+        if constants.HF_HUB_OFFLINE:
+            return {}  # the model's config and weights come from the local cache, or timm says they are missing
+        repo = config.name[len("hf-hub:"):]
+    else:
+        cfg = timm.models.get_pretrained_cfg(config.name)
+        repo = getattr(cfg, "hf_hub_id", None)
+        if not repo:
+            return {}
+        cached = _cached_hub_file(repo, cfg.hf_hub_filename)
+        if cached:
+            return {"pretrained_cfg_overlay": {"file": cached}}
+        if constants.HF_HUB_OFFLINE:
+            raise ModelError(f"HF_HUB_OFFLINE is set and the pretrained weights of {config.name!r} are not in the local Hugging Face cache; {WEIGHTS_HINT}")
+    problem = _hub_problem(constants.ENDPOINT)
+    if problem:
+        cached = " (already in the local cache? set HF_HUB_OFFLINE=1)" if config.name.startswith("hf-hub:") else ""
+        raise ModelError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} for the weights of {config.name!r} ({problem}); {WEIGHTS_HINT}{cached}")
+    return {}
+
+
 def _create(config: TeacherConfig) -> nn.Module:
+    config.check_files()
     kwargs = dict(config.model_kwargs)
     pretrained = config.pretrained and not config.checkpoint
     if ":" not in config.name and not timm.is_model(config.name):
         close = timm.list_models(f"*{config.name.split('.')[0][:12]}*")[:3]
         raise ModelError(f"unknown timm model {config.name!r}; see timm.list_models(){' (close: ' + ', '.join(close) + ')' if close else ''}")
+    source = _pretrained_source(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         try:
-            model = timm.create_model(config.name, pretrained=pretrained, **kwargs)
+            model = timm.create_model(config.name, pretrained=pretrained, **kwargs, **source)
         except TypeError as exc:
             raise ModelError(f"teacher {config.name!r} rejected --model-arg values {kwargs}: {exc}") from None
         except Exception as exc:
             if not pretrained:
                 raise
+            hint = "check that the folder holds timm's config.json and its weights file" if config.name.startswith(LOCAL_DIR) else WEIGHTS_HINT
             raise ModelError(
-                f"could not obtain pretrained weights for {config.name!r} ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120].strip()}); "
-                "download them where there is network and pass --checkpoint FILE or --teacher local-dir:/path, or use --no-pretrained"
+                f"could not obtain pretrained weights for {config.name!r} ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120].strip()}); {hint}"
             ) from None
     if config.checkpoint:
-        if not os.path.isfile(config.checkpoint):
-            raise ModelError(f"--checkpoint {config.checkpoint!r} does not exist")
         try:
             timm.models.load_checkpoint(model, config.checkpoint, weights_only=True)
         except Exception as exc:

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Sequence
 
@@ -17,8 +18,12 @@ import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.dtype import VariableLengthBytes
+from zarr.errors import UnstableSpecificationWarning
 
 from .errors import CacheError, ConfigError
+from .lowrank import TokenBasis
+from .pixel_codecs import IMAGE_CHANNELS, IMAGE_CODECS, decode_images, encode_images
 from .redact import redact_url
 
 FORMAT_NAME = "apmpipe.feature-cache"
@@ -27,6 +32,7 @@ ROOT_KEY = "apmpipe"
 SHARDS_GROUP = "shards"
 HEAD_GROUP = "teacher_head"
 MOMENTS_GROUP = "moments"
+BASES_GROUP = "bases"
 LOCK_FILE = ".apmpipe-extract.lock"  # not a zarr node; holds the writing process's pid
 
 STATUS_WRITING = "writing"
@@ -35,6 +41,7 @@ STATUS_FAILED = "failed"
 
 TOKEN_DTYPES = ("float32", "float16", "int8")
 CODECS = ("zstd", "blosc-lz4", "none")
+PIXEL_CODECS = ("raw", *IMAGE_CODECS)
 INT8_MAX = 127.0
 
 
@@ -69,6 +76,8 @@ class CacheSpec:
     codec: str = "zstd"
     chunk_samples: int = 16
     shard_samples: int = 256
+    rank: int = 0  # > 0: tokens stored as this many coefficients of one basis per level (bases/<layer>)
+    pixel_codec: str = "raw"
 
     def __post_init__(self) -> None:
         if self.dtype not in TOKEN_DTYPES:
@@ -79,6 +88,13 @@ class CacheSpec:
             raise ConfigError(f"--shard-samples ({self.shard_samples}) must be a positive multiple of --chunk-samples ({self.chunk_samples})")
         if not self.levels:
             raise ConfigError("no teacher levels to cache; pass --layers")
+        narrowest = min(level.dim for level in self.levels)
+        if not 0 <= self.rank <= narrowest:
+            raise ConfigError(f"--rank {self.rank} must be between 0 (full tokens) and the narrowest cached level's width ({narrowest})")
+        if self.pixel_codec not in PIXEL_CODECS:
+            raise ConfigError(f"--pixel-codec {self.pixel_codec!r} is not one of {', '.join(PIXEL_CODECS)}")
+        if self.pixel_codec != "raw" and self.pixel_shape[0] not in IMAGE_CHANNELS:
+            raise ConfigError(f"--pixel-codec {self.pixel_codec} stores 1- or 3-channel images, the teacher takes {self.pixel_shape[0]} channels; use --pixel-codec raw")
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
@@ -101,7 +117,7 @@ class CacheSpec:
         diff = _differences(layout, self.layout())
         if diff:
             key, was, now = diff[0]
-            raise CacheError(f"{what} differs in {key} ({_short(was)} vs {_short(now)}); use a cache and student of one teacher and layers")
+            raise CacheError(f"{what} differs in {key}: {_short(was)} vs {_short(now)}; use a cache and student of one teacher and layers")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CacheSpec":
@@ -110,11 +126,25 @@ class CacheSpec:
         kwargs["levels"] = tuple(LevelLayout(**{**lv, "grid": tuple(lv["grid"])}) for lv in data["levels"])
         return cls(**kwargs)
 
+    def token_width(self, level: LevelLayout) -> int:
+        """Stored values per token of ``level``: ``rank`` coefficients, or all ``dim`` channels."""
+        return self.rank or level.dim
+
+    def raw_array_bytes(self) -> dict[str, int]:
+        """Uncompressed bytes per sample of each fixed-size array (pixels as decoded uint8; keys vary and are left out)."""
+        out = {"pixels": int(np.prod(self.pixel_shape)), "labels": 8}
+        if self.num_classes:
+            out["logits"] = 4 * self.num_classes
+        for level in self.levels:
+            out[f"tokens/{level.array_name}"] = level.num_tokens * self.token_width(level) * np.dtype(self.dtype).itemsize
+            if self.dtype == "int8":
+                out[f"scales/{level.array_name}"] = 4 * level.num_tokens
+        return out
+
     @property
     def raw_bytes_per_sample(self) -> int:
         """Uncompressed bytes of one sample's fixed-size arrays (pixels, label, logits, tokens, scales)."""
-        tokens = sum(level.num_tokens * (level.dim * np.dtype(self.dtype).itemsize + (4 if self.dtype == "int8" else 0)) for level in self.levels)
-        return int(np.prod(self.pixel_shape)) + 8 + 4 * self.num_classes + tokens
+        return sum(self.raw_array_bytes().values())
 
 
 def _is_int(value: Any, minimum: int = 0) -> bool:
@@ -147,6 +177,8 @@ def _stored_spec_problem(data: Any) -> str | None:
             return f"spec.{key} is {data.get(key)!r}, not a count"
     if data.get("dtype") not in TOKEN_DTYPES or data.get("codec") not in CODECS:
         return f"spec.dtype/codec are {data.get('dtype')!r}/{data.get('codec')!r}, not one of {TOKEN_DTYPES}/{CODECS}"
+    if not _is_int(data.get("rank", 0)) or data.get("pixel_codec", "raw") not in PIXEL_CODECS:  # optional: absent in older v2 caches
+        return f"spec.rank/pixel_codec are {data.get('rank')!r}/{data.get('pixel_codec')!r}, not a count/one of {PIXEL_CODECS}"
     return None
 
 
@@ -163,17 +195,20 @@ def parse_stored_spec(url: str, data: Any) -> CacheSpec:
 
 @dataclass(frozen=True)
 class EncodedTokens:
-    """Tokens in their storage dtype; ``scale`` (float32 ``[B, T]``) only for int8."""
+    """Tokens (or, with a basis, their coefficients) in the storage dtype; ``scale`` (float32 ``[B, T]``) only for int8."""
 
     values: np.ndarray
     scale: np.ndarray | None = None
 
 
-def encode_tokens(tokens: np.ndarray, dtype: str) -> EncodedTokens:
-    """Encode float32 tokens ``[B, T, D]`` in the storage dtype; int8 is symmetric per token with a scale.
+def encode_tokens(tokens: np.ndarray, dtype: str, basis: TokenBasis | None = None) -> EncodedTokens:
+    """Encode float32 tokens ``[B, T, D]`` in the storage dtype, as ``[B, T, K]`` coefficients of ``basis`` when
+    given; int8 is symmetric per token with a scale.
 
     Raises CacheError when a value is not finite after encoding (e.g. float16 overflow).
     """
+    if basis is not None:
+        tokens = basis.project(tokens)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and reported below
         encoded = _encode(tokens, dtype)
     if not _finite(tokens, encoded):
@@ -197,11 +232,33 @@ def _finite(tokens: np.ndarray, encoded: EncodedTokens) -> bool:
     return bool(np.isfinite(encoded.values).all())
 
 
-def decode_tokens(values: np.ndarray, scale: np.ndarray | None = None, dtype: Any = np.float32) -> np.ndarray:
-    """Stored tokens back to floats ``[B, T, D]`` (float32 by default; float16 halves loader memory)."""
-    if scale is None:
-        return values.astype(dtype, copy=False)
-    return (values.astype(np.float32) * scale[..., None].astype(np.float32)).astype(dtype, copy=False)
+def decode_tokens(values: np.ndarray, scale: np.ndarray | None = None, dtype: Any = np.float32, basis: TokenBasis | None = None) -> np.ndarray:
+    """Stored tokens back to floats ``[B, T, D]`` (float32 by default; float16 halves loader memory), reconstructed
+    from their coefficients when stored with ``basis``."""
+    if scale is not None:
+        values = values.astype(np.float32) * scale[..., None].astype(np.float32)
+    if basis is not None:
+        return basis.reconstruct(values, dtype)
+    return values.astype(dtype, copy=False)
+
+
+def encode_pixels(pixels: np.ndarray, codec: str) -> np.ndarray:
+    """uint8 pixels ``[B, C, H, W]`` in the stored form of ``--pixel-codec``: as they are for ``raw``, else one
+    encoded image (``bytes``) per sample, an object array ``[B]``."""
+    return pixels if codec == "raw" else encode_images(pixels, codec)
+
+
+def decode_pixels(stored: np.ndarray, codec: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """Stored pixels (see :func:`encode_pixels`) back to uint8 ``[B, C, H, W]``."""
+    return stored if codec == "raw" else decode_images(stored, shape)
+
+
+@contextlib.contextmanager
+def _quiet_bytes_dtype() -> Iterator[None]:
+    """zarr-python warns on every metadata write of its variable_length_bytes dtype (see FORMAT.md, pixels)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnstableSpecificationWarning)
+        yield
 
 
 def _compressors(codec: str) -> list:
@@ -263,11 +320,12 @@ _ITEM_DIMENSIONS = {"pixels": ("channel", "y", "x"), "labels": (), "keys": (), "
 _REWRITE = "delete its group (shards/{name}) and rerun apmpipe extract to rewrite it"
 
 
-def _dimension_names(name: str, ndim: int) -> tuple[str, ...]:
+def _dimension_names(name: str, ndim: int, low_rank: bool = False) -> tuple[str, ...]:
     """Names of a shard array's axes (zarr ``dimension_names``, which xarray needs): ``sample`` first; token
-    axes carry their level (levels may differ in token count and width)."""
+    axes carry their level (levels may differ in token count and width); low-rank tokens end in ``component_<layer>``."""
     kind, _, layer = name.partition("/")
-    item = (f"token_{layer}", f"feature_{layer}")[: ndim - 1] if kind in ("tokens", "scales") else _ITEM_DIMENSIONS.get(name)
+    width = f"component_{layer}" if low_rank else f"feature_{layer}"
+    item = (f"token_{layer}", width)[: ndim - 1] if kind in ("tokens", "scales") else _ITEM_DIMENSIONS.get(name)
     if item is None or len(item) != ndim - 1:
         item = tuple(f"{name.replace('/', '_')}_{axis}" for axis in range(1, ndim))
     return ("sample", *item)
@@ -281,18 +339,25 @@ def _sample_arrays(spec: CacheSpec) -> list[str]:
     return names
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) for every differing entry, descending into nested dicts."""
-    out = []
-    for key in list(old) + [k for k in new if k not in old]:
-        was, now = old.get(key), new.get(key)
-        if was == now:
-            continue
-        if isinstance(was, dict) and isinstance(now, dict):
-            out += _differences(was, now, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", was, now))
-    return out
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(field, old, new) for every differing leaf, descending into dicts and equal-length lists, so a message
+    names e.g. ``levels[1].layer`` with 8 and 12 rather than two whole lists."""
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [k for k in new if k not in old]
+        return [d for k in keys for d in _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{path}.{k}" if path else str(k))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{path}[{i}]")]
+    return [(path, old, new)]
 
 
 @dataclass(frozen=True)
@@ -360,6 +425,7 @@ class ShardWriter:
         self.buffered = 0
         self.written = 0
         self.moments: list[TokenMoments | None] = [None] * len(self.spec.levels)
+        self.bases = cache.level_bases()
 
     def _array(self, name: str, item_shape: tuple[int, ...], dtype: Any, sharded: bool) -> zarr.Array:
         spec = self.spec
@@ -367,34 +433,38 @@ class ShardWriter:
             chunks, shards = (spec.chunk_samples, *item_shape), (spec.shard_samples, *item_shape)
         else:
             chunks, shards = (spec.shard_samples, *item_shape), None
-        return self.group.create_array(
-            name, shape=(0, *item_shape), chunks=chunks, shards=shards, dtype=dtype,
-            compressors=_compressors(spec.codec) if dtype is not str else "auto", dimension_names=_dimension_names(name, 1 + len(item_shape)),
-        )
+        compressors = "auto" if dtype is str else [] if isinstance(dtype, VariableLengthBytes) else _compressors(spec.codec)  # images are compressed already
+        with _quiet_bytes_dtype():
+            return self.group.create_array(
+                name, shape=(0, *item_shape), chunks=chunks, shards=shards, dtype=dtype, compressors=compressors,
+                dimension_names=_dimension_names(name, 1 + len(item_shape), low_rank=spec.rank > 0),
+            )
 
     def _create_arrays(self) -> dict[str, zarr.Array]:
         spec = self.spec
+        pixels = ("pixels", spec.pixel_shape, "uint8") if spec.pixel_codec == "raw" else ("pixels", (), VariableLengthBytes())
         arrays = {
-            "pixels": self._array("pixels", spec.pixel_shape, "uint8", sharded=True),
+            "pixels": self._array(*pixels, sharded=True),
             "labels": self._array("labels", (), "int64", sharded=False),
             "keys": self._array("keys", (), str, sharded=False),
         }
         if spec.num_classes:
             arrays["logits"] = self._array("logits", (spec.num_classes,), "float32", sharded=False)
         for level in spec.levels:
-            arrays[f"tokens/{level.array_name}"] = self._array(f"tokens/{level.array_name}", (level.num_tokens, level.dim), spec.dtype, sharded=True)
+            arrays[f"tokens/{level.array_name}"] = self._array(f"tokens/{level.array_name}", (level.num_tokens, spec.token_width(level)), spec.dtype, sharded=True)
             if spec.dtype == "int8":
                 arrays[f"scales/{level.array_name}"] = self._array(f"scales/{level.array_name}", (level.num_tokens,), "float32", sharded=False)
         return arrays
 
     def append(self, pixels: np.ndarray, labels: np.ndarray, keys: Sequence[str], tokens: Sequence[EncodedTokens], logits: np.ndarray | None) -> None:
-        """Buffer one batch (tokens already encoded, one per level) and flush whole zarr shards."""
+        """Buffer one batch and flush whole zarr shards. Already encoded: ``pixels`` (see :func:`encode_pixels`) and
+        ``tokens`` (one per level, with this cache's bases, see :meth:`FeatureCache.level_bases`)."""
         batch = {"pixels": pixels, "labels": labels, "keys": np.asarray(keys, dtype=object)}
         if "logits" in self.arrays:
             assert logits is not None, "teacher has a head: logits required"
             batch["logits"] = logits.astype(np.float32)
-        for i, (level, encoded) in enumerate(zip(self.spec.levels, tokens, strict=True)):
-            moments = TokenMoments.of(decode_tokens(encoded.values, encoded.scale))  # of the values readers will get
+        for i, (level, encoded, basis) in enumerate(zip(self.spec.levels, tokens, self.bases, strict=True)):
+            moments = TokenMoments.of(decode_tokens(encoded.values, encoded.scale, basis=basis))  # of the values readers will get
             self.moments[i] = moments if self.moments[i] is None else self.moments[i] + moments
             batch[f"tokens/{level.array_name}"] = encoded.values
             if encoded.scale is not None:
@@ -414,7 +484,8 @@ class ShardWriter:
         joined = {key: np.concatenate(parts) if len(parts) > 1 else parts[0] for key, parts in self.buffers.items()}
         for key, data in joined.items():
             array = self.arrays[key]
-            array.resize((stop, *array.shape[1:]))
+            with _quiet_bytes_dtype():
+                array.resize((stop, *array.shape[1:]))
             array[start:stop] = data[:count]
         # only once every array holds the samples: a failed write leaves the bookkeeping (and the group) unfinished
         self.buffers = {key: [data[count:]] if len(data) > count else [] for key, data in joined.items()}
@@ -455,6 +526,7 @@ class FeatureCache:
     attrs: dict[str, Any] = field(default_factory=dict)
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     _array_handles: dict[str, dict[str, zarr.Array]] = field(default_factory=dict, repr=False)
+    _bases: list[TokenBasis | None] | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, url: str, *, mode: str = "r", storage_options: dict | None = None) -> "FeatureCache":
@@ -462,7 +534,7 @@ class FeatureCache:
         try:
             root = zarr.open_group(url, mode=mode, storage_options=storage_options or None)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            raise CacheError(f"no feature cache at {url!r}; create one with apmpipe extract ... --out {url}") from None
+            raise CacheError(_no_cache_message(url)) from None
         attrs = dict(root.attrs).get(ROOT_KEY)
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise CacheError(f"{redact_url(url)!r} is a zarr group but not an apmpipe feature cache (no '{ROOT_KEY}' root attribute)")
@@ -572,12 +644,12 @@ class FeatureCache:
         arrays = self._arrays(name)
         levels = []
         if tokens:
-            for level in self.spec.levels:
+            for level, basis in zip(self.spec.levels, self.level_bases()):
                 values = arrays[f"tokens/{level.array_name}"][start:stop]
                 scale = arrays[f"scales/{level.array_name}"][start:stop] if self.spec.dtype == "int8" else None
-                levels.append(decode_tokens(values, scale, token_dtype))
+                levels.append(decode_tokens(values, scale, token_dtype, basis))
         return CachedSamples(
-            pixels=arrays["pixels"][start:stop] if pixels else None,
+            pixels=decode_pixels(arrays["pixels"][start:stop], self.spec.pixel_codec, self.spec.pixel_shape) if pixels else None,
             labels=arrays["labels"][start:stop],
             keys=[str(k) for k in arrays["keys"][start:stop]] if extras else [],
             logits=arrays["logits"][start:stop] if (extras or logits) and "logits" in arrays else None,
@@ -604,6 +676,35 @@ class FeatureCache:
             totals.append(total)
         return totals
 
+    # -- low-rank bases --------------------------------------------------------------------------------------
+    def has_bases(self) -> bool:
+        """Whether the bases of a ``rank`` > 0 cache are stored and complete."""
+        return BASES_GROUP in self.root and self.root[BASES_GROUP].attrs.get("status") == STATUS_COMPLETE
+
+    def write_bases(self, bases: Sequence[TokenBasis], attrs: dict[str, Any]) -> None:
+        """Store, once and before any shard, one basis per level (``bases/<layer>/mean``, ``.../components``)."""
+        assert len(bases) == len(self.spec.levels) and all(b.rank == self.spec.rank for b in bases)
+        if BASES_GROUP in self.root:
+            del self.root[BASES_GROUP]
+        group = self.root.create_group(BASES_GROUP, attributes={"status": STATUS_WRITING, **attrs})
+        for level, basis in zip(self.spec.levels, bases):
+            group.create_array(f"{level.array_name}/mean", data=basis.mean, dimension_names=(f"feature_{level.layer}",))
+            group.create_array(f"{level.array_name}/components", data=basis.components, dimension_names=(f"component_{level.layer}", f"feature_{level.layer}"))
+        group.update_attributes({"status": STATUS_COMPLETE})
+        self._bases = list(bases)
+
+    def level_bases(self) -> list[TokenBasis | None]:
+        """The basis of every level (read once per cache object), or None per level when tokens are stored whole."""
+        if self._bases is None:
+            if not self.spec.rank:
+                self._bases = [None] * len(self.spec.levels)
+            elif not self.has_bases():
+                raise CacheError(f"cache {redact_url(self.url)!r} stores rank-{self.spec.rank} tokens but lacks complete bases ({BASES_GROUP}/); re-extract it into a new --out")
+            else:
+                group = self.root[BASES_GROUP]
+                self._bases = [TokenBasis(group[f"{lv.array_name}/mean"][...], group[f"{lv.array_name}/components"][...]) for lv in self.spec.levels]
+        return self._bases
+
     # -- teacher head ----------------------------------------------------------------------------------------
     def write_head(self, tensors: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
         """Store, once, what classifies from the final level without the teacher (float32 arrays + attrs)."""
@@ -629,6 +730,38 @@ class FeatureCache:
         fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
         return int(fs.du(path))
 
+    def stored_array_bytes(self) -> dict[str, int]:
+        """Bytes on disk of each per-sample array summed over all shard groups, and ``other`` (metadata, moments,
+        bases, teacher head), from one listing of every file of the cache."""
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        root = fs._strip_protocol(path).rstrip("/") + "/"
+        names = _sample_arrays(self.spec)
+        out = dict.fromkeys([*names, "other"], 0)
+        for file, info in fs.find(path, detail=True).items():
+            parts = fs._strip_protocol(file)[len(root):].split("/")  # shards/<group>/<array...>/c/...
+            inside = "/".join(parts[2:]) if parts[0] == SHARDS_GROUP else ""
+            out[next((n for n in names if inside.startswith(n + "/")), "other")] += int(info.get("size") or 0)
+        return out
+
+    def _fidelity(self, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Fidelity recorded by extraction over the complete shards of ``records`` (shard attributes): per level the
+        worst ``cosine_min`` and the sample-weighted ``relative_mse``; ``pixels``: the worst ``psnr_db`` (JPEG)."""
+        levels: dict[str, dict[str, float]] = {}
+        psnr = []
+        for name, attrs in records.items():
+            if attrs.get("status") != STATUS_COMPLETE:
+                continue
+            count, stats = self._num_samples(name, attrs), attrs.get("stats") or {}
+            for layer, found in (stats.get("fidelity") or {}).items():
+                agg = levels.setdefault(layer, {"cosine_min": 1.0, "relative_mse": 0.0, "samples": 0})
+                agg["cosine_min"] = min(agg["cosine_min"], found["cosine_min"])
+                agg["relative_mse"] += found["relative_mse"] * count
+                agg["samples"] += count
+            if "psnr_db" in (stats.get("pixel_fidelity") or {}):
+                psnr.append(stats["pixel_fidelity"]["psnr_db"])
+        out: dict[str, Any] = {layer: {**agg, "relative_mse": agg["relative_mse"] / max(agg["samples"], 1)} for layer, agg in levels.items()}
+        return {"levels": out, "pixels": {"psnr_db": min(psnr)} if psnr else {}}
+
     def describe(self, sizes: bool = False) -> dict[str, Any]:
         """Counts, precision and problems of this cache from one listing of shard attributes, for ``apmpipe info``.
 
@@ -651,17 +784,34 @@ class FeatureCache:
             "samples": samples,
             "precision": sorted({str(records[name].get("precision")) for name in complete}),
             "raw_bytes": raw,
+            "arrays": {name: {"raw_bytes_per_sample": size} for name, size in self.spec.raw_array_bytes().items()},
+            "fidelity": self._fidelity(records),
             "skipped_samples": skipped,
             "failed_shards": failed,
             "sources": [redact_url(s) for s in self.attrs.get("sources", [])],
             "classes": self.attrs.get("classes", []),
         }
         if sizes:
-            stored = self.stored_bytes()
+            per_array = self.stored_array_bytes()
+            stored = sum(per_array.values())
             out.update(stored_bytes=stored, compression_ratio=raw / stored if stored else 0.0, bytes_per_sample=stored / samples if samples else 0.0)
+            for name, size in per_array.items():
+                out["arrays"].setdefault(name, {})["stored_bytes_per_sample"] = size / samples if samples else 0.0
         return out
 
 
+def _no_cache_message(url: str) -> str:
+    """Why ``url`` cannot be opened as a cache, pointing the right way when it is input data (a tar shard)."""
+    shown = redact_url(url)
+    if shown.lower().rstrip("/").endswith((".tar", ".tar.gz", ".tgz")):
+        return f"{shown!r} is an input shard, not a feature cache: extract it first (apmpipe extract {shown} --out CACHE.zarr --teacher NAME), then use CACHE.zarr"
+    return f"no feature cache at {shown!r}; create one with apmpipe extract SOURCES --out {shown} --teacher NAME"
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A value for a one-line message: lists of records by their first field (``[{'layer': 4, ...}]``), at most 60 characters."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) and v for v in value):
+        text = "[" + ", ".join(f"{{{next(iter(v))!r}: {next(iter(v.values()))!r}, ...}}" for v in value) + "]"
+    else:
+        text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,115 @@
+"""Options of stage one (:class:`TeacherConfig`, :class:`ExtractConfig`) and :func:`preflight`, their checks
+against the inputs and files they name.
+
+This module imports neither torch nor timm: the CLI builds and checks a run's options here first, so a typo in
+an option, a missing input or teacher folder comes back as one line in well under a second, before the
+teacher's libraries load (seconds) and the teacher is built.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
+from storage.errors import ConfigError, ModelError, require_at_least
+from storage.redact import redact_url
+from storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, resolve_inputs
+
+LOCAL_DIR = "local-dir:"
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """How to build the teacher.
+
+    Args:
+        name: any name ``timm.create_model`` accepts, incl. ``hf-hub:org/repo`` and ``local-dir:/path``.
+        pretrained: load the model's pretrained weights (hub download, or the ``local-dir`` folder's weights).
+        checkpoint: a bare state dict (``.safetensors``, or ``.pth``/``.bin`` loaded with ``weights_only``).
+        model_kwargs: extra ``create_model`` keyword arguments, e.g. ``(("img_size", 32), ("depth", 2))``.
+        seed: seeds random initialisation, so a random-init teacher is the same in every process.
+    """
+
+    name: str
+    pretrained: bool = True
+    checkpoint: str | None = None
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "pretrained": self.pretrained, "checkpoint": self.checkpoint, "model_kwargs": dict(self.model_kwargs), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TeacherConfig":
+        return cls(name=data["name"], pretrained=data["pretrained"], checkpoint=data.get("checkpoint"), model_kwargs=tuple(sorted(data.get("model_kwargs", {}).items())), seed=data.get("seed", 0))
+
+    def check_files(self) -> None:
+        """Refuse (ModelError) a ``--checkpoint`` file or ``local-dir:`` folder that is not there."""
+        if self.checkpoint and not os.path.isfile(self.checkpoint):
+            raise ModelError(f"--checkpoint {self.checkpoint!r} does not exist")
+        if self.name.startswith(LOCAL_DIR):
+            folder = self.name[len(LOCAL_DIR):]
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                what = "has no config.json" if os.path.isdir(folder) else "is not a folder"
+                raise ModelError(f"--teacher {self.name}: {folder!r} {what}; a local-dir teacher is a folder with timm's config.json and model.safetensors")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Options of one ``apmpipe extract`` run (saved in the cache's root attributes)."""
+
+    inputs: tuple[str, ...]
+    out: str
+    teacher: TeacherConfig
+    layers: tuple[int, ...] = (-1,)
+    final_norm: bool = False
+    dtype: str = "float16"
+    codec: str = "zstd"
+    rank: int = 0
+    pixel_codec: str = "raw"
+    batch_size: int = 32
+    loader_workers: int = -1
+    chunk_samples: int = 16
+    shard_samples: int = 256
+    label_key: str | None = "cls"
+    class_names: tuple[str, ...] = ()
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    folder_block: int = 1000
+    device: str = "auto"
+    amp: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials; dask logs reprs
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder")
+        require_at_least(self, ("batch_size", "folder_block", "chunk_samples", "shard_samples", "max_pixels"), 1)
+        require_at_least(self, ("loader_workers",), -1)
+        if self.dtype not in TOKEN_DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
+        if self.codec not in CODECS:
+            raise ConfigError(f"--codec {self.codec!r} is not one of {', '.join(CODECS)}")
+        if self.pixel_codec not in PIXEL_CODECS:
+            raise ConfigError(f"--pixel-codec {self.pixel_codec!r} is not one of {', '.join(PIXEL_CODECS)}")
+        require_at_least(self, ("rank",), 0)
+        if not self.layers:
+            raise ConfigError("--layers is empty; pass e.g. --layers 4,8,12 or --layers -1")
+        if self.shard_samples % self.chunk_samples:
+            raise ConfigError(f"--shard-samples ({self.shard_samples}) must be a positive multiple of --chunk-samples ({self.chunk_samples})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": [redact_url(i) for i in self.inputs], "teacher": self.teacher.to_dict(), "layers": list(self.layers), "final_norm": self.final_norm,
+            "dtype": self.dtype, "codec": self.codec, "rank": self.rank, "pixel_codec": self.pixel_codec, "batch_size": self.batch_size, "label_key": self.label_key,
+            "class_names": list(self.class_names), "max_pixels": self.max_pixels, "folder_block": self.folder_block, "amp": self.amp,
+        }
+
+
+def preflight(config: ExtractConfig) -> ResolvedInputs:
+    """Check what ``config`` names before any teacher is built: the inputs (resolved into shard units, which
+    are returned), the teacher's files, and options that contradict the inputs."""
+    inputs = resolve_inputs(config.inputs, folder_block=config.folder_block, storage_options=config.storage_options)
+    if config.class_names and inputs.classes:
+        raise ConfigError("--class-names is for tar shards; image folders take their classes from sub-folder names")
+    config.teacher.check_files()
+    return inputs
