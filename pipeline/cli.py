@@ -9,6 +9,8 @@ import ast
 import functools
 import json
 import logging
+import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
@@ -26,8 +28,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: whole option names and a wide description column at 80 columns
 )
-bench_app = typer.Typer(help="Measure throughput side by side in one run and print ratios.", no_args_is_help=True)
+bench_app = typer.Typer(help="Measure throughput side by side in one run and print ratios.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,16 +51,56 @@ class Codec(str, Enum):
     none = "none"
 
 
+class PixelCodec(str, Enum):
+    raw = "raw"
+    png = "png"
+    webp = "webp"
+    jpeg = "jpeg"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out_console.print(f"apmpipe {version('apmpipe')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def root(
     ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors too.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details (INFO level).")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: the cores not busy with other work).")] = 0,
 ) -> None:
     ctx.obj = {"debug": debug}
+    set_cpu_threads(threads)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:  # the hub's retry chatter drowns the one-line error that follows it
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+def free_cores() -> int:
+    """Cores this process may use minus the load other work puts on them (at least 1): on a shared machine,
+    torch's default of one thread per core oversubscribes them (small per-sample work slows down many-fold)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+def set_cpu_threads(requested: int) -> None:
+    """Set torch's intra-op threads (before torch is imported, through OMP_NUM_THREADS, so startup stays light).
+    With ``0``, an OMP_NUM_THREADS already in the environment wins; else the free cores."""
+    if requested < 0:
+        raise typer.BadParameter(f"--threads must be >= 0, got {requested}")
+    if not requested and os.environ.get("OMP_NUM_THREADS"):
+        return
+    count = requested or free_cores()
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(count)
 
 
 def reports_user_errors(command: F) -> F:
@@ -122,6 +165,8 @@ def extract(
     final_norm: Annotated[bool, typer.Option("--final-norm/--no-final-norm", help="Apply the teacher's final norm to every cached level.")] = False,
     dtype: Annotated[TokenDtype, typer.Option(help="Token storage dtype; int8 is per-token scaled and its fidelity is reported.")] = TokenDtype.float16,
     codec: Annotated[Codec, typer.Option(help="Compressor for cached arrays.")] = Codec.zstd,
+    rank: Annotated[int, typer.Option(help="Store tokens as this many coefficients of one PCA basis per level, fitted at extraction (0: whole tokens); fidelity is reported.")] = 0,
+    pixel_codec: Annotated[PixelCodec, typer.Option(help="Pixels as uint8 arrays (raw) or one PNG / lossless WebP / JPEG (lossy, PSNR reported) per sample.")] = PixelCodec.raw,
     batch_size: Annotated[int, typer.Option(help="Images per teacher forward.")] = 32,
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes decoding images (0: in the main process; -1: 1 beside a CPU teacher, up to 8 for a GPU).")] = -1,
     chunk_samples: Annotated[int, typer.Option(help="Samples per zarr chunk (unit of a read).")] = 16,
@@ -139,9 +184,10 @@ def extract(
     resources: Annotated[list[str], typer.Option("--resources", help="Dask resources each task needs, KEY=VALUE (repeatable), e.g. GPU=1.")] = [],
     storage_option: StorageOptions = [],
 ) -> None:
-    """Run a frozen timm teacher once over image shards into a resumable Zarr v3 feature cache."""
-    from stages.extract import ExtractConfig, extract as run_extract
-    from stages.teacher import TeacherConfig
+    """Run a timm teacher once over image shards into a feature cache.
+
+    The cache is a resumable Zarr v3 group: rerunning the command completes it."""
+    from stages.extract_config import ExtractConfig, TeacherConfig, preflight  # no torch yet: bad options fail fast
     from storage.sources import DEFAULT_MAX_PIXELS, read_class_names
 
     storage_options = parse_storage_options(storage_option)
@@ -149,18 +195,22 @@ def extract(
         inputs=tuple(sources), out=out,
         teacher=TeacherConfig(name=teacher, pretrained=pretrained, checkpoint=str(checkpoint.resolve()) if checkpoint else None,
                               model_kwargs=tuple(sorted(parse_key_values(model_arg, "--model-arg").items())), seed=seed),
-        layers=parse_int_list(layers, "--layers"), final_norm=final_norm, dtype=dtype.value, codec=codec.value,
+        layers=parse_int_list(layers, "--layers"), final_norm=final_norm, dtype=dtype.value, codec=codec.value, rank=rank, pixel_codec=pixel_codec.value,
         batch_size=batch_size, loader_workers=loader_workers, chunk_samples=chunk_samples, shard_samples=shard_samples,
         label_key=None if no_labels else label_key, class_names=read_class_names(class_names, storage_options) if class_names and not no_labels else (),
         max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, folder_block=folder_block, device=device, amp=amp, storage_options=storage_options,
     )
+    inputs = preflight(config)
+    resource_needs = parse_key_values(resources, "--resources") or None
+    from stages.extract import extract as run_extract
+
     runner = None
     if workers or scheduler or scheduler_file:
         from .cluster import dask_runner
 
-        runner = dask_runner(workers, scheduler, str(scheduler_file) if scheduler_file else None, parse_key_values(resources, "--resources") or None)
+        runner = dask_runner(workers, scheduler, str(scheduler_file) if scheduler_file else None, resource_needs)
     with ExtractProgress() as progress:  # beside remote workers the driver's teacher (spec, head check) stays on the CPU
-        summary = run_extract(config, progress=progress, runner=runner, on_plan=progress.plan, driver_device="cpu" if runner else None)
+        summary = run_extract(config, progress=progress, runner=runner, on_plan=progress.plan, driver_device="cpu" if runner else None, inputs=inputs)
     _print_extract_summary(summary)
     if summary.count("failed"):
         raise typer.Exit(1)
@@ -188,6 +238,8 @@ def _print_extract_summary(summary: Any) -> None:
         rows.insert(4, ("bytes per image", human_bytes(summary.stored_bytes / summary.cache_samples)))
     for layer, stats in summary.fidelity.items():
         rows.append((f"fidelity layer {layer}", f"min cosine {stats['cosine_min']:.5f}, relative MSE {stats['relative_mse']:.2e}"))
+    if summary.pixel_psnr is not None:
+        rows.append(("pixel fidelity", f"min PSNR {summary.pixel_psnr:.1f} dB"))
     out_console.print(_table("apmpipe extract", rows))
     for shard, key, reason in summary.skipped_samples[:20]:
         err_console.print(f"skipped {shard}/{key}: {reason}", highlight=False, markup=False, soft_wrap=True)
@@ -205,7 +257,9 @@ def info(
     sizes: Annotated[bool, typer.Option("--sizes", help="Also measure bytes on disk and compression (lists every file: slow on object stores).")] = False,
     storage_option: StorageOptions = [],
 ) -> None:
-    """Describe a feature cache: teacher, layers, shapes, shards, samples, precision, bad samples (sizes with --sizes)."""
+    """Describe a feature cache.
+
+    Teacher, layers, shapes, shards, samples, precision, bad samples (sizes with --sizes)."""
     from storage.cache import FeatureCache
 
     desc = FeatureCache.open(cache, storage_options=parse_storage_options(storage_option)).describe(sizes=sizes)
@@ -214,12 +268,13 @@ def info(
         return
     spec = desc["spec"]
     teacher = spec["teacher"]
+    low_rank = f" coefficients of rank-{spec['rank']} bases" if spec["rank"] else ""
     rows = [
         ("format", desc["format"]),
         ("teacher", f"{teacher['name']} ({teacher['weights']}, sha256 {teacher['weights_sha256'][:12]})"),
         ("input", f"{spec['data_config']['input_size']} {spec['data_config']['interpolation']}, crop {spec['data_config'].get('crop_pct')}, mean {spec['data_config']['mean']}"),
         ("levels", ", ".join(f"{lv['layer']}: {lv['prefix_tokens']}+{lv['grid'][0]}x{lv['grid'][1]} tokens x {lv['dim']}" for lv in spec["levels"])),
-        ("storage", f"{spec['dtype']}, codec {spec['codec']}, chunks of {spec['chunk_samples']}, zarr shards of {spec['shard_samples']}"),
+        ("storage", f"{spec['dtype']}{low_rank}, codec {spec['codec']}, pixels {spec['pixel_codec']}, chunks of {spec['chunk_samples']}, zarr shards of {spec['shard_samples']}"),
         ("shards", f"{desc['shards']['complete']} complete, {desc['shards']['writing']} incomplete, {desc['shards']['failed']} failed"),
         ("samples", str(desc["samples"])),
         ("precision", ", ".join(desc["precision"]) or "-"),
@@ -227,12 +282,33 @@ def info(
          if sizes else f"{human_bytes(desc['raw_bytes'])} raw (--sizes: bytes on disk)"),
         ("teacher head", "stored" if desc["head"].get("available") else f"none ({desc['head'].get('reason', 'unknown')})"),
         ("skipped samples", str(len(desc["skipped_samples"]))),
+        *_array_rows(desc["arrays"]),
+        *_recorded_fidelity_rows(desc["fidelity"]),
     ]
     out_console.print(_table(f"apmpipe cache {desc['url']}", rows))
     for item in desc["skipped_samples"][:20]:
         out_console.print(f"skipped {item['shard']}/{item['key']}: {item['reason']}", highlight=False, markup=False)
     for item in desc["failed_shards"]:
         out_console.print(f"failed shard {item['shard']}: {item['error']}", highlight=False, markup=False)
+
+
+def _array_rows(arrays: dict[str, dict[str, float]]) -> list[tuple[str, str]]:
+    """Bytes per sample of each array: stored (with ``--sizes``) beside the raw (decoded) size."""
+    rows = []
+    for name, sizes in arrays.items():
+        raw = f"{human_bytes(sizes['raw_bytes_per_sample'])} raw" if "raw_bytes_per_sample" in sizes else ""
+        stored = f"{human_bytes(sizes['stored_bytes_per_sample'])} stored" if "stored_bytes_per_sample" in sizes else ""
+        rows.append((f"bytes/sample {name}", f"{stored} ({raw})" if stored and raw else stored or raw))
+    return rows
+
+
+def _recorded_fidelity_rows(fidelity: dict[str, Any]) -> list[tuple[str, str]]:
+    """What extraction recorded of lossy storage: per level, worst cosine and mean relative MSE; pixel PSNR."""
+    rows = [(f"fidelity layer {layer}", f"min cosine {f['cosine_min']:.5f}, relative MSE {f['relative_mse']:.2e} ({f['samples']} samples' shards)")
+            for layer, f in fidelity["levels"].items()]
+    if fidelity["pixels"]:
+        rows.append(("pixel fidelity", f"min PSNR {fidelity['pixels']['psnr_db']:.1f} dB"))
+    return rows
 
 
 @app.command()
@@ -245,14 +321,21 @@ def verify(
     device: DeviceOption = "auto",
     storage_option: StorageOptions = [],
 ) -> None:
-    """Recompute a sample of cached images with the teacher and report the difference to the cache."""
+    """Recompute cached samples with the teacher: pass or fail.
+
+    Each sample is recomputed in the precision its shard was made with; the verdict compares the worst
+    difference with a tolerance for that precision and storage dtype (exit 1 on fail)."""
     from stages.verify import verify_cache
 
     report = verify_cache(cache, samples=samples, device=device, checkpoint=str(checkpoint) if checkpoint else None, storage_options=parse_storage_options(storage_option))
-    rows = [(f"layer {layer}", f"max |diff| {s['max_abs']:.3g}, min cosine {s['min_cosine']:.6f}") for layer, s in report.levels.items()]
+    rows = [(f"layer {layer}", f"max |diff| {s['max_abs']:.3g}, min cosine {s['min_cosine']:.6f} (tolerance >= {s['tolerance']:.6f})") for layer, s in report.levels.items()]
     if report.logits_max_abs is not None:
-        rows.append(("logits", f"max |diff| {report.logits_max_abs:.3g}"))
+        rows.append(("logits", f"max |diff| {report.logits_max_abs:.3g} (tolerance <= {report.logits_tolerance:.3g})"))
+    failures = report.failures
+    rows.append(("verdict", f"FAIL: {'; '.join(failures)}" if failures else "PASS: every level and the logits are within tolerance"))
     out_console.print(_table(f"apmpipe verify: {report.samples} samples recomputed in {report.precision}", rows))
+    if failures:
+        raise typer.Exit(1)
 
 
 class Preset(str, Enum):
@@ -282,6 +365,11 @@ def apply_config_file(ctx: Any, values: dict[str, Any], path: Optional[Path], al
     merged = dict(values)
     for key, value in data.items():
         name = key.replace("-", "_")
+        if name in ("caches", "out"):
+            raise ConfigError(f"--config {path}: give {name} on the command line (apmpipe {ctx.info_name} CACHE... --out RUN), not in the file")
+        if name == "storage_options" and isinstance(value, dict):
+            merged["storage_option"] = [f"{k}={v}" for k, v in value.items()] + list(merged.get("storage_option") or [])
+            continue
         if name not in allowed:
             raise ConfigError(f"--config {path}: unknown option {key!r}; see apmpipe {ctx.info_name} --help")
         if name in merged and ctx.get_parameter_source(name).name == "DEFAULT":
@@ -302,6 +390,7 @@ def train(
     pos_dim: Annotated[Optional[int], typer.Option(help="Location code width (0: as wide as T).")] = None,
     level_mode: Annotated[LevelMode, typer.Option(help="heads: one output head per level on a shared trunk; query: level code in the query.")] = LevelMode.heads,
     locations: Annotated[int, typer.Option(help="Random grid locations per image per step, besides the prefix tokens (0: all).")] = 16,
+    echo: Annotated[int, typer.Option(help="Steps per loaded batch, each on fresh random locations (reads echo x fewer bytes per step).")] = 1,
     epochs: Annotated[int, typer.Option(help="Passes over the caches (0: enough for --min-steps steps).")] = 0,
     min_steps: Annotated[int, typer.Option(help="With --epochs 0: train at least this many steps (whole epochs).")] = 4000,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: run all epochs).")] = 0,
@@ -316,10 +405,12 @@ def train(
     logit_weight: Annotated[float, typer.Option(help="Weight of KL to the teacher's cached logits through its stored head (0: off).")] = 1.0,
     kd_temperature: Annotated[float, typer.Option(help="Temperature of that KL.")] = 2.0,
     rgb_weight: Annotated[float, typer.Option(help="Weight of the pixel reconstruction loss (0 disables the rgb head).")] = 0.1,
+    standardize: Annotated[bool, typer.Option("--standardize/--no-standardize", help="Standardise targets per level (cache moments).")] = True,
     window_samples: Annotated[int, typer.Option(help="Shuffle window in samples; loader memory is about (2 x workers + 1) windows.")] = 512,
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes reading the cache.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and location sampling.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    checkpoint_minutes: Annotated[float, typer.Option(help="Also checkpoint after this many minutes of work (0: off).")] = 5.0,
     log_every: Annotated[int, typer.Option(help="Steps between metric records.")] = 10,
     device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
@@ -327,10 +418,13 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
     storage_option: StorageOptions = [],
 ) -> None:
-    """Train the APM student from cached teacher tokens, streaming shards; the teacher is never loaded."""
+    """Train the APM student from feature caches.
+
+    Streams shards of cached teacher tokens; the teacher is never loaded. Ctrl-C or SIGTERM saves a
+    checkpoint and prints the command that resumes the run."""
     from stages.train import TrainConfig, train as run_train
 
-    from .console import TrainProgress
+    from .console import TrainProgress, stop_requests
     from .report import plot_losses
 
     values = apply_config_file(ctx, dict(ctx.params), config, TrainConfig.option_names())
@@ -340,9 +434,21 @@ def train(
     values.pop("config")
     values.pop("ctx", None)
     train_config = TrainConfig.from_options({**values, "caches": tuple(values["caches"]), "hidden": tuple(values["hidden"]) if values["hidden"] else None})
-    with TrainProgress() as progress:
-        summary = run_train(train_config, on_step=progress.step,
-                            on_start=lambda model, total: (err_console.print(f"student: {model.num_params() / 1e6:.2f} M parameters, {model.flops_per_image() / 1e9:.3f} GFLOPs per image (all locations)", highlight=False), progress.start(total, 0)))
+    resumed = [0]
+
+    def on_resume(step: int, total: int) -> None:
+        resumed[0] = step
+        err_console.print(f"resuming from step {step} of {total} ({train_config.out})", highlight=False)
+
+    with TrainProgress() as progress, stop_requests() as stop_requested:
+        summary = run_train(train_config, on_step=progress.step, on_resume=on_resume, stop_requested=stop_requested,
+                            on_start=lambda model, total: (err_console.print(f"student: {model.num_params() / 1e6:.2f} M parameters, {model.flops_per_image() / 1e9:.3f} GFLOPs per image (all locations)", highlight=False), progress.start(total, resumed[0])))
+    if summary.stopped_by:
+        import signal
+
+        err_console.print(f"{signal.Signals(summary.stopped_by).name}: stopped at step {summary.steps}; checkpoint saved in {Path(train_config.out) / 'checkpoints'}", highlight=False, soft_wrap=True)
+        err_console.print(f"resume with: {resume_command(train_config)}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(128 + summary.stopped_by)
     if summary.student:
         from storage.checkpoint import RunDir
 
@@ -356,6 +462,26 @@ def train(
             ("loss curve", str(plot)),
         ]
         out_console.print(_table("apmpipe train", rows))
+
+
+def resume_command(config: Any) -> str:
+    """The command that continues ``config``'s run: its caches, --out, every option not at its default, --resume."""
+    import shlex
+
+    from stages.train import TrainConfig, flat_options
+
+    default = flat_options(TrainConfig(caches=config.caches, out=config.out).to_dict())
+    parts = ["apmpipe train", *map(shlex.quote, config.caches), "--out", shlex.quote(config.out)]
+    for key, value in flat_options(config.to_dict()).items():
+        flag = "--" + key.replace("_", "-")
+        if key in ("caches", "out", "resume") or value == default.get(key):
+            continue
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            parts += [flag, ",".join(map(str, value)) if isinstance(value, list) else shlex.quote(str(value))]
+    secrets = " (and your --storage-option flags)" if config.storage_options else ""
+    return " ".join([*parts, "--resume"]) + secrets
 
 
 class TTTStart(str, Enum):
@@ -392,7 +518,9 @@ def eval_command(
     device: DeviceOption = "auto",
     storage_option: StorageOptions = [],
 ) -> None:
-    """Fidelity per level, classification beside the teacher, test-time training; terminal table, JSON and PNGs."""
+    """Evaluate a student on a feature cache.
+
+    Fidelity per level, classification beside the teacher, test-time training; terminal table, JSON, PNGs."""
     from stages.evaluate import EvalConfig, evaluate
 
     from .report import plot_fidelity, plot_per_class
@@ -462,11 +590,15 @@ def islands(
     device: DeviceOption = "auto",
     storage_option: StorageOptions = [],
 ) -> None:
-    """Draw islands of agreement: per-level student outputs (and the teacher's) as PCA colours or k-means clusters."""
+    """Draw islands of agreement in a student's outputs.
+
+    Per-level student outputs (and the teacher's) as PCA colours or k-means clusters."""
     from stages.islands import islands as draw
 
     result = draw(student, sources, str(out), images=images, mode=mode.value, clusters=clusters, panel=panel, device=device,
                   storage_options=parse_storage_options(storage_option))
+    if result.converted:
+        err_console.print(f"islands: {result.converted}", highlight=False, markup=False, soft_wrap=True)
     out_console.print(f"wrote {result.path} ({result.width}x{result.height} px, {result.images} images{', student beside teacher' if result.with_teacher else ''})", highlight=False)
 
 
@@ -478,7 +610,9 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A shorter teacher recipe and a 150-step student (for tests).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split, the teacher, the student and data order.")] = 0,
 ) -> None:
-    """The whole pipeline offline on bundled real images (scikit-learn digits), with a report folder."""
+    """Run the whole pipeline offline on bundled digits.
+
+    Real images (scikit-learn digits), a small trained teacher, and a report folder."""
     from .demo import run_demo
 
     summary = run_demo(out, quick=quick, seed=seed)
@@ -502,7 +636,9 @@ def bench_extract_command(
     codec: Annotated[Codec, typer.Option(help="Compressor.")] = Codec.zstd,
     device: DeviceOption = "auto",
 ) -> None:
-    """Extraction img/s vs bare forward_intermediates img/s (same teacher, batch, device); target ratio >= 0.95."""
+    """Extraction speed beside the bare teacher forward.
+
+    Extraction img/s vs bare forward_intermediates img/s (same teacher, batch, device); target ratio >= 0.95."""
     from stages.extract import ExtractConfig
     from stages.teacher import TeacherConfig
 
@@ -538,27 +674,69 @@ def bench_train_command(
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     preset: Annotated[Preset, typer.Option(help="Student size.")] = Preset.small,
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes.")] = 2,
-    growth: Annotated[int, typer.Option(help="Cache growth factor for the peak-RSS check.")] = 10,
-    locations: Annotated[int, typer.Option(help="Random locations per image per step, in both cached and online runs (0: all).")] = 0,
+    growth: Annotated[int, typer.Option(help="Cache growth factor for the peak-RSS check (1: skip it).")] = 10,
+    locations: Annotated[int, typer.Option(help="Random grid locations per image per step (K), beside the all-locations rate.")] = 64,
+    echo: Annotated[int, typer.Option(help="Steps per loaded batch (as apmpipe train --echo).")] = 1,
+    student_rate: Annotated[float, typer.Option(help="A student rate (samples/s, e.g. measured on a GPU) to size the loader for.")] = 0.0,
+    dtype: Annotated[TokenDtype, typer.Option(help="Token storage of the bench cache (as extract --dtype).")] = TokenDtype.float16,
+    rank: Annotated[int, typer.Option(help="Low-rank token storage of the bench cache (as extract --rank; 0: whole tokens).")] = 0,
     device: DeviceOption = "auto",
 ) -> None:
-    """Loader vs student samples/s, cached vs online-distillation epoch, peak RSS as the cache grows (one run)."""
+    """Training speed: loader, student, cached vs online.
+
+    Bytes per trained sample, loader vs student samples/s, cached vs online epoch, peak RSS (one run)."""
     from .bench import bench_train, scratch_dir
 
+    resolved = device if device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     with scratch_dir() as tmp:
-        result = bench_train(Path(tmp), teacher, images, batch_size, preset.value, loader_workers, device if device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu"), growth, locations)
+        result = bench_train(Path(tmp), teacher, images, batch_size, preset.value, loader_workers, resolved, growth, locations, echo,
+                             {"dtype": dtype.value, "rank": rank})
+    k = f"K={locations}"
     rows = [
         ("machine", result.machine),
-        ("setup", f"{result.samples} images, teacher {result.teacher} (layers 4,8,12), student preset {preset.value}, batch {batch_size}"),
-        ("(a) loader only", f"{result.loader_sps:.1f} samples/s ({loader_workers} workers)"),
-        ("(b) student step, from memory", f"{result.step_sps:.1f} samples/s"),
-        ("loader / student", f"{result.loader_headroom:.2f}x (target >= 3)"),
+        ("setup", f"{result.samples} images, teacher {result.teacher} (layers 4,8,12, {dtype.value}{f', rank {rank}' if rank else ''}), "
+                  f"student {preset.value}, batch {batch_size}, echo {echo}"),
+        ("bytes read / trained sample", f"{human_bytes(result.bytes_per_trained_sample)} ({human_bytes(result.bytes_per_sample)} per loaded sample / echo {echo})"),
+        ("(a) loader", f"{result.loader_sps:.1f} samples/s, {loader_workers} workers, decoding {result.decode_mb_s_per_worker:.0f} MB/s per worker"),
+    ]
+    for label, rate in result.student_sps.items():
+        needed = result.loader_needed(rate)
+        rows.append((f"(b) student, {label} locations", f"{rate:.1f} trained samples/s, needs {needed:.1f} loaded/s: loader / need {result.loader_sps / needed:.2f}x"
+                     + (" (target >= 3)" if label == k else "")))
+    if student_rate:
+        needed = result.loader_needed(student_rate)
+        rows.append(("loader for --student-rate", f"{student_rate:.0f} samples/s needs {needed:.0f} loaded/s = {needed * result.bytes_per_sample / 1e9:.2f} GB/s read; "
+                     f"this loader gives {result.loader_sps / needed:.2f}x of it"))
+    rows += [
         ("(c) cached epoch (apmpipe train)", f"{result.cached_epoch_s:.2f} s"),
-        ("    online distillation epoch", f"{result.online_epoch_s:.2f} s (teacher forward every step)"),
+        ("    online distillation epoch", f"{result.online_epoch_s:.2f} s (teacher forward every loaded batch, {k})"),
         ("online / cached", f"{result.cached_speedup:.2f}x (target >= 5)"),
     ]
     rows += [(f"peak RSS, {n} cached samples", f"{mib:.0f} MiB (train process + loader workers)") for n, mib in result.rss]
     out_console.print(_table("apmpipe bench train", rows))
+
+
+@bench_app.command("ablation")
+@reports_user_errors
+def bench_ablation_command(
+    ctx: typer.Context,
+    workdir: Annotated[Path, typer.Option(help="Folder for the trained teacher, caches and runs (reused on reruns).")] = Path("bench-ablation"),
+    steps: Annotated[int, typer.Option(help="Training steps of every run (--min-steps).")] = 1500,
+    only: Annotated[Optional[list[str]], typer.Option(help="Run only the rows whose name contains this word (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split, teacher and every student.")] = 0,
+) -> None:
+    """Each training objective switched off in turn.
+
+    On the demo's trained teacher: held-out R2 and teacher-head top-1."""
+    from .bench import bench_ablation
+
+    teacher, rows = bench_ablation(workdir, steps, seed, only)
+    table = [("teacher", f"{teacher['folder']}: val top-1 {teacher['val_top1']:.3f} ({teacher['data']})"), ("steps per run", str(steps))]
+    for row in rows:
+        r2 = ", ".join(f"L{layer} {f.get('patch_r2', float('nan')):.3f}/{f.get('prefix_r2', float('nan')):.3f}" for layer, f in row.fidelity.items())
+        s, t = row.head.get("student", {}).get("top1", float("nan")), row.head.get("teacher", {}).get("top1", float("nan"))
+        table.append((row.name, f"R2 patch/CLS {r2} | head top-1 {s:.3f} / teacher {t:.3f} = {s / t:.3f}x | {row.seconds:.0f} s"))
+    out_console.print(_table("apmpipe bench ablation", table))
 
 
 def main(args: list[str] | None = None) -> None:
@@ -572,6 +750,9 @@ def main(args: list[str] | None = None) -> None:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        err_console.print(f"error: {message}{hint}", highlight=False, markup=False, soft_wrap=True)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare ``apmpipe`` or ``apmpipe bench``: the help, no error
+            typer.echo(message)
+        else:
+            err_console.print(f"error: {message}{hint}", highlight=False, markup=False, soft_wrap=True)
         raise SystemExit(getattr(exc, "exit_code", 2)) from None
     raise SystemExit(code if isinstance(code, int) else 0)

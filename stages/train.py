@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 import types
 import typing
@@ -67,6 +68,7 @@ class TrainConfig:
     loader_workers: int = 2
     seed: int = 0
     checkpoint_every: int = 500
+    checkpoint_minutes: float = 5.0
     log_every: int = 10
     device: str = "auto"
     amp: bool = True
@@ -79,6 +81,8 @@ class TrainConfig:
         require_at_least(self, ("epochs", "min_steps", "max_steps", "locations", "warmup_steps", "loader_workers"), 0)
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.checkpoint_minutes < 0:
+            raise ConfigError(f"--checkpoint-minutes must be 0 (off) or more, got {self.checkpoint_minutes}")
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -134,6 +138,7 @@ class TrainSummary:
     params: int
     flops_per_image: int
     student: str
+    stopped_by: int = 0  # the signal (SIGINT, SIGTERM) that ended the run early, after a checkpoint; 0: finished
 
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
@@ -267,11 +272,29 @@ def _set_up(config: TrainConfig) -> _Run:
                 teacher_head(stream.urls[0], config, device), optimizer, scheduler, run_dir, total_steps, config.amp and device.type == "cuda")
 
 
+RESUME_MAY_CHANGE = ("caches", "out", "resume", "device", "amp", "compile", "loader_workers", "log_every", "checkpoint_every", "checkpoint_minutes")
+
+
+def flat_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``TrainConfig.to_dict()`` with the loss weights beside the other options."""
+    return {k: v for k, v in options.items() if k != "loss"} | options.get("loss", {})
+
+
+def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``--name NOW (run: SAVED)`` for every option that would change a resumed run's result."""
+    old, new = flat_options(saved), flat_options(now)
+    return [f"--{k.replace('_', '-')} {new[k]} (run: {old[k]})" for k in new if k in old and k not in RESUME_MAY_CHANGE and new[k] != old[k]]
+
+
 def _resume(run: _Run) -> None:
     """Load the newest checkpoint into ``run`` (weights, optimiser, schedule, RNG, stream position)."""
     weights, state = run.run_dir.load_checkpoint()
+    changes = changed_options(state["config"], run.config.to_dict())
     if state["model_config"] != run.model.config.to_dict() or state["layout"] != run.stream.spec.layout():
-        raise ModelError(f"the checkpoint in {run.config.out} was trained for another student or teacher layout than these caches; use another --out")
+        listed = f" ({', '.join(changes)})" if changes else ""
+        raise ModelError(f"the checkpoint in {run.config.out} was trained for another student or teacher layout than these caches{listed}; use another --out")
+    if changes:
+        raise ConfigError(f"--resume would change the run in {run.config.out}: {', '.join(changes)}; resume with the run's options or train into another --out")
     run.model.load_state_dict(weights)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -290,6 +313,15 @@ def _checkpoint(run: _Run) -> None:
         run.run_dir.save_checkpoint(run.step, run.model.state_dict(), run.state())
     if run.world > 1:
         dist.barrier()
+
+
+def _agreed(run: _Run, *flags: bool) -> list[bool]:
+    """``flags`` true on any rank (under DDP every rank must checkpoint and stop at the same step)."""
+    if run.world == 1:
+        return list(flags)
+    values = torch.tensor([int(f) for f in flags], device=run.device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logits: torch.Tensor | None) -> Losses:
@@ -317,13 +349,22 @@ def _batches(run: _Run):
         run.position = StreamPosition(run.position.epoch + 1, 0, 0)
 
 
-def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Callable[[APM, int], None] | None = None) -> TrainSummary:
-    """Train (or resume) a student on ``config.caches``; returns what the CLI summarises."""
+def train(
+    config: TrainConfig, on_step: StepCallback | None = None, on_start: Callable[[APM, int], None] | None = None,
+    on_resume: Callable[[int, int], None] | None = None, stop_requested: Callable[[], int] | None = None,
+) -> TrainSummary:
+    """Train (or resume) a student on ``config.caches``; returns what the CLI summarises.
+
+    ``on_resume(step, total)`` is called when a checkpoint was loaded. ``stop_requested()`` returns the signal
+    that asks the run to stop (0: none): it then ends after a checkpoint, without exporting the student.
+    """
     run = _set_up(config)
     if run.rank == 0:
         run.run_dir.remove_stale_temporaries()
-    if config.resume and run.run_dir.has_checkpoint():
+    if config.resume:
         _resume(run)
+        if run.rank == 0 and on_resume:
+            on_resume(run.step, run.total_steps)
     elif run.rank == 0 and run.run_dir.metrics.exists():
         run.run_dir.metrics.unlink()
     if run.rank == 0:
@@ -335,6 +376,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
 
     start, samples, first_loss, last_loss = time.perf_counter(), 0, float("nan"), float("nan")
     layers, waited, ready = [level.layer for level in run.stream.spec.levels], 0.0, time.perf_counter()
+    saved, stop = time.monotonic(), False
     for position, batch in (_batches(run) if run.step < run.total_steps else ()):
         waited += time.perf_counter() - ready  # the step waited this long for the loader
         images = run.normalize(batch["pixels"].to(run.device, non_blocking=True))
@@ -356,15 +398,18 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_start: Ca
                 break
         run.position = position
         samples += images.shape[0] * run.world * (run.step - first_step)  # trained samples, echoes included
-        if run.step // config.checkpoint_every > first_step // config.checkpoint_every or run.step >= run.total_steps:
+        stop, due = _agreed(run, bool(stop_requested and stop_requested()), 0 < config.checkpoint_minutes * 60 <= time.monotonic() - saved)
+        if stop or due or run.step // config.checkpoint_every > first_step // config.checkpoint_every or run.step >= run.total_steps:
             _checkpoint(run)  # at batch boundaries only: a resumed run restarts exactly after a whole (echoed) batch
-        if run.step >= run.total_steps:
+            saved = time.monotonic()
+        if stop or run.step >= run.total_steps:
             break
         ready = time.perf_counter()
 
-    student = str(run.run_dir.save_student(run.model.state_dict(), run.metadata())) if run.rank == 0 else ""
+    stopped_by = ((stop_requested and stop_requested()) or int(signal.SIGTERM)) if stop else 0
+    student = str(run.run_dir.save_student(run.model.state_dict(), run.metadata())) if run.rank == 0 and not stopped_by else ""
     if run.world > 1:
         dist.barrier()
     return TrainSummary(run_dir=config.out, steps=run.step, epochs_done=run.step / (run.stream.steps_per_epoch() * config.echo), seconds=time.perf_counter() - start,
                         samples=samples, first_loss=first_loss, last_loss=last_loss, params=run.model.num_params(),
-                        flops_per_image=run.model.flops_per_image(), student=student)
+                        flops_per_image=run.model.flops_per_image(), student=student, stopped_by=stopped_by)
