@@ -71,6 +71,7 @@ def default_bench_shards(workdir: Path, images: int, size: int) -> list[str]:
 def bench_extract(config: ExtractConfig) -> ExtractBench:
     """Extraction images/s vs bare ``forward_intermediates`` images/s of the same teacher, batch and device."""
     shards = list(resolve_inputs(config.inputs, folder_block=config.folder_block).shards)
+    bench_progress(f"building {config.teacher.name} and decoding {len(shards)} shards")
     teacher = teacher_for(config)  # the same instance extract() uses below: built once
     batches = [b["pixels"] for b in ShardBatches(shards, teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key) if len(b["pixels"])]
     images = sum(len(b) for b in batches)
@@ -83,6 +84,7 @@ def bench_extract(config: ExtractConfig) -> ExtractBench:
         if teacher.device.type == "cuda":
             torch.cuda.synchronize()
 
+    bench_progress(f"bare forward_intermediates over {images} images (warm-up, then timed)")
     bare_forward()  # warm-up (allocator, kernels)
     before = timed(bare_forward)
     run_seconds: list[float] = []
@@ -93,7 +95,9 @@ def bench_extract(config: ExtractConfig) -> ExtractBench:
         run_seconds.append(time.perf_counter() - start)
         return results
 
+    bench_progress("apmpipe extract of the same images")
     summary = extract(config, runner=timed_runner)
+    bench_progress("bare forward_intermediates again (drift check)")
     forward_seconds = (before + timed(bare_forward)) / 2  # baseline before and after: machine drift cancels
     raw = sum(level.num_tokens * level.dim * 4 for level in teacher.levels) + 4 * teacher.num_classes
     raw += teacher.pixel_shape[0] * teacher.pixel_shape[1] * teacher.pixel_shape[2] + 8  # uint8 pixels, int64 label
@@ -110,18 +114,32 @@ def scratch_dir() -> tempfile.TemporaryDirectory:
 
 @dataclass
 class TrainBench:
+    """One ``bench train`` run: every rate in samples/s on one machine, measured side by side."""
+
     machine: str
     teacher: str
     samples: int
+    loader_workers: int
+    echo: int
+    bytes_per_sample: float  # stored bytes the loader reads per loaded sample (tokens, pixels, labels)
+    raw_bytes_per_sample: float  # the same arrays decoded
     loader_sps: float
-    step_sps: float
+    student_sps: dict[str, float]  # per-step student rate, by location setting ("all", "K=64")
     cached_epoch_s: float
     online_epoch_s: float
     rss: list[tuple[int, float]]  # (cache samples, peak RSS MiB of the training process tree)
 
     @property
-    def loader_headroom(self) -> float:
-        return self.loader_sps / self.step_sps
+    def bytes_per_trained_sample(self) -> float:
+        return self.bytes_per_sample / self.echo
+
+    @property
+    def decode_mb_s_per_worker(self) -> float:
+        return self.loader_sps * self.raw_bytes_per_sample / max(1, self.loader_workers) / 1e6
+
+    def loader_needed(self, student_sps: float) -> float:
+        """Loaded samples/s a student of that rate consumes (each loaded sample trains ``echo`` steps)."""
+        return student_sps / self.echo
 
     @property
     def cached_speedup(self) -> float:
@@ -179,25 +197,39 @@ def grow_cache(url: str, factor: int) -> None:
             shutil.copytree(group, root / f"{group.name}-copy{k}")
 
 
-def bench_train(workdir: Path, teacher_name: str, images: int, batch_size: int, preset: str, loader_workers: int, device: str, growth: int, locations: int = 0) -> TrainBench:
-    """Loader vs student throughput, cached vs online epoch, and peak RSS at 1x and ``growth``x cache size."""
+def _read_bytes_per_sample(cache: str) -> tuple[float, float]:
+    """(stored, decoded) bytes per sample of what training reads: tokens of every level, pixels, labels."""
+    from storage.cache import FeatureCache
+
+    arrays = FeatureCache.open(cache).describe(sizes=True)["arrays"]
+    read = {name: sizes for name, sizes in arrays.items() if name.startswith(("tokens", "scales", "pixels", "labels"))}
+    return (sum(v.get("stored_bytes_per_sample", 0.0) for v in read.values()), sum(v.get("raw_bytes_per_sample", 0.0) for v in read.values()))
+
+
+def bench_train(
+    workdir: Path, teacher_name: str, images: int, batch_size: int, preset: str, loader_workers: int, device: str, growth: int,
+    locations: int = 64, echo: int = 1, storage: dict[str, object] | None = None,
+) -> TrainBench:
+    """Loader vs student throughput (all locations and ``locations``), cached vs online epoch, bytes read per trained
+    sample, and peak RSS at 1x and ``growth``x cache size. ``storage``: cache options (``dtype``, ``rank``, ``pixel_codec``)."""
     import sys
 
     from stages.apm import APM, config_for_cache
-    from stages.teacher import TeacherConfig
     from stages.inputs import PixelNormalizer
-    from stages.objectives import LossConfig
-    from stages.objectives import location_generator, sample_locations
+    from stages.objectives import LossConfig, location_generator, sample_locations
+    from stages.teacher import TeacherConfig
     from stages.train import TrainConfig, fit_target_scales, make_optimizer, train, train_step
     from storage.stream import CacheStream
     from torch.utils.data import DataLoader
 
     cache = str(workdir / "bench.zarr")
     extract_config = ExtractConfig(inputs=tuple(default_bench_shards(workdir, images, 64)), out=cache, teacher=TeacherConfig(teacher_name, pretrained=False),
-                                   layers=(4, 8, 12), batch_size=batch_size, loader_workers=loader_workers, device=device)
+                                   layers=(4, 8, 12), batch_size=batch_size, loader_workers=loader_workers, device=device, **(storage or {}))
+    bench_progress(f"extracting {images} images with {teacher_name} (random init)")
     extract(extract_config)
     window = batch_size  # several windows even in the 1x cache: every loader worker has work, RSS compares like with like
     stream = CacheStream([cache], batch_size, window_samples=window)
+    bench_progress(f"loader: {LOADER_PASSES} passes with {loader_workers} workers")
     start = time.perf_counter()
     passes = [[b for item in DataLoader(stream, batch_size=None, num_workers=loader_workers) for b in item["batches"]] for _ in range(LOADER_PASSES)]
     loader_seconds = time.perf_counter() - start
@@ -205,41 +237,61 @@ def bench_train(workdir: Path, teacher_name: str, images: int, batch_size: int, 
     samples = sum(len(b["labels"]) for b in batches)
 
     train_config = TrainConfig(caches=(cache,), out=str(workdir / "run"), preset=preset, batch_size=batch_size, epochs=1, loader_workers=loader_workers,
-                               device=device, warmup_steps=1, locations=locations, window_samples=window,
-                               loss=LossConfig(logit_weight=0.0))
+                               device=device, warmup_steps=1, locations=locations, echo=echo, window_samples=window, loss=LossConfig(logit_weight=0.0))
     teacher = teacher_for(extract_config)
     dev = teacher.device
     normalize = PixelNormalizer(stream.spec.data_config).to(dev)
 
-    def student_epoch(targets_of: Callable[[dict], list[torch.Tensor]]) -> float:
+    def student_epoch(targets_of: Callable[[dict], list[torch.Tensor]], count: int) -> float:
+        """Seconds for one epoch of ``echo`` steps per in-memory batch at ``count`` locations (0: all)."""
         model = APM(config_for_cache(stream.spec, preset))
         fit_target_scales(model, stream)
         model = model.to(dev)
-        optimizer, scheduler = make_optimizer(model, train_config, len(batches), dev)
+        optimizer, scheduler = make_optimizer(model, train_config, len(batches) * echo, dev)
+        cfg = model.config
+        if dev.type == "cuda":  # one untimed step: CUDA context, cuBLAS handles and kernel selection stay out of the figure
+            train_step(model, model, optimizer, None, normalize(batches[0]["pixels"].to(dev)), targets_of(batches[0]), None, train_config.loss, True)
+            torch.cuda.synchronize()
         begin = time.perf_counter()
-        for step, batch in enumerate(batches):
-            cfg = model.config
-            where = sample_locations(len(batch["labels"]), cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, locations, location_generator(0, 0, step))
-            where = None if where is None else where.to(dev)
-            train_step(model, model, optimizer, scheduler, normalize(batch["pixels"].to(dev)), targets_of(batch), where, train_config.loss, dev.type == "cuda")
+        for index, batch in enumerate(batches):
+            images, targets = normalize(batch["pixels"].to(dev)), targets_of(batch)
+            for repeat in range(echo):
+                where = sample_locations(len(images), cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, count, location_generator(0, 0, index * echo + repeat))
+                train_step(model, model, optimizer, scheduler, images, targets, None if where is None else where.to(dev), train_config.loss, dev.type == "cuda")
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - begin
 
-    step_seconds = student_epoch(lambda b: [t.to(dev).float() for t in b["tokens"]])
-    online_seconds = student_epoch(lambda b: [t.clone() for t in teacher.forward(b["pixels"])[0]])  # clone: leave inference mode
+    from_memory = lambda b: [t.to(dev).float() for t in b["tokens"]]  # noqa: E731
+    student_sps = {}
+    for label, count in (("all", 0), (f"K={locations}", locations)):
+        bench_progress(f"student steps from memory, {label} locations")
+        student_sps[label] = samples * echo / student_epoch(from_memory, count)
+    bench_progress("online distillation epoch (teacher forward every batch)")
+    online_seconds = student_epoch(lambda b: [t.clone() for t in teacher.forward(b["pixels"])[0]], locations)  # clone: leave inference mode
+    bench_progress("cached epoch (apmpipe train)")
     cached_seconds = train(train_config).seconds
+    stored, raw = _read_bytes_per_sample(cache)
 
     rss = []
-    for factor in (1, growth):
+    for factor in (1, growth) if growth > 1 else ():
         if factor > 1:
             grow_cache(cache, factor)
+        bench_progress(f"peak RSS of a training process on {factor}x the cache")
         command = [sys.executable, "-m", "pipeline", "train", cache, "--out", str(workdir / f"rss-{factor}"), "--preset", preset, "--epochs", "1",
                    "--batch-size", str(batch_size), "--loader-workers", str(loader_workers), "--device", device,
-                   "--window-samples", str(window), "--locations", str(locations)]
+                   "--window-samples", str(window), "--locations", str(locations), "--echo", str(echo)]
         rss.append((factor * samples, _peak_tree_rss(command)))
-    return TrainBench(machine=machine_line(dev), teacher=teacher_name, samples=samples, loader_sps=LOADER_PASSES * samples / loader_seconds, step_sps=samples / step_seconds,
+    return TrainBench(machine=machine_line(dev), teacher=teacher_name, samples=samples, loader_workers=loader_workers, echo=echo,
+                      bytes_per_sample=stored, raw_bytes_per_sample=raw, loader_sps=LOADER_PASSES * samples / loader_seconds, student_sps=student_sps,
                       cached_epoch_s=cached_seconds, online_epoch_s=online_seconds, rss=rss)
+
+
+def bench_progress(message: str) -> None:
+    """One line on stderr while a benchmark measures (stdout keeps the result table)."""
+    import sys
+
+    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 ABLATIONS: dict[str, dict[str, object]] = {
@@ -248,6 +300,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "no target standardisation (--no-standardize)": {"standardize": False},
     "no extra prefix weight (--prefix-weight 0)": {"prefix_weight": 0.0},
     "no pixel loss (--rgb-weight 0)": {"rgb_weight": 0.0},
+    "data echoing (--echo 8: 8x fewer bytes read per step)": {"echo": 8},
     "old defaults (MSE only, all locations, lr 5e-4, batch 64, rgb 1)": {
         "logit_weight": 0.0, "standardize": False, "prefix_weight": 0.0, "rgb_weight": 1.0, "locations": 0, "lr": 5e-4, "batch_size": 64},
 }

@@ -7,6 +7,7 @@ import torch
 
 from storage.cache import FeatureCache
 from storage.checkpoint import load_student
+from storage.errors import ModelError
 
 from .apm import APM, APMConfig
 from .objectives import LossConfig
@@ -16,7 +17,11 @@ def load_model(path: str, device: torch.device) -> tuple[APM, dict[str, Any]]:
     """The exported student (run directory or ``student.safetensors``) in eval mode, and its metadata."""
     weights, metadata = load_student(path)
     model = APM(APMConfig.from_dict(metadata["model_config"]))
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise ModelError(f"student {path!r} was saved by another apmpipe version ({detail[:120]}); retrain it with apmpipe train") from None
     return model.to(device).eval(), metadata
 
 
