@@ -17,9 +17,10 @@ from typing import Callable
 
 import torch
 
-from stages.extract import ExtractConfig, extract, extract_shards, loader_workers, teacher_for
-from storage.batches import ShardBatches
-from storage.sources import resolve_inputs
+from apmpipe.stages.extract import ExtractConfig, extract, extract_shards, loader_workers, teacher_for
+from apmpipe.stages.teacher import TeacherPool
+from apmpipe.storage.batches import ShardBatches
+from apmpipe.storage.sources import resolve_inputs
 
 from .datasets import write_digit_shards
 
@@ -72,7 +73,8 @@ def bench_extract(config: ExtractConfig) -> ExtractBench:
     """Extraction images/s vs bare ``forward_intermediates`` images/s of the same teacher, batch and device."""
     shards = list(resolve_inputs(config.inputs, folder_block=config.folder_block).shards)
     bench_progress(f"building {config.teacher.name} and decoding {len(shards)} shards")
-    teacher = teacher_for(config)  # the same instance extract() uses below: built once
+    teachers = TeacherPool()
+    teacher = teacher_for(config, teachers)  # the same instance extract() uses below: built once
     batches = [b["pixels"] for b in ShardBatches(shards, teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key) if len(b["pixels"])]
     images = sum(len(b) for b in batches)
     indices = [layer - 1 for layer in teacher.layers]
@@ -91,12 +93,12 @@ def bench_extract(config: ExtractConfig) -> ExtractBench:
 
     def timed_runner(cfg, todo, progress):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
-        results = extract_shards(cfg, todo, progress)
+        results = extract_shards(cfg, todo, progress, teachers)
         run_seconds.append(time.perf_counter() - start)
         return results
 
     bench_progress("apmpipe extract of the same images")
-    summary = extract(config, runner=timed_runner)
+    summary = extract(config, runner=timed_runner, teachers=teachers)
     bench_progress("bare forward_intermediates again (drift check)")
     forward_seconds = (before + timed(bare_forward)) / 2  # baseline before and after: machine drift cancels
     raw = sum(level.num_tokens * level.dim * 4 for level in teacher.levels) + 4 * teacher.num_classes
@@ -188,18 +190,18 @@ LOADER_PASSES = 3  # epochs timed back to back (each starts its workers, as trai
 
 def grow_cache(url: str, factor: int) -> None:
     """Make a cache ``factor`` times larger by copying its complete shard groups under new names (bench only)."""
-    import shutil
+    from apmpipe.storage.cache import FeatureCache
 
-    root = Path(url) / "shards"
-    originals = [p for p in root.iterdir() if p.is_dir()]
+    cache = FeatureCache.open(url, mode="r+")
+    originals = list(cache.shard_status())
     for k in range(1, factor):
-        for group in originals:
-            shutil.copytree(group, root / f"{group.name}-copy{k}")
+        for name in originals:
+            cache.copy_shard(name, f"{name}-copy{k}")
 
 
 def _read_bytes_per_sample(cache: str) -> tuple[float, float]:
     """(stored, decoded) bytes per sample of what training reads: tokens of every level, pixels, labels."""
-    from storage.cache import FeatureCache
+    from apmpipe.storage.cache import FeatureCache
 
     arrays = FeatureCache.open(cache).describe(sizes=True)["arrays"]
     read = {name: sizes for name, sizes in arrays.items() if name.startswith(("tokens", "scales", "pixels", "labels"))}
@@ -214,12 +216,12 @@ def bench_train(
     sample, and peak RSS at 1x and ``growth``x cache size. ``storage``: cache options (``dtype``, ``rank``, ``pixel_codec``)."""
     import sys
 
-    from stages.apm import APM, config_for_cache
-    from stages.inputs import PixelNormalizer
-    from stages.objectives import LossConfig, location_generator, sample_locations
-    from stages.teacher import TeacherConfig
-    from stages.train import TrainConfig, fit_target_scales, make_optimizer, train, train_step
-    from storage.stream import CacheStream
+    from apmpipe.stages.apm import APM, config_for_cache
+    from apmpipe.stages.inputs import PixelNormalizer
+    from apmpipe.stages.objectives import LossConfig, location_generator, sample_locations
+    from apmpipe.stages.teacher import TeacherConfig
+    from apmpipe.stages.train import TrainConfig, fit_target_scales, make_optimizer, train, train_step
+    from apmpipe.storage.stream import CacheStream
     from torch.utils.data import DataLoader
 
     cache = str(workdir / "bench.zarr")
@@ -278,7 +280,7 @@ def bench_train(
         if factor > 1:
             grow_cache(cache, factor)
         bench_progress(f"peak RSS of a training process on {factor}x the cache")
-        command = [sys.executable, "-m", "pipeline", "train", cache, "--out", str(workdir / f"rss-{factor}"), "--preset", preset, "--epochs", "1",
+        command = [sys.executable, "-m", "apmpipe.pipeline", "train", cache, "--out", str(workdir / f"rss-{factor}"), "--preset", preset, "--epochs", "1",
                    "--batch-size", str(batch_size), "--loader-workers", str(loader_workers), "--device", device,
                    "--window-samples", str(window), "--locations", str(locations), "--echo", str(echo)]
         rss.append((factor * samples, _peak_tree_rss(command)))
@@ -321,9 +323,9 @@ def bench_ablation(workdir: Path, steps: int, seed: int = 0, only: list[str] | N
     Every run trains ``steps`` steps (``--min-steps``) from the same seed on the same cache; returns the teacher
     record and one row per run.
     """
-    from stages.evaluate import EvalConfig, evaluate
-    from stages.reference_teacher import ReferenceRecipe
-    from stages.train import TrainConfig, train
+    from apmpipe.stages.evaluate import EvalConfig, evaluate
+    from apmpipe.stages.reference_teacher import ReferenceRecipe
+    from apmpipe.stages.train import TrainConfig, train
 
     from .demo import prepare_digit_caches
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 import typer
 from rich.table import Table
 
-from storage.errors import ApmError, ConfigError
+from apmpipe.storage.errors import ApmError, ConfigError
 
 from .console import ExtractProgress, err_console, human_bytes, out_console
 
@@ -187,8 +187,8 @@ def extract(
     """Run a timm teacher once over image shards into a feature cache.
 
     The cache is a resumable Zarr v3 group: rerunning the command completes it."""
-    from stages.extract_config import ExtractConfig, TeacherConfig, preflight  # no torch yet: bad options fail fast
-    from storage.sources import DEFAULT_MAX_PIXELS, read_class_names
+    from apmpipe.stages.extract_config import ExtractConfig, TeacherConfig, preflight  # no torch yet: bad options fail fast
+    from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, read_class_names
 
     storage_options = parse_storage_options(storage_option)
     config = ExtractConfig(
@@ -202,7 +202,7 @@ def extract(
     )
     inputs = preflight(config)
     resource_needs = parse_key_values(resources, "--resources") or None
-    from stages.extract import extract as run_extract
+    from apmpipe.stages.extract import extract as run_extract
 
     runner = None
     if workers or scheduler or scheduler_file:
@@ -218,10 +218,9 @@ def extract(
 
 def parse_storage_options(items: list[str]) -> dict[str, Any]:
     """``--storage-option`` pairs; ``endpoint_url`` goes where s3fs expects it (``client_kwargs``)."""
-    options = parse_key_values(items, "--storage-option")
-    if "endpoint_url" in options:
-        options.setdefault("client_kwargs", {})["endpoint_url"] = options.pop("endpoint_url")
-    return options
+    from apmpipe.storage.remote import route_storage_options
+
+    return route_storage_options(parse_key_values(items, "--storage-option"))
 
 
 def _print_extract_summary(summary: Any) -> None:
@@ -260,7 +259,7 @@ def info(
     """Describe a feature cache.
 
     Teacher, layers, shapes, shards, samples, precision, bad samples (sizes with --sizes)."""
-    from storage.cache import FeatureCache
+    from apmpipe.storage.cache import FeatureCache
 
     desc = FeatureCache.open(cache, storage_options=parse_storage_options(storage_option)).describe(sizes=sizes)
     if as_json:
@@ -325,7 +324,7 @@ def verify(
 
     Each sample is recomputed in the precision its shard was made with; the verdict compares the worst
     difference with a tolerance for that precision and storage dtype (exit 1 on fail)."""
-    from stages.verify import verify_cache
+    from apmpipe.stages.verify import verify_cache
 
     report = verify_cache(cache, samples=samples, device=device, checkpoint=str(checkpoint) if checkpoint else None, storage_options=parse_storage_options(storage_option))
     rows = [(f"layer {layer}", f"max |diff| {s['max_abs']:.3g}, min cosine {s['min_cosine']:.6f} (tolerance >= {s['tolerance']:.6f})") for layer, s in report.levels.items()]
@@ -422,7 +421,7 @@ def train(
 
     Streams shards of cached teacher tokens; the teacher is never loaded. Ctrl-C or SIGTERM saves a
     checkpoint and prints the command that resumes the run."""
-    from stages.train import TrainConfig, train as run_train
+    from apmpipe.stages.train import TrainConfig, train as run_train
 
     from .console import TrainProgress, stop_requests
     from .report import plot_losses
@@ -450,7 +449,7 @@ def train(
         err_console.print(f"resume with: {resume_command(train_config)}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(128 + summary.stopped_by)
     if summary.student:
-        from storage.checkpoint import RunDir
+        from apmpipe.storage.checkpoint import RunDir
 
         plot = plot_losses(RunDir(summary.run_dir).read_metrics(), Path(summary.run_dir) / "loss.png")
         rows = [
@@ -468,7 +467,7 @@ def resume_command(config: Any) -> str:
     """The command that continues ``config``'s run: its caches, --out, every option not at its default, --resume."""
     import shlex
 
-    from stages.train import TrainConfig, flat_options
+    from apmpipe.stages.train import TrainConfig, flat_options
 
     default = flat_options(TrainConfig(caches=config.caches, out=config.out).to_dict())
     parts = ["apmpipe train", *map(shlex.quote, config.caches), "--out", shlex.quote(config.out)]
@@ -521,7 +520,7 @@ def eval_command(
     """Evaluate a student on a feature cache.
 
     Fidelity per level, classification beside the teacher, test-time training; terminal table, JSON, PNGs."""
-    from stages.evaluate import EvalConfig, evaluate
+    from apmpipe.stages.evaluate import EvalConfig, evaluate
 
     from .report import plot_fidelity, plot_per_class
 
@@ -593,7 +592,7 @@ def islands(
     """Draw islands of agreement in a student's outputs.
 
     Per-level student outputs (and the teacher's) as PCA colours or k-means clusters."""
-    from stages.islands import islands as draw
+    from apmpipe.stages.islands import islands as draw
 
     result = draw(student, sources, str(out), images=images, mode=mode.value, clusters=clusters, panel=panel, device=device,
                   storage_options=parse_storage_options(storage_option))
@@ -639,8 +638,8 @@ def bench_extract_command(
     """Extraction speed beside the bare teacher forward.
 
     Extraction img/s vs bare forward_intermediates img/s (same teacher, batch, device); target ratio >= 0.95."""
-    from stages.extract import ExtractConfig
-    from stages.teacher import TeacherConfig
+    from apmpipe.stages.extract import ExtractConfig
+    from apmpipe.stages.teacher import TeacherConfig
 
     from .bench import bench_extract, default_bench_shards, scratch_dir
 

@@ -14,11 +14,12 @@ from typing import Iterator
 
 import dask
 import fsspec
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 
-from stages.extract import ExtractConfig, Progress, ShardResult, ShardRunner, extract_shards
-from storage.errors import ConfigError
-from storage.sources import ShardSource
+from apmpipe.stages.extract import ExtractConfig, Progress, ShardResult, ShardRunner, extract_shards
+from apmpipe.stages.teacher import TeacherPool
+from apmpipe.storage.errors import ConfigError
+from apmpipe.storage.sources import ShardSource
 
 from .console import err_console
 
@@ -43,6 +44,20 @@ def dask_client(workers: int = 0, scheduler: str | None = None, scheduler_file: 
             yield client
 
 
+class WorkerTeachers(WorkerPlugin):
+    """Each worker's :class:`TeacherPool`: its tasks share one teacher per configuration."""
+
+    name = "apmpipe-teachers"
+
+    def setup(self, worker: object) -> None:
+        self.teachers = TeacherPool()
+
+
+def extract_on_worker(config: ExtractConfig, shards: list[ShardSource]) -> list[ShardResult]:
+    """One task: :func:`extract_shards` with the worker's own teachers."""
+    return extract_shards(config, shards, teachers=get_worker().plugins[WorkerTeachers.name].teachers)
+
+
 def task_key(config: ExtractConfig, shard: ShardSource) -> str:
     """A dask key unique to (cache, input): ``extract-<shard>-<hash of the resolved cache URL and the input>``."""
     fs, path = fsspec.core.url_to_fs(config.out, **config.storage_options)
@@ -56,8 +71,9 @@ def dask_runner(workers: int = 0, scheduler: str | None = None, scheduler_file: 
     def run(config: ExtractConfig, shards: list[ShardSource], progress: Progress) -> list[ShardResult]:
         with dask_client(workers, scheduler, scheduler_file, resources) as client:
             err_console.print(f"dask dashboard: {client.dashboard_link}", highlight=False)
+            client.register_plugin(WorkerTeachers())
             futures = [
-                client.submit(extract_shards, config, [shard], key=task_key(config, shard), pure=False, retries=TASK_RETRIES, resources=resources)
+                client.submit(extract_on_worker, config, [shard], key=task_key(config, shard), pure=False, retries=TASK_RETRIES, resources=resources)
                 for shard in shards
             ]
             results: list[ShardResult] = []

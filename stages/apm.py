@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.cache import CacheSpec
-from storage.errors import ConfigError
+from apmpipe.storage.cache import CacheSpec
+from apmpipe.storage.errors import ConfigError
 
 LEVEL_MODES = ("heads", "query")
 

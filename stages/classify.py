@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from storage.errors import ConfigError
+from apmpipe.storage.errors import ConfigError
 
 FEATURES = ("pooled", "cls", "mean-patch")
 PROBE_C = (0.01, 0.1, 1.0, 10.0)

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.cache import FeatureCache
-from storage.errors import ConfigError, ModelError, require_at_least
-from storage.stream import iter_subset, sample_subset
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.errors import ConfigError, ModelError, require_at_least
+from apmpipe.storage.stream import iter_subset, sample_subset
 
 from .apm import APM
 from .classify import (FEATURES, cosine_scores, global_feature, knn_scores, load_class_embeddings, accuracy, probe_scores,

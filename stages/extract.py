@@ -22,18 +22,18 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 from torch.utils.data import DataLoader
 
-from storage.batches import ShardBatches, die_with_parent
-from storage.cache import (
+from apmpipe.storage.batches import ShardBatches, die_with_parent
+from apmpipe.storage.cache import (
     STATUS_COMPLETE, CacheSpec, EncodedTokens, FeatureCache, decode_pixels, decode_tokens, encode_pixels, encode_tokens, writer_lock,
 )
-from storage.errors import ApmError, CacheError, InputError, ModelError
-from storage.lowrank import BasisFit, TokenBasis
-from storage.pixel_codecs import LOSSY_CODECS, psnr
-from storage.redact import redact_url
-from storage.sources import ResolvedInputs, ShardSource
+from apmpipe.storage.errors import ApmError, CacheError, InputError, ModelError
+from apmpipe.storage.lowrank import BasisFit, TokenBasis
+from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
+from apmpipe.storage.redact import redact_url
+from apmpipe.storage.sources import ResolvedInputs, ShardSource
 
 from .extract_config import ExtractConfig, preflight  # ExtractConfig is public here too (cluster, bench, demo import it)
-from .teacher import Teacher, cached_teacher
+from .teacher import Teacher, TeacherPool
 
 MAX_PENDING_WRITES = 4
 FIDELITY_EVERY = 4
@@ -200,9 +200,9 @@ class _ShardJob:
         return self.result
 
 
-def teacher_for(config: ExtractConfig) -> Teacher:
-    """The run's teacher, built once per process and configuration."""
-    return cached_teacher(config.teacher, tuple(config.layers), config.final_norm, config.device, config.amp)
+def teacher_for(config: ExtractConfig, teachers: TeacherPool | None = None) -> Teacher:
+    """The run's teacher, from ``teachers`` (built there once per configuration), else built now."""
+    return (teachers or TeacherPool()).get(config.teacher, tuple(config.layers), config.final_norm, config.device, config.amp)
 
 
 def loader_workers(requested: int, device_type: str) -> int:
@@ -232,10 +232,15 @@ def _check_precision(cache: FeatureCache, teacher: Teacher) -> None:
         )
 
 
-def extract_shards(config: ExtractConfig, shards: Sequence[ShardSource], progress: Progress | None = None) -> list[ShardResult]:
-    """Extract ``shards`` into the (existing) cache at ``config.out``: the unit of work, local or on a dask worker."""
+def extract_shards(
+    config: ExtractConfig, shards: Sequence[ShardSource], progress: Progress | None = None, teachers: TeacherPool | None = None
+) -> list[ShardResult]:
+    """Extract ``shards`` into the (existing) cache at ``config.out``: the unit of work, local or on a dask worker.
+
+    ``teachers``: where the teacher is kept between calls (a run's, a dask worker's); None builds one for this call.
+    """
     progress = progress or _Silent()
-    teacher = teacher_for(config)
+    teacher = teacher_for(config, teachers)
     cache = FeatureCache.open(config.out, mode="r+", storage_options=config.storage_options)
     if cache.spec.teacher["weights_sha256"] != teacher.weights_sha256:
         raise ModelError(f"teacher weights on this worker differ from cache {redact_url(config.out)!r}; give every worker the same --checkpoint / pretrained weights")
@@ -359,18 +364,20 @@ ShardRunner = Callable[[ExtractConfig, list[ShardSource], Progress], list[ShardR
 
 def extract(
     config: ExtractConfig, progress: Progress | None = None, runner: ShardRunner | None = None, on_plan: Callable[[int, int], None] | None = None,
-    driver_device: str | None = None, inputs: ResolvedInputs | None = None,
+    driver_device: str | None = None, inputs: ResolvedInputs | None = None, teachers: TeacherPool | None = None,
 ) -> ExtractSummary:
     """Run stage one. ``runner`` executes the incomplete shards (default: in this process).
 
     ``driver_device``: where this process builds its own teacher (cache spec, head check); None shares
     ``config.device`` and the teacher with an in-process runner, ``"cpu"`` suits a driver of remote workers.
     ``inputs``: what :func:`preflight` returned for ``config``, when the caller checked it already.
+    ``teachers``: the pool the run's teachers come from (a caller may share one with its own runner).
     """
     progress = progress or _Silent()
     start = time.perf_counter()
     inputs = inputs or preflight(config)
-    teacher = teacher_for(config if driver_device is None else replace(config, device=driver_device))
+    teachers = teachers or TeacherPool()
+    teacher = teacher_for(config if driver_device is None else replace(config, device=driver_device), teachers)
     with writer_lock(config.out):
         cache = FeatureCache.create_or_open(config.out, cache_spec(config, teacher), storage_options=config.storage_options)
         cache.record_sources([s.url for s in inputs.shards], inputs.classes or config.class_names)
@@ -383,7 +390,7 @@ def extract(
         if on_plan:
             on_plan(len(inputs.shards), len(todo))
         if todo:
-            results += (runner or extract_shards)(config, todo, progress)
+            results += (runner or functools.partial(extract_shards, teachers=teachers))(config, todo, progress)
     return ExtractSummary(
         cache=config.out, results=results, seconds=time.perf_counter() - start, stored_bytes=cache.stored_bytes(),
         cache_samples=sum(cache.sample_counts().values()), head=head,

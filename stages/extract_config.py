@@ -8,13 +8,14 @@ teacher's libraries load (seconds) and the teacher is built.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
-from storage.errors import ConfigError, ModelError, require_at_least
-from storage.redact import redact_url
-from storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, resolve_inputs
+from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
+from apmpipe.storage.errors import ConfigError, ModelError, require_at_least
+from apmpipe.storage.redact import redact_url
+from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, read_class_names, resolve_inputs
 
 LOCAL_DIR = "local-dir:"
 
@@ -96,6 +97,47 @@ class ExtractConfig:
             raise ConfigError("--layers is empty; pass e.g. --layers 4,8,12 or --layers -1")
         if self.shard_samples % self.chunk_samples:
             raise ConfigError(f"--shard-samples ({self.shard_samples}) must be a positive multiple of --chunk-samples ({self.chunk_samples})")
+
+    @classmethod
+    def from_options(
+        cls,
+        inputs: Sequence[str] | str,
+        out: str,
+        teacher: str,
+        *,
+        pretrained: bool = True,
+        checkpoint: str | os.PathLike | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        layers: Sequence[int] = (-1,),
+        no_labels: bool = False,
+        class_names_file: str | None = None,
+        max_pixels: int | None = None,
+        **options: Any,
+    ) -> ExtractConfig:
+        """Build from flat options, as the command line and :func:`apmpipe.extract` give them: the teacher's
+        (``pretrained``, ``checkpoint``, ``model_kwargs``, ``seed``) beside every other field; ``no_labels``
+        stores no labels; ``class_names_file`` is read into ``class_names`` (one name per line)."""
+        storage_options = options.get("storage_options") or {}
+        teacher_config = TeacherConfig(
+            name=teacher,
+            pretrained=pretrained,
+            checkpoint=os.path.abspath(checkpoint) if checkpoint else None,
+            model_kwargs=tuple(sorted((model_kwargs or {}).items())),
+            seed=seed,
+        )
+        if no_labels:
+            options["label_key"] = None
+        elif class_names_file:
+            options["class_names"] = read_class_names(class_names_file, storage_options)
+        return cls(
+            inputs=(inputs,) if isinstance(inputs, str) else tuple(inputs),
+            out=out,
+            teacher=teacher_config,
+            layers=tuple(layers),
+            max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+            **options,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

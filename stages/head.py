@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.errors import CacheError
+from apmpipe.storage.errors import CacheError
 
 POOLS = ("token", "avg", "max", "avgmax")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

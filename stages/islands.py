@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from storage.cache import FeatureCache
-from storage.errors import ConfigError, InputError
-from storage.sources import decode_image
-from storage.stream import iter_cache
+from apmpipe.storage.cache import FeatureCache, is_zarr_group
+from apmpipe.storage.errors import ConfigError, InputError
+from apmpipe.storage.sources import decode_image
+from apmpipe.storage.stream import iter_cache
 
 from .student import check_student_matches, load_model
 from .preprocess import pixel_transform
@@ -60,8 +59,7 @@ def _open_cache(sources: list[str], storage_options: dict) -> FeatureCache | Non
     """The feature cache when the one source is a Zarr group (local or fsspec URL), else None (image files)."""
     if len(sources) != 1:
         return None
-    fs, path = fsspec.core.url_to_fs(sources[0], **storage_options)
-    return FeatureCache.open(sources[0], storage_options=storage_options) if fs.exists(f"{path.rstrip('/')}/zarr.json") else None
+    return FeatureCache.open(sources[0], storage_options=storage_options) if is_zarr_group(sources[0], storage_options) else None
 
 
 def _conversions(originals: list[tuple[str, tuple[int, int]]], channels: int, size: tuple[int, int]) -> str:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.errors import ConfigError
+from apmpipe.storage.errors import ConfigError
 
 from .apm import APM, patch_pixels
 

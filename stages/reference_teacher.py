@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from storage.errors import ConfigError
+from apmpipe.storage.errors import ConfigError
 
 ARCHITECTURE = "vit_tiny_patch16_224"
 MEAN, STD = 0.5, 0.5

@@ -6,7 +6,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from storage.errors import ConfigError
+from apmpipe.storage.errors import ConfigError
 
 
 def resolve_device(device: str) -> torch.device:

@@ -5,9 +5,9 @@ from typing import Any
 
 import torch
 
-from storage.cache import FeatureCache
-from storage.checkpoint import load_student
-from storage.errors import ModelError
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.checkpoint import load_student
+from apmpipe.storage.errors import ModelError
 
 from .apm import APM, APMConfig
 from .objectives import LossConfig

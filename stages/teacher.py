@@ -8,7 +8,6 @@ derives from the model's pretrained config.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import logging
@@ -21,11 +20,12 @@ from PIL import Image
 from timm.data import resolve_data_config
 from torch import nn
 
-from storage.cache import LevelLayout
-from storage.errors import ConfigError, ModelError
+from apmpipe.storage.cache import LevelLayout
+from apmpipe.storage.errors import ConfigError, ModelError
 
 from .extract_config import LOCAL_DIR, TeacherConfig  # noqa: F401 (TeacherConfig is public here too)
 from .head import TeacherHead, describe_head
+from .inputs import PixelNormalizer
 from .preprocess import pixel_transform
 from .runtime import resolve_device
 
@@ -189,8 +189,7 @@ class Teacher:
         self.device = resolve_device(device)
         self.amp = amp and self.device.type == "cuda"
         self.model.to(self.device)
-        self._mean = torch.tensor(self.data_config["mean"], device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(self.data_config["std"], device=self.device).view(1, -1, 1, 1)
+        self._normalizer = PixelNormalizer(self.data_config).to(self.device)
         params = inspect.signature(self.model.forward_intermediates).parameters
         self._prefix_kw = {"return_prefix_tokens": True} if "return_prefix_tokens" in params else {}
         self.levels = self._probe_levels()
@@ -221,9 +220,8 @@ class Teacher:
         return pixel_transform(self.data_config)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, C, H, W]`` -> normalised float on the teacher's device."""
-        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
-        return (x - self._mean) / self._std
+        """uint8 ``[B, C, H, W]`` -> normalised float on the teacher's device (the student's :class:`PixelNormalizer`)."""
+        return self._normalizer(pixels)
 
     @staticmethod
     def _as_tokens(feature: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -302,15 +300,25 @@ class Teacher:
         return head.cpu()
 
 
-_BUILD_LOCK = threading.Lock()  # random init seeds torch's global RNG: two threads building at once get other weights
+# Random init seeds torch's global RNG, which is process-wide: two threads building at once (pools of a driver
+# and an in-process dask worker included) would get other weights. The lock guards that process state.
+_BUILD_LOCK = threading.Lock()
 
 
-def cached_teacher(config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
-    """One teacher per process and configuration (dask workers reuse it across tasks, threads included)."""
-    with _BUILD_LOCK:
-        return _cached_teacher(config, layers, final_norm, device, amp)
+class TeacherPool:
+    """Teachers built once per configuration and kept by whoever holds the pool (an extraction run, a dask
+    worker), so shards and tasks reuse one teacher; safe to share between threads."""
 
+    def __init__(self, size: int = 2) -> None:
+        self._size = size
+        self._teachers: dict[tuple[Any, ...], Teacher] = {}
 
-@functools.lru_cache(maxsize=2)
-def _cached_teacher(config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
-    return Teacher(config, layers, final_norm=final_norm, device=device, amp=amp)
+    def get(self, config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
+        """The teacher for these options, built on first use (the oldest is dropped beyond ``size``)."""
+        key = (config, tuple(layers), final_norm, device, amp)
+        with _BUILD_LOCK:
+            if key not in self._teachers:
+                if len(self._teachers) >= self._size:
+                    self._teachers.pop(next(iter(self._teachers)))
+                self._teachers[key] = Teacher(config, layers, final_norm=final_norm, device=device, amp=amp)
+            return self._teachers[key]

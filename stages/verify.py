@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from storage.cache import FeatureCache
-from storage.errors import CacheError, ModelError
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.errors import CacheError, ModelError
 
 from .extract import min_token_cosine
 from .teacher import Teacher, TeacherConfig

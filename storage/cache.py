@@ -516,6 +516,13 @@ class ShardWriter:
         self.group.update_attributes({"status": STATUS_FAILED, "error": reason, "skipped": [{"key": k, "reason": r} for k, r in skipped]})
 
 
+def is_zarr_group(url: str, storage_options: dict | None = None) -> bool:
+    """Whether ``url`` (local path or fsspec URL) holds a Zarr v3 group (a feature cache or another one), without
+    opening it: callers that accept a cache or image files tell them apart with this."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs.exists(f"{path.rstrip('/')}/zarr.json")
+
+
 @dataclass
 class FeatureCache:
     """An open feature cache: root group, spec and the apmpipe root attributes."""
@@ -549,7 +556,7 @@ class FeatureCache:
         Refuses (CacheError) a cache written with another teacher, layers, dtype or layout.
         """
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        if fs.exists(path) and fs.exists(f"{path.rstrip('/')}/zarr.json"):
+        if is_zarr_group(url, storage_options):
             cache = cls.open(url, mode="r+", storage_options=storage_options)
             old, new = (json.loads(json.dumps(s.to_dict())) for s in (cache.spec, spec))  # compare as stored (tuples -> lists)
             diff = _differences(old, new)
@@ -619,6 +626,14 @@ class FeatureCache:
 
     def shard(self, name: str) -> zarr.Group:
         return self._shards()[name]
+
+    def copy_shard(self, name: str, new_name: str) -> None:
+        """Copy shard group ``name`` whole (arrays, attributes, status) under ``new_name`` (benchmarks grow a cache
+        this way); byte for byte, through the cache's own store."""
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        shards = f"{path.rstrip('/')}/{SHARDS_GROUP}"
+        fs.copy(f"{shards}/{name}", f"{shards}/{new_name}", recursive=True)
+        self._array_handles.pop(new_name, None)
 
     def _arrays(self, name: str) -> dict[str, zarr.Array]:
         """The arrays of a complete shard group, opened once per cache object (metadata reads are not free) and

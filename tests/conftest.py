@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app, main
-from pipeline.datasets import write_digit_shards
+from apmpipe.pipeline.cli import app, main
+from apmpipe.pipeline.datasets import write_digit_shards
 
 # one thread count for every process the tests start: bit-identical comparisons across runs hold on a loaded machine
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -43,7 +43,7 @@ def run_main(capsys: pytest.CaptureFixture, *args: str) -> Outcome:
 
 def run_subprocess(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed console script in a real process (exit codes and stderr exactly as a user sees them)."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "apmpipe.pipeline", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

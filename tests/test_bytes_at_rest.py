@@ -11,10 +11,10 @@ import pytest
 import torch
 import zarr
 
-from storage.cache import CacheSpec, FeatureCache, LevelLayout
-from storage.errors import ConfigError
-from storage.lowrank import BasisFit
-from storage.stream import CacheStream
+from apmpipe.storage.cache import CacheSpec, FeatureCache, LevelLayout
+from apmpipe.storage.errors import ConfigError
+from apmpipe.storage.lowrank import BasisFit
+from apmpipe.storage.stream import CacheStream
 
 from .conftest import FAST, TINY_VIT, run_cli, run_main
 

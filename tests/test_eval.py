@@ -11,9 +11,9 @@ import torch
 import zarr
 from PIL import Image
 
-from stages.head import TeacherHead
-from storage.cache import FeatureCache
-from storage.stream import iter_cache
+from apmpipe.stages.head import TeacherHead
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.stream import iter_cache
 
 from .conftest import FAST, TINY_VIT, run_cli, run_main
 
@@ -54,9 +54,9 @@ def test_eval_reports_fidelity_classification_and_ttt(tmp_path: Path, tiny_stude
 
 
 def test_ttt_is_episodic_and_seeded_per_sample(tiny_student: Path, eval_cache: Path) -> None:
-    from stages.inputs import PixelNormalizer
-    from stages.student import load_model, loss_config_of
-    from stages.ttt import EpisodicTTT, TTTConfig
+    from apmpipe.stages.inputs import PixelNormalizer
+    from apmpipe.stages.student import load_model, loss_config_of
+    from apmpipe.stages.ttt import EpisodicTTT, TTTConfig
 
     cache = FeatureCache.open(str(eval_cache))
     model, metadata = load_model(str(tiny_student), torch.device("cpu"))
@@ -104,7 +104,7 @@ def test_islands_png_from_cache_and_from_images(tmp_path: Path, tiny_student: Pa
     out = tmp_path / "islands.png"
     result = run_cli("islands", eval_cache, "--student", tiny_student, "--out", out, "--images", "2", "--panel", "64")
     assert result.exit_code == 0, result.output
-    from stages.islands import GAP, HEADER, LABEL
+    from apmpipe.stages.islands import GAP, HEADER, LABEL
 
     with Image.open(out) as image:  # columns: image + student and teacher per level (2 levels); rows: 2 samples, then a caption
         assert image.format == "PNG" and image.size[0] == GAP + 5 * (64 + GAP) and image.size[1] > HEADER + 2 * (LABEL + 64 + GAP)

@@ -19,8 +19,8 @@ import zarr
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline.datasets import digit_images, write_digit_shards
-from storage.cache import writer_lock
+from apmpipe.pipeline.datasets import digit_images, write_digit_shards
+from apmpipe.storage.cache import writer_lock
 
 from .conftest import FAST, TINY_VIT, run_cli, run_main, run_subprocess
 
@@ -156,7 +156,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
     reference = tmp_path / "ref.zarr"
     assert run_subprocess("extract", *args, "--out", reference).returncode == 0
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "apmpipe.pipeline", "extract", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "shards/digits-0002/tokens/2").exists():
         time.sleep(0.01)
@@ -283,7 +283,7 @@ def test_tuple_model_args_resume_and_a_new_cache_is_locked_from_the_start(capsys
     shards = write_digit_shards(tmp_path / "in", count=160, per_shard=20, size=32)
     args = [*shards, *TINY_VIT, "--model-arg", "img_size=(32, 32)", *FAST]
     out = tmp_path / "c.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "apmpipe.pipeline", "extract", *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "shards").exists():
         time.sleep(0.01)

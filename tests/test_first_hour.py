@@ -21,7 +21,7 @@ import pytest
 import zarr
 from PIL import Image
 
-from pipeline.datasets import write_digit_shards
+from apmpipe.pipeline.datasets import write_digit_shards
 
 from .conftest import FAST, TINY_VIT, run_main
 
@@ -32,7 +32,7 @@ UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: connections are refu
 def _apmpipe(*args: object, env: dict[str, str] | None = None, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
     """Run ``apmpipe ARGS`` in a real process with extra environment; (result, seconds it took)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+    result = subprocess.run([sys.executable, "-m", "apmpipe.pipeline", *map(str, args)], capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, **(env or {})})
     return result, time.perf_counter() - start
 
@@ -59,7 +59,7 @@ def test_hub_weights_in_the_local_cache_load_without_the_network(tmp_path: Path,
     import timm
     from safetensors.torch import save_file
 
-    from stages.teacher import _weights_sha256
+    from apmpipe.stages.teacher import _weights_sha256
 
     kwargs = {"img_size": 32, "depth": 2}
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
@@ -81,7 +81,7 @@ def test_hub_weights_in_the_local_cache_load_without_the_network(tmp_path: Path,
 # -- 2: options and inputs are checked before torch, timm and the teacher -------------------------------------------
 CHECK_FIRST = """
 import sys, time
-from pipeline.cli import main
+from apmpipe.pipeline.cli import main
 start = time.perf_counter()
 try:
     main(sys.argv[1:])
@@ -147,7 +147,7 @@ def test_hints_point_the_right_way(capsys: pytest.CaptureFixture, tmp_path: Path
 # -- 5: interrupting and resuming training -------------------------------------------------------------------------
 def _stop_training(args: list[str], metrics: Path, sig: int, after_step: int) -> subprocess.CompletedProcess:
     """Start ``apmpipe train ARGS``, send ``sig`` once metrics pass ``after_step``; the finished process."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "apmpipe.pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -264,7 +264,7 @@ def test_islands_says_what_it_converted(capsys: pytest.CaptureFixture, tmp_path:
 
 
 def test_islands_picture_has_gaps_labels_and_a_caption(tmp_path: Path, tiny_student: Path, eval_cache: Path) -> None:
-    from stages.islands import GAP, HEADER, LABEL, islands
+    from apmpipe.stages.islands import GAP, HEADER, LABEL, islands
 
     result = islands(str(tiny_student), [str(eval_cache)], str(tmp_path / "i.png"), images=2, panel=64, device="cpu")
     with Image.open(result.path) as image:

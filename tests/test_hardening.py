@@ -20,8 +20,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from pipeline.datasets import write_digit_shards
-from storage.sources import decode_image, iter_samples, resolve_inputs
+from apmpipe.pipeline.datasets import write_digit_shards
+from apmpipe.storage.sources import decode_image, iter_samples, resolve_inputs
 
 from .conftest import FAST, TINY_VIT, run_cli, run_main, run_subprocess
 from .test_extract import shard_arrays
@@ -133,8 +133,8 @@ HEADS = [
 
 @pytest.mark.parametrize("name, kwargs, ops", HEADS, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k, _ in HEADS])
 def test_heads_of_timm_families_are_rebuilt_exactly(name: str, kwargs: dict, ops: list[str]) -> None:
-    from stages.head import TeacherHead
-    from stages.teacher import Teacher, TeacherConfig
+    from apmpipe.stages.head import TeacherHead
+    from apmpipe.stages.teacher import Teacher, TeacherConfig
 
     teacher = Teacher(TeacherConfig(name, pretrained=False, model_kwargs=tuple(sorted({**kwargs, "num_classes": 7}.items()))), (-1,), device="cpu")
     head, reason = teacher.head()
@@ -162,7 +162,7 @@ def test_an_unsupported_head_is_a_stored_reason_and_logits_are_still_cached(tmp_
 
 # -- 4: per-shard storage failures ---------------------------------------------------------------------------
 def test_a_shard_whose_storage_fails_fails_alone(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from storage.cache import FeatureCache, ShardWriter
+    from apmpipe.storage.cache import FeatureCache, ShardWriter
 
     shards = write_digit_shards(tmp_path / "in", count=60, per_shard=20)
     real_open, real_finish = FeatureCache.open_writer, ShardWriter.finish
@@ -207,8 +207,8 @@ def _set_shard_attr(cache: Path, shard: str, **values: object) -> None:
 
 
 def test_mixed_precision_and_token_dtypes_are_refused(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, digit_shards: list[str]) -> None:
-    from storage.errors import CacheError
-    from storage.stream import open_caches
+    from apmpipe.storage.errors import CacheError
+    from apmpipe.storage.stream import open_caches
 
     half = tmp_path / "half.zarr"
     assert run_cli("extract", digit_shards[0], "--out", half, *TINY_VIT, "--layers", "1,-1", *FAST).exit_code == 0
@@ -228,7 +228,7 @@ def test_mixed_precision_and_token_dtypes_are_refused(capsys: pytest.CaptureFixt
 
 
 def test_verify_recomputes_in_the_shards_precision(tmp_path: Path, tiny_cache: Path) -> None:
-    from stages.verify import verify_cache
+    from apmpipe.stages.verify import verify_cache
 
     assert verify_cache(str(tiny_cache), samples=2, device="cpu").precision == "float32"
     cache = _copy(tiny_cache, tmp_path)
@@ -242,9 +242,9 @@ def test_verify_recomputes_in_the_shards_precision(tmp_path: Path, tiny_cache: P
 def test_two_caches_on_one_scheduler_do_not_share_tasks(tmp_path: Path) -> None:
     from distributed import LocalCluster
 
-    from pipeline.cluster import dask_runner
-    from stages.extract import ExtractConfig, extract
-    from stages.teacher import TeacherConfig
+    from apmpipe.pipeline.cluster import dask_runner
+    from apmpipe.stages.extract import ExtractConfig, extract
+    from apmpipe.stages.teacher import TeacherConfig
 
     teacher = TeacherConfig("vit_tiny_patch16_224", pretrained=False, model_kwargs=(("depth", 2), ("img_size", 32), ("num_classes", 10)))
     a = write_digit_shards(tmp_path / "a", count=16, per_shard=16)
@@ -273,11 +273,12 @@ def test_two_caches_on_one_scheduler_do_not_share_tasks(tmp_path: Path) -> None:
 
 
 def test_threads_building_one_teacher_get_one_teacher() -> None:
-    from stages.teacher import TeacherConfig, cached_teacher
+    from apmpipe.stages.teacher import TeacherConfig, TeacherPool
 
     config = TeacherConfig("vit_tiny_patch16_224", pretrained=False, model_kwargs=(("depth", 1), ("img_size", 32)), seed=123)
     built: list = []
-    threads = [threading.Thread(target=lambda: built.append(cached_teacher(config, (-1,), False, "cpu", False))) for _ in range(3)]
+    pool = TeacherPool()
+    threads = [threading.Thread(target=lambda: built.append(pool.get(config, (-1,), False, "cpu", False))) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -286,10 +287,10 @@ def test_threads_building_one_teacher_get_one_teacher() -> None:
 
 
 def test_the_driver_does_not_build_the_teacher_on_the_workers_device(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, digit_shards: list[str]) -> None:
-    import pipeline.cluster
+    import apmpipe.pipeline.cluster
 
     seen = []
-    monkeypatch.setattr(pipeline.cluster, "dask_runner", lambda *args: lambda config, shards, progress: seen.append(config.device) or [])
+    monkeypatch.setattr(apmpipe.pipeline.cluster, "dask_runner", lambda *args: lambda config, shards, progress: seen.append(config.device) or [])
     result = run_main(capsys, "extract", digit_shards[0], "--out", tmp_path / "c.zarr", *TINY_VIT, *FAST, "--workers", "1", "--device", "cuda")
     assert result.returncode == 0, result.stderr  # no CUDA here: only the workers would need it
     assert seen == ["cuda"]
@@ -312,9 +313,9 @@ def test_malformed_cache_attributes_are_one_line(capsys: pytest.CaptureFixture, 
 
 
 def test_sample_counts_are_checked_and_unknown_head_ops_raise(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path) -> None:
-    from stages.head import TeacherHead
-    from storage.cache import FeatureCache
-    from storage.errors import CacheError
+    from apmpipe.stages.head import TeacherHead
+    from apmpipe.storage.cache import FeatureCache
+    from apmpipe.storage.errors import CacheError
 
     cache = _copy(tiny_cache, tmp_path)
     _set_shard_attr(cache, "digits-0001", num_samples=41)
@@ -334,7 +335,7 @@ def test_rerun_right_after_kill_9_with_loader_workers_is_bit_identical(tmp_path:
     reference = tmp_path / "ref.zarr"
     assert run_subprocess("extract", *args, "--out", reference).returncode == 0
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "apmpipe.pipeline", "extract", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "shards/digits-0001/tokens/2").exists():
         time.sleep(0.01)
@@ -349,11 +350,11 @@ def test_rerun_right_after_kill_9_with_loader_workers_is_bit_identical(tmp_path:
 
 
 def test_lock_message_names_the_holder(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", f"from storage.cache import writer_lock\nwith writer_lock({str(tmp_path / 'c.zarr')!r}):\n print('held', flush=True)\n input()"],
+    holder = subprocess.Popen([sys.executable, "-c", f"from apmpipe.storage.cache import writer_lock\nwith writer_lock({str(tmp_path / 'c.zarr')!r}):\n print('held', flush=True)\n input()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    from storage.cache import writer_lock
-    from storage.errors import CacheError
+    from apmpipe.storage.cache import writer_lock
+    from apmpipe.storage.errors import CacheError
 
     with pytest.raises(CacheError, match=f"another apmpipe extract \\(pid {holder.pid}\\)"):
         with writer_lock(str(tmp_path / "c.zarr")):
@@ -363,7 +364,7 @@ def test_lock_message_names_the_holder(tmp_path: Path) -> None:
 
 # -- 16, 17: info reads little and shows no secrets ----------------------------------------------------------
 def test_info_opens_no_array_and_lists_no_files_without_sizes(monkeypatch: pytest.MonkeyPatch, tiny_cache: Path) -> None:
-    from storage.cache import FeatureCache
+    from apmpipe.storage.cache import FeatureCache
 
     def forbidden(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("info read array metadata or listed every file")
@@ -375,9 +376,9 @@ def test_info_opens_no_array_and_lists_no_files_without_sizes(monkeypatch: pytes
 
 
 def test_credentials_stay_out_of_reprs_attributes_and_info(tmp_path: Path, tiny_cache: Path) -> None:
-    from stages.extract import ExtractConfig
-    from stages.teacher import TeacherConfig
-    from storage.cache import FeatureCache
+    from apmpipe.stages.extract import ExtractConfig
+    from apmpipe.stages.teacher import TeacherConfig
+    from apmpipe.storage.cache import FeatureCache
 
     config = ExtractConfig(inputs=("s3://b/x.tar",), out="s3://b/c.zarr", teacher=TeacherConfig("vit_tiny_patch16_224"), storage_options={"secret": "S3CR3T"})
     assert "S3CR3T" not in repr(config)
@@ -402,7 +403,7 @@ def test_xarray_opens_shard_arrays(tiny_cache: Path) -> None:
 def test_rss_sampler_drains_stderr_and_does_not_spin(monkeypatch: pytest.MonkeyPatch) -> None:
     import psutil
 
-    from pipeline.bench import _peak_tree_rss
+    from apmpipe.pipeline.bench import _peak_tree_rss
 
     noisy = [sys.executable, "-c", "import sys; sys.stderr.write('x' * 300_000); sys.stderr.flush()"]
     done: list[float] = []
@@ -423,7 +424,7 @@ def test_rss_sampler_drains_stderr_and_does_not_spin(monkeypatch: pytest.MonkeyP
 
 # -- 11: checkpoints -----------------------------------------------------------------------------------------
 def test_checkpoints_are_fsynced_before_rename_and_latest_never_dangles(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from storage.checkpoint import RunDir
+    from apmpipe.storage.checkpoint import RunDir
 
     run = RunDir(tmp_path / "run")
     weights, state = {"w": torch.ones(3)}, {"step": 5}
@@ -453,7 +454,7 @@ def test_checkpoints_are_fsynced_before_rename_and_latest_never_dangles(monkeypa
 
 
 def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
-    from storage.checkpoint import RunDir
+    from apmpipe.storage.checkpoint import RunDir
 
     run = RunDir(tmp_path / "run")
     run.save_checkpoint(1, {"w": torch.ones(1)}, {"step": 1})

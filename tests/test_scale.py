@@ -67,7 +67,7 @@ def test_extract_train_eval_against_s3(tmp_path: Path, s3_endpoint: str, digit_s
 def test_killed_dask_worker_is_retried_with_identical_result(tmp_path: Path, digit_shards: list[str], tiny_cache: Path) -> None:
     from distributed import Client, LocalCluster
 
-    from pipeline.datasets import write_digit_shards
+    from apmpipe.pipeline.datasets import write_digit_shards
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
         pids = client.run(os.getpid)  # worker address -> pid

@@ -15,8 +15,8 @@ import torch
 import pytest
 import zarr
 
-from storage.checkpoint import load_student
-from storage.stream import CacheStream
+from apmpipe.storage.checkpoint import load_student
+from apmpipe.storage.stream import CacheStream
 
 from .conftest import run_cli, run_main
 
@@ -47,7 +47,7 @@ def test_training_never_builds_or_imports_the_teacher(tmp_path: Path, tiny_cache
     monkeypatch.setattr(timm, "create_model", refuse)
     result = run_cli("train", tiny_cache, "--out", tmp_path / "run", *TRAIN_FAST, "--max-steps", "3")
     assert result.exit_code == 0, result.output
-    code = "import sys, stages.train, stages.apm, storage.stream; assert 'timm' not in sys.modules, 'timm imported'"
+    code = "import sys, apmpipe.stages.train, apmpipe.stages.apm, apmpipe.storage.stream; assert 'timm' not in sys.modules, 'timm imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -75,7 +75,7 @@ def test_stream_covers_each_sample_once_per_epoch(tiny_cache: Path, world: int, 
 
 
 def test_stream_order_depends_on_epoch_and_resumes_mid_window(tiny_cache: Path) -> None:
-    from storage.stream import StreamPosition
+    from apmpipe.storage.stream import StreamPosition
 
     stream = CacheStream([str(tiny_cache)], batch_size=8, window_samples=24, seed=0)
     def batches(position: StreamPosition) -> list[bytes]:
@@ -97,14 +97,14 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache
     args = ["train", str(tiny_cache), *TRAIN_FAST, "--loader-workers", "1", "--max-steps", "40", "--checkpoint-every", "4", "--warmup-steps", "3",
             "--locations", "3", "--echo", str(echo)]
     reference = tmp_path / "ref"
-    subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(reference)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "apmpipe.pipeline", *args, "--out", str(reference)], check=True, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "apmpipe.pipeline", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(killed / "checkpoints" / "step-00000012", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "student.safetensors").exists(), "the kill came too late to test anything"
-    result = subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(killed), "--resume"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "apmpipe.pipeline", *args, "--out", str(killed), "--resume"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     ref, _ = load_student(reference)
     got, _ = load_student(killed)
@@ -119,7 +119,7 @@ def test_ddp_two_processes_gloo_with_uneven_shards_per_rank(tmp_path: Path, tiny
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     run = tmp_path / "ddp"
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "pipeline", "train", str(tiny_cache), "--out", str(run), *TRAIN_FAST, "--epochs", "2", "--device", "cpu"],
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "apmpipe.pipeline", "train", str(tiny_cache), "--out", str(run), *TRAIN_FAST, "--epochs", "2", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -178,7 +178,7 @@ def test_float32_caches_stream_float32_tokens(tiny_cache: Path) -> None:
 
 
 def test_location_draws_differ_by_rank_and_always_include_prefix_tokens() -> None:
-    from stages.objectives import location_generator, sample_locations
+    from apmpipe.stages.objectives import location_generator, sample_locations
 
     rank0 = sample_locations(4, 1, 64, 8, location_generator(0, 0, 5))
     rank1 = sample_locations(4, 1, 64, 8, location_generator(0, 1, 5))
@@ -215,7 +215,7 @@ def test_toml_values_are_type_checked_and_run_options_refused(capsys: pytest.Cap
 def test_per_class_plot_stays_readable_for_many_classes(tmp_path: Path) -> None:
     from PIL import Image
 
-    from pipeline.report import plot_per_class
+    from apmpipe.pipeline.report import plot_per_class
 
     rng = np.random.default_rng(0)
     path = plot_per_class({"student": list(rng.random(1500)), "teacher": list(rng.random(1500))}, "1,500 classes", tmp_path / "many.png")

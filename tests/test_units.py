@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages.apm import location_codes
-from stages.teacher import resolve_layers
-from storage.cache import decode_tokens, encode_tokens
-from storage.errors import CacheError, ConfigError
+from apmpipe.stages.apm import location_codes
+from apmpipe.stages.teacher import resolve_layers
+from apmpipe.storage.cache import decode_tokens, encode_tokens
+from apmpipe.storage.errors import CacheError, ConfigError
 
 
 def test_float16_overflow_fails_with_a_hint() -> None:
@@ -49,8 +49,8 @@ def test_location_codes_are_distinct_and_fixed() -> None:
 
 
 def test_student_handles_inputs_that_do_not_tile_the_grid() -> None:
-    from stages.apm import APM, APMConfig
-    from stages.objectives import rgb_loss
+    from apmpipe.stages.apm import APM, APMConfig
+    from apmpipe.stages.objectives import rgb_loss
 
     config = APMConfig(in_chans=1, image_size=(230, 224), grid=(16, 16), prefix_tokens=2, level_dims=(24, 40), hidden=(32,))
     model = APM(config)
