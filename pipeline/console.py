@@ -81,11 +81,17 @@ class TrainProgress:
         )
         self._task = self._bar.add_task("train", total=None, epoch="-")
         self._started = False
+        self._resumed = 0
 
-    def start(self, total: int, done: int) -> None:
+    def resumed(self, step: int, total: int, run_dir: str) -> None:
+        """A checkpoint was loaded: say so, and start the bar at ``step``."""
+        self._resumed = step
+        err_console.print(f"resuming from step {step} of {total} ({run_dir})", highlight=False)
+
+    def start(self, total: int) -> None:
         self._bar.start()
         self._started = True
-        self._bar.update(self._task, total=total, completed=done)
+        self._bar.update(self._task, total=total, completed=self._resumed)
 
     def step(self, step: int, total: int, record: dict) -> None:
         levels = ", ".join(f"L{k.rsplit('_', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("loss_level_"))

@@ -15,17 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from stages.evaluate import EvalConfig, evaluate
-from stages.extract import ExtractConfig, ExtractSummary, extract
-from stages.islands import islands
-from stages.reference_teacher import ReferenceRecipe, trained_record, train_reference_vit
-from stages.teacher import TeacherConfig
-from stages.train import TrainConfig, train
-from storage.checkpoint import RunDir
+from apmpipe.stages.evaluate import EvalConfig, evaluate
+from apmpipe.stages.extract import ExtractConfig, ExtractSummary, extract
+from apmpipe.stages.islands import islands
+from apmpipe.stages.reference_teacher import ReferenceRecipe, trained_record, train_reference_vit
+from apmpipe.stages.teacher import TeacherConfig
+from apmpipe.stages.train import TrainConfig, train
+from apmpipe.storage.checkpoint import RunDir
 
 from .console import ExtractProgress, TrainProgress, err_console, human_bytes
 from .datasets import digit_images, digit_split, write_digit_shards
-from .report import plot_fidelity, plot_losses, plot_per_class
+from .report import plot_losses, write_eval_report
 
 IMAGE_SIZE = 32
 
@@ -108,17 +108,13 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     config = TrainConfig(caches=(data.train,), out=str(run_dir), max_steps=plan.max_steps, loader_workers=1, seed=seed,
                          resume=RunDir(run_dir).has_checkpoint())
     with TrainProgress() as progress:
-        trained = train(config, on_step=progress.step, on_start=lambda model, total: progress.start(total, 0))
+        trained = train(config, on_step=progress.step, on_start=lambda model, total: progress.start(total))
     records = RunDir(run_dir).read_metrics()
     plot_losses(records, out / "loss.png")
     err_console.print("[bold]3/4 eval[/bold] fidelity beside the mean token, classification beside the teacher, test-time training")
     report = evaluate(EvalConfig(cache=data.val, student=str(run_dir), train_cache=data.train,
                                  ttt_steps=10, ttt_lr=1e-3, ttt_locations=16, ttt_samples=plan.ttt_samples, seed=seed))
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
-    plot_fidelity(report["fidelity"], out / "fidelity.png")
-    for key, result in report["classification"].items():
-        if isinstance(result, dict):
-            plot_per_class(result["per_class"], f"{result['method']}: per-class top-1", out / f"per_class_{key}.png")
+    write_eval_report(report, out, "eval.json")
     err_console.print("[bold]4/4 islands[/bold] of agreement")
     pictures = islands(str(run_dir), [data.val], str(out / "islands.png"), images=4, panel=128)
     fresh_extract = train_summary.images + val_summary.images > 0

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
+import tomllib
 import types
 import typing
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
@@ -21,10 +24,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from storage.cache import FeatureCache
-from storage.checkpoint import RunDir
-from storage.errors import CacheError, ConfigError, ModelError, require_at_least
-from storage.stream import CacheStream, StreamPosition
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.checkpoint import RunDir
+from apmpipe.storage.errors import CacheError, ConfigError, ModelError, require_at_least
+from apmpipe.storage.remote import route_storage_options
+from apmpipe.storage.stream import CacheStream, StreamPosition
 
 from .apm import APM, config_for_cache
 from .head import TeacherHead
@@ -100,6 +104,35 @@ class TrainConfig:
         loss_names = {f.name for f in fields(LossConfig)}
         loss = LossConfig(**{k: v for k, v in values.items() if k in loss_names})
         return cls(**{k: v for k, v in values.items() if k not in loss_names}, loss=loss)
+
+
+    @classmethod
+    def from_file_and_options(cls, options: dict[str, Any], path: str | os.PathLike | None = None, given: Collection[str] = ()) -> TrainConfig:
+        """Options from a command line over a TOML file of options: a file value replaces every option whose
+        name is not in ``given`` (those set on the command line); ``caches`` and ``out`` only come from
+        ``options``. The file's ``storage_options`` table adds to ``options["storage_options"]`` (which wins)."""
+        merged = dict(options)
+        for key, value in _read_toml(path).items() if path is not None else ():
+            name = key.replace("-", "_")
+            if name in ("caches", "out"):
+                raise ConfigError(f"--config {path}: give {name} on the command line (apmpipe train CACHE... --out RUN), not in the file")
+            if name == "storage_options" and isinstance(value, dict):
+                merged["storage_options"] = {**route_storage_options(value), **merged.get("storage_options", {})}
+            elif name not in cls.option_names():
+                raise ConfigError(f"--config {path}: unknown option {key!r}; see apmpipe train --help")
+            elif name not in given:
+                merged[name] = value
+        return cls.from_options(merged)
+
+
+def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
 
 
 def _option_types() -> dict[str, Any]:
