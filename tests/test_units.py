@@ -62,3 +62,16 @@ def test_student_handles_inputs_that_do_not_tile_the_grid() -> None:
     assert [tuple(t.shape) for t in model(images, locations)["tokens"]] == [(2, 3, 24), (2, 3, 40)]
     chunked = model.predict_tokens(images, chunk=7)
     torch.testing.assert_close(chunked[1], out["tokens"][1].detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_head_reads_the_head_of_the_level_asked_for() -> None:
+    from apmpipe.stages.apm import APM, APMConfig
+
+    model = APM(APMConfig(in_chans=1, image_size=(32, 32), grid=(4, 4), prefix_tokens=1, level_dims=(24, 40), hidden=(32,)))
+    images = torch.randn(2, 1, 32, 32)
+    features = model.forward_features(images)
+    per_level = model.forward_head(features)
+    assert [t.shape[-1] for t in per_level] == [24, 40]
+    for level, expected in enumerate(per_level):  # level k: heads[k], its own width (not heads[0]'s)
+        (only,) = model.forward_head(features, level=level)
+        torch.testing.assert_close(only, expected)
