@@ -1,8 +1,9 @@
 """The ``apmpipe`` command line: parse options, build a stage config, call the stage, print a summary.
 
-User errors (``storage.errors.ApmError``) print one line on stderr and exit 2; ``--debug`` shows their
+User errors (``apmpipe.storage.errors.ApmError``) print one line on stderr and exit 2; ``--debug`` shows their
 traceback. Any other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import ast
@@ -11,11 +12,13 @@ import json
 import logging
 import os
 import sys
-from enum import Enum
+from collections.abc import Callable
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
+
 from apmpipe.storage.errors import ApmError, ConfigError
 
 from . import render
@@ -23,34 +26,47 @@ from .console import ExtractProgress, err_console, out_console
 
 app = typer.Typer(
     name="apmpipe",
-    help="Feature-cache distillation for the Asynchronous Perception Machine: extract a timm teacher's tokens once, train the APM student from the cache, evaluate it.",
+    help="Feature-cache distillation for the Asynchronous Perception Machine: extract a timm teacher's tokens "
+    "once, train the APM student from the cache, evaluate it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # click's plain help: whole option names and a wide description column at 80 columns
 )
-bench_app = typer.Typer(help="Measure throughput side by side in one run and print ratios.", no_args_is_help=True, rich_markup_mode=None)
+bench_app = typer.Typer(
+    help="Measure throughput side by side in one run and print ratios.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(bench_app, name="bench")
 
 F = TypeVar("F", bound=Callable[..., Any])
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
-StorageOptions = Annotated[list[str], typer.Option("--storage-option", help="fsspec option KEY=VALUE for remote inputs or caches (repeatable), e.g. endpoint_url=http://127.0.0.1:9000.")]
-ModelArgs = Annotated[list[str], typer.Option("--model-arg", help="Extra timm.create_model argument KEY=VALUE (repeatable), e.g. img_size=448.")]
+StorageOptions = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--storage-option",
+        help="fsspec option KEY=VALUE for remote inputs or caches (repeatable), e.g. "
+        "endpoint_url=http://127.0.0.1:9000.",
+    ),
+]
+ModelArgs = Annotated[
+    list[str] | None,
+    typer.Option("--model-arg", help="Extra timm.create_model argument KEY=VALUE (repeatable), e.g. img_size=448."),
+]
 
 
-class TokenDtype(str, Enum):
+class TokenDtype(StrEnum):
     float32 = "float32"
     float16 = "float16"
     int8 = "int8"
 
 
-class Codec(str, Enum):
+class Codec(StrEnum):
     zstd = "zstd"
     blosc_lz4 = "blosc-lz4"
     none = "none"
 
 
-class PixelCodec(str, Enum):
+class PixelCodec(StrEnum):
     raw = "raw"
     png = "png"
     webp = "webp"
@@ -68,14 +84,20 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors too.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details (INFO level).")] = False,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: the cores not busy with other work).")] = 0,
+    threads: Annotated[
+        int, typer.Option("--threads", help="CPU threads for torch (0: the cores not busy with other work).")
+    ] = 0,
 ) -> None:
     ctx.obj = {"debug": debug}
     set_cpu_threads(threads)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not verbose:  # the hub's retry chatter drowns the one-line error that follows it
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
@@ -123,13 +145,16 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
-        raise ConfigError(f"{option} {text!r} is not a comma-separated list of integers, e.g. {option} 4,8,12") from None
+        raise ConfigError(
+            f"{option} {text!r} is not a comma-separated list of integers, e.g. {option} 4,8,12"
+        ) from None
 
 
-def parse_key_values(items: list[str], option: str) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values are Python literals when they parse as one (``32``, ``True``, ``(1, 2)``), else strings."""
+def parse_key_values(items: list[str] | None, option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are Python literals when they parse as one (``32``, ``True``, ``(1, 2)``),
+    else strings."""
     out: dict[str, Any] = {}
-    for item in items:
+    for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{option} {item!r} is not KEY=VALUE, e.g. {option} img_size=224")
@@ -151,42 +176,115 @@ def stage_options(ctx: typer.Context, *drop: str) -> dict[str, Any]:
 @reports_user_errors
 def extract(
     ctx: typer.Context,
-    sources: Annotated[list[str], typer.Argument(help="WebDataset shards (.tar/.tar.gz/.tgz, brace patterns, globs, a directory; local or fsspec URLs) or an image folder root/<class>/<file>.", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="Feature cache to create or complete (local path or fsspec URL).", show_default=False)],
-    teacher: Annotated[str, typer.Option("--teacher", "-t", help="timm model name, hf-hub:org/repo or local-dir:/path.", show_default=False)],
-    layers: Annotated[str, typer.Option(help="Teacher blocks to cache, 1-based; negative counts from the end (-1 = last).")] = "-1",
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load the teacher's pretrained weights.")] = True,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Teacher state dict (.safetensors, or .pth loaded with weights_only).")] = None,
-    model_arg: ModelArgs = [],
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="WebDataset shards (.tar/.tar.gz/.tgz, brace patterns, globs, a directory; local or fsspec "
+            "URLs) or an image folder root/<class>/<file>.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="Feature cache to create or complete (local path or fsspec URL).", show_default=False
+        ),
+    ],
+    teacher: Annotated[
+        str,
+        typer.Option(
+            "--teacher", "-t", help="timm model name, hf-hub:org/repo or local-dir:/path.", show_default=False
+        ),
+    ],
+    layers: Annotated[
+        str, typer.Option(help="Teacher blocks to cache, 1-based; negative counts from the end (-1 = last).")
+    ] = "-1",
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained/--no-pretrained", help="Load the teacher's pretrained weights.")
+    ] = True,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Teacher state dict (.safetensors, or .pth loaded with weights_only).")
+    ] = None,
+    model_arg: ModelArgs = None,
     seed: Annotated[int, typer.Option(help="Seed for a random-init teacher.")] = 0,
-    final_norm: Annotated[bool, typer.Option("--final-norm/--no-final-norm", help="Apply the teacher's final norm to every cached level.")] = False,
-    dtype: Annotated[TokenDtype, typer.Option(help="Token storage dtype; int8 is per-token scaled and its fidelity is reported.")] = TokenDtype.float16,
+    final_norm: Annotated[
+        bool, typer.Option("--final-norm/--no-final-norm", help="Apply the teacher's final norm to every cached level.")
+    ] = False,
+    dtype: Annotated[
+        TokenDtype, typer.Option(help="Token storage dtype; int8 is per-token scaled and its fidelity is reported.")
+    ] = TokenDtype.float16,
     codec: Annotated[Codec, typer.Option(help="Compressor for cached arrays.")] = Codec.zstd,
-    rank: Annotated[int, typer.Option(help="Store tokens as this many coefficients of one PCA basis per level, fitted at extraction (0: whole tokens); fidelity is reported.")] = 0,
-    pixel_codec: Annotated[PixelCodec, typer.Option(help="Pixels as uint8 arrays (raw) or one PNG / lossless WebP / JPEG (lossy, PSNR reported) per sample.")] = PixelCodec.raw,
+    rank: Annotated[
+        int,
+        typer.Option(
+            help="Store tokens as this many coefficients of one PCA basis per level, fitted at extraction (0: "
+            "whole tokens); fidelity is reported."
+        ),
+    ] = 0,
+    pixel_codec: Annotated[
+        PixelCodec,
+        typer.Option(
+            help="Pixels as uint8 arrays (raw) or one PNG / lossless WebP / JPEG (lossy, PSNR reported) per sample."
+        ),
+    ] = PixelCodec.raw,
     batch_size: Annotated[int, typer.Option(help="Images per teacher forward.")] = 32,
-    loader_workers: Annotated[int, typer.Option(help="DataLoader processes decoding images (0: in the main process; -1: 1 beside a CPU teacher, up to 8 for a GPU).")] = -1,
+    loader_workers: Annotated[
+        int,
+        typer.Option(
+            help="DataLoader processes decoding images (0: in the main process; -1: 1 beside a CPU teacher, "
+            "up to 8 for a GPU)."
+        ),
+    ] = -1,
     chunk_samples: Annotated[int, typer.Option(help="Samples per zarr chunk (unit of a read).")] = 16,
-    shard_samples: Annotated[int, typer.Option(help="Samples per zarr shard file (unit of a write); a multiple of --chunk-samples.")] = 256,
-    label_key: Annotated[str, typer.Option(help="WebDataset field with the label, or FIELD:PATH into a JSON field, e.g. json:label or json:meta.class.")] = "cls",
-    class_names: Annotated[Optional[str], typer.Option(help="Text file of class names, one per line (label = line number), for tar shards whose labels are names.")] = None,
+    shard_samples: Annotated[
+        int, typer.Option(help="Samples per zarr shard file (unit of a write); a multiple of --chunk-samples.")
+    ] = 256,
+    label_key: Annotated[
+        str,
+        typer.Option(
+            help="WebDataset field with the label, or FIELD:PATH into a JSON field, e.g. json:label or json:meta.class."
+        ),
+    ] = "cls",
+    class_names: Annotated[
+        str | None,
+        typer.Option(
+            help="Text file of class names, one per line (label = line number), for tar shards whose labels are names."
+        ),
+    ] = None,
     no_labels: Annotated[bool, typer.Option("--no-labels", help="Ignore labels (all stored as -1).")] = False,
-    max_pixels: Annotated[Optional[int], typer.Option(help="Skip images with more pixels than this, checked before decoding [default: 64,000,000].", show_default=False)] = None,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            help="Skip images with more pixels than this, checked before decoding [default: 64,000,000].",
+            show_default=False,
+        ),
+    ] = None,
     folder_block: Annotated[int, typer.Option(help="Images per shard group when reading an image folder.")] = 1000,
     device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
-    workers: Annotated[int, typer.Option(help="Run shards on a local dask cluster of N worker processes (0: in this process).")] = 0,
-    scheduler: Annotated[Optional[str], typer.Option(help="Run shards on an existing dask scheduler, e.g. tcp://10.0.0.5:8786.")] = None,
-    scheduler_file: Annotated[Optional[Path], typer.Option(help="Dask scheduler file (dask scheduler --scheduler-file).")] = None,
-    resources: Annotated[list[str], typer.Option("--resources", help="Dask resources each task needs, KEY=VALUE (repeatable), e.g. GPU=1.")] = [],
-    storage_option: StorageOptions = [],
+    workers: Annotated[
+        int, typer.Option(help="Run shards on a local dask cluster of N worker processes (0: in this process).")
+    ] = 0,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Run shards on an existing dask scheduler, e.g. tcp://10.0.0.5:8786.")
+    ] = None,
+    scheduler_file: Annotated[
+        Path | None, typer.Option(help="Dask scheduler file (dask scheduler --scheduler-file).")
+    ] = None,
+    resources: Annotated[
+        list[str] | None,
+        typer.Option("--resources", help="Dask resources each task needs, KEY=VALUE (repeatable), e.g. GPU=1."),
+    ] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Run a timm teacher once over image shards into a feature cache.
 
     The cache is a resumable Zarr v3 group: rerunning the command completes it."""
     from apmpipe.stages.extract_config import ExtractConfig, preflight  # no torch yet: bad options fail fast
 
-    options = stage_options(ctx, "sources", "out", "teacher", "layers", "model_arg", "class_names", "storage_option", *RUN_ON)
+    options = stage_options(
+        ctx, "sources", "out", "teacher", "layers", "model_arg", "class_names", "storage_option", *RUN_ON
+    )
     config = ExtractConfig.from_options(
         sources,
         out,
@@ -201,9 +299,13 @@ def extract(
     from apmpipe.stages.extract import extract as run_extract
 
     runner = _shard_runner(workers, scheduler, scheduler_file, resources)
-    with ExtractProgress() as progress:  # beside remote workers the driver's teacher (spec, head check) stays on the CPU
+    with (
+        ExtractProgress() as progress
+    ):  # beside remote workers the driver's teacher (spec, head check) stays on the CPU
         driver = "cpu" if runner else None
-        summary = run_extract(config, progress=progress, runner=runner, on_plan=progress.plan, driver_device=driver, inputs=inputs)
+        summary = run_extract(
+            config, progress=progress, runner=runner, on_plan=progress.plan, driver_device=driver, inputs=inputs
+        )
     render.extract_summary(summary)
     if summary.count("failed"):
         raise typer.Exit(1)
@@ -212,7 +314,7 @@ def extract(
 RUN_ON = ("workers", "scheduler", "scheduler_file", "resources")  # where extract runs, not what it makes
 
 
-def _shard_runner(workers: int, scheduler: str | None, scheduler_file: Path | None, resources: list[str]) -> Any:
+def _shard_runner(workers: int, scheduler: str | None, scheduler_file: Path | None, resources: list[str] | None) -> Any:
     """A dask runner when any of --workers/--scheduler/--scheduler-file is given, else None (this process)."""
     if not (workers or scheduler or scheduler_file):
         return None
@@ -222,7 +324,7 @@ def _shard_runner(workers: int, scheduler: str | None, scheduler_file: Path | No
     return dask_runner(workers, scheduler, str(scheduler_file) if scheduler_file else None, needs)
 
 
-def parse_storage_options(items: list[str]) -> dict[str, Any]:
+def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
     """``--storage-option`` pairs; ``endpoint_url`` goes where s3fs expects it (``client_kwargs``)."""
     from apmpipe.storage.remote import route_storage_options
 
@@ -235,8 +337,13 @@ def info(
     ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
-    sizes: Annotated[bool, typer.Option("--sizes", help="Also measure bytes on disk and compression (lists every file: slow on object stores).")] = False,
-    storage_option: StorageOptions = [],
+    sizes: Annotated[
+        bool,
+        typer.Option(
+            "--sizes", help="Also measure bytes on disk and compression (lists every file: slow on object stores)."
+        ),
+    ] = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Describe a feature cache.
 
@@ -257,9 +364,11 @@ def verify(
     ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
     samples: Annotated[int, typer.Option(help="Number of cached samples to recompute.")] = 8,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Teacher weights, if not where extraction found them.")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Teacher weights, if not where extraction found them.")
+    ] = None,
     device: DeviceOption = "auto",
-    storage_option: StorageOptions = [],
+    storage_option: StorageOptions = None,
 ) -> None:
     """Recompute cached samples with the teacher: pass or fail.
 
@@ -275,14 +384,14 @@ def verify(
         raise typer.Exit(1)
 
 
-class Preset(str, Enum):
+class Preset(StrEnum):
     paper = "paper"
     base = "base"
     small = "small"
     tiny = "tiny"
 
 
-class LevelMode(str, Enum):
+class LevelMode(StrEnum):
     heads = "heads"
     query = "query"
 
@@ -291,42 +400,89 @@ class LevelMode(str, Enum):
 @reports_user_errors
 def train(
     ctx: typer.Context,
-    caches: Annotated[list[str], typer.Argument(help="Feature caches written by apmpipe extract (one teacher).", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="Run directory: checkpoints, metrics.jsonl, loss.png, student.safetensors.", show_default=False)],
-    config: Annotated[Optional[Path], typer.Option(help="TOML file of options (keys as below, e.g. lr = 3e-4); command-line options override it.")] = None,
-    preset: Annotated[Preset, typer.Option(help="Student size: paper (the authors' 4096-wide ReLU MLP), base, small, tiny.")] = Preset.small,
-    hidden: Annotated[Optional[str], typer.Option(help="MLP trunk widths, overriding the preset, e.g. 1024,1024,512.")] = None,
-    trigger_channels: Annotated[Optional[int], typer.Option(help="Conv filter output channels (T = channels x grid).")] = None,
-    pos_dim: Annotated[Optional[int], typer.Option(help="Location code width (0: as wide as T).")] = None,
-    level_mode: Annotated[LevelMode, typer.Option(help="heads: one output head per level on a shared trunk; query: level code in the query.")] = LevelMode.heads,
-    locations: Annotated[int, typer.Option(help="Random grid locations per image per step, besides the prefix tokens (0: all).")] = 16,
-    echo: Annotated[int, typer.Option(help="Steps per loaded batch, each on fresh random locations (reads echo x fewer bytes per step).")] = 1,
+    caches: Annotated[
+        list[str], typer.Argument(help="Feature caches written by apmpipe extract (one teacher).", show_default=False)
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run directory: checkpoints, metrics.jsonl, loss.png, student.safetensors.",
+            show_default=False,
+        ),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML file of options (keys as below, e.g. lr = 3e-4); command-line options override it."),
+    ] = None,
+    preset: Annotated[
+        Preset, typer.Option(help="Student size: paper (the authors' 4096-wide ReLU MLP), base, small, tiny.")
+    ] = Preset.small,
+    hidden: Annotated[
+        str | None, typer.Option(help="MLP trunk widths, overriding the preset, e.g. 1024,1024,512.")
+    ] = None,
+    trigger_channels: Annotated[
+        int | None, typer.Option(help="Conv filter output channels (T = channels x grid).")
+    ] = None,
+    pos_dim: Annotated[int | None, typer.Option(help="Location code width (0: as wide as T).")] = None,
+    level_mode: Annotated[
+        LevelMode,
+        typer.Option(help="heads: one output head per level on a shared trunk; query: level code in the query."),
+    ] = LevelMode.heads,
+    locations: Annotated[
+        int, typer.Option(help="Random grid locations per image per step, besides the prefix tokens (0: all).")
+    ] = 16,
+    echo: Annotated[
+        int,
+        typer.Option(
+            help="Steps per loaded batch, each on fresh random locations (reads echo x fewer bytes per step)."
+        ),
+    ] = 1,
     epochs: Annotated[int, typer.Option(help="Passes over the caches (0: enough for --min-steps steps).")] = 0,
-    min_steps: Annotated[int, typer.Option(help="With --epochs 0: train at least this many steps (whole epochs).")] = 4000,
+    min_steps: Annotated[
+        int, typer.Option(help="With --epochs 0: train at least this many steps (whole epochs).")
+    ] = 4000,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: run all epochs).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per step per rank.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.05,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps (at most 5% of the run) before cosine decay.")] = 200,
+    warmup_steps: Annotated[
+        int, typer.Option(help="Linear warmup steps (at most 5% of the run) before cosine decay.")
+    ] = 200,
     clip_grad: Annotated[float, typer.Option(help="Gradient norm clip (0: off).")] = 1.0,
     mse_weight: Annotated[float, typer.Option(help="Weight of MSE on standardised teacher tokens, per level.")] = 1.0,
-    prefix_weight: Annotated[float, typer.Option(help="Extra weight of the prefix tokens' (CLS, registers) MSE.")] = 1.0,
+    prefix_weight: Annotated[
+        float, typer.Option(help="Extra weight of the prefix tokens' (CLS, registers) MSE.")
+    ] = 1.0,
     cosine_weight: Annotated[float, typer.Option(help="Weight of (1 - cosine) on teacher tokens, per level.")] = 0.0,
-    logit_weight: Annotated[float, typer.Option(help="Weight of KL to the teacher's cached logits through its stored head (0: off).")] = 1.0,
+    logit_weight: Annotated[
+        float, typer.Option(help="Weight of KL to the teacher's cached logits through its stored head (0: off).")
+    ] = 1.0,
     kd_temperature: Annotated[float, typer.Option(help="Temperature of that KL.")] = 2.0,
-    rgb_weight: Annotated[float, typer.Option(help="Weight of the pixel reconstruction loss (0 disables the rgb head).")] = 0.1,
-    standardize: Annotated[bool, typer.Option("--standardize/--no-standardize", help="Standardise targets per level (cache moments).")] = True,
-    window_samples: Annotated[int, typer.Option(help="Shuffle window in samples; loader memory is about (2 x workers + 1) windows.")] = 512,
+    rgb_weight: Annotated[
+        float, typer.Option(help="Weight of the pixel reconstruction loss (0 disables the rgb head).")
+    ] = 0.1,
+    standardize: Annotated[
+        bool, typer.Option("--standardize/--no-standardize", help="Standardise targets per level (cache moments).")
+    ] = True,
+    window_samples: Annotated[
+        int, typer.Option(help="Shuffle window in samples; loader memory is about (2 x workers + 1) windows.")
+    ] = 512,
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes reading the cache.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and location sampling.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
-    checkpoint_minutes: Annotated[float, typer.Option(help="Also checkpoint after this many minutes of work (0: off).")] = 5.0,
+    checkpoint_minutes: Annotated[
+        float, typer.Option(help="Also checkpoint after this many minutes of work (0: off).")
+    ] = 5.0,
     log_every: Annotated[int, typer.Option(help="Steps between metric records.")] = 10,
     device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
-    storage_option: StorageOptions = [],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")
+    ] = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Train the APM student from feature caches.
 
@@ -380,12 +536,12 @@ def resume_command(config: Any) -> str:
     return " ".join([*parts, "--resume"]) + secrets
 
 
-class TTTStart(str, Enum):
+class TTTStart(StrEnum):
     trained = "trained"
     scratch = "scratch"
 
 
-class IslandsMode(str, Enum):
+class IslandsMode(StrEnum):
     pca = "pca"
     kmeans = "kmeans"
 
@@ -395,24 +551,40 @@ class IslandsMode(str, Enum):
 def eval_command(
     ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Evaluation feature cache.", show_default=False)],
-    student: Annotated[str, typer.Option(help="Run directory (or student.safetensors) from apmpipe train.", show_default=False)],
-    train_cache: Annotated[Optional[str], typer.Option(help="Training cache: fits weighted k-NN and a linear probe on global features.")] = None,
-    class_embeddings: Annotated[Optional[Path], typer.Option(help="classes x dim .npy of text embeddings (CLIP zero-shot through the cached projection head).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN_DIR/eval-<cache name>).")] = None,
-    feature: Annotated[str, typer.Option(help="Global feature for k-NN/probe: pooled (what the teacher's head reads), cls, mean-patch.")] = "pooled",
+    student: Annotated[
+        str, typer.Option(help="Run directory (or student.safetensors) from apmpipe train.", show_default=False)
+    ],
+    train_cache: Annotated[
+        str | None, typer.Option(help="Training cache: fits weighted k-NN and a linear probe on global features.")
+    ] = None,
+    class_embeddings: Annotated[
+        Path | None,
+        typer.Option(help="classes x dim .npy of text embeddings (CLIP zero-shot through the cached projection head)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: RUN_DIR/eval-<cache name>).")] = None,
+    feature: Annotated[
+        str,
+        typer.Option(help="Global feature for k-NN/probe: pooled (what the teacher's head reads), cls, mean-patch."),
+    ] = "pooled",
     level: Annotated[int, typer.Option(help="Level (1-based, -1 = last) whose tokens give the global feature.")] = -1,
     batch_size: Annotated[int, typer.Option(help="Images per student forward.")] = 64,
-    max_samples: Annotated[int, typer.Option(help="Evaluate a seeded random subset of N samples across all shards (0: all).")] = 0,
+    max_samples: Annotated[
+        int, typer.Option(help="Evaluate a seeded random subset of N samples across all shards (0: all).")
+    ] = 0,
     knn_k: Annotated[int, typer.Option(help="Neighbours for weighted k-NN.")] = 20,
     knn_temperature: Annotated[float, typer.Option(help="Temperature of k-NN vote weights exp(sim/T).")] = 0.07,
     ttt_steps: Annotated[int, typer.Option(help="Test-time training steps per sample (0: no TTT).")] = 0,
     ttt_lr: Annotated[float, typer.Option(help="TTT learning rate (AdamW, reset per sample).")] = 1e-4,
     ttt_locations: Annotated[int, typer.Option(help="Random locations per TTT step (0: all).")] = 0,
-    ttt_from: Annotated[TTTStart, typer.Option(help="Start each sample's TTT from the trained student or from fresh weights.")] = TTTStart.trained,
-    ttt_samples: Annotated[int, typer.Option(help="Run TTT on a seeded random subset of N samples (0: as --max-samples).")] = 0,
+    ttt_from: Annotated[
+        TTTStart, typer.Option(help="Start each sample's TTT from the trained student or from fresh weights.")
+    ] = TTTStart.trained,
+    ttt_samples: Annotated[
+        int, typer.Option(help="Run TTT on a seeded random subset of N samples (0: as --max-samples).")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the sample subsets, the probe's split and TTT.")] = 0,
     device: DeviceOption = "auto",
-    storage_option: StorageOptions = [],
+    storage_option: StorageOptions = None,
 ) -> None:
     """Evaluate a student on a feature cache.
 
@@ -432,15 +604,21 @@ def eval_command(
 @reports_user_errors
 def islands(
     ctx: typer.Context,
-    sources: Annotated[list[str], typer.Argument(help="A feature cache (student beside teacher) or image files.", show_default=False)],
-    student: Annotated[str, typer.Option(help="Run directory (or student.safetensors) from apmpipe train.", show_default=False)],
+    sources: Annotated[
+        list[str], typer.Argument(help="A feature cache (student beside teacher) or image files.", show_default=False)
+    ],
+    student: Annotated[
+        str, typer.Option(help="Run directory (or student.safetensors) from apmpipe train.", show_default=False)
+    ],
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("islands.png"),
     images: Annotated[int, typer.Option(help="Images to draw (rows).")] = 4,
-    mode: Annotated[IslandsMode, typer.Option(help="pca: 3 principal components as RGB; kmeans: clusters as colours.")] = IslandsMode.pca,
+    mode: Annotated[
+        IslandsMode, typer.Option(help="pca: 3 principal components as RGB; kmeans: clusters as colours.")
+    ] = IslandsMode.pca,
     clusters: Annotated[int, typer.Option(help="k-means clusters.")] = 6,
     panel: Annotated[int, typer.Option(help="Panel size in pixels.")] = 160,
     device: DeviceOption = "auto",
-    storage_option: StorageOptions = [],
+    storage_option: StorageOptions = None,
 ) -> None:
     """Draw islands of agreement in a student's outputs.
 
@@ -458,8 +636,12 @@ def islands(
 def demo(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Folder for data, caches, student and the report.")] = Path("demo-out"),
-    quick: Annotated[bool, typer.Option("--quick", help="A shorter teacher recipe and a 150-step student (for tests).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the train/val split, the teacher, the student and data order.")] = 0,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A shorter teacher recipe and a 150-step student (for tests).")
+    ] = False,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the train/val split, the teacher, the student and data order.")
+    ] = 0,
 ) -> None:
     """Run the whole pipeline offline on bundled digits.
 
@@ -476,10 +658,15 @@ def demo(
 @reports_user_errors
 def bench_extract_command(
     ctx: typer.Context,
-    sources: Annotated[Optional[list[str]], typer.Argument(help="Shards to extract (default: bundled digits written as shards).", show_default=False)] = None,
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(help="Shards to extract (default: bundled digits written as shards).", show_default=False),
+    ] = None,
     teacher: Annotated[str, typer.Option(help="timm model name.")] = "vit_tiny_patch16_224",
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights (not needed for speed).")] = False,
-    model_arg: ModelArgs = [],
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights (not needed for speed).")
+    ] = False,
+    model_arg: ModelArgs = None,
     layers: Annotated[str, typer.Option(help="Teacher blocks to cache, 1-based.")] = "4,8,12",
     images: Annotated[int, typer.Option(help="Images in the default dataset.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 32,
@@ -513,17 +700,27 @@ def bench_extract_command(
 @reports_user_errors
 def bench_train_command(
     ctx: typer.Context,
-    teacher: Annotated[str, typer.Option(help="timm model for the cache and the online baseline (random init).")] = "vit_small_patch16_224",
+    teacher: Annotated[
+        str, typer.Option(help="timm model for the cache and the online baseline (random init).")
+    ] = "vit_small_patch16_224",
     images: Annotated[int, typer.Option(help="Bundled digit images in the cache.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     preset: Annotated[Preset, typer.Option(help="Student size.")] = Preset.small,
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes.")] = 2,
     growth: Annotated[int, typer.Option(help="Cache growth factor for the peak-RSS check (1: skip it).")] = 10,
-    locations: Annotated[int, typer.Option(help="Random grid locations per image per step (K), beside the all-locations rate.")] = 64,
+    locations: Annotated[
+        int, typer.Option(help="Random grid locations per image per step (K), beside the all-locations rate.")
+    ] = 64,
     echo: Annotated[int, typer.Option(help="Steps per loaded batch (as apmpipe train --echo).")] = 1,
-    student_rate: Annotated[float, typer.Option(help="A student rate (samples/s, e.g. measured on a GPU) to size the loader for.")] = 0.0,
-    dtype: Annotated[TokenDtype, typer.Option(help="Token storage of the bench cache (as extract --dtype).")] = TokenDtype.float16,
-    rank: Annotated[int, typer.Option(help="Low-rank token storage of the bench cache (as extract --rank; 0: whole tokens).")] = 0,
+    student_rate: Annotated[
+        float, typer.Option(help="A student rate (samples/s, e.g. measured on a GPU) to size the loader for.")
+    ] = 0.0,
+    dtype: Annotated[
+        TokenDtype, typer.Option(help="Token storage of the bench cache (as extract --dtype).")
+    ] = TokenDtype.float16,
+    rank: Annotated[
+        int, typer.Option(help="Low-rank token storage of the bench cache (as extract --rank; 0: whole tokens).")
+    ] = 0,
     device: DeviceOption = "auto",
 ) -> None:
     """Training speed: loader, student, cached vs online.
@@ -544,9 +741,13 @@ def bench_train_command(
 @reports_user_errors
 def bench_ablation_command(
     ctx: typer.Context,
-    workdir: Annotated[Path, typer.Option(help="Folder for the trained teacher, caches and runs (reused on reruns).")] = Path("bench-ablation"),
+    workdir: Annotated[
+        Path, typer.Option(help="Folder for the trained teacher, caches and runs (reused on reruns).")
+    ] = Path("bench-ablation"),
     steps: Annotated[int, typer.Option(help="Training steps of every run (--min-steps).")] = 1500,
-    only: Annotated[Optional[list[str]], typer.Option(help="Run only the rows whose name contains this word (repeatable).")] = None,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only the rows whose name contains this word (repeatable).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, teacher and every student.")] = 0,
 ) -> None:
     """Each training objective switched off in turn.

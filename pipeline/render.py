@@ -58,7 +58,8 @@ def cache_description(desc: dict[str, Any], sizes: bool) -> None:
     teacher, data = spec["teacher"], spec["data_config"]
     low_rank = f" coefficients of rank-{spec['rank']} bases" if spec["rank"] else ""
     levels = ", ".join(
-        f"{lv['layer']}: {lv['prefix_tokens']}+{lv['grid'][0]}x{lv['grid'][1]} tokens x {lv['dim']}" for lv in spec["levels"]
+        f"{lv['layer']}: {lv['prefix_tokens']}+{lv['grid'][0]}x{lv['grid'][1]} tokens x {lv['dim']}"
+        for lv in spec["levels"]
     )
     storage = (
         f"{spec['dtype']}{low_rank}, codec {spec['codec']}, pixels {spec['pixel_codec']}, "
@@ -141,7 +142,8 @@ def student_size(model: Any) -> None:
     """The line printed when training starts."""
     flops = model.flops_per_image() / 1e9
     err_console.print(
-        f"student: {model.num_params() / 1e6:.2f} M parameters, {flops:.3f} GFLOPs per image (all locations)", highlight=False
+        f"student: {model.num_params() / 1e6:.2f} M parameters, {flops:.3f} GFLOPs per image (all locations)",
+        highlight=False,
     )
 
 
@@ -191,7 +193,8 @@ def _classification_row(key: str, result: dict[str, Any] | str) -> tuple[str, st
     s, t = result["student"], result["teacher"]
     ratio = s["top1"] / max(t["top1"], 1e-9)
     return result["method"], (
-        f"student top-1 {s['top1']:.3f} ({ratio:.3f}x teacher) | teacher {t['top1']:.3f} | agree {result['agreement']:.3f}"
+        f"student top-1 {s['top1']:.3f} ({ratio:.3f}x teacher) | teacher {t['top1']:.3f} | agree "
+        f"{result['agreement']:.3f}"
     )
 
 
@@ -207,7 +210,12 @@ def _ttt_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
             teacher = ""
             if key == "head" and "top1" in t.get("teacher_head", {}):
                 teacher = f" (teacher {t['teacher_head']['top1']:.3f})"
-            rows.append((f"  TTT {key} top-1", f"{b.get('top1', float('nan')):.3f} -> {a.get('top1', float('nan')):.3f}{teacher}"))
+            rows.append(
+                (
+                    f"  TTT {key} top-1",
+                    f"{b.get('top1', float('nan')):.3f} -> {a.get('top1', float('nan')):.3f}{teacher}",
+                )
+            )
     return rows
 
 
@@ -240,7 +248,10 @@ def bench_extract(result: Any, config: Any) -> None:
         ("machine", result.machine),
         ("images", f"{result.images} ({config.teacher.name}, batch {config.batch_size}, layers {layers})"),
         ("bare forward_intermediates", f"{result.forward_ips:.1f} img/s"),
-        ("apmpipe extract", f"{result.extract_ips:.1f} img/s (decode in {result.loader_workers} workers, background writer)"),
+        (
+            "apmpipe extract",
+            f"{result.extract_ips:.1f} img/s (decode in {result.loader_workers} workers, background writer)",
+        ),
         ("ratio extract / forward", f"{result.ratio:.3f} (target >= 0.95)"),
         ("stored bytes / image", f"{human_bytes(result.stored_bytes_per_image)} ({config.dtype}, {config.codec})"),
         ("raw bytes / image (fp32 tokens)", f"{raw}; {result.compression:.2f}x smaller on disk"),
@@ -261,7 +272,10 @@ def bench_train(result: Any, options: dict[str, Any]) -> None:
             f"{result.samples} images, teacher {result.teacher} ({storage}), "
             f"student {options['preset']}, batch {options['batch_size']}, echo {echo}",
         ),
-        ("bytes read / trained sample", f"{human_bytes(result.bytes_per_trained_sample)} ({per_loaded} per loaded sample / echo {echo})"),
+        (
+            "bytes read / trained sample",
+            f"{human_bytes(result.bytes_per_trained_sample)} ({per_loaded} per loaded sample / echo {echo})",
+        ),
         (
             "(a) loader",
             f"{result.loader_sps:.1f} samples/s, {options['loader_workers']} workers, "
@@ -274,7 +288,8 @@ def bench_train(result: Any, options: dict[str, Any]) -> None:
         rows.append(
             (
                 f"(b) student, {label} locations",
-                f"{rate:.1f} trained samples/s, needs {needed:.1f} loaded/s: loader / need {result.loader_sps / needed:.2f}x{target}",
+                f"{rate:.1f} trained samples/s, needs {needed:.1f} loaded/s: loader / need "
+                f"{result.loader_sps / needed:.2f}x{target}",
             )
         )
     if options["student_rate"]:
@@ -293,7 +308,9 @@ def bench_train(result: Any, options: dict[str, Any]) -> None:
         ("    online distillation epoch", f"{result.online_epoch_s:.2f} s (teacher forward every loaded batch, {k})"),
         ("online / cached", f"{result.cached_speedup:.2f}x (target >= 5)"),
     ]
-    rows += [(f"peak RSS, {n} cached samples", f"{mib:.0f} MiB (train process + loader workers)") for n, mib in result.rss]
+    rows += [
+        (f"peak RSS, {n} cached samples", f"{mib:.0f} MiB (train process + loader workers)") for n, mib in result.rss
+    ]
     out_console.print(table("apmpipe bench train", rows))
 
 
@@ -310,5 +327,7 @@ def bench_ablation(teacher: dict[str, Any], rows: list[Any], steps: int) -> None
         )
         s = row.head.get("student", {}).get("top1", float("nan"))
         t = row.head.get("teacher", {}).get("top1", float("nan"))
-        lines.append((row.name, f"R2 patch/CLS {r2} | head top-1 {s:.3f} / teacher {t:.3f} = {s / t:.3f}x | {row.seconds:.0f} s"))
+        lines.append(
+            (row.name, f"R2 patch/CLS {r2} | head top-1 {s:.3f} / teacher {t:.3f} = {s / t:.3f}x | {row.seconds:.0f} s")
+        )
     out_console.print(table("apmpipe bench ablation", lines))

@@ -57,7 +57,13 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     extras = [k for k in ("loss_logits", "loss_rgb") if any(k in r for r in records)]
     keys = ["loss"] + sorted({k for r in records for k in r if k.startswith("loss_level_")}) + extras
     for key in keys:
-        label = "total" if key == "loss" else key.replace("loss_level_", "level ").replace("loss_rgb", "rgb").replace("loss_logits", "KL to teacher logits")
+        label = (
+            "total"
+            if key == "loss"
+            else key.replace("loss_level_", "level ")
+            .replace("loss_rgb", "rgb")
+            .replace("loss_logits", "KL to teacher logits")
+        )
         ax.plot(steps, [r.get(key, float("nan")) for r in records], label=label, linewidth=2 if key == "loss" else 1)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -79,7 +85,9 @@ def plot_fidelity(fidelity: dict[str, dict[str, float]], path: str | Path) -> Pa
         bars = ax.bar([i + offset for i in range(len(layers))], values, width, label=f"{part} tokens")
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(range(len(layers)), [f"layer {layer}" for layer in layers])
-    low = min(0.0, *(v for f in fidelity.values() for k, v in f.items() if k.endswith(f"_{metric}") and "baseline" not in k))
+    low = min(
+        0.0, *(v for f in fidelity.values() for k, v in f.items() if k.endswith(f"_{metric}") and "baseline" not in k)
+    )
     ax.set_ylim(low, 1.08)
     ax.set_ylabel("R² vs mean-token baseline" if metric == "r2" else "mean cosine to teacher")
     ax.set_title("Student fidelity per level")
@@ -89,7 +97,9 @@ def plot_fidelity(fidelity: dict[str, dict[str, float]], path: str | Path) -> Pa
 MAX_CLASS_BARS = 40
 
 
-def plot_per_class(per_class: dict[str, list[float]], title: str, path: str | Path, class_names: list[str] | None = None) -> Path:
+def plot_per_class(
+    per_class: dict[str, list[float]], title: str, path: str | Path, class_names: list[str] | None = None
+) -> Path:
     """Top-1 accuracy per class, student beside teacher: one bar pair per class up to ``MAX_CLASS_BARS`` classes,
     else the distribution of per-class accuracies (a histogram stays readable for 1,000+ classes)."""
     path = Path(path)

@@ -1,4 +1,5 @@
 """Where code runs: device selection and torchrun (DDP) process-group setup."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Unit tests where the logic is subtle: token encodings, layer indices, position codes, the epoch plan."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,7 +53,9 @@ def test_student_handles_inputs_that_do_not_tile_the_grid() -> None:
     from apmpipe.stages.apm import APM, APMConfig
     from apmpipe.stages.objectives import rgb_loss
 
-    config = APMConfig(in_chans=1, image_size=(230, 224), grid=(16, 16), prefix_tokens=2, level_dims=(24, 40), hidden=(32,))
+    config = APMConfig(
+        in_chans=1, image_size=(230, 224), grid=(16, 16), prefix_tokens=2, level_dims=(24, 40), hidden=(32,)
+    )
     model = APM(config)
     images = torch.randn(2, 1, 230, 224)
     out = model(images)
@@ -67,7 +70,9 @@ def test_student_handles_inputs_that_do_not_tile_the_grid() -> None:
 def test_forward_head_reads_the_head_of_the_level_asked_for() -> None:
     from apmpipe.stages.apm import APM, APMConfig
 
-    model = APM(APMConfig(in_chans=1, image_size=(32, 32), grid=(4, 4), prefix_tokens=1, level_dims=(24, 40), hidden=(32,)))
+    model = APM(
+        APMConfig(in_chans=1, image_size=(32, 32), grid=(4, 4), prefix_tokens=1, level_dims=(24, 40), hidden=(32,))
+    )
     images = torch.randn(2, 1, 32, 32)
     features = model.forward_features(images)
     per_level = model.forward_head(features)
