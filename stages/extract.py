@@ -238,8 +238,9 @@ def loader_workers(requested: int, device_type: str) -> int:
     return max(1, min(8, cores - 1)) if device_type == "cuda" else 1
 
 
-def _loader(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> DataLoader:
-    dataset = ShardBatches(
+def _shard_batches(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> ShardBatches:
+    """Batches of ``shards`` decoded to the teacher's input as ``config`` asks (labels, limits, storage options)."""
+    return ShardBatches(
         shards,
         teacher.pixel_transform(),
         teacher.pixel_shape,
@@ -249,6 +250,10 @@ def _loader(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSourc
         config.class_names,
         config.max_pixels,
     )
+
+
+def _loader(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> DataLoader:
+    dataset = _shard_batches(config, teacher, shards)
     workers = min(loader_workers(config.loader_workers, teacher.device.type), len(shards))
     return DataLoader(
         dataset,
@@ -379,16 +384,7 @@ def _fit_bases(
     fits = [BasisFit(level.dim) for level in teacher.levels]
     used = 0
     for shard in chosen:
-        batches = ShardBatches(
-            [shard],
-            teacher.pixel_transform(),
-            teacher.pixel_shape,
-            config.batch_size,
-            config.label_key,
-            config.storage_options,
-            config.class_names,
-            config.max_pixels,
-        )
+        batches = _shard_batches(config, teacher, [shard])
         taken = 0
         for record in batches:
             pixels = record["pixels"][: per_input - taken]
