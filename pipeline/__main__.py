@@ -1,4 +1,5 @@
-"""``python -m pipeline`` runs the ``apmpipe`` command line."""
+"""``python -m apmpipe.pipeline`` runs the ``apmpipe`` command line."""
+
 from .cli import main
 
 main()

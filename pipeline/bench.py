@@ -3,6 +3,7 @@
 Timings on shared machines are noisy, so every benchmark measures its baseline in the same run, on the same
 device, with the same model and batch, and prints the ratio (the number to compare against a target).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,17 +12,22 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from stages.extract import ExtractConfig, extract, extract_shards, loader_workers, teacher_for
-from storage.batches import ShardBatches
-from storage.sources import resolve_inputs
+from apmpipe.stages.extract import ExtractConfig, extract, extract_shards, loader_workers, teacher_for
+from apmpipe.stages.teacher import TeacherPool
+from apmpipe.storage.batches import ShardBatches
+from apmpipe.storage.sources import resolve_inputs
 
 from .datasets import write_digit_shards
+
+if TYPE_CHECKING:
+    import psutil
 
 
 def machine_line(device: torch.device) -> str:
@@ -72,8 +78,15 @@ def bench_extract(config: ExtractConfig) -> ExtractBench:
     """Extraction images/s vs bare ``forward_intermediates`` images/s of the same teacher, batch and device."""
     shards = list(resolve_inputs(config.inputs, folder_block=config.folder_block).shards)
     bench_progress(f"building {config.teacher.name} and decoding {len(shards)} shards")
-    teacher = teacher_for(config)  # the same instance extract() uses below: built once
-    batches = [b["pixels"] for b in ShardBatches(shards, teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key) if len(b["pixels"])]
+    teachers = TeacherPool()
+    teacher = teacher_for(config, teachers)  # the same instance extract() uses below: built once
+    batches = [
+        b["pixels"]
+        for b in ShardBatches(
+            shards, teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key
+        )
+        if len(b["pixels"])
+    ]
     images = sum(len(b) for b in batches)
     indices = [layer - 1 for layer in teacher.layers]
 
@@ -91,20 +104,24 @@ def bench_extract(config: ExtractConfig) -> ExtractBench:
 
     def timed_runner(cfg, todo, progress):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
-        results = extract_shards(cfg, todo, progress)
+        results = extract_shards(cfg, todo, progress, teachers)
         run_seconds.append(time.perf_counter() - start)
         return results
 
     bench_progress("apmpipe extract of the same images")
-    summary = extract(config, runner=timed_runner)
+    summary = extract(config, runner=timed_runner, teachers=teachers)
     bench_progress("bare forward_intermediates again (drift check)")
     forward_seconds = (before + timed(bare_forward)) / 2  # baseline before and after: machine drift cancels
     raw = sum(level.num_tokens * level.dim * 4 for level in teacher.levels) + 4 * teacher.num_classes
     raw += teacher.pixel_shape[0] * teacher.pixel_shape[1] * teacher.pixel_shape[2] + 8  # uint8 pixels, int64 label
     return ExtractBench(
-        images=images, forward_ips=images / forward_seconds, extract_ips=summary.images / run_seconds[0],
-        stored_bytes_per_image=summary.stored_bytes / max(1, summary.cache_samples), raw_fp32_bytes_per_image=raw,
-        machine=machine_line(teacher.device), loader_workers=loader_workers(config.loader_workers, teacher.device.type),
+        images=images,
+        forward_ips=images / forward_seconds,
+        extract_ips=summary.images / run_seconds[0],
+        stored_bytes_per_image=summary.stored_bytes / max(1, summary.cache_samples),
+        raw_fp32_bytes_per_image=raw,
+        machine=machine_line(teacher.device),
+        loader_workers=loader_workers(config.loader_workers, teacher.device.type),
     )
 
 
@@ -146,7 +163,7 @@ class TrainBench:
         return self.online_epoch_s / self.cached_epoch_s
 
 
-def _tree_rss(root: "psutil.Process") -> int:
+def _tree_rss(root: psutil.Process) -> int:
     """Summed RSS of ``root`` and its children now; processes that end or deny access meanwhile count as 0."""
     import psutil
 
@@ -188,56 +205,96 @@ LOADER_PASSES = 3  # epochs timed back to back (each starts its workers, as trai
 
 def grow_cache(url: str, factor: int) -> None:
     """Make a cache ``factor`` times larger by copying its complete shard groups under new names (bench only)."""
-    import shutil
+    from apmpipe.storage.cache import FeatureCache
 
-    root = Path(url) / "shards"
-    originals = [p for p in root.iterdir() if p.is_dir()]
+    cache = FeatureCache.open(url, mode="r+")
+    originals = list(cache.shard_status())
     for k in range(1, factor):
-        for group in originals:
-            shutil.copytree(group, root / f"{group.name}-copy{k}")
+        for name in originals:
+            cache.copy_shard(name, f"{name}-copy{k}")
 
 
 def _read_bytes_per_sample(cache: str) -> tuple[float, float]:
     """(stored, decoded) bytes per sample of what training reads: tokens of every level, pixels, labels."""
-    from storage.cache import FeatureCache
+    from apmpipe.storage.cache import FeatureCache
 
     arrays = FeatureCache.open(cache).describe(sizes=True)["arrays"]
     read = {name: sizes for name, sizes in arrays.items() if name.startswith(("tokens", "scales", "pixels", "labels"))}
-    return (sum(v.get("stored_bytes_per_sample", 0.0) for v in read.values()), sum(v.get("raw_bytes_per_sample", 0.0) for v in read.values()))
+    return (
+        sum(v.get("stored_bytes_per_sample", 0.0) for v in read.values()),
+        sum(v.get("raw_bytes_per_sample", 0.0) for v in read.values()),
+    )
 
 
 def bench_train(
-    workdir: Path, teacher_name: str, images: int, batch_size: int, preset: str, loader_workers: int, device: str, growth: int,
-    locations: int = 64, echo: int = 1, storage: dict[str, object] | None = None,
+    workdir: Path,
+    teacher_name: str,
+    images: int,
+    batch_size: int,
+    preset: str,
+    loader_workers: int,
+    device: str,
+    growth: int,
+    locations: int = 64,
+    echo: int = 1,
+    storage: dict[str, object] | None = None,
 ) -> TrainBench:
     """Loader vs student throughput (all locations and ``locations``), cached vs online epoch, bytes read per trained
-    sample, and peak RSS at 1x and ``growth``x cache size. ``storage``: cache options (``dtype``, ``rank``, ``pixel_codec``)."""
+    sample, and peak RSS at 1x and ``growth``x cache size.
+
+    ``storage``: cache options (``dtype``, ``rank``, ``pixel_codec``)."""
     import sys
 
-    from stages.apm import APM, config_for_cache
-    from stages.inputs import PixelNormalizer
-    from stages.objectives import LossConfig, location_generator, sample_locations
-    from stages.teacher import TeacherConfig
-    from stages.train import TrainConfig, fit_target_scales, make_optimizer, train, train_step
-    from storage.stream import CacheStream
     from torch.utils.data import DataLoader
 
+    from apmpipe.stages.apm import APM, config_for_cache
+    from apmpipe.stages.inputs import PixelNormalizer
+    from apmpipe.stages.objectives import LossConfig, location_generator, sample_locations
+    from apmpipe.stages.teacher import TeacherConfig
+    from apmpipe.stages.train import TrainConfig, fit_target_scales, make_optimizer, train, train_step
+    from apmpipe.storage.stream import CacheStream
+
     cache = str(workdir / "bench.zarr")
-    extract_config = ExtractConfig(inputs=tuple(default_bench_shards(workdir, images, 64)), out=cache, teacher=TeacherConfig(teacher_name, pretrained=False),
-                                   layers=(4, 8, 12), batch_size=batch_size, loader_workers=loader_workers, device=device, **(storage or {}))
+    extract_config = ExtractConfig(
+        inputs=tuple(default_bench_shards(workdir, images, 64)),
+        out=cache,
+        teacher=TeacherConfig(teacher_name, pretrained=False),
+        layers=(4, 8, 12),
+        batch_size=batch_size,
+        loader_workers=loader_workers,
+        device=device,
+        **(storage or {}),
+    )
     bench_progress(f"extracting {images} images with {teacher_name} (random init)")
     extract(extract_config)
-    window = batch_size  # several windows even in the 1x cache: every loader worker has work, RSS compares like with like
+    window = (
+        batch_size  # several windows even in the 1x cache: every loader worker has work, RSS compares like with like
+    )
     stream = CacheStream([cache], batch_size, window_samples=window)
     bench_progress(f"loader: {LOADER_PASSES} passes with {loader_workers} workers")
     start = time.perf_counter()
-    passes = [[b for item in DataLoader(stream, batch_size=None, num_workers=loader_workers) for b in item["batches"]] for _ in range(LOADER_PASSES)]
+    passes = [
+        [b for item in DataLoader(stream, batch_size=None, num_workers=loader_workers) for b in item["batches"]]
+        for _ in range(LOADER_PASSES)
+    ]
     loader_seconds = time.perf_counter() - start
     batches = passes[0]
     samples = sum(len(b["labels"]) for b in batches)
 
-    train_config = TrainConfig(caches=(cache,), out=str(workdir / "run"), preset=preset, batch_size=batch_size, epochs=1, loader_workers=loader_workers,
-                               device=device, warmup_steps=1, locations=locations, echo=echo, window_samples=window, loss=LossConfig(logit_weight=0.0))
+    train_config = TrainConfig(
+        caches=(cache,),
+        out=str(workdir / "run"),
+        preset=preset,
+        batch_size=batch_size,
+        epochs=1,
+        loader_workers=loader_workers,
+        device=device,
+        warmup_steps=1,
+        locations=locations,
+        echo=echo,
+        window_samples=window,
+        loss=LossConfig(logit_weight=0.0),
+    )
     teacher = teacher_for(extract_config)
     dev = teacher.device
     normalize = PixelNormalizer(stream.spec.data_config).to(dev)
@@ -249,15 +306,43 @@ def bench_train(
         model = model.to(dev)
         optimizer, scheduler = make_optimizer(model, train_config, len(batches) * echo, dev)
         cfg = model.config
-        if dev.type == "cuda":  # one untimed step: CUDA context, cuBLAS handles and kernel selection stay out of the figure
-            train_step(model, model, optimizer, None, normalize(batches[0]["pixels"].to(dev)), targets_of(batches[0]), None, train_config.loss, True)
+        if (
+            dev.type == "cuda"
+        ):  # one untimed step: CUDA context, cuBLAS handles and kernel selection stay out of the figure
+            train_step(
+                model,
+                model,
+                optimizer,
+                None,
+                normalize(batches[0]["pixels"].to(dev)),
+                targets_of(batches[0]),
+                None,
+                train_config.loss,
+                True,
+            )
             torch.cuda.synchronize()
         begin = time.perf_counter()
         for index, batch in enumerate(batches):
             images, targets = normalize(batch["pixels"].to(dev)), targets_of(batch)
             for repeat in range(echo):
-                where = sample_locations(len(images), cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, count, location_generator(0, 0, index * echo + repeat))
-                train_step(model, model, optimizer, scheduler, images, targets, None if where is None else where.to(dev), train_config.loss, dev.type == "cuda")
+                where = sample_locations(
+                    len(images),
+                    cfg.prefix_tokens,
+                    cfg.num_tokens - cfg.prefix_tokens,
+                    count,
+                    location_generator(0, 0, index * echo + repeat),
+                )
+                train_step(
+                    model,
+                    model,
+                    optimizer,
+                    scheduler,
+                    images,
+                    targets,
+                    None if where is None else where.to(dev),
+                    train_config.loss,
+                    dev.type == "cuda",
+                )
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - begin
@@ -268,7 +353,9 @@ def bench_train(
         bench_progress(f"student steps from memory, {label} locations")
         student_sps[label] = samples * echo / student_epoch(from_memory, count)
     bench_progress("online distillation epoch (teacher forward every batch)")
-    online_seconds = student_epoch(lambda b: [t.clone() for t in teacher.forward(b["pixels"])[0]], locations)  # clone: leave inference mode
+    online_seconds = student_epoch(
+        lambda b: [t.clone() for t in teacher.forward(b["pixels"])[0]], locations
+    )  # clone: leave inference mode
     bench_progress("cached epoch (apmpipe train)")
     cached_seconds = train(train_config).seconds
     stored, raw = _read_bytes_per_sample(cache)
@@ -278,13 +365,46 @@ def bench_train(
         if factor > 1:
             grow_cache(cache, factor)
         bench_progress(f"peak RSS of a training process on {factor}x the cache")
-        command = [sys.executable, "-m", "pipeline", "train", cache, "--out", str(workdir / f"rss-{factor}"), "--preset", preset, "--epochs", "1",
-                   "--batch-size", str(batch_size), "--loader-workers", str(loader_workers), "--device", device,
-                   "--window-samples", str(window), "--locations", str(locations), "--echo", str(echo)]
+        command = [
+            sys.executable,
+            "-m",
+            "apmpipe.pipeline",
+            "train",
+            cache,
+            "--out",
+            str(workdir / f"rss-{factor}"),
+            "--preset",
+            preset,
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(batch_size),
+            "--loader-workers",
+            str(loader_workers),
+            "--device",
+            device,
+            "--window-samples",
+            str(window),
+            "--locations",
+            str(locations),
+            "--echo",
+            str(echo),
+        ]
         rss.append((factor * samples, _peak_tree_rss(command)))
-    return TrainBench(machine=machine_line(dev), teacher=teacher_name, samples=samples, loader_workers=loader_workers, echo=echo,
-                      bytes_per_sample=stored, raw_bytes_per_sample=raw, loader_sps=LOADER_PASSES * samples / loader_seconds, student_sps=student_sps,
-                      cached_epoch_s=cached_seconds, online_epoch_s=online_seconds, rss=rss)
+    return TrainBench(
+        machine=machine_line(dev),
+        teacher=teacher_name,
+        samples=samples,
+        loader_workers=loader_workers,
+        echo=echo,
+        bytes_per_sample=stored,
+        raw_bytes_per_sample=raw,
+        loader_sps=LOADER_PASSES * samples / loader_seconds,
+        student_sps=student_sps,
+        cached_epoch_s=cached_seconds,
+        online_epoch_s=online_seconds,
+        rss=rss,
+    )
 
 
 def bench_progress(message: str) -> None:
@@ -302,7 +422,14 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "no pixel loss (--rgb-weight 0)": {"rgb_weight": 0.0},
     "data echoing (--echo 8: 8x fewer bytes read per step)": {"echo": 8},
     "old defaults (MSE only, all locations, lr 5e-4, batch 64, rgb 1)": {
-        "logit_weight": 0.0, "standardize": False, "prefix_weight": 0.0, "rgb_weight": 1.0, "locations": 0, "lr": 5e-4, "batch_size": 64},
+        "logit_weight": 0.0,
+        "standardize": False,
+        "prefix_weight": 0.0,
+        "rgb_weight": 1.0,
+        "locations": 0,
+        "lr": 5e-4,
+        "batch_size": 64,
+    },
 }
 
 
@@ -315,15 +442,17 @@ class AblationRow:
     seconds: float
 
 
-def bench_ablation(workdir: Path, steps: int, seed: int = 0, only: list[str] | None = None) -> tuple[dict[str, object], list[AblationRow]]:
+def bench_ablation(
+    workdir: Path, steps: int, seed: int = 0, only: list[str] | None = None
+) -> tuple[dict[str, object], list[AblationRow]]:
     """Each objective switched off in turn on the demo's trained teacher: held-out R^2 and teacher-head top-1.
 
     Every run trains ``steps`` steps (``--min-steps``) from the same seed on the same cache; returns the teacher
     record and one row per run.
     """
-    from stages.evaluate import EvalConfig, evaluate
-    from stages.reference_teacher import ReferenceRecipe
-    from stages.train import TrainConfig, train
+    from apmpipe.stages.evaluate import EvalConfig, evaluate
+    from apmpipe.stages.reference_teacher import ReferenceRecipe
+    from apmpipe.stages.train import TrainConfig, train
 
     from .demo import prepare_digit_caches
 
@@ -334,10 +463,14 @@ def bench_ablation(workdir: Path, steps: int, seed: int = 0, only: list[str] | N
             continue
         out = workdir / "runs" / f"ablation-{len(rows)}"
         shutil.rmtree(out, ignore_errors=True)
-        config = TrainConfig.from_options({"caches": (data.train,), "out": str(out), "min_steps": steps, "loader_workers": 1, "seed": seed, **options})
+        config = TrainConfig.from_options(
+            {"caches": (data.train,), "out": str(out), "min_steps": steps, "loader_workers": 1, "seed": seed, **options}
+        )
         start = time.perf_counter()
         train(config)
         seconds = time.perf_counter() - start
         report = evaluate(EvalConfig(cache=data.val, student=str(out), seed=seed))
-        rows.append(AblationRow(name, options, report["fidelity"], report["classification"].get("teacher_head", {}), seconds))
+        rows.append(
+            AblationRow(name, options, report["fidelity"], report["classification"].get("teacher_head", {}), seconds)
+        )
     return data.teacher, rows

@@ -1,24 +1,27 @@
 """dask.distributed execution of extraction: one task per input shard, teacher built once per worker.
 
-``dask_runner`` returns a :data:`stages.extract.ShardRunner` that submits :func:`stages.extract.extract_shards`
-for each shard to a local cluster (``--workers N``) or an existing scheduler (``--scheduler ADDRESS`` or
+``dask_runner`` returns a :data:`apmpipe.stages.extract.ShardRunner` that submits one task per shard (which
+runs :func:`apmpipe.stages.extract.extract_shards` with the worker's own :class:`TeacherPool`, kept by a
+worker plugin) to a local cluster (``--workers N``) or an existing scheduler (``--scheduler ADDRESS`` or
 ``--scheduler-file FILE``). Tasks are idempotent (a retried task rewrites its own shard group), so dask's
 retries after a lost worker are safe. Task keys name the cache and the input as well as the shard, so two
 extractions sharing a scheduler never merge their tasks.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import dask
 import fsspec
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 
-from stages.extract import ExtractConfig, Progress, ShardResult, ShardRunner, extract_shards
-from storage.errors import ConfigError
-from storage.sources import ShardSource
+from apmpipe.stages.extract import ExtractConfig, Progress, ShardResult, ShardRunner, extract_shards
+from apmpipe.stages.teacher import TeacherPool
+from apmpipe.storage.errors import ConfigError
+from apmpipe.storage.sources import ShardSource
 
 from .console import err_console
 
@@ -26,21 +29,47 @@ TASK_RETRIES = 3
 
 
 @contextlib.contextmanager
-def dask_client(workers: int = 0, scheduler: str | None = None, scheduler_file: str | None = None, resources: dict[str, float] | None = None) -> Iterator[Client]:
+def dask_client(
+    workers: int = 0,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    resources: dict[str, float] | None = None,
+) -> Iterator[Client]:
     """A client on an existing scheduler, or on a local cluster of ``workers`` single-threaded processes
     (each declaring ``resources``, so tasks that ask for them can run there)."""
     if scheduler or scheduler_file:
         try:
             client = Client(scheduler, scheduler_file=scheduler_file, timeout="20s")
         except OSError as exc:
-            raise ConfigError(f"cannot reach dask scheduler {scheduler or scheduler_file!r} ({exc}); check --scheduler") from None
+            raise ConfigError(
+                f"cannot reach dask scheduler {scheduler or scheduler_file!r} ({exc}); check --scheduler"
+            ) from None
         with client:
             yield client
         return
     # Workers must not be daemonic: extraction decodes images in DataLoader worker processes.
     with dask.config.set({"distributed.worker.daemon": False}):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", resources=resources) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", resources=resources
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
+
+
+class WorkerTeachers(WorkerPlugin):
+    """Each worker's :class:`TeacherPool`: its tasks share one teacher per configuration."""
+
+    name = "apmpipe-teachers"
+
+    def setup(self, worker: object) -> None:
+        self.teachers = TeacherPool()
+
+
+def extract_on_worker(config: ExtractConfig, shards: list[ShardSource]) -> list[ShardResult]:
+    """One task: :func:`extract_shards` with the worker's own teachers."""
+    return extract_shards(config, shards, teachers=get_worker().plugins[WorkerTeachers.name].teachers)
 
 
 def task_key(config: ExtractConfig, shard: ShardSource) -> str:
@@ -50,14 +79,28 @@ def task_key(config: ExtractConfig, shard: ShardSource) -> str:
     return f"extract-{shard.name}-{hashlib.sha1(identity.encode()).hexdigest()[:16]}"
 
 
-def dask_runner(workers: int = 0, scheduler: str | None = None, scheduler_file: str | None = None, resources: dict[str, float] | None = None) -> ShardRunner:
+def dask_runner(
+    workers: int = 0,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    resources: dict[str, float] | None = None,
+) -> ShardRunner:
     """A shard runner that spreads shards over a dask cluster and reports progress as tasks finish."""
 
     def run(config: ExtractConfig, shards: list[ShardSource], progress: Progress) -> list[ShardResult]:
         with dask_client(workers, scheduler, scheduler_file, resources) as client:
             err_console.print(f"dask dashboard: {client.dashboard_link}", highlight=False)
+            client.register_plugin(WorkerTeachers())
             futures = [
-                client.submit(extract_shards, config, [shard], key=task_key(config, shard), pure=False, retries=TASK_RETRIES, resources=resources)
+                client.submit(
+                    extract_on_worker,
+                    config,
+                    [shard],
+                    key=task_key(config, shard),
+                    pure=False,
+                    retries=TASK_RETRIES,
+                    resources=resources,
+                )
                 for shard in shards
             ]
             results: list[ShardResult] = []

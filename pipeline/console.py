@@ -1,12 +1,14 @@
 """The terminal: the stderr console, progress bars, number formatting, and stop requests (Ctrl-C, SIGTERM)
 shared by every command."""
+
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -29,9 +31,16 @@ class ExtractProgress:
 
     def __init__(self) -> None:
         self._bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[images]} img"), TextColumn("{task.fields[rate]:.1f} img/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[images]} img"),
+            TextColumn("{task.fields[rate]:.1f} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
         )
         self._task = self._bar.add_task("extract", total=None, images=0, rate=0.0)
         self._images = 0
@@ -41,7 +50,11 @@ class ExtractProgress:
         """Called once the work is known: the bar appears only then, not before a one-line error."""
         self._bar.start()
         self._started = True
-        self._bar.update(self._task, total=todo, description=f"extract ({total - todo} of {total} shards already cached)" if total > todo else "extract")
+        self._bar.update(
+            self._task,
+            total=todo,
+            description=f"extract ({total - todo} of {total} shards already cached)" if total > todo else "extract",
+        )
 
     def images(self, count: int) -> None:
         self._images += count
@@ -51,7 +64,7 @@ class ExtractProgress:
     def shard(self, result: object) -> None:
         self._bar.advance(self._task)
 
-    def __enter__(self) -> "ExtractProgress":
+    def __enter__(self) -> ExtractProgress:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -76,16 +89,28 @@ class TrainProgress:
 
     def __init__(self) -> None:
         self._bar = _DetailProgress(
-            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("epoch {task.fields[epoch]}"),
-            TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(), console=err_console,
+            TextColumn("[bold]train"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("epoch {task.fields[epoch]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
         )
         self._task = self._bar.add_task("train", total=None, epoch="-")
         self._started = False
+        self._resumed = 0
 
-    def start(self, total: int, done: int) -> None:
+    def resumed(self, step: int, total: int, run_dir: str) -> None:
+        """A checkpoint was loaded: say so, and start the bar at ``step``."""
+        self._resumed = step
+        err_console.print(f"resuming from step {step} of {total} ({run_dir})", highlight=False)
+
+    def start(self, total: int) -> None:
         self._bar.start()
         self._started = True
-        self._bar.update(self._task, total=total, completed=done)
+        self._bar.update(self._task, total=total, completed=self._resumed)
 
     def step(self, step: int, total: int, record: dict) -> None:
         levels = ", ".join(f"L{k.rsplit('_', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("loss_level_"))
@@ -93,7 +118,7 @@ class TrainProgress:
         self._bar.detail = f"  loss {record['loss']:.4f} ({levels}{rgb}), {record['samples_per_s']:.0f} samples/s"
         self._bar.update(self._task, completed=step, epoch=int(record.get("epoch", 0)) + 1)
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -116,7 +141,10 @@ def stop_requests() -> Iterator[Callable[[], int]]:
         received.append(signum)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        err_console.print(f"{signal.Signals(signum).name}: stopping after this step's checkpoint (again to stop at once)", highlight=False)
+        err_console.print(
+            f"{signal.Signals(signum).name}: stopping after this step's checkpoint (again to stop at once)",
+            highlight=False,
+        )
 
     for sig in previous:
         signal.signal(sig, record)

@@ -4,11 +4,12 @@ Used by ``apmpipe demo``, ``apmpipe bench``, the offline reference teacher and t
 (values 0..16) is scaled to 0..255 and upscaled (bicubic by default) to ``size`` pixels, stored as PNG with
 its class in ``cls``. :func:`digit_split` is the seeded train/validation split every consumer shares.
 """
+
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import webdataset as wds
@@ -43,10 +44,18 @@ def _png(image: Image.Image) -> bytes:
 
 
 def write_digit_shards(
-    out_dir: str | Path, *, prefix: str = "digits", count: int = DIGITS, per_shard: int = 256, size: int = 32, start: int = 0,
-    mode: str = "L", indices: Sequence[int] | None = None,
+    out_dir: str | Path,
+    *,
+    prefix: str = "digits",
+    count: int = DIGITS,
+    per_shard: int = 256,
+    size: int = 32,
+    start: int = 0,
+    mode: str = "L",
+    indices: Sequence[int] | None = None,
 ) -> list[str]:
-    """Write the digits ``indices`` (default ``start:start+count``) as ``{prefix}-NNNN.tar`` shards; return their paths."""
+    """Write the digits ``indices`` (default ``start:start+count``) as ``{prefix}-NNNN.tar`` shards; return their
+    paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = digit_images(size, mode)

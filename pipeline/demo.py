@@ -6,6 +6,7 @@ into ``OUT/teacher`` as a ``local-dir:`` folder and reused on reruns. Then extra
 ``apmpipe train``, no tuning flags) -> eval (fidelity beside the mean-token baseline, teacher head, k-NN,
 probe, TTT) -> islands, and a report that names the teacher and its own accuracy.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,17 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from stages.evaluate import EvalConfig, evaluate
-from stages.extract import ExtractConfig, ExtractSummary, extract
-from stages.islands import islands
-from stages.reference_teacher import ReferenceRecipe, trained_record, train_reference_vit
-from stages.teacher import TeacherConfig
-from stages.train import TrainConfig, train
-from storage.checkpoint import RunDir
+from apmpipe.stages.evaluate import EvalConfig, evaluate
+from apmpipe.stages.extract import ExtractConfig, ExtractSummary, extract
+from apmpipe.stages.islands import islands
+from apmpipe.stages.reference_teacher import ReferenceRecipe, train_reference_vit, trained_record
+from apmpipe.stages.teacher import TeacherConfig
+from apmpipe.stages.train import TrainConfig, train
+from apmpipe.storage.checkpoint import RunDir
 
 from .console import ExtractProgress, TrainProgress, err_console, human_bytes
 from .datasets import digit_images, digit_split, write_digit_shards
-from .report import plot_fidelity, plot_losses, plot_per_class
+from .report import plot_losses, write_eval_report
 
 IMAGE_SIZE = 32
 
@@ -39,7 +40,7 @@ class DemoPlan:
     ttt_samples: int
 
     @classmethod
-    def of(cls, quick: bool, seed: int) -> "DemoPlan":
+    def of(cls, quick: bool, seed: int) -> DemoPlan:
         recipe = ReferenceRecipe(seed=seed)
         if quick:
             return cls(teacher=replace(recipe, epochs=15), max_steps=150, ttt_samples=4)
@@ -51,19 +52,39 @@ def _teacher_folder(out: Path, recipe: ReferenceRecipe, seed: int) -> tuple[Path
     folder = out / "teacher"
     record = trained_record(folder, recipe)
     if record is None:
-        err_console.print(f"demo: no pretrained weights offline, so training a small ViT teacher on the digits' train split ({recipe.epochs} epochs)", highlight=False)
+        err_console.print(
+            "demo: no pretrained weights offline, so training a small ViT teacher on the digits' train "
+            f"split ({recipe.epochs} epochs)",
+            highlight=False,
+        )
         images, labels = digit_images(IMAGE_SIZE, "L")
         pixels = np.stack([np.asarray(image) for image in images])
         train_idx, val_idx = digit_split(seed)
-        record = train_reference_vit(folder, (pixels[train_idx], labels[train_idx]), (pixels[val_idx], labels[val_idx]), recipe,
-                                     data_note=f"scikit-learn digits, seeded split {seed}: {len(train_idx)} train / {len(val_idx)} val")
-    err_console.print(f"demo: teacher {folder} (trained in {record['seconds']:.0f} s; val top-1 {record['val_top1']:.3f})", highlight=False)
+        record = train_reference_vit(
+            folder,
+            (pixels[train_idx], labels[train_idx]),
+            (pixels[val_idx], labels[val_idx]),
+            recipe,
+            data_note=f"scikit-learn digits, seeded split {seed}: {len(train_idx)} train / {len(val_idx)} val",
+        )
+    err_console.print(
+        f"demo: teacher {folder} (trained in {record['seconds']:.0f} s; val top-1 {record['val_top1']:.3f})",
+        highlight=False,
+    )
     return folder, record
 
 
 def _extract(shards: list[str], out: Path, teacher: Path) -> ExtractSummary:
-    config = ExtractConfig(inputs=tuple(shards), out=str(out), teacher=TeacherConfig(f"local-dir:{teacher}", pretrained=True), layers=(1, 2),
-                           batch_size=64, loader_workers=1, chunk_samples=16, shard_samples=128)
+    config = ExtractConfig(
+        inputs=tuple(shards),
+        out=str(out),
+        teacher=TeacherConfig(f"local-dir:{teacher}", pretrained=True),
+        layers=(1, 2),
+        batch_size=64,
+        loader_workers=1,
+        chunk_samples=16,
+        shard_samples=128,
+    )
     with ExtractProgress() as progress:
         return extract(config, progress=progress, on_plan=progress.plan)
 
@@ -105,31 +126,61 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     train_summary, val_summary = data.extracted
     err_console.print("[bold]2/4 train[/bold] the APM student from the cache (apmpipe train defaults)")
     run_dir = out / "student"
-    config = TrainConfig(caches=(data.train,), out=str(run_dir), max_steps=plan.max_steps, loader_workers=1, seed=seed,
-                         resume=RunDir(run_dir).has_checkpoint())
+    config = TrainConfig(
+        caches=(data.train,),
+        out=str(run_dir),
+        max_steps=plan.max_steps,
+        loader_workers=1,
+        seed=seed,
+        resume=RunDir(run_dir).has_checkpoint(),
+    )
     with TrainProgress() as progress:
-        trained = train(config, on_step=progress.step, on_start=lambda model, total: progress.start(total, 0))
+        trained = train(config, on_step=progress.step, on_start=lambda model, total: progress.start(total))
     records = RunDir(run_dir).read_metrics()
     plot_losses(records, out / "loss.png")
-    err_console.print("[bold]3/4 eval[/bold] fidelity beside the mean token, classification beside the teacher, test-time training")
-    report = evaluate(EvalConfig(cache=data.val, student=str(run_dir), train_cache=data.train,
-                                 ttt_steps=10, ttt_lr=1e-3, ttt_locations=16, ttt_samples=plan.ttt_samples, seed=seed))
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
-    plot_fidelity(report["fidelity"], out / "fidelity.png")
-    for key, result in report["classification"].items():
-        if isinstance(result, dict):
-            plot_per_class(result["per_class"], f"{result['method']}: per-class top-1", out / f"per_class_{key}.png")
+    err_console.print(
+        "[bold]3/4 eval[/bold] fidelity beside the mean token, classification beside the teacher, test-time training"
+    )
+    report = evaluate(
+        EvalConfig(
+            cache=data.val,
+            student=str(run_dir),
+            train_cache=data.train,
+            ttt_steps=10,
+            ttt_lr=1e-3,
+            ttt_locations=16,
+            ttt_samples=plan.ttt_samples,
+            seed=seed,
+        )
+    )
+    write_eval_report(report, out, "eval.json")
     err_console.print("[bold]4/4 islands[/bold] of agreement")
     pictures = islands(str(run_dir), [data.val], str(out / "islands.png"), images=4, panel=128)
     fresh_extract = train_summary.images + val_summary.images > 0
     summary = {
-        "teacher": data.teacher, "quick": quick,
-        "extract": {"train_images": train_summary.cache_samples, "val_images": val_summary.cache_samples, "stored_bytes": train_summary.stored_bytes + val_summary.stored_bytes,
-                    "images_per_s": train_summary.images_per_second} if fresh_extract or "extract" not in previous else previous["extract"],
-        "train": {"steps": trained.steps, "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "seconds": trained.seconds,
-                  "params": trained.params, "flops_per_image": trained.flops_per_image, "options": config.to_dict()}
-        if trained.samples or "train" not in previous else previous["train"],
-        "eval": report, "islands": pictures.path,
+        "teacher": data.teacher,
+        "quick": quick,
+        "extract": {
+            "train_images": train_summary.cache_samples,
+            "val_images": val_summary.cache_samples,
+            "stored_bytes": train_summary.stored_bytes + val_summary.stored_bytes,
+            "images_per_s": train_summary.images_per_second,
+        }
+        if fresh_extract or "extract" not in previous
+        else previous["extract"],
+        "train": {
+            "steps": trained.steps,
+            "first_loss": records[0]["loss"],
+            "last_loss": records[-1]["loss"],
+            "seconds": trained.seconds,
+            "params": trained.params,
+            "flops_per_image": trained.flops_per_image,
+            "options": config.to_dict(),
+        }
+        if trained.samples or "train" not in previous
+        else previous["train"],
+        "eval": report,
+        "islands": pictures.path,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(render_report(summary, out))
@@ -141,7 +192,10 @@ def _classification_rows(report: dict[str, Any]) -> list[str]:
     for result in report["classification"].values():
         if isinstance(result, dict):
             s, t = result["student"], result["teacher"]
-            rows.append(f"| {result['method']} | {s['top1']:.3f} | {t['top1']:.3f} | {s['top1'] / max(t['top1'], 1e-9):.3f}x | {result['agreement']:.3f} |")
+            rows.append(
+                f"| {result['method']} | {s['top1']:.3f} | {t['top1']:.3f} | "
+                f"{s['top1'] / max(t['top1'], 1e-9):.3f}x | {result['agreement']:.3f} |"
+            )
     return rows
 
 
@@ -150,30 +204,50 @@ def _fidelity_rows(fidelity: dict[str, dict[str, float]]) -> list[str]:
     for layer, f in fidelity.items():
         for part in ("prefix", "patch"):
             if f"{part}_cosine" in f:
-                rows.append(f"| {layer} | {part} | {f[part + '_cosine']:.3f} | {f.get(part + '_baseline_cosine', float('nan')):.3f} | "
-                            f"{f[part + '_mse']:.4g} | {f.get(part + '_baseline_mse', float('nan')):.4g} | {f.get(part + '_r2', float('nan')):.3f} |")
+                rows.append(
+                    f"| {layer} | {part} | {f[part + '_cosine']:.3f} | "
+                    f"{f.get(part + '_baseline_cosine', float('nan')):.3f} | "
+                    f"{f[part + '_mse']:.4g} | {f.get(part + '_baseline_mse', float('nan')):.4g} | "
+                    f"{f.get(part + '_r2', float('nan')):.3f} |"
+                )
     return rows
 
 
 def _ttt_lines(ttt: dict[str, Any]) -> list[str]:
     if not ttt:
         return []
-    lines = ["## Test-time training", "",
-             f"{ttt['samples']} validation samples, each: start from the trained student, {ttt['steps']} steps (lr {ttt['lr']}, {ttt['locations']} "
-             f"locations) on that sample's cached tokens and logits, measure, reset. {ttt['ms_per_step']:.1f} ms per adaptation step "
-             f"({ttt['threads']} threads).", "", "| | before | after |", "|---|---|---|",
-             f"| objective on the sample | {ttt['loss_before']:.4f} | {ttt['loss_after']:.4f} |"]
+    lines = [
+        "## Test-time training",
+        "",
+        f"{ttt['samples']} validation samples, each: start from the trained student, {ttt['steps']} steps "
+        f"(lr {ttt['lr']}, {ttt['locations']} "
+        f"locations) on that sample's cached tokens and logits, measure, reset. {ttt['ms_per_step']:.1f} "
+        "ms per adaptation step "
+        f"({ttt['threads']} threads).",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| objective on the sample | {ttt['loss_before']:.4f} | {ttt['loss_after']:.4f} |",
+    ]
     last = list(ttt["fidelity_after"])[-1]
     for part in ("prefix", "patch"):
         key = f"{part}_r2"
         if key in ttt["fidelity_after"][last]:
-            lines.append(f"| R² level {last}, {part} | {ttt['fidelity_before'][last][key]:.3f} | {ttt['fidelity_after'][last][key]:.3f} |")
+            lines.append(
+                f"| R² level {last}, {part} | {ttt['fidelity_before'][last][key]:.3f} | "
+                f"{ttt['fidelity_after'][last][key]:.3f} |"
+            )
     for name in ("head", "knn"):
         if f"{name}_before" in ttt:
-            lines.append(f"| {'teacher-head' if name == 'head' else 'k-NN'} top-1 | {ttt[name + '_before'].get('top1', float('nan')):.3f} | "
-                         f"{ttt[name + '_after'].get('top1', float('nan')):.3f} |")
+            lines.append(
+                f"| {'teacher-head' if name == 'head' else 'k-NN'} top-1 | "
+                f"{ttt[name + '_before'].get('top1', float('nan')):.3f} | "
+                f"{ttt[name + '_after'].get('top1', float('nan')):.3f} |"
+            )
     if "top1" in ttt.get("teacher_head", {}):
-        lines.append(f"| teacher top-1 (same samples) | {ttt['teacher_head']['top1']:.3f} | {ttt['teacher_head']['top1']:.3f} |")
+        lines.append(
+            f"| teacher top-1 (same samples) | {ttt['teacher_head']['top1']:.3f} | {ttt['teacher_head']['top1']:.3f} |"
+        )
     return lines + [""]
 
 
@@ -183,36 +257,76 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
     extras = sorted(p.name for p in out.glob("per_class_*.png"))
     options = tr.get("options", {})
     lines = [
-        "# apmpipe demo report", "",
-        f"**Teacher**: a timm ViT ({te['architecture']}: {te['recipe']['depth']} blocks, patch {te['recipe']['patch_size']}, width "
-        f"{te['recipe']['embed_dim']}, {te['recipe']['image_size']} px grayscale) trained offline by the demo on {te['data']} "
-        f"in {te['seconds']:.0f} s: **val top-1 {te['val_top1']:.3f}** (train {te['train_top1']:.3f}). Saved as `local-dir:{te['folder']}`.", "",
-        "## Stage one: feature cache", "",
-        f"{ex['train_images']} train + {ex['val_images']} val images extracted once at {ex['images_per_s']:.1f} img/s; {human_bytes(ex['stored_bytes'])} "
-        "on disk (layers 1 and 2, float16 + zstd, with pixels, labels and logits).", "",
-        "## Stage two: the APM student", "",
-        f"{tr['params'] / 1e6:.2f} M parameters, {tr['flops_per_image'] / 1e9:.3f} GFLOPs per image (all locations). {tr['steps']} steps "
-        f"(batch {options.get('batch_size', '?')}, lr {options.get('lr', '?')}, {options.get('locations', '?')} locations + prefix tokens per image) "
-        f"in {tr['seconds']:.1f} s; loss {tr['first_loss']:.4f} -> {tr['last_loss']:.4f}. The options are `apmpipe train`'s defaults.", "",
-        "![loss curve](loss.png)", "",
-        "## Fidelity to the teacher (validation)", "",
-        "Cosine (1 = same direction) and MSE between the student's and the teacher's tokens, beside the **mean-token baseline**: predicting "
-        "every image's token at a location by the training set's mean token there. R² = 1 − MSE(student) / MSE(baseline) is the share of the "
-        "input-dependent variance the student explains (0: no better than the constant, 1: exact). A high cosine alone means little: the "
-        "baseline's is high too.", "",
-        "| level | tokens | cosine | baseline cosine | MSE | baseline MSE | R² |", "|---|---|---|---|---|---|---|", *_fidelity_rows(ev["fidelity"]), "",
-        "![fidelity](fidelity.png)", "",
-        "## Classification beside the teacher (same validation samples)", "",
-        "Teacher head: the student's final-level tokens through the teacher's own norm, pooling and classifier (stored in the cache). "
-        "k-NN and the linear probe fit on global features of the training cache (what the head reads: its pooled, normed pre-logits).", "",
-        "| method | student top-1 | teacher top-1 | student / teacher | agreement |", "|---|---|---|---|---|", *_classification_rows(ev), "",
-        *[f"![{name}]({name})" for name in extras], "",
+        "# apmpipe demo report",
+        "",
+        f"**Teacher**: a timm ViT ({te['architecture']}: {te['recipe']['depth']} blocks, patch "
+        f"{te['recipe']['patch_size']}, width "
+        f"{te['recipe']['embed_dim']}, {te['recipe']['image_size']} px grayscale) trained offline by the "
+        f"demo on {te['data']} "
+        f"in {te['seconds']:.0f} s: **val top-1 {te['val_top1']:.3f}** (train {te['train_top1']:.3f}). "
+        f"Saved as `local-dir:{te['folder']}`.",
+        "",
+        "## Stage one: feature cache",
+        "",
+        f"{ex['train_images']} train + {ex['val_images']} val images extracted once at "
+        f"{ex['images_per_s']:.1f} img/s; {human_bytes(ex['stored_bytes'])} "
+        "on disk (layers 1 and 2, float16 + zstd, with pixels, labels and logits).",
+        "",
+        "## Stage two: the APM student",
+        "",
+        f"{tr['params'] / 1e6:.2f} M parameters, {tr['flops_per_image'] / 1e9:.3f} GFLOPs per image (all "
+        f"locations). {tr['steps']} steps "
+        f"(batch {options.get('batch_size', '?')}, lr {options.get('lr', '?')}, "
+        f"{options.get('locations', '?')} locations + prefix tokens per image) "
+        f"in {tr['seconds']:.1f} s; loss {tr['first_loss']:.4f} -> {tr['last_loss']:.4f}. The options are "
+        "`apmpipe train`'s defaults.",
+        "",
+        "![loss curve](loss.png)",
+        "",
+        "## Fidelity to the teacher (validation)",
+        "",
+        "Cosine (1 = same direction) and MSE between the student's and the teacher's tokens, beside the "
+        "**mean-token baseline**: predicting "
+        "every image's token at a location by the training set's mean token there. R² = 1 − MSE(student) "
+        "/ MSE(baseline) is the share of the "
+        "input-dependent variance the student explains (0: no better than the constant, 1: exact). A "
+        "high cosine alone means little: the "
+        "baseline's is high too.",
+        "",
+        "| level | tokens | cosine | baseline cosine | MSE | baseline MSE | R² |",
+        "|---|---|---|---|---|---|---|",
+        *_fidelity_rows(ev["fidelity"]),
+        "",
+        "![fidelity](fidelity.png)",
+        "",
+        "## Classification beside the teacher (same validation samples)",
+        "",
+        "Teacher head: the student's final-level tokens through the teacher's own norm, pooling and "
+        "classifier (stored in the cache). "
+        "k-NN and the linear probe fit on global features of the training cache (what the head reads: "
+        "its pooled, normed pre-logits).",
+        "",
+        "| method | student top-1 | teacher top-1 | student / teacher | agreement |",
+        "|---|---|---|---|---|",
+        *_classification_rows(ev),
+        "",
+        *[f"![{name}]({name})" for name in extras],
+        "",
         *_ttt_lines(ev.get("ttt", {})),
-        "## Islands of agreement", "",
-        "Rows: validation images. Columns: the image, then student and teacher tokens per level, projected to RGB with one PCA per level and "
-        "image: locations with similar colours have similar token directions (an island); the student should reproduce the teacher's islands.", "",
-        "![islands](islands.png)", "",
+        "## Islands of agreement",
+        "",
+        "Rows: validation images. Columns: the image, then student and teacher tokens per level, "
+        "projected to RGB with one PCA per level and "
+        "image: locations with similar colours have similar token directions (an island); the student "
+        "should reproduce the teacher's islands.",
+        "",
+        "![islands](islands.png)",
+        "",
     ]
     if summary.get("quick"):
-        lines += ["> `--quick`: a shorter teacher recipe and a 150-step student run, for tests; run without `--quick` for the real figures.", ""]
+        lines += [
+            "> `--quick`: a shorter teacher recipe and a 150-step student run, for tests; run without "
+            "`--quick` for the real figures.",
+            "",
+        ]
     return "\n".join(lines)

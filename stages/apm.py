@@ -13,6 +13,7 @@ Seams follow timm: :meth:`APM.forward_features` (trunk), :meth:`APM.forward_head
 :meth:`APM.predict_tokens` (every location's tokens per level, chunked) and :meth:`APM.forward`. Heads predict
 standardised tokens (:class:`TargetScale`, fitted on the training cache); `forward` also returns them in teacher units.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.cache import CacheSpec
-from storage.errors import ConfigError
+from apmpipe.storage.cache import CacheSpec
+from apmpipe.storage.errors import ConfigError
 
 LEVEL_MODES = ("heads", "query")
 
@@ -83,7 +84,10 @@ class APMConfig:
         if self.act not in ("gelu", "relu"):
             raise ConfigError(f"--act {self.act!r} is not gelu or relu")
         if self.level_mode == "query" and len(set(self.level_dims)) > 1:
-            raise ConfigError(f"--level-mode query needs equal token widths across levels, got {self.level_dims}; use --level-mode heads")
+            raise ConfigError(
+                f"--level-mode query needs equal token widths across levels, got {self.level_dims}; use "
+                "--level-mode heads"
+            )
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"--hidden needs at least one positive width, got {self.hidden}")
 
@@ -114,7 +118,7 @@ class APMConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "APMConfig":
+    def from_dict(cls, data: dict[str, Any]) -> APMConfig:
         known = {f.name for f in fields(cls)}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
         return cls(**values)
@@ -136,10 +140,19 @@ def config_for_cache(spec: CacheSpec, preset: str = "small", **overrides: Any) -
     grids = {level.grid for level in spec.levels}
     prefixes = {level.prefix_tokens for level in spec.levels}
     if len(grids) > 1 or len(prefixes) > 1:
-        raise ConfigError(f"the cached levels have different grids {sorted(grids)}; the student needs one grid: extract layers of one stage (e.g. ViT blocks)")
+        raise ConfigError(
+            f"the cached levels have different grids {sorted(grids)}; the student needs one grid: extract "
+            "layers of one stage (e.g. ViT blocks)"
+        )
     c, h, w = spec.pixel_shape
-    base = APMConfig(in_chans=c, image_size=(h, w), grid=next(iter(grids)), prefix_tokens=next(iter(prefixes)),
-                     level_dims=tuple(level.dim for level in spec.levels), **PRESETS[preset])
+    base = APMConfig(
+        in_chans=c,
+        image_size=(h, w),
+        grid=next(iter(grids)),
+        prefix_tokens=next(iter(prefixes)),
+        level_dims=tuple(level.dim for level in spec.levels),
+        **PRESETS[preset],
+    )
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -180,7 +193,7 @@ class TargetScale(nn.Module):
 
     @torch.no_grad()
     def fit(self, mean: torch.Tensor, variance: torch.Tensor, prefix_tokens: int, standardize: bool = True) -> None:
-        """Set from per-location moments ``[T, D]`` (see ``storage.cache.TokenMoments``); ``standardize=False``
+        """Set from per-location moments ``[T, D]`` (see ``apmpipe.storage.cache.TokenMoments``); ``standardize=False``
         keeps the identity (raw targets) and records only the baseline."""
         self.baseline.copy_(mean)
         if not standardize:
@@ -205,12 +218,18 @@ class APM(nn.Module):
     def __init__(self, config: APMConfig) -> None:
         super().__init__()
         self.config = config
-        self.filter = nn.Conv2d(config.in_chans, config.trigger_channels, kernel_size=config.patch_size, stride=config.patch_size)
-        self.register_buffer("codes", location_codes(config.prefix_tokens, config.grid, config.code_dim), persistent=False)
+        self.filter = nn.Conv2d(
+            config.in_chans, config.trigger_channels, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.register_buffer(
+            "codes", location_codes(config.prefix_tokens, config.grid, config.code_dim), persistent=False
+        )
         levels = len(config.level_dims)
         query_dim = config.trigger_dim + config.code_dim
         if config.level_mode == "query":
-            self.register_buffer("level_codes", sincos_2d(torch.arange(levels), torch.arange(levels), 16), persistent=False)
+            self.register_buffer(
+                "level_codes", sincos_2d(torch.arange(levels), torch.arange(levels), 16), persistent=False
+            )
             query_dim += 16
         self.trunk = MLP(query_dim, config.hidden, nn.ReLU if config.act == "relu" else nn.GELU)
         width = config.hidden[-1]
@@ -246,7 +265,9 @@ class APM(nn.Module):
         return torch.cat(parts, dim=-1)
 
     # -- timm-style seams ------------------------------------------------------------------------------------
-    def forward_features(self, images: torch.Tensor, locations: torch.Tensor | None = None, level: int | None = None) -> torch.Tensor:
+    def forward_features(
+        self, images: torch.Tensor, locations: torch.Tensor | None = None, level: int | None = None
+    ) -> torch.Tensor:
         """Trunk features ``[B, L, hidden[-1]]`` for the queried locations (and level in query mode)."""
         return self.trunk(self.queries(self.trigger(images), locations, level))
 
@@ -262,13 +283,15 @@ class APM(nn.Module):
         and, if enabled, ``rgb`` ``[B, L, C*ph*pw]``."""
         if self.config.level_mode == "query":
             trigger = self.trigger(images)
-            features = [self.trunk(self.queries(trigger, locations, level)) for level in range(len(self.config.level_dims))]
+            features = [
+                self.trunk(self.queries(trigger, locations, level)) for level in range(len(self.config.level_dims))
+            ]
             standardized = [self.heads[0](f) for f in features]
             rgb_features = features[-1]
         else:
             rgb_features = self.forward_features(images, locations)
             standardized = self.forward_head(rgb_features)
-        tokens = [scale.restore(z.float(), locations) for scale, z in zip(self.scales, standardized)]
+        tokens = [scale.restore(z.float(), locations) for scale, z in zip(self.scales, standardized, strict=True)]
         rgb = self.rgb_head(rgb_features) if self.rgb_head is not None else None
         return {"standardized": standardized, "tokens": tokens, "rgb": rgb}
 
@@ -308,7 +331,9 @@ class APM(nn.Module):
         return 2 * macs
 
 
-def patch_pixels(images: torch.Tensor, patch_size: tuple[int, int], grid_locations: torch.Tensor | None = None) -> torch.Tensor:
+def patch_pixels(
+    images: torch.Tensor, patch_size: tuple[int, int], grid_locations: torch.Tensor | None = None
+) -> torch.Tensor:
     """Pixels of grid cells (the rgb target): images ``[B, C, H, W]`` -> ``[B, L, C*ph*pw]`` for ``grid_locations``
     ``[B, L]`` (row-major cell indices; None: every cell). Only the queried cells are copied."""
     b, c, height, width = images.shape

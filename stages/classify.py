@@ -5,6 +5,7 @@ CLS or average, as the head says; final level only); ``cls`` the first prefix to
 of the grid tokens. The probe standardises features and picks its regularisation on a split of the training
 features, so a trained teacher's probe lands near its own head.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from storage.errors import ConfigError
+from apmpipe.storage.errors import ConfigError
 
 FEATURES = ("pooled", "cls", "mean-patch")
 PROBE_C = (0.01, 0.1, 1.0, 10.0)
@@ -38,7 +39,9 @@ def resolve_feature(kind: str, level: int, levels: int, prefix: int, has_head: b
     if not 0 <= index < levels:
         raise ConfigError(f"--level {level}: the cache holds {levels} levels; pick 1..{levels} or -1..-{levels}")
     if kind == "pooled" and (not has_head or index != levels - 1):
-        raise ConfigError("--feature pooled needs the teacher head and the final level; use --feature cls or mean-patch")
+        raise ConfigError(
+            "--feature pooled needs the teacher head and the final level; use --feature cls or mean-patch"
+        )
     if kind == "cls" and not prefix:
         raise ConfigError("--feature cls: this teacher has no prefix tokens; use --feature mean-patch")
     return kind, index
@@ -50,7 +53,9 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
     return (scores.topk(k, dim=1).indices == labels[:, None]).any(1)
 
 
-def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, classes: int, k: int, temperature: float) -> torch.Tensor:
+def knn_scores(
+    train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, classes: int, k: int, temperature: float
+) -> torch.Tensor:
     """Weighted k-NN class scores (DINO's evaluation): cosine top-k, weights exp(sim / T). ``-> [Q, classes]``."""
     train, query = F.normalize(train, dim=1), F.normalize(query, dim=1)
     scores = []
@@ -75,11 +80,16 @@ def _pick_c(features: np.ndarray, labels: np.ndarray, seed: int) -> float:
     held, fit = order[:cut], order[cut:]
     if len(np.unique(labels[fit])) < 2:
         return 1.0
-    scores = [LogisticRegression(C=c, max_iter=1000).fit(features[fit], labels[fit]).score(features[held], labels[held]) for c in PROBE_C]
+    scores = [
+        LogisticRegression(C=c, max_iter=1000).fit(features[fit], labels[fit]).score(features[held], labels[held])
+        for c in PROBE_C
+    ]
     return PROBE_C[int(np.argmax(scores))]
 
 
-def probe_scores(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, float]:
+def probe_scores(
+    train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, seed: int = 0
+) -> tuple[torch.Tensor, float]:
     """Linear probe (multinomial logistic regression on standardised features): class probabilities and the chosen C."""
     from sklearn.linear_model import LogisticRegression
 
@@ -93,18 +103,25 @@ def probe_scores(train: torch.Tensor, train_labels: torch.Tensor, query: torch.T
 
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return {"top1": float(topk_hits(scores, labels, 1).float().mean()), "top5": float(topk_hits(scores, labels, 5).float().mean())}
+    return {
+        "top1": float(topk_hits(scores, labels, 1).float().mean()),
+        "top5": float(topk_hits(scores, labels, 5).float().mean()),
+    }
 
 
 def per_class(scores: torch.Tensor, labels: torch.Tensor) -> list[float]:
     hits = topk_hits(scores, labels, 1).float()
-    return [float(hits[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(int(labels.max()) + 1)]
+    return [
+        float(hits[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(int(labels.max()) + 1)
+    ]
 
 
 def side_by_side(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     """Student and teacher scores on the same samples: accuracy, agreement of their top-1, per-class top-1."""
     return {
-        "method": name, "student": accuracy(student, labels), "teacher": accuracy(teacher, labels),
+        "method": name,
+        "student": accuracy(student, labels),
+        "teacher": accuracy(teacher, labels),
         "agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean()),
         "per_class": {"student": per_class(student, labels), "teacher": per_class(teacher, labels)},
     }
@@ -120,5 +137,8 @@ def load_class_embeddings(path: str, width: int) -> torch.Tensor:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--class-embeddings {path!r} is not a readable .npy array ({exc})") from None
     if array.ndim != 2 or array.shape[1] != width:
-        raise ConfigError(f"--class-embeddings {path!r} has shape {array.shape}; expected (classes, {width}) to match the teacher's projected feature")
+        raise ConfigError(
+            f"--class-embeddings {path!r} has shape {array.shape}; expected (classes, {width}) to match "
+            "the teacher's projected feature"
+        )
     return torch.from_numpy(array.astype(np.float32))

@@ -10,6 +10,7 @@ Everything comes from caches and the student checkpoint; the teacher is never bu
 
 Sample subsets (``max_samples``, ``ttt_samples``) are seeded random draws across all shards, never the first N.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -19,13 +20,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.cache import FeatureCache
-from storage.errors import ConfigError, ModelError, require_at_least
-from storage.stream import iter_subset, sample_subset
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.errors import ConfigError, ModelError, require_at_least
+from apmpipe.storage.stream import iter_subset, sample_subset
 
 from .apm import APM
-from .classify import (FEATURES, cosine_scores, global_feature, knn_scores, load_class_embeddings, accuracy, probe_scores,
-                       resolve_feature, side_by_side)
+from .classify import (
+    FEATURES,
+    accuracy,
+    cosine_scores,
+    global_feature,
+    knn_scores,
+    load_class_embeddings,
+    probe_scores,
+    resolve_feature,
+    side_by_side,
+)
 from .fidelity import TokenFidelity
 from .head import TeacherHead
 from .inputs import PixelNormalizer
@@ -70,7 +80,9 @@ class EvalConfig:
         return {k: v for k, v in asdict(self).items() if k != "storage_options"}
 
     def ttt(self) -> TTTConfig:
-        return TTTConfig(steps=self.ttt_steps, lr=self.ttt_lr, locations=self.ttt_locations, start=self.ttt_from, seed=self.seed)
+        return TTTConfig(
+            steps=self.ttt_steps, lr=self.ttt_lr, locations=self.ttt_locations, start=self.ttt_from, seed=self.seed
+        )
 
 
 @dataclass
@@ -108,14 +120,21 @@ def _baselines(model: APM) -> list[torch.Tensor]:
     return [scale.baseline.detach().cpu() for scale in model.scales]
 
 
-def _pass(ctx: _Context, cache: FeatureCache, subset: dict[str, np.ndarray], batch_size: int, chunk: int, fidelity: TokenFidelity | None) -> _Outputs:
+def _pass(
+    ctx: _Context,
+    cache: FeatureCache,
+    subset: dict[str, np.ndarray],
+    batch_size: int,
+    chunk: int,
+    fidelity: TokenFidelity | None,
+) -> _Outputs:
     out = _Outputs()
     for data in iter_subset(cache, subset, batch_size):
         images = ctx.normalize(torch.from_numpy(data.pixels).to(ctx.device))
         predicted = ctx.model.predict_tokens(images, chunk)
         targets = [torch.from_numpy(t).to(ctx.device) for t in data.tokens]
         if fidelity is not None:
-            for index, (level, p, t) in enumerate(zip(cache.spec.levels, predicted, targets)):
+            for index, (level, p, t) in enumerate(zip(cache.spec.levels, predicted, targets, strict=True)):
                 fidelity.add(index, level.layer, p, t)
         out.labels.append(torch.from_numpy(data.labels))
         out.student_features.append(ctx.features(predicted))
@@ -123,11 +142,15 @@ def _pass(ctx: _Context, cache: FeatureCache, subset: dict[str, np.ndarray], bat
         if ctx.head is not None:
             with torch.no_grad():
                 out.student_logits.append(ctx.head(predicted[-1]).cpu())
-            out.teacher_logits.append(torch.from_numpy(data.logits) if data.logits is not None else ctx.head(targets[-1]).cpu())
+            out.teacher_logits.append(
+                torch.from_numpy(data.logits) if data.logits is not None else ctx.head(targets[-1]).cpu()
+            )
     return out
 
 
-def _head_rows(outputs: _Outputs, labels: torch.Tensor, config: EvalConfig, cache: FeatureCache, head: TeacherHead | None) -> dict[str, Any]:
+def _head_rows(
+    outputs: _Outputs, labels: torch.Tensor, config: EvalConfig, cache: FeatureCache, head: TeacherHead | None
+) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     if head is None:
         rows["teacher_head_skipped"] = cache.attrs.get("head", {}).get("reason", "the cache stores no teacher head")
@@ -135,7 +158,9 @@ def _head_rows(outputs: _Outputs, labels: torch.Tensor, config: EvalConfig, cach
     student, teacher = outputs.cat("student_logits"), outputs.cat("teacher_logits")
     if config.class_embeddings:
         classes = load_class_embeddings(config.class_embeddings, teacher.shape[1])
-        rows["zero_shot"] = side_by_side("class embeddings", cosine_scores(student, classes), cosine_scores(teacher, classes), labels)
+        rows["zero_shot"] = side_by_side(
+            "class embeddings", cosine_scores(student, classes), cosine_scores(teacher, classes), labels
+        )
     else:
         rows["teacher_head"] = side_by_side("teacher head", student, teacher, labels)
     return rows
@@ -154,42 +179,66 @@ class _TrainFeatures:
         return knn_scores(getattr(self, which), self.labels, query, self.classes, config.knn_k, config.knn_temperature)
 
 
-def _fit_rows(ctx: _Context, config: EvalConfig, metadata: dict[str, Any], outputs: _Outputs, labels: torch.Tensor) -> tuple[dict[str, Any], _TrainFeatures | None]:
+def _fit_rows(
+    ctx: _Context, config: EvalConfig, metadata: dict[str, Any], outputs: _Outputs, labels: torch.Tensor
+) -> tuple[dict[str, Any], _TrainFeatures | None]:
     """k-NN and the probe, student beside teacher, on features of ``--train-cache``."""
     if not config.train_cache:
-        return {"knn_skipped": "k-NN and the linear probe need --train-cache (a cache of labelled training images)"}, None
+        return {
+            "knn_skipped": "k-NN and the linear probe need --train-cache (a cache of labelled training images)"
+        }, None
     train = FeatureCache.open(config.train_cache, storage_options=config.storage_options)
     check_student_matches(metadata, train, "train cache")
     fitted = _pass(ctx, train, sample_subset(train, 0, config.seed), config.batch_size, config.chunk, None)
     train_labels = fitted.cat("labels")
     if not (train_labels >= 0).all():
         return {"knn_skipped": "the train cache has no labels (-1)"}, None
-    feats = _TrainFeatures(fitted.cat("student_features"), fitted.cat("teacher_features"), train_labels, int(max(train_labels.max(), labels.max())) + 1)
+    feats = _TrainFeatures(
+        fitted.cat("student_features"),
+        fitted.cat("teacher_features"),
+        train_labels,
+        int(max(train_labels.max(), labels.max())) + 1,
+    )
     s_query, t_query = outputs.cat("student_features"), outputs.cat("teacher_features")
-    knn = side_by_side(f"weighted k-NN (k={config.knn_k}, T={config.knn_temperature}) on {ctx.feature} features",
-                       feats.knn("student", s_query, config), feats.knn("teacher", t_query, config), labels)
+    knn = side_by_side(
+        f"weighted k-NN (k={config.knn_k}, T={config.knn_temperature}) on {ctx.feature} features",
+        feats.knn("student", s_query, config),
+        feats.knn("teacher", t_query, config),
+        labels,
+    )
     s_probe, s_c = probe_scores(feats.student, train_labels, s_query, config.seed)
     t_probe, t_c = probe_scores(feats.teacher, train_labels, t_query, config.seed)
-    probe = side_by_side(f"linear probe on standardised {ctx.feature} features (C {s_c:g} / {t_c:g})", s_probe, t_probe, labels)
+    probe = side_by_side(
+        f"linear probe on standardised {ctx.feature} features (C {s_c:g} / {t_c:g})", s_probe, t_probe, labels
+    )
     return {"knn": knn, "probe": probe}, feats
 
 
-def _ttt_report(ctx: _Context, cache: FeatureCache, config: EvalConfig, metadata: dict[str, Any], train_feats: _TrainFeatures | None) -> dict[str, Any]:
+def _ttt_report(
+    ctx: _Context, cache: FeatureCache, config: EvalConfig, metadata: dict[str, Any], train_feats: _TrainFeatures | None
+) -> dict[str, Any]:
     """Episodic TTT on a seeded random subset; before/after fidelity, head and k-NN on the same samples."""
     ttt = EpisodicTTT(ctx.model, loss_config_of(metadata), config.ttt(), ctx.head, config.chunk)
     baselines = _baselines(ctx.model)
-    fid_before, fid_after = TokenFidelity(ctx.model.config.prefix_tokens, baselines), TokenFidelity(ctx.model.config.prefix_tokens, baselines)
+    fid_before, fid_after = (
+        TokenFidelity(ctx.model.config.prefix_tokens, baselines),
+        TokenFidelity(ctx.model.config.prefix_tokens, baselines),
+    )
     seconds, labels, before, after, per_sample = [], [], _Outputs(), _Outputs(), []
     subset = sample_subset(cache, config.ttt_samples or config.max_samples, config.seed + 1)
     for data in iter_subset(cache, subset, 1):
         images = ctx.normalize(torch.from_numpy(data.pixels).to(ctx.device))
         targets = [torch.from_numpy(t).to(ctx.device) for t in data.tokens]
-        logits = torch.from_numpy(data.logits).to(ctx.device) if data.logits is not None and ctx.head is not None else None
-        episode = ttt.adapt(zlib.crc32(data.keys[0].encode()), images, targets, logits)  # seeds follow the sample, not its position
+        logits = (
+            torch.from_numpy(data.logits).to(ctx.device) if data.logits is not None and ctx.head is not None else None
+        )
+        episode = ttt.adapt(
+            zlib.crc32(data.keys[0].encode()), images, targets, logits
+        )  # seeds follow the sample, not its position
         seconds.append(episode.seconds)
         per_sample.append({"key": data.keys[0], "loss_before": episode.loss_before, "loss_after": episode.loss_after})
         labels.append(torch.from_numpy(data.labels))
-        for index, (level, t) in enumerate(zip(cache.spec.levels, targets)):
+        for index, (level, t) in enumerate(zip(cache.spec.levels, targets, strict=True)):
             fid_before.add(index, level.layer, episode.before[index], t)
             fid_after.add(index, level.layer, episode.after[index], t)
         for outputs, tokens in ((before, episode.before), (after, episode.after)):
@@ -201,11 +250,19 @@ def _ttt_report(ctx: _Context, cache: FeatureCache, config: EvalConfig, metadata
     ttt.restore()
     steps = max(config.ttt_steps, 1)
     result: dict[str, Any] = {
-        "samples": len(seconds), "steps": config.ttt_steps, "lr": config.ttt_lr, "start": config.ttt_from, "locations": config.ttt_locations or "all",
-        "ms_per_step": 1000 * float(np.mean(seconds)) / steps, "ms_per_sample": 1000 * float(np.mean(seconds)),
-        "loss_before": float(np.mean([p["loss_before"] for p in per_sample])), "loss_after": float(np.mean([p["loss_after"] for p in per_sample])),
+        "samples": len(seconds),
+        "steps": config.ttt_steps,
+        "lr": config.ttt_lr,
+        "start": config.ttt_from,
+        "locations": config.ttt_locations or "all",
+        "ms_per_step": 1000 * float(np.mean(seconds)) / steps,
+        "ms_per_sample": 1000 * float(np.mean(seconds)),
+        "loss_before": float(np.mean([p["loss_before"] for p in per_sample])),
+        "loss_after": float(np.mean([p["loss_after"] for p in per_sample])),
         "per_sample": per_sample,
-        "fidelity_before": fid_before.report(), "fidelity_after": fid_after.report(), "threads": torch.get_num_threads(),
+        "fidelity_before": fid_before.report(),
+        "fidelity_after": fid_after.report(),
+        "threads": torch.get_num_threads(),
     }
     label_t = torch.cat(labels)
     if ctx.head is not None:
@@ -213,11 +270,15 @@ def _ttt_report(ctx: _Context, cache: FeatureCache, config: EvalConfig, metadata
         result["teacher_head"] = accuracy(teacher, label_t) if (label_t >= 0).all() else {}
         for name, outputs in (("before", before), ("after", after)):
             student = outputs.cat("student_logits")
-            result[f"head_{name}"] = {**(accuracy(student, label_t) if (label_t >= 0).all() else {}),
-                                      "agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean())}
+            result[f"head_{name}"] = {
+                **(accuracy(student, label_t) if (label_t >= 0).all() else {}),
+                "agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean()),
+            }
     if train_feats is not None and (label_t >= 0).all():
         for name, outputs in (("before", before), ("after", after)):
-            result[f"knn_{name}"] = accuracy(train_feats.knn("student", outputs.cat("student_features"), config), label_t)
+            result[f"knn_{name}"] = accuracy(
+                train_feats.knn("student", outputs.cat("student_features"), config), label_t
+            )
     return result
 
 
@@ -227,9 +288,17 @@ def _identity(config: EvalConfig, cache: FeatureCache, metadata: dict[str, Any])
 
     versions = {name: md.version(name) for name in ("apmpipe", "torch", "timm", "zarr") if _installed(name)}
     teacher = cache.spec.teacher
-    return {"options": config.to_dict(), "versions": versions, "cache": {"url": cache.url, "teacher": teacher.get("name"), "weights_sha256": teacher.get("weights_sha256")},
-            "student": {"path": config.student, "step": metadata.get("step"), "model_config": metadata.get("model_config"),
-                        "train_config": metadata.get("train_config")}}
+    return {
+        "options": config.to_dict(),
+        "versions": versions,
+        "cache": {"url": cache.url, "teacher": teacher.get("name"), "weights_sha256": teacher.get("weights_sha256")},
+        "student": {
+            "path": config.student,
+            "step": metadata.get("step"),
+            "model_config": metadata.get("model_config"),
+            "train_config": metadata.get("train_config"),
+        },
+    }
 
 
 def _installed(name: str) -> bool:
@@ -252,12 +321,21 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     check_student_matches(metadata, cache, "eval cache")
     stored = cache.head()
     head = TeacherHead(*stored).to(device) if stored else None
-    feature, level = resolve_feature(config.feature, config.level, len(cache.spec.levels), model.config.prefix_tokens, head is not None)
+    feature, level = resolve_feature(
+        config.feature, config.level, len(cache.spec.levels), model.config.prefix_tokens, head is not None
+    )
     ctx = _Context(model, head, feature, level, device, PixelNormalizer(cache.spec.data_config).to(device))
     fidelity = TokenFidelity(model.config.prefix_tokens, _baselines(model))
-    outputs = _pass(ctx, cache, sample_subset(cache, config.max_samples, config.seed), config.batch_size, config.chunk, fidelity)
+    outputs = _pass(
+        ctx, cache, sample_subset(cache, config.max_samples, config.seed), config.batch_size, config.chunk, fidelity
+    )
     labels = outputs.cat("labels")
-    report: dict[str, Any] = {**_identity(config, cache, metadata), "samples": int(labels.shape[0]), "fidelity": fidelity.report(), "classification": {}}
+    report: dict[str, Any] = {
+        **_identity(config, cache, metadata),
+        "samples": int(labels.shape[0]),
+        "fidelity": fidelity.report(),
+        "classification": {},
+    }
     classification, train_feats = report["classification"], None
     if not bool((labels >= 0).all()):
         classification["skipped"] = "the eval cache has no labels (-1): fidelity only"

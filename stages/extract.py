@@ -9,31 +9,45 @@ in the cache, before any shard, so every shard of the cache (any worker, any lat
 it is idempotent (an incomplete shard group is rewritten whole) and its output does not depend on where it
 ran, because batches never cross shard boundaries.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from torch.utils.data import DataLoader
 
-from storage.batches import ShardBatches, die_with_parent
-from storage.cache import (
-    STATUS_COMPLETE, CacheSpec, EncodedTokens, FeatureCache, decode_pixels, decode_tokens, encode_pixels, encode_tokens, writer_lock,
+from apmpipe.storage.batches import ShardBatches, die_with_parent
+from apmpipe.storage.cache import (
+    STATUS_COMPLETE,
+    CacheSpec,
+    EncodedTokens,
+    FeatureCache,
+    decode_pixels,
+    decode_tokens,
+    encode_pixels,
+    encode_tokens,
+    writer_lock,
 )
-from storage.errors import ApmError, CacheError, InputError, ModelError
-from storage.lowrank import BasisFit, TokenBasis
-from storage.pixel_codecs import LOSSY_CODECS, psnr
-from storage.redact import redact_url
-from storage.sources import ResolvedInputs, ShardSource
+from apmpipe.storage.errors import ApmError, CacheError, InputError, ModelError
+from apmpipe.storage.lowrank import BasisFit, TokenBasis
+from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
+from apmpipe.storage.redact import redact_url
+from apmpipe.storage.sources import ResolvedInputs, ShardSource
 
-from .extract_config import ExtractConfig, preflight  # ExtractConfig is public here too (cluster, bench, demo import it)
-from .teacher import Teacher, cached_teacher
+from .extract_config import (
+    ExtractConfig,
+    preflight,
+)  # ExtractConfig is public here too (cluster, bench, demo import it)
+from .fidelity import min_token_cosine
+from .teacher import Teacher, TeacherPool
 
 MAX_PENDING_WRITES = 4
 FIDELITY_EVERY = 4
@@ -112,13 +126,6 @@ class _Silent:
         pass
 
 
-def min_token_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest cosine between matching tokens of ``[..., D]`` arrays (1 where a token is all zeros)."""
-    dot = (a * b).sum(-1)
-    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return float(np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0).min())
-
-
 def _reason(exc: Exception) -> str:
     """One line for a shard's failure: the message of a domain error, type and message of anything else."""
     return str(exc) if isinstance(exc, ApmError) else f"{type(exc).__name__}: {exc}"
@@ -144,14 +151,16 @@ class _ShardJob:
             self.writer = None
             self.result.error = _reason(exc)
 
-    def _measure(self, tokens: list[np.ndarray], encoded: list[EncodedTokens], pixels: np.ndarray, stored: np.ndarray) -> None:
+    def _measure(
+        self, tokens: list[np.ndarray], encoded: list[EncodedTokens], pixels: np.ndarray, stored: np.ndarray
+    ) -> None:
         """Fidelity of lossy storage (tokens: int8, float16, --rank; pixels: JPEG) on every ``FIDELITY_EVERY``-th
         batch, the first included (the check costs CPU beside the teacher)."""
         self._batches += 1
         if (self._batches - 1) % FIDELITY_EVERY:
             return
         if self.spec.dtype != "float32" or self.spec.rank:
-            for layer, ref, enc, basis in zip(self.layers, tokens, encoded, self.writer.bases):
+            for layer, ref, enc, basis in zip(self.layers, tokens, encoded, self.writer.bases, strict=True):
                 approx = decode_tokens(enc.values, enc.scale, basis=basis)
                 stats = self._stats.setdefault(layer, [1.0, 0.0, 0.0])
                 stats[0] = min(stats[0], min_token_cosine(ref, approx))
@@ -162,16 +171,27 @@ class _ShardJob:
             self._pixel_error[0] += float(np.square(error).sum())
             self._pixel_error[1] += error.size
 
-    def append(self, pixels: np.ndarray, labels: np.ndarray, keys: list[str], tokens: list[np.ndarray], logits: np.ndarray | None, skipped: list) -> None:
+    def append(
+        self,
+        pixels: np.ndarray,
+        labels: np.ndarray,
+        keys: list[str],
+        tokens: list[np.ndarray],
+        logits: np.ndarray | None,
+        skipped: list,
+    ) -> None:
         self.result.skipped_samples += [tuple(s) for s in skipped]
         if self.result.error or not len(labels):
             return
         try:
-            encoded = [encode_tokens(t, self.spec.dtype, basis) for t, basis in zip(tokens, self.writer.bases)]
+            bases = self.writer.bases
+            encoded = [encode_tokens(t, self.spec.dtype, basis) for t, basis in zip(tokens, bases, strict=True)]
             stored = encode_pixels(pixels, self.spec.pixel_codec)
             self._measure(tokens, encoded, pixels, stored)
             self.writer.append(stored, labels, keys, encoded, logits)
-        except Exception as exc:  # bad tokens or a failed write (full disk, lost connection) fail this shard; a rerun rewrites it
+        except (
+            Exception
+        ) as exc:  # bad tokens or a failed write (full disk, lost connection) fail this shard; a rerun rewrites it
             self.result.error = _reason(exc)
             return
         self.result.images += len(labels)
@@ -183,7 +203,8 @@ class _ShardJob:
     def close(self) -> ShardResult:
         if not self.result.error:
             self.result.fidelity = {
-                layer: {"cosine_min": s[0], "relative_mse": s[1] / s[2] if s[2] else 0.0} for layer, s in self._stats.items()
+                layer: {"cosine_min": s[0], "relative_mse": s[1] / s[2] if s[2] else 0.0}
+                for layer, s in self._stats.items()
             }
             stats: dict[str, Any] = {"fidelity": self.result.fidelity}
             if self._pixel_error[1]:
@@ -195,14 +216,18 @@ class _ShardJob:
                 self.result.error = _reason(exc)
         self.result.status, self.result.images = "failed", 0
         if self.writer is not None:
-            with contextlib.suppress(Exception):  # the store may be failing still; an unmarked group is rewritten all the same
+            with contextlib.suppress(
+                Exception
+            ):  # the store may be failing still; an unmarked group is rewritten all the same
                 self.writer.fail(self.result.error, self.result.skipped_samples)
         return self.result
 
 
-def teacher_for(config: ExtractConfig) -> Teacher:
-    """The run's teacher, built once per process and configuration."""
-    return cached_teacher(config.teacher, tuple(config.layers), config.final_norm, config.device, config.amp)
+def teacher_for(config: ExtractConfig, teachers: TeacherPool | None = None) -> Teacher:
+    """The run's teacher, from ``teachers`` (built there once per configuration), else built now."""
+    return (teachers or TeacherPool()).get(
+        config.teacher, tuple(config.layers), config.final_norm, config.device, config.amp
+    )
 
 
 def loader_workers(requested: int, device_type: str) -> int:
@@ -213,12 +238,31 @@ def loader_workers(requested: int, device_type: str) -> int:
     return max(1, min(8, cores - 1)) if device_type == "cuda" else 1
 
 
+def _shard_batches(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> ShardBatches:
+    """Batches of ``shards`` decoded to the teacher's input as ``config`` asks (labels, limits, storage options)."""
+    return ShardBatches(
+        shards,
+        teacher.pixel_transform(),
+        teacher.pixel_shape,
+        config.batch_size,
+        config.label_key,
+        config.storage_options,
+        config.class_names,
+        config.max_pixels,
+    )
+
+
 def _loader(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> DataLoader:
-    dataset = ShardBatches(shards, teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key, config.storage_options,
-                           config.class_names, config.max_pixels)
+    dataset = _shard_batches(config, teacher, shards)
     workers = min(loader_workers(config.loader_workers, teacher.device.type), len(shards))
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=teacher.device.type == "cuda", prefetch_factor=4 if workers else None,
-                      worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=teacher.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None,
+    )
 
 
 def _check_precision(cache: FeatureCache, teacher: Teacher) -> None:
@@ -227,18 +271,31 @@ def _check_precision(cache: FeatureCache, teacher: Teacher) -> None:
     existing = cache.precision()
     if existing and existing != teacher.precision:
         raise CacheError(
-            f"cache {redact_url(cache.url)!r} holds shards computed in {existing}, this run computes in {teacher.precision} "
-            f"(--device {teacher.device.type}, --amp {teacher.amp}); extract with the same --device/--amp or into another --out"
+            f"cache {redact_url(cache.url)!r} holds shards computed in {existing}, this run computes in "
+            f"{teacher.precision} "
+            f"(--device {teacher.device.type}, --amp {teacher.amp}); extract with the same --device/--amp "
+            "or into another --out"
         )
 
 
-def extract_shards(config: ExtractConfig, shards: Sequence[ShardSource], progress: Progress | None = None) -> list[ShardResult]:
-    """Extract ``shards`` into the (existing) cache at ``config.out``: the unit of work, local or on a dask worker."""
+def extract_shards(
+    config: ExtractConfig,
+    shards: Sequence[ShardSource],
+    progress: Progress | None = None,
+    teachers: TeacherPool | None = None,
+) -> list[ShardResult]:
+    """Extract ``shards`` into the (existing) cache at ``config.out``: the unit of work, local or on a dask worker.
+
+    ``teachers``: where the teacher is kept between calls (a run's, a dask worker's); None builds one for this call.
+    """
     progress = progress or _Silent()
-    teacher = teacher_for(config)
+    teacher = teacher_for(config, teachers)
     cache = FeatureCache.open(config.out, mode="r+", storage_options=config.storage_options)
     if cache.spec.teacher["weights_sha256"] != teacher.weights_sha256:
-        raise ModelError(f"teacher weights on this worker differ from cache {redact_url(config.out)!r}; give every worker the same --checkpoint / pretrained weights")
+        raise ModelError(
+            f"teacher weights on this worker differ from cache {redact_url(config.out)!r}; give every "
+            "worker the same --checkpoint / pretrained weights"
+        )
     _check_precision(cache, teacher)
     sources = {s.name: s for s in shards}
     jobs: dict[str, _ShardJob] = {}
@@ -262,8 +319,13 @@ def extract_shards(config: ExtractConfig, shards: Sequence[ShardSource], progres
             else:
                 tokens, logits = teacher.forward(record["pixels"]) if len(record["pixels"]) else ([], None)
                 submit(
-                    job.append, record["pixels"].numpy(), record["labels"].numpy(), record["keys"],
-                    [t.cpu().numpy() for t in tokens], None if logits is None else logits.cpu().numpy(), record["skipped"],
+                    job.append,
+                    record["pixels"].numpy(),
+                    record["labels"].numpy(),
+                    record["keys"],
+                    [t.cpu().numpy() for t in tokens],
+                    None if logits is None else logits.cpu().numpy(),
+                    record["skipped"],
                 )
                 progress.images(len(record["pixels"]))
             if record["last"]:
@@ -283,19 +345,36 @@ def _write_teacher_head(cache: FeatureCache, teacher: Teacher) -> str:
         return f"not stored: {reason}"
     if cache.head() is None:
         cache.write_head(head.tensors(), head.attrs)
-    cache.update_attrs(head={"available": True, "pool": head.pool, "num_classes": teacher.num_classes, "ops": [op["type"] for op in head.ops]})
+    cache.update_attrs(
+        head={
+            "available": True,
+            "pool": head.pool,
+            "num_classes": teacher.num_classes,
+            "ops": [op["type"] for op in head.ops],
+        }
+    )
     return f"stored ({head.pool} pooling, {teacher.num_classes} classes)"
 
 
 def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
     return CacheSpec(
-        teacher=teacher.identity(), data_config=teacher.data_config, levels=teacher.levels, final_norm=config.final_norm,
-        num_classes=teacher.num_classes, dtype=config.dtype, codec=config.codec,
-        chunk_samples=config.chunk_samples, shard_samples=config.shard_samples, rank=config.rank, pixel_codec=config.pixel_codec,
+        teacher=teacher.identity(),
+        data_config=teacher.data_config,
+        levels=teacher.levels,
+        final_norm=config.final_norm,
+        num_classes=teacher.num_classes,
+        dtype=config.dtype,
+        codec=config.codec,
+        chunk_samples=config.chunk_samples,
+        shard_samples=config.shard_samples,
+        rank=config.rank,
+        pixel_codec=config.pixel_codec,
     )
 
 
-def _fit_bases(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> tuple[list[TokenBasis], dict[str, Any]]:
+def _fit_bases(
+    config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]
+) -> tuple[list[TokenBasis], dict[str, Any]]:
     """One PCA basis per level (``--rank`` components) of the teacher's tokens of the first images of up to
     ``BASIS_INPUTS`` inputs spread evenly over ``shards``, ``BASIS_SAMPLES`` images in all: a function of the input
     list alone (deterministic), cheap to read (the start of a few tars or folder blocks, no full pass), and less
@@ -305,22 +384,28 @@ def _fit_bases(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSo
     fits = [BasisFit(level.dim) for level in teacher.levels]
     used = 0
     for shard in chosen:
-        batches = ShardBatches([shard], teacher.pixel_transform(), teacher.pixel_shape, config.batch_size, config.label_key, config.storage_options,
-                               config.class_names, config.max_pixels)
+        batches = _shard_batches(config, teacher, [shard])
         taken = 0
         for record in batches:
             pixels = record["pixels"][: per_input - taken]
             if len(pixels):
-                for fit, tokens in zip(fits, teacher.forward(pixels)[0]):
+                for fit, tokens in zip(fits, teacher.forward(pixels)[0], strict=True):
                     fit.add(tokens.float().cpu().numpy())
                 taken += len(pixels)
             if taken >= per_input:
                 break
         used += taken
     if not used:
-        raise InputError(f"no image of {', '.join(redact_url(s.url) for s in chosen)} could be read to fit the --rank bases; check these inputs")
-    bases, explained = zip(*(fit.basis(config.rank) for fit in fits))
-    attrs = {"samples": used, "inputs": [s.name for s in chosen], "explained_variance": {str(lv.layer): e for lv, e in zip(teacher.levels, explained)}}
+        raise InputError(
+            f"no image of {', '.join(redact_url(s.url) for s in chosen)} could be read to fit the --rank "
+            "bases; check these inputs"
+        )
+    bases, explained = zip(*(fit.basis(config.rank) for fit in fits), strict=True)
+    attrs = {
+        "samples": used,
+        "inputs": [s.name for s in chosen],
+        "explained_variance": {str(lv.layer): e for lv, e in zip(teacher.levels, explained, strict=True)},
+    }
     return list(bases), attrs
 
 
@@ -330,7 +415,10 @@ def _ensure_bases(cache: FeatureCache, config: ExtractConfig, teacher: Teacher, 
     if not cache.spec.rank or cache.has_bases():
         return
     if cache.complete_shards():
-        raise CacheError(f"cache {redact_url(cache.url)!r} holds complete shards but no bases for its rank-{cache.spec.rank} tokens; it is damaged: re-extract into a new --out")
+        raise CacheError(
+            f"cache {redact_url(cache.url)!r} holds complete shards but no bases for its "
+            f"rank-{cache.spec.rank} tokens; it is damaged: re-extract into a new --out"
+        )
     cache.write_bases(*_fit_bases(config, teacher, shards))
 
 
@@ -348,7 +436,8 @@ def _complete_shards(cache: FeatureCache, shards: Sequence[ShardSource]) -> set[
             done.add(shard.name)
         elif shard.name in records:
             raise CacheError(
-                f"cache {redact_url(cache.url)!r} already holds shard {shard.name!r} made from {made_from[shard.name]!r}, not from {fingerprint!r}; "
+                f"cache {redact_url(cache.url)!r} already holds shard {shard.name!r} made from "
+                f"{made_from[shard.name]!r}, not from {fingerprint!r}; "
                 "extract other data into another --out (or restore the original inputs)"
             )
     return done
@@ -358,21 +447,30 @@ ShardRunner = Callable[[ExtractConfig, list[ShardSource], Progress], list[ShardR
 
 
 def extract(
-    config: ExtractConfig, progress: Progress | None = None, runner: ShardRunner | None = None, on_plan: Callable[[int, int], None] | None = None,
-    driver_device: str | None = None, inputs: ResolvedInputs | None = None,
+    config: ExtractConfig,
+    progress: Progress | None = None,
+    runner: ShardRunner | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+    driver_device: str | None = None,
+    inputs: ResolvedInputs | None = None,
+    teachers: TeacherPool | None = None,
 ) -> ExtractSummary:
     """Run stage one. ``runner`` executes the incomplete shards (default: in this process).
 
     ``driver_device``: where this process builds its own teacher (cache spec, head check); None shares
     ``config.device`` and the teacher with an in-process runner, ``"cpu"`` suits a driver of remote workers.
     ``inputs``: what :func:`preflight` returned for ``config``, when the caller checked it already.
+    ``teachers``: the pool the run's teachers come from (a caller may share one with its own runner).
     """
     progress = progress or _Silent()
     start = time.perf_counter()
     inputs = inputs or preflight(config)
-    teacher = teacher_for(config if driver_device is None else replace(config, device=driver_device))
+    teachers = teachers or TeacherPool()
+    teacher = teacher_for(config if driver_device is None else replace(config, device=driver_device), teachers)
     with writer_lock(config.out):
-        cache = FeatureCache.create_or_open(config.out, cache_spec(config, teacher), storage_options=config.storage_options)
+        cache = FeatureCache.create_or_open(
+            config.out, cache_spec(config, teacher), storage_options=config.storage_options
+        )
         cache.record_sources([s.url for s in inputs.shards], inputs.classes or config.class_names)
         _ensure_bases(cache, config, teacher, inputs.shards)
         cache.update_attrs(teacher_build=config.teacher.to_dict(), extract_config=config.to_dict())
@@ -383,8 +481,12 @@ def extract(
         if on_plan:
             on_plan(len(inputs.shards), len(todo))
         if todo:
-            results += (runner or extract_shards)(config, todo, progress)
+            results += (runner or functools.partial(extract_shards, teachers=teachers))(config, todo, progress)
     return ExtractSummary(
-        cache=config.out, results=results, seconds=time.perf_counter() - start, stored_bytes=cache.stored_bytes(),
-        cache_samples=sum(cache.sample_counts().values()), head=head,
+        cache=config.out,
+        results=results,
+        seconds=time.perf_counter() - start,
+        stored_bytes=cache.stored_bytes(),
+        cache_samples=sum(cache.sample_counts().values()),
+        head=head,
     )

@@ -5,16 +5,18 @@ This module imports neither torch nor timm: the CLI builds and checks a run's op
 an option, a missing input or teacher folder comes back as one line in well under a second, before the
 teacher's libraries load (seconds) and the teacher is built.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
-from storage.errors import ConfigError, ModelError, require_at_least
-from storage.redact import redact_url
-from storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, resolve_inputs
+from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
+from apmpipe.storage.errors import ConfigError, ModelError, require_at_least
+from apmpipe.storage.redact import redact_url
+from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, read_class_names, resolve_inputs
 
 LOCAL_DIR = "local-dir:"
 
@@ -38,21 +40,36 @@ class TeacherConfig:
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "pretrained": self.pretrained, "checkpoint": self.checkpoint, "model_kwargs": dict(self.model_kwargs), "seed": self.seed}
+        return {
+            "name": self.name,
+            "pretrained": self.pretrained,
+            "checkpoint": self.checkpoint,
+            "model_kwargs": dict(self.model_kwargs),
+            "seed": self.seed,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TeacherConfig":
-        return cls(name=data["name"], pretrained=data["pretrained"], checkpoint=data.get("checkpoint"), model_kwargs=tuple(sorted(data.get("model_kwargs", {}).items())), seed=data.get("seed", 0))
+    def from_dict(cls, data: dict[str, Any]) -> TeacherConfig:
+        return cls(
+            name=data["name"],
+            pretrained=data["pretrained"],
+            checkpoint=data.get("checkpoint"),
+            model_kwargs=tuple(sorted(data.get("model_kwargs", {}).items())),
+            seed=data.get("seed", 0),
+        )
 
     def check_files(self) -> None:
         """Refuse (ModelError) a ``--checkpoint`` file or ``local-dir:`` folder that is not there."""
         if self.checkpoint and not os.path.isfile(self.checkpoint):
             raise ModelError(f"--checkpoint {self.checkpoint!r} does not exist")
         if self.name.startswith(LOCAL_DIR):
-            folder = self.name[len(LOCAL_DIR):]
+            folder = self.name[len(LOCAL_DIR) :]
             if not os.path.isfile(os.path.join(folder, "config.json")):
                 what = "has no config.json" if os.path.isdir(folder) else "is not a folder"
-                raise ModelError(f"--teacher {self.name}: {folder!r} {what}; a local-dir teacher is a folder with timm's config.json and model.safetensors")
+                raise ModelError(
+                    f"--teacher {self.name}: {folder!r} {what}; a local-dir teacher is a folder with "
+                    "timm's config.json and model.safetensors"
+                )
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,9 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         if not self.inputs:
-            raise ConfigError("no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder")
+            raise ConfigError(
+                "no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder"
+            )
         require_at_least(self, ("batch_size", "folder_block", "chunk_samples", "shard_samples", "max_pixels"), 1)
         require_at_least(self, ("loader_workers",), -1)
         if self.dtype not in TOKEN_DTYPES:
@@ -95,13 +114,68 @@ class ExtractConfig:
         if not self.layers:
             raise ConfigError("--layers is empty; pass e.g. --layers 4,8,12 or --layers -1")
         if self.shard_samples % self.chunk_samples:
-            raise ConfigError(f"--shard-samples ({self.shard_samples}) must be a positive multiple of --chunk-samples ({self.chunk_samples})")
+            raise ConfigError(
+                f"--shard-samples ({self.shard_samples}) must be a positive multiple of --chunk-samples "
+                f"({self.chunk_samples})"
+            )
+
+    @classmethod
+    def from_options(
+        cls,
+        inputs: Sequence[str] | str,
+        out: str,
+        teacher: str,
+        *,
+        pretrained: bool = True,
+        checkpoint: str | os.PathLike | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        layers: Sequence[int] = (-1,),
+        no_labels: bool = False,
+        class_names_file: str | None = None,
+        max_pixels: int | None = None,
+        **options: Any,
+    ) -> ExtractConfig:
+        """Build from flat options, as the command line and :func:`apmpipe.extract` give them: the teacher's
+        (``pretrained``, ``checkpoint``, ``model_kwargs``, ``seed``) beside every other field; ``no_labels``
+        stores no labels; ``class_names_file`` is read into ``class_names`` (one name per line)."""
+        storage_options = options.get("storage_options") or {}
+        teacher_config = TeacherConfig(
+            name=teacher,
+            pretrained=pretrained,
+            checkpoint=os.path.abspath(checkpoint) if checkpoint else None,
+            model_kwargs=tuple(sorted((model_kwargs or {}).items())),
+            seed=seed,
+        )
+        if no_labels:
+            options["label_key"] = None
+        elif class_names_file:
+            options["class_names"] = read_class_names(class_names_file, storage_options)
+        return cls(
+            inputs=(inputs,) if isinstance(inputs, str) else tuple(inputs),
+            out=out,
+            teacher=teacher_config,
+            layers=tuple(layers),
+            max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+            **options,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "inputs": [redact_url(i) for i in self.inputs], "teacher": self.teacher.to_dict(), "layers": list(self.layers), "final_norm": self.final_norm,
-            "dtype": self.dtype, "codec": self.codec, "rank": self.rank, "pixel_codec": self.pixel_codec, "batch_size": self.batch_size, "label_key": self.label_key,
-            "class_names": list(self.class_names), "max_pixels": self.max_pixels, "folder_block": self.folder_block, "amp": self.amp,
+            "inputs": [redact_url(i) for i in self.inputs],
+            "teacher": self.teacher.to_dict(),
+            "layers": list(self.layers),
+            "final_norm": self.final_norm,
+            "dtype": self.dtype,
+            "codec": self.codec,
+            "rank": self.rank,
+            "pixel_codec": self.pixel_codec,
+            "batch_size": self.batch_size,
+            "label_key": self.label_key,
+            "class_names": list(self.class_names),
+            "max_pixels": self.max_pixels,
+            "folder_block": self.folder_block,
+            "amp": self.amp,
         }
 
 

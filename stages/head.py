@@ -15,33 +15,58 @@ heads with a conv / BN / activation stage before or after pooling (EfficientNet 
 MobileNetV3 ``conv_head``, ConvNeXt's head norm, ResNet). Anything else (attention pooling, a custom module)
 is reported as unsupported; the teacher also checks the rebuilt head against its own logits before storing it.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.errors import CacheError
+from apmpipe.storage.errors import CacheError
 
 POOLS = ("token", "avg", "max", "avgmax")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
-    "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 _ACTIVATION_CLASSES = {
-    "ReLU": "relu", "ReLU6": "relu6", "SiLU": "silu", "Swish": "silu", "GELU": "gelu", "GELUTanh": "gelu_tanh", "Hardswish": "hardswish",
-    "HardSwish": "hardswish", "Hardsigmoid": "hardsigmoid", "HardSigmoid": "hardsigmoid", "Tanh": "tanh", "Sigmoid": "sigmoid", "QuickGELU": "quick_gelu",
+    "ReLU": "relu",
+    "ReLU6": "relu6",
+    "SiLU": "silu",
+    "Swish": "silu",
+    "GELU": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "Hardswish": "hardswish",
+    "HardSwish": "hardswish",
+    "Hardsigmoid": "hardsigmoid",
+    "HardSigmoid": "hardsigmoid",
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
+    "QuickGELU": "quick_gelu",
 }
 _PASS_THROUGH = (nn.Identity, nn.Dropout)
 _TENSORS = {  # op -> (required, optional) tensor names
-    "conv2d": (("weight",), ("bias",)), "batchnorm": (("running_mean", "running_var"), ("weight", "bias")),
-    "layernorm": ((), ("weight", "bias")), "linear": (("weight",), ("bias",)),
-    "act": ((), ()), "pool": ((), ()), "pool_tokens": ((), ()), "flatten": ((), ()),
+    "conv2d": (("weight",), ("bias",)),
+    "batchnorm": (("running_mean", "running_var"), ("weight", "bias")),
+    "layernorm": ((), ("weight", "bias")),
+    "linear": (("weight",), ("bias",)),
+    "act": ((), ()),
+    "pool": ((), ()),
+    "pool_tokens": ((), ()),
+    "flatten": ((), ()),
 }
 
 Op = tuple[dict[str, Any], dict[str, torch.Tensor]]
@@ -60,12 +85,22 @@ def _activation(module: nn.Module) -> list[Op] | None:
 
 def _norm_ops(module: nn.Module) -> list[Op] | None:
     if isinstance(module, nn.BatchNorm2d):  # timm's BatchNormAct2d adds its activation
-        ops: list[Op] = [({"type": "batchnorm", "eps": float(module.eps)}, _params(module, "running_mean", "running_var", "weight", "bias"))]
+        ops: list[Op] = [
+            (
+                {"type": "batchnorm", "eps": float(module.eps)},
+                _params(module, "running_mean", "running_var", "weight", "bias"),
+            )
+        ]
         act = getattr(module, "act", None)
         return ops if act is None else (None if (tail := _module_ops(act)) is None else ops + tail)
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
         channels_first = type(module).__name__ == "LayerNorm2d"
-        return [({"type": "layernorm", "eps": float(module.eps), "channels_first": channels_first}, _params(module, "weight", "bias"))]
+        return [
+            (
+                {"type": "layernorm", "eps": float(module.eps), "channels_first": channels_first},
+                _params(module, "weight", "bias"),
+            )
+        ]
     return None
 
 
@@ -74,7 +109,16 @@ def _pool_ops(module: nn.Module) -> list[Op] | None:
     if type(module).__name__ == "SelectAdaptivePool2d" and pool_type in ("avg", "max", "avgmax"):
         return [({"type": "pool", "pool": pool_type, "flatten": isinstance(module.flatten, nn.Flatten)}, {})]
     if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and module.output_size in (1, (1, 1)):
-        return [({"type": "pool", "pool": "avg" if isinstance(module, nn.AdaptiveAvgPool2d) else "max", "flatten": False}, {})]
+        return [
+            (
+                {
+                    "type": "pool",
+                    "pool": "avg" if isinstance(module, nn.AdaptiveAvgPool2d) else "max",
+                    "flatten": False,
+                },
+                {},
+            )
+        ]
     if isinstance(module, nn.Flatten) and module.start_dim == 1:
         return [({"type": "flatten"}, {})]
     return None
@@ -86,8 +130,19 @@ def _module_ops(module: nn.Module) -> list[Op] | None:
         return []
     if isinstance(module, nn.Linear):  # timm's Linear subclass computes the same (the logits check confirms)
         return [({"type": "linear"}, _params(module, "weight", "bias"))]
-    if isinstance(module, nn.Conv2d) and type(module).__name__ != "Conv2dSame" and module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        attrs = {"type": "conv2d", "stride": list(module.stride), "padding": list(module.padding), "dilation": list(module.dilation), "groups": module.groups}
+    if (
+        isinstance(module, nn.Conv2d)
+        and type(module).__name__ != "Conv2dSame"
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    ):
+        attrs = {
+            "type": "conv2d",
+            "stride": list(module.stride),
+            "padding": list(module.padding),
+            "dilation": list(module.dilation),
+            "groups": module.groups,
+        }
         return [(attrs, _params(module, "weight", "bias"))]
     for convert in (_activation, _norm_ops, _pool_ops):
         ops = convert(module)
@@ -113,7 +168,9 @@ def _units(model: nn.Module) -> dict[str, tuple[nn.Module, list[Op] | None]]:
     return units
 
 
-def _trace_tail(model: nn.Module, boundary: str, run: Callable[[], torch.Tensor]) -> tuple[tuple[int, ...], list[tuple[str, nn.Module, list[Op] | None, tuple, tuple]], torch.Tensor]:
+def _trace_tail(
+    model: nn.Module, boundary: str, run: Callable[[], torch.Tensor]
+) -> tuple[tuple[int, ...], list[tuple[str, nn.Module, list[Op] | None, tuple, tuple]], torch.Tensor]:
     """Run the model; return the boundary module's output shape, the units called after it (name, module,
     ops, input shape, output shape) in call order, and the logits."""
     calls: list[tuple[str, nn.Module, list[Op] | None, tuple, tuple]] = []
@@ -126,10 +183,13 @@ def _trace_tail(model: nn.Module, boundary: str, run: Callable[[], torch.Tensor]
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if "shape" in state and args and isinstance(output, torch.Tensor):
                 calls.append((name, module, ops, tuple(args[0].shape), tuple(output.shape)))
+
         return hook
 
     handles = [model.get_submodule(boundary).register_forward_hook(after_boundary)]
-    handles += [module.register_forward_hook(make_hook(name, ops)) for name, (module, ops) in _units(model).items() if name]
+    handles += [
+        module.register_forward_hook(make_hook(name, ops)) for name, (module, ops) in _units(model).items() if name
+    ]
     try:
         logits = run()
     finally:
@@ -154,7 +214,14 @@ def _bridge(model: nn.Module, before: tuple, after: tuple, prefix_tokens: int, w
     raise ValueError(f"unsupported step {list(before)} -> {list(after)} {where}")
 
 
-def describe_head(model: nn.Module, run: Callable[[], torch.Tensor], boundary: str, prefix_tokens: int, grid: tuple[int, int], tokens_normed: bool) -> "TeacherHead":
+def describe_head(
+    model: nn.Module,
+    run: Callable[[], torch.Tensor],
+    boundary: str,
+    prefix_tokens: int,
+    grid: tuple[int, int],
+    tokens_normed: bool,
+) -> TeacherHead:
     """Record the model's head as a :class:`TeacherHead` (raises ValueError when a step is unsupported).
 
     Args:
@@ -179,7 +246,11 @@ def describe_head(model: nn.Module, run: Callable[[], torch.Tensor], boundary: s
         shape = after
     ops += _bridge(model, shape, tuple(logits.shape), prefix_tokens, "before the logits")
     attrs = {"input": layout, "prefix_tokens": prefix_tokens, "grid": list(grid), "ops": [op for op, _ in ops]}
-    tensors = {f"{index}.{name}": value.detach().cpu().float().numpy() for index, (_, params) in enumerate(ops) for name, value in params.items()}
+    tensors = {
+        f"{index}.{name}": value.detach().cpu().float().numpy()
+        for index, (_, params) in enumerate(ops)
+        for name, value in params.items()
+    }
     return TeacherHead(tensors, attrs)
 
 
@@ -236,18 +307,25 @@ class TeacherHead(nn.Module):
         if kind == "conv2d":
             return F.conv2d(x, get("weight"), get("bias"), op["stride"], op["padding"], op["dilation"], op["groups"])
         if kind == "batchnorm":
-            return F.batch_norm(x, get("running_mean"), get("running_var"), get("weight"), get("bias"), False, 0.0, op["eps"])
+            return F.batch_norm(
+                x, get("running_mean"), get("running_var"), get("weight"), get("bias"), False, 0.0, op["eps"]
+            )
         if kind == "layernorm":
             if op["channels_first"]:
-                return F.layer_norm(x.movedim(1, -1), (x.shape[1],), get("weight"), get("bias"), op["eps"]).movedim(-1, 1)
+                return F.layer_norm(x.movedim(1, -1), (x.shape[1],), get("weight"), get("bias"), op["eps"]).movedim(
+                    -1, 1
+                )
             return F.layer_norm(x, (x.shape[-1],), get("weight"), get("bias"), op["eps"])
         if kind == "act":
             return ACTIVATIONS[op["fn"]](x)
         if kind == "flatten":
             return x.flatten(1)
         if kind == "pool":
-            pooled = {"avg": lambda: x.mean((2, 3), keepdim=True), "max": lambda: x.amax((2, 3), keepdim=True),
-                      "avgmax": lambda: 0.5 * (x.mean((2, 3), keepdim=True) + x.amax((2, 3), keepdim=True))}[op["pool"]]()
+            pooled = {
+                "avg": lambda: x.mean((2, 3), keepdim=True),
+                "max": lambda: x.amax((2, 3), keepdim=True),
+                "avgmax": lambda: 0.5 * (x.mean((2, 3), keepdim=True) + x.amax((2, 3), keepdim=True)),
+            }[op["pool"]]()
             return pooled.flatten(1) if op["flatten"] else pooled
         return self._pool_tokens(x, op["pool"], int(op["prefix_tokens"]))
 

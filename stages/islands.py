@@ -6,6 +6,7 @@ with the same projection fitted on both, so equal colours mean equal directions.
 rows are images (each labelled), columns are the image then (student, teacher) per level, with a header row of
 titles, gaps between panels and a caption that says what the colours mean.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,37 +14,54 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from storage.cache import FeatureCache
-from storage.errors import ConfigError, InputError
-from storage.sources import decode_image
-from storage.stream import iter_cache
+from apmpipe.storage.cache import FeatureCache, is_zarr_group
+from apmpipe.storage.errors import ConfigError, InputError
+from apmpipe.storage.sources import decode_image
+from apmpipe.storage.stream import iter_cache
 
-from .student import check_student_matches, load_model
+from .inputs import PixelNormalizer
 from .preprocess import pixel_transform
 from .runtime import resolve_device
-from .inputs import PixelNormalizer
+from .student import check_student_matches, load_model
 
 GAP = 8  # pixels between panels
 HEADER = 22  # column titles
 LABEL = 18  # each row's sample label, above its panels
 CAPTION_LINE = 17
 FONT_SIZE = 13
-PALETTE = np.array([
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),
-    (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150),
-], dtype=np.uint8)
+PALETTE = np.array(
+    [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+        (174, 199, 232),
+        (255, 187, 120),
+        (152, 223, 138),
+        (255, 152, 150),
+    ],
+    dtype=np.uint8,
+)
 CAPTIONS = {
-    "pca": "Colours: the three main directions (PCA) of a level's tokens, fitted on all panels of that level and image together, "
-           "shown as red, green and blue. Locations of one colour carry similar tokens: an island of agreement.",
+    "pca": "Colours: the three main directions (PCA) of a level's tokens, fitted on all panels of that level "
+    "and image together, "
+    "shown as red, green and blue. Locations of one colour carry similar tokens: an island of agreement.",
     "kmeans": "Colours: k-means clusters of a level's tokens, fitted on all panels of that level and image together. "
-              "Locations of one colour fall in one cluster: an island of agreement.",
+    "Locations of one colour fall in one cluster: an island of agreement.",
 }
-TEACHER_CAPTION = " Student and teacher share the projection: where their colours match, the student reproduces the teacher."
+TEACHER_CAPTION = (
+    " Student and teacher share the projection: where their colours match, the student reproduces the teacher."
+)
 
 
 @dataclass
@@ -60,8 +78,11 @@ def _open_cache(sources: list[str], storage_options: dict) -> FeatureCache | Non
     """The feature cache when the one source is a Zarr group (local or fsspec URL), else None (image files)."""
     if len(sources) != 1:
         return None
-    fs, path = fsspec.core.url_to_fs(sources[0], **storage_options)
-    return FeatureCache.open(sources[0], storage_options=storage_options) if fs.exists(f"{path.rstrip('/')}/zarr.json") else None
+    return (
+        FeatureCache.open(sources[0], storage_options=storage_options)
+        if is_zarr_group(sources[0], storage_options)
+        else None
+    )
 
 
 def _conversions(originals: list[tuple[str, tuple[int, int]]], channels: int, size: tuple[int, int]) -> str:
@@ -69,16 +90,24 @@ def _conversions(originals: list[tuple[str, tuple[int, int]]], channels: int, si
     target = "grayscale" if channels == 1 else "RGB"
     recoloured = sorted({mode for mode, _ in originals if mode != ("L" if channels == 1 else "RGB")})
     resized = sum(dims != (size[1], size[0]) for _, dims in originals)
-    parts = ([f"{'/'.join(recoloured)} to {target}"] if recoloured else []) + ([f"{resized} resized to {size[0]}x{size[1]}"] if resized else [])
-    return f"images converted to the teacher's {channels}-channel {size[0]}x{size[1]} input: {', '.join(parts)}" if parts else ""
+    parts = ([f"{'/'.join(recoloured)} to {target}"] if recoloured else []) + (
+        [f"{resized} resized to {size[0]}x{size[1]}"] if resized else []
+    )
+    return (
+        f"images converted to the teacher's {channels}-channel {size[0]}x{size[1]} input: {', '.join(parts)}"
+        if parts
+        else ""
+    )
 
 
-def _load_inputs(sources: list[str], cache: FeatureCache | None, layout: dict[str, Any], count: int) -> tuple[np.ndarray, list[list[np.ndarray]] | None, list[str], str]:
+def _load_inputs(
+    sources: list[str], cache: FeatureCache | None, layout: dict[str, Any], count: int
+) -> tuple[np.ndarray, list[list[np.ndarray]] | None, list[str], str]:
     """uint8 pixels ``[N, C, H, W]``, teacher tokens per image per level (caches only), a title per image and
     what was converted (image files only)."""
     if cache is not None:
         pixels, teacher, names = [], [], []
-        for shard, start, data in iter_cache(cache, count, count):
+        for shard, _start, data in iter_cache(cache, count, count):
             pixels.append(data.pixels)
             teacher += [[t[i] for t in data.tokens] for i in range(len(data.labels))]
             names += [f"{shard}/{k}" for k in data.keys]
@@ -94,7 +123,12 @@ def _load_inputs(sources: list[str], cache: FeatureCache | None, layout: dict[st
             pixels.append(transform(decode_image(data, channels)).numpy())
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read image {source!r}: {exc}") from None
-    return np.stack(pixels), None, [Path(s).name for s in sources[:count]], _conversions(originals, channels, (height, width))
+    return (
+        np.stack(pixels),
+        None,
+        [Path(s).name for s in sources[:count]],
+        _conversions(originals, channels, (height, width)),
+    )
 
 
 def _project(mode: str, grids: list[np.ndarray], clusters: int) -> list[np.ndarray]:
@@ -118,7 +152,11 @@ def _project(mode: str, grids: list[np.ndarray], clusters: int) -> list[np.ndarr
 
 def _panel(array: np.ndarray, size: int, grid_lines: bool = False) -> Image.Image:
     """An ``[h, w, C]`` uint8 array as a ``size`` x ``size`` RGB panel (crisp cells, thin lines between them)."""
-    image = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).convert("RGB").resize((size, size), Image.Resampling.NEAREST)
+    image = (
+        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+        .convert("RGB")
+        .resize((size, size), Image.Resampling.NEAREST)
+    )
     h, w = array.shape[:2]
     if grid_lines and size >= 6 * max(h, w):  # lines only where cells are big enough to keep their colour
         draw = ImageDraw.Draw(image)
@@ -142,7 +180,15 @@ def _caption_lines(text: str, width_px: int, font: ImageFont.ImageFont | ImageFo
 
 
 def islands(
-    student: str, sources: list[str], out: str, *, images: int = 4, mode: str = "pca", clusters: int = 6, panel: int = 160, device: str = "auto",
+    student: str,
+    sources: list[str],
+    out: str,
+    *,
+    images: int = 4,
+    mode: str = "pca",
+    clusters: int = 6,
+    panel: int = 160,
+    device: str = "auto",
     storage_options: dict | None = None,
 ) -> IslandsResult:
     """Draw the islands figure for ``images`` inputs (a cache, or image files) and write it as PNG to ``out``.
@@ -165,11 +211,20 @@ def islands(
     predicted = model.predict_tokens(normalize(torch.from_numpy(pixels).to(dev)))
     levels = [lv["layer"] for lv in metadata["layout"]["levels"]]
     per_level = 2 if teacher is not None else 1
-    titles = ["image"] + [f"{who} L{layer}" for layer in levels for who in (("student", "teacher") if teacher is not None else ("student",))]
+    titles = ["image"] + [
+        f"{who} L{layer}"
+        for layer in levels
+        for who in (("student", "teacher") if teacher is not None else ("student",))
+    ]
     font = ImageFont.load_default(size=FONT_SIZE)
     width = GAP + len(titles) * (panel + GAP)
-    caption = _caption_lines(CAPTIONS[mode] + (TEACHER_CAPTION if teacher is not None else "") + f" Each square is one of the {cfg.grid[0]}x{cfg.grid[1]} locations.",
-                             width - 2 * GAP, font)
+    caption = _caption_lines(
+        CAPTIONS[mode]
+        + (TEACHER_CAPTION if teacher is not None else "")
+        + f" Each square is one of the {cfg.grid[0]}x{cfg.grid[1]} locations.",
+        width - 2 * GAP,
+        font,
+    )
     rows_bottom = HEADER + len(pixels) * (LABEL + panel + GAP)
     canvas = Image.new("RGB", (width, rows_bottom + GAP + len(caption) * CAPTION_LINE), "white")
     draw = ImageDraw.Draw(canvas)
@@ -185,9 +240,19 @@ def islands(
             if teacher is not None:
                 grids.append(teacher[row][li][cfg.prefix_tokens :].astype(np.float32).reshape(h, w, -1))
             for k, colours in enumerate(_project(mode, grids, clusters)):
-                canvas.paste(_panel(colours, panel, grid_lines=True), (GAP + (1 + li * per_level + k) * (panel + GAP), top + LABEL))
+                canvas.paste(
+                    _panel(colours, panel, grid_lines=True),
+                    (GAP + (1 + li * per_level + k) * (panel + GAP), top + LABEL),
+                )
     for i, line in enumerate(caption):
         draw.text((GAP, rows_bottom + i * CAPTION_LINE), line, fill="black", font=font)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
-    return IslandsResult(path=str(out), width=canvas.width, height=canvas.height, images=len(pixels), with_teacher=teacher is not None, converted=converted)
+    return IslandsResult(
+        path=str(out),
+        width=canvas.width,
+        height=canvas.height,
+        images=len(pixels),
+        with_teacher=teacher is not None,
+        converted=converted,
+    )

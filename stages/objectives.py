@@ -8,6 +8,7 @@
   the student's final-level tokens and the teacher's cached logits (the teacher itself is never built).
 * Pixel loss: MSE of the predicted pixels of the queried grid cells (the paper's f_rgb).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.errors import ConfigError
+from apmpipe.storage.errors import ConfigError
 
 from .apm import APM, patch_pixels
 
@@ -55,7 +56,7 @@ class LossConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LossConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LossConfig:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
@@ -64,7 +65,9 @@ def location_generator(seed: int, stream: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, stream, step)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def sample_locations(batch: int, prefix_tokens: int, grid_tokens: int, count: int, generator: torch.Generator) -> torch.Tensor | None:
+def sample_locations(
+    batch: int, prefix_tokens: int, grid_tokens: int, count: int, generator: torch.Generator
+) -> torch.Tensor | None:
     """``[B, prefix + count]`` token indices: every prefix token, then ``count`` random grid locations per image.
 
     None (query everything) when ``count`` is 0 or covers the grid.
@@ -109,7 +112,10 @@ class Losses:
 
     def record(self, layers: list[int]) -> dict[str, float]:
         """Plain floats for logging."""
-        out = {"loss": float(self.total.detach()), **{f"loss_level_{layer}": float(v.detach()) for layer, v in zip(layers, self.levels)}}
+        out = {
+            "loss": float(self.total.detach()),
+            **{f"loss_level_{layer}": float(v.detach()) for layer, v in zip(layers, self.levels, strict=True)},
+        }
         if self.logits is not None:
             out["loss_logits"] = float(self.logits.detach())
         if self.rgb is not None:
@@ -118,8 +124,14 @@ class Losses:
 
 
 def distillation_losses(
-    model: APM, out: dict[str, Any], targets: list[torch.Tensor], locations: torch.Tensor | None, images: torch.Tensor,
-    config: LossConfig, head: nn.Module | None = None, teacher_logits: torch.Tensor | None = None,
+    model: APM,
+    out: dict[str, Any],
+    targets: list[torch.Tensor],
+    locations: torch.Tensor | None,
+    images: torch.Tensor,
+    config: LossConfig,
+    head: nn.Module | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> Losses:
     """The objective for one batch.
 
@@ -134,15 +146,22 @@ def distillation_losses(
     """
     prefix = model.config.prefix_tokens
     levels = []
-    for scale, z, tokens, target in zip(model.scales, out["standardized"], out["tokens"], targets):
+    for scale, z, tokens, target in zip(model.scales, out["standardized"], out["tokens"], targets, strict=True):
         grid_mse, prefix_mse = _split_mse(z, scale.standardize(target, locations), prefix)
         loss = config.mse_weight * (grid_mse + (config.prefix_weight * prefix_mse if prefix_mse is not None else 0.0))
         if config.cosine_weight:
-            loss = loss + config.cosine_weight * (1 - F.cosine_similarity(tokens.float(), target.float(), dim=-1)).mean()
+            loss = (
+                loss + config.cosine_weight * (1 - F.cosine_similarity(tokens.float(), target.float(), dim=-1)).mean()
+            )
         levels.append(loss)
     total = sum(levels)
     logits = None
-    if config.logit_weight and head is not None and teacher_logits is not None and (locations is None or not head.needs_full_grid):
+    if (
+        config.logit_weight
+        and head is not None
+        and teacher_logits is not None
+        and (locations is None or not head.needs_full_grid)
+    ):
         logits = kd_loss(head(out["tokens"][-1]), teacher_logits, config.kd_temperature)
         total = total + config.logit_weight * logits
     rgb = None

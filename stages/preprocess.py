@@ -1,7 +1,9 @@
 """The teacher's geometric preprocessing, from timm's eval transform (no model is built)."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -14,5 +16,9 @@ def pixel_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torc
     """timm's eval transform without ToTensor/Normalize: PIL image -> uint8 ``[C, H, W]`` the teacher sees."""
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
     full = create_transform(**cfg, is_training=False)
-    geometric = [t for t in full.transforms if not isinstance(t, (ToTensor, MaybeToTensor, MaybePILToTensor, T.ToTensor, T.Normalize))]
+    geometric = [
+        t
+        for t in full.transforms
+        if not isinstance(t, (ToTensor, MaybeToTensor, MaybePILToTensor, T.ToTensor, T.Normalize))
+    ]
     return T.Compose([*geometric, T.PILToTensor()])

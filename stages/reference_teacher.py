@@ -6,6 +6,7 @@ grayscale images in about a minute on 2 CPU cores and saves it as a timm ``local
 with its data config + ``model.safetensors``, written by timm's own exporter) plus ``training.json`` (recipe,
 accuracy, time). :func:`reference_teacher` reuses a folder trained with the same recipe.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from storage.errors import ConfigError
+from apmpipe.storage.errors import ConfigError
 
 ARCHITECTURE = "vit_tiny_patch16_224"
 MEAN, STD = 0.5, 0.5
@@ -46,8 +47,16 @@ class ReferenceRecipe:
     seed: int = 0
 
     def model_args(self, num_classes: int) -> dict[str, Any]:
-        return {"img_size": self.image_size, "patch_size": self.patch_size, "in_chans": 1, "embed_dim": self.embed_dim,
-                "depth": self.depth, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio, "num_classes": num_classes}
+        return {
+            "img_size": self.image_size,
+            "patch_size": self.patch_size,
+            "in_chans": 1,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "num_classes": num_classes,
+        }
 
 
 def _normalise(images: np.ndarray) -> torch.Tensor:
@@ -65,7 +74,9 @@ def _fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
     """AdamW, one-cycle schedule, label smoothing; a seeded sample order."""
     steps_per_epoch = len(labels) // recipe.batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.1
+    )
     generator = torch.Generator().manual_seed(recipe.seed)
     model.train()
     for _ in range(recipe.epochs):
@@ -80,7 +91,10 @@ def _fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
 
 
 def train_reference_vit(
-    out_dir: str | Path, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], recipe: ReferenceRecipe = ReferenceRecipe(),
+    out_dir: str | Path,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    recipe: ReferenceRecipe = ReferenceRecipe(),
     data_note: str = "",
 ) -> dict[str, Any]:
     """Train the reference ViT on ``train`` (uint8 ``[N, H, W]`` images, int labels), save it to ``out_dir``.
@@ -89,7 +103,10 @@ def train_reference_vit(
     """
     images, labels = train
     if images.ndim != 3 or images.shape[1:] != (recipe.image_size, recipe.image_size):
-        raise ConfigError(f"the reference teacher trains on {recipe.image_size}x{recipe.image_size} grayscale images, got {images.shape[1:]}")
+        raise ConfigError(
+            f"the reference teacher trains on {recipe.image_size}x{recipe.image_size} grayscale images, "
+            f"got {images.shape[1:]}"
+        )
     num_classes = int(max(labels.max(), val[1].max())) + 1
     start = time.perf_counter()
     threads = torch.get_num_threads()
@@ -98,13 +115,24 @@ def train_reference_vit(
         model, record = _train(images, labels, val, recipe, num_classes)
     finally:
         torch.set_num_threads(threads)
-    record.update({"data": data_note, "seconds": time.perf_counter() - start, "torch": torch.__version__, "timm": timm.__version__})
+    record.update(
+        {
+            "data": data_note,
+            "seconds": time.perf_counter() - start,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+        }
+    )
     _save(model, Path(out_dir), recipe, record)
     return record
 
 
 def _train(
-    images: np.ndarray, labels: np.ndarray, val: tuple[np.ndarray, np.ndarray], recipe: ReferenceRecipe, num_classes: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray],
+    recipe: ReferenceRecipe,
+    num_classes: int,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model and its record (recipe, train/val top-1)."""
     with torch.random.fork_rng(devices=[]):
@@ -113,9 +141,14 @@ def _train(
         train_x, train_y = _normalise(images), torch.from_numpy(labels).long()
         _fit(model, train_x, train_y, recipe)
     return model, {
-        "architecture": ARCHITECTURE, "recipe": asdict(recipe), "num_classes": num_classes,
-        "train_top1": _accuracy(model, train_x, train_y), "val_top1": _accuracy(model, _normalise(val[0]), torch.from_numpy(val[1]).long()),
-        "train_images": int(len(labels)), "val_images": int(len(val[1])), "threads": TRAIN_THREADS,
+        "architecture": ARCHITECTURE,
+        "recipe": asdict(recipe),
+        "num_classes": num_classes,
+        "train_top1": _accuracy(model, train_x, train_y),
+        "val_top1": _accuracy(model, _normalise(val[0]), torch.from_numpy(val[1]).long()),
+        "train_images": int(len(labels)),
+        "val_images": int(len(val[1])),
+        "threads": TRAIN_THREADS,
     }
 
 
@@ -123,9 +156,22 @@ def _save(model: torch.nn.Module, out_dir: Path, recipe: ReferenceRecipe, record
     """Write the folder next to ``out_dir`` and rename it into place (a killed run leaves no half folder)."""
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    data_config = {"input_size": (1, recipe.image_size, recipe.image_size), "mean": (MEAN,), "std": (STD,), "interpolation": "bicubic", "crop_pct": 1.0}
+    data_config = {
+        "input_size": (1, recipe.image_size, recipe.image_size),
+        "mean": (MEAN,),
+        "std": (STD,),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+    }
     identity = {"pretrained_cfg": {"tag": "apmpipe-reference", "license": "apache-2.0"}}
-    timm.models.save_for_hf(model, str(staging), model_config=identity, model_args=recipe.model_args(record["num_classes"]), safe_serialization=True, data_config=data_config)
+    timm.models.save_for_hf(
+        model,
+        str(staging),
+        model_config=identity,
+        model_args=recipe.model_args(record["num_classes"]),
+        safe_serialization=True,
+        data_config=data_config,
+    )
     (staging / TRAINING_FILE).write_text(json.dumps(record, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)

@@ -1,4 +1,5 @@
 """Where code runs: device selection and torchrun (DDP) process-group setup."""
+
 from __future__ import annotations
 
 import os
@@ -6,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from storage.errors import ConfigError
+from apmpipe.storage.errors import ConfigError
 
 
 def resolve_device(device: str) -> torch.device:

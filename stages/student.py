@@ -1,13 +1,14 @@
 """A trained student on disk: loading it with its metadata and checking that it fits a cache."""
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from storage.cache import FeatureCache
-from storage.checkpoint import load_student
-from storage.errors import ModelError
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.checkpoint import load_student
+from apmpipe.storage.errors import ModelError
 
 from .apm import APM, APMConfig
 from .objectives import LossConfig
@@ -21,7 +22,9 @@ def load_model(path: str, device: torch.device) -> tuple[APM, dict[str, Any]]:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise ModelError(f"student {path!r} was saved by another apmpipe version ({detail[:120]}); retrain it with apmpipe train") from None
+        raise ModelError(
+            f"student {path!r} was saved by another apmpipe version ({detail[:120]}); retrain it with apmpipe train"
+        ) from None
     return model.to(device).eval(), metadata
 
 

@@ -6,14 +6,15 @@ tokens such as CLS/registers first, then the patch grid row-major; ConvNet featu
 logits when the model has a head, and the data config (size, crop, interpolation, mean/std) that timm
 derives from the model's pretrained config.
 """
+
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import timm
 import torch
@@ -21,11 +22,12 @@ from PIL import Image
 from timm.data import resolve_data_config
 from torch import nn
 
-from storage.cache import LevelLayout
-from storage.errors import ConfigError, ModelError
+from apmpipe.storage.cache import LevelLayout
+from apmpipe.storage.errors import ConfigError, ModelError
 
 from .extract_config import LOCAL_DIR, TeacherConfig  # noqa: F401 (TeacherConfig is public here too)
 from .head import TeacherHead, describe_head
+from .inputs import PixelNormalizer
 from .preprocess import pixel_transform
 from .runtime import resolve_device
 
@@ -41,7 +43,10 @@ def _weights_sha256(model: nn.Module) -> str:
 
 
 HUB_TIMEOUT_S = 3.0  # an answer from the hub within this long means downloads can go ahead
-WEIGHTS_HINT = "download them where there is network and pass --checkpoint FILE or --teacher local-dir:FOLDER, or use --no-pretrained"
+WEIGHTS_HINT = (
+    "download them where there is network and pass --checkpoint FILE or --teacher local-dir:FOLDER, or use "
+    "--no-pretrained"
+)
 
 
 def _cached_hub_file(repo: str, filename: str | None) -> str | None:
@@ -49,7 +54,9 @@ def _cached_hub_file(repo: str, filename: str | None) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
     repo_id, _, revision = repo.partition("@")
-    for name in (filename,) if filename else ("model.safetensors", "pytorch_model.bin"):  # the files timm fetches, in its order
+    for name in (
+        (filename,) if filename else ("model.safetensors", "pytorch_model.bin")
+    ):  # the files timm fetches, in its order
         path = try_to_load_from_cache(repo_id, name, revision=revision or None)
         if isinstance(path, str):
             return path
@@ -80,7 +87,7 @@ def _pretrained_source(config: TeacherConfig) -> dict[str, Any]:
     if config.name.startswith("hf-hub:"):
         if constants.HF_HUB_OFFLINE:
             return {}  # the model's config and weights come from the local cache, or timm says they are missing
-        repo = config.name[len("hf-hub:"):]
+        repo = config.name[len("hf-hub:") :]
     else:
         cfg = timm.models.get_pretrained_cfg(config.name)
         repo = getattr(cfg, "hf_hub_id", None)
@@ -90,11 +97,17 @@ def _pretrained_source(config: TeacherConfig) -> dict[str, Any]:
         if cached:
             return {"pretrained_cfg_overlay": {"file": cached}}
         if constants.HF_HUB_OFFLINE:
-            raise ModelError(f"HF_HUB_OFFLINE is set and the pretrained weights of {config.name!r} are not in the local Hugging Face cache; {WEIGHTS_HINT}")
+            raise ModelError(
+                f"HF_HUB_OFFLINE is set and the pretrained weights of {config.name!r} are not in the "
+                f"local Hugging Face cache; {WEIGHTS_HINT}"
+            )
     problem = _hub_problem(constants.ENDPOINT)
     if problem:
         cached = " (already in the local cache? set HF_HUB_OFFLINE=1)" if config.name.startswith("hf-hub:") else ""
-        raise ModelError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} for the weights of {config.name!r} ({problem}); {WEIGHTS_HINT}{cached}")
+        raise ModelError(
+            f"cannot reach the Hugging Face hub at {constants.ENDPOINT} for the weights of "
+            f"{config.name!r} ({problem}); {WEIGHTS_HINT}{cached}"
+        )
     return {}
 
 
@@ -104,7 +117,10 @@ def _create(config: TeacherConfig) -> nn.Module:
     pretrained = config.pretrained and not config.checkpoint
     if ":" not in config.name and not timm.is_model(config.name):
         close = timm.list_models(f"*{config.name.split('.')[0][:12]}*")[:3]
-        raise ModelError(f"unknown timm model {config.name!r}; see timm.list_models(){' (close: ' + ', '.join(close) + ')' if close else ''}")
+        raise ModelError(
+            f"unknown timm model {config.name!r}; see "
+            f"timm.list_models(){' (close: ' + ', '.join(close) + ')' if close else ''}"
+        )
     source = _pretrained_source(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -115,15 +131,22 @@ def _create(config: TeacherConfig) -> nn.Module:
         except Exception as exc:
             if not pretrained:
                 raise
-            hint = "check that the folder holds timm's config.json and its weights file" if config.name.startswith(LOCAL_DIR) else WEIGHTS_HINT
+            hint = (
+                "check that the folder holds timm's config.json and its weights file"
+                if config.name.startswith(LOCAL_DIR)
+                else WEIGHTS_HINT
+            )
             raise ModelError(
-                f"could not obtain pretrained weights for {config.name!r} ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120].strip()}); {hint}"
+                f"could not obtain pretrained weights for {config.name!r} ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:120].strip()}); {hint}"
             ) from None
     if config.checkpoint:
         try:
             timm.models.load_checkpoint(model, config.checkpoint, weights_only=True)
         except Exception as exc:
-            raise ModelError(f"--checkpoint {config.checkpoint!r} does not fit {config.name!r}: {str(exc).splitlines()[0][:160]}") from None
+            raise ModelError(
+                f"--checkpoint {config.checkpoint!r} does not fit {config.name!r}: {str(exc).splitlines()[0][:160]}"
+            ) from None
     return model.eval().requires_grad_(False)
 
 
@@ -148,7 +171,9 @@ def _in_chans(model: nn.Module) -> int:
     module = model.get_submodule(first) if first else None
     chans = getattr(module, "in_channels", None) or getattr(model, "in_chans", None)
     if chans not in (1, 3):
-        raise ModelError(f"teacher expects {chans} input channels; apmpipe feeds 1 (grayscale) or 3 (RGB) channel images")
+        raise ModelError(
+            f"teacher expects {chans} input channels; apmpipe feeds 1 (grayscale) or 3 (RGB) channel images"
+        )
     return int(chans)
 
 
@@ -158,7 +183,9 @@ def resolve_layers(layers: tuple[int, ...], depth: int, name: str) -> tuple[int,
     for layer in layers:
         number = depth + 1 + layer if layer < 0 else layer
         if layer == 0 or not 1 <= number <= depth:
-            raise ConfigError(f"--layers {layer}: teacher {name!r} has {depth} levels; pick from 1..{depth} (1-based) or -1..-{depth}")
+            raise ConfigError(
+                f"--layers {layer}: teacher {name!r} has {depth} levels; pick from 1..{depth} (1-based) or -1..-{depth}"
+            )
         resolved.append(number)
     return tuple(sorted(set(resolved)))
 
@@ -174,11 +201,21 @@ class Teacher:
         amp: autocast (bfloat16) on CUDA.
     """
 
-    def __init__(self, config: TeacherConfig, layers: tuple[int, ...], final_norm: bool = False, device: str = "auto", amp: bool = True) -> None:
+    def __init__(
+        self,
+        config: TeacherConfig,
+        layers: tuple[int, ...],
+        final_norm: bool = False,
+        device: str = "auto",
+        amp: bool = True,
+    ) -> None:
         self.config = config
         self.model = _create(config)
         if not hasattr(self.model, "forward_intermediates"):
-            raise ModelError(f"teacher {config.name!r} has no forward_intermediates in this timm; pick a ViT or another model that has it")
+            raise ModelError(
+                f"teacher {config.name!r} has no forward_intermediates in this timm; pick a ViT or "
+                "another model that has it"
+            )
         self.depth = len(self.model.feature_info)
         self.layers = resolve_layers(layers, self.depth, config.name)
         self.final_norm = final_norm
@@ -189,8 +226,7 @@ class Teacher:
         self.device = resolve_device(device)
         self.amp = amp and self.device.type == "cuda"
         self.model.to(self.device)
-        self._mean = torch.tensor(self.data_config["mean"], device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(self.data_config["std"], device=self.device).view(1, -1, 1, 1)
+        self._normalizer = PixelNormalizer(self.data_config).to(self.device)
         params = inspect.signature(self.model.forward_intermediates).parameters
         self._prefix_kw = {"return_prefix_tokens": True} if "return_prefix_tokens" in params else {}
         self.levels = self._probe_levels()
@@ -213,7 +249,9 @@ class Teacher:
             "architecture": cfg.get("architecture", type(self.model).__name__),
             "model_kwargs": dict(self.config.model_kwargs),
             "pretrained_tag": cfg.get("tag") or cfg.get("hf_hub_id") or "",
-            "weights": "pretrained" if self.config.pretrained and not self.config.checkpoint else ("checkpoint" if self.config.checkpoint else f"random-init(seed={self.config.seed})"),
+            "weights": "pretrained"
+            if self.config.pretrained and not self.config.checkpoint
+            else ("checkpoint" if self.config.checkpoint else f"random-init(seed={self.config.seed})"),
             "weights_sha256": self.weights_sha256,
         }
 
@@ -221,9 +259,8 @@ class Teacher:
         return pixel_transform(self.data_config)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, C, H, W]`` -> normalised float on the teacher's device."""
-        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
-        return (x - self._mean) / self._std
+        """uint8 ``[B, C, H, W]`` -> normalised float on the teacher's device (the student's normaliser)."""
+        return self._normalizer(pixels)
 
     @staticmethod
     def _as_tokens(feature: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -242,7 +279,12 @@ class Teacher:
         indices = [layer - 1 for layer in self.layers]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp if amp is None else amp):
             out = self.model.forward_intermediates(
-                x, indices=indices, norm=self.final_norm, output_fmt="NCHW", intermediates_only=not self.num_classes, **self._prefix_kw
+                x,
+                indices=indices,
+                norm=self.final_norm,
+                output_fmt="NCHW",
+                intermediates_only=not self.num_classes,
+                **self._prefix_kw,
             )
             if self.num_classes:
                 final, features = out
@@ -255,15 +297,22 @@ class Teacher:
         with torch.inference_mode():
             features = self.model.forward_intermediates(
                 self.normalize(torch.zeros((1, *self.pixel_shape), dtype=torch.uint8)),
-                indices=[layer - 1 for layer in self.layers], output_fmt="NCHW", intermediates_only=True, **self._prefix_kw,
+                indices=[layer - 1 for layer in self.layers],
+                output_fmt="NCHW",
+                intermediates_only=True,
+                **self._prefix_kw,
             )
         levels = []
-        for layer, feature in zip(self.layers, features):
+        for layer, feature in zip(self.layers, features, strict=True):
             spatial, prefix = feature if isinstance(feature, tuple) else (feature, None)
-            levels.append(LevelLayout(
-                layer=layer, prefix_tokens=0 if prefix is None else int(prefix.shape[1]),
-                grid=(int(spatial.shape[2]), int(spatial.shape[3])), dim=int(spatial.shape[1]),
-            ))
+            levels.append(
+                LevelLayout(
+                    layer=layer,
+                    prefix_tokens=0 if prefix is None else int(prefix.shape[1]),
+                    grid=(int(spatial.shape[2]), int(spatial.shape[3])),
+                    dim=int(spatial.shape[1]),
+                )
+            )
         return tuple(levels)
 
     def head(self) -> tuple[TeacherHead | None, str]:
@@ -288,11 +337,15 @@ class Teacher:
 
         @torch.inference_mode()
         def run() -> torch.Tensor:  # the path extraction takes, float32, intermediates un-normed
-            final, _ = self.model.forward_intermediates(self.normalize(pixels), indices=[self.depth - 1], norm=False, output_fmt="NCHW", **self._prefix_kw)
+            final, _ = self.model.forward_intermediates(
+                self.normalize(pixels), indices=[self.depth - 1], norm=False, output_fmt="NCHW", **self._prefix_kw
+            )
             return self.model.forward_head(final)
 
         level = self.levels[-1]
-        head = describe_head(self.model, run, self.model.feature_info[-1]["module"], level.prefix_tokens, level.grid, self.final_norm)
+        head = describe_head(
+            self.model, run, self.model.feature_info[-1]["module"], level.prefix_tokens, level.grid, self.final_norm
+        )
         tokens, logits = self.forward(pixels, amp=False)  # compare in float32: autocast noise is not a head mismatch
         with torch.inference_mode():
             rebuilt = head.to(self.device)(tokens[-1])
@@ -302,15 +355,25 @@ class Teacher:
         return head.cpu()
 
 
-_BUILD_LOCK = threading.Lock()  # random init seeds torch's global RNG: two threads building at once get other weights
+# Random init seeds torch's global RNG, which is process-wide: two threads building at once (pools of a driver
+# and an in-process dask worker included) would get other weights. The lock guards that process state.
+_BUILD_LOCK = threading.Lock()
 
 
-def cached_teacher(config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
-    """One teacher per process and configuration (dask workers reuse it across tasks, threads included)."""
-    with _BUILD_LOCK:
-        return _cached_teacher(config, layers, final_norm, device, amp)
+class TeacherPool:
+    """Teachers built once per configuration and kept by whoever holds the pool (an extraction run, a dask
+    worker), so shards and tasks reuse one teacher; safe to share between threads."""
 
+    def __init__(self, size: int = 2) -> None:
+        self._size = size
+        self._teachers: dict[tuple[Any, ...], Teacher] = {}
 
-@functools.lru_cache(maxsize=2)
-def _cached_teacher(config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
-    return Teacher(config, layers, final_norm=final_norm, device=device, amp=amp)
+    def get(self, config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
+        """The teacher for these options, built on first use (the oldest is dropped beyond ``size``)."""
+        key = (config, tuple(layers), final_norm, device, amp)
+        with _BUILD_LOCK:
+            if key not in self._teachers:
+                if len(self._teachers) >= self._size:
+                    self._teachers.pop(next(iter(self._teachers)))
+                self._teachers[key] = Teacher(config, layers, final_norm=final_norm, device=device, amp=amp)
+            return self._teachers[key]

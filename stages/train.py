@@ -3,28 +3,33 @@
 Run: ``apmpipe train CACHE... --out RUN_DIR`` (or under ``torchrun --nproc-per-node N`` for DDP). The whole
 loop is :func:`train`: set up (stream, student fitted to the caches' target scales, frozen teacher head),
 resume, then one loop over steps that checkpoints and finally exports. Targets, the exact teacher input
-pixels and the teacher's logits come from the cache (``storage.stream``); this module never imports timm.
+pixels and the teacher's logits come from the cache (``apmpipe.storage.stream``); this module never imports timm.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
+import tomllib
 import types
 import typing
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from storage.cache import FeatureCache
-from storage.checkpoint import RunDir
-from storage.errors import CacheError, ConfigError, ModelError, require_at_least
-from storage.stream import CacheStream, StreamPosition
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.checkpoint import RunDir
+from apmpipe.storage.errors import CacheError, ConfigError, ModelError, require_at_least
+from apmpipe.storage.remote import route_storage_options
+from apmpipe.storage.stream import CacheStream, StreamPosition
 
 from .apm import APM, config_for_cache
 from .head import TeacherHead
@@ -94,12 +99,45 @@ class TrainConfig:
         return [f.name for f in fields(cls) if f.name != "loss"] + [f.name for f in fields(LossConfig)]
 
     @classmethod
-    def from_options(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_options(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from flat options (loss weights beside the rest), checking every value's type (TOML files too)."""
         values = {k: _checked(k, v) for k, v in values.items()}
         loss_names = {f.name for f in fields(LossConfig)}
         loss = LossConfig(**{k: v for k, v in values.items() if k in loss_names})
         return cls(**{k: v for k, v in values.items() if k not in loss_names}, loss=loss)
+
+    @classmethod
+    def from_file_and_options(
+        cls, options: dict[str, Any], path: str | os.PathLike | None = None, given: Collection[str] = ()
+    ) -> TrainConfig:
+        """Options from a command line over a TOML file of options: a file value replaces every option whose
+        name is not in ``given`` (those set on the command line); ``caches`` and ``out`` only come from
+        ``options``. The file's ``storage_options`` table adds to ``options["storage_options"]`` (which wins)."""
+        merged = dict(options)
+        for key, value in _read_toml(path).items() if path is not None else ():
+            name = key.replace("-", "_")
+            if name in ("caches", "out"):
+                raise ConfigError(
+                    f"--config {path}: give {name} on the command line (apmpipe train CACHE... --out "
+                    "RUN), not in the file"
+                )
+            if name == "storage_options" and isinstance(value, dict):
+                merged["storage_options"] = {**route_storage_options(value), **merged.get("storage_options", {})}
+            elif name not in cls.option_names():
+                raise ConfigError(f"--config {path}: unknown option {key!r}; see apmpipe train --help")
+            elif name not in given:
+                merged[name] = value
+        return cls.from_options(merged)
+
+
+def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
 
 
 def _option_types() -> dict[str, Any]:
@@ -113,7 +151,11 @@ def _checked(name: str, value: Any) -> Any:
         raise ConfigError(f"unknown training option {name!r}; see apmpipe train --help")
     if value is None and type(None) in typing.get_args(expected):
         return value
-    base = next((t for t in typing.get_args(expected) if t is not type(None)), expected) if typing.get_origin(expected) in (typing.Union, types.UnionType) else expected
+    base = (
+        next((t for t in typing.get_args(expected) if t is not type(None)), expected)
+        if typing.get_origin(expected) in (typing.Union, types.UnionType)
+        else expected
+    )
     origin = typing.get_origin(base) or base
     if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -165,7 +207,9 @@ def warmup_for(total_steps: int, config: TrainConfig) -> int:
     return min(config.warmup_steps, max(1, int(WARMUP_FRACTION * total_steps)))
 
 
-def make_optimizer(model: APM, config: TrainConfig, total_steps: int, device: torch.device) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(
+    model: APM, config: TrainConfig, total_steps: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (no decay on biases) with warmup + cosine."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -186,14 +230,28 @@ def teacher_head(url: str, config: TrainConfig, device: torch.device) -> Teacher
 def fit_target_scales(model: APM, stream: CacheStream, standardize: bool = True) -> None:
     """Standardise each level's targets with the training caches' moments (stored in the student, with the
     mean-token baseline); ``standardize=False`` trains on raw targets."""
-    for scale, moments in zip(model.scales, stream.moments):
-        scale.fit(torch.from_numpy(moments.mean).float(), torch.from_numpy(moments.variance).float(), model.config.prefix_tokens, standardize)
+    for scale, moments in zip(model.scales, stream.moments, strict=True):
+        scale.fit(
+            torch.from_numpy(moments.mean).float(),
+            torch.from_numpy(moments.variance).float(),
+            model.config.prefix_tokens,
+            standardize,
+        )
 
 
 def train_step(
-    net: torch.nn.Module, model: APM, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR | None,
-    images: torch.Tensor, targets: list[torch.Tensor], locations: torch.Tensor | None, loss_config: LossConfig, amp: bool,
-    clip_grad: float = 1.0, head: TeacherHead | None = None, teacher_logits: torch.Tensor | None = None,
+    net: torch.nn.Module,
+    model: APM,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None,
+    images: torch.Tensor,
+    targets: list[torch.Tensor],
+    locations: torch.Tensor | None,
+    loss_config: LossConfig,
+    amp: bool,
+    clip_grad: float = 1.0,
+    head: TeacherHead | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> Losses:
     """One optimisation step on normalised images and teacher tokens ``[B, T, D]`` per level; returns the loss terms."""
     targets = [gather_tokens(t, locations) for t in targets]
@@ -216,7 +274,9 @@ def _check_same_plan(stream: CacheStream, world: int) -> None:
         plans: list[str] = [""] * world
         dist.all_gather_object(plans, stream.fingerprint())
         if len(set(plans)) > 1:
-            raise CacheError("DDP ranks see different complete shards (is extraction still running?); finish the caches, then train")
+            raise CacheError(
+                "DDP ranks see different complete shards (is extraction still running?); finish the caches, then train"
+            )
 
 
 @dataclass
@@ -241,24 +301,55 @@ class _Run:
     position: StreamPosition = StreamPosition()
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "position": self.position.to_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state()}, "config": self.config.to_dict(), "model_config": self.model.config.to_dict(),
-                "layout": self.stream.spec.layout(), "world_size": self.world, "plan": self.stream.fingerprint()}
+        return {
+            "step": self.step,
+            "position": self.position.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "config": self.config.to_dict(),
+            "model_config": self.model.config.to_dict(),
+            "layout": self.stream.spec.layout(),
+            "world_size": self.world,
+            "plan": self.stream.fingerprint(),
+        }
 
     def metadata(self) -> dict[str, Any]:
-        return {"model_config": self.model.config.to_dict(), "layout": self.stream.spec.layout(), "train_config": self.config.to_dict(),
-                "loss_config": self.config.loss.to_dict(), "step": self.step}
+        return {
+            "model_config": self.model.config.to_dict(),
+            "layout": self.stream.spec.layout(),
+            "train_config": self.config.to_dict(),
+            "loss_config": self.config.loss.to_dict(),
+            "step": self.step,
+        }
 
 
 def _set_up(config: TrainConfig) -> _Run:
     rank, world, device = setup_distributed(config.device)
-    stream = CacheStream(config.caches, config.batch_size, config.window_samples, config.seed, rank, world,
-                         storage_options=config.storage_options, logits=config.loss.logit_weight > 0)
-    model_cfg = config_for_cache(stream.spec, config.preset, hidden=config.hidden, trigger_channels=config.trigger_channels,
-                                 pos_dim=config.pos_dim, level_mode=config.level_mode, rgb=config.loss.rgb_weight > 0)
+    stream = CacheStream(
+        config.caches,
+        config.batch_size,
+        config.window_samples,
+        config.seed,
+        rank,
+        world,
+        storage_options=config.storage_options,
+        logits=config.loss.logit_weight > 0,
+    )
+    model_cfg = config_for_cache(
+        stream.spec,
+        config.preset,
+        hidden=config.hidden,
+        trigger_channels=config.trigger_channels,
+        pos_dim=config.pos_dim,
+        level_mode=config.level_mode,
+        rgb=config.loss.rgb_weight > 0,
+    )
     run_dir = RunDir(config.out)
     if run_dir.has_checkpoint() and not config.resume:
-        raise ConfigError(f"{config.out} already holds a training run; pass --resume to continue it or choose another --out")
+        raise ConfigError(
+            f"{config.out} already holds a training run; pass --resume to continue it or choose another --out"
+        )
     _check_same_plan(stream, world)
     _, total_steps = planned_steps(stream, config)
     torch.manual_seed(config.seed)
@@ -266,13 +357,42 @@ def _set_up(config: TrainConfig) -> _Run:
     fit_target_scales(model, stream, config.standardize)
     model = model.to(device)
     optimizer, scheduler = make_optimizer(model, config, total_steps, device)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    net = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
     net = torch.compile(net) if config.compile else net
-    return _Run(config, rank, world, device, stream, model, net, PixelNormalizer(stream.spec.data_config).to(device),
-                teacher_head(stream.urls[0], config, device), optimizer, scheduler, run_dir, total_steps, config.amp and device.type == "cuda")
+    return _Run(
+        config,
+        rank,
+        world,
+        device,
+        stream,
+        model,
+        net,
+        PixelNormalizer(stream.spec.data_config).to(device),
+        teacher_head(stream.urls[0], config, device),
+        optimizer,
+        scheduler,
+        run_dir,
+        total_steps,
+        config.amp and device.type == "cuda",
+    )
 
 
-RESUME_MAY_CHANGE = ("caches", "out", "resume", "device", "amp", "compile", "loader_workers", "log_every", "checkpoint_every", "checkpoint_minutes")
+RESUME_MAY_CHANGE = (
+    "caches",
+    "out",
+    "resume",
+    "device",
+    "amp",
+    "compile",
+    "loader_workers",
+    "log_every",
+    "checkpoint_every",
+    "checkpoint_minutes",
+)
 
 
 def flat_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -283,7 +403,11 @@ def flat_options(options: dict[str, Any]) -> dict[str, Any]:
 def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``--name NOW (run: SAVED)`` for every option that would change a resumed run's result."""
     old, new = flat_options(saved), flat_options(now)
-    return [f"--{k.replace('_', '-')} {new[k]} (run: {old[k]})" for k in new if k in old and k not in RESUME_MAY_CHANGE and new[k] != old[k]]
+    return [
+        f"--{k.replace('_', '-')} {new[k]} (run: {old[k]})"
+        for k in new
+        if k in old and k not in RESUME_MAY_CHANGE and new[k] != old[k]
+    ]
 
 
 def _resume(run: _Run) -> None:
@@ -292,9 +416,15 @@ def _resume(run: _Run) -> None:
     changes = changed_options(state["config"], run.config.to_dict())
     if state["model_config"] != run.model.config.to_dict() or state["layout"] != run.stream.spec.layout():
         listed = f" ({', '.join(changes)})" if changes else ""
-        raise ModelError(f"the checkpoint in {run.config.out} was trained for another student or teacher layout than these caches{listed}; use another --out")
+        raise ModelError(
+            f"the checkpoint in {run.config.out} was trained for another student or teacher layout than "
+            f"these caches{listed}; use another --out"
+        )
     if changes:
-        raise ConfigError(f"--resume would change the run in {run.config.out}: {', '.join(changes)}; resume with the run's options or train into another --out")
+        raise ConfigError(
+            f"--resume would change the run in {run.config.out}: {', '.join(changes)}; resume with the "
+            "run's options or train into another --out"
+        )
     run.model.load_state_dict(weights)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -302,7 +432,11 @@ def _resume(run: _Run) -> None:
     run.step = int(state["step"])
     run.position = StreamPosition(**state["position"])
     if state.get("plan") != run.stream.fingerprint():  # caches, batch or world size changed: that epoch's plan differs
-        _logger.warning("the data plan changed since the checkpoint (caches, batch size or world size); restarting epoch %d from its start", run.position.epoch)
+        _logger.warning(
+            "the data plan changed since the checkpoint (caches, batch size or world size); restarting "
+            "epoch %d from its start",
+            run.position.epoch,
+        )
         run.position = StreamPosition(run.position.epoch, 0, 0)
     if run.rank == 0:
         run.run_dir.truncate_metrics(run.step)
@@ -328,17 +462,35 @@ def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logi
     """One optimiser step on a batch with this step's locations (seeded by seed, rank and step)."""
     cfg = run.model.config
     generator = location_generator(run.config.seed, run.rank, run.step)
-    locations = sample_locations(images.shape[0], cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, run.config.locations, generator)
+    locations = sample_locations(
+        images.shape[0], cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, run.config.locations, generator
+    )
     locations = None if locations is None else locations.to(run.device)
-    losses = train_step(run.net, run.model, run.optimizer, run.scheduler, images, targets, locations, run.config.loss, run.amp,
-                        run.config.clip_grad, run.head, logits)
+    losses = train_step(
+        run.net,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        images,
+        targets,
+        locations,
+        run.config.loss,
+        run.amp,
+        run.config.clip_grad,
+        run.head,
+        logits,
+    )
     run.step += 1
     return losses
 
 
 def _batches(run: _Run):
     """(stream position after the batch, batch) from the current position to the end of training, epoch after epoch."""
-    loader_kwargs: dict[str, Any] = {"batch_size": None, "num_workers": run.config.loader_workers, "pin_memory": run.device.type == "cuda"}
+    loader_kwargs: dict[str, Any] = {
+        "batch_size": None,
+        "num_workers": run.config.loader_workers,
+        "pin_memory": run.device.type == "cuda",
+    }
     if run.config.loader_workers:
         loader_kwargs["prefetch_factor"] = 1  # items are whole windows: one ahead per worker bounds memory
     while True:
@@ -350,8 +502,11 @@ def _batches(run: _Run):
 
 
 def train(
-    config: TrainConfig, on_step: StepCallback | None = None, on_start: Callable[[APM, int], None] | None = None,
-    on_resume: Callable[[int, int], None] | None = None, stop_requested: Callable[[], int] | None = None,
+    config: TrainConfig,
+    on_step: StepCallback | None = None,
+    on_start: Callable[[APM, int], None] | None = None,
+    on_resume: Callable[[int, int], None] | None = None,
+    stop_requested: Callable[[], int] | None = None,
 ) -> TrainSummary:
     """Train (or resume) a student on ``config.caches``; returns what the CLI summarises.
 
@@ -377,7 +532,7 @@ def train(
     start, samples, first_loss, last_loss = time.perf_counter(), 0, float("nan"), float("nan")
     layers, waited, ready = [level.layer for level in run.stream.spec.levels], 0.0, time.perf_counter()
     saved, stop = time.monotonic(), False
-    for position, batch in (_batches(run) if run.step < run.total_steps else ()):
+    for position, batch in _batches(run) if run.step < run.total_steps else ():
         waited += time.perf_counter() - ready  # the step waited this long for the loader
         images = run.normalize(batch["pixels"].to(run.device, non_blocking=True))
         targets = [t.to(run.device, non_blocking=True) for t in batch["tokens"]]
@@ -388,8 +543,14 @@ def train(
             last_loss = record["loss"]
             first_loss = last_loss if math.isnan(first_loss) else first_loss
             if run.rank == 0 and (run.step % config.log_every == 0 or run.step == run.total_steps):
-                record = {"step": run.step, "epoch": position.epoch, "lr": run.scheduler.get_last_lr()[0], **record,
-                          "samples_per_s": samples / max(time.perf_counter() - start, 1e-9), "data_wait_s": waited}
+                record = {
+                    "step": run.step,
+                    "epoch": position.epoch,
+                    "lr": run.scheduler.get_last_lr()[0],
+                    **record,
+                    "samples_per_s": samples / max(time.perf_counter() - start, 1e-9),
+                    "data_wait_s": waited,
+                }
                 waited = 0.0
                 run.run_dir.append_metrics(record)
                 if on_step:
@@ -398,8 +559,17 @@ def train(
                 break
         run.position = position
         samples += images.shape[0] * run.world * (run.step - first_step)  # trained samples, echoes included
-        stop, due = _agreed(run, bool(stop_requested and stop_requested()), 0 < config.checkpoint_minutes * 60 <= time.monotonic() - saved)
-        if stop or due or run.step // config.checkpoint_every > first_step // config.checkpoint_every or run.step >= run.total_steps:
+        stop, due = _agreed(
+            run,
+            bool(stop_requested and stop_requested()),
+            0 < config.checkpoint_minutes * 60 <= time.monotonic() - saved,
+        )
+        if (
+            stop
+            or due
+            or run.step // config.checkpoint_every > first_step // config.checkpoint_every
+            or run.step >= run.total_steps
+        ):
             _checkpoint(run)  # at batch boundaries only: a resumed run restarts exactly after a whole (echoed) batch
             saved = time.monotonic()
         if stop or run.step >= run.total_steps:
@@ -407,9 +577,23 @@ def train(
         ready = time.perf_counter()
 
     stopped_by = ((stop_requested and stop_requested()) or int(signal.SIGTERM)) if stop else 0
-    student = str(run.run_dir.save_student(run.model.state_dict(), run.metadata())) if run.rank == 0 and not stopped_by else ""
+    student = (
+        str(run.run_dir.save_student(run.model.state_dict(), run.metadata()))
+        if run.rank == 0 and not stopped_by
+        else ""
+    )
     if run.world > 1:
         dist.barrier()
-    return TrainSummary(run_dir=config.out, steps=run.step, epochs_done=run.step / (run.stream.steps_per_epoch() * config.echo), seconds=time.perf_counter() - start,
-                        samples=samples, first_loss=first_loss, last_loss=last_loss, params=run.model.num_params(),
-                        flops_per_image=run.model.flops_per_image(), student=student, stopped_by=stopped_by)
+    return TrainSummary(
+        run_dir=config.out,
+        steps=run.step,
+        epochs_done=run.step / (run.stream.steps_per_epoch() * config.echo),
+        seconds=time.perf_counter() - start,
+        samples=samples,
+        first_loss=first_loss,
+        last_loss=last_loss,
+        params=run.model.num_params(),
+        flops_per_image=run.model.flops_per_image(),
+        student=student,
+        stopped_by=stopped_by,
+    )

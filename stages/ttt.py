@@ -6,6 +6,7 @@ Each episode starts from the trained student (or fresh weights with ``start="scr
 training objective (tokens, plus the KL through the teacher's stored head when the cache has one) with
 locations drawn from a generator seeded by (seed, sample, step), and is timed on its adaptation steps alone.
 """
+
 from __future__ import annotations
 
 import time
@@ -45,7 +46,9 @@ class Episode:
 class EpisodicTTT:
     """Adapts a student to one sample at a time, restoring its starting weights before every sample."""
 
-    def __init__(self, model: APM, loss: LossConfig, config: TTTConfig, head: torch.nn.Module | None = None, chunk: int = 256) -> None:
+    def __init__(
+        self, model: APM, loss: LossConfig, config: TTTConfig, head: torch.nn.Module | None = None, chunk: int = 256
+    ) -> None:
         self.model, self.loss, self.config, self.head, self.chunk = model, loss, config, head, chunk
         self.start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -54,7 +57,9 @@ class EpisodicTTT:
         if self.config.start == "scratch":
             self.model.reset_parameters(self.config.seed * 1_000_003 + sample)
 
-    def adapt(self, sample: int, images: torch.Tensor, targets: list[torch.Tensor], logits: torch.Tensor | None) -> Episode:
+    def adapt(
+        self, sample: int, images: torch.Tensor, targets: list[torch.Tensor], logits: torch.Tensor | None
+    ) -> Episode:
         """One episode on ``images`` ``[1, C, H, W]`` (normalised) and its teacher tokens/logits."""
         self._reset(sample)
         cfg, model = self.model.config, self.model
@@ -65,7 +70,9 @@ class EpisodicTTT:
         start = time.perf_counter()
         for step in range(self.config.steps):
             generator = location_generator(self.config.seed, sample, step)
-            where = sample_locations(1, cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, self.config.locations, generator)
+            where = sample_locations(
+                1, cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, self.config.locations, generator
+            )
             where = None if where is None else where.to(images.device)
             train_step(model, model, optimizer, None, images, targets, where, self.loss, False, 1.0, self.head, logits)
         if images.device.type == "cuda":

@@ -6,6 +6,7 @@ level's lossy storage (float16, int8, low rank; 1 for float32), less an allowanc
 machine, thread count or kernel changes the last bits; bfloat16 autocast changes more). Logits pass within a
 relative allowance of their largest magnitude.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,12 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from storage.cache import FeatureCache
-from storage.errors import CacheError, ModelError
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.errors import CacheError, ModelError
 
-from .extract import min_token_cosine
+from .fidelity import min_token_cosine
 from .teacher import Teacher, TeacherConfig
-
 
 RECOMPUTE_ALLOWANCE = {"float32": 1e-4, "bfloat16-autocast": 1e-2}  # cosine lost to recomputing, by precision
 LOGITS_ALLOWANCE = {"float32": 1e-3, "bfloat16-autocast": 5e-2}  # max |diff| relative to the largest |logit|
@@ -37,8 +37,16 @@ class VerifyReport:
     @property
     def failures(self) -> list[str]:
         """One phrase per check that failed (empty: the cache passes)."""
-        out = [f"layer {layer} min cosine {s['min_cosine']:.6f} < {s['tolerance']:.6f}" for layer, s in self.levels.items() if s["min_cosine"] < s["tolerance"]]
-        if self.logits_max_abs is not None and self.logits_tolerance is not None and self.logits_max_abs > self.logits_tolerance:
+        out = [
+            f"layer {layer} min cosine {s['min_cosine']:.6f} < {s['tolerance']:.6f}"
+            for layer, s in self.levels.items()
+            if s["min_cosine"] < s["tolerance"]
+        ]
+        if (
+            self.logits_max_abs is not None
+            and self.logits_tolerance is not None
+            and self.logits_max_abs > self.logits_tolerance
+        ):
             out.append(f"logits max |diff| {self.logits_max_abs:.3g} > {self.logits_tolerance:.3g}")
         return out
 
@@ -61,7 +69,9 @@ def _pick(cache: FeatureCache, count: int) -> list[tuple[str, int]]:
     return [positions[i] for i in sorted(set(picks.tolist()))]
 
 
-def verify_cache(url: str, samples: int = 8, device: str = "auto", checkpoint: str | None = None, storage_options: dict | None = None) -> VerifyReport:
+def verify_cache(
+    url: str, samples: int = 8, device: str = "auto", checkpoint: str | None = None, storage_options: dict | None = None
+) -> VerifyReport:
     """Rebuild the cache's teacher (same weights, checked by hash) and recompute ``samples`` cached samples."""
     cache = FeatureCache.open(url, storage_options=storage_options)
     build = cache.attrs.get("teacher_build")
@@ -69,22 +79,34 @@ def verify_cache(url: str, samples: int = 8, device: str = "auto", checkpoint: s
         raise CacheError(f"cache {url!r} does not record how its teacher was built; it cannot be verified")
     config = TeacherConfig.from_dict({**build, "checkpoint": checkpoint or build.get("checkpoint")})
     spec = cache.spec
-    teacher = Teacher(config, tuple(level.layer for level in spec.levels), final_norm=spec.final_norm, device=device, amp=False)
+    teacher = Teacher(
+        config, tuple(level.layer for level in spec.levels), final_norm=spec.final_norm, device=device, amp=False
+    )
     if teacher.weights_sha256 != spec.teacher["weights_sha256"]:
-        raise ModelError(f"the rebuilt teacher's weights differ from those that made {url!r}; pass the original weights with --checkpoint")
+        raise ModelError(
+            f"the rebuilt teacher's weights differ from those that made {url!r}; pass the original "
+            "weights with --checkpoint"
+        )
     report = VerifyReport(samples=0)
     shard_attrs = cache.shard_attrs()
     precision = {name: attrs.get("precision", "float32") for name, attrs in shard_attrs.items()}
     stored = _stored_fidelity(shard_attrs)
     picks = _pick(cache, samples)
-    allowance = max(RECOMPUTE_ALLOWANCE.get(precision[name], RECOMPUTE_ALLOWANCE["bfloat16-autocast"]) for name, _ in picks)
-    logits_allowance = max(LOGITS_ALLOWANCE.get(precision[name], LOGITS_ALLOWANCE["bfloat16-autocast"]) for name, _ in picks)
+    allowance = max(
+        RECOMPUTE_ALLOWANCE.get(precision[name], RECOMPUTE_ALLOWANCE["bfloat16-autocast"]) for name, _ in picks
+    )
+    logits_allowance = max(
+        LOGITS_ALLOWANCE.get(precision[name], LOGITS_ALLOWANCE["bfloat16-autocast"]) for name, _ in picks
+    )
     logits_scale = 0.0
     for name, index in picks:
         cached = cache.read(name, index, index + 1)
         tokens, logits = teacher.forward(torch.from_numpy(cached.pixels), amp=precision[name] == "bfloat16-autocast")
-        for level, ref, new in zip(spec.levels, cached.tokens, tokens):
-            stats = report.levels.setdefault(str(level.layer), {"max_abs": 0.0, "min_cosine": 1.0, "tolerance": stored.get(str(level.layer), 1.0) - allowance})
+        for level, ref, new in zip(spec.levels, cached.tokens, tokens, strict=True):
+            stats = report.levels.setdefault(
+                str(level.layer),
+                {"max_abs": 0.0, "min_cosine": 1.0, "tolerance": stored.get(str(level.layer), 1.0) - allowance},
+            )
             new = new.cpu().numpy()
             stats["max_abs"] = max(stats["max_abs"], float(np.abs(ref - new).max()))
             stats["min_cosine"] = min(stats["min_cosine"], min_token_cosine(ref, new))

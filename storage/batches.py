@@ -14,13 +14,14 @@ reason when the shard itself could not be read; then ``last`` is True and nothin
 DataLoader workers should start with :func:`die_with_parent`, so that a killed driver leaves no decoding
 process behind.
 """
+
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
 import sys
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -72,7 +73,17 @@ class ShardBatches(IterableDataset):
             return self.shards
         return self.shards[info.id :: info.num_workers]
 
-    def _record(self, shard: str, pixels: list[torch.Tensor], labels: list[int], keys: list[str], skipped: list, *, last: bool, error: str | None = None) -> dict:
+    def _record(
+        self,
+        shard: str,
+        pixels: list[torch.Tensor],
+        labels: list[int],
+        keys: list[str],
+        skipped: list,
+        *,
+        last: bool,
+        error: str | None = None,
+    ) -> dict:
         stacked = torch.stack(pixels) if pixels else torch.zeros((0, *self.pixel_shape), dtype=torch.uint8)
         return {
             "shard": shard,
@@ -95,7 +106,9 @@ class ShardBatches(IterableDataset):
         keys: list[str] = []
         skipped: list[tuple[str, str]] = []
         try:
-            for sample in iter_samples(shard, label_key=self.label_key, class_names=self.class_names, storage_options=self.storage_options):
+            for sample in iter_samples(
+                shard, label_key=self.label_key, class_names=self.class_names, storage_options=self.storage_options
+            ):
                 if sample.problem or sample.image is None:
                     skipped.append((sample.key, sample.problem or "no image field"))
                     continue

@@ -4,6 +4,7 @@ This module alone knows array names, chunking, codecs, attributes and the format
 checks that a run may append to it, writes one input shard as one group (whole zarr shards at a time, marked
 complete only after every array is written), opens and validates caches for reading and describes them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,9 @@ import fcntl
 import json
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -85,16 +87,25 @@ class CacheSpec:
         if self.codec not in CODECS:
             raise ConfigError(f"--codec {self.codec!r} is not one of {', '.join(CODECS)}")
         if self.chunk_samples < 1 or self.shard_samples < 1 or self.shard_samples % self.chunk_samples:
-            raise ConfigError(f"--shard-samples ({self.shard_samples}) must be a positive multiple of --chunk-samples ({self.chunk_samples})")
+            raise ConfigError(
+                f"--shard-samples ({self.shard_samples}) must be a positive multiple of --chunk-samples "
+                f"({self.chunk_samples})"
+            )
         if not self.levels:
             raise ConfigError("no teacher levels to cache; pass --layers")
         narrowest = min(level.dim for level in self.levels)
         if not 0 <= self.rank <= narrowest:
-            raise ConfigError(f"--rank {self.rank} must be between 0 (full tokens) and the narrowest cached level's width ({narrowest})")
+            raise ConfigError(
+                f"--rank {self.rank} must be between 0 (full tokens) and the narrowest cached level's "
+                f"width ({narrowest})"
+            )
         if self.pixel_codec not in PIXEL_CODECS:
             raise ConfigError(f"--pixel-codec {self.pixel_codec!r} is not one of {', '.join(PIXEL_CODECS)}")
         if self.pixel_codec != "raw" and self.pixel_shape[0] not in IMAGE_CHANNELS:
-            raise ConfigError(f"--pixel-codec {self.pixel_codec} stores 1- or 3-channel images, the teacher takes {self.pixel_shape[0]} channels; use --pixel-codec raw")
+            raise ConfigError(
+                f"--pixel-codec {self.pixel_codec} stores 1- or 3-channel images, the teacher takes "
+                f"{self.pixel_shape[0]} channels; use --pixel-codec raw"
+            )
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
@@ -109,7 +120,12 @@ class CacheSpec:
     def layout(self) -> dict[str, Any]:
         """What a student and every cache it trains or evaluates on must share: teacher, input, token layout
         (JSON-normalised, as stored in checkpoints)."""
-        layout = {"teacher": self.teacher, "data_config": self.data_config, "levels": [asdict(lv) for lv in self.levels], "final_norm": self.final_norm}
+        layout = {
+            "teacher": self.teacher,
+            "data_config": self.data_config,
+            "levels": [asdict(lv) for lv in self.levels],
+            "final_norm": self.final_norm,
+        }
         return json.loads(json.dumps(layout))
 
     def check_layout(self, layout: dict[str, Any], what: str) -> None:
@@ -117,10 +133,13 @@ class CacheSpec:
         diff = _differences(layout, self.layout())
         if diff:
             key, was, now = diff[0]
-            raise CacheError(f"{what} differs in {key}: {_short(was)} vs {_short(now)}; use a cache and student of one teacher and layers")
+            raise CacheError(
+                f"{what} differs in {key}: {_short(was)} vs {_short(now)}; use a cache and student of one "
+                "teacher and layers"
+            )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CacheSpec":
+    def from_dict(cls, data: dict[str, Any]) -> CacheSpec:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["levels"] = tuple(LevelLayout(**{**lv, "grid": tuple(lv["grid"])}) for lv in data["levels"])
@@ -131,12 +150,14 @@ class CacheSpec:
         return self.rank or level.dim
 
     def raw_array_bytes(self) -> dict[str, int]:
-        """Uncompressed bytes per sample of each fixed-size array (pixels as decoded uint8; keys vary and are left out)."""
+        """Uncompressed bytes per sample of each fixed-size array (pixels as decoded uint8; keys vary: left out)."""
         out = {"pixels": int(np.prod(self.pixel_shape)), "labels": 8}
         if self.num_classes:
             out["logits"] = 4 * self.num_classes
         for level in self.levels:
-            out[f"tokens/{level.array_name}"] = level.num_tokens * self.token_width(level) * np.dtype(self.dtype).itemsize
+            out[f"tokens/{level.array_name}"] = (
+                level.num_tokens * self.token_width(level) * np.dtype(self.dtype).itemsize
+            )
             if self.dtype == "int8":
                 out[f"scales/{level.array_name}"] = 4 * level.num_tokens
         return out
@@ -165,20 +186,36 @@ def _stored_spec_problem(data: Any) -> str | None:
         return f"spec.data_config.input_size is {size!r}, not [C, H, W]"
     for key in ("mean", "std"):
         values = data["data_config"].get(key)
-        if not (isinstance(values, list) and len(values) == size[0] and all(isinstance(v, (int, float)) for v in values)):
+        if not (
+            isinstance(values, list) and len(values) == size[0] and all(isinstance(v, (int, float)) for v in values)
+        ):
             return f"spec.data_config.{key} is {values!r}, not {size[0]} numbers"
     for index, level in enumerate(data["levels"]):
-        ok = isinstance(level, dict) and set(level) == {"layer", "prefix_tokens", "grid", "dim"} and _is_int(level["layer"], 1)
+        ok = (
+            isinstance(level, dict)
+            and set(level) == {"layer", "prefix_tokens", "grid", "dim"}
+            and _is_int(level["layer"], 1)
+        )
         ok = ok and _is_int(level["prefix_tokens"]) and _is_int(level["dim"], 1)
-        if not (ok and isinstance(level["grid"], list) and len(level["grid"]) == 2 and all(_is_int(v, 1) for v in level["grid"])):
+        if not (
+            ok
+            and isinstance(level["grid"], list)
+            and len(level["grid"]) == 2
+            and all(_is_int(v, 1) for v in level["grid"])
+        ):
             return f"spec.levels[{index}] is {_short(level)}, not {{layer, prefix_tokens, grid: [h, w], dim}}"
     for key in ("num_classes", "chunk_samples", "shard_samples"):
         if not _is_int(data.get(key), 0 if key == "num_classes" else 1):
             return f"spec.{key} is {data.get(key)!r}, not a count"
     if data.get("dtype") not in TOKEN_DTYPES or data.get("codec") not in CODECS:
         return f"spec.dtype/codec are {data.get('dtype')!r}/{data.get('codec')!r}, not one of {TOKEN_DTYPES}/{CODECS}"
-    if not _is_int(data.get("rank", 0)) or data.get("pixel_codec", "raw") not in PIXEL_CODECS:  # optional: absent in older v2 caches
-        return f"spec.rank/pixel_codec are {data.get('rank')!r}/{data.get('pixel_codec')!r}, not a count/one of {PIXEL_CODECS}"
+    if (
+        not _is_int(data.get("rank", 0)) or data.get("pixel_codec", "raw") not in PIXEL_CODECS
+    ):  # optional: absent in older v2 caches
+        return (
+            f"spec.rank/pixel_codec are {data.get('rank')!r}/{data.get('pixel_codec')!r}, not a count/one of "
+            f"{PIXEL_CODECS}"
+        )
     return None
 
 
@@ -190,12 +227,16 @@ def parse_stored_spec(url: str, data: Any) -> CacheSpec:
             return CacheSpec.from_dict(data)
         except ConfigError as exc:
             problem = str(exc)
-    raise CacheError(f"cache {redact_url(url)!r} has malformed attributes: {problem}; it was damaged or not written by apmpipe: re-extract it")
+    raise CacheError(
+        f"cache {redact_url(url)!r} has malformed attributes: {problem}; it was damaged or not written by "
+        "apmpipe: re-extract it"
+    )
 
 
 @dataclass(frozen=True)
 class EncodedTokens:
-    """Tokens (or, with a basis, their coefficients) in the storage dtype; ``scale`` (float32 ``[B, T]``) only for int8."""
+    """Tokens (or, with a basis, their coefficients) in the storage dtype; ``scale`` (float32 ``[B, T]``) only for
+    int8."""
 
     values: np.ndarray
     scale: np.ndarray | None = None
@@ -212,8 +253,14 @@ def encode_tokens(tokens: np.ndarray, dtype: str, basis: TokenBasis | None = Non
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and reported below
         encoded = _encode(tokens, dtype)
     if not _finite(tokens, encoded):
-        hint = "use --dtype float32" if dtype != "float32" else "the teacher itself produced inf/nan; check its weights and inputs"
-        raise CacheError(f"teacher tokens are not finite in {dtype} (max |x| = {np.nanmax(np.abs(tokens)):.3g}); {hint}")
+        hint = (
+            "use --dtype float32"
+            if dtype != "float32"
+            else "the teacher itself produced inf/nan; check its weights and inputs"
+        )
+        raise CacheError(
+            f"teacher tokens are not finite in {dtype} (max |x| = {np.nanmax(np.abs(tokens)):.3g}); {hint}"
+        )
     return encoded
 
 
@@ -232,7 +279,9 @@ def _finite(tokens: np.ndarray, encoded: EncodedTokens) -> bool:
     return bool(np.isfinite(encoded.values).all())
 
 
-def decode_tokens(values: np.ndarray, scale: np.ndarray | None = None, dtype: Any = np.float32, basis: TokenBasis | None = None) -> np.ndarray:
+def decode_tokens(
+    values: np.ndarray, scale: np.ndarray | None = None, dtype: Any = np.float32, basis: TokenBasis | None = None
+) -> np.ndarray:
     """Stored tokens back to floats ``[B, T, D]`` (float32 by default; float16 halves loader memory), reconstructed
     from their coefficients when stored with ``basis``."""
     if scale is not None:
@@ -279,7 +328,10 @@ _LOCKED_HERE: set[str] = set()  # lock files this process holds: POSIX record lo
 
 
 def _busy(url: str, holder: str) -> CacheError:
-    return CacheError(f"cache {redact_url(url)!r} is being written by another apmpipe extract (pid {holder}); wait for it to finish or use another --out")
+    return CacheError(
+        f"cache {redact_url(url)!r} is being written by another apmpipe extract (pid {holder}); wait for "
+        "it to finish or use another --out"
+    )
 
 
 @contextlib.contextmanager
@@ -322,7 +374,8 @@ _REWRITE = "delete its group (shards/{name}) and rerun apmpipe extract to rewrit
 
 def _dimension_names(name: str, ndim: int, low_rank: bool = False) -> tuple[str, ...]:
     """Names of a shard array's axes (zarr ``dimension_names``, which xarray needs): ``sample`` first; token
-    axes carry their level (levels may differ in token count and width); low-rank tokens end in ``component_<layer>``."""
+    axes carry their level (levels may differ in token count and width); low-rank tokens end in
+    ``component_<layer>``."""
     kind, _, layer = name.partition("/")
     width = f"component_{layer}" if low_rank else f"feature_{layer}"
     item = (f"token_{layer}", width)[: ndim - 1] if kind in ("tokens", "scales") else _ITEM_DIMENSIONS.get(name)
@@ -354,9 +407,13 @@ def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any
         return []
     if isinstance(old, dict) and isinstance(new, dict):
         keys = list(old) + [k for k in new if k not in old]
-        return [d for k in keys for d in _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{path}.{k}" if path else str(k))]
+        return [
+            d
+            for k in keys
+            for d in _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{path}.{k}" if path else str(k))
+        ]
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{path}[{i}]")]
+        return [d for i, (a, b) in enumerate(zip(old, new, strict=True)) for d in _differences(a, b, f"{path}[{i}]")]
     return [(path, old, new)]
 
 
@@ -374,12 +431,12 @@ class TokenMoments:
     squares: np.ndarray
 
     @classmethod
-    def of(cls, tokens: np.ndarray) -> "TokenMoments":
+    def of(cls, tokens: np.ndarray) -> TokenMoments:
         """Moments of float tokens ``[B, T, D]``."""
         values = tokens.astype(np.float64)
         return cls(len(values), values.sum(0), np.square(values).sum(0))
 
-    def __add__(self, other: "TokenMoments") -> "TokenMoments":
+    def __add__(self, other: TokenMoments) -> TokenMoments:
         return TokenMoments(self.count + other.count, self.sums + other.sums, self.squares + other.squares)
 
     @property
@@ -412,13 +469,18 @@ class ShardWriter:
     array holds all samples.
     """
 
-    def __init__(self, cache: "FeatureCache", name: str, source: str, fingerprint: str, precision: str) -> None:
+    def __init__(self, cache: FeatureCache, name: str, source: str, fingerprint: str, precision: str) -> None:
         self.spec = cache.spec
         self.name = name
         shards = cache.root[SHARDS_GROUP]
         if name in shards:
             del shards[name]
-        attributes = {"status": STATUS_WRITING, "source": redact_url(source), "fingerprint": redact_url(fingerprint), "precision": precision}
+        attributes = {
+            "status": STATUS_WRITING,
+            "source": redact_url(source),
+            "fingerprint": redact_url(fingerprint),
+            "precision": precision,
+        }
         self.group = shards.create_group(name, attributes=attributes)
         self.arrays = self._create_arrays()
         self.buffers: dict[str, list[np.ndarray]] = {key: [] for key in self.arrays}
@@ -433,16 +495,27 @@ class ShardWriter:
             chunks, shards = (spec.chunk_samples, *item_shape), (spec.shard_samples, *item_shape)
         else:
             chunks, shards = (spec.shard_samples, *item_shape), None
-        compressors = "auto" if dtype is str else [] if isinstance(dtype, VariableLengthBytes) else _compressors(spec.codec)  # images are compressed already
+        compressors = (
+            "auto" if dtype is str else [] if isinstance(dtype, VariableLengthBytes) else _compressors(spec.codec)
+        )  # images are compressed already
         with _quiet_bytes_dtype():
             return self.group.create_array(
-                name, shape=(0, *item_shape), chunks=chunks, shards=shards, dtype=dtype, compressors=compressors,
+                name,
+                shape=(0, *item_shape),
+                chunks=chunks,
+                shards=shards,
+                dtype=dtype,
+                compressors=compressors,
                 dimension_names=_dimension_names(name, 1 + len(item_shape), low_rank=spec.rank > 0),
             )
 
     def _create_arrays(self) -> dict[str, zarr.Array]:
         spec = self.spec
-        pixels = ("pixels", spec.pixel_shape, "uint8") if spec.pixel_codec == "raw" else ("pixels", (), VariableLengthBytes())
+        pixels = (
+            ("pixels", spec.pixel_shape, "uint8")
+            if spec.pixel_codec == "raw"
+            else ("pixels", (), VariableLengthBytes())
+        )
         arrays = {
             "pixels": self._array(*pixels, sharded=True),
             "labels": self._array("labels", (), "int64", sharded=False),
@@ -451,12 +524,23 @@ class ShardWriter:
         if spec.num_classes:
             arrays["logits"] = self._array("logits", (spec.num_classes,), "float32", sharded=False)
         for level in spec.levels:
-            arrays[f"tokens/{level.array_name}"] = self._array(f"tokens/{level.array_name}", (level.num_tokens, spec.token_width(level)), spec.dtype, sharded=True)
+            arrays[f"tokens/{level.array_name}"] = self._array(
+                f"tokens/{level.array_name}", (level.num_tokens, spec.token_width(level)), spec.dtype, sharded=True
+            )
             if spec.dtype == "int8":
-                arrays[f"scales/{level.array_name}"] = self._array(f"scales/{level.array_name}", (level.num_tokens,), "float32", sharded=False)
+                arrays[f"scales/{level.array_name}"] = self._array(
+                    f"scales/{level.array_name}", (level.num_tokens,), "float32", sharded=False
+                )
         return arrays
 
-    def append(self, pixels: np.ndarray, labels: np.ndarray, keys: Sequence[str], tokens: Sequence[EncodedTokens], logits: np.ndarray | None) -> None:
+    def append(
+        self,
+        pixels: np.ndarray,
+        labels: np.ndarray,
+        keys: Sequence[str],
+        tokens: Sequence[EncodedTokens],
+        logits: np.ndarray | None,
+    ) -> None:
         """Buffer one batch and flush whole zarr shards. Already encoded: ``pixels`` (see :func:`encode_pixels`) and
         ``tokens`` (one per level, with this cache's bases, see :meth:`FeatureCache.level_bases`)."""
         batch = {"pixels": pixels, "labels": labels, "keys": np.asarray(keys, dtype=object)}
@@ -464,7 +548,9 @@ class ShardWriter:
             assert logits is not None, "teacher has a head: logits required"
             batch["logits"] = logits.astype(np.float32)
         for i, (level, encoded, basis) in enumerate(zip(self.spec.levels, tokens, self.bases, strict=True)):
-            moments = TokenMoments.of(decode_tokens(encoded.values, encoded.scale, basis=basis))  # of the values readers will get
+            moments = TokenMoments.of(
+                decode_tokens(encoded.values, encoded.scale, basis=basis)
+            )  # of the values readers will get
             self.moments[i] = moments if self.moments[i] is None else self.moments[i] + moments
             batch[f"tokens/{level.array_name}"] = encoded.values
             if encoded.scale is not None:
@@ -496,24 +582,38 @@ class ShardWriter:
         """Write what is buffered, then mark the group complete. Returns the number of samples."""
         self._flush(whole_shards_only=False)
         self._write_moments()
-        self.group.update_attributes({
-            "num_samples": self.written,
-            "skipped": [{"key": k, "reason": r} for k, r in skipped],
-            "stats": stats or {},
-            "status": STATUS_COMPLETE,
-        })
+        self.group.update_attributes(
+            {
+                "num_samples": self.written,
+                "skipped": [{"key": k, "reason": r} for k, r in skipped],
+                "stats": stats or {},
+                "status": STATUS_COMPLETE,
+            }
+        )
         return self.written
 
     def _write_moments(self) -> None:
-        for level, moments in zip(self.spec.levels, self.moments):
+        for level, moments in zip(self.spec.levels, self.moments, strict=True):
             if moments is None:  # an empty shard: zero sums keep the sum over shards exact
                 moments = TokenMoments(0, *np.zeros((2, level.num_tokens, level.dim)))
-            self.group.create_array(f"{MOMENTS_GROUP}/{level.array_name}", data=np.stack([moments.sums, moments.squares]),
-                                    dimension_names=("moment", f"token_{level.layer}", f"feature_{level.layer}"))
+            self.group.create_array(
+                f"{MOMENTS_GROUP}/{level.array_name}",
+                data=np.stack([moments.sums, moments.squares]),
+                dimension_names=("moment", f"token_{level.layer}", f"feature_{level.layer}"),
+            )
 
     def fail(self, reason: str, skipped: Sequence[tuple[str, str]] = ()) -> None:
         """Record why this shard could not be written; a later run rewrites it."""
-        self.group.update_attributes({"status": STATUS_FAILED, "error": reason, "skipped": [{"key": k, "reason": r} for k, r in skipped]})
+        self.group.update_attributes(
+            {"status": STATUS_FAILED, "error": reason, "skipped": [{"key": k, "reason": r} for k, r in skipped]}
+        )
+
+
+def is_zarr_group(url: str, storage_options: dict | None = None) -> bool:
+    """Whether ``url`` (local path or fsspec URL) holds a Zarr v3 group (a feature cache or another one), without
+    opening it: callers that accept a cache or image files tell them apart with this."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs.exists(f"{path.rstrip('/')}/zarr.json")
 
 
 @dataclass
@@ -529,7 +629,7 @@ class FeatureCache:
     _bases: list[TokenBasis | None] | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, url: str, *, mode: str = "r", storage_options: dict | None = None) -> "FeatureCache":
+    def open(cls, url: str, *, mode: str = "r", storage_options: dict | None = None) -> FeatureCache:
         """Open an existing cache, checking that it is an apmpipe cache of a supported version."""
         try:
             root = zarr.open_group(url, mode=mode, storage_options=storage_options or None)
@@ -537,30 +637,47 @@ class FeatureCache:
             raise CacheError(_no_cache_message(url)) from None
         attrs = dict(root.attrs).get(ROOT_KEY)
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
-            raise CacheError(f"{redact_url(url)!r} is a zarr group but not an apmpipe feature cache (no '{ROOT_KEY}' root attribute)")
+            raise CacheError(
+                f"{redact_url(url)!r} is a zarr group but not an apmpipe feature cache (no '{ROOT_KEY}' root attribute)"
+            )
         if attrs.get("version") != FORMAT_VERSION:
-            raise CacheError(f"cache {redact_url(url)!r} has format version {attrs.get('version')}; this apmpipe reads version {FORMAT_VERSION}: re-extract it or use a matching apmpipe")
-        return cls(url=url, root=root, spec=parse_stored_spec(url, attrs.get("spec")), attrs=attrs, storage_options=storage_options or {})
+            raise CacheError(
+                f"cache {redact_url(url)!r} has format version {attrs.get('version')}; this apmpipe reads "
+                f"version {FORMAT_VERSION}: re-extract it or use a matching apmpipe"
+            )
+        return cls(
+            url=url,
+            root=root,
+            spec=parse_stored_spec(url, attrs.get("spec")),
+            attrs=attrs,
+            storage_options=storage_options or {},
+        )
 
     @classmethod
-    def create_or_open(cls, url: str, spec: CacheSpec, *, storage_options: dict | None = None) -> "FeatureCache":
+    def create_or_open(cls, url: str, spec: CacheSpec, *, storage_options: dict | None = None) -> FeatureCache:
         """Open ``url`` for appending shards made with ``spec``, creating the cache if it does not exist.
 
         Refuses (CacheError) a cache written with another teacher, layers, dtype or layout.
         """
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        if fs.exists(path) and fs.exists(f"{path.rstrip('/')}/zarr.json"):
+        if is_zarr_group(url, storage_options):
             cache = cls.open(url, mode="r+", storage_options=storage_options)
-            old, new = (json.loads(json.dumps(s.to_dict())) for s in (cache.spec, spec))  # compare as stored (tuples -> lists)
+            old, new = (
+                json.loads(json.dumps(s.to_dict())) for s in (cache.spec, spec)
+            )  # compare as stored (tuples -> lists)
             diff = _differences(old, new)
             if diff:
                 key, was, now = diff[0]
-                raise CacheError(f"cache {url!r} was written with a different {key} ({_short(was)}, now {_short(now)}); use another --out or the same options")
+                raise CacheError(
+                    f"cache {url!r} was written with a different {key} ({_short(was)}, now "
+                    f"{_short(now)}); use another --out or the same options"
+                )
             return cache
         if fs.exists(path) and [p for p in fs.ls(path, detail=False) if not p.endswith(LOCK_FILE)]:
             raise CacheError(f"--out {url!r} exists and is not an apmpipe cache; choose a new path")
         attrs = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(), "sources": [], "classes": []}
-        # "a" creates in place beside the lock file: "w" would delete the directory that writer_lock holds, "w-" wants it empty
+        # "a" creates in place beside the lock file: "w" would delete the directory that writer_lock holds, "w-" wants
+        # it empty
         root = zarr.open_group(url, mode="a", storage_options=storage_options or None, attributes={ROOT_KEY: attrs})
         root.create_group(SHARDS_GROUP)
         return cls(url=url, root=root, spec=spec, attrs=attrs, storage_options=storage_options or {})
@@ -575,7 +692,10 @@ class FeatureCache:
         known = list(self.attrs.get("sources", []))
         old_classes = list(self.attrs.get("classes", []))
         if classes and old_classes and list(classes) != old_classes:
-            raise CacheError(f"cache {self.url!r} holds image-folder classes {old_classes[:4]}...; these inputs have {list(classes)[:4]}...: use another --out")
+            raise CacheError(
+                f"cache {self.url!r} holds image-folder classes {old_classes[:4]}...; these inputs have "
+                f"{list(classes)[:4]}...: use another --out"
+            )
         redacted = [redact_url(s) for s in sources]
         self.update_attrs(sources=known + [s for s in redacted if s not in known], classes=list(classes) or old_classes)
 
@@ -594,12 +714,19 @@ class FeatureCache:
     def sample_counts(self) -> dict[str, int]:
         """Samples in each complete shard group, sorted by name."""
         attrs = self.shard_attrs()
-        return {name: self._num_samples(name, attrs[name]) for name in sorted(attrs) if attrs[name].get("status") == STATUS_COMPLETE}
+        return {
+            name: self._num_samples(name, attrs[name])
+            for name in sorted(attrs)
+            if attrs[name].get("status") == STATUS_COMPLETE
+        }
 
     def _num_samples(self, name: str, attrs: dict[str, Any]) -> int:
         count = attrs.get("num_samples")
         if not _is_int(count):
-            raise CacheError(f"shard {name!r} of cache {redact_url(self.url)!r} is marked complete but records num_samples={count!r}; {_REWRITE.format(name=name)}")
+            raise CacheError(
+                f"shard {name!r} of cache {redact_url(self.url)!r} is marked complete but records "
+                f"num_samples={count!r}; {_REWRITE.format(name=name)}"
+            )
         return count
 
     def complete_shards(self) -> list[str]:
@@ -614,11 +741,22 @@ class FeatureCache:
                 found.setdefault(str(attrs.get("precision")), name)
         if len(found) > 1:
             kinds = ", ".join(f"{kind} (e.g. shard {name!r})" for kind, name in sorted(found.items()))
-            raise CacheError(f"cache {redact_url(self.url)!r} mixes shards computed in {kinds}; re-extract the odd ones into another --out with matching --device/--amp")
+            raise CacheError(
+                f"cache {redact_url(self.url)!r} mixes shards computed in {kinds}; re-extract the odd "
+                "ones into another --out with matching --device/--amp"
+            )
         return next(iter(found), None)
 
     def shard(self, name: str) -> zarr.Group:
         return self._shards()[name]
+
+    def copy_shard(self, name: str, new_name: str) -> None:
+        """Copy shard group ``name`` whole (arrays, attributes, status) under ``new_name`` (benchmarks grow a cache
+        this way); byte for byte, through the cache's own store."""
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        shards = f"{path.rstrip('/')}/{SHARDS_GROUP}"
+        fs.copy(f"{shards}/{name}", f"{shards}/{new_name}", recursive=True)
+        self._array_handles.pop(new_name, None)
 
     def _arrays(self, name: str) -> dict[str, zarr.Array]:
         """The arrays of a complete shard group, opened once per cache object (metadata reads are not free) and
@@ -631,12 +769,23 @@ class FeatureCache:
                 held = arrays[key].shape[0] if key in arrays else None
                 if held != count:
                     what = "lacks array" if held is None else f"holds {held} samples in array"
-                    raise CacheError(f"shard {name!r} of cache {redact_url(self.url)!r} records {count} samples but {what} {key!r}; {_REWRITE.format(name=name)}")
+                    raise CacheError(
+                        f"shard {name!r} of cache {redact_url(self.url)!r} records {count} samples but "
+                        f"{what} {key!r}; {_REWRITE.format(name=name)}"
+                    )
             self._array_handles[name] = arrays
         return self._array_handles[name]
 
     def read(
-        self, name: str, start: int, stop: int, *, tokens: bool = True, pixels: bool = True, extras: bool = True, logits: bool = False,
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        *,
+        tokens: bool = True,
+        pixels: bool = True,
+        extras: bool = True,
+        logits: bool = False,
         token_dtype: Any = np.float32,
     ) -> CachedSamples:
         """Samples ``start:stop`` of a complete shard, tokens decoded to ``token_dtype``; ``extras``: keys and logits
@@ -644,12 +793,14 @@ class FeatureCache:
         arrays = self._arrays(name)
         levels = []
         if tokens:
-            for level, basis in zip(self.spec.levels, self.level_bases()):
+            for level, basis in zip(self.spec.levels, self.level_bases(), strict=True):
                 values = arrays[f"tokens/{level.array_name}"][start:stop]
                 scale = arrays[f"scales/{level.array_name}"][start:stop] if self.spec.dtype == "int8" else None
                 levels.append(decode_tokens(values, scale, token_dtype, basis))
         return CachedSamples(
-            pixels=decode_pixels(arrays["pixels"][start:stop], self.spec.pixel_codec, self.spec.pixel_shape) if pixels else None,
+            pixels=decode_pixels(arrays["pixels"][start:stop], self.spec.pixel_codec, self.spec.pixel_shape)
+            if pixels
+            else None,
             labels=arrays["labels"][start:stop],
             keys=[str(k) for k in arrays["keys"][start:stop]] if extras else [],
             logits=arrays["logits"][start:stop] if (extras or logits) and "logits" in arrays else None,
@@ -670,7 +821,9 @@ class FeatureCache:
             for name, count in counts.items():
                 arrays = self._arrays(name)
                 if key not in arrays:
-                    raise CacheError(f"shard {name!r} of cache {redact_url(self.url)!r} lacks {key!r}; {_REWRITE.format(name=name)}")
+                    raise CacheError(
+                        f"shard {name!r} of cache {redact_url(self.url)!r} lacks {key!r}; {_REWRITE.format(name=name)}"
+                    )
                 sums, squares = arrays[key][...]
                 total = total + TokenMoments(count, sums, squares)
             totals.append(total)
@@ -687,9 +840,13 @@ class FeatureCache:
         if BASES_GROUP in self.root:
             del self.root[BASES_GROUP]
         group = self.root.create_group(BASES_GROUP, attributes={"status": STATUS_WRITING, **attrs})
-        for level, basis in zip(self.spec.levels, bases):
+        for level, basis in zip(self.spec.levels, bases, strict=True):
             group.create_array(f"{level.array_name}/mean", data=basis.mean, dimension_names=(f"feature_{level.layer}",))
-            group.create_array(f"{level.array_name}/components", data=basis.components, dimension_names=(f"component_{level.layer}", f"feature_{level.layer}"))
+            group.create_array(
+                f"{level.array_name}/components",
+                data=basis.components,
+                dimension_names=(f"component_{level.layer}", f"feature_{level.layer}"),
+            )
         group.update_attributes({"status": STATUS_COMPLETE})
         self._bases = list(bases)
 
@@ -699,10 +856,16 @@ class FeatureCache:
             if not self.spec.rank:
                 self._bases = [None] * len(self.spec.levels)
             elif not self.has_bases():
-                raise CacheError(f"cache {redact_url(self.url)!r} stores rank-{self.spec.rank} tokens but lacks complete bases ({BASES_GROUP}/); re-extract it into a new --out")
+                raise CacheError(
+                    f"cache {redact_url(self.url)!r} stores rank-{self.spec.rank} tokens but lacks "
+                    f"complete bases ({BASES_GROUP}/); re-extract it into a new --out"
+                )
             else:
                 group = self.root[BASES_GROUP]
-                self._bases = [TokenBasis(group[f"{lv.array_name}/mean"][...], group[f"{lv.array_name}/components"][...]) for lv in self.spec.levels]
+                self._bases = [
+                    TokenBasis(group[f"{lv.array_name}/mean"][...], group[f"{lv.array_name}/components"][...])
+                    for lv in self.spec.levels
+                ]
         return self._bases
 
     # -- teacher head ----------------------------------------------------------------------------------------
@@ -738,7 +901,7 @@ class FeatureCache:
         names = _sample_arrays(self.spec)
         out = dict.fromkeys([*names, "other"], 0)
         for file, info in fs.find(path, detail=True).items():
-            parts = fs._strip_protocol(file)[len(root):].split("/")  # shards/<group>/<array...>/c/...
+            parts = fs._strip_protocol(file)[len(root) :].split("/")  # shards/<group>/<array...>/c/...
             inside = "/".join(parts[2:]) if parts[0] == SHARDS_GROUP else ""
             out[next((n for n in names if inside.startswith(n + "/")), "other")] += int(info.get("size") or 0)
         return out
@@ -759,7 +922,10 @@ class FeatureCache:
                 agg["samples"] += count
             if "psnr_db" in (stats.get("pixel_fidelity") or {}):
                 psnr.append(stats["pixel_fidelity"]["psnr_db"])
-        out: dict[str, Any] = {layer: {**agg, "relative_mse": agg["relative_mse"] / max(agg["samples"], 1)} for layer, agg in levels.items()}
+        out: dict[str, Any] = {
+            layer: {**agg, "relative_mse": agg["relative_mse"] / max(agg["samples"], 1)}
+            for layer, agg in levels.items()
+        }
         return {"levels": out, "pixels": {"psnr_db": min(psnr)} if psnr else {}}
 
     def describe(self, sizes: bool = False) -> dict[str, Any]:
@@ -773,14 +939,22 @@ class FeatureCache:
         complete = sorted(n for n, s in status.items() if s == STATUS_COMPLETE)
         samples = sum(self._num_samples(name, records[name]) for name in complete)
         skipped = [{"shard": name, **s} for name in sorted(records) for s in records[name].get("skipped", [])]
-        failed = [{"shard": name, "error": records[name].get("error", "")} for name in sorted(records) if status[name] == STATUS_FAILED]
+        failed = [
+            {"shard": name, "error": records[name].get("error", "")}
+            for name in sorted(records)
+            if status[name] == STATUS_FAILED
+        ]
         raw = samples * self.spec.raw_bytes_per_sample
         out = {
             "url": redact_url(self.url),
             "format": f"{FORMAT_NAME} v{self.attrs['version']}",
             "spec": self.spec.to_dict(),
             "head": self.attrs.get("head", {}),
-            "shards": {"complete": len(complete), "writing": sum(s == STATUS_WRITING for s in status.values()), "failed": len(failed)},
+            "shards": {
+                "complete": len(complete),
+                "writing": sum(s == STATUS_WRITING for s in status.values()),
+                "failed": len(failed),
+            },
             "samples": samples,
             "precision": sorted({str(records[name].get("precision")) for name in complete}),
             "raw_bytes": raw,
@@ -794,7 +968,11 @@ class FeatureCache:
         if sizes:
             per_array = self.stored_array_bytes()
             stored = sum(per_array.values())
-            out.update(stored_bytes=stored, compression_ratio=raw / stored if stored else 0.0, bytes_per_sample=stored / samples if samples else 0.0)
+            out.update(
+                stored_bytes=stored,
+                compression_ratio=raw / stored if stored else 0.0,
+                bytes_per_sample=stored / samples if samples else 0.0,
+            )
             for name, size in per_array.items():
                 out["arrays"].setdefault(name, {})["stored_bytes_per_sample"] = size / samples if samples else 0.0
         return out
@@ -804,12 +982,16 @@ def _no_cache_message(url: str) -> str:
     """Why ``url`` cannot be opened as a cache, pointing the right way when it is input data (a tar shard)."""
     shown = redact_url(url)
     if shown.lower().rstrip("/").endswith((".tar", ".tar.gz", ".tgz")):
-        return f"{shown!r} is an input shard, not a feature cache: extract it first (apmpipe extract {shown} --out CACHE.zarr --teacher NAME), then use CACHE.zarr"
+        return (
+            f"{shown!r} is an input shard, not a feature cache: extract it first (apmpipe extract {shown} "
+            "--out CACHE.zarr --teacher NAME), then use CACHE.zarr"
+        )
     return f"no feature cache at {shown!r}; create one with apmpipe extract SOURCES --out {shown} --teacher NAME"
 
 
 def _short(value: Any) -> str:
-    """A value for a one-line message: lists of records by their first field (``[{'layer': 4, ...}]``), at most 60 characters."""
+    """A value for a one-line message: lists of records by their first field (``[{'layer': 4, ...}]``), at most 60
+    characters."""
     if isinstance(value, list) and value and all(isinstance(v, dict) and v for v in value):
         text = "[" + ", ".join(f"{{{next(iter(v))!r}: {next(iter(v.values()))!r}, ...}}" for v in value) + "]"
     else:

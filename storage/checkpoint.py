@@ -15,6 +15,7 @@ before the old one is removed. Stale temporaries of a killed save go at the next
 start, :meth:`RunDir.remove_stale_temporaries`).
 ``state.pt`` holds only tensors and plain Python values and is loaded with ``weights_only=True``.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,7 +76,11 @@ class RunDir:
         """Remove what a killed save left (``.tmp-*`` folders, ``*.tmp`` files), never what ``latest`` names.
         Call it at the start of a run, on the rank that writes."""
         keep = self._latest_name()
-        stale = [*self.checkpoints.glob(".tmp-*"), *self.checkpoints.glob(f".*{TMP_SUFFIX}"), *self.path.glob(f".*{TMP_SUFFIX}")]
+        stale = [
+            *self.checkpoints.glob(".tmp-*"),
+            *self.checkpoints.glob(f".*{TMP_SUFFIX}"),
+            *self.path.glob(f".*{TMP_SUFFIX}"),
+        ]
         for path in stale:
             if path.name == keep:
                 continue
@@ -105,13 +110,21 @@ class RunDir:
         return final
 
     def _checkpoint_folder(self) -> Path:
-        """The folder ``latest`` names, or (after a crash of an older apmpipe left it dangling) the newest complete one."""
+        """The folder ``latest`` names, or (after a crash of an older apmpipe left it dangling) the newest complete
+        one."""
         named = self.checkpoints / self._latest_name()
         if (named / "state.pt").exists():
             return named
-        complete = sorted(p for p in self.checkpoints.glob("step-*") if (p / "model.safetensors").exists() and (p / "state.pt").exists())
+        complete = sorted(
+            p
+            for p in self.checkpoints.glob("step-*")
+            if (p / "model.safetensors").exists() and (p / "state.pt").exists()
+        )
         if not complete:
-            raise ModelError(f"checkpoint {named} is missing and {self.checkpoints} holds no complete one; drop --resume to start a new run")
+            raise ModelError(
+                f"checkpoint {named} is missing and {self.checkpoints} holds no complete one; drop "
+                "--resume to start a new run"
+            )
         return complete[-1]
 
     def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -146,7 +159,11 @@ class RunDir:
         """Export final weights with their description (JSON strings in the safetensors metadata)."""
         path = self.path / STUDENT_FILE
         tmp = self.path / f".{STUDENT_FILE}{TMP_SUFFIX}"
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in weights.items()},
+            str(tmp),
+            metadata={k: json.dumps(v) for k, v in metadata.items()},
+        )
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(self.path)
@@ -163,10 +180,20 @@ def load_student(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     path = Path(path)
     file = path / STUDENT_FILE if path.is_dir() else path
     if not path.exists():
-        raise ModelError(f"no trained student at {path}: it does not exist; pass the --out folder of apmpipe train (or its {STUDENT_FILE})")
+        raise ModelError(
+            f"no trained student at {path}: it does not exist; pass the --out folder of apmpipe train (or "
+            f"its {STUDENT_FILE})"
+        )
     if not file.exists():
-        unfinished = " (it holds checkpoints: finish the run with apmpipe train ... --resume)" if RunDir(path).has_checkpoint() else ""
-        raise ModelError(f"no trained student at {path}: it holds no {STUDENT_FILE}{unfinished}; train one with apmpipe train CACHE --out {path}")
+        unfinished = (
+            " (it holds checkpoints: finish the run with apmpipe train ... --resume)"
+            if RunDir(path).has_checkpoint()
+            else ""
+        )
+        raise ModelError(
+            f"no trained student at {path}: it holds no {STUDENT_FILE}{unfinished}; train one with "
+            f"apmpipe train CACHE --out {path}"
+        )
     with safe_open(str(file), framework="pt") as handle:
         metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
     return load_weights(file), metadata

@@ -4,9 +4,10 @@ Every user-facing problem (bad option, unreadable input, incompatible cache, mis
 ``ApmError`` whose message is one complete line: what is wrong and what to do. The CLI prints that line and
 exits 2; anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class ApmError(Exception):

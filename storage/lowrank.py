@@ -4,6 +4,7 @@ Pure numpy, no storage: ``storage/cache.py`` decides where a basis lives in the 
 A token ``x`` (``[D]``) is stored as ``c = (x - mean) · componentsᵀ`` (``[K]``) and read back as
 ``mean + c · components``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

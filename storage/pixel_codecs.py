@@ -4,6 +4,7 @@ Pure (bytes in, arrays out). PNG and lossless WebP decode to the identical pixel
 ``JPEG_QUALITY``, Pillow's default 4:2:0 chroma subsampling for colour) is lossy and its cost is measured by
 :func:`psnr`. ``storage/cache.py`` decides where the bytes live.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,7 +19,11 @@ IMAGE_CODECS = ("png", "webp", "jpeg")
 LOSSY_CODECS = ("jpeg",)
 IMAGE_CHANNELS = (1, 3)
 JPEG_QUALITY = 90
-_SAVE = {"png": {"format": "PNG"}, "webp": {"format": "WEBP", "lossless": True}, "jpeg": {"format": "JPEG", "quality": JPEG_QUALITY}}
+_SAVE = {
+    "png": {"format": "PNG"},
+    "webp": {"format": "WEBP", "lossless": True},
+    "jpeg": {"format": "JPEG", "quality": JPEG_QUALITY},
+}
 
 
 def _mode(channels: int) -> str:
@@ -30,7 +35,9 @@ def encode_images(pixels: np.ndarray, codec: str) -> np.ndarray:
     out = np.empty(len(pixels), dtype=object)
     for i, image in enumerate(pixels):
         buffer = io.BytesIO()
-        Image.fromarray(image[0] if len(image) == 1 else image.transpose(1, 2, 0), _mode(len(image))).save(buffer, **_SAVE[codec])
+        Image.fromarray(image[0] if len(image) == 1 else image.transpose(1, 2, 0), _mode(len(image))).save(
+            buffer, **_SAVE[codec]
+        )
         out[i] = buffer.getvalue()
     return out
 
@@ -44,7 +51,10 @@ def decode_images(encoded: np.ndarray, shape: tuple[int, int, int]) -> np.ndarra
             image = image.convert(_mode(channels)) if image.mode != _mode(channels) else image
             array = np.asarray(image)
         if array.shape[:2] != (height, width):
-            raise CacheError(f"a stored image decodes to {array.shape[1]}x{array.shape[0]} pixels, not {width}x{height}; the shard is damaged: re-extract it")
+            raise CacheError(
+                f"a stored image decodes to {array.shape[1]}x{array.shape[0]} pixels, not "
+                f"{width}x{height}; the shard is damaged: re-extract it"
+            )
         out[i] = array[None] if channels == 1 else array.transpose(2, 0, 1)
     return out
 

@@ -4,6 +4,7 @@
 that carry secrets (pre-signed URLs: ``X-Amz-Signature``, ``X-Amz-Credential``, ``token``, ...) keep only their
 names. Plain paths pass through unchanged.
 """
+
 from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit

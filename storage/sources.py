@@ -11,6 +11,7 @@ deduplicated by resolved URL (symlinks followed); two different inputs with one 
 :func:`iter_samples` yields raw :class:`Sample` records (key, encoded bytes, label, and a problem such as an
 unparsable label); decoding is left to the consumer so that a bad sample can be skipped and recorded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,8 @@ import json
 import os
 import re
 import shlex
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import braceexpand
 import fsspec
@@ -63,7 +64,9 @@ class ShardSource:
         """What the shard group was made from: the tar's URL, or a hash of a folder block's files and labels."""
         if not self.is_folder_block:
             return self.url
-        digest = hashlib.sha1("\n".join(f"{f}\t{label}" for f, label in zip(self.files, self.labels)).encode()).hexdigest()
+        digest = hashlib.sha1(
+            "\n".join(f"{f}\t{label}" for f, label in zip(self.files, self.labels, strict=True)).encode()
+        ).hexdigest()
         return f"{self.url}#files-sha1={digest}"
 
 
@@ -112,7 +115,11 @@ def _safe_name(text: str) -> str:
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path of ``fs`` as a URL fsspec can open again: resolved local paths (symlinks followed), else full URLs."""
-    return os.path.realpath(path) if isinstance(fs, fsspec.implementations.local.LocalFileSystem) else fs.unstrip_protocol(path)
+    return (
+        os.path.realpath(path)
+        if isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+        else fs.unstrip_protocol(path)
+    )
 
 
 def _expand(pattern: str, storage_options: dict) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
@@ -135,18 +142,23 @@ def _pipe_shards(pattern: str) -> list[ShardSource]:
     shards = []
     for item in braceexpand.braceexpand(pattern):
         try:
-            words = shlex.split(item[len(PIPE):])
+            words = shlex.split(item[len(PIPE) :])
         except ValueError as exc:
             raise InputError(f"input {redact_url(item)!r} is not a valid shell command ({exc})") from None
         tars = [w for w in words if _is_tar(w.split("?", 1)[0])]
         if not tars:
-            raise InputError(f"input {redact_url(item)!r} names no .tar/.tar.gz/.tgz file in its command; the shard group is named after it, "
-                             "e.g. 'pipe:curl -s https://host/train-0000.tar'")
+            raise InputError(
+                f"input {redact_url(item)!r} names no .tar/.tar.gz/.tgz file in its command; the shard "
+                "group is named after it, "
+                "e.g. 'pipe:curl -s https://host/train-0000.tar'"
+            )
         shards.append(ShardSource(name=_safe_name(_stem(tars[-1].split("?", 1)[0])), url=item))
     return shards
 
 
-def _folder_blocks(fs: fsspec.AbstractFileSystem, root: str, url: str, block: int) -> tuple[list[ShardSource], list[str]]:
+def _folder_blocks(
+    fs: fsspec.AbstractFileSystem, root: str, url: str, block: int
+) -> tuple[list[ShardSource], list[str]]:
     classes = sorted(_stem(d) for d in fs.ls(root, detail=False) if fs.isdir(d))
     if not classes:
         raise InputError(f"folder {url!r} has neither tar shards nor class sub-folders (root/<class>/<image>)")
@@ -156,7 +168,9 @@ def _folder_blocks(fs: fsspec.AbstractFileSystem, root: str, url: str, block: in
             if _is_image(path):
                 files.append((path[len(root.rstrip("/")) + 1 :], index))
     if not files:
-        raise InputError(f"folder {url!r} has class folders but no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+        raise InputError(
+            f"folder {url!r} has class folders but no images with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
     stem = _safe_name(_stem(root))
     blocks = [
         ShardSource(
@@ -180,13 +194,16 @@ def _unique(shards: list[ShardSource]) -> list[ShardSource]:
             out.append(shard)
         elif other.fingerprint != shard.fingerprint:
             raise InputError(
-                f"inputs {redact_url(other.url)!r} and {redact_url(shard.url)!r} would both be shard group {shard.name!r} "
+                f"inputs {redact_url(other.url)!r} and {redact_url(shard.url)!r} would both be shard "
+                f"group {shard.name!r} "
                 "(groups are named by file stem); extract them into separate caches or rename one"
             )
     return out
 
 
-def resolve_inputs(inputs: Sequence[str], *, folder_block: int = 1000, storage_options: dict | None = None) -> ResolvedInputs:
+def resolve_inputs(
+    inputs: Sequence[str], *, folder_block: int = 1000, storage_options: dict | None = None
+) -> ResolvedInputs:
     """Turn the user's SOURCE arguments into shard units.
 
     Each input may be a tar shard, a brace pattern (``train-{0000..0099}.tar``), a glob, a directory of tar
@@ -208,7 +225,10 @@ def resolve_inputs(inputs: Sequence[str], *, folder_block: int = 1000, storage_o
                     continue
                 blocks, names = _folder_blocks(fs, path, url, folder_block)
                 if classes and names != classes:
-                    raise InputError(f"image folder {url!r} has classes {names[:5]}... unlike an earlier folder; extract them into separate caches")
+                    raise InputError(
+                        f"image folder {url!r} has classes {names[:5]}... unlike an earlier folder; "
+                        "extract them into separate caches"
+                    )
                 classes = names
                 shards += blocks
             elif _is_tar(path):
@@ -264,14 +284,22 @@ def _parse_label(sample: dict, label_key: str | None, class_names: tuple[str, ..
         hint = "not in --class-names" if class_names else "not an integer (pass --class-names for named labels)"
         return NO_LABEL, f"label {label_key!r} is {value[:20]!r}, {hint}"
     if label < NO_LABEL or class_names and label >= len(class_names):
-        return NO_LABEL, f"label {label_key!r} is {label}, not a class index{f' below {len(class_names)}' if class_names else ''} (-1: no label)"
+        return (
+            NO_LABEL,
+            f"label {label_key!r} is {label}, not a class "
+            f"index{f' below {len(class_names)}' if class_names else ''} (-1: no label)",
+        )
     return label, None
 
 
-def _iter_tar(source: ShardSource, label_key: str | None, class_names: tuple[str, ...], storage_options: dict) -> Iterator[Sample]:
+def _iter_tar(
+    source: ShardSource, label_key: str | None, class_names: tuple[str, ...], storage_options: dict
+) -> Iterator[Sample]:
     import webdataset as wds  # here, not at the top: it imports torch, which option checks must not wait for
 
-    opened = wds.gopen(source.url, "rb") if source.url.startswith(PIPE) else fsspec.open(source.url, "rb", **storage_options)
+    opened = (
+        wds.gopen(source.url, "rb") if source.url.startswith(PIPE) else fsspec.open(source.url, "rb", **storage_options)
+    )
     with opened as stream:  # a pipe's command failing (non-zero exit) raises here, failing this shard
         files = wds.tariterators.tar_file_expander([{"url": source.url, "stream": stream}])
         for sample in wds.tariterators.group_by_keys(files):
@@ -283,11 +311,17 @@ def _iter_tar(source: ShardSource, label_key: str | None, class_names: tuple[str
 
 def _iter_folder_block(source: ShardSource, storage_options: dict) -> Iterator[Sample]:
     fs, root = fsspec.core.url_to_fs(source.url, **storage_options)
-    for rel, label in zip(source.files, source.labels):
+    for rel, label in zip(source.files, source.labels, strict=True):
         yield Sample(key=rel.rsplit(".", 1)[0], image=fs.cat_file(f"{root.rstrip('/')}/{rel}"), label=label)
 
 
-def iter_samples(source: ShardSource, *, label_key: str | None = "cls", class_names: tuple[str, ...] = (), storage_options: dict | None = None) -> Iterator[Sample]:
+def iter_samples(
+    source: ShardSource,
+    *,
+    label_key: str | None = "cls",
+    class_names: tuple[str, ...] = (),
+    storage_options: dict | None = None,
+) -> Iterator[Sample]:
     """Yield the raw samples of one shard in stored order. Raises on an unreadable or truncated shard.
 
     ``label_key``: the tar field holding the label (``cls``), or ``field:path`` into a JSON field
@@ -300,7 +334,9 @@ def iter_samples(source: ShardSource, *, label_key: str | None = "cls", class_na
         yield from _iter_tar(source, label_key, class_names, storage_options)
 
 
-_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) * 510 + 65535) // 131070).astype(np.uint8)  # round(v / 65535 * 255)
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) * 510 + 65535) // 131070).astype(
+    np.uint8
+)  # round(v / 65535 * 255)
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -331,7 +367,9 @@ def decode_image(data: bytes, channels: int, max_pixels: int = DEFAULT_MAX_PIXEL
     image = Image.open(io.BytesIO(data))
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageTooLarge(f"image too large: {width}x{height} = {width * height:,} pixels, above --max-pixels {max_pixels:,}")
+        raise ImageTooLarge(
+            f"image too large: {width}x{height} = {width * height:,} pixels, above --max-pixels {max_pixels:,}"
+        )
     image.load()
     image = _to_8bit(image)
     if image.mode == "P":

@@ -12,23 +12,24 @@ Because the plan is a pure function of the seed, a :class:`StreamPosition` (epoc
 checkpoint needs to resume mid-epoch exactly, skipping finished windows without reading them. Memory is a
 few windows per worker, independent of cache size; caches are opened lazily inside each worker.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import fsspec
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .cache import CachedSamples, CacheSpec, FeatureCache, TokenMoments
+from .cache import CachedSamples, FeatureCache, TokenMoments
 from .errors import CacheError
-
 
 READ_THREADS = 4
 
@@ -69,12 +70,21 @@ def open_caches(urls: Sequence[str], storage_options: dict | None = None) -> lis
     precision = first.precision()  # also refuses a cache that mixes precisions
     for cache in caches:
         if not cache.complete_shards():
-            raise CacheError(f"cache {cache.url!r} has no complete shard; finish it with apmpipe extract (rerun the same command)")
+            raise CacheError(
+                f"cache {cache.url!r} has no complete shard; finish it with apmpipe extract (rerun the same command)"
+            )
         first.spec.check_layout(cache.spec.layout(), f"cache {cache.url!r} (beside {first.url!r})")
         if cache.spec.dtype != first.spec.dtype:
-            raise CacheError(f"cache {cache.url!r} stores {cache.spec.dtype} tokens, {first.url!r} {first.spec.dtype}: a token dtype must be common to all caches; re-extract one with --dtype {first.spec.dtype}")
+            raise CacheError(
+                f"cache {cache.url!r} stores {cache.spec.dtype} tokens, {first.url!r} {first.spec.dtype}: "
+                "a token dtype must be common to all caches; re-extract one with --dtype "
+                f"{first.spec.dtype}"
+            )
         if cache is not first and cache.precision() != precision:
-            raise CacheError(f"cache {cache.url!r} was computed in {cache.precision()}, {first.url!r} in {precision}; train on caches of one precision (--device/--amp at extraction)")
+            raise CacheError(
+                f"cache {cache.url!r} was computed in {cache.precision()}, {first.url!r} in {precision}; "
+                "train on caches of one precision (--device/--amp at extraction)"
+            )
     return caches
 
 
@@ -90,7 +100,7 @@ def canonical_url(url: str) -> str:
 def _summed_moments(caches: Sequence[FeatureCache]) -> list[TokenMoments]:
     """Token moments per level over every complete shard of ``caches`` (fits the student's target scales)."""
     per_cache = [cache.token_moments() for cache in caches]
-    return [sum(levels[1:], levels[0]) for levels in zip(*per_cache)]
+    return [sum(levels[1:], levels[0]) for levels in zip(*per_cache, strict=True)]
 
 
 class CacheStream(IterableDataset):
@@ -110,8 +120,16 @@ class CacheStream(IterableDataset):
     """
 
     def __init__(
-        self, urls: Sequence[str], batch_size: int, window_samples: int = 512, seed: int = 0, rank: int = 0, world_size: int = 1,
-        token_dtype: str | None = None, storage_options: dict | None = None, logits: bool = False,
+        self,
+        urls: Sequence[str],
+        batch_size: int,
+        window_samples: int = 512,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        token_dtype: str | None = None,
+        storage_options: dict | None = None,
+        logits: bool = False,
     ) -> None:
         super().__init__()
         caches = open_caches(urls, storage_options)
@@ -124,23 +142,31 @@ class CacheStream(IterableDataset):
         self.storage_options = storage_options or {}
         self.logits = logits and self.spec.num_classes > 0
         self.moments = _summed_moments(caches)
-        self.sizes = {(i, name): count for i, cache in enumerate(caches) for name, count in cache.sample_counts().items()}
+        self.sizes = {
+            (i, name): count for i, cache in enumerate(caches) for name, count in cache.sample_counts().items()
+        }
         self.blocks = [
             Block(i, name, start, min(start + caches[i].spec.chunk_samples, count))
-            for (i, name), count in self.sizes.items() for start in range(0, count, caches[i].spec.chunk_samples)
+            for (i, name), count in self.sizes.items()
+            for start in range(0, count, caches[i].spec.chunk_samples)
         ]
         self.num_samples = sum(b.size for b in self.blocks)
         self.position = StreamPosition()
         self._open: list[FeatureCache] | None = None
         if self.steps_per_epoch() == 0:
-            raise CacheError(f"{self.num_samples} cached samples give no full batch of {batch_size} per rank on {world_size} rank(s); lower --batch-size")
+            raise CacheError(
+                f"{self.num_samples} cached samples give no full batch of {batch_size} per rank on "
+                f"{world_size} rank(s); lower --batch-size"
+            )
 
     # -- the plan (indices only) -----------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """Identifies the plan: the blocks read and how they are dealt. Equal fingerprints give equal epochs.
         Caches are named by canonical URL (``./c.zarr`` and ``/abs/c.zarr`` are one cache)."""
         urls = [canonical_url(url) for url in self.urls]
-        text = json.dumps([urls, [asdict(b) for b in self.blocks], self.batch_size, self.window, self.seed, self.world_size])
+        text = json.dumps(
+            [urls, [asdict(b) for b in self.blocks], self.batch_size, self.window, self.seed, self.world_size]
+        )
         return hashlib.sha1(text.encode()).hexdigest()
 
     def _rank_blocks(self, epoch: int) -> list[list[Block]]:
@@ -152,7 +178,8 @@ class CacheStream(IterableDataset):
         return min(sum(b.size for b in blocks) // self.batch_size for blocks in self._rank_blocks(epoch))
 
     def windows(self, epoch: int) -> list[list[Block]]:
-        """This rank's windows for ``epoch``: each a list of block slices covering ``window`` samples (the last fewer)."""
+        """This rank's windows for ``epoch``: each a list of block slices covering ``window`` samples (the last
+        fewer)."""
         total = self.steps_per_epoch(epoch) * self.batch_size
         windows: list[list[Block]] = [[]]
         filled = 0
@@ -213,8 +240,11 @@ class CacheStream(IterableDataset):
             if index < pos.window or (index - pos.window) % workers != worker:
                 continue
             batches = self.load_window(pos.epoch, index, blocks)
-            yield {"window": index, "first_batch": pos.batch if index == pos.window else 0,
-                   "batches": batches[pos.batch :] if index == pos.window else batches}
+            yield {
+                "window": index,
+                "first_batch": pos.batch if index == pos.window else 0,
+                "batches": batches[pos.batch :] if index == pos.window else batches,
+            }
 
 
 def _scatter(parts: list[np.ndarray], destination: np.ndarray, shared: bool) -> torch.Tensor:
@@ -232,7 +262,9 @@ def _scatter(parts: list[np.ndarray], destination: np.ndarray, shared: bool) -> 
     return out
 
 
-def iter_cache(cache: FeatureCache, batch_size: int, limit: int = 0, token_dtype: str = "float32") -> Iterator[tuple[str, int, Any]]:
+def iter_cache(
+    cache: FeatureCache, batch_size: int, limit: int = 0, token_dtype: str = "float32"
+) -> Iterator[tuple[str, int, Any]]:
     """Every sample of a cache in stored order (complete shards sorted by name), as ``(shard, start, CachedSamples)``.
 
     Reads whole chunks; ``limit`` > 0 stops after that many samples. For evaluation, not training.
@@ -251,10 +283,15 @@ def iter_cache(cache: FeatureCache, batch_size: int, limit: int = 0, token_dtype
 
 def sample_subset(cache: FeatureCache, count: int, seed: int) -> dict[str, np.ndarray]:
     """A seeded random choice of ``count`` samples across all complete shards (0 or more than held: all), as
-    sorted indices per shard. Shard order is not class order, but folder caches are class-sorted: never take the first N."""
+    sorted indices per shard. Shard order is not class order, but folder caches are class-sorted: never take the
+    first N."""
     sizes = cache.sample_counts()
     total = sum(sizes.values())
-    chosen = np.arange(total) if not count or count >= total else np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
+    chosen = (
+        np.arange(total)
+        if not count or count >= total
+        else np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
+    )
     out, offset = {}, 0
     for name, size in sizes.items():
         mine = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
@@ -264,8 +301,11 @@ def sample_subset(cache: FeatureCache, count: int, seed: int) -> dict[str, np.nd
     return out
 
 
-def iter_subset(cache: FeatureCache, subset: dict[str, np.ndarray], batch_size: int, token_dtype: str = "float32") -> Iterator[CachedSamples]:
-    """The samples of ``subset`` (see :func:`sample_subset`) in batches of at most ``batch_size``, reading whole chunks."""
+def iter_subset(
+    cache: FeatureCache, subset: dict[str, np.ndarray], batch_size: int, token_dtype: str = "float32"
+) -> Iterator[CachedSamples]:
+    """The samples of ``subset`` (see :func:`sample_subset`) in batches of at most ``batch_size``, reading whole
+    chunks."""
     chunk, sizes = cache.spec.chunk_samples, cache.sample_counts()
     for name, indices in subset.items():
         for first in range(0, len(indices), batch_size):
@@ -273,5 +313,10 @@ def iter_subset(cache: FeatureCache, subset: dict[str, np.ndarray], batch_size: 
             start, stop = wanted[0] // chunk * chunk, min((wanted[-1] // chunk + 1) * chunk, sizes[name])
             data = cache.read(name, int(start), int(stop), token_dtype=np.dtype(token_dtype))
             rows = wanted - start
-            yield CachedSamples(pixels=data.pixels[rows], labels=data.labels[rows], keys=[data.keys[i] for i in rows],
-                                logits=None if data.logits is None else data.logits[rows], tokens=[t[rows] for t in data.tokens])
+            yield CachedSamples(
+                pixels=data.pixels[rows],
+                labels=data.labels[rows],
+                keys=[data.keys[i] for i in rows],
+                logits=None if data.logits is None else data.logits[rows],
+                tokens=[t[rows] for t in data.tokens],
+            )

@@ -1,4 +1,5 @@
 """Shared fixtures: real bundled images (scikit-learn digits) as WebDataset shards and a tiny random ViT teacher."""
+
 from __future__ import annotations
 
 import os
@@ -10,17 +11,27 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app, main
-from pipeline.datasets import write_digit_shards
+from apmpipe.pipeline.cli import app, main
+from apmpipe.pipeline.datasets import write_digit_shards
 
 # one thread count for every process the tests start: bit-identical comparisons across runs hold on a loaded machine
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-TINY_VIT = ["--teacher", "vit_tiny_patch16_224", "--no-pretrained", "--model-arg", "img_size=32", "--model-arg", "depth=2", "--model-arg", "num_classes=10"]
+TINY_VIT = [
+    "--teacher",
+    "vit_tiny_patch16_224",
+    "--no-pretrained",
+    "--model-arg",
+    "img_size=32",
+    "--model-arg",
+    "depth=2",
+    "--model-arg",
+    "num_classes=10",
+]
 FAST = ["--batch-size", "16", "--chunk-samples", "8", "--shard-samples", "16", "--loader-workers", "0"]
 
 
-def run_cli(*args: str) -> "CliRunner.invoke":
+def run_cli(*args: str) -> CliRunner.invoke:
     """Invoke ``apmpipe`` in-process, as a user would type it."""
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
@@ -43,7 +54,13 @@ def run_main(capsys: pytest.CaptureFixture, *args: str) -> Outcome:
 
 def run_subprocess(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed console script in a real process (exit codes and stderr exactly as a user sees them)."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "apmpipe.pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +93,27 @@ def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_student(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
     """A tiny-preset student trained for a few epochs on ``tiny_cache``."""
     run = tmp_path_factory.mktemp("student") / "run"
-    result = run_cli("train", tiny_cache, "--out", run, "--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0",
-                     "--epochs", "8", "--lr", "2e-3", "--warmup-steps", "5", "--log-every", "5")
+    result = run_cli(
+        "train",
+        tiny_cache,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--window-samples",
+        "32",
+        "--loader-workers",
+        "0",
+        "--epochs",
+        "8",
+        "--lr",
+        "2e-3",
+        "--warmup-steps",
+        "5",
+        "--log-every",
+        "5",
+    )
     assert result.exit_code == 0, result.output
     return run

@@ -1,5 +1,6 @@
 """Fewer bytes at rest: low-rank tokens (--rank) and compressed pixels (--pixel-codec), their recorded fidelity,
 their bytes in ``apmpipe info``, and a plain zarr-python read of the stored form."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ import pytest
 import torch
 import zarr
 
-from storage.cache import CacheSpec, FeatureCache, LevelLayout
-from storage.errors import ConfigError
-from storage.lowrank import BasisFit
-from storage.stream import CacheStream
+from apmpipe.storage.cache import CacheSpec, FeatureCache, LevelLayout
+from apmpipe.storage.errors import ConfigError
+from apmpipe.storage.lowrank import BasisFit
+from apmpipe.storage.stream import CacheStream
 
 from .conftest import FAST, TINY_VIT, run_cli, run_main
 
@@ -44,21 +45,26 @@ def test_rank_reconstruction_meets_recorded_fidelity(rank8: Path, tiny_cache: Pa
     records = cache.shard_attrs()
     for name in cache.complete_shards():
         approx, exact = cache.read(name, 0, 40), full.read(name, 0, 40)
-        assert [t.shape for t in approx.tokens] == [t.shape for t in exact.tokens] == [(40, 5, 192)] * 2  # reconstructed to [N, T, D]
+        assert (
+            [t.shape for t in approx.tokens] == [t.shape for t in exact.tokens] == [(40, 5, 192)] * 2
+        )  # reconstructed to [N, T, D]
         recorded = records[name]["stats"]["fidelity"]
-        for level, a, b in zip(cache.spec.levels, approx.tokens, exact.tokens):
+        for level, a, b in zip(cache.spec.levels, approx.tokens, exact.tokens, strict=True):
             measured = recorded[str(level.layer)]
             # extraction measures every 4th batch of 16: here the first, samples 0..15
             assert cosines(a[:16], b[:16]).min() >= measured["cosine_min"] - 1e-5
-            assert np.square(a[:16] - b[:16]).sum() / np.square(b[:16]).sum() == pytest.approx(measured["relative_mse"], rel=1e-3)
+            assert np.square(a[:16] - b[:16]).sum() / np.square(b[:16]).sum() == pytest.approx(
+                measured["relative_mse"], rel=1e-3
+            )
             assert 0.0 < measured["relative_mse"] < 0.5
         np.testing.assert_array_equal(approx.pixels, exact.pixels)
 
 
 def test_moments_are_of_reconstructed_tokens(rank8: Path) -> None:
     cache = FeatureCache.open(str(rank8))
-    tokens = [np.concatenate(t) for t in zip(*(cache.read(n, 0, 40).tokens for n in cache.complete_shards()))]
-    for level_tokens, moments in zip(tokens, cache.token_moments()):
+    per_shard = (cache.read(n, 0, 40).tokens for n in cache.complete_shards())
+    tokens = [np.concatenate(t) for t in zip(*per_shard, strict=True)]
+    for level_tokens, moments in zip(tokens, cache.token_moments(), strict=True):
         assert moments.count == 80
         np.testing.assert_allclose(moments.sums, level_tokens.astype(np.float64).sum(0), rtol=1e-4, atol=1e-3)
 
@@ -66,28 +72,33 @@ def test_moments_are_of_reconstructed_tokens(rank8: Path) -> None:
 def test_full_rank_is_near_exact(tmp_path: Path, digit_shards: list[str], tiny_cache: Path) -> None:
     cache = extract(tmp_path / "full.zarr", digit_shards[:1], "--rank", "192", "--dtype", "float32")
     exact = FeatureCache.open(str(tiny_cache)).read("digits-0000", 0, 40)
-    for a, b in zip(cache.read("digits-0000", 0, 40).tokens, exact.tokens):
+    for a, b in zip(cache.read("digits-0000", 0, 40).tokens, exact.tokens, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
     assert all(f["relative_mse"] < 1e-9 for f in cache.shard_attrs()["digits-0000"]["stats"]["fidelity"].values())
 
 
-def test_basis_is_stored_once_and_reused_by_later_runs(tmp_path: Path, rank8: Path, digit_shards: list[str], capsys: pytest.CaptureFixture) -> None:
+def test_basis_is_stored_once_and_reused_by_later_runs(
+    tmp_path: Path, rank8: Path, digit_shards: list[str], capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "grow.zarr"
     shutil.copytree(rank8, out)
-    before = {lv.layer: (b.mean, b.components) for lv, b in zip(FeatureCache.open(str(out)).spec.levels, FeatureCache.open(str(out)).level_bases())}
+    cache = FeatureCache.open(str(out))
+    before = {lv.layer: (b.mean, b.components) for lv, b in zip(cache.spec.levels, cache.level_bases(), strict=True)}
     cache = extract(out, digit_shards, "--rank", "8")  # one more input shard: the basis is not refitted
     assert cache.complete_shards() == ["digits-0000", "digits-0001", "digits-0002"]
-    for level, basis in zip(cache.spec.levels, cache.level_bases()):
+    for level, basis in zip(cache.spec.levels, cache.level_bases(), strict=True):
         np.testing.assert_array_equal(basis.mean, before[level.layer][0])
         np.testing.assert_array_equal(basis.components, before[level.layer][1])
         np.testing.assert_allclose(basis.components @ basis.components.T, np.eye(8), atol=1e-5)
     assert dict(zarr.open_group(str(out), mode="r")["bases"].attrs)["inputs"] == ["digits-0000", "digits-0001"]
     again = extract(tmp_path / "again.zarr", digit_shards[:2], "--rank", "8")  # the same inputs give the same basis
-    for a, b in zip(again.level_bases(), cache.level_bases()):
+    for a, b in zip(again.level_bases(), cache.level_bases(), strict=True):
         np.testing.assert_array_equal(a.components, b.components)
 
     outcome = run_main(capsys, "extract", *digit_shards, "--out", out, *TINY_VIT, *LAYERS, *FAST, "--rank", "16")
-    assert outcome.returncode == 2 and "rank" in outcome.stderr and len(outcome.stderr.strip().splitlines()) == 1, outcome.stderr
+    assert outcome.returncode == 2 and "rank" in outcome.stderr and len(outcome.stderr.strip().splitlines()) == 1, (
+        outcome.stderr
+    )
 
 
 def test_plain_zarr_reads_coefficients_and_basis(tmp_path: Path, digit_shards: list[str]) -> None:
@@ -95,41 +106,67 @@ def test_plain_zarr_reads_coefficients_and_basis(tmp_path: Path, digit_shards: l
     root = zarr.open_group(str(tmp_path / "int8.zarr"), mode="r")
     assert root.attrs["apmpipe"]["spec"]["rank"] == 16
     group = root["shards/digits-0000"]
-    for level, expected in zip(cache.spec.levels, cache.read("digits-0000", 0, 40).tokens):
+    for level, expected in zip(cache.spec.levels, cache.read("digits-0000", 0, 40).tokens, strict=True):
         layer = str(level.layer)
-        coefficients = group[f"tokens/{layer}"][...].astype(np.float32) * group[f"scales/{layer}"][...][..., None]  # [N, T, K]
+        coefficients = (
+            group[f"tokens/{layer}"][...].astype(np.float32) * group[f"scales/{layer}"][...][..., None]
+        )  # [N, T, K]
         tokens = root[f"bases/{layer}/mean"][...] + coefficients @ root[f"bases/{layer}/components"][...]  # [N, T, D]
-        assert group[f"tokens/{layer}"].shape == (40, 5, 16) and group[f"tokens/{layer}"].metadata.dimension_names[-1] == f"component_{layer}"
+        assert (
+            group[f"tokens/{layer}"].shape == (40, 5, 16)
+            and group[f"tokens/{layer}"].metadata.dimension_names[-1] == f"component_{layer}"
+        )
         np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("codec", ["png", "webp"])
-def test_lossless_pixel_codecs_are_bit_identical(tmp_path: Path, digit_shards: list[str], tiny_cache: Path, codec: str) -> None:
+def test_lossless_pixel_codecs_are_bit_identical(
+    tmp_path: Path, digit_shards: list[str], tiny_cache: Path, codec: str
+) -> None:
     cache = extract(tmp_path / f"{codec}.zarr", digit_shards[:1], "--pixel-codec", codec)
     stored = zarr.open_group(str(tmp_path / f"{codec}.zarr"), mode="r")["shards/digits-0000/pixels"]
     meta = json.loads((tmp_path / f"{codec}.zarr/shards/digits-0000/pixels/zarr.json").read_text())
-    assert stored.shape == (40,) and meta["data_type"] == "variable_length_bytes" and meta["dimension_names"] == ["sample"]
-    np.testing.assert_array_equal(cache.read("digits-0000", 3, 27).pixels, FeatureCache.open(str(tiny_cache)).read("digits-0000", 3, 27).pixels)
+    assert (
+        stored.shape == (40,) and meta["data_type"] == "variable_length_bytes" and meta["dimension_names"] == ["sample"]
+    )
+    np.testing.assert_array_equal(
+        cache.read("digits-0000", 3, 27).pixels, FeatureCache.open(str(tiny_cache)).read("digits-0000", 3, 27).pixels
+    )
     assert "pixel_fidelity" not in cache.shard_attrs()["digits-0000"]["stats"]
 
 
-def test_jpeg_records_psnr_and_info_shows_bytes_and_fidelity(tmp_path: Path, digit_shards: list[str], tiny_cache: Path, capsys: pytest.CaptureFixture) -> None:
+def test_jpeg_records_psnr_and_info_shows_bytes_and_fidelity(
+    tmp_path: Path, digit_shards: list[str], tiny_cache: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "jpeg.zarr"
     cache = extract(out, digit_shards[:1], "--pixel-codec", "jpeg", "--rank", "8", "--dtype", "int8")
     recorded = cache.shard_attrs()["digits-0000"]["stats"]["pixel_fidelity"]["psnr_db"]
     decoded = cache.read("digits-0000", 0, 16).pixels.astype(np.float64)
     exact = FeatureCache.open(str(tiny_cache)).read("digits-0000", 0, 16).pixels
-    assert recorded == pytest.approx(10 * np.log10(255.0**2 / np.square(decoded - exact).mean()), abs=0.01) and 25 < recorded < 100
+    assert (
+        recorded == pytest.approx(10 * np.log10(255.0**2 / np.square(decoded - exact).mean()), abs=0.01)
+        and 25 < recorded < 100
+    )
 
     desc = cache.describe(sizes=True)
     assert desc["arrays"]["pixels"]["raw_bytes_per_sample"] == 3 * 32 * 32
     assert 0 < desc["arrays"]["pixels"]["stored_bytes_per_sample"] < 3 * 32 * 32
-    assert desc["arrays"]["tokens/1"]["raw_bytes_per_sample"] == 5 * 8 and desc["arrays"]["scales/1"]["raw_bytes_per_sample"] == 5 * 4
-    assert sum(a.get("stored_bytes_per_sample", 0) for a in desc["arrays"].values()) * 40 == pytest.approx(desc["stored_bytes"])
+    assert (
+        desc["arrays"]["tokens/1"]["raw_bytes_per_sample"] == 5 * 8
+        and desc["arrays"]["scales/1"]["raw_bytes_per_sample"] == 5 * 4
+    )
+    assert sum(a.get("stored_bytes_per_sample", 0) for a in desc["arrays"].values()) * 40 == pytest.approx(
+        desc["stored_bytes"]
+    )
     assert set(desc["fidelity"]["levels"]) == {"1", "2"} and desc["fidelity"]["pixels"]["psnr_db"] == recorded
     outcome = run_main(capsys, "info", out, "--sizes")
     assert outcome.returncode == 0
-    assert "bytes/sample tokens/2" in outcome.stdout and "fidelity layer 1" in outcome.stdout and "PSNR" in outcome.stdout and "rank-8" in outcome.stdout
+    assert (
+        "bytes/sample tokens/2" in outcome.stdout
+        and "fidelity layer 1" in outcome.stdout
+        and "PSNR" in outcome.stdout
+        and "rank-8" in outcome.stdout
+    )
 
 
 def test_stream_reconstructs_low_rank_tokens(rank8: Path) -> None:
@@ -147,11 +184,20 @@ def test_older_v2_cache_without_the_new_fields_reads_as_before(tmp_path: Path, t
     (old / "zarr.json").write_text(json.dumps(meta))
     cache = FeatureCache.open(str(old))
     assert (cache.spec.rank, cache.spec.pixel_codec) == (0, "raw")
-    np.testing.assert_array_equal(cache.read("digits-0000", 0, 8).tokens[1], FeatureCache.open(str(tiny_cache)).read("digits-0000", 0, 8).tokens[1])
+    np.testing.assert_array_equal(
+        cache.read("digits-0000", 0, 8).tokens[1],
+        FeatureCache.open(str(tiny_cache)).read("digits-0000", 0, 8).tokens[1],
+    )
 
 
 def test_spec_refuses_impossible_rank_and_pixel_codec() -> None:
-    base = {"teacher": {}, "data_config": {"input_size": [4, 8, 8]}, "levels": (LevelLayout(1, 1, (2, 2), 16),), "final_norm": False, "num_classes": 0}
+    base = {
+        "teacher": {},
+        "data_config": {"input_size": [4, 8, 8]},
+        "levels": (LevelLayout(1, 1, (2, 2), 16),),
+        "final_norm": False,
+        "num_classes": 0,
+    }
     with pytest.raises(ConfigError, match="--rank 17"):
         CacheSpec(**base, rank=17)
     with pytest.raises(ConfigError, match="--pixel-codec png"):

@@ -1,4 +1,5 @@
 """apmpipe demo --quick end to end: every report artifact exists and its numbers are sane."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,16 @@ def test_demo_quick_writes_a_sane_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = run_cli("demo", "--quick", "--out", out)
     assert result.exit_code == 0, result.output
-    for name in ("report.md", "summary.json", "eval.json", "loss.png", "fidelity.png", "islands.png", "per_class_knn.png", "per_class_teacher_head.png"):
+    for name in (
+        "report.md",
+        "summary.json",
+        "eval.json",
+        "loss.png",
+        "fidelity.png",
+        "islands.png",
+        "per_class_knn.png",
+        "per_class_teacher_head.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     for png in out.glob("*.png"):
         with Image.open(png) as image:
@@ -31,12 +41,21 @@ def test_demo_quick_writes_a_sane_report(tmp_path: Path) -> None:
     ttt = summary["eval"]["ttt"]
     assert ttt["loss_after"] < ttt["loss_before"] and not math.isnan(ttt["ms_per_step"])
     report = (out / "report.md").read_text()
-    assert "![islands](islands.png)" in report and "val top-1" in report and "baseline" in report and "| weighted k-NN" in report
+    assert (
+        "![islands](islands.png)" in report
+        and "val top-1" in report
+        and "baseline" in report
+        and "| weighted k-NN" in report
+    )
     # rerunning the same command reuses the teacher, caches and run, and keeps the figures of the run that did the work
     again = run_cli("demo", "--quick", "--out", out)
     assert again.exit_code == 0, again.output
     rerun = json.loads((out / "summary.json").read_text())
-    assert rerun["train"] == summary["train"] and rerun["extract"] == summary["extract"] and "training a small ViT" not in again.output
+    assert (
+        rerun["train"] == summary["train"]
+        and rerun["extract"] == summary["extract"]
+        and "training a small ViT" not in again.output
+    )
 
 
 def test_default_student_decides_like_its_trained_teacher(tmp_path: Path) -> None:
@@ -54,5 +73,7 @@ def test_default_student_decides_like_its_trained_teacher(tmp_path: Path) -> Non
     classification = summary["eval"]["classification"]
     head, probe = classification["teacher_head"], classification["probe"]
     assert head["student"]["top1"] >= 0.97 * head["teacher"]["top1"], head
-    assert all(f[f"{part}_r2"] >= 0.9 for f in summary["eval"]["fidelity"].values() for part in ("patch", "prefix")), summary["eval"]["fidelity"]
+    assert all(f[f"{part}_r2"] >= 0.9 for f in summary["eval"]["fidelity"].values() for part in ("patch", "prefix")), (
+        summary["eval"]["fidelity"]
+    )
     assert abs(probe["teacher"]["top1"] - head["teacher"]["top1"]) <= 0.03, (probe, head)

@@ -1,4 +1,5 @@
 """apmpipe eval and islands: exact teacher-head path, k-NN/probe, TTT, pictures, errors."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import torch
 import zarr
 from PIL import Image
 
-from stages.head import TeacherHead
-from storage.cache import FeatureCache
-from storage.stream import iter_cache
+from apmpipe.stages.head import TeacherHead
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.stream import iter_cache
 
 from .conftest import FAST, TINY_VIT, run_cli, run_main
 
@@ -27,10 +28,28 @@ def test_teacher_head_path_reproduces_teacher_predictions(eval_cache: Path) -> N
         assert (logits.argmax(1).numpy() == data.logits.argmax(1)).all()
 
 
-def test_eval_reports_fidelity_classification_and_ttt(tmp_path: Path, tiny_student: Path, tiny_cache: Path, eval_cache: Path) -> None:
+def test_eval_reports_fidelity_classification_and_ttt(
+    tmp_path: Path, tiny_student: Path, tiny_cache: Path, eval_cache: Path
+) -> None:
     out = tmp_path / "report"
-    result = run_cli("eval", eval_cache, "--student", tiny_student, "--train-cache", tiny_cache, "--out", out,
-                     "--ttt-steps", "8", "--ttt-lr", "3e-3", "--ttt-samples", "4", "--batch-size", "16")
+    result = run_cli(
+        "eval",
+        eval_cache,
+        "--student",
+        tiny_student,
+        "--train-cache",
+        tiny_cache,
+        "--out",
+        out,
+        "--ttt-steps",
+        "8",
+        "--ttt-lr",
+        "3e-3",
+        "--ttt-samples",
+        "4",
+        "--batch-size",
+        "16",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["samples"] == 80
@@ -47,35 +66,48 @@ def test_eval_reports_fidelity_classification_and_ttt(tmp_path: Path, tiny_stude
     assert cls["knn"]["student"]["top1"] > 0.2 and cls["probe"]["student"]["top1"] > 0.2
     ttt = report["ttt"]
     assert ttt["samples"] == 4 and ttt["loss_after"] < ttt["loss_before"] and ttt["ms_per_step"] > 0
-    assert {"head_before", "head_after", "knn_before", "knn_after"} <= set(ttt) and len({p["key"] for p in ttt["per_sample"]}) == 4
+    assert {"head_before", "head_after", "knn_before", "knn_after"} <= set(ttt) and len(
+        {p["key"] for p in ttt["per_sample"]}
+    ) == 4
     for name in ("fidelity.png", "per_class_knn.png", "per_class_probe.png", "per_class_teacher_head.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "test-time training" in result.output and "weighted k-NN" in result.output
 
 
 def test_ttt_is_episodic_and_seeded_per_sample(tiny_student: Path, eval_cache: Path) -> None:
-    from stages.inputs import PixelNormalizer
-    from stages.student import load_model, loss_config_of
-    from stages.ttt import EpisodicTTT, TTTConfig
+    from apmpipe.stages.inputs import PixelNormalizer
+    from apmpipe.stages.student import load_model, loss_config_of
+    from apmpipe.stages.ttt import EpisodicTTT, TTTConfig
 
     cache = FeatureCache.open(str(eval_cache))
     model, metadata = load_model(str(tiny_student), torch.device("cpu"))
     data = cache.read(cache.complete_shards()[0], 0, 2)
     normalize = PixelNormalizer(cache.spec.data_config)
-    samples = [(normalize(torch.from_numpy(data.pixels[i : i + 1])), [torch.from_numpy(t[i : i + 1]) for t in data.tokens],
-                torch.from_numpy(data.logits[i : i + 1])) for i in range(2)]
+    samples = [
+        (
+            normalize(torch.from_numpy(data.pixels[i : i + 1])),
+            [torch.from_numpy(t[i : i + 1]) for t in data.tokens],
+            torch.from_numpy(data.logits[i : i + 1]),
+        )
+        for i in range(2)
+    ]
     ttt = EpisodicTTT(model, loss_config_of(metadata), TTTConfig(steps=5, lr=3e-3, locations=2), None)
     first, second = ttt.adapt(7, *samples[0]), ttt.adapt(8, *samples[1])
     ttt.restore()
-    alone = EpisodicTTT(model, loss_config_of(metadata), TTTConfig(steps=5, lr=3e-3, locations=2), None).adapt(8, *samples[1])
+    alone = EpisodicTTT(model, loss_config_of(metadata), TTTConfig(steps=5, lr=3e-3, locations=2), None).adapt(
+        8, *samples[1]
+    )
     # sample k is unaffected by sample k-1: same weights, optimiser state and location draws as when run alone
     assert first.loss_after < first.loss_before and second.loss_after < second.loss_before
-    assert second.loss_after == alone.loss_after and all(torch.equal(a, b) for a, b in zip(second.after, alone.after))
+    assert second.loss_after == alone.loss_after
+    assert all(torch.equal(a, b) for a, b in zip(second.after, alone.after, strict=True))
     other_seed = ttt.adapt(9, *samples[1])  # another sample seed draws other locations
     assert other_seed.loss_after != second.loss_after
     ttt.restore()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in ttt.start_weights.items())
-    scratch = EpisodicTTT(model, loss_config_of(metadata), TTTConfig(steps=5, lr=3e-3, start="scratch"), None).adapt(8, *samples[1])
+    scratch = EpisodicTTT(model, loss_config_of(metadata), TTTConfig(steps=5, lr=3e-3, start="scratch"), None).adapt(
+        8, *samples[1]
+    )
     assert scratch.loss_after < scratch.loss_before
 
 
@@ -91,11 +123,15 @@ def test_unlabelled_cache_gives_fidelity_and_says_why(tmp_path: Path, tiny_stude
     assert report["fidelity"] and "no labels" in report["classification"]["skipped"]
 
 
-def test_student_of_another_teacher_is_refused(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, digit_shards: list[str]) -> None:
+def test_student_of_another_teacher_is_refused(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, digit_shards: list[str]
+) -> None:
     other = tmp_path / "other.zarr"
     assert run_cli("extract", digit_shards[0], "--out", other, *TINY_VIT, "--layers", "-1", *FAST).exit_code == 0
     result = run_main(capsys, "eval", other, "--student", tiny_student)
-    assert result.returncode == 2 and "differs in levels" in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.returncode == 2 and "differs in levels" in result.stderr and result.stderr.strip().count("\n") == 0, (
+        result.stderr
+    )
     result = run_main(capsys, "eval", other, "--student", tmp_path / "nope")
     assert result.returncode == 2 and "no trained student" in result.stderr
 
@@ -104,16 +140,35 @@ def test_islands_png_from_cache_and_from_images(tmp_path: Path, tiny_student: Pa
     out = tmp_path / "islands.png"
     result = run_cli("islands", eval_cache, "--student", tiny_student, "--out", out, "--images", "2", "--panel", "64")
     assert result.exit_code == 0, result.output
-    from stages.islands import GAP, HEADER, LABEL
+    from apmpipe.stages.islands import GAP, HEADER, LABEL
 
-    with Image.open(out) as image:  # columns: image + student and teacher per level (2 levels); rows: 2 samples, then a caption
-        assert image.format == "PNG" and image.size[0] == GAP + 5 * (64 + GAP) and image.size[1] > HEADER + 2 * (LABEL + 64 + GAP)
+    with Image.open(
+        out
+    ) as image:  # columns: image + student and teacher per level (2 levels); rows: 2 samples, then a caption
+        assert (
+            image.format == "PNG"
+            and image.size[0] == GAP + 5 * (64 + GAP)
+            and image.size[1] > HEADER + 2 * (LABEL + 64 + GAP)
+        )
     from skimage import data
 
     photo = tmp_path / "coffee.png"
     Image.fromarray(data.coffee()).save(photo)
     out2 = tmp_path / "photo.png"
-    result = run_cli("islands", photo, "--student", tiny_student, "--out", out2, "--mode", "kmeans", "--clusters", "3", "--panel", "48")
+    result = run_cli(
+        "islands",
+        photo,
+        "--student",
+        tiny_student,
+        "--out",
+        out2,
+        "--mode",
+        "kmeans",
+        "--clusters",
+        "3",
+        "--panel",
+        "48",
+    )
     assert result.exit_code == 0, result.output
     with Image.open(out2) as image:
         assert image.size[0] == GAP + 3 * (48 + GAP)

@@ -1,4 +1,5 @@
 """Stage one end to end through the CLI: values, inputs, resume, faults, errors."""
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,8 @@ import zarr
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline.datasets import digit_images, write_digit_shards
-from storage.cache import writer_lock
+from apmpipe.pipeline.datasets import digit_images, write_digit_shards
+from apmpipe.storage.cache import writer_lock
 
 from .conftest import FAST, TINY_VIT, run_cli, run_main, run_subprocess
 
@@ -35,7 +36,12 @@ def tiny_vit(**overrides) -> torch.nn.Module:
 def shard_arrays(cache: Path) -> dict[str, np.ndarray]:
     """Every array of every shard group, read with plain zarr-python (no apmpipe)."""
     root = zarr.open_group(str(cache), mode="r")
-    return {f"{name}/{path}": array[...] for name, group in root["shards"].groups() for path, array in group.members(max_depth=None) if isinstance(array, zarr.Array)}
+    return {
+        f"{name}/{path}": array[...]
+        for name, group in root["shards"].groups()
+        for path, array in group.members(max_depth=None)
+        if isinstance(array, zarr.Array)
+    }
 
 
 def test_cache_equals_direct_forward_intermediates(tiny_cache: Path) -> None:
@@ -52,13 +58,17 @@ def test_cache_equals_direct_forward_intermediates(tiny_cache: Path) -> None:
     np.testing.assert_array_equal(group["labels"][...], labels[:40])
     # the cached pixels are exactly what timm's own eval transform feeds the model
     model = tiny_vit()
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({"input_size": (3, 32, 32)}, model=model), is_training=False)
+    transform = timm.data.create_transform(
+        **timm.data.resolve_data_config({"input_size": (3, 32, 32)}, model=model), is_training=False
+    )
     normalized = (torch.from_numpy(pixels).float() / 255 - 0.5) / 0.5
     torch.testing.assert_close(normalized[3], transform(images[3]), atol=1e-6, rtol=0)
     with torch.inference_mode():
-        final, inter = model.forward_intermediates(normalized, indices=[0, 1], return_prefix_tokens=True, output_fmt="NLC")
+        final, inter = model.forward_intermediates(
+            normalized, indices=[0, 1], return_prefix_tokens=True, output_fmt="NLC"
+        )
         logits = model.forward_head(final)
-    for (spatial, prefix), layer in zip(inter, ("1", "2")):
+    for (spatial, prefix), layer in zip(inter, ("1", "2"), strict=True):
         expected = torch.cat([prefix, spatial], dim=1).numpy()
         np.testing.assert_allclose(group[f"tokens/{layer}"][...], expected, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(group["logits"][...], logits.numpy(), atol=1e-5, rtol=1e-5)
@@ -83,7 +93,9 @@ def test_info_and_verify(tiny_cache: Path) -> None:
 
 
 def test_rerun_skips_complete_shards(tiny_cache: Path, digit_shards: list[str]) -> None:
-    result = run_cli("extract", *digit_shards, "--out", tiny_cache, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST)
+    result = run_cli(
+        "extract", *digit_shards, "--out", tiny_cache, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST
+    )
     assert result.exit_code == 0 and "3 already complete" in result.output
 
 
@@ -125,18 +137,25 @@ def test_gzip_shards_mixed_modes_corrupt_and_truncated(tmp_path: Path, digit_sha
     deep = Image.fromarray(np.arange(24 * 24, dtype=np.uint16).reshape(24, 24) * 100)
     palette = images[2].convert("P")
     members = {
-        "a.jpg": _encoded(images[0], "JPEG"), "a.cls": b"3",
-        "b.png": _encoded(rgba, "PNG"), "b.cls": b"1",
-        "c.png": b"\x89PNG this is not an image", "c.cls": b"2",
+        "a.jpg": _encoded(images[0], "JPEG"),
+        "a.cls": b"3",
+        "b.png": _encoded(rgba, "PNG"),
+        "b.cls": b"1",
+        "c.png": b"\x89PNG this is not an image",
+        "c.cls": b"2",
         "d.png": _encoded(deep, "PNG"),
-        "e.png": _encoded(palette, "PNG"), "e.cls": b"4",
-        "f.webp": _encoded(images[1].convert("RGB"), "WEBP"), "f.cls": b"5",
+        "e.png": _encoded(palette, "PNG"),
+        "e.cls": b"4",
+        "f.webp": _encoded(images[1].convert("RGB"), "WEBP"),
+        "f.cls": b"5",
     }
     _write_tar(tmp_path / "mixed.tar.gz", members, gz=True)
     good = Path(digit_shards[0]).read_bytes()
     (tmp_path / "cut.tar").write_bytes(good[: len(good) // 2])
     out = tmp_path / "c.zarr"
-    result = run_subprocess("extract", tmp_path / "mixed.tar.gz", tmp_path / "cut.tar", digit_shards[1], "--out", out, *TINY_VIT, *FAST)
+    result = run_subprocess(
+        "extract", tmp_path / "mixed.tar.gz", tmp_path / "cut.tar", digit_shards[1], "--out", out, *TINY_VIT, *FAST
+    )
     assert result.returncode == 1, result.stderr
     assert "failed shard cut" in result.stderr and "skipped mixed/c: undecodable image" in result.stderr
     root = zarr.open_group(str(out), mode="r")
@@ -156,7 +175,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
     reference = tmp_path / "ref.zarr"
     assert run_subprocess("extract", *args, "--out", reference).returncode == 0
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apmpipe.pipeline", "extract", *args, "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "shards/digits-0002/tokens/2").exists():
         time.sleep(0.01)
@@ -173,14 +196,33 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
         np.testing.assert_array_equal(ref[key], got[key], err_msg=key)
 
 
-def test_mismatched_teacher_and_concurrent_writer_refused(capsys: pytest.CaptureFixture, tiny_cache: Path, digit_shards: list[str]) -> None:
-    result = run_main(capsys, "extract", digit_shards[0], "--out", tiny_cache, *TINY_VIT, "--seed", "1", "--layers", "1,-1", "--dtype", "float32")
+def test_mismatched_teacher_and_concurrent_writer_refused(
+    capsys: pytest.CaptureFixture, tiny_cache: Path, digit_shards: list[str]
+) -> None:
+    result = run_main(
+        capsys,
+        "extract",
+        digit_shards[0],
+        "--out",
+        tiny_cache,
+        *TINY_VIT,
+        "--seed",
+        "1",
+        "--layers",
+        "1,-1",
+        "--dtype",
+        "float32",
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "different teacher.weights" in result.stderr
-    result = run_main(capsys, "extract", digit_shards[0], "--out", tiny_cache, *TINY_VIT, "--layers", "-1", "--dtype", "float32")
+    result = run_main(
+        capsys, "extract", digit_shards[0], "--out", tiny_cache, *TINY_VIT, "--layers", "-1", "--dtype", "float32"
+    )
     assert result.returncode == 2 and "different levels" in result.stderr
     with writer_lock(str(tiny_cache)):
-        result = run_subprocess("extract", digit_shards[0], "--out", tiny_cache, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32")
+        result = run_subprocess(
+            "extract", digit_shards[0], "--out", tiny_cache, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32"
+        )
     assert result.returncode == 2 and "being written by another apmpipe extract" in result.stderr
 
 
@@ -197,8 +239,12 @@ def test_mismatched_teacher_and_concurrent_writer_refused(capsys: pytest.Capture
         (["--checkpoint", "/nonexistent.safetensors"], "does not exist"),
     ],
 )
-def test_bad_options_are_one_line_exit_2(capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str], extra: list[str], message: str) -> None:
-    result = run_main(capsys, "extract", digit_shards[0], "--out", tmp_path / "c.zarr", *TINY_VIT, "--chunk-samples", "8", *extra)
+def test_bad_options_are_one_line_exit_2(
+    capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str], extra: list[str], message: str
+) -> None:
+    result = run_main(
+        capsys, "extract", digit_shards[0], "--out", tmp_path / "c.zarr", *TINY_VIT, "--chunk-samples", "8", *extra
+    )
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -209,7 +255,16 @@ def test_missing_input_and_unknown_teacher(capsys: pytest.CaptureFixture, tmp_pa
     result = run_main(capsys, "extract", tmp_path / "nope-{0..3}.tar", "--out", tmp_path / "c.zarr", *TINY_VIT)
     assert result.returncode == 2 and "does not exist" in result.stderr
     (tmp_path / "x.tar").write_bytes(b"")
-    result = run_main(capsys, "extract", tmp_path / "x.tar", "--out", tmp_path / "c.zarr", "--teacher", "vit_nonexistent_model", "--no-pretrained")
+    result = run_main(
+        capsys,
+        "extract",
+        tmp_path / "x.tar",
+        "--out",
+        tmp_path / "c.zarr",
+        "--teacher",
+        "vit_nonexistent_model",
+        "--no-pretrained",
+    )
     assert result.returncode == 2 and "unknown timm model" in result.stderr
 
 
@@ -217,22 +272,51 @@ def test_local_dir_teacher_and_checkpoint(tmp_path: Path, digit_shards: list[str
     model = tiny_vit(num_classes=5)
     folder = tmp_path / "teacher"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architecture": "vit_tiny_patch16_224", "num_classes": 5, "model_args": {"img_size": 32, "depth": 2},
-        "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2], "interpolation": "bilinear", "crop_pct": 1.0},
-    }))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "vit_tiny_patch16_224",
+                "num_classes": 5,
+                "model_args": {"img_size": 32, "depth": 2},
+                "pretrained_cfg": {
+                    "input_size": [3, 32, 32],
+                    "mean": [0.4, 0.4, 0.4],
+                    "std": [0.2, 0.2, 0.2],
+                    "interpolation": "bilinear",
+                    "crop_pct": 1.0,
+                },
+            }
+        )
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
     save_file(model.state_dict(), str(folder / "model.safetensors"))
     out = tmp_path / "local.zarr"
-    result = run_cli("extract", digit_shards[0], "--out", out, "--teacher", f"local-dir:{folder}", "--pretrained", *FAST)
+    result = run_cli(
+        "extract", digit_shards[0], "--out", out, "--teacher", f"local-dir:{folder}", "--pretrained", *FAST
+    )
     assert result.exit_code == 0, result.output
     spec = zarr.open_group(str(out), mode="r").attrs["apmpipe"]["spec"]
-    assert spec["data_config"]["mean"] == [0.4, 0.4, 0.4] and spec["data_config"]["interpolation"] == "bilinear" and spec["num_classes"] == 5
+    assert (
+        spec["data_config"]["mean"] == [0.4, 0.4, 0.4]
+        and spec["data_config"]["interpolation"] == "bilinear"
+        and spec["num_classes"] == 5
+    )
     # the same weights as a bare state dict give the same teacher identity
     out2 = tmp_path / "ckpt.zarr"
-    result = run_cli("extract", digit_shards[0], "--out", out2, *TINY_VIT[:-2], "--model-arg", "num_classes=5", "--checkpoint", folder / "model.safetensors", *FAST)
+    result = run_cli(
+        "extract",
+        digit_shards[0],
+        "--out",
+        out2,
+        *TINY_VIT[:-2],
+        "--model-arg",
+        "num_classes=5",
+        "--checkpoint",
+        folder / "model.safetensors",
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     spec2 = zarr.open_group(str(out2), mode="r").attrs["apmpipe"]["spec"]
     assert spec2["teacher"]["weights_sha256"] == spec["teacher"]["weights_sha256"]
@@ -240,10 +324,30 @@ def test_local_dir_teacher_and_checkpoint(tmp_path: Path, digit_shards: list[str
 
 def test_one_channel_convnet_teacher_int8(tmp_path: Path, digit_shards: list[str]) -> None:
     out = tmp_path / "rn.zarr"
-    result = run_cli("extract", digit_shards[0], "--out", out, "--teacher", "resnet18", "--no-pretrained", "--model-arg", "in_chans=1",
-                     "--model-arg", "num_classes=10", "--layers", "4,-1", "--dtype", "int8", *FAST)
+    result = run_cli(
+        "extract",
+        digit_shards[0],
+        "--out",
+        out,
+        "--teacher",
+        "resnet18",
+        "--no-pretrained",
+        "--model-arg",
+        "in_chans=1",
+        "--model-arg",
+        "num_classes=10",
+        "--layers",
+        "4,-1",
+        "--dtype",
+        "int8",
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
-    assert "fidelity layer 5" in result.output and "teacher head" in result.output and "stored (avg pooling" in result.output
+    assert (
+        "fidelity layer 5" in result.output
+        and "teacher head" in result.output
+        and "stored (avg pooling" in result.output
+    )
     root = zarr.open_group(str(out), mode="r")
     group = root["shards/digits-0000"]
     assert group["pixels"].shape == (40, 1, 224, 224)
@@ -256,13 +360,28 @@ def test_one_channel_convnet_teacher_int8(tmp_path: Path, digit_shards: list[str
 def test_user_error_in_a_real_process_is_one_line(tmp_path: Path, digit_shards: list[str]) -> None:
     result = run_subprocess("extract", digit_shards[0], "--out", tmp_path / "c.zarr", *TINY_VIT, "--layers", "7")
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
-    result = run_subprocess("--debug", "extract", digit_shards[0], "--out", tmp_path / "c.zarr", *TINY_VIT, "--layers", "7")
+    result = run_subprocess(
+        "--debug", "extract", digit_shards[0], "--out", tmp_path / "c.zarr", *TINY_VIT, "--layers", "7"
+    )
     assert result.returncode == 1 and "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
 def test_dask_workers_give_the_same_cache(tmp_path: Path, tiny_cache: Path, digit_shards: list[str]) -> None:
     out = tmp_path / "dask.zarr"
-    result = run_cli("extract", *digit_shards, "--out", out, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST, "--workers", "2")
+    result = run_cli(
+        "extract",
+        *digit_shards,
+        "--out",
+        out,
+        *TINY_VIT,
+        "--layers",
+        "1,-1",
+        "--dtype",
+        "float32",
+        *FAST,
+        "--workers",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     ref, got = shard_arrays(tiny_cache), shard_arrays(out)
     assert ref.keys() == got.keys()
@@ -279,11 +398,18 @@ def test_same_shard_name_from_other_data_is_refused(capsys: pytest.CaptureFixtur
     assert result.returncode == 2 and "already holds shard 'digits-0000'" in result.stderr
 
 
-def test_tuple_model_args_resume_and_a_new_cache_is_locked_from_the_start(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+def test_tuple_model_args_resume_and_a_new_cache_is_locked_from_the_start(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     shards = write_digit_shards(tmp_path / "in", count=160, per_shard=20, size=32)
     args = [*shards, *TINY_VIT, "--model-arg", "img_size=(32, 32)", *FAST]
     out = tmp_path / "c.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apmpipe.pipeline", "extract", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "shards").exists():
         time.sleep(0.01)

@@ -4,6 +4,7 @@ SIGTERM during training, ``pipe:`` inputs, progress and help at 80 columns, verd
 
 Timings (offline failure, option errors) are printed, not asserted: run with ``-s`` to see them.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,19 +22,24 @@ import pytest
 import zarr
 from PIL import Image
 
-from pipeline.datasets import write_digit_shards
-
 from .conftest import FAST, TINY_VIT, run_main
 
 TRAIN_FAST = ["--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0"]
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: connections are refused at once
 
 
-def _apmpipe(*args: object, env: dict[str, str] | None = None, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+def _apmpipe(
+    *args: object, env: dict[str, str] | None = None, timeout: float = 300
+) -> tuple[subprocess.CompletedProcess, float]:
     """Run ``apmpipe ARGS`` in a real process with extra environment; (result, seconds it took)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [sys.executable, "-m", "apmpipe.pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     return result, time.perf_counter() - start
 
 
@@ -44,13 +50,25 @@ def _one_error_line(stderr: str) -> str:
 
 
 # -- 1: no network ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("env, expected", [
-    ({"HF_ENDPOINT": UNREACHABLE_HUB}, "cannot reach the Hugging Face hub at http://127.0.0.1:9"),
-    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
-])
-def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path: Path, digit_shards: list[str], env: dict[str, str], expected: str) -> None:
-    result, seconds = _apmpipe("extract", digit_shards[0], "--out", tmp_path / "c.zarr", "--teacher", "vit_tiny_patch16_224",
-                               env={**env, "HF_HOME": str(tmp_path / "hf")})
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"HF_ENDPOINT": UNREACHABLE_HUB}, "cannot reach the Hugging Face hub at http://127.0.0.1:9"),
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ],
+)
+def test_an_unreachable_hub_fails_fast_in_one_line(
+    tmp_path: Path, digit_shards: list[str], env: dict[str, str], expected: str
+) -> None:
+    result, seconds = _apmpipe(
+        "extract",
+        digit_shards[0],
+        "--out",
+        tmp_path / "c.zarr",
+        "--teacher",
+        "vit_tiny_patch16_224",
+        env={**env, "HF_HOME": str(tmp_path / "hf")},
+    )
     print(f"\noffline extract ({', '.join(env)}): exit {result.returncode} after {seconds:.1f} s")
     assert result.returncode == 2 and expected in _one_error_line(result.stderr) and "--no-pretrained" in result.stderr
 
@@ -59,7 +77,7 @@ def test_hub_weights_in_the_local_cache_load_without_the_network(tmp_path: Path,
     import timm
     from safetensors.torch import save_file
 
-    from stages.teacher import _weights_sha256
+    from apmpipe.stages.teacher import _weights_sha256
 
     kwargs = {"img_size": 32, "depth": 2}
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
@@ -70,8 +88,17 @@ def test_hub_weights_in_the_local_cache_load_without_the_network(tmp_path: Path,
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     save_file(model.state_dict(), str(snapshot / "model.safetensors"))
     out = tmp_path / "c.zarr"
-    result, seconds = _apmpipe("extract", digit_shards[0], "--out", out, "--teacher", "vit_tiny_patch16_224", *FAST,
-                               *[f"--model-arg={k}={v}" for k, v in kwargs.items()], env={"HF_ENDPOINT": UNREACHABLE_HUB, "HF_HOME": str(tmp_path / "hf")})
+    result, seconds = _apmpipe(
+        "extract",
+        digit_shards[0],
+        "--out",
+        out,
+        "--teacher",
+        "vit_tiny_patch16_224",
+        *FAST,
+        *[f"--model-arg={k}={v}" for k, v in kwargs.items()],
+        env={"HF_ENDPOINT": UNREACHABLE_HUB, "HF_HOME": str(tmp_path / "hf")},
+    )
     print(f"\nextract with cached hub weights, hub unreachable: {seconds:.1f} s")
     assert result.returncode == 0, result.stderr
     stored = json.loads((out / "zarr.json").read_text())["attributes"]["apmpipe"]["spec"]["teacher"]
@@ -81,7 +108,7 @@ def test_hub_weights_in_the_local_cache_load_without_the_network(tmp_path: Path,
 # -- 2: options and inputs are checked before torch, timm and the teacher -------------------------------------------
 CHECK_FIRST = """
 import sys, time
-from pipeline.cli import main
+from apmpipe.pipeline.cli import main
 start = time.perf_counter()
 try:
     main(sys.argv[1:])
@@ -90,15 +117,20 @@ except SystemExit as exc:
 """
 
 
-@pytest.mark.parametrize("change, message", [
-    ({0: "missing.tar"}, "input 'missing.tar' does not exist"),
-    ({"--layers": "x"}, "--layers 'x' is not a comma-separated list"),
-    ({"--batch-size": "0"}, "--batch-size must be at least 1"),
-    ({"--shard-samples": "20"}, "--shard-samples (20) must be a positive multiple of --chunk-samples (8)"),
-    ({"--teacher": "local-dir:/nope"}, "'/nope' is not a folder"),
-    ({"--checkpoint": "/nope.safetensors"}, "--checkpoint '/nope.safetensors' does not exist"),
-])
-def test_extract_refuses_bad_options_before_loading_torch(tmp_path: Path, digit_shards: list[str], change: dict, message: str) -> None:
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({0: "missing.tar"}, "input 'missing.tar' does not exist"),
+        ({"--layers": "x"}, "--layers 'x' is not a comma-separated list"),
+        ({"--batch-size": "0"}, "--batch-size must be at least 1"),
+        ({"--shard-samples": "20"}, "--shard-samples (20) must be a positive multiple of --chunk-samples (8)"),
+        ({"--teacher": "local-dir:/nope"}, "'/nope' is not a folder"),
+        ({"--checkpoint": "/nope.safetensors"}, "--checkpoint '/nope.safetensors' does not exist"),
+    ],
+)
+def test_extract_refuses_bad_options_before_loading_torch(
+    tmp_path: Path, digit_shards: list[str], change: dict, message: str
+) -> None:
     args = [digit_shards[0], "--out", str(tmp_path / "c.zarr"), *TINY_VIT, *FAST]
     for key, value in change.items():
         if key == 0:
@@ -108,33 +140,63 @@ def test_extract_refuses_bad_options_before_loading_torch(tmp_path: Path, digit_
         else:
             args += [key, value]
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", CHECK_FIRST, "extract", *args], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK_FIRST, "extract", *args], capture_output=True, text=True, timeout=120
+    )
     code, torch_loaded, timm_loaded, seconds = result.stdout.split()
-    print(f"\n{message[:40]!r}: exit {code} in {seconds} s in-process, {time.perf_counter() - start:.2f} s with interpreter start")
+    print(
+        f"\n{message[:40]!r}: exit {code} in {seconds} s in-process, {time.perf_counter() - start:.2f} s "
+        "with interpreter start"
+    )
     assert message in _one_error_line(result.stderr) and code == "2"
     assert (torch_loaded, timm_loaded) == ("False", "False")
     assert "local-dir:/path" not in result.stderr
 
 
 # -- 3: mismatches name the field and the two values -------------------------------------------------------------
-def test_mismatch_messages_name_the_field_and_both_values(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, digit_shards: list[str]) -> None:
+def test_mismatch_messages_name_the_field_and_both_values(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, digit_shards: list[str]
+) -> None:
     deeper = [a.replace("depth=2", "depth=3") for a in TINY_VIT]
-    result = run_main(capsys, "extract", digit_shards[0], "--out", tiny_cache, *deeper, "--layers", "1,-1", "--dtype", "float32", *FAST)
+    result = run_main(
+        capsys,
+        "extract",
+        digit_shards[0],
+        "--out",
+        tiny_cache,
+        *deeper,
+        "--layers",
+        "1,-1",
+        "--dtype",
+        "float32",
+        *FAST,
+    )
     assert "was written with a different teacher.model_kwargs.depth (2, now 3);" in _one_error_line(result.stderr)
     other = tmp_path / "last-level.zarr"
-    assert run_main(capsys, "extract", digit_shards[0], "--out", other, *TINY_VIT, "--layers", "-1", "--dtype", "float32", *FAST).returncode == 0
+    assert (
+        run_main(
+            capsys, "extract", digit_shards[0], "--out", other, *TINY_VIT, "--layers", "-1", "--dtype", "float32", *FAST
+        ).returncode
+        == 0
+    )
     result = run_main(capsys, "train", tiny_cache, other, "--out", tmp_path / "run", *TRAIN_FAST)
     line = _one_error_line(result.stderr)
-    assert "differs in levels: [{'layer': 2, ...}] vs [{'layer': 1, ...}, {'layer': 2, ...}]" in line and len(line) < 300, line
+    assert (
+        "differs in levels: [{'layer': 2, ...}] vs [{'layer': 1, ...}, {'layer': 2, ...}]" in line and len(line) < 300
+    ), line
 
 
 # -- 4: hints that point the right way, help without an empty error, --version -------------------------------------
-def test_hints_point_the_right_way(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, digit_shards: list[str]) -> None:
+def test_hints_point_the_right_way(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, digit_shards: list[str]
+) -> None:
     result = run_main(capsys, "train", digit_shards[0], "--out", tmp_path / "run")
     line = _one_error_line(result.stderr)  # also: no blank line before it
     assert "is an input shard, not a feature cache: extract it first" in line and f"--out {digit_shards[0]}" not in line
     result = run_main(capsys, "eval", tiny_cache, "--student", tmp_path / "nostudent")
-    assert "nostudent: it does not exist" in _one_error_line(result.stderr) and "(expected nostudent)" not in result.stderr
+    assert (
+        "nostudent: it does not exist" in _one_error_line(result.stderr) and "(expected nostudent)" not in result.stderr
+    )
     (tmp_path / "empty").mkdir()
     result = run_main(capsys, "islands", tiny_cache, "--student", tmp_path / "empty")
     assert "empty: it holds no student.safetensors" in _one_error_line(result.stderr)
@@ -147,7 +209,9 @@ def test_hints_point_the_right_way(capsys: pytest.CaptureFixture, tmp_path: Path
 # -- 5: interrupting and resuming training -------------------------------------------------------------------------
 def _stop_training(args: list[str], metrics: Path, sig: int, after_step: int) -> subprocess.CompletedProcess:
     """Start ``apmpipe train ARGS``, send ``sig`` once metrics pass ``after_step``; the finished process."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apmpipe.pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -161,8 +225,23 @@ def _stop_training(args: list[str], metrics: Path, sig: int, after_step: int) ->
 
 def test_ctrl_c_and_sigterm_save_a_checkpoint_and_print_the_resume_command(tmp_path: Path, tiny_cache: Path) -> None:
     run = tmp_path / "run"
-    args = ["train", str(tiny_cache), "--out", str(run), *TRAIN_FAST, "--max-steps", "100000", "--log-every", "1", "--lr", "1e-3",
-            "--checkpoint-every", "100000", "--checkpoint-minutes", "0"]
+    args = [
+        "train",
+        str(tiny_cache),
+        "--out",
+        str(run),
+        *TRAIN_FAST,
+        "--max-steps",
+        "100000",
+        "--log-every",
+        "1",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "100000",
+        "--checkpoint-minutes",
+        "0",
+    ]
     stopped = _stop_training(args, run / "metrics.jsonl", signal.SIGINT, 3)
     assert stopped.returncode == 130, stopped.stderr
     step = int(re.search(r"SIGINT: stopped at step (\d+); checkpoint saved in ", stopped.stderr).group(1))
@@ -174,27 +253,54 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_print_the_resume_command(tmp_p
     assert "SIGTERM: stopped at step" in resumed.stderr
 
 
-def test_resume_refuses_nothing_to_resume_and_changed_options(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path) -> None:
+def test_resume_refuses_nothing_to_resume_and_changed_options(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
+) -> None:
     run = tmp_path / "run"
     result = run_main(capsys, "train", tiny_cache, "--out", run, *TRAIN_FAST, "--resume")
     assert f"no checkpoint in {run}; drop --resume" in _one_error_line(result.stderr)
     assert run_main(capsys, "train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "4").returncode == 0
     changed = [a if a != "8" else "4" for a in TRAIN_FAST]  # --batch-size 4
-    result = run_main(capsys, "train", tiny_cache, "--out", run, *changed, "--max-steps", "4", "--lr", "1e-3", "--resume")
+    result = run_main(
+        capsys, "train", tiny_cache, "--out", run, *changed, "--max-steps", "4", "--lr", "1e-3", "--resume"
+    )
     line = _one_error_line(result.stderr)
-    assert "--resume would change the run" in line and "--batch-size 4 (run: 8)" in line and "--lr 0.001 (run: 0.002)" in line
+    assert (
+        "--resume would change the run" in line
+        and "--batch-size 4 (run: 8)" in line
+        and "--lr 0.001 (run: 0.002)" in line
+    )
 
 
-def test_checkpoints_are_also_written_by_wall_time(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path) -> None:
+def test_checkpoints_are_also_written_by_wall_time(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
+) -> None:
     run = tmp_path / "run"
-    result = run_main(capsys, "train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "12", "--checkpoint-every", "1000",
-                      "--checkpoint-minutes", "1e-6")
+    result = run_main(
+        capsys,
+        "train",
+        tiny_cache,
+        "--out",
+        run,
+        *TRAIN_FAST,
+        "--max-steps",
+        "12",
+        "--checkpoint-every",
+        "1000",
+        "--checkpoint-minutes",
+        "1e-6",
+    )
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000011", "step-00000012"]  # the last two kept
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == [
+        "step-00000011",
+        "step-00000012",
+    ]  # the last two kept
 
 
 # -- 6: pipe: inputs -----------------------------------------------------------------------------------------------
-def test_pipe_inputs_are_read_through_the_shell_or_refused_by_name(capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str]) -> None:
+def test_pipe_inputs_are_read_through_the_shell_or_refused_by_name(
+    capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str]
+) -> None:
     out = tmp_path / "c.zarr"
     result = run_main(capsys, "extract", f"pipe:cat {digit_shards[0]}", "--out", out, *TINY_VIT, *FAST)
     assert result.returncode == 0, result.stderr
@@ -206,7 +312,18 @@ def test_pipe_inputs_are_read_through_the_shell_or_refused_by_name(capsys: pytes
 
 # -- 7, 8: progress and help at 80 columns ---------------------------------------------------------------------------
 def test_train_progress_keeps_steps_epoch_and_eta_within_80_columns(tmp_path: Path, tiny_cache: Path) -> None:
-    result, _ = _apmpipe("train", tiny_cache, "--out", tmp_path / "run", *TRAIN_FAST, "--max-steps", "20", "--log-every", "5", env={"COLUMNS": "80"})
+    result, _ = _apmpipe(
+        "train",
+        tiny_cache,
+        "--out",
+        tmp_path / "run",
+        *TRAIN_FAST,
+        "--max-steps",
+        "20",
+        "--log-every",
+        "5",
+        env={"COLUMNS": "80"},
+    )
     assert result.returncode == 0, result.stderr
     bar = next(line for line in result.stderr.splitlines() if line.startswith("train"))
     assert len(bar) <= 80 and "20/20" in bar and "epoch 2" in bar and "ETA" in bar, bar
@@ -214,18 +331,39 @@ def test_train_progress_keeps_steps_epoch_and_eta_within_80_columns(tmp_path: Pa
     assert "loss" in detail and "L1" in detail and "samples/s" in detail and "loss" not in bar
 
 
-@pytest.mark.parametrize("command", [[], ["extract"], ["info"], ["verify"], ["train"], ["eval"], ["islands"], ["demo"], ["bench"],
-                                     ["bench", "extract"], ["bench", "train"], ["bench", "ablation"]])
-def test_help_reads_at_80_columns(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["extract"],
+        ["info"],
+        ["verify"],
+        ["train"],
+        ["eval"],
+        ["islands"],
+        ["demo"],
+        ["bench"],
+        ["bench", "extract"],
+        ["bench", "train"],
+        ["bench", "ablation"],
+    ],
+)
+def test_help_reads_at_80_columns(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
     monkeypatch.setenv("COLUMNS", "80")
     result = run_main(capsys, *command, "--help")
     text = [line for line in result.stdout.splitlines() if not line.startswith("Usage:")]
     assert result.returncode == 0 and text
-    assert max(len(line) for line in text) <= 80 and not any("…" in line or line.endswith("...") or "<bool>" in line for line in text), result.stdout
+    assert max(len(line) for line in text) <= 80 and not any(
+        "…" in line or line.endswith("...") or "<bool>" in line for line in text
+    ), result.stdout
 
 
 # -- 9: verdicts and reasons --------------------------------------------------------------------------------------
-def test_verify_gives_a_verdict_against_a_stated_tolerance(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path) -> None:
+def test_verify_gives_a_verdict_against_a_stated_tolerance(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
+) -> None:
     result = run_main(capsys, "verify", tiny_cache, "--samples", "2")
     assert result.returncode == 0 and "PASS" in result.stdout and "tolerance >=" in result.stdout, result.stdout
     broken = tmp_path / "broken.zarr"
@@ -236,14 +374,34 @@ def test_verify_gives_a_verdict_against_a_stated_tolerance(capsys: pytest.Captur
     assert result.returncode == 1 and "FAIL: layer" in result.stdout, result.stdout
 
 
-def test_eval_says_why_knn_and_probe_are_absent(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, eval_cache: Path) -> None:
-    result = run_main(capsys, "eval", eval_cache, "--student", tiny_student, "--out", tmp_path / "report", "--max-samples", "16")
+def test_eval_says_why_knn_and_probe_are_absent(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, eval_cache: Path
+) -> None:
+    result = run_main(
+        capsys, "eval", eval_cache, "--student", tiny_student, "--out", tmp_path / "report", "--max-samples", "16"
+    )
     assert result.returncode == 0 and "knn skipped" in result.stdout and "--train-cache" in result.stdout, result.stdout
 
 
 def test_bench_extract_prints_what_it_measures(tmp_path: Path) -> None:
-    result, _ = _apmpipe("bench", "extract", "--images", "8", "--model-arg", "img_size=32", "--model-arg", "depth=2", "--layers", "1,2",
-                         "--batch-size", "8", "--loader-workers", "0", "--device", "cpu")
+    result, _ = _apmpipe(
+        "bench",
+        "extract",
+        "--images",
+        "8",
+        "--model-arg",
+        "img_size=32",
+        "--model-arg",
+        "depth=2",
+        "--layers",
+        "1,2",
+        "--batch-size",
+        "8",
+        "--loader-workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
     phases = [line for line in result.stderr.splitlines() if line.startswith("bench: ")]
     assert len(phases) >= 4 and "apmpipe extract" in " ".join(phases), result.stderr
@@ -253,10 +411,33 @@ def test_bench_extract_prints_what_it_measures(tmp_path: Path) -> None:
 def test_islands_says_what_it_converted(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path) -> None:
     Image.new("L", (32, 32), 128).save(tmp_path / "gray.png")
     Image.new("RGB", (200, 150), (200, 30, 40)).save(tmp_path / "photo.jpg")
-    result = run_main(capsys, "islands", tmp_path / "gray.png", tmp_path / "photo.jpg", "--student", tiny_student, "--out", tmp_path / "i.png")
+    result = run_main(
+        capsys,
+        "islands",
+        tmp_path / "gray.png",
+        tmp_path / "photo.jpg",
+        "--student",
+        tiny_student,
+        "--out",
+        tmp_path / "i.png",
+    )
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("\n") == 1 and "islands: images converted to the teacher's 3-channel 32x32 input: L to RGB, 1 resized to 32x32" in result.stderr
-    result = run_main(capsys, "islands", tmp_path / "gray.png", "--student", tiny_student, "--out", tmp_path / "j.png", "--images", "1")
+    assert (
+        result.stderr.count("\n") == 1
+        and "islands: images converted to the teacher's 3-channel 32x32 input: L to RGB, 1 resized to 32x32"
+        in result.stderr
+    )
+    result = run_main(
+        capsys,
+        "islands",
+        tmp_path / "gray.png",
+        "--student",
+        tiny_student,
+        "--out",
+        tmp_path / "j.png",
+        "--images",
+        "1",
+    )
     assert "converted" in result.stderr
     Image.new("RGB", (32, 32)).save(tmp_path / "fits.png")
     result = run_main(capsys, "islands", tmp_path / "fits.png", "--student", tiny_student, "--out", tmp_path / "k.png")
@@ -264,12 +445,12 @@ def test_islands_says_what_it_converted(capsys: pytest.CaptureFixture, tmp_path:
 
 
 def test_islands_picture_has_gaps_labels_and_a_caption(tmp_path: Path, tiny_student: Path, eval_cache: Path) -> None:
-    from stages.islands import GAP, HEADER, LABEL, islands
+    from apmpipe.stages.islands import GAP, HEADER, LABEL, islands
 
     result = islands(str(tiny_student), [str(eval_cache)], str(tmp_path / "i.png"), images=2, panel=64, device="cpu")
     with Image.open(result.path) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert result.width == GAP + 5 * (64 + GAP)  # image, then student and teacher for 2 levels
     assert result.height > HEADER + 2 * (LABEL + 64 + GAP)  # a caption below the rows
-    between = pixels[HEADER + LABEL: HEADER + LABEL + 64, GAP + 64: 2 * GAP + 64]
+    between = pixels[HEADER + LABEL : HEADER + LABEL + 64, GAP + 64 : 2 * GAP + 64]
     assert (between == 255).all()  # white gaps between panels

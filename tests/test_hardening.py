@@ -1,5 +1,6 @@
 """Issue 10: each hardening fix with the test that failed before it (shard identity, inputs, labels, images,
 locks, partial failures, cache validation, precision, dask keys, checkpoints, secrets, info, bench)."""
+
 from __future__ import annotations
 
 import io
@@ -15,13 +16,13 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 import zarr
 from PIL import Image
 
-from pipeline.datasets import write_digit_shards
-from storage.sources import decode_image, iter_samples, resolve_inputs
+from apmpipe.pipeline.datasets import write_digit_shards
+from apmpipe.storage.sources import decode_image, iter_samples, resolve_inputs
 
 from .conftest import FAST, TINY_VIT, run_cli, run_main, run_subprocess
 from .test_extract import shard_arrays
@@ -77,28 +78,63 @@ def test_the_same_input_twice_is_extracted_once(capsys: pytest.CaptureFixture, t
 # -- 5: labels -----------------------------------------------------------------------------------------------
 def test_bad_label_skips_the_sample_json_paths_and_class_names(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     image = _png(Image.new("L", (16, 16), 80))
-    bad = _tar(tmp_path / "bad.tar", {"a.png": image, "a.cls": b"3", "b.png": image, "b.cls": b"cat", "c.png": image, "c.cls": b"1"})
+    bad = _tar(
+        tmp_path / "bad.tar",
+        {"a.png": image, "a.cls": b"3", "b.png": image, "b.cls": b"cat", "c.png": image, "c.cls": b"1"},
+    )
     out = tmp_path / "c.zarr"
     result = run_main(capsys, "extract", bad, "--out", out, *TINY_VIT, *FAST)
     assert result.returncode == 0, result.stderr
     assert "skipped bad/b: label 'cls' is 'cat', not an integer" in result.stderr
     group = zarr.open_group(str(out), mode="r")["shards/bad"]
-    assert group.attrs["status"] == "complete" and list(group["keys"][...]) == ["a", "c"] and group["labels"][...].tolist() == [3, 1]
+    assert (
+        group.attrs["status"] == "complete"
+        and list(group["keys"][...]) == ["a", "c"]
+        and group["labels"][...].tolist() == [3, 1]
+    )
 
     meta = lambda label: json.dumps({"meta": {"label": label}}).encode()  # noqa: E731
-    named = _tar(tmp_path / "named.tar", {"a.png": image, "a.json": meta("dog"), "b.png": image, "b.json": meta("cat"), "c.png": image, "c.json": meta("cow")})
+    named = _tar(
+        tmp_path / "named.tar",
+        {
+            "a.png": image,
+            "a.json": meta("dog"),
+            "b.png": image,
+            "b.json": meta("cat"),
+            "c.png": image,
+            "c.json": meta("cow"),
+        },
+    )
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
-    samples = list(iter_samples(resolve_inputs([named]).shards[0], label_key="json:meta.label", class_names=("cat", "dog")))
-    assert [(s.label, s.problem) for s in samples[:2]] == [(1, None), (0, None)] and "not in --class-names" in samples[2].problem
+    samples = list(
+        iter_samples(resolve_inputs([named]).shards[0], label_key="json:meta.label", class_names=("cat", "dog"))
+    )
+    assert [(s.label, s.problem) for s in samples[:2]] == [(1, None), (0, None)] and "not in --class-names" in samples[
+        2
+    ].problem
     out2 = tmp_path / "n.zarr"
-    result = run_main(capsys, "extract", named, "--out", out2, *TINY_VIT, *FAST, "--label-key", "json:meta.label", "--class-names", tmp_path / "classes.txt")
+    result = run_main(
+        capsys,
+        "extract",
+        named,
+        "--out",
+        out2,
+        *TINY_VIT,
+        *FAST,
+        "--label-key",
+        "json:meta.label",
+        "--class-names",
+        tmp_path / "classes.txt",
+    )
     assert result.returncode == 0, result.stderr
     root = zarr.open_group(str(out2), mode="r")
     assert root["shards/named/labels"][...].tolist() == [1, 0] and root.attrs["apmpipe"]["classes"] == ["cat", "dog"]
 
 
 # -- 10: large images ----------------------------------------------------------------------------------------
-def test_pixel_cap_skips_large_images_and_16_bit_needs_no_float64_copy(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+def test_pixel_cap_skips_large_images_and_16_bit_needs_no_float64_copy(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     big = _png(Image.new("L", (300, 200), 10))
     small = _png(Image.new("L", (16, 16), 10))
     shard = _tar(tmp_path / "big.tar", {"a.png": small, "b.png": big})
@@ -125,28 +161,48 @@ HEADS = [
     ("test_convnext", {}, ["pool", "layernorm", "flatten", "linear"]),  # head norm
     ("test_resnet", {}, ["pool", "linear"]),
     ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, ["layernorm", "pool_tokens", "linear"]),  # CLS
-    ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2, "global_pool": "avg", "fc_norm": True}, ["pool_tokens", "layernorm", "linear"]),
-    ("vit_small_patch14_reg4_dinov2", {"img_size": 28, "depth": 2, "embed_dim": 48, "num_heads": 2}, ["layernorm", "pool_tokens", "linear"]),
-    ("vit_base_patch16_clip_224.openai", {"img_size": 32, "depth": 2, "embed_dim": 48, "num_heads": 2}, ["layernorm", "pool_tokens", "linear"]),
+    (
+        "vit_tiny_patch16_224",
+        {"img_size": 32, "depth": 2, "global_pool": "avg", "fc_norm": True},
+        ["pool_tokens", "layernorm", "linear"],
+    ),
+    (
+        "vit_small_patch14_reg4_dinov2",
+        {"img_size": 28, "depth": 2, "embed_dim": 48, "num_heads": 2},
+        ["layernorm", "pool_tokens", "linear"],
+    ),
+    (
+        "vit_base_patch16_clip_224.openai",
+        {"img_size": 32, "depth": 2, "embed_dim": 48, "num_heads": 2},
+        ["layernorm", "pool_tokens", "linear"],
+    ),
 ]
 
 
 @pytest.mark.parametrize("name, kwargs, ops", HEADS, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k, _ in HEADS])
 def test_heads_of_timm_families_are_rebuilt_exactly(name: str, kwargs: dict, ops: list[str]) -> None:
-    from stages.head import TeacherHead
-    from stages.teacher import Teacher, TeacherConfig
+    from apmpipe.stages.head import TeacherHead
+    from apmpipe.stages.teacher import Teacher, TeacherConfig
 
-    teacher = Teacher(TeacherConfig(name, pretrained=False, model_kwargs=tuple(sorted({**kwargs, "num_classes": 7}.items()))), (-1,), device="cpu")
+    teacher = Teacher(
+        TeacherConfig(name, pretrained=False, model_kwargs=tuple(sorted({**kwargs, "num_classes": 7}.items()))),
+        (-1,),
+        device="cpu",
+    )
     head, reason = teacher.head()
     assert head is not None, reason
     assert [op["type"] for op in head.ops] == ops
     rebuilt = TeacherHead(head.tensors(), json.loads(json.dumps(head.attrs)))  # as read back from the cache
-    pixels = torch.randint(0, 256, (3, *teacher.pixel_shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randint(
+        0, 256, (3, *teacher.pixel_shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     tokens, logits = teacher.forward(pixels)
     torch.testing.assert_close(rebuilt(tokens[-1]), logits, atol=1e-4, rtol=1e-4)
 
 
-def test_an_unsupported_head_is_a_stored_reason_and_logits_are_still_cached(tmp_path: Path, digit_shards: list[str]) -> None:
+def test_an_unsupported_head_is_a_stored_reason_and_logits_are_still_cached(
+    tmp_path: Path, digit_shards: list[str]
+) -> None:
     out = tmp_path / "map.zarr"
     vit_map = [*TINY_VIT, "--model-arg", "global_pool=map"]
     result = run_cli("extract", digit_shards[0], "--out", out, *vit_map, *FAST)
@@ -155,14 +211,27 @@ def test_an_unsupported_head_is_a_stored_reason_and_logits_are_still_cached(tmp_
     assert "attention pooling" in root.attrs["apmpipe"]["head"]["reason"]
     assert root["shards/digits-0000/logits"].shape == (40, 10)
     out = tmp_path / "effnet.zarr"
-    result = run_cli("extract", digit_shards[0], "--out", out, "--teacher", "test_efficientnet", "--no-pretrained", "--model-arg", "num_classes=10", *FAST)
+    result = run_cli(
+        "extract",
+        digit_shards[0],
+        "--out",
+        out,
+        "--teacher",
+        "test_efficientnet",
+        "--no-pretrained",
+        "--model-arg",
+        "num_classes=10",
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     assert "stored (avg pooling, 10 classes)" in result.output
 
 
 # -- 4: per-shard storage failures ---------------------------------------------------------------------------
-def test_a_shard_whose_storage_fails_fails_alone(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from storage.cache import FeatureCache, ShardWriter
+def test_a_shard_whose_storage_fails_fails_alone(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from apmpipe.storage.cache import FeatureCache, ShardWriter
 
     shards = write_digit_shards(tmp_path / "in", count=60, per_shard=20)
     real_open, real_finish = FeatureCache.open_writer, ShardWriter.finish
@@ -185,7 +254,10 @@ def test_a_shard_whose_storage_fails_fails_alone(capsys: pytest.CaptureFixture, 
     monkeypatch.setattr(ShardWriter, "fail", fail)
     result = run_main(capsys, "extract", *shards, "--out", tmp_path / "c.zarr", *TINY_VIT, *FAST)
     assert result.returncode == 1, result.stderr
-    assert "failed shard digits-0001: OSError: 503 Slow Down" in result.stderr and "failed shard digits-0002: OSError: 500" in result.stderr
+    assert (
+        "failed shard digits-0001: OSError: 503 Slow Down" in result.stderr
+        and "failed shard digits-0002: OSError: 500" in result.stderr
+    )
     assert "1 done" in result.stdout and "2 failed" in result.stdout
     assert _group_attrs(tmp_path / "c.zarr")["digits-0000"]["status"] == "complete"
 
@@ -206,9 +278,11 @@ def _set_shard_attr(cache: Path, shard: str, **values: object) -> None:
     path.write_text(json.dumps(meta))
 
 
-def test_mixed_precision_and_token_dtypes_are_refused(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, digit_shards: list[str]) -> None:
-    from storage.errors import CacheError
-    from storage.stream import open_caches
+def test_mixed_precision_and_token_dtypes_are_refused(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, digit_shards: list[str]
+) -> None:
+    from apmpipe.storage.errors import CacheError
+    from apmpipe.storage.stream import open_caches
 
     half = tmp_path / "half.zarr"
     assert run_cli("extract", digit_shards[0], "--out", half, *TINY_VIT, "--layers", "1,-1", *FAST).exit_code == 0
@@ -223,30 +297,39 @@ def test_mixed_precision_and_token_dtypes_are_refused(capsys: pytest.CaptureFixt
     for name in ("digits-0000", "digits-0001", "digits-0002"):
         _set_shard_attr(mixed, name, precision="bfloat16-autocast")
     more = write_digit_shards(tmp_path / "more", prefix="more", count=20, per_shard=20)
-    result = run_main(capsys, "extract", *more, "--out", mixed, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST)
-    assert result.returncode == 2 and "holds shards computed in bfloat16-autocast, this run computes in float32" in result.stderr
+    result = run_main(
+        capsys, "extract", *more, "--out", mixed, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST
+    )
+    assert (
+        result.returncode == 2
+        and "holds shards computed in bfloat16-autocast, this run computes in float32" in result.stderr
+    )
 
 
 def test_verify_recomputes_in_the_shards_precision(tmp_path: Path, tiny_cache: Path) -> None:
-    from stages.verify import verify_cache
+    from apmpipe.stages.verify import verify_cache
 
     assert verify_cache(str(tiny_cache), samples=2, device="cpu").precision == "float32"
     cache = _copy(tiny_cache, tmp_path)
     for name in ("digits-0000", "digits-0001", "digits-0002"):
         _set_shard_attr(cache, name, precision="bfloat16-autocast")
     report = verify_cache(str(cache), samples=2, device="cpu")
-    assert report.precision == "bfloat16-autocast" and report.levels["2"]["max_abs"] > 1e-4  # bf16 numbers, not the float32 ones
+    assert (
+        report.precision == "bfloat16-autocast" and report.levels["2"]["max_abs"] > 1e-4
+    )  # bf16 numbers, not the float32 ones
 
 
 # -- 7: dask -------------------------------------------------------------------------------------------------
 def test_two_caches_on_one_scheduler_do_not_share_tasks(tmp_path: Path) -> None:
     from distributed import LocalCluster
 
-    from pipeline.cluster import dask_runner
-    from stages.extract import ExtractConfig, extract
-    from stages.teacher import TeacherConfig
+    from apmpipe.pipeline.cluster import dask_runner
+    from apmpipe.stages.extract import ExtractConfig, extract
+    from apmpipe.stages.teacher import TeacherConfig
 
-    teacher = TeacherConfig("vit_tiny_patch16_224", pretrained=False, model_kwargs=(("depth", 2), ("img_size", 32), ("num_classes", 10)))
+    teacher = TeacherConfig(
+        "vit_tiny_patch16_224", pretrained=False, model_kwargs=(("depth", 2), ("img_size", 32), ("num_classes", 10))
+    )
     a = write_digit_shards(tmp_path / "a", count=16, per_shard=16)
     b = write_digit_shards(tmp_path / "b", count=16, start=100, per_shard=16)
     outs = [tmp_path / "a.zarr", tmp_path / "b.zarr"]
@@ -260,8 +343,19 @@ def test_two_caches_on_one_scheduler_do_not_share_tasks(tmp_path: Path) -> None:
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         runner = dask_runner(scheduler=cluster.scheduler_address)
-        configs = [ExtractConfig(inputs=tuple(src), out=str(out), teacher=teacher, batch_size=16, chunk_samples=8, shard_samples=16, loader_workers=0, device="cpu")
-                   for src, out in zip((a, b), outs)]
+        configs = [
+            ExtractConfig(
+                inputs=tuple(src),
+                out=str(out),
+                teacher=teacher,
+                batch_size=16,
+                chunk_samples=8,
+                shard_samples=16,
+                loader_workers=0,
+                device="cpu",
+            )
+            for src, out in zip((a, b), outs, strict=True)
+        ]
         threads = [threading.Thread(target=run, args=(config,)) for config in configs]
         for thread in threads:
             thread.start()
@@ -273,11 +367,16 @@ def test_two_caches_on_one_scheduler_do_not_share_tasks(tmp_path: Path) -> None:
 
 
 def test_threads_building_one_teacher_get_one_teacher() -> None:
-    from stages.teacher import TeacherConfig, cached_teacher
+    from apmpipe.stages.teacher import TeacherConfig, TeacherPool
 
-    config = TeacherConfig("vit_tiny_patch16_224", pretrained=False, model_kwargs=(("depth", 1), ("img_size", 32)), seed=123)
+    config = TeacherConfig(
+        "vit_tiny_patch16_224", pretrained=False, model_kwargs=(("depth", 1), ("img_size", 32)), seed=123
+    )
     built: list = []
-    threads = [threading.Thread(target=lambda: built.append(cached_teacher(config, (-1,), False, "cpu", False))) for _ in range(3)]
+    pool = TeacherPool()
+    threads = [
+        threading.Thread(target=lambda: built.append(pool.get(config, (-1,), False, "cpu", False))) for _ in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -285,41 +384,75 @@ def test_threads_building_one_teacher_get_one_teacher() -> None:
     assert len({id(t) for t in built}) == 1 and len({t.weights_sha256 for t in built}) == 1
 
 
-def test_the_driver_does_not_build_the_teacher_on_the_workers_device(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, digit_shards: list[str]) -> None:
-    import pipeline.cluster
+def test_the_driver_does_not_build_the_teacher_on_the_workers_device(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, digit_shards: list[str]
+) -> None:
+    import apmpipe.pipeline.cluster
 
     seen = []
-    monkeypatch.setattr(pipeline.cluster, "dask_runner", lambda *args: lambda config, shards, progress: seen.append(config.device) or [])
-    result = run_main(capsys, "extract", digit_shards[0], "--out", tmp_path / "c.zarr", *TINY_VIT, *FAST, "--workers", "1", "--device", "cuda")
+    monkeypatch.setattr(
+        apmpipe.pipeline.cluster,
+        "dask_runner",
+        lambda *args: lambda config, shards, progress: seen.append(config.device) or [],
+    )
+    result = run_main(
+        capsys,
+        "extract",
+        digit_shards[0],
+        "--out",
+        tmp_path / "c.zarr",
+        *TINY_VIT,
+        *FAST,
+        "--workers",
+        "1",
+        "--device",
+        "cuda",
+    )
     assert result.returncode == 0, result.stderr  # no CUDA here: only the workers would need it
     assert seen == ["cuda"]
 
 
 # -- 8: malformed caches -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("damage, message", [
-    (lambda spec: spec["levels"][0].update(grid="2x2"), "spec.levels[0]"),
-    (lambda spec: spec.pop("data_config"), "spec.data_config is missing"),
-    (lambda spec: spec.update(num_classes="ten"), "spec.num_classes"),
-    (lambda spec: spec.update(dtype="bfloat16"), "spec.dtype"),
-])
-def test_malformed_cache_attributes_are_one_line(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, damage, message: str) -> None:
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda spec: spec["levels"][0].update(grid="2x2"), "spec.levels[0]"),
+        (lambda spec: spec.pop("data_config"), "spec.data_config is missing"),
+        (lambda spec: spec.update(num_classes="ten"), "spec.num_classes"),
+        (lambda spec: spec.update(dtype="bfloat16"), "spec.dtype"),
+    ],
+)
+def test_malformed_cache_attributes_are_one_line(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, damage, message: str
+) -> None:
     cache = _copy(tiny_cache, tmp_path)
     meta = json.loads((cache / "zarr.json").read_text())
     damage(meta["attributes"]["apmpipe"]["spec"])
     (cache / "zarr.json").write_text(json.dumps(meta))
     result = run_main(capsys, "info", cache)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "malformed attributes" in result.stderr and message in result.stderr, result.stderr
+    assert (
+        result.returncode == 2
+        and result.stderr.count("\n") == 1
+        and "malformed attributes" in result.stderr
+        and message in result.stderr
+    ), result.stderr
 
 
-def test_sample_counts_are_checked_and_unknown_head_ops_raise(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path) -> None:
-    from stages.head import TeacherHead
-    from storage.cache import FeatureCache
-    from storage.errors import CacheError
+def test_sample_counts_are_checked_and_unknown_head_ops_raise(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
+) -> None:
+    from apmpipe.stages.head import TeacherHead
+    from apmpipe.storage.cache import FeatureCache
+    from apmpipe.storage.errors import CacheError
 
     cache = _copy(tiny_cache, tmp_path)
     _set_shard_attr(cache, "digits-0001", num_samples=41)
     result = run_main(capsys, "verify", cache, "--samples", "120", "--device", "cpu")
-    assert result.returncode == 2 and "shard 'digits-0001'" in result.stderr and "records 41 samples but holds 40 samples in array 'pixels'" in result.stderr
+    assert (
+        result.returncode == 2
+        and "shard 'digits-0001'" in result.stderr
+        and "records 41 samples but holds 40 samples in array 'pixels'" in result.stderr
+    )
     tensors, attrs = FeatureCache.open(str(tiny_cache)).head()
     pool = next(i for i, op in enumerate(attrs["ops"]) if op["type"] == "pool_tokens")
     attrs["ops"][pool]["pool"] = "gem"
@@ -330,11 +463,28 @@ def test_sample_counts_are_checked_and_unknown_head_ops_raise(capsys: pytest.Cap
 # -- 9: kill -9 ----------------------------------------------------------------------------------------------
 def test_rerun_right_after_kill_9_with_loader_workers_is_bit_identical(tmp_path: Path) -> None:
     shards = write_digit_shards(tmp_path / "in", count=120, per_shard=20, size=32)
-    args = [*shards, *TINY_VIT, "--layers", "1,-1", "--batch-size", "10", "--chunk-samples", "10", "--shard-samples", "20", "--loader-workers", "1"]
+    args = [
+        *shards,
+        *TINY_VIT,
+        "--layers",
+        "1,-1",
+        "--batch-size",
+        "10",
+        "--chunk-samples",
+        "10",
+        "--shard-samples",
+        "20",
+        "--loader-workers",
+        "1",
+    ]
     reference = tmp_path / "ref.zarr"
     assert run_subprocess("extract", *args, "--out", reference).returncode == 0
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apmpipe.pipeline", "extract", *args, "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "shards/digits-0001/tokens/2").exists():
         time.sleep(0.01)
@@ -349,11 +499,20 @@ def test_rerun_right_after_kill_9_with_loader_workers_is_bit_identical(tmp_path:
 
 
 def test_lock_message_names_the_holder(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", f"from storage.cache import writer_lock\nwith writer_lock({str(tmp_path / 'c.zarr')!r}):\n print('held', flush=True)\n input()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from apmpipe.storage.cache import writer_lock\nwith "
+            f"writer_lock({str(tmp_path / 'c.zarr')!r}):\n print('held', flush=True)\n input()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
-    from storage.cache import writer_lock
-    from storage.errors import CacheError
+    from apmpipe.storage.cache import writer_lock
+    from apmpipe.storage.errors import CacheError
 
     with pytest.raises(CacheError, match=f"another apmpipe extract \\(pid {holder.pid}\\)"):
         with writer_lock(str(tmp_path / "c.zarr")):
@@ -362,8 +521,10 @@ def test_lock_message_names_the_holder(tmp_path: Path) -> None:
 
 
 # -- 16, 17: info reads little and shows no secrets ----------------------------------------------------------
-def test_info_opens_no_array_and_lists_no_files_without_sizes(monkeypatch: pytest.MonkeyPatch, tiny_cache: Path) -> None:
-    from storage.cache import FeatureCache
+def test_info_opens_no_array_and_lists_no_files_without_sizes(
+    monkeypatch: pytest.MonkeyPatch, tiny_cache: Path
+) -> None:
+    from apmpipe.storage.cache import FeatureCache
 
     def forbidden(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("info read array metadata or listed every file")
@@ -375,18 +536,25 @@ def test_info_opens_no_array_and_lists_no_files_without_sizes(monkeypatch: pytes
 
 
 def test_credentials_stay_out_of_reprs_attributes_and_info(tmp_path: Path, tiny_cache: Path) -> None:
-    from stages.extract import ExtractConfig
-    from stages.teacher import TeacherConfig
-    from storage.cache import FeatureCache
+    from apmpipe.stages.extract import ExtractConfig
+    from apmpipe.stages.teacher import TeacherConfig
+    from apmpipe.storage.cache import FeatureCache
 
-    config = ExtractConfig(inputs=("s3://b/x.tar",), out="s3://b/c.zarr", teacher=TeacherConfig("vit_tiny_patch16_224"), storage_options={"secret": "S3CR3T"})
+    config = ExtractConfig(
+        inputs=("s3://b/x.tar",),
+        out="s3://b/c.zarr",
+        teacher=TeacherConfig("vit_tiny_patch16_224"),
+        storage_options={"secret": "S3CR3T"},
+    )
     assert "S3CR3T" not in repr(config)
     cache = FeatureCache.open(str(_copy(tiny_cache, tmp_path)), mode="r+")
     cache.record_sources(["s3://AKIA:S3CR3T@bucket/x.tar", "https://h/x.tar?X-Amz-Signature=S3CR3T&v=1"], [])
     writer = cache.open_writer("x", "s3://AKIA:S3CR3T@bucket/x.tar", "s3://AKIA:S3CR3T@bucket/x.tar", "float32")
     assert "S3CR3T" not in json.dumps(dict(writer.group.attrs)) and "S3CR3T" not in repr(cache)
     info = run_cli("info", cache.url, "--json")
-    assert "S3CR3T" not in info.output and "s3://***@bucket/x.tar" in info.output and "X-Amz-Signature=***" in info.output
+    assert (
+        "S3CR3T" not in info.output and "s3://***@bucket/x.tar" in info.output and "X-Amz-Signature=***" in info.output
+    )
 
 
 # -- 19: xarray ----------------------------------------------------------------------------------------------
@@ -402,7 +570,7 @@ def test_xarray_opens_shard_arrays(tiny_cache: Path) -> None:
 def test_rss_sampler_drains_stderr_and_does_not_spin(monkeypatch: pytest.MonkeyPatch) -> None:
     import psutil
 
-    from pipeline.bench import _peak_tree_rss
+    from apmpipe.pipeline.bench import _peak_tree_rss
 
     noisy = [sys.executable, "-c", "import sys; sys.stderr.write('x' * 300_000); sys.stderr.flush()"]
     done: list[float] = []
@@ -422,15 +590,21 @@ def test_rss_sampler_drains_stderr_and_does_not_spin(monkeypatch: pytest.MonkeyP
 
 
 # -- 11: checkpoints -----------------------------------------------------------------------------------------
-def test_checkpoints_are_fsynced_before_rename_and_latest_never_dangles(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from storage.checkpoint import RunDir
+def test_checkpoints_are_fsynced_before_rename_and_latest_never_dangles(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from apmpipe.storage.checkpoint import RunDir
 
     run = RunDir(tmp_path / "run")
     weights, state = {"w": torch.ones(3)}, {"step": 5}
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", f"{src} -> {dst}")), real_replace(src, dst))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1]
+    )
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: (events.append(("replace", f"{src} -> {dst}")), real_replace(src, dst))[1]
+    )
     final = run.save_checkpoint(5, weights, state)
     rename = next(i for i, (kind, what) in enumerate(events) if kind == "replace" and what.endswith(str(final)))
     tmp = events[rename][1].split(" -> ")[0]
@@ -453,11 +627,15 @@ def test_checkpoints_are_fsynced_before_rename_and_latest_never_dangles(monkeypa
 
 
 def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
-    from storage.checkpoint import RunDir
+    from apmpipe.storage.checkpoint import RunDir
 
     run = RunDir(tmp_path / "run")
     run.save_checkpoint(1, {"w": torch.ones(1)}, {"step": 1})
-    stale = [run.checkpoints / ".tmp-killed", run.checkpoints / ".latest.abc.tmp", run.path / ".student.safetensors.tmp"]
+    stale = [
+        run.checkpoints / ".tmp-killed",
+        run.checkpoints / ".latest.abc.tmp",
+        run.path / ".student.safetensors.tmp",
+    ]
     stale[0].mkdir()
     for path in stale[1:]:
         path.write_text("partial")

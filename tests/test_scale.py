@@ -1,4 +1,5 @@
 """Scaling out: caches and inputs on an S3-compatible server, dask workers killed mid-run."""
+
 from __future__ import annotations
 
 import json
@@ -35,41 +36,87 @@ def s3_endpoint() -> str:
     server.stop()
 
 
-def test_extract_train_eval_against_s3(tmp_path: Path, s3_endpoint: str, digit_shards: list[str], tiny_cache: Path) -> None:
+def test_extract_train_eval_against_s3(
+    tmp_path: Path, s3_endpoint: str, digit_shards: list[str], tiny_cache: Path
+) -> None:
     import s3fs
 
     fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("apm-bucket")
     for shard in digit_shards:
         fs.put(shard, f"apm-bucket/shards/{Path(shard).name}")
-    opts = ["--storage-option", f"endpoint_url={s3_endpoint}", "--storage-option", "key=test", "--storage-option", "secret=test"]
+    opts = [
+        "--storage-option",
+        f"endpoint_url={s3_endpoint}",
+        "--storage-option",
+        "key=test",
+        "--storage-option",
+        "secret=test",
+    ]
     cache = "s3://apm-bucket/cache.zarr"
-    result = run_cli("extract", "s3://apm-bucket/shards/digits-{0000..0002}.tar", "--out", cache, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST, *opts)
+    result = run_cli(
+        "extract",
+        "s3://apm-bucket/shards/digits-{0000..0002}.tar",
+        "--out",
+        cache,
+        *TINY_VIT,
+        "--layers",
+        "1,-1",
+        "--dtype",
+        "float32",
+        *FAST,
+        *opts,
+    )
     assert result.exit_code == 0, result.output
     assert "3 done" in result.output
     # the object-store cache holds the same arrays as the local one, readable by plain zarr over S3
-    root = zarr.open_group(cache, mode="r", storage_options={"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint}})
+    root = zarr.open_group(
+        cache,
+        mode="r",
+        storage_options={"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint}},
+    )
     local = shard_arrays(tiny_cache)
     for name, group in root["shards"].groups():
         np.testing.assert_array_equal(group["tokens/2"][...], local[f"{name}/tokens/2"])
     info = run_cli("info", cache, "--json", *opts)
     assert info.exit_code == 0 and json.loads(info.output)["samples"] == 120
     run = tmp_path / "run"
-    result = run_cli("train", cache, "--out", run, "--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "1", "--max-steps", "6", *opts)
+    result = run_cli(
+        "train",
+        cache,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--window-samples",
+        "32",
+        "--loader-workers",
+        "1",
+        "--max-steps",
+        "6",
+        *opts,
+    )
     assert result.exit_code == 0, result.output
     result = run_cli("eval", cache, "--student", run, "--out", tmp_path / "report", "--max-samples", "16", *opts)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "report" / "report.json").read_text())["samples"] == 16
-    result = run_cli("islands", cache, "--student", run, "--out", tmp_path / "islands.png", "--images", "2", "--panel", "32", *opts)
+    result = run_cli(
+        "islands", cache, "--student", run, "--out", tmp_path / "islands.png", "--images", "2", "--panel", "32", *opts
+    )
     assert result.exit_code == 0 and "student beside teacher" in result.output, result.output
 
 
-def test_killed_dask_worker_is_retried_with_identical_result(tmp_path: Path, digit_shards: list[str], tiny_cache: Path) -> None:
+def test_killed_dask_worker_is_retried_with_identical_result(
+    tmp_path: Path, digit_shards: list[str], tiny_cache: Path
+) -> None:
     from distributed import Client, LocalCluster
 
-    from pipeline.datasets import write_digit_shards
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         pids = client.run(os.getpid)  # worker address -> pid
         out = tmp_path / "dask.zarr"
         killed: list[int] = []
@@ -88,7 +135,20 @@ def test_killed_dask_worker_is_retried_with_identical_result(tmp_path: Path, dig
 
         killer = threading.Thread(target=kill_when_writing)
         killer.start()
-        result = run_cli("extract", *digit_shards, "--out", out, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST, "--scheduler", cluster.scheduler_address)
+        result = run_cli(
+            "extract",
+            *digit_shards,
+            "--out",
+            out,
+            *TINY_VIT,
+            "--layers",
+            "1,-1",
+            "--dtype",
+            "float32",
+            *FAST,
+            "--scheduler",
+            cluster.scheduler_address,
+        )
         killer.join()
     assert killed, "no worker was killed"
     assert result.exit_code == 0, result.output

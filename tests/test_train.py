@@ -1,4 +1,5 @@
 """Stage two through the CLI: learning, streaming/sharding, resume after SIGKILL, DDP, config files, errors."""
+
 from __future__ import annotations
 
 import json
@@ -11,34 +12,53 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 import zarr
 
-from storage.checkpoint import load_student
-from storage.stream import CacheStream
+from apmpipe.storage.checkpoint import load_student
+from apmpipe.storage.stream import CacheStream
 
 from .conftest import run_cli, run_main
 
-TRAIN_FAST = ["--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0", "--log-every", "2"]
+TRAIN_FAST = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "8",
+    "--window-samples",
+    "32",
+    "--loader-workers",
+    "0",
+    "--log-every",
+    "2",
+]
 
 
 def test_student_learns_from_cache(tmp_path: Path, tiny_cache: Path) -> None:
     run = tmp_path / "run"
-    result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--epochs", "6", "--lr", "2e-3", "--warmup-steps", "5")
+    result = run_cli(
+        "train", tiny_cache, "--out", run, *TRAIN_FAST, "--epochs", "6", "--lr", "2e-3", "--warmup-steps", "5"
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 6 * 15
     first, last = records[0], records[-1]
     assert last["loss"] < 0.8 * first["loss"], (first, last)
-    assert last["loss_level_1"] < first["loss_level_1"] and last["loss_level_2"] < first["loss_level_2"] and last["loss_rgb"] < first["loss_rgb"]
+    assert (
+        last["loss_level_1"] < first["loss_level_1"]
+        and last["loss_level_2"] < first["loss_level_2"]
+        and last["loss_rgb"] < first["loss_rgb"]
+    )
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     weights, meta = load_student(run)
     assert meta["model_config"]["grid"] == [2, 2] and meta["layout"]["levels"][1]["layer"] == 2
     assert (run / "config.toml").exists()
 
 
-def test_training_never_builds_or_imports_the_teacher(tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_never_builds_or_imports_the_teacher(
+    tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import timm
 
     def refuse(*args, **kwargs):
@@ -47,13 +67,15 @@ def test_training_never_builds_or_imports_the_teacher(tmp_path: Path, tiny_cache
     monkeypatch.setattr(timm, "create_model", refuse)
     result = run_cli("train", tiny_cache, "--out", tmp_path / "run", *TRAIN_FAST, "--max-steps", "3")
     assert result.exit_code == 0, result.output
-    code = "import sys, stages.train, stages.apm, storage.stream; assert 'timm' not in sys.modules, 'timm imported'"
+    code = (
+        "import sys, apmpipe.stages.train, apmpipe.stages.apm, apmpipe.storage.stream; assert 'timm' not in "
+        "sys.modules, 'timm imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("world, workers", [(1, 1), (1, 2), (2, 2)])
 def test_stream_covers_each_sample_once_per_epoch(tiny_cache: Path, world: int, workers: int) -> None:
-    import torch
     from torch.utils.data import DataLoader
 
     seen: list[bytes] = []
@@ -75,12 +97,16 @@ def test_stream_covers_each_sample_once_per_epoch(tiny_cache: Path, world: int, 
 
 
 def test_stream_order_depends_on_epoch_and_resumes_mid_window(tiny_cache: Path) -> None:
-    from storage.stream import StreamPosition
+    from apmpipe.storage.stream import StreamPosition
 
     stream = CacheStream([str(tiny_cache)], batch_size=8, window_samples=24, seed=0)
+
     def batches(position: StreamPosition) -> list[bytes]:
         stream.position = position
-        return [b["pixels"].numpy().tobytes() + b["tokens"][1].numpy().tobytes() for item in stream for b in item["batches"]]
+        return [
+            b["pixels"].numpy().tobytes() + b["tokens"][1].numpy().tobytes() for item in stream for b in item["batches"]
+        ]
+
     epoch0, epoch1 = batches(StreamPosition(0)), batches(StreamPosition(1))
     assert epoch0 != epoch1 and len(epoch0) == len(epoch1) == 15
     assert batches(StreamPosition(0, window=2, batch=1)) == epoch0[2 * 3 + 1 :]
@@ -94,17 +120,42 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 @pytest.mark.parametrize("echo", [1, 3])
 def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache: Path, echo: int) -> None:
-    args = ["train", str(tiny_cache), *TRAIN_FAST, "--loader-workers", "1", "--max-steps", "40", "--checkpoint-every", "4", "--warmup-steps", "3",
-            "--locations", "3", "--echo", str(echo)]
+    args = [
+        "train",
+        str(tiny_cache),
+        *TRAIN_FAST,
+        "--loader-workers",
+        "1",
+        "--max-steps",
+        "40",
+        "--checkpoint-every",
+        "4",
+        "--warmup-steps",
+        "3",
+        "--locations",
+        "3",
+        "--echo",
+        str(echo),
+    ]
     reference = tmp_path / "ref"
-    subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(reference)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "apmpipe.pipeline", *args, "--out", str(reference)], check=True, capture_output=True
+    )
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apmpipe.pipeline", *args, "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _wait_for(killed / "checkpoints" / "step-00000012", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "student.safetensors").exists(), "the kill came too late to test anything"
-    result = subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(killed), "--resume"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "apmpipe.pipeline", *args, "--out", str(killed), "--resume"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     ref, _ = load_student(reference)
     got, _ = load_student(killed)
@@ -119,8 +170,27 @@ def test_ddp_two_processes_gloo_with_uneven_shards_per_rank(tmp_path: Path, tiny
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     run = tmp_path / "ddp"
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "pipeline", "train", str(tiny_cache), "--out", str(run), *TRAIN_FAST, "--epochs", "2", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "apmpipe.pipeline",
+            "train",
+            str(tiny_cache),
+            "--out",
+            str(run),
+            *TRAIN_FAST,
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -132,7 +202,10 @@ def test_ddp_two_processes_gloo_with_uneven_shards_per_rank(tmp_path: Path, tiny
 
 def test_config_file_with_cli_overrides(tmp_path: Path, tiny_cache: Path) -> None:
     config = tmp_path / "train.toml"
-    config.write_text('preset = "tiny"\nlr = 0.003\nmax-steps = 7\nbatch_size = 8\nlog_every = 1\nwindow_samples = 32\nloader_workers = 0\n')
+    config.write_text(
+        'preset = "tiny"\nlr = 0.003\nmax-steps = 7\nbatch_size = 8\nlog_every = 1\nwindow_samples = '
+        "32\nloader_workers = 0\n"
+    )
     run = tmp_path / "run"
     result = run_cli("train", tiny_cache, "--out", run, "--config", config, "--max-steps", "4")
     assert result.exit_code == 0, result.output
@@ -164,7 +237,9 @@ def test_train_errors_are_one_line(capsys: pytest.CaptureFixture, tmp_path: Path
     run = tmp_path / "r4"
     assert run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "2").exit_code == 0
     assert "already holds a training run" in error(tiny_cache, "--out", run, *TRAIN_FAST)
-    assert "another student or teacher layout" in error(tiny_cache, "--out", run, *TRAIN_FAST, "--preset", "small", "--resume")
+    assert "another student or teacher layout" in error(
+        tiny_cache, "--out", run, *TRAIN_FAST, "--preset", "small", "--resume"
+    )
     assert "--batch-size must be at least 1" in error(tiny_cache, "--out", tmp_path / "r5", "--batch-size", "0")
 
 
@@ -178,7 +253,7 @@ def test_float32_caches_stream_float32_tokens(tiny_cache: Path) -> None:
 
 
 def test_location_draws_differ_by_rank_and_always_include_prefix_tokens() -> None:
-    from stages.objectives import location_generator, sample_locations
+    from apmpipe.stages.objectives import location_generator, sample_locations
 
     rank0 = sample_locations(4, 1, 64, 8, location_generator(0, 0, 5))
     rank1 = sample_locations(4, 1, 64, 8, location_generator(0, 1, 5))
@@ -187,18 +262,24 @@ def test_location_draws_differ_by_rank_and_always_include_prefix_tokens() -> Non
     assert torch.equal(rank0, again) and not torch.equal(rank0, rank1)
 
 
-def test_resume_plan_compares_caches_by_location_not_spelling(tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_plan_compares_caches_by_location_not_spelling(
+    tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tiny_cache.parent)
     relative = CacheStream([f"./{tiny_cache.name}"], 8)
     absolute = CacheStream([str(tiny_cache)], 8)
     assert relative.fingerprint() == absolute.fingerprint()
 
 
-def test_toml_values_are_type_checked_and_run_options_refused(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path) -> None:
+def test_toml_values_are_type_checked_and_run_options_refused(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
+) -> None:
     bad_type = tmp_path / "a.toml"
     bad_type.write_text('lr = "3e-4"\n')
     result = run_main(capsys, "train", tiny_cache, "--out", tmp_path / "r", "--config", bad_type)
-    assert result.returncode == 2 and "'lr' must be float" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert result.returncode == 2 and "'lr' must be float" in result.stderr and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
     for text in ('out = "elsewhere"\n', 'caches = ["x.zarr"]\n', "no_such_option = 1\n"):
         path = tmp_path / "b.toml"
         path.write_text(text)
@@ -206,19 +287,27 @@ def test_toml_values_are_type_checked_and_run_options_refused(capsys: pytest.Cap
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     good = tmp_path / "c.toml"
     good.write_text("lr = 1\nhidden = [16, 16]\nlogit_weight = 0\n")  # ints where floats are declared are fine
-    result = run_main(capsys, "train", tiny_cache, "--out", tmp_path / "r", "--config", good, *TRAIN_FAST, "--max-steps", "2")
+    result = run_main(
+        capsys, "train", tiny_cache, "--out", tmp_path / "r", "--config", good, *TRAIN_FAST, "--max-steps", "2"
+    )
     assert result.returncode == 0, result.stderr
     _, meta = load_student(tmp_path / "r")
-    assert meta["train_config"]["lr"] == 1.0 and meta["model_config"]["hidden"] == [16, 16] and meta["loss_config"]["logit_weight"] == 0.0
+    assert (
+        meta["train_config"]["lr"] == 1.0
+        and meta["model_config"]["hidden"] == [16, 16]
+        and meta["loss_config"]["logit_weight"] == 0.0
+    )
 
 
 def test_per_class_plot_stays_readable_for_many_classes(tmp_path: Path) -> None:
     from PIL import Image
 
-    from pipeline.report import plot_per_class
+    from apmpipe.pipeline.report import plot_per_class
 
     rng = np.random.default_rng(0)
-    path = plot_per_class({"student": list(rng.random(1500)), "teacher": list(rng.random(1500))}, "1,500 classes", tmp_path / "many.png")
+    path = plot_per_class(
+        {"student": list(rng.random(1500)), "teacher": list(rng.random(1500))}, "1,500 classes", tmp_path / "many.png"
+    )
     with Image.open(path) as image:
         assert image.size[0] < 2000  # a histogram, not 1,500 bar pairs
 

@@ -1,14 +1,15 @@
 """Unit tests where the logic is subtle: token encodings, layer indices, position codes, the epoch plan."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from stages.apm import location_codes
-from stages.teacher import resolve_layers
-from storage.cache import decode_tokens, encode_tokens
-from storage.errors import CacheError, ConfigError
+from apmpipe.stages.apm import location_codes
+from apmpipe.stages.teacher import resolve_layers
+from apmpipe.storage.cache import decode_tokens, encode_tokens
+from apmpipe.storage.errors import CacheError, ConfigError
 
 
 def test_float16_overflow_fails_with_a_hint() -> None:
@@ -49,10 +50,12 @@ def test_location_codes_are_distinct_and_fixed() -> None:
 
 
 def test_student_handles_inputs_that_do_not_tile_the_grid() -> None:
-    from stages.apm import APM, APMConfig
-    from stages.objectives import rgb_loss
+    from apmpipe.stages.apm import APM, APMConfig
+    from apmpipe.stages.objectives import rgb_loss
 
-    config = APMConfig(in_chans=1, image_size=(230, 224), grid=(16, 16), prefix_tokens=2, level_dims=(24, 40), hidden=(32,))
+    config = APMConfig(
+        in_chans=1, image_size=(230, 224), grid=(16, 16), prefix_tokens=2, level_dims=(24, 40), hidden=(32,)
+    )
     model = APM(config)
     images = torch.randn(2, 1, 230, 224)
     out = model(images)
@@ -62,3 +65,18 @@ def test_student_handles_inputs_that_do_not_tile_the_grid() -> None:
     assert [tuple(t.shape) for t in model(images, locations)["tokens"]] == [(2, 3, 24), (2, 3, 40)]
     chunked = model.predict_tokens(images, chunk=7)
     torch.testing.assert_close(chunked[1], out["tokens"][1].detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_head_reads_the_head_of_the_level_asked_for() -> None:
+    from apmpipe.stages.apm import APM, APMConfig
+
+    model = APM(
+        APMConfig(in_chans=1, image_size=(32, 32), grid=(4, 4), prefix_tokens=1, level_dims=(24, 40), hidden=(32,))
+    )
+    images = torch.randn(2, 1, 32, 32)
+    features = model.forward_features(images)
+    per_level = model.forward_head(features)
+    assert [t.shape[-1] for t in per_level] == [24, 40]
+    for level, expected in enumerate(per_level):  # level k: heads[k], its own width (not heads[0]'s)
+        (only,) = model.forward_head(features, level=level)
+        torch.testing.assert_close(only, expected)

@@ -1,0 +1,38 @@
+"""apmpipe: feature-cache distillation for the Asynchronous Perception Machine.
+
+This file is installed as the top-level ``apmpipe`` package (pyproject.toml maps it from
+``pipeline/_apmpipe/``; the repository's three folders install as ``apmpipe.pipeline``, ``apmpipe.stages`` and
+``apmpipe.storage``). It holds the public Python API, loaded on first use so that ``import apmpipe`` (and the
+command line, which lives inside it) stays light:
+
+- :func:`extract`: run a timm teacher once over image shards into a feature cache (stage one);
+- :func:`train`: train the APM student from feature caches, never loading the teacher (stage two);
+- :func:`evaluate`: fidelity, classification beside the teacher and test-time training (stage three);
+- :class:`FeatureCache`: the cache reader (``FeatureCache.open(url)``);
+- :class:`CacheStream`: the streaming dataset of cached pixels, tokens and labels.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__all__ = ["CacheStream", "FeatureCache", "evaluate", "extract", "train"]
+
+_HOMES = {
+    "extract": "apmpipe.pipeline.api",
+    "train": "apmpipe.pipeline.api",
+    "evaluate": "apmpipe.pipeline.api",
+    "FeatureCache": "apmpipe.storage.cache",
+    "CacheStream": "apmpipe.storage.stream",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'apmpipe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

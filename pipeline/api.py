@@ -1,0 +1,76 @@
+"""The public Python API (re-exported as ``apmpipe.extract``, ``apmpipe.train``, ``apmpipe.evaluate``): one call
+per stage, keyword options named as on the command line, each building the stage's frozen config and running it.
+
+Bad input raises :class:`apmpipe.storage.errors.ApmError` (a one-line message) as the CLI's would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from apmpipe.stages.extract_config import ExtractConfig
+
+if TYPE_CHECKING:  # the stages themselves load torch: imported when called
+    from apmpipe.stages.extract import ExtractSummary
+    from apmpipe.stages.train import TrainSummary
+
+
+def extract(
+    inputs: Sequence[str] | str,
+    out: str,
+    teacher: str,
+    **options: Any,
+) -> ExtractSummary:
+    """Run stage one: ``teacher`` (a timm name) over ``inputs`` (WebDataset shards or an image folder) into the
+    feature cache ``out``; rerunning completes an interrupted cache.
+
+    Args:
+        inputs: shard paths/URLs/patterns, or one image-folder root.
+        out: the cache to create or complete (local path or fsspec URL).
+        teacher: a timm model name, ``hf-hub:org/repo`` or ``local-dir:/path``.
+        options: the teacher's ``pretrained``, ``checkpoint``, ``model_kwargs`` (dict), ``seed``, and any
+            :class:`ExtractConfig` field, e.g. ``layers=(4, 8, 12)``, ``dtype="int8"`` (see
+            :meth:`ExtractConfig.from_options`).
+
+    Returns:
+        The :class:`apmpipe.stages.extract.ExtractSummary` (shards done, images, bytes, fidelity).
+    """
+    from apmpipe.stages.extract import extract as run_extract
+
+    return run_extract(ExtractConfig.from_options(inputs, out, teacher, **options))
+
+
+def train(caches: Sequence[str] | str, out: str, **options: Any) -> TrainSummary:
+    """Run stage two: train the APM student on ``caches`` into the run directory ``out``.
+
+    Args:
+        caches: feature caches written by :func:`extract` (one teacher).
+        out: run directory (checkpoints, metrics.jsonl, student.safetensors).
+        options: any ``apmpipe train`` option by its Python name, loss weights included, e.g. ``preset="tiny"``,
+            ``max_steps=200``, ``logit_weight=0.0`` (checked as :meth:`TrainConfig.from_options` does).
+
+    Returns:
+        The :class:`apmpipe.stages.train.TrainSummary` (student path, steps, losses, throughput).
+    """
+    from apmpipe.stages.train import TrainConfig
+    from apmpipe.stages.train import train as run_train
+
+    urls = (caches,) if isinstance(caches, str) else tuple(caches)
+    return run_train(TrainConfig.from_options({"caches": urls, "out": out, **options}))
+
+
+def evaluate(cache: str, student: str, **options: Any) -> dict[str, Any]:
+    """Run stage three: the student in ``student`` (a run directory or student.safetensors) on ``cache``.
+
+    Args:
+        options: any other :class:`apmpipe.stages.evaluate.EvalConfig` field, e.g. ``train_cache=...``
+            (k-NN and a linear probe), ``ttt_steps=20``, ``max_samples=500``.
+
+    Returns:
+        The report: fidelity per level beside the mean-token baseline, classification beside the teacher, TTT.
+    """
+    from apmpipe.stages.evaluate import EvalConfig
+    from apmpipe.stages.evaluate import evaluate as run_evaluate
+
+    return run_evaluate(EvalConfig(cache=cache, student=student, **options))

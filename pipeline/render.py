@@ -1,0 +1,333 @@
+"""Terminal tables of each command's result: what ``apmpipe`` prints on stdout (stderr for skipped samples and
+failures). Every function takes a stage's result and prints; none computes anything the result lacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from .console import err_console, human_bytes, out_console
+
+
+def table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """A two-column key/value table with ``title`` above it."""
+    result = Table(title=title, show_header=False, title_justify="left")
+    result.add_column(style="bold")
+    result.add_column()
+    for key, value in rows:
+        result.add_row(key, value)
+    return result
+
+
+def _err_line(text: str) -> None:
+    err_console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+# -- extract / info / verify ---------------------------------------------------------------------------------
+def extract_summary(summary: Any) -> None:
+    """``apmpipe extract``: shards, images, bytes, throughput, head and recorded fidelity; skips and failures."""
+    done = f"{summary.count('done')} done, {summary.count('skipped')} already complete"
+    rows = [
+        ("cache", summary.cache),
+        ("shards", f"{done}, {summary.count('failed')} failed"),
+        ("images", f"{summary.images} written, {len(summary.skipped_samples)} samples skipped"),
+        ("on disk", f"{human_bytes(summary.stored_bytes)} in the cache"),
+        ("throughput", f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f} s"),
+        ("teacher head", summary.head),
+    ]
+    if summary.cache_samples:
+        rows.insert(4, ("bytes per image", human_bytes(summary.stored_bytes / summary.cache_samples)))
+    for layer, stats in summary.fidelity.items():
+        fidelity = f"min cosine {stats['cosine_min']:.5f}, relative MSE {stats['relative_mse']:.2e}"
+        rows.append((f"fidelity layer {layer}", fidelity))
+    if summary.pixel_psnr is not None:
+        rows.append(("pixel fidelity", f"min PSNR {summary.pixel_psnr:.1f} dB"))
+    out_console.print(table("apmpipe extract", rows))
+    for shard, key, reason in summary.skipped_samples[:20]:
+        _err_line(f"skipped {shard}/{key}: {reason}")
+    for result in summary.results:
+        if result.status == "failed":
+            _err_line(f"failed shard {result.name}: {result.error}")
+
+
+def cache_description(desc: dict[str, Any], sizes: bool) -> None:
+    """``apmpipe info``: what :meth:`FeatureCache.describe` returned."""
+    spec = desc["spec"]
+    teacher, data = spec["teacher"], spec["data_config"]
+    low_rank = f" coefficients of rank-{spec['rank']} bases" if spec["rank"] else ""
+    levels = ", ".join(
+        f"{lv['layer']}: {lv['prefix_tokens']}+{lv['grid'][0]}x{lv['grid'][1]} tokens x {lv['dim']}"
+        for lv in spec["levels"]
+    )
+    storage = (
+        f"{spec['dtype']}{low_rank}, codec {spec['codec']}, pixels {spec['pixel_codec']}, "
+        f"chunks of {spec['chunk_samples']}, zarr shards of {spec['shard_samples']}"
+    )
+    shards = desc["shards"]
+    if sizes:
+        size = (
+            f"{human_bytes(desc['stored_bytes'])} on disk, {human_bytes(desc['raw_bytes'])} raw, "
+            f"ratio {desc['compression_ratio']:.2f}x, {human_bytes(desc['bytes_per_sample'])}/sample"
+        )
+    else:
+        size = f"{human_bytes(desc['raw_bytes'])} raw (--sizes: bytes on disk)"
+    head = desc["head"]
+    rows = [
+        ("format", desc["format"]),
+        ("teacher", f"{teacher['name']} ({teacher['weights']}, sha256 {teacher['weights_sha256'][:12]})"),
+        ("input", f"{data['input_size']} {data['interpolation']}, crop {data.get('crop_pct')}, mean {data['mean']}"),
+        ("levels", levels),
+        ("storage", storage),
+        ("shards", f"{shards['complete']} complete, {shards['writing']} incomplete, {shards['failed']} failed"),
+        ("samples", str(desc["samples"])),
+        ("precision", ", ".join(desc["precision"]) or "-"),
+        ("size", size),
+        ("teacher head", "stored" if head.get("available") else f"none ({head.get('reason', 'unknown')})"),
+        ("skipped samples", str(len(desc["skipped_samples"]))),
+        *_array_rows(desc["arrays"]),
+        *_recorded_fidelity_rows(desc["fidelity"]),
+    ]
+    out_console.print(table(f"apmpipe cache {desc['url']}", rows))
+    for item in desc["skipped_samples"][:20]:
+        out_console.print(f"skipped {item['shard']}/{item['key']}: {item['reason']}", highlight=False, markup=False)
+    for item in desc["failed_shards"]:
+        out_console.print(f"failed shard {item['shard']}: {item['error']}", highlight=False, markup=False)
+
+
+def _array_rows(arrays: dict[str, dict[str, float]]) -> list[tuple[str, str]]:
+    """Bytes per sample of each array: stored (with ``--sizes``) beside the raw (decoded) size."""
+    rows = []
+    for name, sizes in arrays.items():
+        raw = f"{human_bytes(sizes['raw_bytes_per_sample'])} raw" if "raw_bytes_per_sample" in sizes else ""
+        stored = f"{human_bytes(sizes['stored_bytes_per_sample'])} stored" if "stored_bytes_per_sample" in sizes else ""
+        rows.append((f"bytes/sample {name}", f"{stored} ({raw})" if stored and raw else stored or raw))
+    return rows
+
+
+def _recorded_fidelity_rows(fidelity: dict[str, Any]) -> list[tuple[str, str]]:
+    """What extraction recorded of lossy storage: per level, worst cosine and mean relative MSE; pixel PSNR."""
+    rows = [
+        (
+            f"fidelity layer {layer}",
+            f"min cosine {f['cosine_min']:.5f}, relative MSE {f['relative_mse']:.2e} ({f['samples']} samples' shards)",
+        )
+        for layer, f in fidelity["levels"].items()
+    ]
+    if fidelity["pixels"]:
+        rows.append(("pixel fidelity", f"min PSNR {fidelity['pixels']['psnr_db']:.1f} dB"))
+    return rows
+
+
+def verify_report(report: Any) -> None:
+    """``apmpipe verify``: per level worst difference beside its tolerance, the logits, the verdict."""
+    rows = [
+        (
+            f"layer {layer}",
+            f"max |diff| {s['max_abs']:.3g}, min cosine {s['min_cosine']:.6f} (tolerance >= {s['tolerance']:.6f})",
+        )
+        for layer, s in report.levels.items()
+    ]
+    if report.logits_max_abs is not None:
+        rows.append(("logits", f"max |diff| {report.logits_max_abs:.3g} (tolerance <= {report.logits_tolerance:.3g})"))
+    failures = report.failures
+    verdict = f"FAIL: {'; '.join(failures)}" if failures else "PASS: every level and the logits are within tolerance"
+    rows.append(("verdict", verdict))
+    out_console.print(table(f"apmpipe verify: {report.samples} samples recomputed in {report.precision}", rows))
+
+
+# -- train ---------------------------------------------------------------------------------------------------
+def student_size(model: Any) -> None:
+    """The line printed when training starts."""
+    flops = model.flops_per_image() / 1e9
+    err_console.print(
+        f"student: {model.num_params() / 1e6:.2f} M parameters, {flops:.3f} GFLOPs per image (all locations)",
+        highlight=False,
+    )
+
+
+def train_stopped(summary: Any, run_dir: str, resume: str) -> None:
+    """Ctrl-C / SIGTERM: where the checkpoint is and the command that resumes."""
+    import signal
+
+    name = signal.Signals(summary.stopped_by).name
+    checkpoints = Path(run_dir) / "checkpoints"
+    err_console.print(
+        f"{name}: stopped at step {summary.steps}; checkpoint saved in {checkpoints}", highlight=False, soft_wrap=True
+    )
+    _err_line(f"resume with: {resume}")
+
+
+def train_summary(summary: Any, loss_plot: Path) -> None:
+    """``apmpipe train``: the student, steps, loss and throughput."""
+    size = f"{summary.params / 1e6:.2f} M params, {summary.flops_per_image / 1e9:.3f} GFLOPs/image"
+    rate = f"{summary.samples / summary.seconds:.1f} samples/s over {summary.seconds:.1f} s" if summary.seconds else "-"
+    rows = [
+        ("run", summary.run_dir),
+        ("student", f"{summary.student} ({size})"),
+        ("steps", f"{summary.steps} ({summary.epochs_done:.2f} epochs)"),
+        ("loss", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}"),
+        ("throughput", rate),
+        ("loss curve", str(loss_plot)),
+    ]
+    out_console.print(table("apmpipe train", rows))
+
+
+# -- eval ----------------------------------------------------------------------------------------------------
+def _fidelity_line(f: dict[str, float]) -> str:
+    """Cosine and R^2 per token kind, the constant baseline's cosine beside."""
+    parts = []
+    for part in ("patch", "prefix"):
+        if f"{part}_cosine" in f:
+            base = ""
+            if f"{part}_r2" in f:
+                base = f" (mean token {f[part + '_baseline_cosine']:.3f}), R2 {f[part + '_r2']:.3f}"
+            parts.append(f"{part} cos {f[part + '_cosine']:.3f}{base}")
+    return "; ".join(parts)
+
+
+def _classification_row(key: str, result: dict[str, Any] | str) -> tuple[str, str]:
+    if not isinstance(result, dict):  # why a method did not run
+        return key.replace("_", " "), result
+    s, t = result["student"], result["teacher"]
+    ratio = s["top1"] / max(t["top1"], 1e-9)
+    return result["method"], (
+        f"student top-1 {s['top1']:.3f} ({ratio:.3f}x teacher) | teacher {t['top1']:.3f} | agree "
+        f"{result['agreement']:.3f}"
+    )
+
+
+def _ttt_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
+    steps = f"{t['samples']} samples x {t['steps']} steps from {t['start']}"
+    rows = [("test-time training", f"{steps}: {t['ms_per_step']:.1f} ms/step ({t['threads']} threads)")]
+    last = list(t["fidelity_after"])[-1]
+    before, after = _fidelity_line(t["fidelity_before"][last]), _fidelity_line(t["fidelity_after"][last])
+    rows.append(("  TTT fidelity, last level", f"before: {before}; after: {after}"))
+    for key in ("head", "knn"):
+        if f"{key}_before" in t:
+            b, a = t[f"{key}_before"], t[f"{key}_after"]
+            teacher = ""
+            if key == "head" and "top1" in t.get("teacher_head", {}):
+                teacher = f" (teacher {t['teacher_head']['top1']:.3f})"
+            rows.append(
+                (
+                    f"  TTT {key} top-1",
+                    f"{b.get('top1', float('nan')):.3f} -> {a.get('top1', float('nan')):.3f}{teacher}",
+                )
+            )
+    return rows
+
+
+def eval_report(report: dict[str, Any], json_path: Path) -> None:
+    """``apmpipe eval`` (and the demo): fidelity, classification beside the teacher, TTT, where the JSON is."""
+    rows = [("samples", str(report["samples"]))]
+    rows += [(f"fidelity layer {layer}", _fidelity_line(f)) for layer, f in report["fidelity"].items()]
+    rows += [_classification_row(key, result) for key, result in report["classification"].items()]
+    if "ttt" in report:
+        rows += _ttt_rows(report["ttt"])
+    rows.append(("report", str(json_path)))
+    out_console.print(table("apmpipe eval", rows))
+
+
+def islands_result(result: Any) -> None:
+    """``apmpipe islands``: what was converted (stderr) and what was written."""
+    if result.converted:
+        _err_line(f"islands: {result.converted}")
+    beside = ", student beside teacher" if result.with_teacher else ""
+    size = f"{result.width}x{result.height} px, {result.images} images{beside}"
+    out_console.print(f"wrote {result.path} ({size})", highlight=False)
+
+
+# -- bench ---------------------------------------------------------------------------------------------------
+def bench_extract(result: Any, config: Any) -> None:
+    """``apmpipe bench extract``: extraction beside the bare teacher forward."""
+    layers = ",".join(map(str, config.layers))
+    raw = human_bytes(result.raw_fp32_bytes_per_image)
+    rows = [
+        ("machine", result.machine),
+        ("images", f"{result.images} ({config.teacher.name}, batch {config.batch_size}, layers {layers})"),
+        ("bare forward_intermediates", f"{result.forward_ips:.1f} img/s"),
+        (
+            "apmpipe extract",
+            f"{result.extract_ips:.1f} img/s (decode in {result.loader_workers} workers, background writer)",
+        ),
+        ("ratio extract / forward", f"{result.ratio:.3f} (target >= 0.95)"),
+        ("stored bytes / image", f"{human_bytes(result.stored_bytes_per_image)} ({config.dtype}, {config.codec})"),
+        ("raw bytes / image (fp32 tokens)", f"{raw}; {result.compression:.2f}x smaller on disk"),
+    ]
+    out_console.print(table("apmpipe bench extract", rows))
+
+
+def bench_train(result: Any, options: dict[str, Any]) -> None:
+    """``apmpipe bench train``: bytes per trained sample, loader vs student, cached vs online, peak RSS.
+    ``options``: the command's (preset, batch_size, echo, locations, loader_workers, dtype, rank, student_rate)."""
+    k, echo, rank = f"K={options['locations']}", options["echo"], options["rank"]
+    storage = f"layers 4,8,12, {options['dtype']}{f', rank {rank}' if rank else ''}"
+    per_loaded = human_bytes(result.bytes_per_sample)
+    rows = [
+        ("machine", result.machine),
+        (
+            "setup",
+            f"{result.samples} images, teacher {result.teacher} ({storage}), "
+            f"student {options['preset']}, batch {options['batch_size']}, echo {echo}",
+        ),
+        (
+            "bytes read / trained sample",
+            f"{human_bytes(result.bytes_per_trained_sample)} ({per_loaded} per loaded sample / echo {echo})",
+        ),
+        (
+            "(a) loader",
+            f"{result.loader_sps:.1f} samples/s, {options['loader_workers']} workers, "
+            f"decoding {result.decode_mb_s_per_worker:.0f} MB/s per worker",
+        ),
+    ]
+    for label, rate in result.student_sps.items():
+        needed = result.loader_needed(rate)
+        target = " (target >= 3)" if label == k else ""
+        rows.append(
+            (
+                f"(b) student, {label} locations",
+                f"{rate:.1f} trained samples/s, needs {needed:.1f} loaded/s: loader / need "
+                f"{result.loader_sps / needed:.2f}x{target}",
+            )
+        )
+    if options["student_rate"]:
+        rate = options["student_rate"]
+        needed = result.loader_needed(rate)
+        read = needed * result.bytes_per_sample / 1e9
+        rows.append(
+            (
+                "loader for --student-rate",
+                f"{rate:.0f} samples/s needs {needed:.0f} loaded/s = {read:.2f} GB/s read; "
+                f"this loader gives {result.loader_sps / needed:.2f}x of it",
+            )
+        )
+    rows += [
+        ("(c) cached epoch (apmpipe train)", f"{result.cached_epoch_s:.2f} s"),
+        ("    online distillation epoch", f"{result.online_epoch_s:.2f} s (teacher forward every loaded batch, {k})"),
+        ("online / cached", f"{result.cached_speedup:.2f}x (target >= 5)"),
+    ]
+    rows += [
+        (f"peak RSS, {n} cached samples", f"{mib:.0f} MiB (train process + loader workers)") for n, mib in result.rss
+    ]
+    out_console.print(table("apmpipe bench train", rows))
+
+
+def bench_ablation(teacher: dict[str, Any], rows: list[Any], steps: int) -> None:
+    """``apmpipe bench ablation``: held-out R2 and head top-1 per switched-off objective."""
+    lines = [
+        ("teacher", f"{teacher['folder']}: val top-1 {teacher['val_top1']:.3f} ({teacher['data']})"),
+        ("steps per run", str(steps)),
+    ]
+    for row in rows:
+        r2 = ", ".join(
+            f"L{layer} {f.get('patch_r2', float('nan')):.3f}/{f.get('prefix_r2', float('nan')):.3f}"
+            for layer, f in row.fidelity.items()
+        )
+        s = row.head.get("student", {}).get("top1", float("nan"))
+        t = row.head.get("teacher", {}).get("top1", float("nan"))
+        lines.append(
+            (row.name, f"R2 patch/CLS {r2} | head top-1 {s:.3f} / teacher {t:.3f} = {s / t:.3f}x | {row.seconds:.0f} s")
+        )
+    out_console.print(table("apmpipe bench ablation", lines))

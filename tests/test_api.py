@@ -1,0 +1,40 @@
+"""The one import name and the public Python API: the README's example runs as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import site
+import subprocess
+import sys
+from importlib.machinery import PathFinder
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_example() -> str:
+    section = README.read_text().split("## Python API", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "README's Python API section has no python block"
+    return match.group(1)
+
+
+def test_the_readme_python_example_runs(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", _readme_example()], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "student.safetensors").exists()
+    assert "patch_cosine" in result.stdout
+
+
+def test_one_import_name() -> None:
+    import apmpipe
+
+    assert set(apmpipe.__all__) == {"extract", "train", "evaluate", "FeatureCache", "CacheStream"}
+    assert apmpipe.FeatureCache.__module__ == "apmpipe.storage.cache"
+    site_packages = [*site.getsitepackages(), site.getusersitepackages()]
+    for name in ("pipeline", "stages", "storage"):  # nothing installed top-level under the folders' own names
+        assert PathFinder.find_spec(name, site_packages) is None, name
