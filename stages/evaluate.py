@@ -241,12 +241,14 @@ def _ttt_report(
         for index, (level, t) in enumerate(zip(cache.spec.levels, targets, strict=True)):
             fid_before.add(index, level.layer, episode.before[index], t)
             fid_after.add(index, level.layer, episode.after[index], t)
+        if ctx.head is not None:  # the teacher's logits for this sample, once (read beside both passes)
+            with torch.no_grad():
+                before.teacher_logits.append(ctx.head(targets[-1]).cpu() if logits is None else logits.cpu())
         for outputs, tokens in ((before, episode.before), (after, episode.after)):
             outputs.student_features.append(ctx.features(tokens))
             if ctx.head is not None:
                 with torch.no_grad():
                     outputs.student_logits.append(ctx.head(tokens[-1]).cpu())
-                    outputs.teacher_logits.append(ctx.head(targets[-1]).cpu() if logits is None else logits.cpu())
     ttt.restore()
     steps = max(config.ttt_steps, 1)
     result: dict[str, Any] = {
@@ -284,13 +286,10 @@ def _ttt_report(
 
 def _identity(config: EvalConfig, cache: FeatureCache, metadata: dict[str, Any]) -> dict[str, Any]:
     """What a report needs to be reproduced: options, versions, the cache and the student."""
-    import importlib.metadata as md
-
-    versions = {name: md.version(name) for name in ("apmpipe", "torch", "timm", "zarr") if _installed(name)}
     teacher = cache.spec.teacher
     return {
         "options": config.to_dict(),
-        "versions": versions,
+        "versions": _versions(("apmpipe", "torch", "timm", "zarr")),
         "cache": {"url": cache.url, "teacher": teacher.get("name"), "weights_sha256": teacher.get("weights_sha256")},
         "student": {
             "path": config.student,
@@ -301,14 +300,17 @@ def _identity(config: EvalConfig, cache: FeatureCache, metadata: dict[str, Any])
     }
 
 
-def _installed(name: str) -> bool:
+def _versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of ``names`` (packages that are not installed are left out)."""
     import importlib.metadata as md
 
-    try:
-        md.version(name)
-        return True
-    except md.PackageNotFoundError:
-        return False
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return versions
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:

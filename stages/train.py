@@ -101,7 +101,8 @@ class TrainConfig:
     @classmethod
     def from_options(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from flat options (loss weights beside the rest), checking every value's type (TOML files too)."""
-        values = {k: _checked(k, v) for k, v in values.items()}
+        declared = _option_types()
+        values = {k: _checked(k, v, declared) for k, v in values.items()}
         loss_names = {f.name for f in fields(LossConfig)}
         loss = LossConfig(**{k: v for k, v in values.items() if k in loss_names})
         return cls(**{k: v for k, v in values.items() if k not in loss_names}, loss=loss)
@@ -144,9 +145,9 @@ def _option_types() -> dict[str, Any]:
     return {**typing.get_type_hints(LossConfig), **typing.get_type_hints(TrainConfig)}
 
 
-def _checked(name: str, value: Any) -> Any:
-    """``value`` as option ``name``'s declared type (ints for floats are widened); ConfigError naming both."""
-    expected = _option_types().get(name)
+def _checked(name: str, value: Any, declared: dict[str, Any]) -> Any:
+    """``value`` as option ``name``'s ``declared`` type (ints for floats are widened); ConfigError naming both."""
+    expected = declared.get(name)
     if expected is None:
         raise ConfigError(f"unknown training option {name!r}; see apmpipe train --help")
     if value is None and type(None) in typing.get_args(expected):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,20 @@ def run_subprocess(*args: str, cwd: Path | None = None, timeout: float = 300) ->
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def kill_extract_midway(args: list, out: Path, written: str) -> None:
+    """Start ``apmpipe extract ARGS --out OUT`` in a real process and SIGKILL it once ``OUT/written`` exists."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apmpipe.pipeline", "extract", *map(str, args), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / written).exists():
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture(scope="session")

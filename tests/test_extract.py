@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -23,7 +21,7 @@ from safetensors.torch import save_file
 from apmpipe.pipeline.datasets import digit_images, write_digit_shards
 from apmpipe.storage.cache import writer_lock
 
-from .conftest import FAST, TINY_VIT, run_cli, run_main, run_subprocess
+from .conftest import FAST, TINY_VIT, kill_extract_midway, run_cli, run_main, run_subprocess
 
 
 def tiny_vit(**overrides) -> torch.nn.Module:
@@ -175,16 +173,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
     reference = tmp_path / "ref.zarr"
     assert run_subprocess("extract", *args, "--out", reference).returncode == 0
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apmpipe.pipeline", "extract", *args, "--out", str(killed)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "shards/digits-0002/tokens/2").exists():
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_extract_midway(args, killed, "shards/digits-0002/tokens/2")
     statuses = [json.loads(p.read_text())["attributes"].get("status") for p in killed.glob("shards/*/zarr.json")]
     assert "complete" in statuses or "writing" in statuses
     assert len([s for s in statuses if s == "complete"]) < 8, "the kill came too late to test anything"
