@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -214,12 +214,21 @@ def grow_cache(url: str, factor: int) -> None:
             cache.copy_shard(name, f"{name}-copy{k}")
 
 
-def _read_bytes_per_sample(cache: str) -> tuple[float, float]:
-    """(stored, decoded) bytes per sample of what training reads: tokens of every level, pixels, labels."""
+def _read_bytes_per_sample(
+    cache: str, levels: tuple[int, ...] | None = None, logits: bool = False
+) -> tuple[float, float]:
+    """(stored, decoded) bytes per sample of what training reads: pixels, labels, the tokens (and int8 scales) of
+    the trained ``levels`` (None: all), and the cached logits when the decision loss reads them."""
     from apmpipe.storage.cache import FeatureCache
 
     arrays = FeatureCache.open(cache).describe(sizes=True)["arrays"]
-    read = {name: sizes for name, sizes in arrays.items() if name.startswith(("tokens", "scales", "pixels", "labels"))}
+    read = {
+        name: sizes
+        for name, sizes in arrays.items()
+        if name in ("pixels", "labels")
+        or (name == "logits" and logits)
+        or (name.startswith(("tokens/", "scales/")) and (levels is None or int(name.split("/")[1]) in levels))
+    }
     return (
         sum(v.get("stored_bytes_per_sample", 0.0) for v in read.values()),
         sum(v.get("raw_bytes_per_sample", 0.0) for v in read.values()),
@@ -270,7 +279,7 @@ def bench_train(
     window = (
         batch_size  # several windows even in the 1x cache: every loader worker has work, RSS compares like with like
     )
-    stream = CacheStream([cache], batch_size, window_samples=window)
+    stream = CacheStream([cache], batch_size, window_samples=window, coefficients=True)  # as apmpipe train reads
     bench_progress(f"loader: {LOADER_PASSES} passes with {loader_workers} workers")
     start = time.perf_counter()
     passes = [
@@ -347,7 +356,12 @@ def bench_train(
             torch.cuda.synchronize()
         return time.perf_counter() - begin
 
-    from_memory = lambda b: [t.to(dev).float() for t in b["tokens"]]  # noqa: E731
+    decoder = stream.decoder.to(dev) if stream.decoder is not None else (lambda tokens: tokens)
+
+    def from_memory(batch: dict) -> list[torch.Tensor]:
+        """The batch's teacher tokens on the device (low-rank ones rebuilt there, once per loaded batch)."""
+        return [t.float() for t in decoder([t.to(dev) for t in batch["tokens"]])]
+
     student_sps = {}
     for label, count in (("all", 0), (f"K={locations}", locations)):
         bench_progress(f"student steps from memory, {label} locations")
@@ -442,6 +456,28 @@ class AblationRow:
     seconds: float
 
 
+def _train_and_evaluate(
+    name: str, cache: str, val: str, out: Path, steps: int, seed: int, options: dict[str, object]
+) -> AblationRow:
+    """Train ``steps`` steps on ``cache`` with ``options`` (fresh run in ``out``), evaluate on ``val``."""
+    from apmpipe.stages.evaluate import EvalConfig, evaluate
+    from apmpipe.stages.train import TrainConfig, train
+
+    shutil.rmtree(out, ignore_errors=True)
+    config = TrainConfig.from_options(
+        {"caches": (cache,), "out": str(out), "min_steps": steps, "loader_workers": 1, "seed": seed, **options}
+    )
+    start = time.perf_counter()
+    train(config)
+    seconds = time.perf_counter() - start
+    report = evaluate(EvalConfig(cache=val, student=str(out), seed=seed))
+    return AblationRow(name, options, report["fidelity"], report["classification"].get("teacher_head", {}), seconds)
+
+
+def _selected(names: list[str], only: list[str] | None) -> list[str]:
+    return [name for name in names if not only or any(word in name for word in only)]
+
+
 def bench_ablation(
     workdir: Path, steps: int, seed: int = 0, only: list[str] | None = None
 ) -> tuple[dict[str, object], list[AblationRow]]:
@@ -450,27 +486,89 @@ def bench_ablation(
     Every run trains ``steps`` steps (``--min-steps``) from the same seed on the same cache; returns the teacher
     record and one row per run.
     """
-    from apmpipe.stages.evaluate import EvalConfig, evaluate
     from apmpipe.stages.reference_teacher import ReferenceRecipe
-    from apmpipe.stages.train import TrainConfig, train
 
     from .demo import prepare_digit_caches
 
     data = prepare_digit_caches(workdir, ReferenceRecipe(seed=seed), seed)
     rows = []
-    for name, options in ABLATIONS.items():
-        if only and not any(word in name for word in only):
-            continue
+    for name in _selected(list(ABLATIONS), only):
         out = workdir / "runs" / f"ablation-{len(rows)}"
-        shutil.rmtree(out, ignore_errors=True)
-        config = TrainConfig.from_options(
-            {"caches": (data.train,), "out": str(out), "min_steps": steps, "loader_workers": 1, "seed": seed, **options}
+        rows.append(_train_and_evaluate(name, data.train, data.val, out, steps, seed, ABLATIONS[name]))
+    return data.teacher, rows
+
+
+@dataclass(frozen=True)
+class BytePlan:
+    """How one run reads less: the train cache's storage (ExtractConfig ``dtype``, ``rank``), ``--echo``,
+    ``--levels``."""
+
+    storage: dict[str, object] = field(default_factory=dict)
+    echo: int = 1
+    levels: tuple[int, ...] | None = None
+
+    def options(self) -> dict[str, object]:
+        return {"echo": self.echo} | ({"levels": self.levels} if self.levels else {})
+
+
+# the first plan is the baseline every row is compared to
+BYTE_PLANS: dict[str, BytePlan] = {
+    "float16 cache, all levels (default)": BytePlan(),
+    "int8 cache": BytePlan({"dtype": "int8"}),
+    "float16, --echo 8": BytePlan(echo=8),
+    "int8, --echo 4": BytePlan({"dtype": "int8"}, echo=4),
+    "int8, --echo 8": BytePlan({"dtype": "int8"}, echo=8),
+    "int8 rank 32, --echo 4": BytePlan({"dtype": "int8", "rank": 32}, echo=4),
+    "int8, --levels 2, --echo 4": BytePlan({"dtype": "int8"}, echo=4, levels=(2,)),
+}
+BYTES_TARGET = 1 / 8  # of the default's bytes read per trained sample
+COSINE_TOLERANCE = 0.005  # patch cosine, every trained level, vs the default
+TOP1_TOLERANCE = 0.005  # teacher-head top-1 vs the default
+
+
+@dataclass
+class BytesRow:
+    run: AblationRow
+    bytes_per_trained_sample: float
+
+    def patch_cosines(self) -> dict[str, float]:
+        return {layer: f["patch_cosine"] for layer, f in self.run.fidelity.items()}
+
+    def top1(self) -> float:
+        return float(self.run.head.get("student", {}).get("top1", float("nan")))
+
+    def meets_bar(self, baseline: BytesRow) -> bool:
+        """At most 1/8 of the baseline's bytes, patch cosine within 0.005 on every level it trains, top-1 +-0.5 pt."""
+        base = baseline.patch_cosines()
+        return (
+            self.bytes_per_trained_sample <= BYTES_TARGET * baseline.bytes_per_trained_sample
+            and all(abs(cos - base[layer]) <= COSINE_TOLERANCE for layer, cos in self.patch_cosines().items())
+            and abs(self.top1() - baseline.top1()) <= TOP1_TOLERANCE
         )
-        start = time.perf_counter()
-        train(config)
-        seconds = time.perf_counter() - start
-        report = evaluate(EvalConfig(cache=data.val, student=str(out), seed=seed))
-        rows.append(
-            AblationRow(name, options, report["fidelity"], report["classification"].get("teacher_head", {}), seconds)
-        )
+
+
+def bench_bytes(
+    workdir: Path, steps: int, seed: int = 0, only: list[str] | None = None
+) -> tuple[dict[str, object], list[BytesRow]]:
+    """Bytes read per trained sample against held-out fidelity, on the demo's trained teacher.
+
+    Each plan stores the train split its way (float16, int8, low rank) and trains ``steps`` steps from the same seed
+    (echo and ``--levels`` as given); each student is evaluated on the same float16 val cache. The baseline (first
+    plan) always runs.
+    """
+    from apmpipe.stages.reference_teacher import ReferenceRecipe
+
+    from .demo import prepare_digit_caches
+
+    data = prepare_digit_caches(workdir, ReferenceRecipe(seed=seed), seed)
+    names = list(BYTE_PLANS)
+    rows = []
+    for index, name in enumerate([names[0], *_selected(names[1:], only)]):
+        plan = BYTE_PLANS[name]
+        cache = data.train_variant(**plan.storage) if plan.storage else data.train
+        bench_progress(f"{name}: training {steps} steps")
+        out = workdir / "runs" / f"bytes-{index}"
+        run = _train_and_evaluate(name, cache, data.val, out, steps, seed, plan.options())
+        stored, _ = _read_bytes_per_sample(cache, plan.levels, logits=True)
+        rows.append(BytesRow(run, stored / plan.echo))
     return data.teacher, rows

@@ -430,6 +430,13 @@ def train(
         LevelMode,
         typer.Option(help="heads: one output head per level on a shared trunk; query: level code in the query."),
     ] = LevelMode.heads,
+    levels: Annotated[
+        str | None,
+        typer.Option(
+            help="Teacher layers to train on, e.g. 12 or 8,12 (default: every cached level); only their tokens are "
+            "read from the cache."
+        ),
+    ] = None,
     locations: Annotated[
         int, typer.Option(help="Random grid locations per image per step, besides the prefix tokens (0: all).")
     ] = 16,
@@ -497,7 +504,11 @@ def train(
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name).name != "DEFAULT"}
     options = stage_options(ctx, "config", "storage_option")
-    options.update(caches=tuple(caches), hidden=parse_int_list(hidden, "--hidden") if hidden else None)
+    options.update(
+        caches=tuple(caches),
+        hidden=parse_int_list(hidden, "--hidden") if hidden else None,
+        levels=parse_int_list(levels, "--levels") if levels else None,
+    )
     options["storage_options"] = parse_storage_options(storage_option)
     train_config = TrainConfig.from_file_and_options(options, config, given)
     with TrainProgress() as progress, stop_requests() as stop_requested:
@@ -757,6 +768,28 @@ def bench_ablation_command(
 
     teacher, rows = bench_ablation(workdir, steps, seed, only)
     render.bench_ablation(teacher, rows, steps)
+
+
+@bench_app.command("bytes")
+@reports_user_errors
+def bench_bytes_command(
+    workdir: Annotated[
+        Path, typer.Option(help="Folder for the trained teacher, caches and runs (reused on reruns).")
+    ] = Path("bench-bytes"),
+    steps: Annotated[int, typer.Option(help="Training steps of every run (--min-steps).")] = 4000,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="Run only the plans whose name contains this word (repeatable); the default always runs."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split, teacher and every student.")] = 0,
+) -> None:
+    """Bytes read per trained sample vs held-out fidelity (int8, low rank, echo, --levels).
+
+    On the demo's trained teacher, each plan beside the float16 default: patch cosine per level, head top-1."""
+    from .bench import bench_bytes
+
+    teacher, rows = bench_bytes(workdir, steps, seed, only)
+    render.bench_bytes(teacher, rows, steps)
 
 
 def main(args: list[str] | None = None) -> None:

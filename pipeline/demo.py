@@ -74,7 +74,9 @@ def _teacher_folder(out: Path, recipe: ReferenceRecipe, seed: int) -> tuple[Path
     return folder, record
 
 
-def _extract(shards: list[str], out: Path, teacher: Path) -> ExtractSummary:
+def _extract(shards: list[str], out: Path, teacher: Path, **storage: Any) -> ExtractSummary:
+    """The teacher's layers 1 and 2 over ``shards`` into cache ``out``; ``storage``: ExtractConfig storage options
+    (``dtype``, ``rank``, ``pixel_codec``)."""
     config = ExtractConfig(
         inputs=tuple(shards),
         out=str(out),
@@ -84,6 +86,7 @@ def _extract(shards: list[str], out: Path, teacher: Path) -> ExtractSummary:
         loader_workers=1,
         chunk_samples=16,
         shard_samples=128,
+        **storage,
     )
     with ExtractProgress() as progress:
         return extract(config, progress=progress, on_plan=progress.plan)
@@ -103,6 +106,14 @@ class DigitCaches:
     val: str
     teacher: dict[str, Any]
     extracted: tuple[ExtractSummary, ExtractSummary]
+    train_shards: tuple[str, ...]
+
+    def train_variant(self, **storage: Any) -> str:
+        """The train split in another storage form (``dtype``, ``rank``, ...) beside the default cache; made once."""
+        name = "-".join(f"{key}-{value}" for key, value in sorted(storage.items())) or "default"
+        out = Path(self.train).parent / f"train-{name}.zarr"
+        _extract(list(self.train_shards), out, Path(self.teacher["folder"]), **storage)
+        return str(out)
 
 
 def prepare_digit_caches(out: Path, recipe: ReferenceRecipe, seed: int) -> DigitCaches:
@@ -115,7 +126,9 @@ def prepare_digit_caches(out: Path, recipe: ReferenceRecipe, seed: int) -> Digit
     err_console.print("[bold]1/4 extract[/bold] the teacher's tokens (layers 1, 2), pixels and logits, once")
     caches = out / "cache" / "train.zarr", out / "cache" / "val.zarr"
     summaries = _extract(train_shards, caches[0], teacher), _extract(val_shards, caches[1], teacher)
-    return DigitCaches(str(caches[0]), str(caches[1]), {**record, "folder": str(teacher)}, summaries)
+    return DigitCaches(
+        str(caches[0]), str(caches[1]), {**record, "folder": str(teacher)}, summaries, tuple(train_shards)
+    )
 
 
 def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:

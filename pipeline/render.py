@@ -331,3 +331,29 @@ def bench_ablation(teacher: dict[str, Any], rows: list[Any], steps: int) -> None
             (row.name, f"R2 patch/CLS {r2} | head top-1 {s:.3f} / teacher {t:.3f} = {s / t:.3f}x | {row.seconds:.0f} s")
         )
     out_console.print(table("apmpipe bench ablation", lines))
+
+
+def bench_bytes(teacher: dict[str, Any], rows: list[Any], steps: int) -> None:
+    """``apmpipe bench bytes``: bytes read per trained sample beside held-out patch cosine and head top-1, each
+    against the first (default) row."""
+    base = rows[0]
+    lines = [
+        ("teacher", f"{teacher['folder']}: val top-1 {teacher['val_top1']:.3f} ({teacher['data']})"),
+        ("steps per run", f"{steps} (same seed; students evaluated on the float16 val cache)"),
+        ("bar", "<= 1/8 of the default's bytes, patch cosine within 0.005 per level, head top-1 within 0.5 pt"),
+    ]
+    for row in rows:
+        base_cos = base.patch_cosines()
+        cosines = ", ".join(
+            f"L{layer} {cos:.4f} ({cos - base_cos[layer]:+.4f})" for layer, cos in row.patch_cosines().items()
+        )
+        verdict = "baseline" if row is base else ("meets the bar" if row.meets_bar(base) else "misses the bar")
+        lines.append(
+            (
+                row.run.name,
+                f"{human_bytes(row.bytes_per_trained_sample)}/trained sample "
+                f"({row.bytes_per_trained_sample / base.bytes_per_trained_sample:.3f}x) | patch cos {cosines} | "
+                f"head top-1 {row.top1():.3f} ({row.top1() - base.top1():+.3f}) | {verdict} | {row.run.seconds:.0f} s",
+            )
+        )
+    out_console.print(table("apmpipe bench bytes", lines))

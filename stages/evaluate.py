@@ -40,7 +40,7 @@ from .fidelity import TokenFidelity
 from .head import TeacherHead
 from .inputs import PixelNormalizer
 from .runtime import resolve_device
-from .student import check_student_matches, load_model, loss_config_of
+from .student import cache_for_student, load_model, loss_config_of
 from .ttt import TTT_START, EpisodicTTT, TTTConfig
 
 
@@ -188,7 +188,7 @@ def _fit_rows(
             "knn_skipped": "k-NN and the linear probe need --train-cache (a cache of labelled training images)"
         }, None
     train = FeatureCache.open(config.train_cache, storage_options=config.storage_options)
-    check_student_matches(metadata, train, "train cache")
+    train = cache_for_student(metadata, train, "train cache")
     fitted = _pass(ctx, train, sample_subset(train, 0, config.seed), config.batch_size, config.chunk, None)
     train_labels = fitted.cat("labels")
     if not (train_labels >= 0).all():
@@ -320,7 +320,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if not cache.complete_shards():
         raise ModelError(f"cache {config.cache!r} has no complete shard to evaluate; finish it with apmpipe extract")
     model, metadata = load_model(config.student, device)
-    check_student_matches(metadata, cache, "eval cache")
+    cache = cache_for_student(metadata, cache, "eval cache")
     stored = cache.head()
     head = TeacherHead(*stored).to(device) if stored else None
     feature, level = resolve_feature(

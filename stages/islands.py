@@ -26,7 +26,7 @@ from apmpipe.storage.stream import iter_cache
 from .inputs import PixelNormalizer
 from .preprocess import pixel_transform
 from .runtime import resolve_device
-from .student import check_student_matches, load_model
+from .student import cache_for_student, load_model
 
 GAP = 8  # pixels between panels
 HEADER = 22  # column titles
@@ -204,7 +204,7 @@ def islands(
     model, metadata = load_model(student, dev)
     cache = _open_cache(sources, storage_options or {})
     if cache is not None:
-        check_student_matches(metadata, cache, "cache")
+        cache = cache_for_student(metadata, cache, "cache")
     pixels, teacher, names, converted = _load_inputs(sources, cache, metadata["layout"], images)
     cfg = model.config
     normalize = PixelNormalizer(metadata["layout"]["data_config"]).to(dev)

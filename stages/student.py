@@ -8,7 +8,7 @@ import torch
 
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import load_student
-from apmpipe.storage.errors import ModelError
+from apmpipe.storage.errors import CacheError, ModelError
 
 from .apm import APM, APMConfig
 from .objectives import LossConfig
@@ -33,6 +33,16 @@ def loss_config_of(metadata: dict[str, Any]) -> LossConfig:
     return LossConfig.from_dict(metadata.get("loss_config", {}))
 
 
-def check_student_matches(metadata: dict[str, Any], cache: FeatureCache, what: str) -> None:
-    """Refuse a student trained on another teacher, input or layers than ``cache``."""
-    cache.spec.check_layout(metadata["layout"], f"the student's teacher layout and {what} {cache.url!r}")
+def cache_for_student(metadata: dict[str, Any], cache: FeatureCache, what: str) -> FeatureCache:
+    """The view of ``cache`` holding the levels the student was trained on (``train --levels``); refuses a student
+    trained on another teacher, input or layers than ``cache`` holds."""
+    layers = [level["layer"] for level in metadata["layout"]["levels"]]
+    cached = [level.layer for level in cache.spec.levels]
+    if not set(layers) <= set(cached):
+        raise CacheError(
+            f"the student was trained on teacher layers {','.join(map(str, layers))} but {what} {cache.url!r} "
+            f"holds layers {','.join(map(str, cached))}; use a cache extracted with those layers"
+        )
+    view = cache.select_levels(layers)
+    view.spec.check_layout(metadata["layout"], f"the student's teacher layout and {what} {cache.url!r}")
+    return view

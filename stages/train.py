@@ -29,7 +29,7 @@ from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import RunDir
 from apmpipe.storage.errors import CacheError, ConfigError, ModelError, require_at_least
 from apmpipe.storage.remote import route_storage_options
-from apmpipe.storage.stream import CacheStream, StreamPosition
+from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder
 
 from .apm import APM, config_for_cache
 from .head import TeacherHead
@@ -57,6 +57,7 @@ class TrainConfig:
     trigger_channels: int | None = None
     pos_dim: int | None = None
     level_mode: str = "heads"
+    levels: tuple[int, ...] | None = None
     loss: LossConfig = LossConfig()
     standardize: bool = True
     locations: int = 16
@@ -220,11 +221,20 @@ def make_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup))
 
 
-def teacher_head(url: str, config: TrainConfig, device: torch.device) -> TeacherHead | None:
-    """The frozen teacher head stored in the cache, when the decision loss is on and the cache has one."""
+def teacher_head(stream: CacheStream, config: TrainConfig, device: torch.device) -> TeacherHead | None:
+    """The frozen teacher head stored in the first cache, when the decision loss is on and the cache has one.
+
+    Refuses ``--levels`` without the final cached level while the decision loss is on: the head reads that level.
+    """
     if not config.loss.logit_weight:
         return None
-    stored = FeatureCache.open(url, storage_options=config.storage_options).head()
+    cache = FeatureCache.open(stream.urls[0], storage_options=config.storage_options)
+    stored = cache.head()
+    if stored is not None and not cache.select_levels(config.levels).keeps_final_level():
+        raise ConfigError(
+            f"--levels {','.join(map(str, config.levels or ()))} leaves out the final cached level "
+            f"({cache.spec.levels[-1].layer}) that the teacher head reads; add it or pass --logit-weight 0"
+        )
     return TeacherHead(*stored).to(device).requires_grad_(False) if stored else None
 
 
@@ -298,6 +308,7 @@ class _Run:
     run_dir: RunDir
     total_steps: int
     amp: bool
+    decoder: TokenDecoder | None = None
     step: int = 0
     position: StreamPosition = StreamPosition()
 
@@ -336,6 +347,8 @@ def _set_up(config: TrainConfig) -> _Run:
         world,
         storage_options=config.storage_options,
         logits=config.loss.logit_weight > 0,
+        levels=config.levels,
+        coefficients=True,  # low-rank caches: coefficients cross to the device, tokens are rebuilt there
     )
     model_cfg = config_for_cache(
         stream.spec,
@@ -373,12 +386,13 @@ def _set_up(config: TrainConfig) -> _Run:
         model,
         net,
         PixelNormalizer(stream.spec.data_config).to(device),
-        teacher_head(stream.urls[0], config, device),
+        teacher_head(stream, config, device),
         optimizer,
         scheduler,
         run_dir,
         total_steps,
         config.amp and device.type == "cuda",
+        stream.decoder.to(device) if stream.decoder is not None else None,
     )
 
 
@@ -537,6 +551,7 @@ def train(
         waited += time.perf_counter() - ready  # the step waited this long for the loader
         images = run.normalize(batch["pixels"].to(run.device, non_blocking=True))
         targets = [t.to(run.device, non_blocking=True) for t in batch["tokens"]]
+        targets = run.decoder(targets) if run.decoder is not None else targets
         logits = batch["logits"].to(run.device, non_blocking=True) if "logits" in batch else None
         first_step = run.step
         for _ in range(config.echo):  # echoed steps reuse the loaded batch, each with fresh locations

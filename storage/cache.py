@@ -13,7 +13,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import fsspec
@@ -750,6 +750,33 @@ class FeatureCache:
     def shard(self, name: str) -> zarr.Group:
         return self._shards()[name]
 
+    # -- level subsets ---------------------------------------------------------------------------------------
+    def select_levels(self, layers: Sequence[int] | None) -> FeatureCache:
+        """A read-only view holding only the levels of teacher ``layers`` (kept in cache order; None: all levels).
+
+        Reads, moments, bases and the spec's layout of the view cover only those levels, so nothing else is
+        decoded; the teacher head stays available only while the final cached level is kept.
+        """
+        if layers is None:
+            return self
+        cached = [level.layer for level in self.spec.levels]
+        unknown = [layer for layer in layers if layer not in cached]
+        if unknown or len(set(layers)) != len(layers) or not layers:
+            wrong = f"layer(s) {', '.join(map(str, unknown))} not cached" if unknown else "repeated or no layers"
+            raise CacheError(
+                f"--levels {','.join(map(str, layers))}: {wrong} in {redact_url(self.url)!r}; choose among the "
+                f"cached layers {','.join(map(str, cached))}"
+            )
+        kept = tuple(level for level in self.spec.levels if level.layer in layers)
+        view = replace(self, spec=replace(self.spec, levels=kept), _array_handles={})
+        if self._bases is not None:
+            view._bases = [basis for basis, level in zip(self._bases, self.spec.levels, strict=True) if level in kept]
+        return view
+
+    def keeps_final_level(self) -> bool:
+        """Whether this cache (or level view) holds the teacher's final cached level, the one its head reads."""
+        return self.spec.levels[-1].layer == self.attrs["spec"]["levels"][-1]["layer"]
+
     def copy_shard(self, name: str, new_name: str) -> None:
         """Copy shard group ``name`` whole (arrays, attributes, status) under ``new_name`` (benchmarks grow a cache
         this way); byte for byte, through the cache's own store."""
@@ -787,16 +814,18 @@ class FeatureCache:
         extras: bool = True,
         logits: bool = False,
         token_dtype: Any = np.float32,
+        reconstruct: bool = True,
     ) -> CachedSamples:
         """Samples ``start:stop`` of a complete shard, tokens decoded to ``token_dtype``; ``extras``: keys and logits
-        (``logits`` alone: logits without keys)."""
+        (``logits`` alone: logits without keys). ``reconstruct=False`` leaves low-rank tokens as their ``[B, T, K]``
+        coefficients (see :meth:`level_bases`), for readers that rebuild them elsewhere (on the GPU)."""
         arrays = self._arrays(name)
         levels = []
         if tokens:
             for level, basis in zip(self.spec.levels, self.level_bases(), strict=True):
                 values = arrays[f"tokens/{level.array_name}"][start:stop]
                 scale = arrays[f"scales/{level.array_name}"][start:stop] if self.spec.dtype == "int8" else None
-                levels.append(decode_tokens(values, scale, token_dtype, basis))
+                levels.append(decode_tokens(values, scale, token_dtype, basis if reconstruct else None))
         return CachedSamples(
             pixels=decode_pixels(arrays["pixels"][start:stop], self.spec.pixel_codec, self.spec.pixel_shape)
             if pixels
@@ -880,7 +909,8 @@ class FeatureCache:
         group.update_attributes({"status": STATUS_COMPLETE})
 
     def head(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-        if HEAD_GROUP not in self.root:
+        """The stored teacher head (tensors, attributes), or None when absent, incomplete or outside a level view."""
+        if HEAD_GROUP not in self.root or not self.keeps_final_level():
             return None
         group = self.root[HEAD_GROUP]
         attrs = dict(group.attrs)

@@ -30,6 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .cache import CachedSamples, FeatureCache, TokenMoments
 from .errors import CacheError
+from .lowrank import TokenBasis
 
 READ_THREADS = 4
 
@@ -60,12 +61,15 @@ class Block:
         return self.stop - self.start
 
 
-def open_caches(urls: Sequence[str], storage_options: dict | None = None) -> list[FeatureCache]:
-    """Open caches for training, checking they exist, hold complete shards and share one teacher layout, one token
-    dtype (all are decoded as one dtype) and one precision (float32 or bfloat16 autocast: not mixed silently)."""
+def open_caches(
+    urls: Sequence[str], storage_options: dict | None = None, levels: Sequence[int] | None = None
+) -> list[FeatureCache]:
+    """Open caches for training (as views of teacher layers ``levels``; None: all), checking they exist, hold
+    complete shards and share one teacher layout, one token dtype (all are decoded as one dtype) and one precision
+    (float32 or bfloat16 autocast: not mixed silently)."""
     if not urls:
         raise CacheError("no CACHE given; pass one or more caches written by apmpipe extract")
-    caches = [FeatureCache.open(url, storage_options=storage_options) for url in urls]
+    caches = [FeatureCache.open(url, storage_options=storage_options).select_levels(levels) for url in urls]
     first = caches[0]
     precision = first.precision()  # also refuses a cache that mixes precisions
     for cache in caches:
@@ -117,6 +121,11 @@ class CacheStream(IterableDataset):
         token_dtype: ``float16`` or ``float32``; default: float16 for float16 caches, float32 otherwise
             (float32 and int8 caches may hold values float16 cannot represent).
         logits: also yield the teacher's cached ``logits`` ``[B, K]`` (when the caches have a head).
+        levels: teacher layers to read (None: every cached level); the other levels' arrays are never decoded.
+        coefficients: for low-rank caches (``extract --rank``) sharing one basis per level, yield the ``[B, T, K]``
+            coefficients and leave the rebuild to :attr:`decoder` on the training device (K/D of the loader's
+            output and host-to-device copy; the matrix product runs on the GPU). Caches with different bases are
+            rebuilt in the loader (``decoder`` is None).
     """
 
     def __init__(
@@ -130,9 +139,15 @@ class CacheStream(IterableDataset):
         token_dtype: str | None = None,
         storage_options: dict | None = None,
         logits: bool = False,
+        levels: Sequence[int] | None = None,
+        coefficients: bool = False,
     ) -> None:
         super().__init__()
-        caches = open_caches(urls, storage_options)
+        caches = open_caches(urls, storage_options, levels)
+        self.levels = None if levels is None else tuple(levels)
+        bases = caches[0].level_bases()
+        shared = all(_same_bases(cache.level_bases(), bases) for cache in caches[1:])
+        self.decoder = TokenDecoder(bases) if coefficients and shared and any(bases) else None
         self.urls = [c.url for c in caches]
         self.spec = caches[0].spec
         self.batch_size = batch_size
@@ -197,7 +212,10 @@ class CacheStream(IterableDataset):
     # -- reading ---------------------------------------------------------------------------------------------
     def _caches(self) -> list[FeatureCache]:
         if self._open is None:
-            self._open = [FeatureCache.open(url, storage_options=self.storage_options) for url in self.urls]
+            self._open = [
+                FeatureCache.open(url, storage_options=self.storage_options).select_levels(self.levels)
+                for url in self.urls
+            ]
         return self._open
 
     def _read_block(self, block: Block) -> dict[str, Any]:
@@ -205,7 +223,15 @@ class CacheStream(IterableDataset):
         chunk = cache.spec.chunk_samples
         first = block.start // chunk * chunk  # whole chunks only
         last = min(-(-block.stop // chunk) * chunk, self.sizes[(block.cache, block.shard)])
-        data = cache.read(block.shard, first, last, extras=False, logits=self.logits, token_dtype=self.token_dtype)
+        data = cache.read(
+            block.shard,
+            first,
+            last,
+            extras=False,
+            logits=self.logits,
+            token_dtype=self.token_dtype,
+            reconstruct=self.decoder is None,
+        )
         cut = slice(block.start - first, block.stop - first)
         part = {"pixels": data.pixels[cut], "labels": data.labels[cut], "tokens": [t[cut] for t in data.tokens]}
         if self.logits:
@@ -245,6 +271,43 @@ class CacheStream(IterableDataset):
                 "first_batch": pos.batch if index == pos.window else 0,
                 "batches": batches[pos.batch :] if index == pos.window else batches,
             }
+
+
+def _same_bases(a: Sequence[TokenBasis | None], b: Sequence[TokenBasis | None]) -> bool:
+    return all(
+        (x is None and y is None)
+        or (
+            x is not None
+            and y is not None
+            and np.array_equal(x.mean, y.mean)
+            and np.array_equal(x.components, y.components)
+        )
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+class TokenDecoder(torch.nn.Module):
+    """Rebuilds low-rank tokens where the step runs: per level ``mean + coefficients @ components`` (float32), the
+    identity for levels stored whole. Move it to the training device with ``.to(device)``."""
+
+    def __init__(self, bases: Sequence[TokenBasis | None]) -> None:
+        super().__init__()
+        self.low_rank = [basis is not None for basis in bases]
+        for index, basis in enumerate(bases):
+            if basis is not None:
+                self.register_buffer(f"mean_{index}", torch.from_numpy(basis.mean), persistent=False)
+                self.register_buffer(f"components_{index}", torch.from_numpy(basis.components), persistent=False)
+
+    def forward(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per level ``[B, T, K]`` coefficients (or ``[B, T, D]`` whole tokens) -> ``[B, T, D]`` tokens."""
+        return [
+            torch.addmm(
+                getattr(self, f"mean_{i}"), t.reshape(-1, t.shape[-1]).float(), getattr(self, f"components_{i}")
+            ).reshape(*t.shape[:-1], -1)
+            if low
+            else t
+            for i, (t, low) in enumerate(zip(tokens, self.low_rank, strict=True))
+        ]
 
 
 def _scatter(parts: list[np.ndarray], destination: np.ndarray, shared: bool) -> torch.Tensor:

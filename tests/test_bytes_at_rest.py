@@ -175,6 +175,49 @@ def test_stream_reconstructs_low_rank_tokens(rank8: Path) -> None:
     assert [tuple(t.shape) for t in batch["tokens"]] == [(8, 5, 192)] * 2 and batch["tokens"][0].dtype == torch.float16
 
 
+def test_stream_ships_coefficients_that_the_decoder_rebuilds(
+    tmp_path: Path, rank8: Path, digit_shards: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    rebuilt_in_loader = next(iter(CacheStream([str(rank8)], batch_size=8, window_samples=16)))["batches"][0]
+    stream = CacheStream([str(rank8)], batch_size=8, window_samples=16, coefficients=True)
+    shipped = next(iter(stream))["batches"][0]
+    assert [tuple(t.shape) for t in shipped["tokens"]] == [(8, 5, 8)] * 2  # 8 of 192 values per token cross over
+    for on_device, in_loader in zip(stream.decoder(shipped["tokens"]), rebuilt_in_loader["tokens"], strict=True):
+        assert on_device.dtype == torch.float32 and on_device.shape == in_loader.shape
+        torch.testing.assert_close(on_device.half(), in_loader, atol=2e-3, rtol=2e-3)
+    # caches with different bases cannot share one decoder: their tokens are rebuilt in the loader instead
+    other = extract(tmp_path / "other.zarr", digit_shards[2:], "--rank", "8")
+    assert not np.array_equal(
+        other.level_bases()[0].components, FeatureCache.open(str(rank8)).level_bases()[0].components
+    )
+    mixed = CacheStream([str(rank8), other.url], batch_size=8, window_samples=16, coefficients=True)
+    assert mixed.decoder is None and next(iter(mixed))["batches"][0]["tokens"][0].shape[-1] == 192
+    # training rebuilds on its device and learns
+    run = tmp_path / "run"
+    outcome = run_main(
+        capsys,
+        "train",
+        rank8,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--loader-workers",
+        "0",
+        "--epochs",
+        "4",
+        "--log-every",
+        "2",
+        "--logit-weight",
+        "0",
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
 def test_older_v2_cache_without_the_new_fields_reads_as_before(tmp_path: Path, tiny_cache: Path) -> None:
     old = tmp_path / "old.zarr"
     shutil.copytree(tiny_cache, old)

@@ -129,9 +129,12 @@ def test_student_of_another_teacher_is_refused(
     other = tmp_path / "other.zarr"
     assert run_cli("extract", digit_shards[0], "--out", other, *TINY_VIT, "--layers", "-1", *FAST).exit_code == 0
     result = run_main(capsys, "eval", other, "--student", tiny_student)
-    assert result.returncode == 2 and "differs in levels" in result.stderr and result.stderr.strip().count("\n") == 0, (
-        result.stderr
-    )
+    assert (
+        result.returncode == 2
+        and "trained on teacher layers 1,2 but eval cache" in result.stderr
+        and "holds layers 2; use a cache extracted with those layers" in result.stderr
+        and result.stderr.strip().count("\n") == 0
+    ), result.stderr
     result = run_main(capsys, "eval", other, "--student", tmp_path / "nope")
     assert result.returncode == 2 and "no trained student" in result.stderr
 

@@ -319,3 +319,42 @@ def test_echo_trains_several_steps_per_loaded_batch(tmp_path: Path, tiny_cache: 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 3 * 15 + 1)) and records[-1]["epoch"] == 0
     assert all(r["data_wait_s"] >= 0 for r in records)
+
+
+def test_levels_train_decode_and_evaluate_only_those_levels(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, eval_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import apmpipe.storage.cache as cache_module
+
+    decoded: list[tuple[int, ...]] = []
+    real_decode = cache_module.decode_tokens
+    monkeypatch.setattr(
+        cache_module, "decode_tokens", lambda values, *rest: decoded.append(values.shape) or real_decode(values, *rest)
+    )
+    runs = {}
+    for name, levels in (("all", []), ("last", ["--levels", "2"])):
+        decoded.clear()
+        runs[name] = tmp_path / name
+        result = run_cli("train", tiny_cache, "--out", runs[name], *TRAIN_FAST, "--max-steps", "6", *levels)
+        assert result.exit_code == 0, result.output
+        runs[name + "_reads"] = len(decoded)
+    assert runs["last_reads"] * 2 == runs["all_reads"] > 0  # one token array per block instead of two
+    _, meta = load_student(runs["last"])
+    assert [lv["layer"] for lv in meta["layout"]["levels"]] == [2] and len(meta["model_config"]["level_dims"]) == 1
+    records = [json.loads(line) for line in (runs["last"] / "metrics.jsonl").read_text().splitlines()]
+    assert "loss_level_2" in records[-1] and "loss_level_1" not in records[-1]
+
+    stream = CacheStream([str(tiny_cache)], 8, 32, levels=[2])
+    full = CacheStream([str(tiny_cache)], 8, 32)
+    view, whole = stream.load_window(0, 0, stream.windows(0)[0]), full.load_window(0, 0, full.windows(0)[0])
+    assert len(view[0]["tokens"]) == 1 and torch.equal(view[0]["tokens"][0], whole[0]["tokens"][1])
+
+    # the full cache evaluates the student on its one level; a cache without layer 2 or a wrong --levels is refused
+    result = run_main(capsys, "eval", eval_cache, "--student", runs["last"], "--out", tmp_path / "report")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert list(report["fidelity"]) == ["2"] and "teacher_head" in report["classification"], report
+    result = run_main(capsys, "train", tiny_cache, "--out", tmp_path / "bad", *TRAIN_FAST, "--levels", "3")
+    assert result.returncode == 2 and "layer(s) 3 not cached" in result.stderr and "cached layers 1,2" in result.stderr
+    result = run_main(capsys, "train", tiny_cache, "--out", tmp_path / "bad", *TRAIN_FAST, "--levels", "1")
+    assert result.returncode == 2 and "leaves out the final cached level (2)" in result.stderr, result.stderr
