@@ -29,6 +29,8 @@ from .datasets import write_digit_shards
 if TYPE_CHECKING:
     import psutil
 
+    from apmpipe.storage.stream import CacheStream
+
 
 def machine_line(device: torch.device) -> str:
     """One line naming the hardware a number was measured on."""
@@ -141,6 +143,7 @@ class TrainBench:
     bytes_per_sample: float  # stored bytes the loader reads per loaded sample (tokens, pixels, labels)
     raw_bytes_per_sample: float  # the same arrays decoded
     loader_sps: float
+    loader_rebuilt_sps: float | None  # low-rank caches: the loader rebuilding tokens on the CPU instead of the device
     student_sps: dict[str, float]  # per-step student rate, by location setting ("all", "K=64")
     cached_epoch_s: float
     online_epoch_s: float
@@ -235,6 +238,19 @@ def _read_bytes_per_sample(
     )
 
 
+def _loader_rate(stream: CacheStream, workers: int) -> tuple[float, list[dict]]:
+    """Samples/s of ``LOADER_PASSES`` DataLoader passes over ``stream``, and the batches of the first pass."""
+    from torch.utils.data import DataLoader
+
+    start = time.perf_counter()
+    passes = [
+        [b for item in DataLoader(stream, batch_size=None, num_workers=workers) for b in item["batches"]]
+        for _ in range(LOADER_PASSES)
+    ]
+    samples = sum(len(b["labels"]) for b in passes[0])
+    return LOADER_PASSES * samples / (time.perf_counter() - start), passes[0]
+
+
 def bench_train(
     workdir: Path,
     teacher_name: str,
@@ -253,8 +269,6 @@ def bench_train(
 
     ``storage``: cache options (``dtype``, ``rank``, ``pixel_codec``)."""
     import sys
-
-    from torch.utils.data import DataLoader
 
     from apmpipe.stages.apm import APM, config_for_cache
     from apmpipe.stages.inputs import PixelNormalizer
@@ -281,14 +295,12 @@ def bench_train(
     )
     stream = CacheStream([cache], batch_size, window_samples=window, coefficients=True)  # as apmpipe train reads
     bench_progress(f"loader: {LOADER_PASSES} passes with {loader_workers} workers")
-    start = time.perf_counter()
-    passes = [
-        [b for item in DataLoader(stream, batch_size=None, num_workers=loader_workers) for b in item["batches"]]
-        for _ in range(LOADER_PASSES)
-    ]
-    loader_seconds = time.perf_counter() - start
-    batches = passes[0]
+    loader_sps, batches = _loader_rate(stream, loader_workers)
     samples = sum(len(b["labels"]) for b in batches)
+    rebuilt_sps = None
+    if stream.decoder is not None:
+        bench_progress("loader rebuilding low-rank tokens on the CPU (the other readers' path)")
+        rebuilt_sps, _ = _loader_rate(CacheStream([cache], batch_size, window_samples=window), loader_workers)
 
     train_config = TrainConfig(
         caches=(cache,),
@@ -413,7 +425,8 @@ def bench_train(
         echo=echo,
         bytes_per_sample=stored,
         raw_bytes_per_sample=raw,
-        loader_sps=LOADER_PASSES * samples / loader_seconds,
+        loader_sps=loader_sps,
+        loader_rebuilt_sps=rebuilt_sps,
         student_sps=student_sps,
         cached_epoch_s=cached_seconds,
         online_epoch_s=online_seconds,
@@ -571,4 +584,31 @@ def bench_bytes(
         run = _train_and_evaluate(name, cache, data.val, out, steps, seed, plan.options())
         stored, _ = _read_bytes_per_sample(cache, plan.levels, logits=True)
         rows.append(BytesRow(run, stored / plan.echo))
+    _write_bytes_record(workdir / "bench-bytes.json", data.teacher, steps, rows)
     return data.teacher, rows
+
+
+def _write_bytes_record(path: Path, teacher: dict[str, object], steps: int, rows: list[BytesRow]) -> None:
+    """What ``bench bytes`` measured, as JSON beside its runs (for tables and regression checks)."""
+    import json
+
+    base = rows[0]
+    record = {
+        "teacher": teacher,
+        "steps": steps,
+        "rows": [
+            {
+                "name": row.run.name,
+                "options": {k: list(v) if isinstance(v, tuple) else v for k, v in row.run.options.items()},
+                "bytes_per_trained_sample": row.bytes_per_trained_sample,
+                "bytes_ratio": row.bytes_per_trained_sample / base.bytes_per_trained_sample,
+                "patch_cosine": row.patch_cosines(),
+                "head_top1": row.top1(),
+                "meets_bar": row is not base and row.meets_bar(base),
+                "fidelity": row.run.fidelity,
+                "seconds": row.run.seconds,
+            }
+            for row in rows
+        ],
+    }
+    path.write_text(json.dumps(record, indent=1, default=str))

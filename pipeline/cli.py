@@ -789,7 +789,7 @@ def bench_bytes_command(
     from .bench import bench_bytes
 
     teacher, rows = bench_bytes(workdir, steps, seed, only)
-    render.bench_bytes(teacher, rows, steps)
+    render.bench_bytes(teacher, rows, steps, workdir / "bench-bytes.json")
 
 
 def main(args: list[str] | None = None) -> None:

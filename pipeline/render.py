@@ -282,6 +282,14 @@ def bench_train(result: Any, options: dict[str, Any]) -> None:
             f"decoding {result.decode_mb_s_per_worker:.0f} MB/s per worker",
         ),
     ]
+    if result.loader_rebuilt_sps:
+        rows.append(
+            (
+                "(a) loader, tokens rebuilt on its CPU",
+                f"{result.loader_rebuilt_sps:.1f} samples/s: shipping coefficients is "
+                f"{result.loader_sps / result.loader_rebuilt_sps:.2f}x that (the device rebuilds them)",
+            )
+        )
     for label, rate in result.student_sps.items():
         needed = result.loader_needed(rate)
         target = " (target >= 3)" if label == k else ""
@@ -333,7 +341,7 @@ def bench_ablation(teacher: dict[str, Any], rows: list[Any], steps: int) -> None
     out_console.print(table("apmpipe bench ablation", lines))
 
 
-def bench_bytes(teacher: dict[str, Any], rows: list[Any], steps: int) -> None:
+def bench_bytes(teacher: dict[str, Any], rows: list[Any], steps: int, record: Path) -> None:
     """``apmpipe bench bytes``: bytes read per trained sample beside held-out patch cosine and head top-1, each
     against the first (default) row."""
     base = rows[0]
@@ -357,3 +365,4 @@ def bench_bytes(teacher: dict[str, Any], rows: list[Any], steps: int) -> None:
             )
         )
     out_console.print(table("apmpipe bench bytes", lines))
+    err_console.print(f"bench: figures saved in {record}", highlight=False)

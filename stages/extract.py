@@ -155,9 +155,10 @@ class _ShardJob:
         self, tokens: list[np.ndarray], encoded: list[EncodedTokens], pixels: np.ndarray, stored: np.ndarray
     ) -> None:
         """Fidelity of lossy storage (tokens: int8, float16, --rank; pixels: JPEG) on every ``FIDELITY_EVERY``-th
-        batch, the first included (the check costs CPU beside the teacher)."""
+        batch, the first included (the check costs CPU beside the teacher); with ``--rank`` on every batch, since
+        a low-rank basis fits some images much worse than others and the recorded minimum must see them all."""
         self._batches += 1
-        if (self._batches - 1) % FIDELITY_EVERY:
+        if not self.spec.rank and (self._batches - 1) % FIDELITY_EVERY:
             return
         if self.spec.dtype != "float32" or self.spec.rank:
             for layer, ref, enc, basis in zip(self.layers, tokens, encoded, self.writer.bases, strict=True):

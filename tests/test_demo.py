@@ -6,9 +6,10 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from .conftest import run_cli
+from .conftest import run_cli, run_main
 
 
 def test_demo_quick_writes_a_sane_report(tmp_path: Path) -> None:
@@ -58,15 +59,22 @@ def test_demo_quick_writes_a_sane_report(tmp_path: Path) -> None:
     )
 
 
-def test_default_student_decides_like_its_trained_teacher(tmp_path: Path) -> None:
-    """The product's promise on a trained teacher, with `apmpipe train`'s defaults (the full demo, ~5 min on 2 cores).
+@pytest.fixture(scope="module")
+def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full demo (trained teacher, caches, default student; ~3 min on 2 idle cores), run once per module."""
+    out = tmp_path_factory.mktemp("full") / "demo"
+    result = run_cli("demo", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_default_student_decides_like_its_trained_teacher(full_demo: Path) -> None:
+    """The product's promise on a trained teacher, with `apmpipe train`'s defaults.
 
     Measured at seed 0: teacher 0.982 val top-1; student through the teacher's head 0.990 (1.008x); R^2 patch/CLS
     0.954/0.931 (layer 1) and 0.920/0.948 (layer 2); the teacher's probe 0.982 beside its head 0.982.
     """
-    out = tmp_path / "demo"
-    result = run_cli("demo", "--out", out)
-    assert result.exit_code == 0, result.output
+    out = full_demo
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher"]["val_top1"] >= 0.95
     assert summary["train"]["options"]["lr"] == 2e-3 and summary["train"]["steps"] >= 4000  # the train defaults ran
@@ -77,3 +85,17 @@ def test_default_student_decides_like_its_trained_teacher(tmp_path: Path) -> Non
         summary["eval"]["fidelity"]
     )
     assert abs(probe["teacher"]["top1"] - head["teacher"]["top1"]) <= 0.03, (probe, head)
+
+
+def test_bench_bytes_compares_reading_less_with_the_default(capsys: pytest.CaptureFixture, full_demo: Path) -> None:
+    """bench bytes reuses the demo's teacher and caches in its workdir; the default plan always runs beside."""
+    result = run_main(capsys, "bench", "bytes", "--workdir", full_demo, "--steps", "60", "--only", "levels")
+    assert result.returncode == 0, result.stderr
+    assert "training a small ViT" not in result.stderr  # the demo's teacher was reused
+    assert "int8, --levels 2, --echo 4" in result.stdout and "baseline" in result.stdout
+    rows = json.loads((full_demo / "bench-bytes.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == ["float16 cache, all levels (default)", "int8, --levels 2, --echo 4"]
+    # int8 (1/2), one of two levels (1/2), echo 4 (1/4); pixels, labels and logits are read beside the tokens
+    assert 1 / 16 < rows[1]["bytes_ratio"] < 1 / 8 + 0.05, rows[1]
+    assert list(rows[0]["patch_cosine"]) == ["1", "2"] and list(rows[1]["patch_cosine"]) == ["2"]
+    assert rows[0]["head_top1"] > 0.5 and not rows[0]["meets_bar"]

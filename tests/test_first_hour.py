@@ -407,6 +407,40 @@ def test_bench_extract_prints_what_it_measures(tmp_path: Path) -> None:
     assert len(phases) >= 4 and "apmpipe extract" in " ".join(phases), result.stderr
 
 
+def test_bench_train_ships_low_rank_coefficients_and_compares(tmp_path: Path) -> None:
+    result, _ = _apmpipe(
+        "bench",
+        "train",
+        "--teacher",
+        "vit_tiny_patch16_224",
+        "--images",
+        "32",
+        "--batch-size",
+        "16",
+        "--preset",
+        "tiny",
+        "--loader-workers",
+        "0",
+        "--growth",
+        "1",
+        "--locations",
+        "16",
+        "--echo",
+        "2",
+        "--dtype",
+        "int8",
+        "--rank",
+        "16",
+        "--device",
+        "cpu",
+        env={"COLUMNS": "240"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    for shown in ("bytes read / trained sample", "echo 2", "tokens rebuilt on its CPU", "shipping coefficients is"):
+        assert shown in out, result.stdout
+
+
 # -- 14: islands says what it did to image files ----------------------------------------------------------------
 def test_islands_says_what_it_converted(capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path) -> None:
     Image.new("L", (32, 32), 128).save(tmp_path / "gray.png")
