@@ -460,6 +460,16 @@ class CachedSamples:
     logits: np.ndarray | None
     tokens: list[np.ndarray]
 
+    def rows(self, index: slice | np.ndarray) -> CachedSamples:
+        """The samples at ``index`` (a slice or an integer array) of this slice."""
+        return CachedSamples(
+            pixels=None if self.pixels is None else self.pixels[index],
+            labels=self.labels[index],
+            keys=list(np.asarray(self.keys, dtype=object)[index]) if self.keys else [],
+            logits=None if self.logits is None else self.logits[index],
+            tokens=[t[index] for t in self.tokens],
+        )
+
 
 class ShardWriter:
     """Writes one input shard into its own group, whole zarr shards at a time.
@@ -764,7 +774,7 @@ class FeatureCache:
         if unknown or len(set(layers)) != len(layers) or not layers:
             wrong = f"layer(s) {', '.join(map(str, unknown))} not cached" if unknown else "repeated or no layers"
             raise CacheError(
-                f"--levels {','.join(map(str, layers))}: {wrong} in {redact_url(self.url)!r}; choose among the "
+                f"levels {','.join(map(str, layers))}: {wrong} in {redact_url(self.url)!r}; choose among the "
                 f"cached layers {','.join(map(str, cached))}"
             )
         kept = tuple(level for level in self.spec.levels if level.layer in layers)

@@ -1,8 +1,8 @@
 """Streaming training batches from one or more feature caches, by DDP rank and DataLoader worker.
 
-Every epoch has a plan computed from indices alone (no data read): the complete shard groups of all caches
-are cut into blocks of whole zarr chunks, the blocks are shuffled with ``(seed, epoch)``, dealt to ranks
-(``blocks[rank::world_size]``), and each rank's sample sequence is cut to the same number of whole batches
+Every epoch has a plan (:class:`StreamPlan`) computed from indices alone (no data read): the complete shard groups
+of all caches are cut into blocks of whole zarr chunks, the blocks are shuffled with ``(seed, epoch)``, dealt to
+ranks (``blocks[rank::world_size]``), and each rank's sample sequence is cut to the same number of whole batches
 on every rank (no DDP hang at epoch end). The sequence is then split into *windows* of ``window_samples``
 (the shuffle buffer): a window is read whole (chunk-aligned reads), its samples permuted with
 ``(seed, epoch, rank, window)``, and yielded as one DataLoader item holding its batches. Windows are dealt to
@@ -11,6 +11,7 @@ DataLoader workers round-robin, so the DataLoader delivers them in plan order.
 Because the plan is a pure function of the seed, a :class:`StreamPosition` (epoch, window, batch) is all a
 checkpoint needs to resume mid-epoch exactly, skipping finished windows without reading them. Memory is a
 few windows per worker, independent of cache size; caches are opened lazily inside each worker.
+``storage/dataset.py`` streams single samples in the same plan for other training loops.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .cache import CachedSamples, FeatureCache, TokenMoments
-from .errors import CacheError
+from .cache import CachedSamples, CacheSpec, FeatureCache, TokenMoments
+from .errors import CacheError, ConfigError
 from .lowrank import TokenBasis
 
 READ_THREADS = 4
+TOKEN_READ_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,100 @@ class Block:
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Which samples one rank reads in an epoch, in which windows and order (indices only, nothing is read).
+
+    ``unit`` is what every rank's sequence is cut to whole multiples of, equal on every rank (CacheStream: its
+    batch; the sample datasets: one sample); ``window`` samples (a multiple of ``unit``) are read and permuted
+    together. ``sizes`` holds the samples of every complete shard group, by (cache number, shard name).
+    """
+
+    sizes: dict[tuple[int, str], int]
+    blocks: tuple[Block, ...]
+    unit: int
+    window: int
+    seed: int
+    rank: int
+    world_size: int
+
+    @classmethod
+    def of(
+        cls, caches: Sequence[FeatureCache], unit: int, window_samples: int, seed: int, rank: int, world_size: int
+    ) -> StreamPlan:
+        """The plan over the complete shards of ``caches``, cut into blocks of whole zarr chunks."""
+        sizes = {(i, name): count for i, cache in enumerate(caches) for name, count in cache.sample_counts().items()}
+        blocks = tuple(
+            Block(i, name, start, min(start + caches[i].spec.chunk_samples, count))
+            for (i, name), count in sizes.items()
+            for start in range(0, count, caches[i].spec.chunk_samples)
+        )
+        window = max(1, -(-window_samples // unit)) * unit
+        return cls(sizes, blocks, unit, window, seed, rank, world_size)
+
+    def fingerprint(self, urls: Sequence[str]) -> str:
+        """Identifies the plan: the blocks read and how they are dealt. Equal fingerprints give equal epochs.
+        Caches are named by canonical URL (``./c.zarr`` and ``/abs/c.zarr`` are one cache)."""
+        text = json.dumps(
+            [
+                [canonical_url(url) for url in urls],
+                [asdict(b) for b in self.blocks],
+                self.unit,
+                self.window,
+                self.seed,
+                self.world_size,
+            ]
+        )
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def rank_blocks(self, epoch: int) -> list[list[Block]]:
+        """Every rank's blocks for ``epoch``, in reading order."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
+        return [[self.blocks[i] for i in order[r :: self.world_size]] for r in range(self.world_size)]
+
+    def units_per_rank(self, epoch: int = 0) -> int:
+        """Whole units per rank; equal on every rank (the smallest rank's count)."""
+        return min(sum(b.size for b in blocks) // self.unit for blocks in self.rank_blocks(epoch))
+
+    def windows(self, epoch: int) -> list[list[Block]]:
+        """This rank's windows for ``epoch``: each a list of block slices covering ``window`` samples (the last
+        fewer)."""
+        total = self.units_per_rank(epoch) * self.unit
+        windows: list[list[Block]] = [[]]
+        filled = 0
+        for block in self.rank_blocks(epoch)[self.rank]:
+            start = block.start
+            while start < block.stop and total > 0:
+                take = min(block.stop - start, self.window - filled, total)
+                windows[-1].append(Block(block.cache, block.shard, start, start + take))
+                start, filled, total = start + take, filled + take, total - take
+                if filled == self.window:
+                    windows.append([])
+                    filled = 0
+        return [w for w in windows if w]
+
+    def order(self, epoch: int, index: int, count: int) -> np.ndarray:
+        """The shuffled order of window ``index``'s ``count`` samples: position ``j`` holds read sample
+        ``order[j]``."""
+        return np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(count)
+
+
+def read_block(cache: FeatureCache, block: Block, plan: StreamPlan, **options: Any) -> CachedSamples:
+    """The samples of ``block``, read as whole zarr chunks then cut (``options`` as for :meth:`FeatureCache.read`)."""
+    chunk = cache.spec.chunk_samples
+    first = block.start // chunk * chunk
+    last = min(-(-block.stop // chunk) * chunk, plan.sizes[(block.cache, block.shard)])
+    return cache.read(block.shard, first, last, **options).rows(slice(block.start - first, block.stop - first))
+
+
+def resolve_token_dtype(spec: CacheSpec, token_dtype: str | None) -> np.dtype:
+    """``token_dtype`` (float16 or float32) or, when None, float16 for float16 caches and float32 otherwise
+    (float32 and int8 caches may hold values float16 cannot represent)."""
+    if token_dtype not in (None, *TOKEN_READ_DTYPES):
+        raise ConfigError(f"token dtype {token_dtype!r} is not one of {', '.join(TOKEN_READ_DTYPES)}")
+    return np.dtype(token_dtype or ("float16" if spec.dtype == "float16" else "float32"))
 
 
 def open_caches(
@@ -151,63 +247,31 @@ class CacheStream(IterableDataset):
         self.urls = [c.url for c in caches]
         self.spec = caches[0].spec
         self.batch_size = batch_size
-        self.window = max(1, -(-window_samples // batch_size)) * batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.token_dtype = np.dtype(token_dtype or ("float16" if self.spec.dtype == "float16" else "float32"))
+        self.plan = StreamPlan.of(caches, batch_size, window_samples, seed, rank, world_size)
+        self.token_dtype = resolve_token_dtype(self.spec, token_dtype)
         self.storage_options = storage_options or {}
         self.logits = logits and self.spec.num_classes > 0
         self.moments = _summed_moments(caches)
-        self.sizes = {
-            (i, name): count for i, cache in enumerate(caches) for name, count in cache.sample_counts().items()
-        }
-        self.blocks = [
-            Block(i, name, start, min(start + caches[i].spec.chunk_samples, count))
-            for (i, name), count in self.sizes.items()
-            for start in range(0, count, caches[i].spec.chunk_samples)
-        ]
-        self.num_samples = sum(b.size for b in self.blocks)
         self.position = StreamPosition()
         self._open: list[FeatureCache] | None = None
         if self.steps_per_epoch() == 0:
             raise CacheError(
-                f"{self.num_samples} cached samples give no full batch of {batch_size} per rank on "
+                f"{sum(self.plan.sizes.values())} cached samples give no full batch of {batch_size} per rank on "
                 f"{world_size} rank(s); lower --batch-size"
             )
 
     # -- the plan (indices only) -----------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Identifies the plan: the blocks read and how they are dealt. Equal fingerprints give equal epochs.
-        Caches are named by canonical URL (``./c.zarr`` and ``/abs/c.zarr`` are one cache)."""
-        urls = [canonical_url(url) for url in self.urls]
-        text = json.dumps(
-            [urls, [asdict(b) for b in self.blocks], self.batch_size, self.window, self.seed, self.world_size]
-        )
-        return hashlib.sha1(text.encode()).hexdigest()
-
-    def _rank_blocks(self, epoch: int) -> list[list[Block]]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
-        return [[self.blocks[i] for i in order[r :: self.world_size]] for r in range(self.world_size)]
+        """Identifies the plan (see :meth:`StreamPlan.fingerprint`); a checkpoint resumes only on an equal one."""
+        return self.plan.fingerprint(self.urls)
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
         """Whole batches per rank; equal on every rank (the smallest rank's count)."""
-        return min(sum(b.size for b in blocks) // self.batch_size for blocks in self._rank_blocks(epoch))
+        return self.plan.units_per_rank(epoch)
 
     def windows(self, epoch: int) -> list[list[Block]]:
-        """This rank's windows for ``epoch``: each a list of block slices covering ``window`` samples (the last
-        fewer)."""
-        total = self.steps_per_epoch(epoch) * self.batch_size
-        windows: list[list[Block]] = [[]]
-        filled = 0
-        for block in self._rank_blocks(epoch)[self.rank]:
-            start = block.start
-            while start < block.stop and total > 0:
-                take = min(block.stop - start, self.window - filled, total)
-                windows[-1].append(Block(block.cache, block.shard, start, start + take))
-                start, filled, total = start + take, filled + take, total - take
-                if filled == self.window:
-                    windows.append([])
-                    filled = 0
-        return [w for w in windows if w]
+        """This rank's windows for ``epoch`` (see :meth:`StreamPlan.windows`)."""
+        return self.plan.windows(epoch)
 
     # -- reading ---------------------------------------------------------------------------------------------
     def _caches(self) -> list[FeatureCache]:
@@ -218,37 +282,29 @@ class CacheStream(IterableDataset):
             ]
         return self._open
 
-    def _read_block(self, block: Block) -> dict[str, Any]:
+    def _read_block(self, block: Block) -> CachedSamples:
         cache = self._caches()[block.cache]
-        chunk = cache.spec.chunk_samples
-        first = block.start // chunk * chunk  # whole chunks only
-        last = min(-(-block.stop // chunk) * chunk, self.sizes[(block.cache, block.shard)])
-        data = cache.read(
-            block.shard,
-            first,
-            last,
+        return read_block(
+            cache,
+            block,
+            self.plan,
             extras=False,
             logits=self.logits,
             token_dtype=self.token_dtype,
             reconstruct=self.decoder is None,
         )
-        cut = slice(block.start - first, block.stop - first)
-        part = {"pixels": data.pixels[cut], "labels": data.labels[cut], "tokens": [t[cut] for t in data.tokens]}
-        if self.logits:
-            part["logits"] = data.logits[cut]
-        return part
 
     def load_window(self, epoch: int, index: int, blocks: list[Block]) -> list[dict[str, Any]]:
         """Read one window, permute its samples and cut it into batches (views of one buffer per array)."""
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # overlaps storage latency and decompression
             parts = list(pool.map(self._read_block, blocks))
-        count = sum(len(p["labels"]) for p in parts)
-        destination = np.argsort(np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(count))
+        count = sum(len(p.labels) for p in parts)
+        destination = np.argsort(self.plan.order(epoch, index, count))
         shared = get_worker_info() is not None  # in a DataLoader worker: fill shared memory, saving the IPC copy
-        pixels = _scatter([p["pixels"] for p in parts], destination, shared)
-        labels = _scatter([p["labels"] for p in parts], destination, shared)
-        tokens = [_scatter([p["tokens"][i] for p in parts], destination, shared) for i in range(len(self.spec.levels))]
-        logits = _scatter([p["logits"] for p in parts], destination, shared) if self.logits else None
+        pixels = _scatter([p.pixels for p in parts], destination, shared)
+        labels = _scatter([p.labels for p in parts], destination, shared)
+        tokens = [_scatter([p.tokens[i] for p in parts], destination, shared) for i in range(len(self.spec.levels))]
+        logits = _scatter([p.logits for p in parts], destination, shared) if self.logits else None
         batches = []
         for s in range(0, count, self.batch_size):
             cut = slice(s, s + self.batch_size)
@@ -375,11 +431,4 @@ def iter_subset(
             wanted = indices[first : first + batch_size]
             start, stop = wanted[0] // chunk * chunk, min((wanted[-1] // chunk + 1) * chunk, sizes[name])
             data = cache.read(name, int(start), int(stop), token_dtype=np.dtype(token_dtype))
-            rows = wanted - start
-            yield CachedSamples(
-                pixels=data.pixels[rows],
-                labels=data.labels[rows],
-                keys=[data.keys[i] for i in rows],
-                logits=None if data.logits is None else data.logits[rows],
-                tokens=[t[rows] for t in data.tokens],
-            )
+            yield data.rows(wanted - start)

@@ -33,7 +33,15 @@ def test_the_readme_python_example_runs(tmp_path: Path) -> None:
 def test_one_import_name() -> None:
     import apmpipe
 
-    assert set(apmpipe.__all__) == {"extract", "train", "evaluate", "FeatureCache", "CacheStream"}
+    assert set(apmpipe.__all__) == {
+        "extract",
+        "train",
+        "evaluate",
+        "FeatureCache",
+        "CacheStream",
+        "CacheIterableDataset",
+        "CacheMapDataset",
+    }
     assert apmpipe.FeatureCache.__module__ == "apmpipe.storage.cache"
     site_packages = [*site.getsitepackages(), site.getusersitepackages()]
     for name in ("pipeline", "stages", "storage"):  # nothing installed top-level under the folders' own names

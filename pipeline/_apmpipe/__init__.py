@@ -9,7 +9,9 @@ command line, which lives inside it) stays light:
 - :func:`train`: train the APM student from feature caches, never loading the teacher (stage two);
 - :func:`evaluate`: fidelity, classification beside the teacher and test-time training (stage three);
 - :class:`FeatureCache`: the cache reader (``FeatureCache.open(url)``);
-- :class:`CacheStream`: the streaming dataset of cached pixels, tokens and labels.
+- :class:`CacheStream`: the streaming dataset of cached pixels, tokens and labels (batches for apmpipe's loop);
+- :class:`CacheIterableDataset`, :class:`CacheMapDataset`: cached samples for your own PyTorch loop (streaming
+  and resumable with torchdata's ``StatefulDataLoader``, or by index).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["CacheStream", "FeatureCache", "evaluate", "extract", "train"]
+__all__ = ["CacheIterableDataset", "CacheMapDataset", "CacheStream", "FeatureCache", "evaluate", "extract", "train"]
 
 _HOMES = {
     "extract": "apmpipe.pipeline.api",
@@ -25,6 +27,8 @@ _HOMES = {
     "evaluate": "apmpipe.pipeline.api",
     "FeatureCache": "apmpipe.storage.cache",
     "CacheStream": "apmpipe.storage.stream",
+    "CacheIterableDataset": "apmpipe.storage.dataset",
+    "CacheMapDataset": "apmpipe.storage.dataset",
 }
 
 
