@@ -346,7 +346,7 @@ def _set_up(config: TrainConfig) -> _Run:
         level_mode=config.level_mode,
         rgb=config.loss.rgb_weight > 0,
     )
-    run_dir = RunDir(config.out)
+    run_dir = RunDir(config.out, config.storage_options)
     if run_dir.has_checkpoint() and not config.resume:
         raise ConfigError(
             f"{config.out} already holds a training run; pass --resume to continue it or choose another --out"
@@ -521,8 +521,8 @@ def train(
         _resume(run)
         if run.rank == 0 and on_resume:
             on_resume(run.step, run.total_steps)
-    elif run.rank == 0 and run.run_dir.metrics.exists():
-        run.run_dir.metrics.unlink()
+    elif run.rank == 0:
+        run.run_dir.reset_metrics()
     if run.rank == 0:
         import tomli_w
 
