@@ -482,6 +482,15 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")
     ] = False,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also log the metrics as TensorBoard scalars (needs tensorboard).")
+    ] = False,
+    tensorboard_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Local folder for the TensorBoard events (default RUN/tensorboard; needed for remote --out)."
+        ),
+    ] = None,
     storage_option: StorageOptions = None,
 ) -> None:
     """Train the APM student from feature caches.
