@@ -44,7 +44,7 @@ StorageOptions = Annotated[
     list[str] | None,
     typer.Option(
         "--storage-option",
-        help="fsspec option KEY=VALUE for remote inputs or caches (repeatable), e.g. "
+        help="fsspec option KEY=VALUE for remote inputs, caches or runs (repeatable), e.g. "
         "endpoint_url=http://127.0.0.1:9000.",
     ),
 ]
