@@ -44,7 +44,7 @@ StorageOptions = Annotated[
     list[str] | None,
     typer.Option(
         "--storage-option",
-        help="fsspec option KEY=VALUE for remote inputs or caches (repeatable), e.g. "
+        help="fsspec option KEY=VALUE for remote inputs, caches or runs (repeatable), e.g. "
         "endpoint_url=http://127.0.0.1:9000.",
     ),
 ]
@@ -408,7 +408,7 @@ def train(
         typer.Option(
             "--out",
             "-o",
-            help="Run directory: checkpoints, metrics.jsonl, loss.png, student.safetensors.",
+            help="Run directory (local path or fsspec URL): checkpoints, metrics.jsonl, loss.png, student.safetensors.",
             show_default=False,
         ),
     ],
@@ -489,6 +489,15 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")
     ] = False,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also log the metrics as TensorBoard scalars (needs tensorboard).")
+    ] = False,
+    tensorboard_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Local folder for the TensorBoard events (default RUN/tensorboard; needed for remote --out)."
+        ),
+    ] = None,
     storage_option: StorageOptions = None,
 ) -> None:
     """Train the APM student from feature caches.
@@ -498,6 +507,7 @@ def train(
     from apmpipe.stages.train import TrainConfig
     from apmpipe.stages.train import train as run_train
     from apmpipe.storage.checkpoint import RunDir
+    from apmpipe.storage.remote import staged_folder
 
     from .console import TrainProgress, stop_requests
     from .report import plot_losses
@@ -523,8 +533,10 @@ def train(
         render.train_stopped(summary, train_config.out, resume_command(train_config))
         raise typer.Exit(128 + summary.stopped_by)
     if summary.student:
-        plot = plot_losses(RunDir(summary.run_dir).read_metrics(), Path(summary.run_dir) / "loss.png")
-        render.train_summary(summary, plot)
+        records = RunDir(summary.run_dir, train_config.storage_options).read_metrics()
+        with staged_folder(summary.run_dir, train_config.storage_options) as folder:
+            plot_losses(records, folder / "loss.png")
+        render.train_summary(summary, f"{summary.run_dir.rstrip('/')}/loss.png")
 
 
 def resume_command(config: Any) -> str:
@@ -572,7 +584,9 @@ def eval_command(
         Path | None,
         typer.Option(help="classes x dim .npy of text embeddings (CLIP zero-shot through the cached projection head)."),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Report folder (default: RUN_DIR/eval-<cache name>).")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Report folder, local or URL (default: RUN_DIR/eval-<cache name>).")
+    ] = None,
     feature: Annotated[
         str,
         typer.Option(help="Global feature for k-NN/probe: pooled (what the teacher's head reads), cls, mean-patch."),
@@ -601,14 +615,17 @@ def eval_command(
 
     Fidelity per level, classification beside the teacher, test-time training; terminal table, JSON, PNGs."""
     from apmpipe.stages.evaluate import EvalConfig, evaluate
+    from apmpipe.storage.remote import staged_folder
 
     from .report import eval_folder, write_eval_report
 
     options = stage_options(ctx, "out", "storage_option")
     config = EvalConfig(**options, storage_options=parse_storage_options(storage_option))
     report = evaluate(config)
-    json_path = write_eval_report(report, out or eval_folder(student, cache))
-    render.eval_report(report, json_path)
+    folder = out or eval_folder(student, cache, config.storage_options)
+    with staged_folder(folder, config.storage_options) as staged:
+        json_name = write_eval_report(report, staged).name
+    render.eval_report(report, f"{folder.rstrip('/')}/{json_name}")
 
 
 @app.command()

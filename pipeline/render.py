@@ -152,14 +152,14 @@ def train_stopped(summary: Any, run_dir: str, resume: str) -> None:
     import signal
 
     name = signal.Signals(summary.stopped_by).name
-    checkpoints = Path(run_dir) / "checkpoints"
+    checkpoints = f"{run_dir.rstrip('/')}/checkpoints"
     err_console.print(
         f"{name}: stopped at step {summary.steps}; checkpoint saved in {checkpoints}", highlight=False, soft_wrap=True
     )
     _err_line(f"resume with: {resume}")
 
 
-def train_summary(summary: Any, loss_plot: Path) -> None:
+def train_summary(summary: Any, loss_plot: str) -> None:
     """``apmpipe train``: the student, steps, loss and throughput."""
     size = f"{summary.params / 1e6:.2f} M params, {summary.flops_per_image / 1e9:.3f} GFLOPs/image"
     rate = f"{summary.samples / summary.seconds:.1f} samples/s over {summary.seconds:.1f} s" if summary.seconds else "-"
@@ -219,7 +219,7 @@ def _ttt_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def eval_report(report: dict[str, Any], json_path: Path) -> None:
+def eval_report(report: dict[str, Any], json_path: str | Path) -> None:
     """``apmpipe eval`` (and the demo): fidelity, classification beside the teacher, TTT, where the JSON is."""
     rows = [("samples", str(report["samples"]))]
     rows += [(f"fidelity layer {layer}", _fidelity_line(f)) for layer, f in report["fidelity"].items()]

@@ -8,9 +8,11 @@ select, no global figure registry (nothing here touches process state).
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
 from typing import Any
 
+import fsspec
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -28,10 +30,11 @@ def write_eval_report(report: dict[str, Any], folder: Path, json_name: str = "re
     return json_path
 
 
-def eval_folder(student: str, cache: str) -> Path:
-    """The default report folder of ``apmpipe eval``: ``RUN_DIR/eval-<cache name>``."""
-    run_dir = Path(student) if Path(student).is_dir() else Path(student).parent
-    return run_dir / f"eval-{Path(cache.rstrip('/')).stem}"
+def eval_folder(student: str, cache: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The default report folder of ``apmpipe eval``: ``RUN_DIR/eval-<cache name>`` (the run local or a URL)."""
+    fs, path = fsspec.core.url_to_fs(student, **(storage_options or {}))
+    run_dir = student.rstrip("/") if fs.isdir(path) else (posixpath.dirname(student.rstrip("/")) or ".")
+    return f"{run_dir}/eval-{Path(cache.rstrip('/')).stem}"
 
 
 def _figure(width: float, height: float) -> tuple[Figure, Axes]:

@@ -319,7 +319,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     cache = FeatureCache.open(config.cache, storage_options=config.storage_options)
     if not cache.complete_shards():
         raise ModelError(f"cache {config.cache!r} has no complete shard to evaluate; finish it with apmpipe extract")
-    model, metadata = load_model(config.student, device)
+    model, metadata = load_model(config.student, device, config.storage_options)
     cache = cache_for_student(metadata, cache, "eval cache")
     stored = cache.head()
     head = TeacherHead(*stored).to(device) if stored else None

@@ -201,7 +201,7 @@ def islands(
     if not sources:
         raise ConfigError("pass a feature cache or image files to draw")
     dev = resolve_device(device)
-    model, metadata = load_model(student, dev)
+    model, metadata = load_model(student, dev, storage_options)
     cache = _open_cache(sources, storage_options or {})
     if cache is not None:
         cache = cache_for_student(metadata, cache, "cache")

@@ -9,21 +9,25 @@ import torch
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import load_student
 from apmpipe.storage.errors import CacheError, ModelError
+from apmpipe.storage.redact import redact_url
 
 from .apm import APM, APMConfig
 from .objectives import LossConfig
 
 
-def load_model(path: str, device: torch.device) -> tuple[APM, dict[str, Any]]:
-    """The exported student (run directory or ``student.safetensors``) in eval mode, and its metadata."""
-    weights, metadata = load_student(path)
+def load_model(
+    path: str, device: torch.device, storage_options: dict[str, Any] | None = None
+) -> tuple[APM, dict[str, Any]]:
+    """The exported student (run directory or ``student.safetensors``, local or URL) in eval mode, and its metadata."""
+    weights, metadata = load_student(path, storage_options)
     model = APM(APMConfig.from_dict(metadata["model_config"]))
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise ModelError(
-            f"student {path!r} was saved by another apmpipe version ({detail[:120]}); retrain it with apmpipe train"
+            f"student {redact_url(path)!r} was saved by another apmpipe version ({detail[:120]}); retrain it with "
+            "apmpipe train"
         ) from None
     return model.to(device).eval(), metadata
 

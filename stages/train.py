@@ -30,6 +30,7 @@ from apmpipe.storage.checkpoint import RunDir
 from apmpipe.storage.errors import CacheError, ConfigError, ModelError, require_at_least
 from apmpipe.storage.remote import route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder
+from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
 from .apm import APM, config_for_cache
 from .head import TeacherHead
@@ -80,6 +81,8 @@ class TrainConfig:
     amp: bool = True
     compile: bool = False
     resume: bool = False
+    tensorboard: bool = False
+    tensorboard_dir: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.checkpoint_minutes < 0:
             raise ConfigError(f"--checkpoint-minutes must be 0 (off) or more, got {self.checkpoint_minutes}")
+        if self.tensorboard_dir is not None and not self.tensorboard:
+            raise ConfigError("--tensorboard-dir needs --tensorboard")
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -311,6 +316,8 @@ class _Run:
     decoder: TokenDecoder | None = None
     step: int = 0
     position: StreamPosition = StreamPosition()
+    events: str | None = None  # TensorBoard's folder (rank 0, with --tensorboard)
+    scalars: ScalarWriter | None = None
 
     def state(self) -> dict[str, Any]:
         return {
@@ -359,7 +366,7 @@ def _set_up(config: TrainConfig) -> _Run:
         level_mode=config.level_mode,
         rgb=config.loss.rgb_weight > 0,
     )
-    run_dir = RunDir(config.out)
+    run_dir = RunDir(config.out, config.storage_options)
     if run_dir.has_checkpoint() and not config.resume:
         raise ConfigError(
             f"{config.out} already holds a training run; pass --resume to continue it or choose another --out"
@@ -393,6 +400,7 @@ def _set_up(config: TrainConfig) -> _Run:
         total_steps,
         config.amp and device.type == "cuda",
         stream.decoder.to(device) if stream.decoder is not None else None,
+        events=events_folder(run_dir, config.tensorboard_dir) if config.tensorboard and rank == 0 else None,
     )
 
 
@@ -407,6 +415,8 @@ RESUME_MAY_CHANGE = (
     "log_every",
     "checkpoint_every",
     "checkpoint_minutes",
+    "tensorboard",
+    "tensorboard_dir",
 )
 
 
@@ -460,6 +470,8 @@ def _resume(run: _Run) -> None:
 def _checkpoint(run: _Run) -> None:
     if run.rank == 0:
         run.run_dir.save_checkpoint(run.step, run.model.state_dict(), run.state())
+        if run.scalars:
+            run.scalars.flush()
     if run.world > 1:
         dist.barrier()
 
@@ -535,12 +547,13 @@ def train(
         _resume(run)
         if run.rank == 0 and on_resume:
             on_resume(run.step, run.total_steps)
-    elif run.rank == 0 and run.run_dir.metrics.exists():
-        run.run_dir.metrics.unlink()
+    elif run.rank == 0:
+        run.run_dir.reset_metrics()
     if run.rank == 0:
         import tomli_w
 
         run.run_dir.write_text("config.toml", tomli_w.dumps(config.to_dict()))
+        run.scalars = ScalarWriter(run.events, purge_step=run.step + 1) if run.events else None
         if on_start:
             on_start(run.model, run.total_steps)
 
@@ -569,6 +582,8 @@ def train(
                 }
                 waited = 0.0
                 run.run_dir.append_metrics(record)
+                if run.scalars:
+                    run.scalars.write(record)
                 if on_step:
                     on_step(run.step, run.total_steps, record)
             if run.step >= run.total_steps:
@@ -598,6 +613,8 @@ def train(
         if run.rank == 0 and not stopped_by
         else ""
     )
+    if run.scalars:
+        run.scalars.close()
     if run.world > 1:
         dist.barrier()
     return TrainSummary(

@@ -324,6 +324,12 @@ def _local_path(url: str) -> str | None:
     return path if protocol in ("file", "local") else None
 
 
+def _zarr_storage_options(url: str, storage_options: dict | None) -> dict | None:
+    """``storage_options`` for a remote ``url``; None for a local one (zarr refuses options there, and one
+    ``--storage-option`` set serves every URL of a command, e.g. a local cache and a run on S3)."""
+    return None if _local_path(url) is not None else (storage_options or None)
+
+
 _LOCKED_HERE: set[str] = set()  # lock files this process holds: POSIX record locks never exclude their own process
 
 
@@ -642,7 +648,7 @@ class FeatureCache:
     def open(cls, url: str, *, mode: str = "r", storage_options: dict | None = None) -> FeatureCache:
         """Open an existing cache, checking that it is an apmpipe cache of a supported version."""
         try:
-            root = zarr.open_group(url, mode=mode, storage_options=storage_options or None)
+            root = zarr.open_group(url, mode=mode, storage_options=_zarr_storage_options(url, storage_options))
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             raise CacheError(_no_cache_message(url)) from None
         attrs = dict(root.attrs).get(ROOT_KEY)
@@ -688,7 +694,9 @@ class FeatureCache:
         attrs = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(), "sources": [], "classes": []}
         # "a" creates in place beside the lock file: "w" would delete the directory that writer_lock holds, "w-" wants
         # it empty
-        root = zarr.open_group(url, mode="a", storage_options=storage_options or None, attributes={ROOT_KEY: attrs})
+        root = zarr.open_group(
+            url, mode="a", storage_options=_zarr_storage_options(url, storage_options), attributes={ROOT_KEY: attrs}
+        )
         root.create_group(SHARDS_GROUP)
         return cls(url=url, root=root, spec=spec, attrs=attrs, storage_options=storage_options or {})
 

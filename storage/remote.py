@@ -1,8 +1,16 @@
-"""fsspec storage options as users give them, routed to where each filesystem expects them."""
+"""Remote URLs as users give them: fsspec storage options routed to where each filesystem expects them, and
+local folders staged for upload."""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 
 def route_storage_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -15,3 +23,18 @@ def route_storage_options(options: dict[str, Any]) -> dict[str, Any]:
     if "endpoint_url" in routed:
         routed["client_kwargs"] = {**routed.get("client_kwargs", {}), "endpoint_url": routed.pop("endpoint_url")}
     return routed
+
+
+@contextmanager
+def staged_folder(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[Path]:
+    """A local folder whose files end up at ``url``: the folder itself for a local path; for a remote URL a temporary
+    folder whose files are uploaded (each one object, whole) when the block ends without error."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="apmpipe-") as tmp:
+        yield Path(tmp)
+        for file in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            fs.put_file(str(file), f"{path.rstrip('/')}/{file.relative_to(tmp).as_posix()}")

@@ -621,9 +621,9 @@ def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     run.save_checkpoint(1, {"w": torch.ones(1)}, {"step": 1})
     stale = [
-        run.checkpoints / ".tmp-killed",
-        run.checkpoints / ".latest.abc.tmp",
-        run.path / ".student.safetensors.tmp",
+        Path(run.checkpoints) / ".tmp-killed",
+        Path(run.checkpoints) / ".latest.abc.tmp",
+        Path(run.root) / ".student.safetensors.tmp",
     ]
     stale[0].mkdir()
     for path in stale[1:]:

@@ -6,15 +6,18 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-from .conftest import FAST, TINY_VIT, run_cli
+from .conftest import FAST, TINY_VIT, run_cli, run_subprocess
 from .test_extract import shard_arrays
 
 
@@ -37,9 +40,11 @@ def s3_endpoint() -> str:
 
 
 def test_extract_train_eval_against_s3(
-    tmp_path: Path, s3_endpoint: str, digit_shards: list[str], tiny_cache: Path
+    tmp_path: Path, s3_endpoint: str, digit_shards: list[str], tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import s3fs
+
+    monkeypatch.chdir(tmp_path)
 
     fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("apm-bucket")
@@ -80,7 +85,7 @@ def test_extract_train_eval_against_s3(
         np.testing.assert_array_equal(group["tokens/2"][...], local[f"{name}/tokens/2"])
     info = run_cli("info", cache, "--json", *opts)
     assert info.exit_code == 0 and json.loads(info.output)["samples"] == 120
-    run = tmp_path / "run"
+    run = "s3://apm-bucket/run"  # the run directory on the store too
     result = run_cli(
         "train",
         cache,
@@ -99,13 +104,113 @@ def test_extract_train_eval_against_s3(
         *opts,
     )
     assert result.exit_code == 0, result.output
-    result = run_cli("eval", cache, "--student", run, "--out", tmp_path / "report", "--max-samples", "16", *opts)
+    assert not (tmp_path / "s3:").exists(), "a local ./s3: folder was created"
+    assert {"config.toml", "metrics.jsonl", "loss.png", "student.safetensors", "checkpoints"} <= {
+        p.rsplit("/", 1)[-1] for p in fs.ls("apm-bucket/run", refresh=True)
+    }
+    result = run_cli("eval", cache, "--student", run, "--max-samples", "16", *opts)
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "report" / "report.json").read_text())["samples"] == 16
+    assert json.loads(fs.cat_file("apm-bucket/run/eval-cache/report.json"))["samples"] == 16  # RUN/eval-<cache>
+    assert fs.cat_file("apm-bucket/run/eval-cache/fidelity.png")[:4] == b"\x89PNG"
     result = run_cli(
         "islands", cache, "--student", run, "--out", tmp_path / "islands.png", "--images", "2", "--panel", "32", *opts
     )
     assert result.exit_code == 0 and "student beside teacher" in result.output, result.output
+
+
+def _s3_options(endpoint: str) -> list[str]:
+    return [f"--storage-option={pair}" for pair in (f"endpoint_url={endpoint}", "key=test", "secret=test")]
+
+
+def test_run_on_s3_resumes_after_sigkill_like_an_uninterrupted_local_run(
+    tmp_path: Path, s3_endpoint: str, tiny_cache: Path
+) -> None:
+    import s3fs
+
+    from apmpipe.storage.checkpoint import load_student
+
+    fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("apm-runs")
+    args = [
+        "train",
+        tiny_cache,
+        *("--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0"),
+        *(
+            "--max-steps",
+            "40",
+            "--checkpoint-every",
+            "4",
+            "--warmup-steps",
+            "3",
+            "--locations",
+            "3",
+            "--log-every",
+            "2",
+        ),
+    ]
+    reference = tmp_path / "ref"
+    assert run_subprocess(*args, "--out", reference).returncode == 0
+    remote = "s3://apm-runs/run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apmpipe.pipeline", *map(str, args), "--out", remote, *_s3_options(s3_endpoint)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not fs.exists("apm-runs/run/checkpoints/latest"):
+        time.sleep(0.05)
+        fs.invalidate_cache()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not fs.exists("apm-runs/run/student.safetensors"), "the kill came too late to test anything"
+    latest = fs.cat_file("apm-runs/run/checkpoints/latest").decode()
+    # a save killed midway: objects of a newer checkpoint that latest never named, one of them half written
+    partial = "apm-runs/run/checkpoints/step-00000036-0badc0de"
+    fs.pipe_file(f"{partial}/model.safetensors", b"\x00" * 100)
+    result = run_subprocess(*args, "--out", remote, *_s3_options(s3_endpoint), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from step {int(latest[5:13])} of 40" in result.stderr
+    fs.invalidate_cache()
+    assert not fs.exists(partial), "the unpublished checkpoint was left on the store"
+    ref, _ = load_student(reference)
+    got, meta = load_student(remote, {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint}})
+    assert meta["step"] == 40
+    for key in ref:
+        assert ref[key].equal(got[key]), key
+    steps = [json.loads(line)["step"] for line in fs.cat_file("apm-runs/run/metrics.jsonl").decode().splitlines()]
+    assert steps == list(range(2, 41, 2))
+
+
+def test_object_store_checkpoint_is_published_by_latest_and_a_killed_save_is_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from apmpipe.storage.checkpoint import RunDir
+
+    url = f"memory://runs/{uuid.uuid4().hex}"
+    run = RunDir(url)
+    run.save_checkpoint(4, {"w": torch.ones(3)}, {"step": 4})
+    published = run.fs.cat_file(f"{run.checkpoints}/latest").decode()
+    real_pipe_file = run.fs.pipe_file
+
+    def dies_on_latest(path: str, data: bytes, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        if path.endswith("/latest"):
+            raise KeyboardInterrupt("killed")
+        real_pipe_file(path, data, **kwargs)
+
+    monkeypatch.setattr(run.fs, "pipe_file", dies_on_latest)
+    with pytest.raises(KeyboardInterrupt):
+        run.save_checkpoint(8, {"w": torch.full((3,), 2.0)}, {"step": 8})  # every object written, latest not
+    monkeypatch.undo()
+    run.fs.pipe_file(f"{run.checkpoints}/step-00000012-0badc0de/model.safetensors", b"partial")
+    resumed = RunDir(url)
+    weights, state = resumed.load_checkpoint()
+    assert state == {"step": 4} and weights["w"].tolist() == [1.0, 1.0, 1.0]
+    resumed.remove_stale_temporaries()
+    assert sorted(p.rsplit("/", 1)[-1] for p in run.fs.ls(run.checkpoints, detail=False)) == ["latest", published]
+    resumed.save_checkpoint(8, {"w": torch.full((3,), 3.0)}, {"step": 8})
+    assert RunDir(url).load_checkpoint()[1] == {"step": 8}
 
 
 def test_killed_dask_worker_is_retried_with_identical_result(
