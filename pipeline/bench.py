@@ -242,9 +242,11 @@ def _loader_rate(stream: CacheStream, workers: int) -> tuple[float, list[dict]]:
     """Samples/s of ``LOADER_PASSES`` DataLoader passes over ``stream``, and the batches of the first pass."""
     from torch.utils.data import DataLoader
 
+    from apmpipe.storage.stream import window_batches
+
     start = time.perf_counter()
     passes = [
-        [b for item in DataLoader(stream, batch_size=None, num_workers=workers) for b in item["batches"]]
+        [b for item in DataLoader(stream, batch_size=None, num_workers=workers) for b in window_batches(item)]
         for _ in range(LOADER_PASSES)
     ]
     samples = sum(len(b["labels"]) for b in passes[0])

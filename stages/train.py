@@ -29,7 +29,7 @@ from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import RunDir
 from apmpipe.storage.errors import CacheError, ConfigError, ModelError, require_at_least
 from apmpipe.storage.remote import route_storage_options
-from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder
+from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, window_batches
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
 from .apm import APM, config_for_cache
@@ -195,7 +195,7 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 
 def planned_steps(stream: CacheStream, config: TrainConfig) -> tuple[int, int]:
     """(epochs, total steps): ``--max-steps`` wins; ``--epochs 0`` sizes the run to ``min_steps`` (>= 1 epoch).
-    Each loaded batch gives ``echo`` steps."""
+    Each loaded window is passed ``echo`` times (example echoing)."""
     per_epoch = stream.steps_per_epoch() * config.echo
     epochs = config.epochs or max(1, math.ceil(config.min_steps / per_epoch))
     return epochs, config.max_steps or config.echo * sum(stream.steps_per_epoch(epoch) for epoch in range(epochs))
@@ -356,6 +356,7 @@ def _set_up(config: TrainConfig) -> _Run:
         logits=config.loss.logit_weight > 0,
         levels=config.levels,
         coefficients=True,  # low-rank caches: coefficients cross to the device, tokens are rebuilt there
+        echo=config.echo,
     )
     model_cfg = config_for_cache(
         stream.spec,
@@ -523,7 +524,7 @@ def _batches(run: _Run):
     while True:
         run.stream.position = run.position
         for item in DataLoader(run.stream, **loader_kwargs):
-            for offset, batch in enumerate(item["batches"]):
+            for offset, batch in enumerate(window_batches(item, run.device)):
                 yield StreamPosition(run.position.epoch, item["window"], item["first_batch"] + offset + 1), batch
         run.position = StreamPosition(run.position.epoch + 1, 0, 0)
 
@@ -562,46 +563,35 @@ def train(
     saved, stop = time.monotonic(), False
     for position, batch in _batches(run) if run.step < run.total_steps else ():
         waited += time.perf_counter() - ready  # the step waited this long for the loader
-        images = run.normalize(batch["pixels"].to(run.device, non_blocking=True))
-        targets = [t.to(run.device, non_blocking=True) for t in batch["tokens"]]
-        targets = run.decoder(targets) if run.decoder is not None else targets
-        logits = batch["logits"].to(run.device, non_blocking=True) if "logits" in batch else None
-        first_step = run.step
-        for _ in range(config.echo):  # echoed steps reuse the loaded batch, each with fresh locations
-            record = _optimise(run, images, targets, logits).record(layers)
-            last_loss = record["loss"]
-            first_loss = last_loss if math.isnan(first_loss) else first_loss
-            if run.rank == 0 and (run.step % config.log_every == 0 or run.step == run.total_steps):
-                record = {
-                    "step": run.step,
-                    "epoch": position.epoch,
-                    "lr": run.scheduler.get_last_lr()[0],
-                    **record,
-                    "samples_per_s": samples / max(time.perf_counter() - start, 1e-9),
-                    "data_wait_s": waited,
-                }
-                waited = 0.0
-                run.run_dir.append_metrics(record)
-                if run.scalars:
-                    run.scalars.write(record)
-                if on_step:
-                    on_step(run.step, run.total_steps, record)
-            if run.step >= run.total_steps:
-                break
+        images = run.normalize(batch["pixels"])
+        targets = run.decoder(batch["tokens"]) if run.decoder is not None else batch["tokens"]
+        record = _optimise(run, images, targets, batch.get("logits")).record(layers)
+        last_loss = record["loss"]
+        first_loss = last_loss if math.isnan(first_loss) else first_loss
+        if run.rank == 0 and (run.step % config.log_every == 0 or run.step == run.total_steps):
+            record = {
+                "step": run.step,
+                "epoch": position.epoch,
+                "lr": run.scheduler.get_last_lr()[0],
+                **record,
+                "samples_per_s": samples / max(time.perf_counter() - start, 1e-9),
+                "data_wait_s": waited,
+            }
+            waited = 0.0
+            run.run_dir.append_metrics(record)
+            if run.scalars:
+                run.scalars.write(record)
+            if on_step:
+                on_step(run.step, run.total_steps, record)
         run.position = position
-        samples += images.shape[0] * run.world * (run.step - first_step)  # trained samples, echoes included
+        samples += images.shape[0] * run.world  # trained samples (an echoed sample counts once per step it trains)
         stop, due = _agreed(
             run,
             bool(stop_requested and stop_requested()),
             0 < config.checkpoint_minutes * 60 <= time.monotonic() - saved,
         )
-        if (
-            stop
-            or due
-            or run.step // config.checkpoint_every > first_step // config.checkpoint_every
-            or run.step >= run.total_steps
-        ):
-            _checkpoint(run)  # at batch boundaries only: a resumed run restarts exactly after a whole (echoed) batch
+        if stop or due or run.step % config.checkpoint_every == 0 or run.step >= run.total_steps:
+            _checkpoint(run)
             saved = time.monotonic()
         if stop or run.step >= run.total_steps:
             break

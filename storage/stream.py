@@ -206,7 +206,8 @@ def _summed_moments(caches: Sequence[FeatureCache]) -> list[TokenMoments]:
 class CacheStream(IterableDataset):
     """Batches of ``pixels`` (uint8 ``[B, C, H, W]``), ``tokens`` (list per level of ``[B, T, D]``) and ``labels``.
 
-    Use with ``DataLoader(stream, batch_size=None)``; each item is ``{"window": k, "batches": [...]}``.
+    Use with ``DataLoader(stream, batch_size=None)``; each item is one window, ``{"window": k, "first_batch": b,
+    "data": buffers, "rows": [...]}``, whose batches :func:`window_batches` gives.
 
     Args:
         urls: feature caches to train on (one teacher layout).
@@ -222,6 +223,8 @@ class CacheStream(IterableDataset):
             coefficients and leave the rebuild to :attr:`decoder` on the training device (K/D of the loader's
             output and host-to-device copy; the matrix product runs on the GPU). Caches with different bases are
             rebuilt in the loader (``decoder`` is None).
+        echo: passes over every loaded window (``train --echo``): E× the batches per byte read, each further pass
+            a fresh shuffle of the window (see :meth:`window_rows`); positions count the echoed batches.
     """
 
     def __init__(
@@ -237,6 +240,7 @@ class CacheStream(IterableDataset):
         logits: bool = False,
         levels: Sequence[int] | None = None,
         coefficients: bool = False,
+        echo: int = 1,
     ) -> None:
         super().__init__()
         caches = open_caches(urls, storage_options, levels)
@@ -247,6 +251,7 @@ class CacheStream(IterableDataset):
         self.urls = [c.url for c in caches]
         self.spec = caches[0].spec
         self.batch_size = batch_size
+        self.echo = echo
         self.plan = StreamPlan.of(caches, batch_size, window_samples, seed, rank, world_size)
         self.token_dtype = resolve_token_dtype(self.spec, token_dtype)
         self.storage_options = storage_options or {}
@@ -294,25 +299,36 @@ class CacheStream(IterableDataset):
             reconstruct=self.decoder is None,
         )
 
-    def load_window(self, epoch: int, index: int, blocks: list[Block]) -> list[dict[str, Any]]:
-        """Read one window, permute its samples and cut it into batches (views of one buffer per array)."""
+    def load_window(self, epoch: int, index: int, blocks: list[Block]) -> dict[str, Any]:
+        """Read one window and permute its samples: one buffer per array (``pixels``, ``labels``, ``tokens`` per
+        level, ``logits``), in the order of its first pass."""
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # overlaps storage latency and decompression
             parts = list(pool.map(self._read_block, blocks))
         count = sum(len(p.labels) for p in parts)
         destination = np.argsort(self.plan.order(epoch, index, count))
         shared = get_worker_info() is not None  # in a DataLoader worker: fill shared memory, saving the IPC copy
-        pixels = _scatter([p.pixels for p in parts], destination, shared)
-        labels = _scatter([p.labels for p in parts], destination, shared)
-        tokens = [_scatter([p.tokens[i] for p in parts], destination, shared) for i in range(len(self.spec.levels))]
-        logits = _scatter([p.logits for p in parts], destination, shared) if self.logits else None
-        batches = []
-        for s in range(0, count, self.batch_size):
-            cut = slice(s, s + self.batch_size)
-            batch = {"pixels": pixels[cut], "labels": labels[cut], "tokens": [t[cut] for t in tokens]}
-            if logits is not None:
-                batch["logits"] = logits[cut]
-            batches.append(batch)
-        return batches
+        data = {
+            "pixels": _scatter([p.pixels for p in parts], destination, shared),
+            "labels": _scatter([p.labels for p in parts], destination, shared),
+            "tokens": [
+                _scatter([p.tokens[i] for p in parts], destination, shared) for i in range(len(self.spec.levels))
+            ],
+        }
+        if self.logits:
+            data["logits"] = _scatter([p.logits for p in parts], destination, shared)
+        return data
+
+    def window_rows(self, epoch: int, index: int, count: int) -> list[slice | torch.Tensor]:
+        """The rows of each batch of a window of ``count`` samples, ``echo`` passes in all: the first pass cuts the
+        window in order (slices), every further pass reshuffles it with ``(seed, epoch, rank, window, pass)``, so an
+        echoed sample meets other samples in each of its batches (example echoing, not batch repetition)."""
+        rows: list[slice | torch.Tensor] = [slice(s, s + self.batch_size) for s in range(0, count, self.batch_size)]
+        for again in range(1, self.echo):
+            order = torch.from_numpy(
+                np.random.default_rng([self.plan.seed, epoch, self.plan.rank, index, again]).permutation(count)
+            )
+            rows += [order[s : s + self.batch_size] for s in range(0, count, self.batch_size)]
+        return rows
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -321,12 +337,25 @@ class CacheStream(IterableDataset):
         for index, blocks in enumerate(self.windows(pos.epoch)):
             if index < pos.window or (index - pos.window) % workers != worker:
                 continue
-            batches = self.load_window(pos.epoch, index, blocks)
-            yield {
-                "window": index,
-                "first_batch": pos.batch if index == pos.window else 0,
-                "batches": batches[pos.batch :] if index == pos.window else batches,
-            }
+            data = self.load_window(pos.epoch, index, blocks)
+            rows = self.window_rows(pos.epoch, index, len(data["labels"]))
+            first = pos.batch if index == pos.window else 0
+            yield {"window": index, "first_batch": first, "data": data, "rows": rows[first:]}
+
+
+def window_batches(item: dict[str, Any], device: torch.device | None = None) -> Iterator[dict[str, Any]]:
+    """The batches of one :class:`CacheStream` item, in order: the window moves to ``device`` once (when given) and
+    each batch is a view (first pass) or a gather (echo passes) of it there."""
+    data = item["data"]
+    if device is not None:
+        data = {
+            k: [t.to(device, non_blocking=True) for t in v] if k == "tokens" else v.to(device, non_blocking=True)
+            for k, v in data.items()
+        }
+    for rows in item["rows"]:
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(data["labels"].device)
+        yield {k: [t[rows] for t in v] if k == "tokens" else v[rows] for k, v in data.items()}
 
 
 def _same_bases(a: Sequence[TokenBasis | None], b: Sequence[TokenBasis | None]) -> bool:

@@ -15,7 +15,7 @@ import zarr
 from apmpipe.storage.cache import CacheSpec, FeatureCache, LevelLayout
 from apmpipe.storage.errors import ConfigError
 from apmpipe.storage.lowrank import BasisFit
-from apmpipe.storage.stream import CacheStream
+from apmpipe.storage.stream import CacheStream, window_batches
 
 from .conftest import FAST, TINY_VIT, run_cli, run_main
 
@@ -171,16 +171,16 @@ def test_jpeg_records_psnr_and_info_shows_bytes_and_fidelity(
 
 def test_stream_reconstructs_low_rank_tokens(rank8: Path) -> None:
     stream = CacheStream([str(rank8)], batch_size=8, window_samples=16)
-    batch = next(iter(stream))["batches"][0]
+    batch = next(window_batches(next(iter(stream))))
     assert [tuple(t.shape) for t in batch["tokens"]] == [(8, 5, 192)] * 2 and batch["tokens"][0].dtype == torch.float16
 
 
 def test_stream_ships_coefficients_that_the_decoder_rebuilds(
     tmp_path: Path, rank8: Path, digit_shards: list[str], capsys: pytest.CaptureFixture
 ) -> None:
-    rebuilt_in_loader = next(iter(CacheStream([str(rank8)], batch_size=8, window_samples=16)))["batches"][0]
+    rebuilt_in_loader = next(window_batches(next(iter(CacheStream([str(rank8)], batch_size=8, window_samples=16)))))
     stream = CacheStream([str(rank8)], batch_size=8, window_samples=16, coefficients=True)
-    shipped = next(iter(stream))["batches"][0]
+    shipped = next(window_batches(next(iter(stream))))
     assert [tuple(t.shape) for t in shipped["tokens"]] == [(8, 5, 8)] * 2  # 8 of 192 values per token cross over
     for on_device, in_loader in zip(stream.decoder(shipped["tokens"]), rebuilt_in_loader["tokens"], strict=True):
         assert on_device.dtype == torch.float32 and on_device.shape == in_loader.shape
@@ -191,7 +191,7 @@ def test_stream_ships_coefficients_that_the_decoder_rebuilds(
         other.level_bases()[0].components, FeatureCache.open(str(rank8)).level_bases()[0].components
     )
     mixed = CacheStream([str(rank8), other.url], batch_size=8, window_samples=16, coefficients=True)
-    assert mixed.decoder is None and next(iter(mixed))["batches"][0]["tokens"][0].shape[-1] == 192
+    assert mixed.decoder is None and next(window_batches(next(iter(mixed))))["tokens"][0].shape[-1] == 192
     # training rebuilds on its device and learns
     run = tmp_path / "run"
     outcome = run_main(

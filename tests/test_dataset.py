@@ -21,7 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.dataset import CacheIterableDataset, CacheMapDataset
 from apmpipe.storage.errors import CacheError, ConfigError
-from apmpipe.storage.stream import CacheStream, StreamPosition
+from apmpipe.storage.stream import CacheStream, StreamPosition, window_batches
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.10
@@ -72,7 +72,7 @@ def test_stream_follows_the_cache_stream_plan(tiny_cache: Path) -> None:
         ours.set_epoch(epoch)
         theirs.position = StreamPosition(epoch)
         mine = [b["tokens"][1] for b in DataLoader(ours, batch_size=8)]
-        plan = [b["tokens"][1] for item in theirs for b in item["batches"]]
+        plan = [b["tokens"][1] for item in theirs for b in window_batches(item)]
         assert len(mine) == len(plan) == 15
         assert all(torch.equal(a, b) for a, b in zip(mine, plan, strict=True))
 

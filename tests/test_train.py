@@ -17,7 +17,7 @@ import torch
 import zarr
 
 from apmpipe.storage.checkpoint import load_student
-from apmpipe.storage.stream import CacheStream
+from apmpipe.storage.stream import CacheStream, StreamPosition, window_batches
 
 from .conftest import run_cli, run_main
 
@@ -84,7 +84,7 @@ def test_stream_covers_each_sample_once_per_epoch(tiny_cache: Path, world: int, 
         stream = CacheStream([str(tiny_cache)], batch_size=8, window_samples=24, seed=3, rank=rank, world_size=world)
         count = 0
         for item in DataLoader(stream, batch_size=None, num_workers=workers):
-            for batch in item["batches"]:
+            for batch in window_batches(item):
                 count += 1
                 seen += [t.numpy().tobytes() for t in batch["tokens"][0]]
         steps.append(count)
@@ -104,7 +104,9 @@ def test_stream_order_depends_on_epoch_and_resumes_mid_window(tiny_cache: Path) 
     def batches(position: StreamPosition) -> list[bytes]:
         stream.position = position
         return [
-            b["pixels"].numpy().tobytes() + b["tokens"][1].numpy().tobytes() for item in stream for b in item["batches"]
+            b["pixels"].numpy().tobytes() + b["tokens"][1].numpy().tobytes()
+            for item in stream
+            for b in window_batches(item)
         ]
 
     epoch0, epoch1 = batches(StreamPosition(0)), batches(StreamPosition(1))
@@ -248,7 +250,7 @@ def test_float32_caches_stream_float32_tokens(tiny_cache: Path) -> None:
 
     stream = CacheStream([str(tiny_cache)], batch_size=8)
     assert stream.spec.dtype == "float32"
-    batch = next(iter(stream))["batches"][0]
+    batch = next(window_batches(next(iter(stream))))
     assert all(t.dtype == torch.float32 for t in batch["tokens"])
 
 
@@ -321,6 +323,26 @@ def test_echo_trains_several_steps_per_loaded_batch(tmp_path: Path, tiny_cache: 
     assert all(r["data_wait_s"] >= 0 for r in records)
 
 
+def test_echo_passes_reshuffle_each_loaded_window(tiny_cache: Path) -> None:
+    """--echo E: every sample of a loaded window trains once per pass, in other batch company each pass, and a
+    position inside an echo pass resumes on exactly the remaining batches."""
+    plain, echoed = CacheStream([str(tiny_cache)], 8, 32), CacheStream([str(tiny_cache)], 8, 32, echo=3)
+    first_plain, first_echoed = next(iter(plain)), next(iter(echoed))
+    plain_batches = [b["labels"] for b in window_batches(first_plain)]
+    passes = [b["labels"] for b in window_batches(first_echoed)]
+    assert len(passes) == 3 * len(plain_batches) and all(
+        torch.equal(a, b) for a, b in zip(plain_batches, passes[: len(plain_batches)], strict=True)
+    )
+    keys = [b["pixels"].flatten(1) for b in window_batches(first_echoed)]
+    per_pass = [torch.cat(keys[i * 4 : (i + 1) * 4]) for i in range(3)]
+    for other in per_pass[1:]:  # the same samples, in another order
+        assert sorted(map(bytes, per_pass[0].numpy())) == sorted(map(bytes, other.numpy()))
+        assert not torch.equal(per_pass[0], other)
+    echoed.position = StreamPosition(0, 0, 6)  # two batches into the second pass
+    resumed = [b["pixels"] for b in window_batches(next(iter(echoed)))]
+    assert len(resumed) == 6 and all(torch.equal(a, b.reshape(a.shape)) for a, b in zip(resumed, keys[6:], strict=True))
+
+
 def test_levels_train_decode_and_evaluate_only_those_levels(
     capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, eval_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -347,7 +369,7 @@ def test_levels_train_decode_and_evaluate_only_those_levels(
     stream = CacheStream([str(tiny_cache)], 8, 32, levels=[2])
     full = CacheStream([str(tiny_cache)], 8, 32)
     view, whole = stream.load_window(0, 0, stream.windows(0)[0]), full.load_window(0, 0, full.windows(0)[0])
-    assert len(view[0]["tokens"]) == 1 and torch.equal(view[0]["tokens"][0], whole[0]["tokens"][1])
+    assert len(view["tokens"]) == 1 and torch.equal(view["tokens"][0], whole["tokens"][1])
 
     # the full cache evaluates the student on its one level; a cache without layer 2 or a wrong --levels is refused
     result = run_main(capsys, "eval", eval_cache, "--student", runs["last"], "--out", tmp_path / "report")
