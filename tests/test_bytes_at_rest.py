@@ -51,11 +51,9 @@ def test_rank_reconstruction_meets_recorded_fidelity(rank8: Path, tiny_cache: Pa
         recorded = records[name]["stats"]["fidelity"]
         for level, a, b in zip(cache.spec.levels, approx.tokens, exact.tokens, strict=True):
             measured = recorded[str(level.layer)]
-            # extraction measures every 4th batch of 16: here the first, samples 0..15
-            assert cosines(a[:16], b[:16]).min() >= measured["cosine_min"] - 1e-5
-            assert np.square(a[:16] - b[:16]).sum() / np.square(b[:16]).sum() == pytest.approx(
-                measured["relative_mse"], rel=1e-3
-            )
+            # with --rank extraction measures every batch: the recorded worst cosine is the shard's worst token
+            assert cosines(a, b).min() == pytest.approx(measured["cosine_min"], abs=1e-5)
+            assert np.square(a - b).sum() / np.square(b).sum() == pytest.approx(measured["relative_mse"], rel=1e-3)
             assert 0.0 < measured["relative_mse"] < 0.5
         np.testing.assert_array_equal(approx.pixels, exact.pixels)
 
@@ -141,8 +139,8 @@ def test_jpeg_records_psnr_and_info_shows_bytes_and_fidelity(
     out = tmp_path / "jpeg.zarr"
     cache = extract(out, digit_shards[:1], "--pixel-codec", "jpeg", "--rank", "8", "--dtype", "int8")
     recorded = cache.shard_attrs()["digits-0000"]["stats"]["pixel_fidelity"]["psnr_db"]
-    decoded = cache.read("digits-0000", 0, 16).pixels.astype(np.float64)
-    exact = FeatureCache.open(str(tiny_cache)).read("digits-0000", 0, 16).pixels
+    decoded = cache.read("digits-0000", 0, 40).pixels.astype(np.float64)  # with --rank: every batch measured
+    exact = FeatureCache.open(str(tiny_cache)).read("digits-0000", 0, 40).pixels
     assert (
         recorded == pytest.approx(10 * np.log10(255.0**2 / np.square(decoded - exact).mean()), abs=0.01)
         and 25 < recorded < 100
