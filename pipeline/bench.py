@@ -531,9 +531,9 @@ BYTE_PLANS: dict[str, BytePlan] = {
     "float16 cache, all levels (default)": BytePlan(),
     "int8 cache": BytePlan({"dtype": "int8"}),
     "float16, --echo 8": BytePlan(echo=8),
-    "int8, --echo 4": BytePlan({"dtype": "int8"}, echo=4),
     "int8, --echo 8": BytePlan({"dtype": "int8"}, echo=8),
-    "int8 rank 32, --echo 4": BytePlan({"dtype": "int8", "rank": 32}, echo=4),
+    "int8, --echo 16": BytePlan({"dtype": "int8"}, echo=16),
+    "int8 rank 32, --echo 8": BytePlan({"dtype": "int8", "rank": 32}, echo=8),
     "int8, --levels 2, --echo 4": BytePlan({"dtype": "int8"}, echo=4, levels=(2,)),
 }
 BYTES_TARGET = 1 / 8  # of the default's bytes read per trained sample
