@@ -443,7 +443,7 @@ def train(
     echo: Annotated[
         int,
         typer.Option(
-            help="Steps per loaded batch, each on fresh random locations (reads echo x fewer bytes per step)."
+            help="Passes over each loaded window, each reshuffled, with fresh locations (echo x fewer bytes per step)."
         ),
     ] = 1,
     epochs: Annotated[int, typer.Option(help="Passes over the caches (0: enough for --min-steps steps).")] = 0,
@@ -739,7 +739,7 @@ def bench_train_command(
     locations: Annotated[
         int, typer.Option(help="Random grid locations per image per step (K), beside the all-locations rate.")
     ] = 64,
-    echo: Annotated[int, typer.Option(help="Steps per loaded batch (as apmpipe train --echo).")] = 1,
+    echo: Annotated[int, typer.Option(help="Steps per loaded sample (as apmpipe train --echo).")] = 1,
     student_rate: Annotated[
         float, typer.Option(help="A student rate (samples/s, e.g. measured on a GPU) to size the loader for.")
     ] = 0.0,
