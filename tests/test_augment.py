@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from apmpipe.pipeline.bench import augment_fidelity
 from apmpipe.stages.augment import MIN_CROP_CELLS, augment_generator, crop_boxes, draw_views
 from apmpipe.storage.checkpoint import load_student
 
@@ -127,3 +128,14 @@ def test_unknown_augment_and_bad_crop_scale_are_one_line_errors(
         assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert all(word in lines[0] for word in words), lines[0]
         assert not (tmp_path / "run").exists()
+
+
+def test_augment_fidelity_compares_targets_with_the_teacher_on_augmented_images(tiny_cache: Path) -> None:
+    flip, crop = augment_fidelity(str(tiny_cache), crop_scale=(1.0, 1.0))  # whole-image crops: targets are exact
+    assert (flip.augment, crop.augment) == ("flip", "crop")
+    for layer, parts in crop.cosine.items():
+        assert min(parts.values()) > 0.999 and min(crop.baseline[layer].values()) > 0.999, crop
+    assert crop.agreement == {"head": 1.0, "cached": 1.0} and crop.top1["augmented"] == crop.top1["original"]
+    # a ViT with learned positions is not flip-equivariant: flipped cached tokens only approximate the real ones
+    assert all(parts["patch"] < 0.999 for parts in flip.cosine.values()), flip
+    assert all(flip.cosine[layer]["prefix"] == flip.baseline[layer]["prefix"] for layer in flip.cosine)
