@@ -503,16 +503,19 @@ def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def bench_augment(
-    workdir: Path, seed: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0)
-) -> tuple[dict[str, object], list[AugmentRow]]:
-    """:func:`augment_fidelity` on the demo's trained teacher and its held-out (val) cache; returns the teacher
-    record and the rows."""
+    workdir: Path, seed: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0), cache: str | None = None
+) -> tuple[str, list[AugmentRow]]:
+    """:func:`augment_fidelity` on ``cache`` or else on the demo's trained teacher and its held-out (val) cache;
+    returns a line naming the teacher, and the rows."""
     from apmpipe.stages.reference_teacher import ReferenceRecipe
 
     from .demo import prepare_digit_caches
 
+    if cache:
+        return f"the teacher that made {cache} (rebuilt from the cache)", augment_fidelity(cache, seed, crop_scale)
     data = prepare_digit_caches(workdir, ReferenceRecipe(seed=seed), seed)
-    return data.teacher, augment_fidelity(data.val, seed, crop_scale)
+    teacher = f"{data.teacher['folder']}: val top-1 {data.teacher['val_top1']:.3f} ({data.teacher['data']})"
+    return teacher, augment_fidelity(data.val, seed, crop_scale)
 
 
 def augment_fidelity(url: str, seed: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0)) -> list[AugmentRow]:

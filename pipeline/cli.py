@@ -790,18 +790,22 @@ def bench_augment_command(
         str, typer.Option(help="MIN,MAX area share of the crops (as train --crop-scale).")
     ] = "0.08,1",
     seed: Annotated[int, typer.Option(help="Seed of the split, teacher and crops.")] = 0,
+    cache: Annotated[
+        str | None,
+        typer.Option(help="Measure on this (held-out) cache with a stored head instead; its teacher is rebuilt."),
+    ] = None,
 ) -> None:
     """How close --augment's targets are to the teacher on augmented images.
 
-    On the demo's trained teacher and held-out digits: cosine of the flipped / cropped cached tokens to the
-    teacher's tokens on the flipped / cropped images, per level, beside the un-augmented tokens."""
+    On the demo's trained teacher and held-out digits (or --cache): cosine of the flipped / cropped cached tokens
+    to the teacher's tokens on the flipped / cropped images, per level, beside the un-augmented tokens."""
     from apmpipe.stages.augment import check_crop_scale
 
     from .bench import bench_augment
 
     scale = parse_number_list(crop_scale, "--crop-scale", float, "0.08,1")
     check_crop_scale(scale)
-    teacher, rows = bench_augment(workdir, seed, scale)
+    teacher, rows = bench_augment(workdir, seed, scale, cache)
     render.bench_augment(teacher, rows, scale)
 
 

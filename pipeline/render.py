@@ -333,10 +333,10 @@ def bench_ablation(teacher: dict[str, Any], rows: list[Any], steps: int) -> None
     out_console.print(table("apmpipe bench ablation", lines))
 
 
-def bench_augment(teacher: dict[str, Any], rows: list[Any], crop_scale: tuple[float, float]) -> None:
+def bench_augment(teacher: str, rows: list[Any], crop_scale: tuple[float, float]) -> None:
     """``apmpipe bench augment``: cosine of the augmented targets to the teacher on augmented images, per level."""
     lines = [
-        ("teacher", f"{teacher['folder']}: val top-1 {teacher['val_top1']:.3f} ({teacher['data']})"),
+        ("teacher", teacher),
         (
             "reads",
             "cosine to the teacher's tokens on the augmented image: --augment's target | baseline: the "

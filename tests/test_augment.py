@@ -139,3 +139,6 @@ def test_augment_fidelity_compares_targets_with_the_teacher_on_augmented_images(
     # a ViT with learned positions is not flip-equivariant: flipped cached tokens only approximate the real ones
     assert all(parts["patch"] < 0.999 for parts in flip.cosine.values()), flip
     assert all(flip.cosine[layer]["prefix"] == flip.baseline[layer]["prefix"] for layer in flip.cosine)
+    shown = run_cli("bench", "augment", "--cache", tiny_cache, "--crop-scale", "1,1")
+    assert shown.exit_code == 0, shown.output
+    assert "patch 1.000 | baseline 1.000" in shown.output and "flip L2" in shown.output, shown.output
