@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,13 @@ def test_augment_fidelity_compares_targets_with_the_teacher_on_augmented_images(
     shown = run_cli("bench", "augment", "--cache", tiny_cache, "--crop-scale", "1,1")
     assert shown.exit_code == 0, shown.output
     assert "patch 1.000 | baseline 1.000" in shown.output and "flip L2" in shown.output, shown.output
+
+
+def test_augment_options_from_a_config_file(tmp_path: Path, tiny_cache: Path) -> None:
+    config = tmp_path / "train.toml"
+    config.write_text('augment = ["crop", "flip"]\ncrop_scale = [0.5, 1]\n')
+    run = tmp_path / "run"
+    result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--config", config, "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    saved = tomllib.loads((run / "config.toml").read_text())
+    assert saved["augment"] == ["flip", "crop"] and saved["crop_scale"] == [0.5, 1.0], saved
