@@ -145,7 +145,7 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     return parse_number_list(text, option, int, "4,8,12")
 
 
-def parse_number_list(text: str, option: str, kind: type = int, example: str = "4,8,12") -> tuple[Any, ...]:
+def parse_number_list(text: str, option: str, kind: type, example: str) -> tuple[Any, ...]:
     try:
         return tuple(kind(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:

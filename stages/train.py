@@ -408,12 +408,16 @@ def flat_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k != "loss"} | options.get("loss", {})
 
 
+def _as_typed(value: Any) -> Any:
+    """An option's value as a user types it (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
 def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``--name NOW (run: SAVED)`` for every option that would change a resumed run's result."""
     old, new = flat_options(saved), flat_options(now)
-    shown = lambda value: ",".join(map(str, value)) if isinstance(value, list) else value  # noqa: E731 (as typed)
     return [
-        f"--{k.replace('_', '-')} {shown(new[k])} (run: {shown(old[k])})"
+        f"--{k.replace('_', '-')} {_as_typed(new[k])} (run: {_as_typed(old[k])})"
         for k in new
         if k in old and k not in RESUME_MAY_CHANGE and new[k] != old[k]
     ]
