@@ -450,6 +450,10 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "no extra prefix weight (--prefix-weight 0)": {"prefix_weight": 0.0},
     "no pixel loss (--rgb-weight 0)": {"rgb_weight": 0.0},
     "data echoing (--echo 8: 8x fewer bytes read per step)": {"echo": 8},
+    "augment: flip (--augment flip)": {"augment": ("flip",)},
+    "augment: crop (--augment crop)": {"augment": ("crop",)},
+    "augment: flip and crop (--augment flip,crop)": {"augment": ("flip", "crop")},
+    "augment: milder crop (--augment crop --crop-scale 0.5,1)": {"augment": ("crop",), "crop_scale": (0.5, 1.0)},
     "old defaults (MSE only, all locations, lr 5e-4, batch 64, rgb 1)": {
         "logit_weight": 0.0,
         "standardize": False,
@@ -614,3 +618,101 @@ def _write_bytes_record(path: Path, teacher: dict[str, object], steps: int, rows
         ],
     }
     path.write_text(json.dumps(record, indent=1, default=str))
+
+
+@dataclass
+class AugmentRow:
+    """How well ``--augment``'s resampled targets stand for the teacher's tokens on the really augmented images.
+
+    ``cosine[layer][part]``: mean cosine of target and real tokens (``part``: ``patch`` or ``prefix``);
+    ``baseline[layer][part]``: the same for the un-augmented cached tokens. ``top1``: the teacher's own top-1 on the
+    ``augmented`` and ``original`` images; ``agreement``: how often the argmax of a KL target (``head``: the stored
+    head on the augmented tokens; ``cached``: the cached logits) is the teacher's on the augmented image.
+    """
+
+    augment: str
+    cosine: dict[int, dict[str, float]]
+    baseline: dict[int, dict[str, float]]
+    top1: dict[str, float]
+    agreement: dict[str, float]
+
+
+def _token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[B, T, D]`` x 2 -> per-sample mean cosine ``[B]``."""
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean(1)
+
+
+def bench_augment(
+    workdir: Path, seed: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0), cache: str | None = None
+) -> tuple[str, list[AugmentRow]]:
+    """:func:`augment_fidelity` on ``cache`` or else on the demo's trained teacher and its held-out (val) cache;
+    returns a line naming the teacher, and the rows."""
+    from apmpipe.stages.reference_teacher import ReferenceRecipe
+
+    from .demo import prepare_digit_caches
+
+    if cache:
+        return f"the teacher that made {cache} (rebuilt from the cache)", augment_fidelity(cache, seed, crop_scale)
+    data = prepare_digit_caches(workdir, ReferenceRecipe(seed=seed), seed)
+    teacher = f"{data.teacher['folder']}: val top-1 {data.teacher['val_top1']:.3f} ({data.teacher['data']})"
+    return teacher, augment_fidelity(data.val, seed, crop_scale)
+
+
+def augment_fidelity(url: str, seed: int = 0, crop_scale: tuple[float, float] = (0.08, 1.0)) -> list[AugmentRow]:
+    """The targets ``--augment`` builds from a cache's tokens (every sample flipped; every sample cropped with
+    ``crop_scale``) beside the cache's teacher (rebuilt) run on the augmented pixels, per level, patch and prefix
+    tokens apart; baseline: the un-augmented cached tokens. The cache needs a stored head."""
+    from collections import defaultdict
+
+    from apmpipe.stages.augment import Views, augment_generator, crop_boxes
+    from apmpipe.stages.head import TeacherHead
+    from apmpipe.stages.verify import rebuild_teacher
+    from apmpipe.storage.cache import FeatureCache
+    from apmpipe.storage.errors import CacheError
+    from apmpipe.storage.stream import iter_cache
+
+    cache = FeatureCache.open(url)
+    spec, layout = cache.spec, cache.spec.levels[-1]
+    layers = tuple(level.layer for level in spec.levels)
+    stored = cache.head()
+    if stored is None:
+        raise CacheError(f"cache {url!r} stores no teacher head; bench augment needs a teacher with a classifier")
+    teacher, head, prefix = rebuild_teacher(cache, device="cpu"), TeacherHead(*stored), layout.prefix_tokens
+    parts = {"patch": slice(prefix, None), "prefix": slice(0, prefix)}
+    values: dict[str, dict[str, list[torch.Tensor]]] = {"flip": defaultdict(list), "crop": defaultdict(list)}
+    bench_progress("the teacher on every held-out image flipped, and cropped")
+    with torch.inference_mode():
+        for index, (_, _, batch) in enumerate(iter_cache(cache, 64)):
+            pixels, labels = torch.from_numpy(batch.pixels).float(), torch.from_numpy(batch.labels)
+            cached = [torch.from_numpy(t) for t in batch.tokens]
+            size, count = (pixels.shape[-2], pixels.shape[-1]), len(pixels)
+            boxes = crop_boxes(count, size, layout.grid, crop_scale, augment_generator(seed, 0, index))
+            views = {
+                "flip": Views(torch.ones(count, dtype=torch.bool), None, size, layout.grid, prefix),
+                "crop": Views(None, boxes, size, layout.grid, prefix),
+            }
+            original = teacher.forward(pixels)[1].argmax(1)
+            for name, view in views.items():
+                real, logits = teacher.forward(view.images(pixels))
+                targets, out = [view.tokens(t) for t in cached], values[name]
+                for layer, target, unaugmented, truth in zip(layers, targets, cached, real, strict=True):
+                    for part, cut in parts.items():
+                        out[f"{layer}/{part}/target"].append(_token_cosine(target[:, cut], truth[:, cut]))
+                        out[f"{layer}/{part}/baseline"].append(_token_cosine(unaugmented[:, cut], truth[:, cut]))
+                decided = logits.argmax(1)
+                out["top1/augmented"].append((decided == labels).float())
+                out["top1/original"].append((original == labels).float())
+                out["agree/head"].append((head(targets[-1]).argmax(1) == decided).float())
+                out["agree/cached"].append((torch.from_numpy(batch.logits).argmax(1) == decided).float())
+    rows = []
+    for name, out in values.items():
+        mean = {key: float(torch.cat(v).mean()) for key, v in out.items()}
+        cosine, baseline = (
+            {layer: {part: mean[f"{layer}/{part}/{kind}"] for part in parts} for layer in layers}
+            for kind in ("target", "baseline")
+        )
+        top1, agreement = (
+            {k.split("/")[1]: v for k, v in mean.items() if k.startswith(kind)} for kind in ("top1/", "agree/")
+        )
+        rows.append(AugmentRow(name, cosine, baseline, top1, agreement))
+    return rows

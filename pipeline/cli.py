@@ -142,11 +142,16 @@ def reports_user_errors(command: F) -> F:
 
 
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    return parse_number_list(text, option, int, "4,8,12")
+
+
+def parse_number_list(text: str, option: str, kind: type, example: str) -> tuple[Any, ...]:
     try:
-        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+        return tuple(kind(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
+        what = "integers" if kind is int else "numbers"
         raise ConfigError(
-            f"{option} {text!r} is not a comma-separated list of integers, e.g. {option} 4,8,12"
+            f"{option} {text!r} is not a comma-separated list of {what}, e.g. {option} {example}"
         ) from None
 
 
@@ -446,6 +451,16 @@ def train(
             help="Passes over each loaded window, each reshuffled, with fresh locations (echo x fewer bytes per step)."
         ),
     ] = 1,
+    augment: Annotated[
+        str,
+        typer.Option(
+            help="Train-time augmentations, comma-separated: flip (pixels and token grid mirrored), crop (random "
+            "resized crop, tokens resampled to the box); none: off."
+        ),
+    ] = "none",
+    crop_scale: Annotated[
+        str, typer.Option(help="With --augment crop: MIN,MAX share of the image's area a crop covers.")
+    ] = "0.08,1",
     epochs: Annotated[int, typer.Option(help="Passes over the caches (0: enough for --min-steps steps).")] = 0,
     min_steps: Annotated[
         int, typer.Option(help="With --epochs 0: train at least this many steps (whole epochs).")
@@ -518,6 +533,8 @@ def train(
         caches=tuple(caches),
         hidden=parse_int_list(hidden, "--hidden") if hidden else None,
         levels=parse_int_list(levels, "--levels") if levels else None,
+        augment=tuple(name for name in augment.replace(" ", "").split(",") if name),
+        crop_scale=parse_number_list(crop_scale, "--crop-scale", float, "0.08,1"),
     )
     options["storage_options"] = parse_storage_options(storage_option)
     train_config = TrainConfig.from_file_and_options(options, config, given)
@@ -807,6 +824,36 @@ def bench_bytes_command(
 
     teacher, rows = bench_bytes(workdir, steps, seed, only)
     render.bench_bytes(teacher, rows, steps, workdir / "bench-bytes.json")
+
+
+@bench_app.command("augment")
+@reports_user_errors
+def bench_augment_command(
+    ctx: typer.Context,
+    workdir: Annotated[
+        Path, typer.Option(help="Folder for the trained teacher and caches (shared with bench ablation).")
+    ] = Path("bench-ablation"),
+    crop_scale: Annotated[
+        str, typer.Option(help="MIN,MAX area share of the crops (as train --crop-scale).")
+    ] = "0.08,1",
+    seed: Annotated[int, typer.Option(help="Seed of the split, teacher and crops.")] = 0,
+    cache: Annotated[
+        str | None,
+        typer.Option(help="Measure on this (held-out) cache with a stored head instead; its teacher is rebuilt."),
+    ] = None,
+) -> None:
+    """How close --augment's targets are to the teacher on augmented images.
+
+    On the demo's trained teacher and held-out digits (or --cache): cosine of the flipped / cropped cached tokens
+    to the teacher's tokens on the flipped / cropped images, per level, beside the un-augmented tokens."""
+    from apmpipe.stages.augment import check_crop_scale
+
+    from .bench import bench_augment
+
+    scale = parse_number_list(crop_scale, "--crop-scale", float, "0.08,1")
+    check_crop_scale(scale)
+    teacher, rows = bench_augment(workdir, seed, scale, cache)
+    render.bench_augment(teacher, rows, scale)
 
 
 def main(args: list[str] | None = None) -> None:

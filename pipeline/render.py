@@ -366,3 +366,35 @@ def bench_bytes(teacher: dict[str, Any], rows: list[Any], steps: int, record: Pa
         )
     out_console.print(table("apmpipe bench bytes", lines))
     err_console.print(f"bench: figures saved in {record}", highlight=False)
+
+
+def bench_augment(teacher: str, rows: list[Any], crop_scale: tuple[float, float]) -> None:
+    """``apmpipe bench augment``: cosine of the augmented targets to the teacher on augmented images, per level."""
+    lines = [
+        ("teacher", teacher),
+        (
+            "reads",
+            "cosine to the teacher's tokens on the augmented image: --augment's target | baseline: the "
+            "un-augmented cached tokens",
+        ),
+    ]
+    for row in rows:
+        view = (
+            "every image flipped"
+            if row.augment == "flip"
+            else f"every image cropped, --crop-scale {crop_scale[0]:g},{crop_scale[1]:g}"
+        )
+        for layer, parts in row.cosine.items():
+            cells = [
+                f"{part} {cosine:.3f} | baseline {row.baseline[layer][part]:.3f}" for part, cosine in parts.items()
+            ]
+            lines.append((f"{row.augment} L{layer}", "; ".join(cells)))
+        lines.append(
+            (
+                f"{row.augment} decisions",
+                f"{view}: teacher top-1 {row.top1['augmented']:.3f} (original images {row.top1['original']:.3f}); "
+                f"the KL target's class is the teacher's on the augmented image for {row.agreement['head']:.3f} "
+                f"(head on augmented tokens) | {row.agreement['cached']:.3f} (cached logits)",
+            )
+        )
+    out_console.print(table("apmpipe bench augment", lines))

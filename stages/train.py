@@ -33,6 +33,7 @@ from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, wi
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
 from .apm import APM, config_for_cache
+from .augment import augment_generator, check_crop_scale, draw_views, parse_augments
 from .head import TeacherHead
 from .inputs import PixelNormalizer
 from .objectives import LossConfig, Losses, distillation_losses, gather_tokens, location_generator, sample_locations
@@ -63,6 +64,8 @@ class TrainConfig:
     standardize: bool = True
     locations: int = 16
     echo: int = 1
+    augment: tuple[str, ...] = ()
+    crop_scale: tuple[float, float] = (0.08, 1.0)
     epochs: int = 0
     min_steps: int = 4000
     max_steps: int = 0
@@ -94,6 +97,8 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-minutes must be 0 (off) or more, got {self.checkpoint_minutes}")
         if self.tensorboard_dir is not None and not self.tensorboard:
             raise ConfigError("--tensorboard-dir needs --tensorboard")
+        object.__setattr__(self, "augment", parse_augments(self.augment))
+        check_crop_scale(self.crop_scale)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -168,6 +173,8 @@ def _checked(name: str, value: Any, declared: dict[str, Any]) -> Any:
         return float(value)
     if origin is tuple and isinstance(value, (list, tuple)):
         item = typing.get_args(base)[0]
+        if item is float:
+            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             return tuple(value)
     elif isinstance(value, origin) and not (origin is int and isinstance(value, bool)):
@@ -426,11 +433,16 @@ def flat_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k != "loss"} | options.get("loss", {})
 
 
+def _as_typed(value: Any) -> Any:
+    """An option's value as a user types it (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
 def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``--name NOW (run: SAVED)`` for every option that would change a resumed run's result."""
     old, new = flat_options(saved), flat_options(now)
     return [
-        f"--{k.replace('_', '-')} {new[k]} (run: {old[k]})"
+        f"--{k.replace('_', '-')} {_as_typed(new[k])} (run: {_as_typed(old[k])})"
         for k in new
         if k in old and k not in RESUME_MAY_CHANGE and new[k] != old[k]
     ]
@@ -486,9 +498,31 @@ def _agreed(run: _Run, *flags: bool) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
-def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logits: torch.Tensor | None) -> Losses:
-    """One optimiser step on a batch with this step's locations (seeded by seed, rank and step)."""
+def _augmented(
+    run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logits: torch.Tensor | None
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """This step's ``--augment`` view of a batch (seeded by seed, rank and step): pixels and every level's tokens
+    transformed alike; the KL target becomes the stored head on the augmented final-level tokens (the cached
+    logits describe the un-augmented image; these agree with the tokens the student is asked for)."""
     cfg = run.model.config
+    generator = augment_generator(run.config.seed, run.rank, run.step)
+    size = (images.shape[-2], images.shape[-1])
+    views = draw_views(
+        run.config.augment, len(images), size, cfg.grid, cfg.prefix_tokens, generator, run.config.crop_scale
+    )
+    targets = [views.tokens(t) for t in targets]
+    if logits is not None and run.head is not None:
+        with torch.no_grad():
+            logits = run.head(targets[-1])
+    return views.images(images), targets, logits
+
+
+def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logits: torch.Tensor | None) -> Losses:
+    """One optimiser step on a batch (augmented with ``--augment``) with this step's locations (seeded by seed,
+    rank and step)."""
+    cfg = run.model.config
+    if run.config.augment:
+        images, targets, logits = _augmented(run, images, targets, logits)
     generator = location_generator(run.config.seed, run.rank, run.step)
     locations = sample_locations(
         images.shape[0], cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, run.config.locations, generator

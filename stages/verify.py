@@ -69,14 +69,11 @@ def _pick(cache: FeatureCache, count: int) -> list[tuple[str, int]]:
     return [positions[i] for i in sorted(set(picks.tolist()))]
 
 
-def verify_cache(
-    url: str, samples: int = 8, device: str = "auto", checkpoint: str | None = None, storage_options: dict | None = None
-) -> VerifyReport:
-    """Rebuild the cache's teacher (same weights, checked by hash) and recompute ``samples`` cached samples."""
-    cache = FeatureCache.open(url, storage_options=storage_options)
+def rebuild_teacher(cache: FeatureCache, device: str = "auto", checkpoint: str | None = None) -> Teacher:
+    """The teacher that made ``cache`` (float32), rebuilt from its recorded build; its weights checked by hash."""
     build = cache.attrs.get("teacher_build")
     if not build:
-        raise CacheError(f"cache {url!r} does not record how its teacher was built; it cannot be verified")
+        raise CacheError(f"cache {cache.url!r} does not record how its teacher was built; it cannot be verified")
     config = TeacherConfig.from_dict({**build, "checkpoint": checkpoint or build.get("checkpoint")})
     spec = cache.spec
     teacher = Teacher(
@@ -84,9 +81,18 @@ def verify_cache(
     )
     if teacher.weights_sha256 != spec.teacher["weights_sha256"]:
         raise ModelError(
-            f"the rebuilt teacher's weights differ from those that made {url!r}; pass the original "
+            f"the rebuilt teacher's weights differ from those that made {cache.url!r}; pass the original "
             "weights with --checkpoint"
         )
+    return teacher
+
+
+def verify_cache(
+    url: str, samples: int = 8, device: str = "auto", checkpoint: str | None = None, storage_options: dict | None = None
+) -> VerifyReport:
+    """Rebuild the cache's teacher (same weights, checked by hash) and recompute ``samples`` cached samples."""
+    cache = FeatureCache.open(url, storage_options=storage_options)
+    teacher, spec = rebuild_teacher(cache, device, checkpoint), cache.spec
     report = VerifyReport(samples=0)
     shard_attrs = cache.shard_attrs()
     precision = {name: attrs.get("precision", "float32") for name, attrs in shard_attrs.items()}
