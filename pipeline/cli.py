@@ -22,7 +22,7 @@ import typer
 from apmpipe.storage.errors import ApmError, ConfigError
 
 from . import render
-from .console import ExtractProgress, err_console, out_console
+from .console import ShardProgress, err_console, out_console
 
 app = typer.Typer(
     name="apmpipe",
@@ -300,7 +300,7 @@ def extract(
 
     runner = _shard_runner(workers, scheduler, scheduler_file, resources)
     with (
-        ExtractProgress() as progress
+        ShardProgress() as progress
     ):  # beside remote workers the driver's teacher (spec, head check) stays on the CPU
         driver = "cpu" if runner else None
         summary = run_extract(
