@@ -18,6 +18,7 @@ start, :meth:`RunDir.remove_stale_temporaries`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -197,3 +198,15 @@ def load_student(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     with safe_open(str(file), framework="pt") as handle:
         metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
     return load_weights(file), metadata
+
+
+def student_digest(path: str | Path) -> str:
+    """sha256 of an exported student's file (run directory or ``student.safetensors``): its identity in what it
+    made (``apmpipe embed`` outputs)."""
+    path = Path(path)
+    file = path / STUDENT_FILE if path.is_dir() else path
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
