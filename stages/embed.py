@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -145,6 +145,12 @@ class EmbedSummary:
         return [(r.name, key, reason) for r in self.results for key, reason in r.skipped_samples]
 
 
+class Progress(Protocol):
+    def plan(self, total: int, todo: int) -> None: ...
+    def images(self, count: int) -> None: ...
+    def shard(self, result: PartResult) -> None: ...
+
+
 @dataclass
 class _Head:
     """The teacher head the run uses (or None), the cache it came from, and why there is none."""
@@ -217,7 +223,9 @@ def _levels(model: APM, layout: dict[str, Any], feature: str, has_head: bool) ->
 class _Embedder:
     """The student, its input normaliser, the head and the levels: uint8 pixels -> one part's arrays."""
 
-    def __init__(self, config: EmbedConfig, model: APM, layout: dict[str, Any], head: _Head, device: torch.device):
+    def __init__(
+        self, config: EmbedConfig, model: APM, layout: dict[str, Any], head: _Head, device: torch.device
+    ) -> None:
         self.config, self.model, self.head, self.device = config, model, head.module, device
         self.normalize = PixelNormalizer(layout["data_config"]).to(device)
         self.levels = _levels(model, layout, config.feature, head.module is not None)
@@ -280,9 +288,9 @@ def _write(store: EmbeddingStore, buffer: _PartBuffer, topk: int) -> PartResult:
     return result
 
 
-def embed(config: EmbedConfig, progress: Any | None = None) -> EmbedSummary:
-    """Embed every input shard not yet complete in ``config.out``; ``progress`` (optional) has ``plan(total,
-    todo)``, ``images(count)`` and ``shard(result)``, as :class:`apmpipe.pipeline.console.ShardProgress`."""
+def embed(config: EmbedConfig, progress: Progress | None = None) -> EmbedSummary:
+    """Embed every input shard not yet complete in ``config.out`` (``progress``: e.g. the CLI's
+    :class:`apmpipe.pipeline.console.ShardProgress`)."""
     start = time.perf_counter()
     inputs = resolve_config_inputs(config)
     device = resolve_device(config.device)
@@ -322,7 +330,7 @@ def _embed_parts(
     embedder: _Embedder,
     todo: Sequence[ShardSource],
     layout: dict[str, Any],
-    progress: Any | None,
+    progress: Progress | None,
 ) -> list[PartResult]:
     """Decode ``todo`` in loader workers as extract does, run the student, write each part when its last batch
     is in."""

@@ -87,8 +87,12 @@ def _option_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
         if old["options"].get(key) != value:
             return f"--{key.replace('_', '-')} {value} (run: {old['options'].get(key)})"
     if old["head"].get("cache") != new["head"].get("cache"):
-        return f"the teacher head of {new['head'].get('cache')} (run: of {old['head'].get('cache')})"
+        return f"the teacher head {_head_text(new['head'])} (run: {_head_text(old['head'])})"
     return None
+
+
+def _head_text(head: dict[str, Any]) -> str:
+    return f"of {head['cache']}" if head.get("cache") else f"none: {head.get('reason')}"
 
 
 class EmbeddingStore:

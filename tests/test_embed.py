@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 def test_bad_samples_in_the_ledger_failed_part_folder_pipe_and_no_head(
-    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, digit_shards: list[str]
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, tiny_cache: Path, digit_shards: list[str]
 ) -> None:
     images, _ = digit_images(32, "L")
     with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
@@ -162,3 +163,7 @@ def test_bad_samples_in_the_ledger_failed_part_folder_pipe_and_no_head(
     assert np.load(out / "emb_layer1" / "mixed.npy").shape == (1, 192)
     photos = pq.read_table(out / "metadata" / "photos-00000.parquet").to_pydict()
     assert photos["key"] == ["one/img1", "zero/img0"] and photos["label"] == [0, 1]
+    # the training cache is back: a rerun would add parts with logits beside parts without, and is refused
+    shutil.copytree(tiny_cache, tmp_path / "gone.zarr")
+    result = run_main(capsys, "embed", *sources, "--student", tmp_path / "student.safetensors", "--out", out, *QUICK)
+    assert result.returncode == 2 and "the teacher head of" in result.stderr and "(run: none: " in result.stderr
