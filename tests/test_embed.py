@@ -110,6 +110,9 @@ def test_rerun_skips_complete_parts_and_refuses_changed_options(
     assert more.returncode == 0 and "1 done, 1 already complete" in more.stdout
     assert (out / "emb_layer2" / "digits-0000.npy").stat().st_mtime_ns == written
     assert list(_manifest(out)["parts"]) == ["digits-0000", "digits-0001"]
+    other = write_digit_shards(tmp_path / "other", count=8, start=500, size=32)[0]  # another digits-0000.tar
+    refused = run_main(capsys, "embed", other, "--student", tiny_student, "--out", out, *QUICK)
+    assert refused.returncode == 2 and "already holds shard 'digits-0000' made from" in refused.stderr
     for option, message in (
         (["--feature", "mean-patch"], "--feature mean-patch (run: pooled)"),
         (["--dtype", "float32"], "--dtype float32 (run: float16)"),
