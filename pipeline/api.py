@@ -1,5 +1,6 @@
-"""The public Python API (re-exported as ``apmpipe.extract``, ``apmpipe.train``, ``apmpipe.evaluate``): one call
-per stage, keyword options named as on the command line, each building the stage's frozen config and running it.
+"""The public Python API (re-exported as ``apmpipe.extract``, ``apmpipe.train``, ``apmpipe.evaluate``,
+``apmpipe.embed``): one call per stage, keyword options named as on the command line, each building the stage's
+frozen config and running it.
 
 Bad input raises :class:`apmpipe.storage.errors.ApmError` (a one-line message) as the CLI's would.
 """
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from apmpipe.stages.extract_config import ExtractConfig
 
 if TYPE_CHECKING:  # the stages themselves load torch: imported when called
+    from apmpipe.stages.embed import EmbedSummary
     from apmpipe.stages.extract import ExtractSummary
     from apmpipe.stages.train import TrainSummary
 
@@ -74,3 +76,22 @@ def evaluate(cache: str, student: str, **options: Any) -> dict[str, Any]:
     from apmpipe.stages.evaluate import evaluate as run_evaluate
 
     return run_evaluate(EvalConfig(cache=cache, student=student, **options))
+
+
+def embed(inputs: Sequence[str] | str, out: str, student: str, **options: Any) -> EmbedSummary:
+    """Run the student in ``student`` (no teacher) over new images into the embedding folder ``out``; rerunning
+    completes it.
+
+    Args:
+        inputs: as :func:`extract` reads them (shards, patterns, ``pipe:`` commands, an image-folder root).
+        options: ``no_labels``, ``class_names_file``, and any :class:`apmpipe.stages.embed.EmbedConfig` field, e.g.
+            ``feature="mean-patch"``, ``tokens=True``, ``head_cache=...``.
+
+    Returns:
+        The :class:`apmpipe.stages.embed.EmbedSummary` (parts, levels and their features, the head used).
+    """
+    from apmpipe.stages.embed import EmbedConfig
+    from apmpipe.stages.embed import embed as run_embed
+
+    sources = (inputs,) if isinstance(inputs, str) else tuple(inputs)
+    return run_embed(EmbedConfig.from_options(sources, out, student, **options))

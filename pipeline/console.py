@@ -26,10 +26,12 @@ def human_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-class ExtractProgress:
-    """Progress of an extraction: shards done of total (with ETA) and images with their rate."""
+class ShardProgress:
+    """Progress of a command over input shards (extract, embed): shards done of total (with ETA) and images with
+    their rate; ``done`` says what an already finished shard is (``cached``, ``embedded``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: str = "extract", done: str = "cached") -> None:
+        self._command, self._done = command, done
         self._bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -42,7 +44,7 @@ class ExtractProgress:
             console=err_console,
             transient=False,
         )
-        self._task = self._bar.add_task("extract", total=None, images=0, rate=0.0)
+        self._task = self._bar.add_task(command, total=None, images=0, rate=0.0)
         self._images = 0
         self._started = False
 
@@ -53,7 +55,9 @@ class ExtractProgress:
         self._bar.update(
             self._task,
             total=todo,
-            description=f"extract ({total - todo} of {total} shards already cached)" if total > todo else "extract",
+            description=f"{self._command} ({total - todo} of {total} shards already {self._done})"
+            if total > todo
+            else self._command,
         )
 
     def images(self, count: int) -> None:
@@ -64,7 +68,7 @@ class ExtractProgress:
     def shard(self, result: object) -> None:
         self._bar.advance(self._task)
 
-    def __enter__(self) -> ExtractProgress:
+    def __enter__(self) -> ShardProgress:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -24,7 +24,7 @@ from apmpipe.stages.teacher import TeacherConfig
 from apmpipe.stages.train import TrainConfig, train
 from apmpipe.storage.checkpoint import RunDir
 
-from .console import ExtractProgress, TrainProgress, err_console, human_bytes
+from .console import ShardProgress, TrainProgress, err_console, human_bytes
 from .datasets import digit_images, digit_split, write_digit_shards
 from .report import plot_losses, write_eval_report
 
@@ -88,7 +88,7 @@ def _extract(shards: list[str], out: Path, teacher: Path, **storage: Any) -> Ext
         shard_samples=128,
         **storage,
     )
-    with ExtractProgress() as progress:
+    with ShardProgress() as progress:
         return extract(config, progress=progress, on_plan=progress.plan)
 
 

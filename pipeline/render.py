@@ -52,6 +52,33 @@ def extract_summary(summary: Any) -> None:
             _err_line(f"failed shard {result.name}: {result.error}")
 
 
+def embed_summary(summary: Any) -> None:
+    """``apmpipe embed``: parts, images, the feature of each level, the teacher head, throughput; skips, failures."""
+    done = f"{summary.count('done')} done, {summary.count('skipped')} already complete"
+    head = summary.head
+    rate = summary.images / summary.seconds if summary.seconds else 0.0
+    bare = summary.images / summary.student_seconds if summary.student_seconds else 0.0
+    rows = [
+        ("out", summary.out),
+        ("parts", f"{done}, {summary.count('failed')} failed"),
+        ("images", f"{summary.images} embedded, {len(summary.skipped_samples)} samples skipped"),
+        ("levels", ", ".join(f"layer {lv['layer']}: {lv['feature']}" for lv in summary.levels)),
+        (
+            "teacher head",
+            f"logits and top-k classes from {head['cache']} ({head['pool']} pooling)"
+            if head["cache"]
+            else f"none, embedded without logits: {head['reason']}",
+        ),
+        ("throughput", f"{rate:.1f} img/s over {summary.seconds:.1f} s (student forward alone: {bare:.1f} img/s)"),
+    ]
+    out_console.print(table("apmpipe embed", rows))
+    for part, key, reason in summary.skipped_samples[:20]:
+        _err_line(f"skipped {part}/{key}: {reason}")
+    for result in summary.results:
+        if result.status == "failed":
+            _err_line(f"failed part {result.name}: {result.error}")
+
+
 def cache_description(desc: dict[str, Any], sizes: bool) -> None:
     """``apmpipe info``: what :meth:`FeatureCache.describe` returned."""
     spec = desc["spec"]

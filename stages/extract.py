@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 from torch.utils.data import DataLoader
 
-from apmpipe.storage.batches import ShardBatches, die_with_parent
+from apmpipe.storage.batches import ShardBatches, batch_loader
 from apmpipe.storage.cache import (
     STATUS_COMPLETE,
     CacheSpec,
@@ -40,13 +39,14 @@ from apmpipe.storage.errors import ApmError, CacheError, InputError, ModelError
 from apmpipe.storage.lowrank import BasisFit, TokenBasis
 from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
 from apmpipe.storage.redact import redact_url
-from apmpipe.storage.sources import ResolvedInputs, ShardSource
+from apmpipe.storage.sources import ResolvedInputs, ShardSource, done_shards
 
 from .extract_config import (
     ExtractConfig,
     preflight,
 )  # ExtractConfig is public here too (cluster, bench, demo import it)
 from .fidelity import min_token_cosine
+from .runtime import loader_workers
 from .teacher import Teacher, TeacherPool
 
 MAX_PENDING_WRITES = 4
@@ -231,39 +231,14 @@ def teacher_for(config: ExtractConfig, teachers: TeacherPool | None = None) -> T
     )
 
 
-def loader_workers(requested: int, device_type: str) -> int:
-    """-1 (auto): one decoding process beside a CPU teacher (which needs the cores), up to 8 feeding a GPU."""
-    if requested >= 0:
-        return requested
-    cores = os.cpu_count() or 2
-    return max(1, min(8, cores - 1)) if device_type == "cuda" else 1
-
-
 def _shard_batches(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> ShardBatches:
     """Batches of ``shards`` decoded to the teacher's input as ``config`` asks (labels, limits, storage options)."""
-    return ShardBatches(
-        shards,
-        teacher.pixel_transform(),
-        teacher.pixel_shape,
-        config.batch_size,
-        config.label_key,
-        config.storage_options,
-        config.class_names,
-        config.max_pixels,
-    )
+    return ShardBatches.of(config, shards, teacher.pixel_transform(), teacher.pixel_shape)
 
 
 def _loader(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> DataLoader:
-    dataset = _shard_batches(config, teacher, shards)
-    workers = min(loader_workers(config.loader_workers, teacher.device.type), len(shards))
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=teacher.device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None,
-    )
+    workers = loader_workers(config.loader_workers, teacher.device.type)
+    return batch_loader(_shard_batches(config, teacher, shards), workers, teacher.device.type == "cuda")
 
 
 def _check_precision(cache: FeatureCache, teacher: Teacher) -> None:
@@ -424,24 +399,13 @@ def _ensure_bases(cache: FeatureCache, config: ExtractConfig, teacher: Teacher, 
 
 
 def _complete_shards(cache: FeatureCache, shards: Sequence[ShardSource]) -> set[str]:
-    """Names of the inputs already complete in the cache, under their own name or another one (the same tar
-    reached through a symlink); refuses an input whose name matches a complete group made from something else
-    (another tar, a changed folder block)."""
-    records = {name: attrs for name, attrs in cache.shard_attrs().items() if attrs.get("status") == STATUS_COMPLETE}
-    made_from = {name: attrs.get("fingerprint", "") for name, attrs in records.items()}
-    extracted = set(made_from.values())
-    done = set()
-    for shard in shards:
-        fingerprint = redact_url(shard.fingerprint)  # as the cache stores it
-        if fingerprint in extracted:
-            done.add(shard.name)
-        elif shard.name in records:
-            raise CacheError(
-                f"cache {redact_url(cache.url)!r} already holds shard {shard.name!r} made from "
-                f"{made_from[shard.name]!r}, not from {fingerprint!r}; "
-                "extract other data into another --out (or restore the original inputs)"
-            )
-    return done
+    """Names of the inputs already complete in the cache (see :func:`done_shards`)."""
+    made_from = {
+        name: attrs.get("fingerprint", "")
+        for name, attrs in cache.shard_attrs().items()
+        if attrs.get("status") == STATUS_COMPLETE
+    }
+    return done_shards(shards, made_from, f"cache {redact_url(cache.url)!r}")
 
 
 ShardRunner = Callable[[ExtractConfig, list[ShardSource], Progress], list[ShardResult]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
 from apmpipe.storage.errors import ConfigError, ModelError, require_at_least
@@ -139,7 +139,7 @@ class ExtractConfig:
         """Build from flat options, as the command line and :func:`apmpipe.extract` give them: the teacher's
         (``pretrained``, ``checkpoint``, ``model_kwargs``, ``seed``) beside every other field; ``no_labels``
         stores no labels; ``class_names_file`` is read into ``class_names`` (one name per line)."""
-        storage_options = options.get("storage_options") or {}
+        options.update(label_options(no_labels, class_names_file, options.get("storage_options") or {}))
         teacher_config = TeacherConfig(
             name=teacher,
             pretrained=pretrained,
@@ -147,10 +147,6 @@ class ExtractConfig:
             model_kwargs=tuple(sorted((model_kwargs or {}).items())),
             seed=seed,
         )
-        if no_labels:
-            options["label_key"] = None
-        elif class_names_file:
-            options["class_names"] = read_class_names(class_names_file, storage_options)
         return cls(
             inputs=(inputs,) if isinstance(inputs, str) else tuple(inputs),
             out=out,
@@ -179,11 +175,33 @@ class ExtractConfig:
         }
 
 
-def preflight(config: ExtractConfig) -> ResolvedInputs:
-    """Check what ``config`` names before any teacher is built: the inputs (resolved into shard units, which
-    are returned), the teacher's files, and options that contradict the inputs."""
+def label_options(no_labels: bool, class_names_file: str | None, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """``--no-labels`` (no ``label_key``) or ``--class-names FILE`` (read into ``class_names``) as config fields."""
+    if no_labels:
+        return {"label_key": None}
+    return {"class_names": read_class_names(class_names_file, storage_options)} if class_names_file else {}
+
+
+class ReadsInputs(Protocol):
+    """What names a stage's inputs (extract, embed)."""
+
+    inputs: tuple[str, ...]
+    folder_block: int
+    class_names: tuple[str, ...]
+    storage_options: dict[str, Any]
+
+
+def resolve_config_inputs(config: ReadsInputs) -> ResolvedInputs:
+    """The shard units of ``config.inputs``; refuses options that contradict them."""
     inputs = resolve_inputs(config.inputs, folder_block=config.folder_block, storage_options=config.storage_options)
     if config.class_names and inputs.classes:
         raise ConfigError("--class-names is for tar shards; image folders take their classes from sub-folder names")
+    return inputs
+
+
+def preflight(config: ExtractConfig) -> ResolvedInputs:
+    """Check what ``config`` names before any teacher is built: the inputs (resolved into shard units, which
+    are returned), the teacher's files, and options that contradict the inputs."""
+    inputs = resolve_config_inputs(config)
     config.teacher.check_files()
     return inputs

@@ -19,6 +19,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def loader_workers(requested: int, device_type: str) -> int:
+    """Decoding processes for ``--loader-workers`` -1 (auto): one beside a CPU model (which needs the cores), up to
+    8 feeding a GPU; other values as given."""
+    if requested >= 0:
+        return requested
+    cores = os.cpu_count() or 2
+    return max(1, min(8, cores - 1)) if device_type == "cuda" else 1
+
+
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun's environment; initialises the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -18,18 +18,30 @@ process behind.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .sources import DEFAULT_MAX_PIXELS, ImageTooLarge, ShardSource, decode_image, iter_samples
 
 PixelTransform = Callable[[Image.Image], torch.Tensor]
+
+
+class InputOptions(Protocol):
+    """How a stage reads its input shards (the fields extract and embed share)."""
+
+    batch_size: int
+    label_key: str | None
+    class_names: tuple[str, ...]
+    max_pixels: int
+    storage_options: dict[str, Any]
 
 
 class ShardBatches(IterableDataset):
@@ -133,6 +145,40 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         for shard in self._my_shards():
             yield from self._iter_shard(shard)
+
+    @classmethod
+    def of(
+        cls,
+        options: InputOptions,
+        shards: Sequence[ShardSource],
+        transform: PixelTransform,
+        pixel_shape: tuple[int, int, int],
+    ) -> ShardBatches:
+        """Batches of ``shards`` decoded as ``options`` ask (batch size, labels, pixel limit, storage options)."""
+        return cls(
+            shards,
+            transform,
+            pixel_shape,
+            options.batch_size,
+            options.label_key,
+            options.storage_options,
+            options.class_names,
+            options.max_pixels,
+        )
+
+
+def batch_loader(batches: ShardBatches, workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over ``batches`` in ``workers`` decoding processes (at most one per shard; 0: in this process),
+    each of which dies with this process."""
+    workers = min(workers, len(batches.shards))
+    return DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None,
+    )
 
 
 PR_SET_PDEATHSIG = 1

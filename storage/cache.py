@@ -333,16 +333,18 @@ def _zarr_storage_options(url: str, storage_options: dict | None) -> dict | None
 _LOCKED_HERE: set[str] = set()  # lock files this process holds: POSIX record locks never exclude their own process
 
 
-def _busy(url: str, holder: str) -> CacheError:
+def _busy(url: str, command: str, holder: str) -> CacheError:
+    what = "cache" if command == "extract" else "--out"
     return CacheError(
-        f"cache {redact_url(url)!r} is being written by another apmpipe extract (pid {holder}); wait for "
+        f"{what} {redact_url(url)!r} is being written by another apmpipe {command} (pid {holder}); wait for "
         "it to finish or use another --out"
     )
 
 
 @contextlib.contextmanager
-def writer_lock(url: str) -> Iterator[None]:
-    """Hold an exclusive lock on a local cache for one extraction run, naming the holder's pid in ``LOCK_FILE``.
+def writer_lock(url: str, command: str = "extract") -> Iterator[None]:
+    """Hold an exclusive lock on a local cache (or another folder ``apmpipe COMMAND`` writes) for one run, naming
+    the holder's pid in ``LOCK_FILE`` (``.apmpipe-COMMAND.lock`` for other commands).
 
     A second run on the same cache is refused at once. It is a POSIX record lock (``lockf``): it belongs to this
     process alone, so forked children (DataLoader workers) do not inherit it, and the kernel drops it the
@@ -354,15 +356,15 @@ def writer_lock(url: str) -> Iterator[None]:
         yield
         return
     os.makedirs(path, exist_ok=True)
-    lock_path = os.path.realpath(os.path.join(path, LOCK_FILE))
+    lock_path = os.path.realpath(os.path.join(path, LOCK_FILE.replace("extract", command)))
     if lock_path in _LOCKED_HERE:
-        raise _busy(url, f"{os.getpid()}, this process")
+        raise _busy(url, command, f"{os.getpid()}, this process")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise _busy(url, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
+            raise _busy(url, command, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _LOCKED_HERE.add(lock_path)

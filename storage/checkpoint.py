@@ -27,6 +27,7 @@ values and is loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -53,7 +54,7 @@ CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 _STEP = re.compile(r"step-(\d+)(-[0-9a-f]+)?")  # local: step-00000500; object stores add -<random>
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file's or a directory's entries to disk (a rename is durable once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -62,7 +63,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, rename it into place, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
@@ -71,7 +72,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def _step_of(name: str) -> int | None:
@@ -109,7 +110,7 @@ class RunDir:
     def _write(self, name: str, data: bytes) -> None:
         """Replace the file ``name`` (relative to the run) whole and atomically."""
         if self.local:
-            _atomic_write(Path(self._path(name)), data)
+            atomic_write(Path(self._path(name)), data)
         else:
             self.fs.pipe_file(self._path(name), data)
 
@@ -186,12 +187,12 @@ class RunDir:
         for file, data in files.items():
             (tmp / file).write_bytes(data)
         for path in (*(tmp / file for file in files), tmp):
-            _fsync(path)
+            fsync_path(path)
         if final.exists():  # the same step again (a resumed run): name the new copy in latest before the old one goes
             self._write("checkpoints/latest", tmp.name.encode())
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(folder)
+        fsync_path(folder)
         self._write("checkpoints/latest", name.encode())
 
     def _checkpoint_folder(self) -> str:
@@ -273,7 +274,7 @@ def load_student(
             f"no trained student at {redact_url(url)}: it does not exist; pass the --out folder of apmpipe train (or "
             f"its {STUDENT_FILE})"
         )
-    file = f"{where.rstrip('/')}/{STUDENT_FILE}" if fs.isdir(where) else where
+    file = _student_file(fs, where)
     if not fs.exists(file):
         unfinished = (
             " (it holds checkpoints: finish the run with apmpipe train ... --resume)"
@@ -286,3 +287,19 @@ def load_student(
         )
     data = fs.cat_file(file)
     return load_safetensors(data), {k: json.loads(v) for k, v in _safetensors_metadata(data).items()}
+
+
+def _student_file(fs: fsspec.AbstractFileSystem, where: str) -> str:
+    """The student file of a run directory, or ``where`` itself when it names the file."""
+    return f"{where.rstrip('/')}/{STUDENT_FILE}" if fs.isdir(where) else where
+
+
+def student_digest(path: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> str:
+    """sha256 of an exported student's file (run directory or ``student.safetensors``, local or URL): its identity
+    in what it made (``apmpipe embed`` outputs)."""
+    fs, where = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    digest = hashlib.sha256()
+    with fs.open(_student_file(fs, where), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -238,6 +238,25 @@ def resolve_inputs(
     return ResolvedInputs(shards=tuple(_unique(shards)), classes=tuple(classes))
 
 
+def done_shards(shards: Sequence[ShardSource], made_from: dict[str, str], where: str) -> set[str]:
+    """Names of ``shards`` already done in ``where`` (a cache, an output folder), whose records ``made_from`` map
+    each done name to the fingerprint it was made from (redacted, as stored): a shard counts under its own name or
+    another one (the same tar reached through a symlink). Refuses (InputError) a shard whose name matches a done
+    one made from something else (another tar, a changed folder block)."""
+    made = set(made_from.values())
+    done = set()
+    for shard in shards:
+        fingerprint = redact_url(shard.fingerprint)
+        if fingerprint in made:
+            done.add(shard.name)
+        elif shard.name in made_from:
+            raise InputError(
+                f"{where} already holds shard {shard.name!r} made from {made_from[shard.name]!r}, not from "
+                f"{fingerprint!r}; write other data into another --out (or restore the original inputs)"
+            )
+    return done
+
+
 def read_class_names(path: str, storage_options: dict | None = None) -> tuple[str, ...]:
     """Class names, one per line (label = line number from 0), for tar shards whose labels are names."""
     try:

@@ -65,15 +65,15 @@ def run_subprocess(*args: str, cwd: Path | None = None, timeout: float = 300) ->
     )
 
 
-def kill_extract_midway(args: list, out: Path, written: str) -> None:
-    """Start ``apmpipe extract ARGS --out OUT`` in a real process and SIGKILL it once ``OUT/written`` exists."""
+def kill_midway(args: list, watched: Path) -> None:
+    """Start ``apmpipe ARGS`` in a real process and SIGKILL it once ``watched`` exists."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "apmpipe.pipeline", "extract", *map(str, args), "--out", str(out)],
+        [sys.executable, "-m", "apmpipe.pipeline", *map(str, args)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / written).exists():
+    while time.time() < deadline and not watched.exists():
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -26,7 +26,7 @@ def test_the_readme_python_example_runs(tmp_path: Path) -> None:
         [sys.executable, "-c", _readme_example()], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "run" / "student.safetensors").exists()
+    assert (tmp_path / "run" / "student.safetensors").exists() and (tmp_path / "emb" / "manifest.json").exists()
     assert "patch_cosine" in result.stdout
 
 
@@ -41,6 +41,7 @@ def test_one_import_name() -> None:
         "CacheStream",
         "CacheIterableDataset",
         "CacheMapDataset",
+        "embed",
     }
     assert apmpipe.FeatureCache.__module__ == "apmpipe.storage.cache"
     site_packages = [*site.getsitepackages(), site.getusersitepackages()]

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from apmpipe.pipeline.datasets import digit_images, write_digit_shards
 from apmpipe.storage.cache import writer_lock
 
-from .conftest import FAST, TINY_VIT, kill_extract_midway, run_cli, run_main, run_subprocess
+from .conftest import FAST, TINY_VIT, kill_midway, run_cli, run_main, run_subprocess
 
 
 def tiny_vit(**overrides) -> torch.nn.Module:
@@ -173,7 +173,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path) -> None:
     reference = tmp_path / "ref.zarr"
     assert run_subprocess("extract", *args, "--out", reference).returncode == 0
     killed = tmp_path / "killed.zarr"
-    kill_extract_midway(args, killed, "shards/digits-0002/tokens/2")
+    kill_midway(["extract", *args, "--out", killed], killed / "shards/digits-0002/tokens/2")
     statuses = [json.loads(p.read_text())["attributes"].get("status") for p in killed.glob("shards/*/zarr.json")]
     assert "complete" in statuses or "writing" in statuses
     assert len([s for s in statuses if s == "complete"]) < 8, "the kill came too late to test anything"

@@ -341,6 +341,7 @@ def test_train_progress_keeps_steps_epoch_and_eta_within_80_columns(tmp_path: Pa
         ["train"],
         ["eval"],
         ["islands"],
+        ["embed"],
         ["demo"],
         ["bench"],
         ["bench", "extract"],

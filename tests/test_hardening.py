@@ -22,7 +22,7 @@ from PIL import Image
 from apmpipe.pipeline.datasets import write_digit_shards
 from apmpipe.storage.sources import decode_image, iter_samples, resolve_inputs
 
-from .conftest import FAST, TINY_VIT, kill_extract_midway, run_cli, run_main, run_subprocess
+from .conftest import FAST, TINY_VIT, kill_midway, run_cli, run_main, run_subprocess
 from .test_extract import shard_arrays
 
 
@@ -478,7 +478,7 @@ def test_rerun_right_after_kill_9_with_loader_workers_is_bit_identical(tmp_path:
     reference = tmp_path / "ref.zarr"
     assert run_subprocess("extract", *args, "--out", reference).returncode == 0
     killed = tmp_path / "killed.zarr"
-    kill_extract_midway(args, killed, "shards/digits-0001/tokens/2")
+    kill_midway(["extract", *args, "--out", killed], killed / "shards/digits-0001/tokens/2")
     result = run_subprocess("extract", *args, "--out", killed)  # at once, as a scheduler's retry would
     assert result.returncode == 0, result.stderr
     ref, got = shard_arrays(reference), shard_arrays(killed)

@@ -8,6 +8,7 @@ command line, which lives inside it) stays light:
 - :func:`extract`: run a timm teacher once over image shards into a feature cache (stage one);
 - :func:`train`: train the APM student from feature caches, never loading the teacher (stage two);
 - :func:`evaluate`: fidelity, classification beside the teacher and test-time training (stage three);
+- :func:`embed`: a trained student's features (and teacher-head classes) for new images, for retrieval;
 - :class:`FeatureCache`: the cache reader (``FeatureCache.open(url)``);
 - :class:`CacheStream`: the streaming dataset of cached pixels, tokens and labels (batches for apmpipe's loop);
 - :class:`CacheIterableDataset`, :class:`CacheMapDataset`: cached samples for your own PyTorch loop (streaming
@@ -19,12 +20,22 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["CacheIterableDataset", "CacheMapDataset", "CacheStream", "FeatureCache", "evaluate", "extract", "train"]
+__all__ = [
+    "CacheIterableDataset",
+    "CacheMapDataset",
+    "CacheStream",
+    "FeatureCache",
+    "embed",
+    "evaluate",
+    "extract",
+    "train",
+]
 
 _HOMES = {
     "extract": "apmpipe.pipeline.api",
     "train": "apmpipe.pipeline.api",
     "evaluate": "apmpipe.pipeline.api",
+    "embed": "apmpipe.pipeline.api",
     "FeatureCache": "apmpipe.storage.cache",
     "CacheStream": "apmpipe.storage.stream",
     "CacheIterableDataset": "apmpipe.storage.dataset",
