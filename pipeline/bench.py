@@ -143,7 +143,8 @@ class TrainBench:
     bytes_per_sample: float  # stored bytes the loader reads per loaded sample (tokens, pixels, labels)
     raw_bytes_per_sample: float  # the same arrays decoded
     loader_sps: float
-    loader_rebuilt_sps: float | None  # low-rank caches: the loader rebuilding tokens on the CPU instead of the device
+    rebuilds_on_device: bool  # low-rank caches: coefficients cross to the device (loader_sps) ...
+    loader_other_sps: float | None  # ... and the loader with the rebuild placed the other way
     student_sps: dict[str, float]  # per-step student rate, by location setting ("all", "K=64")
     cached_epoch_s: float
     online_epoch_s: float
@@ -276,8 +277,15 @@ def bench_train(
     from apmpipe.stages.inputs import PixelNormalizer
     from apmpipe.stages.objectives import LossConfig, location_generator, sample_locations
     from apmpipe.stages.teacher import TeacherConfig
-    from apmpipe.stages.train import TrainConfig, fit_target_scales, make_optimizer, train, train_step
-    from apmpipe.storage.stream import CacheStream
+    from apmpipe.stages.train import (
+        TrainConfig,
+        fit_target_scales,
+        make_optimizer,
+        rebuilds_on_device,
+        train,
+        train_step,
+    )
+    from apmpipe.storage.stream import CacheStream, TokenDecoder
 
     cache = str(workdir / "bench.zarr")
     extract_config = ExtractConfig(
@@ -295,14 +303,16 @@ def bench_train(
     window = (
         batch_size  # several windows even in the 1x cache: every loader worker has work, RSS compares like with like
     )
-    stream = CacheStream([cache], batch_size, window_samples=window, coefficients=True)  # as apmpipe train reads
+    on_device = rebuilds_on_device(torch.device(device))  # as apmpipe train reads low-rank caches on this device
+    stream = CacheStream([cache], batch_size, window_samples=window, coefficients=on_device)
     bench_progress(f"loader: {LOADER_PASSES} passes with {loader_workers} workers")
     loader_sps, batches = _loader_rate(stream, loader_workers)
     samples = sum(len(b["labels"]) for b in batches)
-    rebuilt_sps = None
-    if stream.decoder is not None:
-        bench_progress("loader rebuilding low-rank tokens on the CPU (the other readers' path)")
-        rebuilt_sps, _ = _loader_rate(CacheStream([cache], batch_size, window_samples=window), loader_workers)
+    other_sps = None
+    if stream.spec.rank:  # the other placement of the rebuild, side by side
+        bench_progress("loader with the low-rank rebuild placed the other way (loader CPU vs training device)")
+        other = CacheStream([cache], batch_size, window_samples=window, coefficients=not on_device)
+        other_sps, _ = _loader_rate(other, loader_workers)
 
     train_config = TrainConfig(
         caches=(cache,),
@@ -370,7 +380,7 @@ def bench_train(
             torch.cuda.synchronize()
         return time.perf_counter() - begin
 
-    decoder = stream.decoder.to(dev) if stream.decoder is not None else (lambda tokens: tokens)
+    decoder = TokenDecoder(stream.coefficient_bases).to(dev) if stream.coefficient_bases else (lambda tokens: tokens)
 
     def from_memory(batch: dict) -> list[torch.Tensor]:
         """The batch's teacher tokens on the device (low-rank ones rebuilt there, once per loaded batch)."""
@@ -428,7 +438,8 @@ def bench_train(
         bytes_per_sample=stored,
         raw_bytes_per_sample=raw,
         loader_sps=loader_sps,
-        loader_rebuilt_sps=rebuilt_sps,
+        rebuilds_on_device=on_device,
+        loader_other_sps=other_sps,
         student_sps=student_sps,
         cached_epoch_s=cached_seconds,
         online_epoch_s=online_seconds,
@@ -678,7 +689,7 @@ def augment_fidelity(url: str, seed: int = 0, crop_scale: tuple[float, float] = 
     if stored is None:
         raise CacheError(f"cache {url!r} stores no teacher head; bench augment needs a teacher with a classifier")
     teacher, head, prefix = rebuild_teacher(cache, device="cpu"), TeacherHead(*stored), layout.prefix_tokens
-    parts = {"patch": slice(prefix, None), "prefix": slice(0, prefix)}
+    parts = {"patch": slice(prefix, None)} | ({"prefix": slice(0, prefix)} if prefix else {})
     values: dict[str, dict[str, list[torch.Tensor]]] = {"flip": defaultdict(list), "crop": defaultdict(list)}
     bench_progress("the teacher on every held-out image flipped, and cropped")
     with torch.inference_mode():

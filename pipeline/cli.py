@@ -918,7 +918,6 @@ def bench_bytes_command(
 @bench_app.command("augment")
 @reports_user_errors
 def bench_augment_command(
-    ctx: typer.Context,
     workdir: Annotated[
         Path, typer.Option(help="Folder for the trained teacher and caches (shared with bench ablation).")
     ] = Path("bench-ablation"),

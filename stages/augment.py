@@ -93,7 +93,9 @@ class Views:
         h, w = self.grid
         grid_boxes = None
         if self.boxes is not None:
-            cell = torch.tensor([w / self.image_size[1], h / self.image_size[0]] * 2, dtype=torch.float32)
+            cell = torch.tensor(
+                [w / self.image_size[1], h / self.image_size[0]] * 2, dtype=torch.float32, device=self.boxes.device
+            )
             grid_boxes = self.boxes * cell
         maps = tokens[:, self.prefix_tokens :].transpose(1, 2).reshape(b, d, h, w)
         maps = self._apply(maps, grid_boxes, self.grid)

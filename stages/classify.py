@@ -33,8 +33,7 @@ def global_feature(tokens: torch.Tensor, kind: str, prefix: int, head: torch.nn.
 
 def resolve_feature(kind: str, level: int, levels: int, prefix: int, has_head: bool) -> tuple[str, int]:
     """Check ``--feature``/``--level`` against the cache; returns (feature, 0-based level index)."""
-    if kind not in FEATURES:
-        raise ConfigError(f"--feature {kind!r} is not one of {', '.join(FEATURES)}")
+    check_feature(kind, prefix)
     index = level - 1 if level > 0 else levels + level
     if not 0 <= index < levels:
         raise ConfigError(f"--level {level}: the cache holds {levels} levels; pick 1..{levels} or -1..-{levels}")
@@ -42,9 +41,15 @@ def resolve_feature(kind: str, level: int, levels: int, prefix: int, has_head: b
         raise ConfigError(
             "--feature pooled needs the teacher head and the final level; use --feature cls or mean-patch"
         )
-    if kind == "cls" and not prefix:
-        raise ConfigError("--feature cls: this teacher has no prefix tokens; use --feature mean-patch")
     return kind, index
+
+
+def check_feature(kind: str, prefix: int | None = None) -> None:
+    """Refuse an unknown ``--feature``, or ``cls`` for a teacher without prefix tokens (when ``prefix`` is known)."""
+    if kind not in FEATURES:
+        raise ConfigError(f"--feature {kind!r} is not one of {', '.join(FEATURES)}")
+    if kind == "cls" and prefix == 0:
+        raise ConfigError("--feature cls: this teacher has no prefix tokens; use --feature mean-patch")
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

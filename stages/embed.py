@@ -38,7 +38,7 @@ from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ShardSource, done_shards
 
 from .apm import APM
-from .classify import FEATURES, global_feature
+from .classify import check_feature, global_feature
 from .extract_config import label_options, resolve_config_inputs
 from .head import TeacherHead
 from .inputs import PixelNormalizer
@@ -77,12 +77,12 @@ class EmbedConfig:
             raise ConfigError(
                 "no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder"
             )
-        if self.feature not in FEATURES:
-            raise ConfigError(f"--feature {self.feature!r} is not one of {', '.join(FEATURES)}")
+        check_feature(self.feature)
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         require_at_least(self, ("batch_size", "chunk", "topk", "folder_block", "max_pixels"), 1)
         require_at_least(self, ("loader_workers",), -1)
+        EmbeddingStore.check_out(self.out)
 
     @classmethod
     def from_options(
@@ -209,8 +209,7 @@ def _levels(model: APM, layout: dict[str, Any], feature: str, has_head: bool) ->
             "retrain it with this apmpipe"
         )
     prefix = model.config.prefix_tokens
-    if feature == "cls" and not prefix:
-        raise ConfigError("--feature cls: this teacher has no prefix tokens; use --feature mean-patch")
+    check_feature(feature, prefix)
     fallback = "cls" if prefix else "mean-patch"
     out = []
     for index, layer in enumerate(layers):
@@ -294,14 +293,14 @@ def embed(config: EmbedConfig, progress: Progress | None = None) -> EmbedSummary
     start = time.perf_counter()
     inputs = resolve_config_inputs(config)
     device = resolve_device(config.device)
-    model, metadata = load_model(config.student, device)
+    model, metadata = load_model(config.student, device, config.storage_options)
     layout = metadata["layout"]
     head = _find_head(config, metadata, device)
     embedder = _Embedder(config, model, layout, head, device)
     header = {
         "student": {
-            "path": os.path.abspath(config.student),
-            "sha256": student_digest(config.student),
+            "path": redact_url(config.student) if "://" in config.student else os.path.abspath(config.student),
+            "sha256": student_digest(config.student, config.storage_options),
             "step": metadata.get("step"),
             "teacher": layout["teacher"].get("name"),
         },

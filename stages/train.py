@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import RunDir
 from apmpipe.storage.errors import CacheError, ConfigError, ModelError, require_at_least
+from apmpipe.storage.redact import redact_url
 from apmpipe.storage.remote import route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, window_batches
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
@@ -42,6 +43,7 @@ from .runtime import setup_distributed
 _logger = logging.getLogger(__name__)
 
 WARMUP_FRACTION = 0.05  # warmup never takes more than this share of the run
+POSITION_COUNTS = "echoed-batches"  # what StreamPosition.batch counts in checkpoints (older ones: loaded batches)
 
 
 @dataclass(frozen=True)
@@ -203,9 +205,9 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 def planned_steps(stream: CacheStream, config: TrainConfig) -> tuple[int, int]:
     """(epochs, total steps): ``--max-steps`` wins; ``--epochs 0`` sizes the run to ``min_steps`` (>= 1 epoch).
     Each loaded window is passed ``echo`` times (example echoing)."""
-    per_epoch = stream.steps_per_epoch() * config.echo
+    per_epoch = stream.steps_per_epoch()
     epochs = config.epochs or max(1, math.ceil(config.min_steps / per_epoch))
-    return epochs, config.max_steps or config.echo * sum(stream.steps_per_epoch(epoch) for epoch in range(epochs))
+    return epochs, config.max_steps or sum(stream.steps_per_epoch(epoch) for epoch in range(epochs))
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
@@ -231,6 +233,12 @@ def make_optimizer(
     optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
     warmup = warmup_for(total_steps, config)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup))
+
+
+def rebuilds_on_device(device: torch.device) -> bool:
+    """Whether low-rank tokens cross to ``device`` as coefficients and are rebuilt there: on a GPU (K/D of the
+    copy, the product is cheap there); on a CPU the loader's worker processes rebuild them beside the step."""
+    return device.type == "cuda"
 
 
 def teacher_head(stream: CacheStream, config: TrainConfig, device: torch.device) -> TeacherHead | None:
@@ -338,6 +346,7 @@ class _Run:
             "layout": self.stream.spec.layout(),
             "world_size": self.world,
             "plan": self.stream.fingerprint(),
+            "position_counts": POSITION_COUNTS,
         }
 
     def metadata(self) -> dict[str, Any]:
@@ -362,7 +371,7 @@ def _set_up(config: TrainConfig) -> _Run:
         storage_options=config.storage_options,
         logits=config.loss.logit_weight > 0,
         levels=config.levels,
-        coefficients=True,  # low-rank caches: coefficients cross to the device, tokens are rebuilt there
+        coefficients=rebuilds_on_device(device),
         echo=config.echo,
     )
     model_cfg = config_for_cache(
@@ -377,8 +386,10 @@ def _set_up(config: TrainConfig) -> _Run:
     run_dir = RunDir(config.out, config.storage_options)
     if run_dir.has_checkpoint() and not config.resume:
         raise ConfigError(
-            f"{config.out} already holds a training run; pass --resume to continue it or choose another --out"
+            f"{redact_url(config.out)} already holds a training run; pass --resume to continue it or choose another "
+            "--out"
         )
+    events = events_folder(run_dir, config.tensorboard_dir) if config.tensorboard else None  # every rank checks it
     _check_same_plan(stream, world)
     _, total_steps = planned_steps(stream, config)
     torch.manual_seed(config.seed)
@@ -407,8 +418,8 @@ def _set_up(config: TrainConfig) -> _Run:
         run_dir,
         total_steps,
         config.amp and device.type == "cuda",
-        stream.decoder.to(device) if stream.decoder is not None else None,
-        events=events_folder(run_dir, config.tensorboard_dir) if config.tensorboard and rank == 0 else None,
+        TokenDecoder(stream.coefficient_bases).to(device) if stream.coefficient_bases else None,
+        events=events if rank == 0 else None,
     )
 
 
@@ -434,17 +445,19 @@ def flat_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _as_typed(value: Any) -> Any:
-    """An option's value as a user types it (lists comma-separated)."""
+    """An option's value as a user types it (lists comma-separated; unset: ``(default)``)."""
+    if value is None:
+        return "(default)"
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
 def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``--name NOW (run: SAVED)`` for every option that would change a resumed run's result."""
-    old, new = flat_options(saved), flat_options(now)
+    old, new = flat_options(saved), flat_options(now)  # an option at None (e.g. --levels: all) is left out of both
     return [
-        f"--{k.replace('_', '-')} {_as_typed(new[k])} (run: {_as_typed(old[k])})"
-        for k in new
-        if k in old and k not in RESUME_MAY_CHANGE and new[k] != old[k]
+        f"--{k.replace('_', '-')} {_as_typed(new.get(k))} (run: {_as_typed(old.get(k))})"
+        for k in sorted(set(old) | set(new), key=[*new, *old].index)
+        if k not in RESUME_MAY_CHANGE and new.get(k) != old.get(k)
     ]
 
 
@@ -455,12 +468,12 @@ def _resume(run: _Run) -> None:
     if state["model_config"] != run.model.config.to_dict() or state["layout"] != run.stream.spec.layout():
         listed = f" ({', '.join(changes)})" if changes else ""
         raise ModelError(
-            f"the checkpoint in {run.config.out} was trained for another student or teacher layout than "
+            f"the checkpoint in {redact_url(run.config.out)} was trained for another student or teacher layout than "
             f"these caches{listed}; use another --out"
         )
     if changes:
         raise ConfigError(
-            f"--resume would change the run in {run.config.out}: {', '.join(changes)}; resume with the "
+            f"--resume would change the run in {redact_url(run.config.out)}: {', '.join(changes)}; resume with the "
             "run's options or train into another --out"
         )
     run.model.load_state_dict(weights)
@@ -473,6 +486,12 @@ def _resume(run: _Run) -> None:
         _logger.warning(
             "the data plan changed since the checkpoint (caches, batch size or world size); restarting "
             "epoch %d from its start",
+            run.position.epoch,
+        )
+        run.position = StreamPosition(run.position.epoch, 0, 0)
+    elif state.get("position_counts") != POSITION_COUNTS and run.config.echo > 1:
+        _logger.warning(
+            "the checkpoint counts echoed batches the way an older apmpipe did; restarting epoch %d from its start",
             run.position.epoch,
         )
         run.position = StreamPosition(run.position.epoch, 0, 0)
@@ -644,7 +663,7 @@ def train(
     return TrainSummary(
         run_dir=config.out,
         steps=run.step,
-        epochs_done=run.step / (run.stream.steps_per_epoch() * config.echo),
+        epochs_done=run.step / run.stream.steps_per_epoch(),
         seconds=time.perf_counter() - start,
         samples=samples,
         first_loss=first_loss,

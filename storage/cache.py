@@ -833,12 +833,13 @@ class FeatureCache:
         pixels: bool = True,
         extras: bool = True,
         logits: bool = False,
+        keys: bool = False,
         token_dtype: Any = np.float32,
         reconstruct: bool = True,
     ) -> CachedSamples:
         """Samples ``start:stop`` of a complete shard, tokens decoded to ``token_dtype``; ``extras``: keys and logits
-        (``logits`` alone: logits without keys). ``reconstruct=False`` leaves low-rank tokens as their ``[B, T, K]``
-        coefficients (see :meth:`level_bases`), for readers that rebuild them elsewhere (on the GPU)."""
+        (``logits`` or ``keys`` alone: only that one). ``reconstruct=False`` leaves low-rank tokens as their
+        ``[B, T, K]`` coefficients (see :meth:`level_bases`), for readers that rebuild them elsewhere (on the GPU)."""
         arrays = self._arrays(name)
         levels = []
         if tokens:
@@ -851,7 +852,7 @@ class FeatureCache:
             if pixels
             else None,
             labels=arrays["labels"][start:stop],
-            keys=[str(k) for k in arrays["keys"][start:stop]] if extras else [],
+            keys=[str(k) for k in arrays["keys"][start:stop]] if extras or keys else [],
             logits=arrays["logits"][start:stop] if (extras or logits) and "logits" in arrays else None,
             tokens=levels,
         )

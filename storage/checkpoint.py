@@ -45,34 +45,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .errors import ModelError
+from .files import TMP_SUFFIX, atomic_write, fsync_path
 from .redact import redact_url
 
 KEEP_CHECKPOINTS = 2
 STUDENT_FILE = "student.safetensors"
-TMP_SUFFIX = ".tmp"
 CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 _STEP = re.compile(r"step-(\d+)(-[0-9a-f]+)?")  # local: step-00000500; object stores add -<random>
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or a directory's entries to disk (a rename is durable once its directory is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it into place, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def _step_of(name: str) -> int | None:

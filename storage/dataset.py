@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .cache import CachedSamples, FeatureCache, LevelLayout
 from .errors import CacheError, ConfigError
-from .stream import READ_THREADS, Block, StreamPlan, open_caches, read_block, resolve_token_dtype
+from .stream import READ_THREADS, Block, StreamPlan, open_caches, open_views, read_block, resolve_token_dtype
 
 
 @dataclass
@@ -75,10 +75,7 @@ class _SampleReader:
 
     def caches(self) -> list[FeatureCache]:
         if self._open is None:
-            self._open = [
-                FeatureCache.open(url, storage_options=self.storage_options).select_levels(self.layers)
-                for url in self.urls
-            ]
+            self._open = open_views(self.urls, self.storage_options, self.layers)
         return self._open
 
     @property
@@ -86,7 +83,13 @@ class _SampleReader:
         return self.caches()[0].spec.levels
 
     def read_options(self) -> dict[str, Any]:
-        return {"pixels": self.pixels, "token_dtype": self.token_dtype}
+        return {
+            "pixels": self.pixels,
+            "token_dtype": self.token_dtype,
+            "extras": False,
+            "keys": True,
+            "logits": self.logits,
+        }
 
     def sample(self, data: CachedSamples, row: int) -> dict[str, Any]:
         """Sample ``row`` of ``data`` as the dict the module docstring describes (tensors share ``data``'s memory)."""

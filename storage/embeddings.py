@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import TMP_SUFFIX, atomic_write, fsync_path
 from .errors import ConfigError, InputError
+from .files import TMP_SUFFIX, atomic_write, fsync_path
 from .redact import redact_url
 
 FORMAT_NAME = "apmpipe.embeddings"
@@ -102,12 +102,19 @@ class EmbeddingStore:
         self.path = path
         self.manifest = manifest
 
+    @staticmethod
+    def check_out(out: str) -> None:
+        """Refuse (ConfigError) an ``out`` that is not a local folder."""
+        if "://" in out:
+            raise ConfigError(
+                f"--out {redact_url(out)!r}: embeddings are written to a local folder; copy them to the store after"
+            )
+
     @classmethod
     def create_or_open(cls, out: str, header: dict[str, Any]) -> EmbeddingStore:
         """Open ``out`` for the run described by ``header`` (student, options, head, levels, classes), creating it
         when new. Refuses (ConfigError) a folder embedded with another student or options, naming the option."""
-        if "://" in out:
-            raise ConfigError(f"--out {out!r}: embeddings are written to a local folder; copy them to the store after")
+        cls.check_out(out)
         path = Path(out)
         header = json.loads(json.dumps(header))
         manifest_path = path / MANIFEST

@@ -157,6 +157,13 @@ def resolve_token_dtype(spec: CacheSpec, token_dtype: str | None) -> np.dtype:
     return np.dtype(token_dtype or ("float16" if spec.dtype == "float16" else "float32"))
 
 
+def open_views(
+    urls: Sequence[str], storage_options: dict | None = None, levels: Sequence[int] | None = None
+) -> list[FeatureCache]:
+    """Each cache opened as a view of teacher layers ``levels`` (None: all), without further checks."""
+    return [FeatureCache.open(url, storage_options=storage_options).select_levels(levels) for url in urls]
+
+
 def open_caches(
     urls: Sequence[str], storage_options: dict | None = None, levels: Sequence[int] | None = None
 ) -> list[FeatureCache]:
@@ -165,7 +172,7 @@ def open_caches(
     (float32 or bfloat16 autocast: not mixed silently)."""
     if not urls:
         raise CacheError("no CACHE given; pass one or more caches written by apmpipe extract")
-    caches = [FeatureCache.open(url, storage_options=storage_options).select_levels(levels) for url in urls]
+    caches = open_views(urls, storage_options, levels)
     first = caches[0]
     precision = first.precision()  # also refuses a cache that mixes precisions
     for cache in caches:
@@ -220,9 +227,9 @@ class CacheStream(IterableDataset):
         logits: also yield the teacher's cached ``logits`` ``[B, K]`` (when the caches have a head).
         levels: teacher layers to read (None: every cached level); the other levels' arrays are never decoded.
         coefficients: for low-rank caches (``extract --rank``) sharing one basis per level, yield the ``[B, T, K]``
-            coefficients and leave the rebuild to :attr:`decoder` on the training device (K/D of the loader's
-            output and host-to-device copy; the matrix product runs on the GPU). Caches with different bases are
-            rebuilt in the loader (``decoder`` is None).
+            coefficients of :attr:`coefficient_bases` and leave the rebuild to a :class:`TokenDecoder` on the
+            training device (K/D of the loader's output and host-to-device copy; the matrix product runs on the
+            GPU). Caches with different bases are rebuilt in the loader (``coefficient_bases`` is None).
         echo: passes over every loaded window (``train --echo``): E× the batches per byte read, each further pass
             a fresh shuffle of the window (see :meth:`window_rows`); positions count the echoed batches.
     """
@@ -247,7 +254,7 @@ class CacheStream(IterableDataset):
         self.levels = None if levels is None else tuple(levels)
         bases = caches[0].level_bases()
         shared = all(_same_bases(cache.level_bases(), bases) for cache in caches[1:])
-        self.decoder = TokenDecoder(bases) if coefficients and shared and any(bases) else None
+        self.coefficient_bases = bases if coefficients and shared and any(bases) else None
         self.urls = [c.url for c in caches]
         self.spec = caches[0].spec
         self.batch_size = batch_size
@@ -271,8 +278,8 @@ class CacheStream(IterableDataset):
         return self.plan.fingerprint(self.urls)
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
-        """Whole batches per rank; equal on every rank (the smallest rank's count)."""
-        return self.plan.units_per_rank(epoch)
+        """Batches (optimiser steps) per rank, echoed ones included; equal on every rank (the smallest rank's)."""
+        return self.plan.units_per_rank(epoch) * self.echo
 
     def windows(self, epoch: int) -> list[list[Block]]:
         """This rank's windows for ``epoch`` (see :meth:`StreamPlan.windows`)."""
@@ -281,10 +288,7 @@ class CacheStream(IterableDataset):
     # -- reading ---------------------------------------------------------------------------------------------
     def _caches(self) -> list[FeatureCache]:
         if self._open is None:
-            self._open = [
-                FeatureCache.open(url, storage_options=self.storage_options).select_levels(self.levels)
-                for url in self.urls
-            ]
+            self._open = open_views(self.urls, self.storage_options, self.levels)
         return self._open
 
     def _read_block(self, block: Block) -> CachedSamples:
@@ -296,7 +300,7 @@ class CacheStream(IterableDataset):
             extras=False,
             logits=self.logits,
             token_dtype=self.token_dtype,
-            reconstruct=self.decoder is None,
+            reconstruct=self.coefficient_bases is None,
         )
 
     def load_window(self, epoch: int, index: int, blocks: list[Block]) -> dict[str, Any]:

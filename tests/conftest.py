@@ -54,6 +54,13 @@ def run_main(capsys: pytest.CaptureFixture, *args: str) -> Outcome:
     return Outcome(int(exit_info.value.code or 0), captured.out, captured.err)
 
 
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``path`` exists (e.g. a checkpoint of a training run to kill), ``proc`` ended or ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists() and proc.poll() is None:
+        time.sleep(0.02)
+
+
 def run_subprocess(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed console script in a real process (exit codes and stderr exactly as a user sees them)."""
     return subprocess.run(

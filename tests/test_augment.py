@@ -17,8 +17,8 @@ from apmpipe.pipeline.bench import augment_fidelity
 from apmpipe.stages.augment import MIN_CROP_CELLS, augment_generator, crop_boxes, draw_views
 from apmpipe.storage.checkpoint import load_student
 
-from .conftest import run_cli, run_main
-from .test_train import TRAIN_FAST, _wait_for
+from .conftest import run_cli, run_main, wait_for
+from .test_train import TRAIN_FAST
 
 SIZE, CELL, PREFIX = (32, 48), 4, 1
 GRID = (SIZE[0] // CELL, SIZE[1] // CELL)
@@ -98,7 +98,7 @@ def test_resume_after_sigkill_with_augment_gives_identical_weights(tmp_path: Pat
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_for(killed / "checkpoints" / "step-00000012", proc)
+    wait_for(killed / "checkpoints" / "step-00000012", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "student.safetensors").exists(), "the kill came too late to test anything"

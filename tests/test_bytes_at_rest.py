@@ -15,7 +15,7 @@ import zarr
 from apmpipe.storage.cache import CacheSpec, FeatureCache, LevelLayout
 from apmpipe.storage.errors import ConfigError
 from apmpipe.storage.lowrank import BasisFit
-from apmpipe.storage.stream import CacheStream, window_batches
+from apmpipe.storage.stream import CacheStream, TokenDecoder, window_batches
 
 from .conftest import FAST, TINY_VIT, run_cli, run_main
 
@@ -180,7 +180,8 @@ def test_stream_ships_coefficients_that_the_decoder_rebuilds(
     stream = CacheStream([str(rank8)], batch_size=8, window_samples=16, coefficients=True)
     shipped = next(window_batches(next(iter(stream))))
     assert [tuple(t.shape) for t in shipped["tokens"]] == [(8, 5, 8)] * 2  # 8 of 192 values per token cross over
-    for on_device, in_loader in zip(stream.decoder(shipped["tokens"]), rebuilt_in_loader["tokens"], strict=True):
+    decoded = TokenDecoder(stream.coefficient_bases)(shipped["tokens"])
+    for on_device, in_loader in zip(decoded, rebuilt_in_loader["tokens"], strict=True):
         assert on_device.dtype == torch.float32 and on_device.shape == in_loader.shape
         torch.testing.assert_close(on_device.half(), in_loader, atol=2e-3, rtol=2e-3)
     # caches with different bases cannot share one decoder: their tokens are rebuilt in the loader instead
@@ -189,7 +190,7 @@ def test_stream_ships_coefficients_that_the_decoder_rebuilds(
         other.level_bases()[0].components, FeatureCache.open(str(rank8)).level_bases()[0].components
     )
     mixed = CacheStream([str(rank8), other.url], batch_size=8, window_samples=16, coefficients=True)
-    assert mixed.decoder is None and next(window_batches(next(iter(mixed))))["tokens"][0].shape[-1] == 192
+    assert mixed.coefficient_bases is None and next(window_batches(next(iter(mixed))))["tokens"][0].shape[-1] == 192
     # training rebuilds on its device and learns
     run = tmp_path / "run"
     outcome = run_main(

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import zarr
 from apmpipe.storage.checkpoint import load_student
 from apmpipe.storage.stream import CacheStream, StreamPosition, window_batches
 
-from .conftest import run_cli, run_main
+from .conftest import run_cli, run_main, wait_for
 
 TRAIN_FAST = [
     "--preset",
@@ -114,12 +113,6 @@ def test_stream_order_depends_on_epoch_and_resumes_mid_window(tiny_cache: Path) 
     assert batches(StreamPosition(0, window=2, batch=1)) == epoch0[2 * 3 + 1 :]
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and not path.exists() and proc.poll() is None:
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("echo", [1, 3])
 def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache: Path, echo: int) -> None:
     args = [
@@ -149,7 +142,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_for(killed / "checkpoints" / "step-00000012", proc)
+    wait_for(killed / "checkpoints" / "step-00000012", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "student.safetensors").exists(), "the kill came too late to test anything"
