@@ -5,13 +5,15 @@ of all caches are cut into blocks of whole zarr chunks, the blocks are shuffled 
 ranks (``blocks[rank::world_size]``), and each rank's sample sequence is cut to the same number of whole batches
 on every rank (no DDP hang at epoch end). The sequence is then split into *windows* of ``window_samples``
 (the shuffle buffer): a window is read whole (chunk-aligned reads), its samples permuted with
-``(seed, epoch, rank, window)``, and yielded as one DataLoader item holding its batches. Windows are dealt to
-DataLoader workers round-robin, so the DataLoader delivers them in plan order.
+``(seed, epoch, rank, window)``, and yielded as one DataLoader item: the window's buffers and the rows of each
+of its batches — ``echo`` passes of them, every pass after the first a fresh shuffle of the window (example
+echoing). :func:`window_batches` cuts an item into batches. Windows are dealt to DataLoader workers round-robin, so
+the DataLoader delivers them in plan order.
 
-Because the plan is a pure function of the seed, a :class:`StreamPosition` (epoch, window, batch) is all a
-checkpoint needs to resume mid-epoch exactly, skipping finished windows without reading them. Memory is a
-few windows per worker, independent of cache size; caches are opened lazily inside each worker.
-``storage/dataset.py`` streams single samples in the same plan for other training loops.
+Because the plan is a pure function of the seed, a :class:`StreamPosition` (epoch, window, batch; ``batch``
+counts echoed batches) is all a checkpoint needs to resume mid-epoch exactly, skipping finished windows without
+reading them. Memory is a few windows per worker, independent of cache size; caches are opened lazily inside each
+worker. ``storage/dataset.py`` streams single samples in the same plan for other training loops.
 """
 
 from __future__ import annotations
