@@ -855,6 +855,7 @@ def bench_train_command(
     rank: Annotated[
         int, typer.Option(help="Low-rank token storage of the bench cache (as extract --rank; 0: whole tokens).")
     ] = 0,
+    codec: Annotated[Codec, typer.Option(help="Compressor of the bench cache (as extract --codec).")] = Codec.zstd,
     device: DeviceOption = "auto",
 ) -> None:
     """Training speed: loader, student, cached vs online.
@@ -864,7 +865,7 @@ def bench_train_command(
 
     resolved = device if device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     options = stage_options(ctx)
-    storage = {"dtype": dtype.value, "rank": rank}
+    storage = {"dtype": dtype.value, "rank": rank, "codec": codec.value}
     with scratch_dir() as tmp:
         sizes = (images, batch_size, preset.value, loader_workers, resolved, growth, locations, echo)
         result = bench_train(Path(tmp), teacher, *sizes, storage)

@@ -290,7 +290,7 @@ def bench_train(result: Any, options: dict[str, Any]) -> None:
     """``apmpipe bench train``: bytes per trained sample, loader vs student, cached vs online, peak RSS.
     ``options``: the command's (preset, batch_size, echo, locations, loader_workers, dtype, rank, student_rate)."""
     k, echo, rank = f"K={options['locations']}", options["echo"], options["rank"]
-    storage = f"layers 4,8,12, {options['dtype']}{f', rank {rank}' if rank else ''}"
+    storage = f"layers 4,8,12, {options['dtype']}{f', rank {rank}' if rank else ''}, {options['codec']}"
     per_loaded = human_bytes(result.bytes_per_sample)
     rows = [
         ("machine", result.machine),
