@@ -907,9 +907,10 @@ def bench_bytes_command(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, teacher and every student.")] = 0,
 ) -> None:
-    """Bytes read per trained sample vs held-out fidelity (int8, low rank, echo, --levels).
+    """Bytes read per trained sample vs held-out fidelity.
 
-    On the demo's trained teacher, each plan beside the float16 default: patch cosine per level, head top-1."""
+    On the demo's trained teacher, each plan (int8, low rank, echo, --levels) beside the float16 default: patch
+    cosine per level, head top-1."""
     from .bench import bench_bytes
 
     teacher, rows = bench_bytes(workdir, steps, seed, only)
@@ -931,7 +932,7 @@ def bench_augment_command(
         typer.Option(help="Measure on this (held-out) cache with a stored head instead; its teacher is rebuilt."),
     ] = None,
 ) -> None:
-    """How close --augment's targets are to the teacher on augmented images.
+    """Augmented targets vs the teacher on augmented images.
 
     On the demo's trained teacher and held-out digits (or --cache): cosine of the flipped / cropped cached tokens
     to the teacher's tokens on the flipped / cropped images, per level, beside the un-augmented tokens."""

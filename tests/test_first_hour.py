@@ -347,6 +347,8 @@ def test_train_progress_keeps_steps_epoch_and_eta_within_80_columns(tmp_path: Pa
         ["bench", "extract"],
         ["bench", "train"],
         ["bench", "ablation"],
+        ["bench", "bytes"],
+        ["bench", "augment"],
     ],
 )
 def test_help_reads_at_80_columns(
