@@ -32,16 +32,20 @@ def global_feature(tokens: torch.Tensor, kind: str, prefix: int, head: torch.nn.
 
 
 def resolve_feature(kind: str, level: int, levels: int, prefix: int, has_head: bool) -> tuple[str, int]:
-    """Check ``--feature``/``--level`` against the cache; returns (feature, 0-based level index)."""
+    """Check ``--feature``/``--level`` against the cache; returns (feature actually used, 0-based level index)."""
     check_feature(kind, prefix)
     index = level - 1 if level > 0 else levels + level
     if not 0 <= index < levels:
         raise ConfigError(f"--level {level}: the cache holds {levels} levels; pick 1..{levels} or -1..-{levels}")
-    if kind == "pooled" and (not has_head or index != levels - 1):
-        raise ConfigError(
-            "--feature pooled needs the teacher head and the final level; use --feature cls or mean-patch"
-        )
-    return kind, index
+    return pooled_or_fallback(kind, has_head and index == levels - 1, prefix), index
+
+
+def pooled_or_fallback(kind: str, head_reads_level: bool, prefix: int) -> str:
+    """``pooled`` where the teacher head reads the level, else ``cls`` (``mean-patch`` without prefix tokens), as
+    ``apmpipe eval`` and ``apmpipe embed`` both report; other kinds as they are."""
+    if kind != "pooled" or head_reads_level:
+        return kind
+    return "cls" if prefix else "mean-patch"
 
 
 def check_feature(kind: str, prefix: int | None = None) -> None:

@@ -38,7 +38,7 @@ from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ShardSource, done_shards
 
 from .apm import APM
-from .classify import check_feature, global_feature
+from .classify import check_feature, global_feature, pooled_or_fallback
 from .extract_config import label_options, resolve_config_inputs
 from .head import TeacherHead
 from .inputs import PixelNormalizer
@@ -210,11 +210,9 @@ def _levels(model: APM, layout: dict[str, Any], feature: str, has_head: bool) ->
         )
     prefix = model.config.prefix_tokens
     check_feature(feature, prefix)
-    fallback = "cls" if prefix else "mean-patch"
     out = []
     for index, layer in enumerate(layers):
-        last = index == len(layers) - 1
-        kind = fallback if feature == "pooled" and not (has_head and last) else feature
+        kind = pooled_or_fallback(feature, has_head and index == len(layers) - 1, prefix)
         out.append({"layer": layer, "feature": kind, "file": feature_folder(layer)})
     return out
 

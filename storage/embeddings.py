@@ -149,8 +149,10 @@ class EmbeddingStore:
         atomic_write(self.path / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
 
     def _remove_stale_temporaries(self) -> None:
-        for stale in self.path.glob(f"*/.*{TMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+        """Temporaries a killed run left: of part files (one folder down) and of the manifest (at the top)."""
+        for pattern in (f".*{TMP_SUFFIX}", f"*/.*{TMP_SUFFIX}"):
+            for stale in self.path.glob(pattern):
+                stale.unlink(missing_ok=True)
 
     def done(self) -> dict[str, str]:
         """Complete parts: name -> the fingerprint of the input it was made from (redacted)."""

@@ -170,3 +170,14 @@ def test_bad_samples_in_the_ledger_failed_part_folder_pipe_and_no_head(
     shutil.copytree(tiny_cache, tmp_path / "gone.zarr")
     result = run_main(capsys, "embed", *sources, "--student", tmp_path / "student.safetensors", "--out", out, *QUICK)
     assert result.returncode == 2 and "the teacher head of" in result.stderr and "(run: none: " in result.stderr
+
+
+def test_a_killed_manifest_write_leaves_no_temporary(
+    tmp_path: Path, tiny_student: Path, digit_shards: list[str]
+) -> None:
+    out = tmp_path / "emb"
+    assert run_subprocess("embed", digit_shards[0], "--student", tiny_student, "--out", out, *QUICK).returncode == 0
+    (out / ".manifest.json.x1.tmp").write_text("{")  # as kill -9 leaves it during the manifest's atomic write
+    (out / "emb_layer2" / ".digits-0001.npy.tmp").write_bytes(b"")  # and during a part file's
+    assert run_subprocess("embed", *digit_shards[:2], "--student", tiny_student, "--out", out, *QUICK).returncode == 0
+    assert not list(out.rglob(".*.tmp"))

@@ -373,3 +373,26 @@ def test_levels_train_decode_and_evaluate_only_those_levels(
     assert result.returncode == 2 and "layer(s) 3 not cached" in result.stderr and "cached layers 1,2" in result.stderr
     result = run_main(capsys, "train", tiny_cache, "--out", tmp_path / "bad", *TRAIN_FAST, "--levels", "1")
     assert result.returncode == 2 and "leaves out the final cached level (2)" in result.stderr, result.stderr
+    # without the final level there is no head: eval's default feature falls back to the CLS token and says so
+    first = tmp_path / "first"
+    result = run_main(
+        capsys,
+        "train",
+        tiny_cache,
+        "--out",
+        first,
+        *TRAIN_FAST,
+        "--levels",
+        "1",
+        "--logit-weight",
+        "0",
+        "--max-steps",
+        "4",
+    )
+    assert result.returncode == 0, result.stderr
+    result = run_main(
+        capsys, "eval", eval_cache, "--student", first, "--train-cache", tiny_cache, "--out", tmp_path / "r1"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r1" / "report.json").read_text())
+    assert "teacher_head" not in report["classification"] and "cls features" in json.dumps(report), report
