@@ -18,7 +18,8 @@ import dask
 import fsspec
 from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 
-from apmpipe.stages.extract import ExtractConfig, Progress, ShardResult, ShardRunner, extract_shards
+from apmpipe.stages.extract import ExtractConfig, ExtractResult, ShardRunner, extract_shards
+from apmpipe.stages.shard_results import Progress
 from apmpipe.stages.teacher import TeacherPool
 from apmpipe.storage.errors import ConfigError
 from apmpipe.storage.sources import ShardSource
@@ -67,7 +68,7 @@ class WorkerTeachers(WorkerPlugin):
         self.teachers = TeacherPool()
 
 
-def extract_on_worker(config: ExtractConfig, shards: list[ShardSource]) -> list[ShardResult]:
+def extract_on_worker(config: ExtractConfig, shards: list[ShardSource]) -> list[ExtractResult]:
     """One task: :func:`extract_shards` with the worker's own teachers."""
     return extract_shards(config, shards, teachers=get_worker().plugins[WorkerTeachers.name].teachers)
 
@@ -87,7 +88,7 @@ def dask_runner(
 ) -> ShardRunner:
     """A shard runner that spreads shards over a dask cluster and reports progress as tasks finish."""
 
-    def run(config: ExtractConfig, shards: list[ShardSource], progress: Progress) -> list[ShardResult]:
+    def run(config: ExtractConfig, shards: list[ShardSource], progress: Progress) -> list[ExtractResult]:
         with dask_client(workers, scheduler, scheduler_file, resources) as client:
             err_console.print(f"dask dashboard: {client.dashboard_link}", highlight=False)
             client.register_plugin(WorkerTeachers())
@@ -103,7 +104,7 @@ def dask_runner(
                 )
                 for shard in shards
             ]
-            results: list[ShardResult] = []
+            results: list[ExtractResult] = []
             for future in as_completed(futures):
                 for result in future.result():
                     progress.images(result.images)

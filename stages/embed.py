@@ -44,6 +44,7 @@ from .head import TeacherHead
 from .inputs import PixelNormalizer
 from .preprocess import pixel_transform
 from .runtime import loader_workers, resolve_device
+from .shard_results import Progress, ShardResult, ShardTotals
 from .student import load_model
 
 RUNTIME_OPTIONS = ("inputs", "out", "student", "batch_size", "chunk", "loader_workers", "device", "storage_options")
@@ -112,43 +113,19 @@ class EmbedConfig:
 
 
 @dataclass
-class PartResult:
-    """What happened to one input shard."""
-
-    name: str
-    status: str  # "done" | "failed" | "skipped" (already complete)
-    images: int = 0
-    skipped_samples: list[tuple[str, str]] = field(default_factory=list)
-    error: str = ""
-
-
-@dataclass
-class EmbedSummary:
+class EmbedSummary(ShardTotals):
     """Totals of one run, for the CLI's summary table."""
 
     out: str
-    results: list[PartResult]
+    results: list[ShardResult]
     levels: list[dict[str, Any]]
     head: dict[str, Any]
     seconds: float
     student_seconds: float  # in the student's forward (and the head) alone
 
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.results)
 
-    @property
-    def images(self) -> int:
-        return sum(r.images for r in self.results if r.status == "done")
-
-    @property
-    def skipped_samples(self) -> list[tuple[str, str, str]]:
-        return [(r.name, key, reason) for r in self.results for key, reason in r.skipped_samples]
-
-
-class Progress(Protocol):
+class EmbedProgress(Progress, Protocol):
     def plan(self, total: int, todo: int) -> None: ...
-    def images(self, count: int) -> None: ...
-    def shard(self, result: PartResult) -> None: ...
 
 
 @dataclass
@@ -274,9 +251,9 @@ class _PartBuffer:
         return Part(self.keys, np.concatenate(self.labels), arrays, top)
 
 
-def _write(store: EmbeddingStore, buffer: _PartBuffer, topk: int) -> PartResult:
+def _write(store: EmbeddingStore, buffer: _PartBuffer, topk: int) -> ShardResult:
     source = buffer.source
-    result = PartResult(source.name, "done", len(buffer.keys), list(buffer.skipped))
+    result = ShardResult(source.name, "done", len(buffer.keys), list(buffer.skipped))
     if buffer.error:
         store.fail_part(source.name, source.url, buffer.error, buffer.skipped)
         result.status, result.images, result.error = "failed", 0, buffer.error
@@ -285,7 +262,7 @@ def _write(store: EmbeddingStore, buffer: _PartBuffer, topk: int) -> PartResult:
     return result
 
 
-def embed(config: EmbedConfig, progress: Progress | None = None) -> EmbedSummary:
+def embed(config: EmbedConfig, progress: EmbedProgress | None = None) -> EmbedSummary:
     """Embed every input shard not yet complete in ``config.out`` (``progress``: e.g. the CLI's
     :class:`apmpipe.pipeline.console.ShardProgress`)."""
     start = time.perf_counter()
@@ -311,7 +288,7 @@ def embed(config: EmbedConfig, progress: Progress | None = None) -> EmbedSummary
         store = EmbeddingStore.create_or_open(config.out, header)
         done = done_shards(inputs.shards, store.done(), f"--out {config.out!r}")
         todo = [s for s in inputs.shards if s.name not in done]
-        results = [PartResult(s.name, "skipped") for s in inputs.shards if s.name in done]
+        results = [ShardResult(s.name, "skipped") for s in inputs.shards if s.name in done]
         if progress is not None:
             progress.plan(len(inputs.shards), len(todo))
         if todo:
@@ -327,8 +304,8 @@ def _embed_parts(
     embedder: _Embedder,
     todo: Sequence[ShardSource],
     layout: dict[str, Any],
-    progress: Progress | None,
-) -> list[PartResult]:
+    progress: EmbedProgress | None,
+) -> list[ShardResult]:
     """Decode ``todo`` in loader workers as extract does, run the student, write each part when its last batch
     is in."""
     c, h, w = (int(v) for v in layout["data_config"]["input_size"])

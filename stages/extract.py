@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader
@@ -47,6 +47,7 @@ from .extract_config import (
 )  # ExtractConfig is public here too (cluster, bench, demo import it)
 from .fidelity import min_token_cosine
 from .runtime import loader_workers
+from .shard_results import Progress, ShardResult, ShardTotals
 from .teacher import Teacher, TeacherPool
 
 MAX_PENDING_WRITES = 4
@@ -56,39 +57,23 @@ BASIS_INPUTS = 8  # ... taken from the first images of up to this many inputs sp
 
 
 @dataclass
-class ShardResult:
-    """What happened to one input shard."""
+class ExtractResult(ShardResult):
+    """What happened to one input shard, with the fidelity its lossy storage cost."""
 
-    name: str
-    status: str  # "done" | "failed" | "skipped" (already complete)
-    images: int = 0
-    skipped_samples: list[tuple[str, str]] = field(default_factory=list)
-    error: str = ""
     fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
     pixel_fidelity: dict[str, float] = field(default_factory=dict)  # psnr_db, for lossy --pixel-codec
 
 
 @dataclass
-class ExtractSummary:
+class ExtractSummary(ShardTotals):
     """Totals of one run, for the CLI's summary table."""
 
     cache: str
-    results: list[ShardResult]
+    results: list[ExtractResult]
     seconds: float
     stored_bytes: int
     cache_samples: int
     head: str
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.results)
-
-    @property
-    def images(self) -> int:
-        return sum(r.images for r in self.results if r.status == "done")
-
-    @property
-    def skipped_samples(self) -> list[tuple[str, str, str]]:
-        return [(r.name, key, reason) for r in self.results for key, reason in r.skipped_samples]
 
     @property
     def images_per_second(self) -> float:
@@ -113,16 +98,11 @@ class ExtractSummary:
         return min(found) if found else None
 
 
-class Progress(Protocol):
-    def images(self, count: int) -> None: ...
-    def shard(self, result: ShardResult) -> None: ...
-
-
 class _Silent:
     def images(self, count: int) -> None:
         pass
 
-    def shard(self, result: ShardResult) -> None:
+    def shard(self, result: ExtractResult) -> None:
         pass
 
 
@@ -141,7 +121,7 @@ class _ShardJob:
     def __init__(self, cache: FeatureCache, source: ShardSource, precision: str) -> None:
         self.spec = cache.spec
         self.layers = [str(level.layer) for level in cache.spec.levels]
-        self.result = ShardResult(name=source.name, status="done")
+        self.result = ExtractResult(name=source.name, status="done")
         self._stats: dict[str, list[float]] = {}
         self._pixel_error = [0.0, 0]  # summed squared error, values compared
         self._batches = 0
@@ -201,7 +181,7 @@ class _ShardJob:
         self.result.skipped_samples += [tuple(s) for s in skipped]
         self.result.error = self.result.error or reason
 
-    def close(self) -> ShardResult:
+    def close(self) -> ExtractResult:
         if not self.result.error:
             self.result.fidelity = {
                 layer: {"cosine_min": s[0], "relative_mse": s[1] / s[2] if s[2] else 0.0}
@@ -259,7 +239,7 @@ def extract_shards(
     shards: Sequence[ShardSource],
     progress: Progress | None = None,
     teachers: TeacherPool | None = None,
-) -> list[ShardResult]:
+) -> list[ExtractResult]:
     """Extract ``shards`` into the (existing) cache at ``config.out``: the unit of work, local or on a dask worker.
 
     ``teachers``: where the teacher is kept between calls (a run's, a dask worker's); None builds one for this call.
@@ -408,7 +388,7 @@ def _complete_shards(cache: FeatureCache, shards: Sequence[ShardSource]) -> set[
     return done_shards(shards, made_from, f"cache {redact_url(cache.url)!r}")
 
 
-ShardRunner = Callable[[ExtractConfig, list[ShardSource], Progress], list[ShardResult]]
+ShardRunner = Callable[[ExtractConfig, list[ShardSource], Progress], list[ExtractResult]]
 
 
 def extract(
@@ -442,7 +422,7 @@ def extract(
         head = _write_teacher_head(cache, teacher)
         done = _complete_shards(cache, inputs.shards)
         todo = [s for s in inputs.shards if s.name not in done]
-        results = [ShardResult(name=s.name, status="skipped") for s in inputs.shards if s.name in done]
+        results = [ExtractResult(name=s.name, status="skipped") for s in inputs.shards if s.name in done]
         if on_plan:
             on_plan(len(inputs.shards), len(todo))
         if todo:
