@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,10 @@ TINY_VIT = [
 FAST = ["--batch-size", "16", "--chunk-samples", "8", "--shard-samples", "16", "--loader-workers", "0"]
 
 
+TINY_TRAIN = ["--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0"]
+TRAIN_FAST = [*TINY_TRAIN, "--log-every", "2"]  # a tiny student, in-process loading, a metric every 2 steps
+
+
 def run_cli(*args: str) -> CliRunner.invoke:
     """Invoke ``apmpipe`` in-process, as a user would type it."""
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
@@ -54,13 +59,6 @@ def run_main(capsys: pytest.CaptureFixture, *args: str) -> Outcome:
     return Outcome(int(exit_info.value.code or 0), captured.out, captured.err)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Wait until ``path`` exists (e.g. a checkpoint of a training run to kill), ``proc`` ended or ``timeout`` s."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and not path.exists() and proc.poll() is None:
-        time.sleep(0.02)
-
-
 def run_subprocess(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed console script in a real process (exit codes and stderr exactly as a user sees them)."""
     return subprocess.run(
@@ -72,15 +70,17 @@ def run_subprocess(*args: str, cwd: Path | None = None, timeout: float = 300) ->
     )
 
 
-def kill_midway(args: list, watched: Path) -> None:
-    """Start ``apmpipe ARGS`` in a real process and SIGKILL it once ``watched`` exists."""
+def kill_midway(args: list, watched: Path | Callable[[], bool], timeout: float = 120) -> None:
+    """Start ``apmpipe ARGS`` in a real process and SIGKILL it once ``watched`` exists (a path, or a check that
+    returns True), or once it ended by itself or ``timeout`` s passed (the callers then see the kill came too late)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "apmpipe.pipeline", *map(str, args)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not watched.exists():
+    ready = watched.exists if isinstance(watched, Path) else watched
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

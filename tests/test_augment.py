@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -17,8 +13,7 @@ from apmpipe.pipeline.bench import augment_fidelity
 from apmpipe.stages.augment import MIN_CROP_CELLS, augment_generator, crop_boxes, draw_views
 from apmpipe.storage.checkpoint import load_student
 
-from .conftest import run_cli, run_main, wait_for
-from .test_train import TRAIN_FAST
+from .conftest import TRAIN_FAST, kill_midway, run_cli, run_main, run_subprocess
 
 SIZE, CELL, PREFIX = (32, 48), 4, 1
 GRID = (SIZE[0] // CELL, SIZE[1] // CELL)
@@ -88,25 +83,11 @@ def test_resume_after_sigkill_with_augment_gives_identical_weights(tmp_path: Pat
     plain = tmp_path / "plain"
     assert run_cli(*args, "--out", plain).exit_code == 0
     augmented = [*args, "--augment", "flip,crop", "--crop-scale", "0.3,1"]
-    reference = tmp_path / "ref"
-    subprocess.run(
-        [sys.executable, "-m", "apmpipe.pipeline", *augmented, "--out", str(reference)], check=True, capture_output=True
-    )
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apmpipe.pipeline", *augmented, "--out", str(killed)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(killed / "checkpoints" / "step-00000012", proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    reference, killed = tmp_path / "ref", tmp_path / "killed"
+    assert run_subprocess(*augmented, "--out", reference).returncode == 0
+    kill_midway([*augmented, "--out", killed], killed / "checkpoints" / "step-00000012")
     assert not (killed / "student.safetensors").exists(), "the kill came too late to test anything"
-    result = subprocess.run(
-        [sys.executable, "-m", "apmpipe.pipeline", *augmented, "--out", str(killed), "--resume"],
-        capture_output=True,
-        text=True,
-    )
+    result = run_subprocess(*augmented, "--out", killed, "--resume")
     assert result.returncode == 0, result.stderr
     (ref, meta), (got, _), (without, _) = load_student(reference), load_student(killed), load_student(plain)
     assert meta["train_config"]["augment"] == ["flip", "crop"]

@@ -17,7 +17,7 @@ from apmpipe.storage.errors import ConfigError
 from apmpipe.storage.lowrank import BasisFit
 from apmpipe.storage.stream import CacheStream, TokenDecoder, window_batches
 
-from .conftest import FAST, TINY_VIT, run_cli, run_main
+from .conftest import FAST, TINY_VIT, TRAIN_FAST, run_cli, run_main
 
 LAYERS = ["--layers", "1,-1"]  # as tiny_cache: its float32 tokens are the reference
 
@@ -199,16 +199,9 @@ def test_stream_ships_coefficients_that_the_decoder_rebuilds(
         rank8,
         "--out",
         run,
-        "--preset",
-        "tiny",
-        "--batch-size",
-        "8",
-        "--loader-workers",
-        "0",
+        *TRAIN_FAST,
         "--epochs",
         "4",
-        "--log-every",
-        "2",
         "--logit-weight",
         "0",
     )

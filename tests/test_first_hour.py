@@ -22,9 +22,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from .conftest import FAST, TINY_VIT, run_main
+from .conftest import FAST, TINY_TRAIN, TINY_VIT, run_main
 
-TRAIN_FAST = ["--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0"]
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: connections are refused at once
 
 
@@ -179,7 +178,7 @@ def test_mismatch_messages_name_the_field_and_both_values(
         ).returncode
         == 0
     )
-    result = run_main(capsys, "train", tiny_cache, other, "--out", tmp_path / "run", *TRAIN_FAST)
+    result = run_main(capsys, "train", tiny_cache, other, "--out", tmp_path / "run", *TINY_TRAIN)
     line = _one_error_line(result.stderr)
     assert (
         "differs in levels: [{'layer': 2, ...}] vs [{'layer': 1, ...}, {'layer': 2, ...}]" in line and len(line) < 300
@@ -230,7 +229,7 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_print_the_resume_command(tmp_p
         str(tiny_cache),
         "--out",
         str(run),
-        *TRAIN_FAST,
+        *TINY_TRAIN,
         "--max-steps",
         "100000",
         "--log-every",
@@ -257,10 +256,10 @@ def test_resume_refuses_nothing_to_resume_and_changed_options(
     capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
 ) -> None:
     run = tmp_path / "run"
-    result = run_main(capsys, "train", tiny_cache, "--out", run, *TRAIN_FAST, "--resume")
+    result = run_main(capsys, "train", tiny_cache, "--out", run, *TINY_TRAIN, "--resume")
     assert f"no checkpoint in {run}; drop --resume" in _one_error_line(result.stderr)
-    assert run_main(capsys, "train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "4").returncode == 0
-    changed = [a if a != "8" else "4" for a in TRAIN_FAST]  # --batch-size 4
+    assert run_main(capsys, "train", tiny_cache, "--out", run, *TINY_TRAIN, "--max-steps", "4").returncode == 0
+    changed = [a if a != "8" else "4" for a in TINY_TRAIN]  # --batch-size 4
     result = run_main(
         capsys, "train", tiny_cache, "--out", run, *changed, "--max-steps", "4", "--lr", "1e-3", "--resume"
     )
@@ -282,7 +281,7 @@ def test_checkpoints_are_also_written_by_wall_time(
         tiny_cache,
         "--out",
         run,
-        *TRAIN_FAST,
+        *TINY_TRAIN,
         "--max-steps",
         "12",
         "--checkpoint-every",
@@ -317,7 +316,7 @@ def test_train_progress_keeps_steps_epoch_and_eta_within_80_columns(tmp_path: Pa
         tiny_cache,
         "--out",
         tmp_path / "run",
-        *TRAIN_FAST,
+        *TINY_TRAIN,
         "--max-steps",
         "20",
         "--log-every",

@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from .conftest import FAST, TINY_VIT, run_cli, run_subprocess
+from .conftest import FAST, TINY_VIT, TRAIN_FAST, kill_midway, run_cli, run_subprocess
 from .test_extract import shard_arrays
 
 
@@ -134,34 +132,16 @@ def test_run_on_s3_resumes_after_sigkill_like_an_uninterrupted_local_run(
     args = [
         "train",
         tiny_cache,
-        *("--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0"),
-        *(
-            "--max-steps",
-            "40",
-            "--checkpoint-every",
-            "4",
-            "--warmup-steps",
-            "3",
-            "--locations",
-            "3",
-            "--log-every",
-            "2",
-        ),
+        *TRAIN_FAST,
+        *("--max-steps", "40", "--checkpoint-every", "4", "--warmup-steps", "3", "--locations", "3"),
     ]
     reference = tmp_path / "ref"
     assert run_subprocess(*args, "--out", reference).returncode == 0
     remote = "s3://apm-runs/run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apmpipe.pipeline", *map(str, args), "--out", remote, *_s3_options(s3_endpoint)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    kill_midway(
+        [*args, "--out", remote, *_s3_options(s3_endpoint)],
+        lambda: fs.invalidate_cache() or fs.exists("apm-runs/run/checkpoints/latest"),
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not fs.exists("apm-runs/run/checkpoints/latest"):
-        time.sleep(0.05)
-        fs.invalidate_cache()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     assert not fs.exists("apm-runs/run/student.safetensors"), "the kill came too late to test anything"
     latest = fs.cat_file("apm-runs/run/checkpoints/latest").decode()
     # a save killed midway: objects of a newer checkpoint that latest never named, one of them half written

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli, run_main
-
-TRAIN_FAST = ["--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0"]
+from .conftest import TINY_TRAIN, run_cli, run_main
 
 
 def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -25,7 +23,7 @@ def test_tensorboard_events_hold_the_metrics_scalars(tmp_path: Path, tiny_cache:
 
     run = tmp_path / "run"
     result = run_cli(
-        "train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "6", "--log-every", "2", "--tensorboard"
+        "train", tiny_cache, "--out", run, *TINY_TRAIN, "--max-steps", "6", "--log-every", "2", "--tensorboard"
     )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -43,7 +41,7 @@ def test_tensorboard_events_hold_the_metrics_scalars(tmp_path: Path, tiny_cache:
 
 def test_tensorboard_resume_hides_the_killed_runs_later_events(tmp_path: Path, tiny_cache: Path) -> None:
     run, events = tmp_path / "run", tmp_path / "tb"
-    common = [*TRAIN_FAST, "--max-steps", "8", "--log-every", "1", "--tensorboard", "--tensorboard-dir", events]
+    common = [*TINY_TRAIN, "--max-steps", "8", "--log-every", "1", "--tensorboard", "--tensorboard-dir", events]
     first = run_cli("train", tiny_cache, "--out", run, *common, "--checkpoint-every", "4")
     assert first.exit_code == 0, first.output
     # as if killed after step 8 but checkpointed at 4: the resumed run logs steps 5..8 again, and only those count
@@ -60,7 +58,7 @@ def test_tensorboard_refusals_are_one_line(
     capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def error(*args: object) -> str:
-        result = run_main(capsys, "train", tiny_cache, *TRAIN_FAST, "--max-steps", "2", *args)
+        result = run_main(capsys, "train", tiny_cache, *TINY_TRAIN, "--max-steps", "2", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         return result.stderr
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,20 +17,7 @@ import zarr
 from apmpipe.storage.checkpoint import load_student
 from apmpipe.storage.stream import CacheStream, StreamPosition, window_batches
 
-from .conftest import run_cli, run_main, wait_for
-
-TRAIN_FAST = [
-    "--preset",
-    "tiny",
-    "--batch-size",
-    "8",
-    "--window-samples",
-    "32",
-    "--loader-workers",
-    "0",
-    "--log-every",
-    "2",
-]
+from .conftest import TRAIN_FAST, kill_midway, run_cli, run_main, run_subprocess
 
 
 def test_student_learns_from_cache(tmp_path: Path, tiny_cache: Path) -> None:
@@ -132,25 +118,11 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache
         "--echo",
         str(echo),
     ]
-    reference = tmp_path / "ref"
-    subprocess.run(
-        [sys.executable, "-m", "apmpipe.pipeline", *args, "--out", str(reference)], check=True, capture_output=True
-    )
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apmpipe.pipeline", *args, "--out", str(killed)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(killed / "checkpoints" / "step-00000012", proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    reference, killed = tmp_path / "ref", tmp_path / "killed"
+    assert run_subprocess(*args, "--out", reference).returncode == 0
+    kill_midway([*args, "--out", killed], killed / "checkpoints" / "step-00000012")
     assert not (killed / "student.safetensors").exists(), "the kill came too late to test anything"
-    result = subprocess.run(
-        [sys.executable, "-m", "apmpipe.pipeline", *args, "--out", str(killed), "--resume"],
-        capture_output=True,
-        text=True,
-    )
+    result = run_subprocess(*args, "--out", killed, "--resume")
     assert result.returncode == 0, result.stderr
     ref, _ = load_student(reference)
     got, _ = load_student(killed)
