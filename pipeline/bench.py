@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -528,6 +528,87 @@ def bench_ablation(
     return data.teacher, rows
 
 
+@dataclass
+class CodecRow:
+    array: str  # "tokens/<layer>" (as stored: whole, int8 or coefficients) or "pixels"
+    codec: str
+    stored_bytes_per_sample: float
+    raw_bytes_per_sample: float
+    encode_mb_s: float  # raw MB/s
+    decode_mb_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes_per_sample / self.stored_bytes_per_sample
+
+
+@dataclass
+class CodecBench:
+    url: str
+    machine: str
+    samples: int
+    default: str
+    rows: list[CodecRow]
+
+    def totals(self) -> dict[str, tuple[float, float]]:
+        """Per codec, over every measured array: stored bytes per sample and samples/s decoding them all."""
+        out = {}
+        for codec in dict.fromkeys(row.codec for row in self.rows):
+            rows = [row for row in self.rows if row.codec == codec]
+            seconds = sum(row.raw_bytes_per_sample / (row.decode_mb_s * 1e6) for row in rows)
+            out[codec] = (sum(row.stored_bytes_per_sample for row in rows), 1 / seconds)
+        return out
+
+
+CODEC_READS = 3  # decode time: best of this many reads
+
+
+def bench_codecs(url: str, samples: int, storage_options: dict | None = None) -> CodecBench:
+    """Every ``--codec`` on the stored token and pixel arrays of one cache's first complete shard (up to ``samples``
+    samples): each is written to memory and read back exactly as extract writes and the loader reads it (same
+    chunks, shards and compressors), side by side."""
+    import zarr
+
+    from apmpipe.storage.cache import CODECS, DEFAULT_CODEC, FeatureCache, create_sample_array
+    from apmpipe.storage.errors import CacheError
+
+    cache = FeatureCache.open(url, storage_options=storage_options)
+    complete = cache.complete_shards()
+    if not complete:
+        raise CacheError(f"cache {url!r} has no complete shard to measure; finish it with apmpipe extract")
+    shard = cache.shard(complete[0])
+    names = [f"tokens/{level.array_name}" for level in cache.spec.levels]
+    names += ["pixels"] if cache.spec.pixel_codec == "raw" else []  # PNG/WebP/JPEG bytes are not recompressed
+    rows = []
+    for name in names:
+        data = shard[name][:samples]
+        for codec in CODECS:
+            chunks: dict = {}
+            target = create_sample_array(
+                zarr.group(zarr.storage.MemoryStore(chunks)),
+                replace(cache.spec, codec=codec),
+                name,
+                data.shape[1:],
+                data.dtype,
+                sharded=True,
+            )
+            target.resize(data.shape)
+            encode = timed(lambda target=target, data=data: target.__setitem__(Ellipsis, data))
+            decode = min(timed(lambda target=target: target[...]) for _ in range(CODEC_READS))
+            stored = sum(len(value) for key, value in chunks.items() if not key.endswith("zarr.json"))
+            rows.append(
+                CodecRow(
+                    name,
+                    codec,
+                    stored / len(data),
+                    data.nbytes / len(data),
+                    data.nbytes / encode / 1e6,
+                    data.nbytes / decode / 1e6,
+                )
+            )
+    return CodecBench(url, machine_line(torch.device("cpu")), len(data), DEFAULT_CODEC, rows)
+
+
 @dataclass(frozen=True)
 class BytePlan:
     """How one run reads less: the train cache's storage (ExtractConfig ``dtype``, ``rank``), ``--echo``,
@@ -544,6 +625,7 @@ class BytePlan:
 # the first plan is the baseline every row is compared to
 BYTE_PLANS: dict[str, BytePlan] = {
     "float16 cache, all levels (default)": BytePlan(),
+    "float16, --codec zstd (the earlier default)": BytePlan({"codec": "zstd"}),
     "int8 cache": BytePlan({"dtype": "int8"}),
     "float16, --echo 8": BytePlan(echo=8),
     "int8, --echo 8": BytePlan({"dtype": "int8"}, echo=8),

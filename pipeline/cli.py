@@ -61,8 +61,8 @@ class TokenDtype(StrEnum):
 
 
 class Codec(StrEnum):
-    zstd = "zstd"
     blosc_lz4 = "blosc-lz4"
+    zstd = "zstd"
     none = "none"
 
 
@@ -218,7 +218,12 @@ def extract(
     dtype: Annotated[
         TokenDtype, typer.Option(help="Token storage dtype; int8 is per-token scaled and its fidelity is reported.")
     ] = TokenDtype.float16,
-    codec: Annotated[Codec, typer.Option(help="Compressor for cached arrays.")] = Codec.zstd,
+    codec: Annotated[
+        Codec,
+        typer.Option(
+            help="Token compressor (blosc-lz4: bit-shuffled LZ4; pixels, labels, logits take zstd unless none)."
+        ),
+    ] = Codec.blosc_lz4,
     rank: Annotated[
         int,
         typer.Option(
@@ -806,7 +811,7 @@ def bench_extract_command(
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 32,
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes (-1: auto, as in extract).")] = -1,
     dtype: Annotated[TokenDtype, typer.Option(help="Token storage dtype.")] = TokenDtype.float16,
-    codec: Annotated[Codec, typer.Option(help="Compressor.")] = Codec.zstd,
+    codec: Annotated[Codec, typer.Option(help="Token compressor (as extract --codec).")] = Codec.blosc_lz4,
     device: DeviceOption = "auto",
 ) -> None:
     """Extraction speed beside the bare teacher forward.
@@ -855,7 +860,9 @@ def bench_train_command(
     rank: Annotated[
         int, typer.Option(help="Low-rank token storage of the bench cache (as extract --rank; 0: whole tokens).")
     ] = 0,
-    codec: Annotated[Codec, typer.Option(help="Compressor of the bench cache (as extract --codec).")] = Codec.zstd,
+    codec: Annotated[
+        Codec, typer.Option(help="Token compressor of the bench cache (as extract --codec).")
+    ] = Codec.blosc_lz4,
     device: DeviceOption = "auto",
 ) -> None:
     """Training speed: loader, student, cached vs online.
@@ -944,6 +951,24 @@ def bench_augment_command(
     check_crop_scale(scale)
     teacher, rows = bench_augment(workdir, seed, scale, cache)
     render.bench_augment(teacher, rows, scale)
+
+
+@bench_app.command("codecs")
+@reports_user_errors
+def bench_codecs_command(
+    cache: Annotated[str, typer.Argument(help="A cache (local or URL); its first complete shard is measured.")],
+    samples: Annotated[int, typer.Option(help="Samples of that shard to compress.")] = 256,
+    storage_option: StorageOptions = None,
+) -> None:
+    """Every --codec on a cache's tokens and pixels, side by side.
+
+    Stored bytes per sample, encode and decode MB/s per array as extract writes and the loader reads them, and
+    per sample over all arrays: choose extract --codec for your teacher's tokens."""
+    from .bench import bench_codecs
+
+    if samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {samples}")
+    render.bench_codecs(bench_codecs(cache, samples, parse_storage_options(storage_option)))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -283,7 +283,7 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "",
         f"{ex['train_images']} train + {ex['val_images']} val images extracted once at "
         f"{ex['images_per_s']:.1f} img/s; {human_bytes(ex['stored_bytes'])} "
-        "on disk (layers 1 and 2, float16 + zstd, with pixels, labels and logits).",
+        "on disk (layers 1 and 2: float16 tokens, bit-shuffled LZ4; pixels, labels and logits: zstd).",
         "",
         "## Stage two: the APM student",
         "",

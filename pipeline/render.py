@@ -400,6 +400,30 @@ def bench_bytes(teacher: dict[str, Any], rows: list[Any], steps: int, record: Pa
     err_console.print(f"bench: figures saved in {record}", highlight=False)
 
 
+def bench_codecs(result: Any) -> None:
+    """``apmpipe bench codecs``: each --codec's stored bytes and encode/decode rates per array, then per sample."""
+    lines = [
+        ("machine", result.machine),
+        (
+            "cache",
+            f"{result.url}: first {result.samples} samples of its first complete shard, written and read "
+            "in memory as extract and the loader do",
+        ),
+    ]
+    for row in result.rows:
+        lines.append(
+            (
+                f"{row.array}, {row.codec}",
+                f"{human_bytes(row.stored_bytes_per_sample)}/sample (raw / stored {row.ratio:.3f}) | "
+                f"encode {row.encode_mb_s:,.0f} MB/s | decode {row.decode_mb_s:,.0f} MB/s",
+            )
+        )
+    for codec, (stored, rate) in result.totals().items():
+        default = " (default)" if codec == result.default else ""
+        lines.append((f"all arrays, {codec}{default}", f"{human_bytes(stored)}/sample | decoded {rate:,.0f} samples/s"))
+    out_console.print(table("apmpipe bench codecs", lines))
+
+
 def bench_augment(teacher: str, rows: list[Any], crop_scale: tuple[float, float]) -> None:
     """``apmpipe bench augment``: cosine of the augmented targets to the teacher on augmented images, per level."""
     lines = [

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
+from apmpipe.storage.cache import CODECS, DEFAULT_CODEC, PIXEL_CODECS, TOKEN_DTYPES
 from apmpipe.storage.errors import ConfigError, ModelError, require_at_least
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, read_class_names, resolve_inputs
@@ -82,7 +82,7 @@ class ExtractConfig:
     layers: tuple[int, ...] = (-1,)
     final_norm: bool = False
     dtype: str = "float16"
-    codec: str = "zstd"
+    codec: str = DEFAULT_CODEC
     rank: int = 0
     pixel_codec: str = "raw"
     batch_size: int = 32

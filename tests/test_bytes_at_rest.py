@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from apmpipe.storage.cache import CacheSpec, FeatureCache, LevelLayout
+from apmpipe.storage.cache import CODECS, CacheSpec, FeatureCache, LevelLayout
 from apmpipe.storage.errors import ConfigError
 from apmpipe.storage.lowrank import BasisFit
 from apmpipe.storage.stream import CacheStream, TokenDecoder, window_batches
@@ -115,6 +115,61 @@ def test_plain_zarr_reads_coefficients_and_basis(tmp_path: Path, digit_shards: l
             and group[f"tokens/{layer}"].metadata.dimension_names[-1] == f"component_{layer}"
         )
         np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-5)
+
+
+def _inner_compressors(out: Path, array: str) -> list[str]:
+    meta = json.loads((out / f"shards/digits-0000/{array}/zarr.json").read_text())
+    inner = meta["codecs"][0]["configuration"]["codecs"] if meta["codecs"][0]["name"] == "sharding_indexed" else []
+    codecs = inner or meta["codecs"]
+    return [c["name"] + (f":{c['configuration']['shuffle']}" if c["name"] == "blosc" else "") for c in codecs[1:]]
+
+
+@pytest.mark.parametrize(
+    ("options", "tokens", "others"),
+    [
+        ((), ["blosc:bitshuffle"], ["zstd"]),  # the default
+        (("--codec", "zstd"), ["zstd"], ["zstd"]),
+        (("--codec", "none"), [], []),
+    ],
+)
+def test_codec_compresses_tokens_and_keeps_them_exact(
+    tmp_path: Path,
+    digit_shards: list[str],
+    tiny_cache: Path,
+    options: tuple[str, ...],
+    tokens: list[str],
+    others: list[str],
+) -> None:
+    out = tmp_path / "c.zarr"
+    cache = extract(out, digit_shards[:1], "--dtype", "float32", *options)
+    assert _inner_compressors(out, "tokens/1") == tokens
+    assert _inner_compressors(out, "pixels") == _inner_compressors(out, "logits") == others
+    got, want = cache.read("digits-0000", 0, 40), FeatureCache.open(str(tiny_cache)).read("digits-0000", 0, 40)
+    for a, b in zip(got.tokens, want.tokens, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got.pixels, want.pixels)
+
+
+def test_bench_codecs_measures_every_codec_as_extract_writes(tiny_cache: Path) -> None:
+    from apmpipe.pipeline.bench import bench_codecs
+
+    result = bench_codecs(str(tiny_cache), samples=16)
+    rows = {(row.array, row.codec): row for row in result.rows}
+    assert set(rows) == {(a, c) for a in ("tokens/1", "tokens/2", "pixels") for c in ("blosc-lz4", "zstd", "none")}
+    assert result.samples == 16 and result.default == "blosc-lz4"
+    raw = 5 * 192 * 4  # float32 tokens of one sample of one level
+    assert all(rows[(a, c)].raw_bytes_per_sample == raw for a in ("tokens/1", "tokens/2") for c in CODECS)
+    assert rows[("pixels", "zstd")].stored_bytes_per_sample < rows[("pixels", "none")].stored_bytes_per_sample
+    assert rows[("tokens/1", "none")].ratio == pytest.approx(1.0, abs=0.01)  # only the shard index is added
+    totals = result.totals()
+    assert totals["none"][0] == pytest.approx(
+        sum(rows[(a, "none")].stored_bytes_per_sample for a in ("tokens/1", "tokens/2", "pixels"))
+    )
+    assert all(rate > 0 for _, rate in totals.values())
+    shown = run_cli("bench", "codecs", tiny_cache, "--samples", "16")
+    assert shown.exit_code == 0 and "all arrays, blosc-lz4 (default)" in shown.output
+    refused = run_cli("bench", "codecs", tiny_cache, "--samples", "0")
+    assert refused.exit_code == 2 and "--samples must be at least 1" in refused.output
 
 
 @pytest.mark.parametrize("codec", ["png", "webp"])
