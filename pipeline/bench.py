@@ -27,8 +27,10 @@ from apmpipe.storage.sources import resolve_inputs
 from .datasets import write_digit_shards
 
 if TYPE_CHECKING:
+    import numpy as np
     import psutil
 
+    from apmpipe.storage.cache import CacheSpec
     from apmpipe.storage.stream import CacheStream
 
 
@@ -565,11 +567,9 @@ CODEC_READS = 3  # decode time: best of this many reads
 
 def bench_codecs(url: str, samples: int, storage_options: dict | None = None) -> CodecBench:
     """Every ``--codec`` on the stored token and pixel arrays of one cache's first complete shard (up to ``samples``
-    samples): each is written to memory and read back exactly as extract writes and the loader reads it (same
-    chunks, shards and compressors), side by side."""
-    import zarr
-
-    from apmpipe.storage.cache import CODECS, DEFAULT_CODEC, FeatureCache, create_sample_array
+    samples): each is written to a local scratch folder and read back exactly as extract writes and the loader reads
+    it (same chunks, shards and compressors), side by side."""
+    from apmpipe.storage.cache import CODECS, DEFAULT_CODEC, FeatureCache
     from apmpipe.storage.errors import CacheError
 
     cache = FeatureCache.open(url, storage_options=storage_options)
@@ -580,33 +580,26 @@ def bench_codecs(url: str, samples: int, storage_options: dict | None = None) ->
     names = [f"tokens/{level.array_name}" for level in cache.spec.levels]
     names += ["pixels"] if cache.spec.pixel_codec == "raw" else []  # PNG/WebP/JPEG bytes are not recompressed
     rows = []
-    for name in names:
-        data = shard[name][:samples]
-        for codec in CODECS:
-            chunks: dict = {}
-            target = create_sample_array(
-                zarr.group(zarr.storage.MemoryStore(chunks)),
-                replace(cache.spec, codec=codec),
-                name,
-                data.shape[1:],
-                data.dtype,
-                sharded=True,
-            )
-            target.resize(data.shape)
-            encode = timed(lambda target=target, data=data: target.__setitem__(Ellipsis, data))
-            decode = min(timed(lambda target=target: target[...]) for _ in range(CODEC_READS))
-            stored = sum(len(value) for key, value in chunks.items() if not key.endswith("zarr.json"))
-            rows.append(
-                CodecRow(
-                    name,
-                    codec,
-                    stored / len(data),
-                    data.nbytes / len(data),
-                    data.nbytes / encode / 1e6,
-                    data.nbytes / decode / 1e6,
-                )
-            )
+    with scratch_dir() as tmp:
+        for name in names:
+            data = shard[name][:samples]
+            rows += [_codec_row(Path(tmp) / codec, replace(cache.spec, codec=codec), name, data) for codec in CODECS]
     return CodecBench(url, machine_line(torch.device("cpu")), len(data), DEFAULT_CODEC, rows)
+
+
+def _codec_row(folder: Path, spec: CacheSpec, name: str, data: np.ndarray) -> CodecRow:
+    """``data`` written as array ``name`` of a local group in ``folder`` under ``spec``, then read back."""
+    import zarr
+
+    from apmpipe.storage.cache import create_sample_array
+
+    target = create_sample_array(zarr.open_group(str(folder)), spec, name, data.shape[1:], data.dtype, sharded=True)
+    target.resize(data.shape)
+    encode = timed(lambda: target.__setitem__(Ellipsis, data))
+    decode = min(timed(lambda: target[...]) for _ in range(CODEC_READS))
+    stored = sum(f.stat().st_size for f in (folder / name).rglob("*") if f.is_file() and f.name != "zarr.json")
+    raw = data.nbytes
+    return CodecRow(name, spec.codec, stored / len(data), raw / len(data), raw / encode / 1e6, raw / decode / 1e6)
 
 
 @dataclass(frozen=True)
