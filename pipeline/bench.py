@@ -224,7 +224,8 @@ def _read_bytes_per_sample(
     cache: str, levels: tuple[int, ...] | None = None, logits: bool = False
 ) -> tuple[float, float]:
     """(stored, decoded) bytes per sample of what training reads: pixels, labels, the tokens (and int8 scales) of
-    the trained ``levels`` (None: all), and the cached logits when the decision loss reads them."""
+    the trained ``levels`` (None: all), and the cached logits when the decision loss reads them. Stored bytes are
+    those fetched: whole chunks, however few of their samples a block wants."""
     from apmpipe.storage.cache import FeatureCache
 
     arrays = FeatureCache.open(cache).describe(sizes=True)["arrays"]
@@ -236,7 +237,7 @@ def _read_bytes_per_sample(
         or (name.startswith(("tokens/", "scales/")) and (levels is None or int(name.split("/")[1]) in levels))
     }
     return (
-        sum(v.get("stored_bytes_per_sample", 0.0) for v in read.values()),
+        sum(v.get("read_bytes_per_sample", 0.0) for v in read.values()),
         sum(v.get("raw_bytes_per_sample", 0.0) for v in read.values()),
     )
 

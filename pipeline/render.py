@@ -124,11 +124,14 @@ def cache_description(desc: dict[str, Any], sizes: bool) -> None:
 
 
 def _array_rows(arrays: dict[str, dict[str, float]]) -> list[tuple[str, str]]:
-    """Bytes per sample of each array: stored (with ``--sizes``) beside the raw (decoded) size."""
+    """Bytes per sample of each array: stored (with ``--sizes``) beside the raw (decoded) size, and what a training
+    read fetches where whole-shard chunks make that more."""
     rows = []
     for name, sizes in arrays.items():
         raw = f"{human_bytes(sizes['raw_bytes_per_sample'])} raw" if "raw_bytes_per_sample" in sizes else ""
         stored = f"{human_bytes(sizes['stored_bytes_per_sample'])} stored" if "stored_bytes_per_sample" in sizes else ""
+        if sizes.get("read_bytes_per_sample", 0.0) > 1.01 * sizes.get("stored_bytes_per_sample", 0.0):
+            stored += f", {human_bytes(sizes['read_bytes_per_sample'])} fetched per sample read"
         rows.append((f"bytes/sample {name}", f"{stored} ({raw})" if stored and raw else stored or raw))
     return rows
 

@@ -486,8 +486,9 @@ class CachedSamples:
 def create_sample_array(
     group: zarr.Group, spec: CacheSpec, name: str, item_shape: tuple[int, ...], dtype: Any, sharded: bool
 ) -> zarr.Array:
-    """An empty per-sample array ``name`` in ``group``, chunked, sharded and compressed as ``spec`` says (tokens and
-    pixels are ``sharded``: ``chunk_samples`` per read unit inside ``shard_samples`` per file)."""
+    """An empty per-sample array ``name`` in ``group``, chunked, sharded and compressed as ``spec`` says. Arrays
+    read per block (tokens, scales, pixels, logits) are ``sharded``: ``chunk_samples`` per read unit inside
+    ``shard_samples`` per file, so a block reads only its own samples; labels and keys are whole-shard chunks."""
     if sharded:
         chunks, shards = (spec.chunk_samples, *item_shape), (spec.shard_samples, *item_shape)
     else:
@@ -555,14 +556,14 @@ class ShardWriter:
             "keys": self._array("keys", (), str, sharded=False),
         }
         if spec.num_classes:
-            arrays["logits"] = self._array("logits", (spec.num_classes,), "float32", sharded=False)
+            arrays["logits"] = self._array("logits", (spec.num_classes,), "float32", sharded=True)
         for level in spec.levels:
             arrays[f"tokens/{level.array_name}"] = self._array(
                 f"tokens/{level.array_name}", (level.num_tokens, spec.token_width(level)), spec.dtype, sharded=True
             )
             if spec.dtype == "int8":
                 arrays[f"scales/{level.array_name}"] = self._array(
-                    f"scales/{level.array_name}", (level.num_tokens,), "float32", sharded=False
+                    f"scales/{level.array_name}", (level.num_tokens,), "float32", sharded=True
                 )
         return arrays
 
@@ -1039,9 +1040,25 @@ class FeatureCache:
                 compression_ratio=raw / stored if stored else 0.0,
                 bytes_per_sample=stored / samples if samples else 0.0,
             )
+            amplification = self.read_amplification()
             for name, size in per_array.items():
-                out["arrays"].setdefault(name, {})["stored_bytes_per_sample"] = size / samples if samples else 0.0
+                stored_per_sample = size / samples if samples else 0.0
+                entry = out["arrays"].setdefault(name, {})
+                entry["stored_bytes_per_sample"] = stored_per_sample
+                if name in amplification:
+                    entry["read_bytes_per_sample"] = stored_per_sample * amplification[name]
         return out
+
+    def read_amplification(self) -> dict[str, float]:
+        """Per per-sample array, stored bytes fetched per stored byte of the samples a block wants: a block of
+        ``chunk_samples`` decodes whole chunks, so an array chunked by whole shards (labels, keys; logits and scales
+        of caches written before they were sharded) costs ``shard_samples / chunk_samples`` times its share.
+        Read from the first complete shard group; empty when there is none."""
+        complete = self.complete_shards()
+        if not complete:
+            return {}
+        arrays = self._arrays(complete[0])
+        return {name: max(1.0, arrays[name].chunks[0] / self.spec.chunk_samples) for name in _sample_arrays(self.spec)}
 
 
 def _no_cache_message(url: str) -> str:

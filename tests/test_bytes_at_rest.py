@@ -211,6 +211,12 @@ def test_jpeg_records_psnr_and_info_shows_bytes_and_fidelity(
     assert sum(a.get("stored_bytes_per_sample", 0) for a in desc["arrays"].values()) * 40 == pytest.approx(
         desc["stored_bytes"]
     )
+    arrays = desc["arrays"]  # a block (--chunk-samples 8) fetches only its samples, but whole-shard chunks (16)
+    assert all(
+        arrays[n]["read_bytes_per_sample"] == arrays[n]["stored_bytes_per_sample"]
+        for n in ("pixels", "logits", "tokens/1", "scales/1")
+    )
+    assert arrays["labels"]["read_bytes_per_sample"] == pytest.approx(2 * arrays["labels"]["stored_bytes_per_sample"])
     assert set(desc["fidelity"]["levels"]) == {"1", "2"} and desc["fidelity"]["pixels"]["psnr_db"] == recorded
     outcome = run_main(capsys, "info", out, "--sizes")
     assert outcome.returncode == 0
