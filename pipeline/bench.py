@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,10 +27,8 @@ from apmpipe.storage.sources import resolve_inputs
 from .datasets import write_digit_shards
 
 if TYPE_CHECKING:
-    import numpy as np
     import psutil
 
-    from apmpipe.storage.cache import CacheSpec
     from apmpipe.storage.stream import CacheStream
 
 
@@ -533,11 +531,13 @@ def bench_ablation(
 
 @dataclass
 class CodecRow:
-    array: str  # "tokens/<layer>" (as stored: whole, int8 or coefficients) or "pixels"
+    """One array of a cache under one ``--codec``: bytes per sample and rates (raw MB/s)."""
+
+    array: str  # "pixels", "labels", "logits", "tokens/<layer>" (as stored), "scales/<layer>"
     codec: str
     stored_bytes_per_sample: float
     raw_bytes_per_sample: float
-    encode_mb_s: float  # raw MB/s
+    encode_mb_s: float
     decode_mb_s: float
 
     @property
@@ -563,44 +563,33 @@ class CodecBench:
         return out
 
 
-CODEC_READS = 3  # decode time: best of this many reads
+CODEC_READS = 3  # decode time: best of this many passes over the blocks
 
 
 def bench_codecs(url: str, samples: int, storage_options: dict | None = None) -> CodecBench:
-    """Every ``--codec`` on the stored token and pixel arrays of one cache's first complete shard (up to ``samples``
-    samples): each is written to a local scratch folder and read back exactly as extract writes and the loader reads
-    it (same chunks, shards and compressors), side by side."""
+    """Every ``--codec`` on the arrays a training step reads, from the first complete shard group of a cache (its
+    first ``samples``, in whole blocks): each written to a local scratch folder exactly as extract writes it and
+    read back one block at a time as a loader thread reads it, side by side."""
     from apmpipe.storage.cache import CODECS, DEFAULT_CODEC, FeatureCache
-    from apmpipe.storage.errors import CacheError
+    from apmpipe.storage.codec_trial import CodecTrial, trial_arrays, trial_samples
+    from apmpipe.storage.redact import redact_url
 
     cache = FeatureCache.open(url, storage_options=storage_options)
-    complete = cache.complete_shards()
-    if not complete:
-        raise CacheError(f"cache {url!r} has no complete shard to measure; finish it with apmpipe extract")
-    shard = cache.shard(complete[0])
-    names = [f"tokens/{level.array_name}" for level in cache.spec.levels]
-    names += ["pixels"] if cache.spec.pixel_codec == "raw" else []  # PNG/WebP/JPEG bytes are not recompressed
+    shard, count = trial_samples(cache, samples)
     rows = []
     with scratch_dir() as tmp:
-        for name in names:
-            data = shard[name][:samples]
-            rows += [_codec_row(Path(tmp) / codec, replace(cache.spec, codec=codec), name, data) for codec in CODECS]
-    return CodecBench(url, machine_line(torch.device("cpu")), len(data), DEFAULT_CODEC, rows)
-
-
-def _codec_row(folder: Path, spec: CacheSpec, name: str, data: np.ndarray) -> CodecRow:
-    """``data`` written as array ``name`` of a local group in ``folder`` under ``spec``, then read back."""
-    import zarr
-
-    from apmpipe.storage.cache import create_sample_array
-
-    target = create_sample_array(zarr.open_group(str(folder)), spec, name, data.shape[1:], data.dtype, sharded=True)
-    target.resize(data.shape)
-    encode = timed(lambda: target.__setitem__(Ellipsis, data))
-    decode = min(timed(lambda: target[...]) for _ in range(CODEC_READS))
-    stored = sum(f.stat().st_size for f in (folder / name).rglob("*") if f.is_file() and f.name != "zarr.json")
-    raw = data.nbytes
-    return CodecRow(name, spec.codec, stored / len(data), raw / len(data), raw / encode / 1e6, raw / decode / 1e6)
+        for name in trial_arrays(cache):
+            for codec in CODECS:
+                trial = CodecTrial.of(Path(tmp), cache, shard, name, count, codec)
+                encode = timed(trial.write)
+                decode = min(timed(trial.read_blocks) for _ in range(CODEC_READS))
+                raw = trial.data.nbytes
+                rows.append(
+                    CodecRow(
+                        name, codec, trial.stored_bytes() / count, raw / count, raw / encode / 1e6, raw / decode / 1e6
+                    )
+                )
+    return CodecBench(redact_url(url), machine_line(torch.device("cpu")), count, DEFAULT_CODEC, rows)
 
 
 @dataclass(frozen=True)

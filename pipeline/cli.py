@@ -66,6 +66,9 @@ class Codec(StrEnum):
     none = "none"
 
 
+DEFAULT_CODEC_CHOICE = Codec.blosc_lz4  # storage.cache.DEFAULT_CODEC, without importing zarr here (a test checks)
+
+
 class PixelCodec(StrEnum):
     raw = "raw"
     png = "png"
@@ -219,11 +222,13 @@ def extract(
         TokenDtype, typer.Option(help="Token storage dtype; int8 is per-token scaled and its fidelity is reported.")
     ] = TokenDtype.float16,
     codec: Annotated[
-        Codec,
+        Codec | None,
         typer.Option(
-            help="Token compressor (blosc-lz4: bit-shuffled LZ4; pixels, labels, logits take zstd unless none)."
+            help="Compressors: blosc-lz4 (float tokens bit-shuffled LZ4, other arrays zstd), zstd, or none. "
+            "Default: the existing cache's, else blosc-lz4.",
+            show_default=False,
         ),
-    ] = Codec.blosc_lz4,
+    ] = None,
     rank: Annotated[
         int,
         typer.Option(
@@ -811,7 +816,7 @@ def bench_extract_command(
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 32,
     loader_workers: Annotated[int, typer.Option(help="DataLoader processes (-1: auto, as in extract).")] = -1,
     dtype: Annotated[TokenDtype, typer.Option(help="Token storage dtype.")] = TokenDtype.float16,
-    codec: Annotated[Codec, typer.Option(help="Token compressor (as extract --codec).")] = Codec.blosc_lz4,
+    codec: Annotated[Codec, typer.Option(help="Compressors (as extract --codec).")] = DEFAULT_CODEC_CHOICE,
     device: DeviceOption = "auto",
 ) -> None:
     """Extraction speed beside the bare teacher forward.
@@ -861,8 +866,8 @@ def bench_train_command(
         int, typer.Option(help="Low-rank token storage of the bench cache (as extract --rank; 0: whole tokens).")
     ] = 0,
     codec: Annotated[
-        Codec, typer.Option(help="Token compressor of the bench cache (as extract --codec).")
-    ] = Codec.blosc_lz4,
+        Codec, typer.Option(help="Compressors of the bench cache (as extract --codec).")
+    ] = DEFAULT_CODEC_CHOICE,
     device: DeviceOption = "auto",
 ) -> None:
     """Training speed: loader, student, cached vs online.

@@ -409,8 +409,8 @@ def bench_codecs(result: Any) -> None:
         ("machine", result.machine),
         (
             "cache",
-            f"{result.url}: first {result.samples} samples of its first complete shard, written and read "
-            "in memory as extract and the loader do",
+            f"{result.url}: first {result.samples} samples of its first complete shard group, written to a "
+            "scratch folder as extract writes them, read back one block at a time as a loader thread reads them",
         ),
     ]
     for row in result.rows:
@@ -423,7 +423,7 @@ def bench_codecs(result: Any) -> None:
         )
     for codec, (stored, rate) in result.totals().items():
         default = " (default)" if codec == result.default else ""
-        lines.append((f"all arrays, {codec}{default}", f"{human_bytes(stored)}/sample | decoded {rate:,.0f} samples/s"))
+        lines.append((f"per sample, {codec}{default}", f"{human_bytes(stored)} stored | decoded {rate:,.0f} samples/s"))
     out_console.print(table("apmpipe bench codecs", lines))
 
 

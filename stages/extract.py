@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from apmpipe.storage.batches import ShardBatches, batch_loader
 from apmpipe.storage.cache import (
+    DEFAULT_CODEC,
     STATUS_COMPLETE,
     CacheSpec,
     EncodedTokens,
@@ -33,6 +34,7 @@ from apmpipe.storage.cache import (
     decode_tokens,
     encode_pixels,
     encode_tokens,
+    stored_codec,
     writer_lock,
 )
 from apmpipe.storage.errors import ApmError, CacheError, InputError, ModelError
@@ -413,6 +415,8 @@ def extract(
     teachers = teachers or TeacherPool()
     teacher = teacher_for(config if driver_device is None else replace(config, device=driver_device), teachers)
     with writer_lock(config.out):
+        codec = config.codec or stored_codec(config.out, config.storage_options) or DEFAULT_CODEC
+        config = replace(config, codec=codec)  # a rerun without --codec keeps the cache's
         cache = FeatureCache.create_or_open(
             config.out, cache_spec(config, teacher), storage_options=config.storage_options
         )

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from apmpipe.storage.cache import CODECS, DEFAULT_CODEC, PIXEL_CODECS, TOKEN_DTYPES
+from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
 from apmpipe.storage.errors import ConfigError, ModelError, require_at_least
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, read_class_names, resolve_inputs
@@ -82,7 +82,7 @@ class ExtractConfig:
     layers: tuple[int, ...] = (-1,)
     final_norm: bool = False
     dtype: str = "float16"
-    codec: str = DEFAULT_CODEC
+    codec: str | None = None  # None: the codec of the cache at ``out`` when it exists, else DEFAULT_CODEC
     rank: int = 0
     pixel_codec: str = "raw"
     batch_size: int = 32
@@ -106,7 +106,7 @@ class ExtractConfig:
         require_at_least(self, ("loader_workers",), -1)
         if self.dtype not in TOKEN_DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
-        if self.codec not in CODECS:
+        if self.codec is not None and self.codec not in CODECS:
             raise ConfigError(f"--codec {self.codec!r} is not one of {', '.join(CODECS)}")
         if self.pixel_codec not in PIXEL_CODECS:
             raise ConfigError(f"--pixel-codec {self.pixel_codec!r} is not one of {', '.join(PIXEL_CODECS)}")

@@ -311,13 +311,14 @@ def _quiet_bytes_dtype() -> Iterator[None]:
         yield
 
 
-def _compressors(codec: str, tokens: bool) -> list:
-    """Compressors of one array under ``--codec``. Token arrays take the named codec; ``blosc-lz4`` bit-shuffles
-    them (float16 tokens of a trained teacher: 1.105x at ~2.7 GB/s decode per core vs zstd's 1.082x at ~0.9 GB/s).
-    Pixels, labels and logits take zstd unless the codec is ``none``: they compress well and are a small share."""
+def _compressors(codec: str, float_tokens: bool) -> list:
+    """Compressors of one array under ``--codec``: ``blosc-lz4`` bit-shuffles float16/float32 token arrays with LZ4
+    (float16 tokens of a trained teacher: 1.105x at ~2.7 GB/s decode per core vs zstd's 1.082x at ~0.9 GB/s) and
+    gives zstd to the rest (pixels, labels, logits, scales, and int8 tokens, where a bit shuffle finds nothing);
+    ``zstd`` gives zstd to every array, ``none`` nothing."""
     if codec == "none":
         return []
-    if codec == "blosc-lz4" and tokens:
+    if codec == "blosc-lz4" and float_tokens:
         return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
     return [ZstdCodec(level=3)]
 
@@ -396,12 +397,22 @@ def _dimension_names(name: str, ndim: int, low_rank: bool = False) -> tuple[str,
     return ("sample", *item)
 
 
+def sample_array_layouts(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """The arrays with one entry per sample that every complete shard group holds: name -> (item shape, dtype)."""
+    pixels = (spec.pixel_shape, "uint8") if spec.pixel_codec == "raw" else ((), VariableLengthBytes())
+    layouts: dict[str, tuple[tuple[int, ...], Any]] = {"pixels": pixels, "labels": ((), "int64"), "keys": ((), str)}
+    if spec.num_classes:
+        layouts["logits"] = ((spec.num_classes,), "float32")
+    for level in spec.levels:
+        layouts[f"tokens/{level.array_name}"] = ((level.num_tokens, spec.token_width(level)), spec.dtype)
+        if spec.dtype == "int8":
+            layouts[f"scales/{level.array_name}"] = ((level.num_tokens,), "float32")
+    return layouts
+
+
 def _sample_arrays(spec: CacheSpec) -> list[str]:
     """Names of the arrays with one entry per sample that every complete shard group holds."""
-    names = ["pixels", "labels", "keys"] + (["logits"] if spec.num_classes else [])
-    for level in spec.levels:
-        names += [f"tokens/{level.array_name}"] + ([f"scales/{level.array_name}"] if spec.dtype == "int8" else [])
-    return names
+    return list(sample_array_layouts(spec))
 
 
 class _Absent:
@@ -483,22 +494,25 @@ class CachedSamples:
         )
 
 
+WHOLE_SHARD_CHUNKS = ("labels", "keys")  # a few bytes per sample: one chunk per shard group
+
+
 def create_sample_array(
-    group: zarr.Group, spec: CacheSpec, name: str, item_shape: tuple[int, ...], dtype: Any, sharded: bool
+    group: zarr.Group, spec: CacheSpec, name: str, item_shape: tuple[int, ...], dtype: Any
 ) -> zarr.Array:
     """An empty per-sample array ``name`` in ``group``, chunked, sharded and compressed as ``spec`` says. Arrays
-    read per block (tokens, scales, pixels, logits) are ``sharded``: ``chunk_samples`` per read unit inside
-    ``shard_samples`` per file, so a block reads only its own samples; labels and keys are whole-shard chunks."""
-    if sharded:
-        chunks, shards = (spec.chunk_samples, *item_shape), (spec.shard_samples, *item_shape)
-    else:
+    read per training block (pixels, tokens, scales, logits) hold ``chunk_samples`` per read unit inside zarr
+    shards of ``shard_samples``, so a block fetches only its own samples; labels and keys are whole-shard chunks."""
+    if name in WHOLE_SHARD_CHUNKS:
         chunks, shards = (spec.shard_samples, *item_shape), None
+    else:
+        chunks, shards = (spec.chunk_samples, *item_shape), (spec.shard_samples, *item_shape)
     compressors = (
         "auto"
         if dtype is str
         else []
         if isinstance(dtype, VariableLengthBytes)  # images are compressed already
-        else _compressors(spec.codec, tokens=name.startswith("tokens/"))
+        else _compressors(spec.codec, float_tokens=name.startswith("tokens/") and np.dtype(dtype).itemsize > 1)
     )
     with _quiet_bytes_dtype():
         return group.create_array(
@@ -540,32 +554,11 @@ class ShardWriter:
         self.moments: list[TokenMoments | None] = [None] * len(self.spec.levels)
         self.bases = cache.level_bases()
 
-    def _array(self, name: str, item_shape: tuple[int, ...], dtype: Any, sharded: bool) -> zarr.Array:
-        return create_sample_array(self.group, self.spec, name, item_shape, dtype, sharded)
-
     def _create_arrays(self) -> dict[str, zarr.Array]:
-        spec = self.spec
-        pixels = (
-            ("pixels", spec.pixel_shape, "uint8")
-            if spec.pixel_codec == "raw"
-            else ("pixels", (), VariableLengthBytes())
-        )
-        arrays = {
-            "pixels": self._array(*pixels, sharded=True),
-            "labels": self._array("labels", (), "int64", sharded=False),
-            "keys": self._array("keys", (), str, sharded=False),
+        return {
+            name: create_sample_array(self.group, self.spec, name, shape, dtype)
+            for name, (shape, dtype) in sample_array_layouts(self.spec).items()
         }
-        if spec.num_classes:
-            arrays["logits"] = self._array("logits", (spec.num_classes,), "float32", sharded=True)
-        for level in spec.levels:
-            arrays[f"tokens/{level.array_name}"] = self._array(
-                f"tokens/{level.array_name}", (level.num_tokens, spec.token_width(level)), spec.dtype, sharded=True
-            )
-            if spec.dtype == "int8":
-                arrays[f"scales/{level.array_name}"] = self._array(
-                    f"scales/{level.array_name}", (level.num_tokens,), "float32", sharded=True
-                )
-        return arrays
 
     def append(
         self,
@@ -641,6 +634,13 @@ class ShardWriter:
         self.group.update_attributes(
             {"status": STATUS_FAILED, "error": reason, "skipped": [{"key": k, "reason": r} for k, r in skipped]}
         )
+
+
+def stored_codec(url: str, storage_options: dict | None = None) -> str | None:
+    """The ``--codec`` of the cache at ``url``; None when there is no cache there yet."""
+    if not is_zarr_group(url, storage_options):
+        return None
+    return FeatureCache.open(url, storage_options=storage_options).spec.codec
 
 
 def is_zarr_group(url: str, storage_options: dict | None = None) -> bool:
@@ -1050,15 +1050,20 @@ class FeatureCache:
         return out
 
     def read_amplification(self) -> dict[str, float]:
-        """Per per-sample array, stored bytes fetched per stored byte of the samples a block wants: a block of
-        ``chunk_samples`` decodes whole chunks, so an array chunked by whole shards (labels, keys; logits and scales
-        of caches written before they were sharded) costs ``shard_samples / chunk_samples`` times its share.
-        Read from the first complete shard group; empty when there is none."""
-        complete = self.complete_shards()
-        if not complete:
-            return {}
-        arrays = self._arrays(complete[0])
-        return {name: max(1.0, arrays[name].chunks[0] / self.spec.chunk_samples) for name in _sample_arrays(self.spec)}
+        """Per per-sample array, stored bytes fetched per stored byte of the samples a block wants, averaged over
+        the complete shard groups by samples: a block of ``chunk_samples`` fetches whole chunks, so an array chunked
+        by whole shard groups (labels, keys; logits and scales of caches written before they were sharded) costs
+        ``shard_samples / chunk_samples`` times its share. Reads array metadata only; missing arrays are left out."""
+        counts = self.sample_counts()
+        total = sum(counts.values())
+        out: dict[str, float] = {}
+        for name, count in counts.items():
+            group = self.shard(name)
+            for array in _sample_arrays(self.spec):
+                if array in group:
+                    factor = max(1.0, group[array].chunks[0] / self.spec.chunk_samples)
+                    out[array] = out.get(array, 0.0) + factor * count / total
+        return out
 
 
 def _no_cache_message(url: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from apmpipe.storage.cache import CODECS, CacheSpec, FeatureCache, LevelLayout
+from apmpipe.storage.cache import CODECS, DEFAULT_CODEC, CacheSpec, FeatureCache, LevelLayout
 from apmpipe.storage.errors import ConfigError
 from apmpipe.storage.lowrank import BasisFit
 from apmpipe.storage.stream import CacheStream, TokenDecoder, window_batches
@@ -150,26 +150,93 @@ def test_codec_compresses_tokens_and_keeps_them_exact(
     np.testing.assert_array_equal(got.pixels, want.pixels)
 
 
-def test_bench_codecs_measures_every_codec_as_extract_writes(tiny_cache: Path) -> None:
+def test_rerun_without_codec_keeps_the_caches_and_another_codec_is_refused(
+    tmp_path: Path, digit_shards: list[str]
+) -> None:
+    out = tmp_path / "c.zarr"
+    extract(out, digit_shards[:1], "--codec", "zstd")  # e.g. a cache made when zstd was the default
+    rerun = run_cli("extract", *digit_shards[:2], "--out", out, *TINY_VIT, *LAYERS, *FAST)
+    assert rerun.exit_code == 0 and "1 already complete" in rerun.output, rerun.output
+    assert FeatureCache.open(str(out)).spec.codec == "zstd" and _inner_compressors(out, "tokens/1") == ["zstd"]
+    meta = json.loads((out / "shards/digits-0001/tokens/1/zarr.json").read_text())
+    assert meta["codecs"][0]["configuration"]["codecs"][1]["name"] == "zstd"  # the added shard too
+    refused = run_cli("extract", *digit_shards[:2], "--out", out, *TINY_VIT, *LAYERS, *FAST, "--codec", "none")
+    assert refused.exit_code == 2 and "different codec ('zstd', now 'none')" in refused.output
+
+
+def test_bench_default_codec_is_the_caches() -> None:
+    from apmpipe.pipeline.cli import DEFAULT_CODEC_CHOICE
+
+    assert DEFAULT_CODEC_CHOICE.value == DEFAULT_CODEC
+
+
+def test_int8_tokens_take_zstd_under_the_default_codec(tmp_path: Path, digit_shards: list[str]) -> None:
+    out = tmp_path / "c.zarr"
+    extract(out, digit_shards[:1], "--dtype", "int8")
+    assert _inner_compressors(out, "tokens/1") == _inner_compressors(out, "scales/1") == ["zstd"]
+
+
+def test_bench_codecs_measures_every_array_a_step_reads(
+    tiny_cache: Path, rank8: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from apmpipe.pipeline.bench import bench_codecs
 
-    result = bench_codecs(str(tiny_cache), samples=16)
+    result = bench_codecs(str(tiny_cache), samples=20)  # whole blocks of 8: 16 samples
+    arrays = ("pixels", "labels", "logits", "tokens/1", "tokens/2")
     rows = {(row.array, row.codec): row for row in result.rows}
-    assert set(rows) == {(a, c) for a in ("tokens/1", "tokens/2", "pixels") for c in ("blosc-lz4", "zstd", "none")}
+    assert set(rows) == {(a, c) for a in arrays for c in CODECS}
     assert result.samples == 16 and result.default == "blosc-lz4"
-    raw = 5 * 192 * 4  # float32 tokens of one sample of one level
-    assert all(rows[(a, c)].raw_bytes_per_sample == raw for a in ("tokens/1", "tokens/2") for c in CODECS)
+    assert all(rows[(a, c)].raw_bytes_per_sample == 5 * 192 * 4 for a in ("tokens/1", "tokens/2") for c in CODECS)
     assert rows[("pixels", "zstd")].stored_bytes_per_sample < rows[("pixels", "none")].stored_bytes_per_sample
     assert rows[("tokens/1", "none")].ratio == pytest.approx(1.0, abs=0.01)  # only the shard index is added
     totals = result.totals()
-    assert totals["none"][0] == pytest.approx(
-        sum(rows[(a, "none")].stored_bytes_per_sample for a in ("tokens/1", "tokens/2", "pixels"))
-    )
+    assert totals["none"][0] == pytest.approx(sum(rows[(a, "none")].stored_bytes_per_sample for a in arrays))
     assert all(rate > 0 for _, rate in totals.values())
-    shown = run_cli("bench", "codecs", tiny_cache, "--samples", "16")
-    assert shown.exit_code == 0 and "all arrays, blosc-lz4 (default)" in shown.output
-    refused = run_cli("bench", "codecs", tiny_cache, "--samples", "0")
-    assert refused.exit_code == 2 and "--samples must be at least 1" in refused.output
+
+    low_rank = {(row.array, row.codec): row for row in bench_codecs(str(rank8), samples=8).rows}
+    assert low_rank[("tokens/1", "none")].raw_bytes_per_sample == 5 * 8 * 2  # float16 coefficients, as stored
+
+    shown = run_cli("bench", "codecs", tiny_cache, "--samples", "8")
+    assert shown.exit_code == 0 and "per sample, blosc-lz4 (default)" in shown.output
+    refused = run_cli("bench", "codecs", tiny_cache, "--samples", "5")
+    assert refused.exit_code == 2 and "--samples must be at least the cache's chunk_samples (8)" in refused.output
+
+    monkeypatch.setattr(FeatureCache, "sample_counts", lambda self: {"empty": 0, "digits-0001": 40})
+    assert bench_codecs(str(tiny_cache), samples=8).samples == 8  # a shard of skipped samples is passed over
+    monkeypatch.setattr(FeatureCache, "sample_counts", lambda self: {"empty": 0})
+    empty = run_cli("bench", "codecs", tiny_cache)
+    assert empty.exit_code == 2 and "no complete shard with 8 samples or more" in empty.output
+
+
+def test_bench_codecs_leaves_encoded_pixels_alone(tmp_path: Path, digit_shards: list[str]) -> None:
+    from apmpipe.pipeline.bench import bench_codecs
+
+    out = tmp_path / "png.zarr"
+    extract(out, digit_shards[:1], "--pixel-codec", "png", "--dtype", "int8")
+    arrays = {row.array for row in bench_codecs(str(out), samples=8).rows}
+    assert arrays == {"labels", "logits", "tokens/1", "scales/1", "tokens/2", "scales/2"}
+
+
+def test_whole_shard_chunks_of_older_caches_count_as_fetched(
+    tmp_path: Path, digit_shards: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "c.zarr"
+    cache = extract(out, digit_shards[:2])
+    expected = cache.read("digits-0000", 0, 40, logits=True).logits
+    group = zarr.open_group(str(out / "shards/digits-0000"), mode="r+")
+    del group["logits"]  # as written before logits were sharded: one chunk per shard group (16 samples here)
+    group.create_array("logits", data=expected, chunks=(16, expected.shape[1]), dimension_names=("sample", "class"))
+    cache = FeatureCache.open(str(out))
+    np.testing.assert_array_equal(cache.read("digits-0000", 8, 16, logits=True).logits, expected[8:16])
+    factors = cache.read_amplification()
+    assert factors["logits"] == pytest.approx((2 * 40 + 1 * 40) / 80)  # a block of 8 fetches 16 in one group
+    assert factors["labels"] == 2 and factors["tokens/1"] == factors["pixels"] == 1
+    shown = run_main(capsys, "info", out, "--sizes")
+    assert shown.returncode == 0 and "fetched per sample read" in shown.stdout.split("bytes/sample logits")[1]
+
+    del zarr.open_group(str(out / "shards/digits-0001"), mode="r+")["logits"]  # a damaged group
+    damaged = run_main(capsys, "info", out, "--sizes")
+    assert damaged.returncode == 0 and FeatureCache.open(str(out)).read_amplification()["logits"] == 1.0
 
 
 @pytest.mark.parametrize("codec", ["png", "webp"])
