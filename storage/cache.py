@@ -323,6 +323,17 @@ def _compressors(codec: str, float_tokens: bool) -> list:
     return [ZstdCodec(level=3)]
 
 
+def decode_without_thread_pools() -> None:
+    """Make this process's zarr reads decode on one thread (zarr's codec pool sized to 1; zarr runs Blosc without
+    threads already): for a DataLoader worker, one of a pool of processes that fills the cores. Call before the
+    process's first read: zarr makes its pool then."""
+    zarr.config.set({"threading.max_workers": 1})
+
+
+def is_local_url(url: str) -> bool:
+    return _local_path(url) is not None
+
+
 def _local_path(url: str) -> str | None:
     fs, path = fsspec.core.url_to_fs(url)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .cache import CachedSamples, FeatureCache, LevelLayout
 from .errors import CacheError, ConfigError
-from .stream import READ_THREADS, Block, StreamPlan, open_caches, open_views, read_block, resolve_token_dtype
+from .stream import Block, StreamPlan, open_caches, open_views, read_block, read_threads, resolve_token_dtype
 
 
 @dataclass
@@ -224,7 +224,7 @@ class CacheIterableDataset(IterableDataset):
     def _samples(self, epoch: int, worker: int, workers: int, skip: int) -> Iterator[dict[str, Any]]:
         """This worker's samples of ``epoch`` after the first ``skip``: windows ``worker``, ``worker + workers``, ..."""
         windows = self.plan.windows(epoch)
-        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # overlaps storage latency and decompression
+        with ThreadPoolExecutor(max_workers=read_threads(self.reader.urls)) as pool:
             for index in range(worker, len(windows), workers):
                 blocks = windows[index]
                 count = sum(block.size for block in blocks)

@@ -80,3 +80,26 @@ def test_forward_head_reads_the_head_of_the_level_asked_for() -> None:
     for level, expected in enumerate(per_level):  # level k: heads[k], its own width (not heads[0]'s)
         (only,) = model.forward_head(features, level=level)
         torch.testing.assert_close(only, expected)
+
+
+class _ReadThreadsProbe(torch.utils.data.IterableDataset):
+    """Yields what :func:`read_threads` answers for local and in-memory caches, and zarr's pool size after it."""
+
+    def __iter__(self):  # noqa: ANN204
+        import zarr
+
+        from apmpipe.storage.stream import read_threads
+
+        yield (
+            read_threads(["memory://cache.zarr"]),
+            read_threads(["/tmp/cache.zarr"]),
+            zarr.config.get("threading.max_workers"),
+        )
+
+
+def test_loader_workers_on_local_caches_decode_on_their_own_thread() -> None:
+    from apmpipe.storage.stream import READ_THREADS
+
+    assert next(iter(_ReadThreadsProbe()))[:2] == (READ_THREADS, READ_THREADS)  # this process: thread pools kept
+    ((remote, local, pool),) = list(torch.utils.data.DataLoader(_ReadThreadsProbe(), batch_size=None, num_workers=1))
+    assert (remote, local, pool) == (READ_THREADS, 1, 1)
