@@ -962,7 +962,9 @@ def bench_augment_command(
 @reports_user_errors
 def bench_codecs_command(
     cache: Annotated[str, typer.Argument(help="A cache (local or URL); its first complete shard is measured.")],
-    samples: Annotated[int, typer.Option(help="Samples of that shard to compress.")] = 256,
+    samples: Annotated[
+        int, typer.Option(help="Samples of that shard to compress, in whole chunks (at least one).")
+    ] = 256,
     storage_option: StorageOptions = None,
 ) -> None:
     """Every --codec on a cache's tokens and pixels, side by side.
@@ -971,8 +973,6 @@ def bench_codecs_command(
     per sample over all arrays: choose extract --codec for your teacher's tokens."""
     from .bench import bench_codecs
 
-    if samples < 1:
-        raise ConfigError(f"--samples must be at least 1, got {samples}")
     render.bench_codecs(bench_codecs(cache, samples, parse_storage_options(storage_option)))
 
 

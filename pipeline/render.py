@@ -45,11 +45,16 @@ def extract_summary(summary: Any) -> None:
     if summary.pixel_psnr is not None:
         rows.append(("pixel fidelity", f"min PSNR {summary.pixel_psnr:.1f} dB"))
     out_console.print(table("apmpipe extract", rows))
-    for shard, key, reason in summary.skipped_samples[:20]:
-        _err_line(f"skipped {shard}/{key}: {reason}")
-    for result in summary.results:
+    _skips_and_failures(summary, "shard")
+
+
+def _skips_and_failures(totals: Any, unit: str) -> None:
+    """On stderr: the first 20 skipped samples and every failed ``unit`` (shard or part) of a run's totals."""
+    for name, key, reason in totals.skipped_samples[:20]:
+        _err_line(f"skipped {name}/{key}: {reason}")
+    for result in totals.results:
         if result.status == "failed":
-            _err_line(f"failed shard {result.name}: {result.error}")
+            _err_line(f"failed {unit} {result.name}: {result.error}")
 
 
 def embed_summary(summary: Any) -> None:
@@ -72,11 +77,7 @@ def embed_summary(summary: Any) -> None:
         ("throughput", f"{rate:.1f} img/s over {summary.seconds:.1f} s (student forward alone: {bare:.1f} img/s)"),
     ]
     out_console.print(table("apmpipe embed", rows))
-    for part, key, reason in summary.skipped_samples[:20]:
-        _err_line(f"skipped {part}/{key}: {reason}")
-    for result in summary.results:
-        if result.status == "failed":
-            _err_line(f"failed part {result.name}: {result.error}")
+    _skips_and_failures(summary, "part")
 
 
 def cache_description(desc: dict[str, Any], sizes: bool) -> None:
