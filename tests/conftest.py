@@ -86,6 +86,18 @@ def kill_midway(args: list, watched: Path | Callable[[], bool], timeout: float =
     proc.wait()
 
 
+def train_killed_and_resumed(args: list, tmp_path: Path) -> tuple[Path, Path]:
+    """``apmpipe ARGS`` (a train command) run uninterrupted into ``tmp_path/ref``, and into ``tmp_path/killed``
+    SIGKILLed once its step-12 checkpoint exists, then resumed; both must succeed. Returns the two run folders."""
+    reference, killed = tmp_path / "ref", tmp_path / "killed"
+    assert run_subprocess(*args, "--out", reference).returncode == 0
+    kill_midway([*args, "--out", killed], killed / "checkpoints" / "step-00000012")
+    assert not (killed / "student.safetensors").exists(), "the kill came too late to test anything"
+    result = run_subprocess(*args, "--out", killed, "--resume")
+    assert result.returncode == 0, result.stderr
+    return reference, killed
+
+
 @pytest.fixture(scope="session")
 def digit_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Three WebDataset shards of 40 real digits each (32x32 grayscale PNG, labels in ``cls``)."""

@@ -13,7 +13,7 @@ from apmpipe.pipeline.bench import augment_fidelity
 from apmpipe.stages.augment import MIN_CROP_CELLS, augment_generator, crop_boxes, draw_views
 from apmpipe.storage.checkpoint import load_student
 
-from .conftest import TRAIN_FAST, kill_midway, run_cli, run_main, run_subprocess
+from .conftest import TRAIN_FAST, run_cli, run_main, train_killed_and_resumed
 
 SIZE, CELL, PREFIX = (32, 48), 4, 1
 GRID = (SIZE[0] // CELL, SIZE[1] // CELL)
@@ -83,12 +83,7 @@ def test_resume_after_sigkill_with_augment_gives_identical_weights(tmp_path: Pat
     plain = tmp_path / "plain"
     assert run_cli(*args, "--out", plain).exit_code == 0
     augmented = [*args, "--augment", "flip,crop", "--crop-scale", "0.3,1"]
-    reference, killed = tmp_path / "ref", tmp_path / "killed"
-    assert run_subprocess(*augmented, "--out", reference).returncode == 0
-    kill_midway([*augmented, "--out", killed], killed / "checkpoints" / "step-00000012")
-    assert not (killed / "student.safetensors").exists(), "the kill came too late to test anything"
-    result = run_subprocess(*augmented, "--out", killed, "--resume")
-    assert result.returncode == 0, result.stderr
+    reference, killed = train_killed_and_resumed(augmented, tmp_path)
     (ref, meta), (got, _), (without, _) = load_student(reference), load_student(killed), load_student(plain)
     assert meta["train_config"]["augment"] == ["flip", "crop"]
     assert all(ref[key].equal(got[key]) for key in ref)

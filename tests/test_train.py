@@ -17,7 +17,7 @@ import zarr
 from apmpipe.storage.checkpoint import load_student
 from apmpipe.storage.stream import CacheStream, StreamPosition, window_batches
 
-from .conftest import TRAIN_FAST, kill_midway, run_cli, run_main, run_subprocess
+from .conftest import TRAIN_FAST, run_cli, run_main, train_killed_and_resumed
 
 
 def test_student_learns_from_cache(tmp_path: Path, tiny_cache: Path) -> None:
@@ -118,12 +118,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache
         "--echo",
         str(echo),
     ]
-    reference, killed = tmp_path / "ref", tmp_path / "killed"
-    assert run_subprocess(*args, "--out", reference).returncode == 0
-    kill_midway([*args, "--out", killed], killed / "checkpoints" / "step-00000012")
-    assert not (killed / "student.safetensors").exists(), "the kill came too late to test anything"
-    result = run_subprocess(*args, "--out", killed, "--resume")
-    assert result.returncode == 0, result.stderr
+    reference, killed = train_killed_and_resumed(args, tmp_path)
     ref, _ = load_student(reference)
     got, _ = load_student(killed)
     for key in ref:
