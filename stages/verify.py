@@ -51,15 +51,6 @@ class VerifyReport:
         return out
 
 
-def _stored_fidelity(shard_attrs: dict[str, dict]) -> dict[str, float]:
-    """Worst token cosine per level that extraction measured for lossy storage (absent for float32)."""
-    worst: dict[str, float] = {}
-    for attrs in shard_attrs.values():
-        for layer, stats in (attrs.get("fidelity") or {}).items():
-            worst[layer] = min(worst.get(layer, 1.0), float(stats["cosine_min"]))
-    return worst
-
-
 def _pick(cache: FeatureCache, count: int) -> list[tuple[str, int]]:
     """``count`` (shard, index) pairs spread evenly over all complete shards."""
     positions = [(name, i) for name, count in cache.sample_counts().items() for i in range(count)]
@@ -96,7 +87,7 @@ def verify_cache(
     report = VerifyReport(samples=0)
     shard_attrs = cache.shard_attrs()
     precision = {name: attrs.get("precision", "float32") for name, attrs in shard_attrs.items()}
-    stored = _stored_fidelity(shard_attrs)
+    stored = {layer: s["cosine_min"] for layer, s in cache.recorded_fidelity(shard_attrs)["levels"].items()}
     picks = _pick(cache, samples)
     allowance = max(
         RECOMPUTE_ALLOWANCE.get(precision[name], RECOMPUTE_ALLOWANCE["bfloat16-autocast"]) for name, _ in picks

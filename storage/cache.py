@@ -984,9 +984,11 @@ class FeatureCache:
             out[next((n for n in names if inside.startswith(n + "/")), "other")] += int(info.get("size") or 0)
         return out
 
-    def _fidelity(self, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Fidelity recorded by extraction over the complete shards of ``records`` (shard attributes): per level the
-        worst ``cosine_min`` and the sample-weighted ``relative_mse``; ``pixels``: the worst ``psnr_db`` (JPEG)."""
+    def recorded_fidelity(self, records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Fidelity recorded by extraction over the complete shards of ``records`` (shard attributes; default: read
+        now): per level the worst ``cosine_min`` and the sample-weighted ``relative_mse``; ``pixels``: the worst
+        ``psnr_db`` (JPEG)."""
+        records = self.shard_attrs() if records is None else records
         levels: dict[str, dict[str, float]] = {}
         psnr = []
         for name, attrs in records.items():
@@ -1037,7 +1039,7 @@ class FeatureCache:
             "precision": sorted({str(records[name].get("precision")) for name in complete}),
             "raw_bytes": raw,
             "arrays": {name: {"raw_bytes_per_sample": size} for name, size in self.spec.raw_array_bytes().items()},
-            "fidelity": self._fidelity(records),
+            "fidelity": self.recorded_fidelity(records),
             "skipped_samples": skipped,
             "failed_shards": failed,
             "sources": [redact_url(s) for s in self.attrs.get("sources", [])],

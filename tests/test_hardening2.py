@@ -1,0 +1,25 @@
+"""Issue 20, wrong results: each fix with the test that failed before it (verify's recorded fidelity, samples a
+user may modify, duplicate caches and inputs, --no-labels on folders, numeric options, NaN in reports, partly
+labelled classification, --max-pixels above PIL's bomb limit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from apmpipe.pipeline.datasets import write_digit_shards
+
+from .conftest import FAST, TINY_VIT, run_cli, run_main
+
+
+# -- 1: verify reads the fidelity extraction recorded ----------------------------------------------------------
+@pytest.mark.parametrize("storage", [["--dtype", "int8"], ["--rank", "8"]], ids=["int8", "rank"])
+def test_verify_passes_lossy_caches_against_their_recorded_fidelity(
+    capsys: pytest.CaptureFixture, tmp_path: Path, storage: list[str]
+) -> None:
+    shards = write_digit_shards(tmp_path / "shards", count=24, per_shard=24)
+    cache = tmp_path / "lossy.zarr"
+    assert run_cli("extract", *shards, "--out", cache, *TINY_VIT, "--layers", "1,-1", *storage, *FAST).exit_code == 0
+    result = run_main(capsys, "verify", cache, "--samples", "4", "--device", "cpu")
+    assert result.returncode == 0 and "PASS" in result.stdout, result.stdout
