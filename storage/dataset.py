@@ -91,17 +91,22 @@ class _SampleReader:
             "logits": self.logits,
         }
 
-    def sample(self, data: CachedSamples, row: int) -> dict[str, Any]:
-        """Sample ``row`` of ``data`` as the dict the module docstring describes (tensors share ``data``'s memory)."""
+    def sample(self, data: CachedSamples, row: int, copy: bool = False) -> dict[str, Any]:
+        """Sample ``row`` of ``data`` as the dict the module docstring describes; its tensors share ``data``'s
+        memory unless ``copy`` (for ``data`` that is read again, so an in-place change of a sample stays there)."""
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array[row].copy() if copy else array[row])
+
         out: dict[str, Any] = {
-            "tokens": [torch.from_numpy(tokens[row]) for tokens in data.tokens],
+            "tokens": [tensor(tokens) for tokens in data.tokens],
             "label": int(data.labels[row]),
             "key": data.keys[row],
         }
         if self.pixels:
-            out["pixels"] = torch.from_numpy(data.pixels[row])
+            out["pixels"] = tensor(data.pixels)
         if self.logits:
-            out["logits"] = torch.from_numpy(data.logits[row])
+            out["logits"] = tensor(data.logits)
         return out
 
 
@@ -303,7 +308,7 @@ class CacheMapDataset(Dataset):
         row = index - (int(self.ends[shard - 1]) if shard else 0)
         chunk_samples = self.reader.caches()[self.shards[shard][0]].spec.chunk_samples
         data = self._chunk(shard, row // chunk_samples, chunk_samples)
-        return self.reader.sample(data, row % chunk_samples)
+        return self.reader.sample(data, row % chunk_samples, copy=True)  # the chunk stays in the LRU for later reads
 
     def _chunk(self, shard: int, chunk: int, chunk_samples: int) -> CachedSamples:
         """Chunk ``chunk`` of shard number ``shard``, decoded once while it stays among the recently used."""

@@ -23,3 +23,16 @@ def test_verify_passes_lossy_caches_against_their_recorded_fidelity(
     assert run_cli("extract", *shards, "--out", cache, *TINY_VIT, "--layers", "1,-1", *storage, *FAST).exit_code == 0
     result = run_main(capsys, "verify", cache, "--samples", "4", "--device", "cpu")
     assert result.returncode == 0 and "PASS" in result.stdout, result.stdout
+
+
+# -- 2: samples a user may modify ------------------------------------------------------------------------------
+def test_map_dataset_samples_may_be_modified_in_place(tiny_cache: Path) -> None:
+    from apmpipe.storage.dataset import CacheMapDataset
+
+    table = CacheMapDataset(str(tiny_cache), cached_chunks=64)
+    first = table[0]
+    pixels, tokens, logits = first["pixels"].clone(), first["tokens"][0].clone(), first["logits"].clone()
+    for tensor in (first["pixels"], first["tokens"][0], first["logits"]):
+        tensor.zero_()  # an in-place transform
+    again = table[0]  # the same chunk, from the LRU
+    assert again["pixels"].equal(pixels) and again["tokens"][0].equal(tokens) and again["logits"].equal(logits)
