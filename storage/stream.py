@@ -182,12 +182,12 @@ def open_views(
 def open_caches(
     urls: Sequence[str], storage_options: dict | None = None, levels: Sequence[int] | None = None
 ) -> list[FeatureCache]:
-    """Open caches for training (as views of teacher layers ``levels``; None: all), checking they exist, hold
-    complete shards and share one teacher layout, one token dtype (all are decoded as one dtype) and one precision
-    (float32 or bfloat16 autocast: not mixed silently)."""
+    """Open caches for training (as views of teacher layers ``levels``; None: all; a cache given twice under two
+    spellings, once), checking they exist, hold complete shards and share one teacher layout, one token dtype (all
+    are decoded as one dtype) and one precision (float32 or bfloat16 autocast: not mixed silently)."""
     if not urls:
         raise CacheError("no CACHE given; pass one or more caches written by apmpipe extract")
-    caches = open_views(urls, storage_options, levels)
+    caches = open_views(_distinct(urls), storage_options, levels)
     first = caches[0]
     precision = first.precision()  # also refuses a cache that mixes precisions
     for cache in caches:
@@ -208,6 +208,14 @@ def open_caches(
                 "train on caches of one precision (--device/--amp at extraction)"
             )
     return caches
+
+
+def _distinct(urls: Sequence[str]) -> list[str]:
+    """``urls`` less repeats of one cache under another spelling (by :func:`canonical_url`; the first is kept)."""
+    first: dict[str, str] = {}
+    for url in urls:
+        first.setdefault(canonical_url(url), url)
+    return list(first.values())
 
 
 def canonical_url(url: str) -> str:

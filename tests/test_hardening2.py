@@ -36,3 +36,17 @@ def test_map_dataset_samples_may_be_modified_in_place(tiny_cache: Path) -> None:
         tensor.zero_()  # an in-place transform
     again = table[0]  # the same chunk, from the LRU
     assert again["pixels"].equal(pixels) and again["tokens"][0].equal(tokens) and again["logits"].equal(logits)
+
+
+# -- 3: one cache given twice is read once ---------------------------------------------------------------------
+def test_a_cache_given_twice_under_two_spellings_is_streamed_once(
+    tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from apmpipe.storage.dataset import CacheIterableDataset
+    from apmpipe.storage.stream import CacheStream
+
+    monkeypatch.chdir(tiny_cache.parent)
+    spellings = [tiny_cache.name, f"./{tiny_cache.name}/", str(tiny_cache)]
+    once = CacheStream([str(tiny_cache)], batch_size=8)
+    assert CacheStream(spellings, batch_size=8).steps_per_epoch() == once.steps_per_epoch() == 120 // 8
+    assert len(CacheIterableDataset(spellings)) == len(CacheIterableDataset(str(tiny_cache))) == 120
