@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
@@ -187,16 +187,18 @@ class ReadsInputs(Protocol):
 
     inputs: tuple[str, ...]
     folder_block: int
+    label_key: str | None
     class_names: tuple[str, ...]
     storage_options: dict[str, Any]
 
 
 def resolve_config_inputs(config: ReadsInputs) -> ResolvedInputs:
-    """The shard units of ``config.inputs``; refuses options that contradict them."""
+    """The shard units of ``config.inputs`` (no folder classes under ``--no-labels``); refuses options that
+    contradict them."""
     inputs = resolve_inputs(config.inputs, folder_block=config.folder_block, storage_options=config.storage_options)
     if config.class_names and inputs.classes:
         raise ConfigError("--class-names is for tar shards; image folders take their classes from sub-folder names")
-    return inputs
+    return inputs if config.label_key else replace(inputs, classes=())
 
 
 def preflight(config: ExtractConfig) -> ResolvedInputs:

@@ -185,12 +185,17 @@ def _folder_blocks(
 
 
 def _unique(shards: list[ShardSource]) -> list[ShardSource]:
-    """Drop repeats of one input (``a.tar`` and ``dir/*.tar``); refuse two inputs that would share a group name."""
+    """Drop repeats of one input by resolved URL (``a.tar`` and ``dir/*.tar``; a tar and a symlink to it, under
+    another name); refuse two inputs that would share a group name."""
     seen: dict[str, ShardSource] = {}
+    made_from: set[str] = set()
     out = []
     for shard in shards:
+        if shard.fingerprint in made_from:
+            continue
         other = seen.setdefault(shard.name, shard)
         if other is shard:
+            made_from.add(shard.fingerprint)
             out.append(shard)
         elif other.fingerprint != shard.fingerprint:
             raise InputError(
@@ -328,10 +333,12 @@ def _iter_tar(
             yield Sample(key=sample["__key__"], image=image, label=label, problem=problem)
 
 
-def _iter_folder_block(source: ShardSource, storage_options: dict) -> Iterator[Sample]:
+def _iter_folder_block(source: ShardSource, labelled: bool, storage_options: dict) -> Iterator[Sample]:
+    """The block's images with their class indices (``NO_LABEL`` unless ``labelled``)."""
     fs, root = fsspec.core.url_to_fs(source.url, **storage_options)
     for rel, label in zip(source.files, source.labels, strict=True):
-        yield Sample(key=rel.rsplit(".", 1)[0], image=fs.cat_file(f"{root.rstrip('/')}/{rel}"), label=label)
+        image = fs.cat_file(f"{root.rstrip('/')}/{rel}")
+        yield Sample(key=rel.rsplit(".", 1)[0], image=image, label=label if labelled else NO_LABEL)
 
 
 def iter_samples(
@@ -344,11 +351,12 @@ def iter_samples(
     """Yield the raw samples of one shard in stored order. Raises on an unreadable or truncated shard.
 
     ``label_key``: the tar field holding the label (``cls``), or ``field:path`` into a JSON field
-    (``json:label``, ``json:meta.class``); labels may be class names when ``class_names`` lists them.
+    (``json:label``, ``json:meta.class``); labels may be class names when ``class_names`` lists them. None: no
+    labels (``NO_LABEL``), for image folders too.
     """
     storage_options = storage_options or {}
     if source.is_folder_block:
-        yield from _iter_folder_block(source, storage_options)
+        yield from _iter_folder_block(source, label_key is not None, storage_options)
     else:
         yield from _iter_tar(source, label_key, class_names, storage_options)
 
@@ -376,6 +384,14 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image
 
 
+def _admit_in_pil(max_pixels: int) -> None:
+    """Raise PIL's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, never lowered) to ``max_pixels``:
+    PIL refuses images above twice its limit (~179 M pixels) in ``Image.open``, before ``--max-pixels`` is
+    checked, so a larger ``--max-pixels`` would have no effect."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def decode_image(data: bytes, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes into an 8-bit image with ``channels`` (1: ``L``, 3: ``RGB``).
 
@@ -383,7 +399,11 @@ def decode_image(data: bytes, channels: int, max_pixels: int = DEFAULT_MAX_PIXEL
     Raises :class:`ImageTooLarge` (from the header, before decoding) above ``max_pixels`` and
     ``OSError``/``ValueError`` (from PIL) for undecodable or truncated data.
     """
-    image = Image.open(io.BytesIO(data))
+    _admit_in_pil(max_pixels)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # far above PIL's limit, so above max_pixels too
+        raise ImageTooLarge(f"image too large: above --max-pixels {max_pixels:,} ({exc})") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(
