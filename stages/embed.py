@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from apmpipe.storage.embeddings import (
     feature_folder,
     tokens_folder,
 )
-from apmpipe.storage.errors import ApmError, ConfigError, ModelError, require_at_least
+from apmpipe.storage.errors import AT_LEAST_ONE, WORKERS, ApmError, ConfigError, ModelError, Range, check_ranges
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ShardSource, done_shards
 
@@ -73,6 +73,15 @@ class EmbedConfig:
     device: str = "auto"
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "topk": AT_LEAST_ONE,
+        "batch_size": AT_LEAST_ONE,
+        "chunk": AT_LEAST_ONE,
+        "loader_workers": WORKERS,
+        "max_pixels": AT_LEAST_ONE,
+        "folder_block": AT_LEAST_ONE,
+    }
+
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ConfigError(
@@ -81,8 +90,7 @@ class EmbedConfig:
         check_feature(self.feature)
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        require_at_least(self, ("batch_size", "chunk", "topk", "folder_block", "max_pixels"), 1)
-        require_at_least(self, ("loader_workers",), -1)
+        check_ranges(vars(self), self.RANGES)
         EmbeddingStore.check_out(self.out)
 
     @classmethod

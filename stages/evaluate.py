@@ -15,13 +15,22 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from apmpipe.storage.cache import FeatureCache
-from apmpipe.storage.errors import ConfigError, ModelError, require_at_least
+from apmpipe.storage.errors import (
+    ANY_NUMBER,
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    ModelError,
+    Range,
+    check_ranges,
+)
 from apmpipe.storage.stream import iter_subset, sample_subset
 
 from .apm import APM
@@ -68,13 +77,26 @@ class EvalConfig:
     device: str = "auto"
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "level": ANY_NUMBER,  # checked against the cache's levels before the pass (resolve_feature)
+        "batch_size": AT_LEAST_ONE,
+        "max_samples": NON_NEGATIVE,
+        "chunk": AT_LEAST_ONE,
+        "knn_k": AT_LEAST_ONE,
+        "knn_temperature": POSITIVE,
+        "ttt_steps": NON_NEGATIVE,
+        "ttt_lr": POSITIVE,
+        "ttt_locations": NON_NEGATIVE,
+        "ttt_samples": NON_NEGATIVE,
+        "seed": NON_NEGATIVE,
+    }
+
     def __post_init__(self) -> None:
         if self.ttt_from not in TTT_START:
             raise ConfigError(f"--ttt-from {self.ttt_from!r} is not one of {', '.join(TTT_START)}")
         if self.feature not in FEATURES:
             raise ConfigError(f"--feature {self.feature!r} is not one of {', '.join(FEATURES)}")
-        require_at_least(self, ("batch_size", "chunk", "knn_k"), 1)
-        require_at_least(self, ("max_samples", "ttt_steps", "ttt_locations", "ttt_samples"), 0)
+        check_ranges(vars(self), self.RANGES)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "storage_options"}

@@ -11,10 +11,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
-from apmpipe.storage.errors import ConfigError, ModelError, require_at_least
+from apmpipe.storage.errors import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    WORKERS,
+    ConfigError,
+    ModelError,
+    Range,
+    check_ranges,
+)
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, read_class_names, resolve_inputs
 
@@ -38,6 +46,11 @@ class TeacherConfig:
     checkpoint: str | None = None
     model_kwargs: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
+
+    RANGES: ClassVar[dict[str, Range]] = {"seed": NON_NEGATIVE}
+
+    def __post_init__(self) -> None:
+        check_ranges(vars(self), self.RANGES)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,20 +110,28 @@ class ExtractConfig:
     amp: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials; dask logs reprs
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "rank": NON_NEGATIVE,
+        "batch_size": AT_LEAST_ONE,
+        "loader_workers": WORKERS,
+        "chunk_samples": AT_LEAST_ONE,
+        "shard_samples": AT_LEAST_ONE,
+        "max_pixels": AT_LEAST_ONE,
+        "folder_block": AT_LEAST_ONE,
+    }
+
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ConfigError(
                 "no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder"
             )
-        require_at_least(self, ("batch_size", "folder_block", "chunk_samples", "shard_samples", "max_pixels"), 1)
-        require_at_least(self, ("loader_workers",), -1)
+        check_ranges(vars(self), self.RANGES)
         if self.dtype not in TOKEN_DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
         if self.codec is not None and self.codec not in CODECS:
             raise ConfigError(f"--codec {self.codec!r} is not one of {', '.join(CODECS)}")
         if self.pixel_codec not in PIXEL_CODECS:
             raise ConfigError(f"--pixel-codec {self.pixel_codec!r} is not one of {', '.join(PIXEL_CODECS)}")
-        require_at_least(self, ("rank",), 0)
         if not self.layers:
             raise ConfigError("--layers is empty; pass e.g. --layers 4,8,12 or --layers -1")
         if self.shard_samples % self.chunk_samples:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from apmpipe.storage.cache import FeatureCache, is_zarr_group
-from apmpipe.storage.errors import ConfigError, InputError
+from apmpipe.storage.errors import AT_LEAST_ONE, ConfigError, InputError, check_ranges
 from apmpipe.storage.sources import decode_image
 from apmpipe.storage.stream import iter_cache
 
@@ -33,6 +33,7 @@ HEADER = 22  # column titles
 LABEL = 18  # each row's sample label, above its panels
 CAPTION_LINE = 17
 FONT_SIZE = 13
+RANGES = dict.fromkeys(("images", "clusters", "panel"), AT_LEAST_ONE)  # the numeric options
 PALETTE = np.array(
     [
         (31, 119, 180),
@@ -200,6 +201,7 @@ def islands(
         raise ConfigError(f"--mode {mode!r} is not pca or kmeans")
     if not sources:
         raise ConfigError("pass a feature cache or image files to draw")
+    check_ranges({"images": images, "clusters": clusters, "panel": panel}, RANGES)
     dev = resolve_device(device)
     model, metadata = load_model(student, dev, storage_options)
     cache = _open_cache(sources, storage_options or {})

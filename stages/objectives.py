@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apmpipe.storage.errors import ConfigError
+from apmpipe.storage.errors import NON_NEGATIVE, POSITIVE, ConfigError, Range, check_ranges
 
 from .apm import APM, patch_pixels
 
@@ -43,14 +43,19 @@ class LossConfig:
     kd_temperature: float = 2.0
     rgb_weight: float = 0.1
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "mse_weight": NON_NEGATIVE,
+        "prefix_weight": NON_NEGATIVE,
+        "cosine_weight": NON_NEGATIVE,
+        "logit_weight": NON_NEGATIVE,
+        "kd_temperature": POSITIVE,
+        "rgb_weight": NON_NEGATIVE,
+    }
+
     def __post_init__(self) -> None:
-        weights = {f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith("_weight")}
-        if min(weights.values()) < 0:
-            raise ConfigError(f"loss weights must be >= 0, got {weights}")
+        check_ranges(vars(self), self.RANGES)
         if self.mse_weight + self.cosine_weight + self.logit_weight == 0:
             raise ConfigError("nothing to learn: set --mse-weight, --cosine-weight or --logit-weight above 0")
-        if self.kd_temperature <= 0:
-            raise ConfigError(f"--kd-temperature must be positive, got {self.kd_temperature}")
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,16 @@ from torch.utils.data import DataLoader
 
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import RunDir
-from apmpipe.storage.errors import CacheError, ConfigError, ModelError, require_at_least
+from apmpipe.storage.errors import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    CacheError,
+    ConfigError,
+    ModelError,
+    Range,
+    check_ranges,
+)
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.remote import route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, window_batches
@@ -90,13 +99,29 @@ class TrainConfig:
     tensorboard_dir: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "trigger_channels": AT_LEAST_ONE,
+        "pos_dim": NON_NEGATIVE,
+        "locations": NON_NEGATIVE,
+        "echo": AT_LEAST_ONE,
+        "epochs": NON_NEGATIVE,
+        "min_steps": NON_NEGATIVE,
+        "max_steps": NON_NEGATIVE,
+        "batch_size": AT_LEAST_ONE,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "clip_grad": NON_NEGATIVE,
+        "window_samples": AT_LEAST_ONE,
+        "loader_workers": NON_NEGATIVE,
+        "seed": NON_NEGATIVE,
+        "checkpoint_every": AT_LEAST_ONE,
+        "checkpoint_minutes": NON_NEGATIVE,
+        "log_every": AT_LEAST_ONE,
+    }
+
     def __post_init__(self) -> None:
-        require_at_least(self, ("batch_size", "echo", "window_samples", "checkpoint_every", "log_every"), 1)
-        require_at_least(self, ("epochs", "min_steps", "max_steps", "locations", "warmup_steps", "loader_workers"), 0)
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.checkpoint_minutes < 0:
-            raise ConfigError(f"--checkpoint-minutes must be 0 (off) or more, got {self.checkpoint_minutes}")
+        check_ranges(vars(self), self.RANGES)
         if self.tensorboard_dir is not None and not self.tensorboard:
             raise ConfigError("--tensorboard-dir needs --tensorboard")
         object.__setattr__(self, "augment", parse_augments(self.augment))
@@ -155,7 +180,10 @@ def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _option_types() -> dict[str, Any]:
-    return {**typing.get_type_hints(LossConfig), **typing.get_type_hints(TrainConfig)}
+    """The declared type of every option (the configs' fields, not their class constants)."""
+    return {
+        f.name: typing.get_type_hints(config)[f.name] for config in (LossConfig, TrainConfig) for f in fields(config)
+    }
 
 
 def _checked(name: str, value: Any, declared: dict[str, Any]) -> Any:

@@ -7,7 +7,10 @@ exits 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 
 class ApmError(Exception):
@@ -30,10 +33,44 @@ class ModelError(ApmError):
     """A teacher or student cannot be built, loaded or matched to a cache."""
 
 
-def require_at_least(config: object, names: Iterable[str], minimum: int) -> None:
-    """Raise ConfigError naming the ``--option`` whose value on ``config`` is below ``minimum``."""
-    for name in names:
-        value = getattr(config, name)
-        if value < minimum:
-            bound = "at least 1" if minimum == 1 else f"{minimum} or more"
-            raise ConfigError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: finite, at least ``low`` (above it when ``strict``), at most ``high``."""
+
+    low: float | None = None
+    high: float | None = None
+    strict: bool = False
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.strict else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"between {self.low} and {self.high}"
+        if self.high is not None:
+            return f"at most {self.high}"
+        if self.low is None:
+            return "a finite number"
+        if self.strict:
+            return "positive" if self.low == 0 else f"above {self.low}"
+        return f"at least {self.low}"
+
+
+ANY_NUMBER = Range()  # finite; further checks against the data where it is known
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, strict=True)
+AT_LEAST_ONE = Range(1)
+WORKERS = Range(-1)  # -1: auto, 0: in the main process
+
+
+def check_ranges(values: Mapping[str, Any], ranges: Mapping[str, Range]) -> None:
+    """Raise ConfigError naming the first ``--option`` in ``ranges`` whose value in ``values`` (a config's
+    ``vars``) is outside its range; None (not set) passes. Every stage config checks its numeric options here."""
+    for name, allowed in ranges.items():
+        value = values[name]
+        if value is not None and not allowed.admits(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {allowed}, got {value}")

@@ -4,8 +4,10 @@ labelled classification, --max-pixels above PIL's bomb limit)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import typing
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -128,3 +130,50 @@ def test_max_pixels_above_pils_bomb_limit_takes_effect(
     out = tmp_path / "d.zarr"
     result = run_main(capsys, "extract", *shards, "--out", out, "--max-pixels", "500", *TINY_VIT, *FAST)
     assert "skipped digits-0000/00000: image too large" in result.stderr, result.stderr
+
+
+# -- 6: every numeric option is checked, in one place ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("command", "option", "value", "message"),
+    [
+        ("train", "--clip-grad", "-1", "--clip-grad must be at least 0, got -1.0"),
+        ("train", "--weight-decay", "-0.1", "--weight-decay must be at least 0, got -0.1"),
+        ("train", "--lr", "nan", "--lr must be positive, got nan"),
+        ("train", "--seed", "-3", "--seed must be at least 0, got -3"),
+        ("train", "--rgb-weight", "-1", "--rgb-weight must be at least 0, got -1.0"),
+        ("eval", "--knn-temperature", "0", "--knn-temperature must be positive, got 0.0"),
+        ("eval", "--knn-temperature", "-0.07", "--knn-temperature must be positive, got -0.07"),
+        ("eval", "--ttt-lr", "0", "--ttt-lr must be positive, got 0.0"),
+        ("extract", "--seed", "-1", "--seed must be at least 0, got -1"),
+        ("embed", "--topk", "0", "--topk must be at least 1, got 0"),
+        ("islands", "--clusters", "0", "--clusters must be at least 1, got 0"),
+    ],
+)
+def test_numeric_options_out_of_range_are_refused_before_any_work(
+    capsys: pytest.CaptureFixture, tmp_path: Path, command: str, option: str, value: str, message: str
+) -> None:
+    student, out = tmp_path / "no-student", tmp_path / "out"
+    args = {
+        "train": ["train", tmp_path / "no.zarr", "--out", out],
+        "eval": ["eval", tmp_path / "no.zarr", "--student", student, "--out", out],
+        "extract": ["extract", tmp_path / "no.tar", "--out", out, *TINY_VIT],
+        "embed": ["embed", tmp_path / "no.tar", "--student", student, "--out", out],
+        "islands": ["islands", tmp_path / "no.zarr", "--student", student, "--out", out],
+    }[command]
+    result = run_main(capsys, *args, option, value)
+    assert result.returncode == 2 and result.stderr == f"error: {message}\n", result.stderr
+    assert not out.exists()
+
+
+def test_every_numeric_field_of_every_stage_config_has_a_range() -> None:
+    from apmpipe.stages.embed import EmbedConfig
+    from apmpipe.stages.evaluate import EvalConfig
+    from apmpipe.stages.extract_config import ExtractConfig, TeacherConfig
+    from apmpipe.stages.objectives import LossConfig
+    from apmpipe.stages.train import TrainConfig
+
+    numeric = {int, float, int | None, float | None}
+    for config in (TeacherConfig, ExtractConfig, TrainConfig, LossConfig, EvalConfig, EmbedConfig):
+        hints = typing.get_type_hints(config)
+        fields = {f.name for f in dataclasses.fields(config) if hints[f.name] in numeric}
+        assert fields == set(config.RANGES), config.__name__
