@@ -18,6 +18,14 @@ err_console = Console(stderr=True)
 out_console = Console()
 
 
+MISSING = "–"  # a figure that does not exist: a class absent from the samples, an accuracy without labels
+
+
+def shown(value: float | None, spec: str = ".3f") -> str:
+    """``value`` formatted with ``spec``; ``MISSING`` for None or NaN."""
+    return MISSING if value is None or value != value else format(value, spec)
+
+
 def human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":

@@ -24,9 +24,9 @@ from apmpipe.stages.teacher import TeacherConfig
 from apmpipe.stages.train import TrainConfig, train
 from apmpipe.storage.checkpoint import RunDir
 
-from .console import ShardProgress, TrainProgress, err_console, human_bytes
+from .console import ShardProgress, TrainProgress, err_console, human_bytes, shown
 from .datasets import digit_images, digit_split, write_digit_shards
-from .report import plot_losses, write_eval_report
+from .report import plot_losses, report_json, write_eval_report
 
 IMAGE_SIZE = 32
 
@@ -195,7 +195,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "eval": report,
         "islands": pictures.path,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(report_json(summary))
     (out / "report.md").write_text(render_report(summary, out))
     return summary
 
@@ -218,10 +218,9 @@ def _fidelity_rows(fidelity: dict[str, dict[str, float]]) -> list[str]:
         for part in ("prefix", "patch"):
             if f"{part}_cosine" in f:
                 rows.append(
-                    f"| {layer} | {part} | {f[part + '_cosine']:.3f} | "
-                    f"{f.get(part + '_baseline_cosine', float('nan')):.3f} | "
-                    f"{f[part + '_mse']:.4g} | {f.get(part + '_baseline_mse', float('nan')):.4g} | "
-                    f"{f.get(part + '_r2', float('nan')):.3f} |"
+                    f"| {layer} | {part} | {shown(f[part + '_cosine'])} | {shown(f.get(part + '_baseline_cosine'))} | "
+                    f"{shown(f[part + '_mse'], '.4g')} | {shown(f.get(part + '_baseline_mse'), '.4g')} | "
+                    f"{shown(f.get(part + '_r2'))} |"
                 )
     return rows
 
@@ -254,8 +253,7 @@ def _ttt_lines(ttt: dict[str, Any]) -> list[str]:
         if f"{name}_before" in ttt:
             lines.append(
                 f"| {'teacher-head' if name == 'head' else 'k-NN'} top-1 | "
-                f"{ttt[name + '_before'].get('top1', float('nan')):.3f} | "
-                f"{ttt[name + '_after'].get('top1', float('nan')):.3f} |"
+                f"{shown(ttt[name + '_before'].get('top1'))} | {shown(ttt[name + '_after'].get('top1'))} |"
             )
     if "top1" in ttt.get("teacher_head", {}):
         lines.append(

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .console import err_console, human_bytes, out_console
+from .console import err_console, human_bytes, out_console, shown
 
 
 def table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -241,12 +241,9 @@ def _ttt_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
             teacher = ""
             if key == "head" and "top1" in t.get("teacher_head", {}):
                 teacher = f" (teacher {t['teacher_head']['top1']:.3f})"
-            rows.append(
-                (
-                    f"  TTT {key} top-1",
-                    f"{b.get('top1', float('nan')):.3f} -> {a.get('top1', float('nan')):.3f}{teacher}",
-                )
-            )
+            rows.append((f"  TTT {key} top-1", f"{shown(b.get('top1'))} -> {shown(a.get('top1'))}{teacher}"))
+    if "left_out" in t:
+        rows.append(("  TTT classification", t["left_out"]))
     return rows
 
 
@@ -366,13 +363,16 @@ def bench_ablation(teacher: dict[str, Any], rows: list[Any], steps: int) -> None
     ]
     for row in rows:
         r2 = ", ".join(
-            f"L{layer} {f.get('patch_r2', float('nan')):.3f}/{f.get('prefix_r2', float('nan')):.3f}"
-            for layer, f in row.fidelity.items()
+            f"L{layer} {shown(f.get('patch_r2'))}/{shown(f.get('prefix_r2'))}" for layer, f in row.fidelity.items()
         )
-        s = row.head.get("student", {}).get("top1", float("nan"))
-        t = row.head.get("teacher", {}).get("top1", float("nan"))
+        s = row.head.get("student", {}).get("top1")
+        t = row.head.get("teacher", {}).get("top1")
+        ratio = shown(s / t if s is not None and t else None)
         lines.append(
-            (row.name, f"R2 patch/CLS {r2} | head top-1 {s:.3f} / teacher {t:.3f} = {s / t:.3f}x | {row.seconds:.0f} s")
+            (
+                row.name,
+                f"R2 patch/CLS {r2} | head top-1 {shown(s)} / teacher {shown(t)} = {ratio}x | {row.seconds:.0f} s",
+            )
         )
     out_console.print(table("apmpipe bench ablation", lines))
 

@@ -8,6 +8,7 @@ select, no global figure registry (nothing here touches process state).
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -16,18 +17,36 @@ import fsspec
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from .console import MISSING
+
 
 def write_eval_report(report: dict[str, Any], folder: Path, json_name: str = "report.json") -> Path:
     """Write an eval report into ``folder``: the JSON, the fidelity plot and one per-class plot per classifier;
     returns the JSON's path."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / json_name
-    json_path.write_text(json.dumps(report, indent=2))
+    json_path.write_text(report_json(report))
     plot_fidelity(report["fidelity"], folder / "fidelity.png")
     for key, result in report["classification"].items():
         if isinstance(result, dict):
             plot_per_class(result["per_class"], f"{result['method']}: per-class top-1", folder / f"per_class_{key}.png")
     return json_path
+
+
+def report_json(data: Any) -> str:
+    """``data`` as JSON, a NaN or infinite number (a figure that does not exist) written as ``null``: JSON has no
+    NaN, and strict readers refuse it."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(data), indent=2, allow_nan=False)
 
 
 def eval_folder(student: str, cache: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -101,7 +120,7 @@ MAX_CLASS_BARS = 40
 
 
 def plot_per_class(
-    per_class: dict[str, list[float]], title: str, path: str | Path, class_names: list[str] | None = None
+    per_class: dict[str, list[float | None]], title: str, path: str | Path, class_names: list[str] | None = None
 ) -> Path:
     """Top-1 accuracy per class, student beside teacher: one bar pair per class up to ``MAX_CLASS_BARS`` classes,
     else the distribution of per-class accuracies (a histogram stays readable for 1,000+ classes)."""
@@ -112,7 +131,10 @@ def plot_per_class(
     fig, ax = _figure(max(5, 0.45 * classes + 2), 3.8)
     width = 0.4
     for offset, who in ((-width / 2, "student"), (width / 2, "teacher")):
-        ax.bar([i + offset for i in range(classes)], per_class[who], width, label=who)
+        values = per_class[who]
+        ax.bar([i + offset for i in range(classes)], [v or 0.0 for v in values], width, label=who)
+        for i in (i for i, v in enumerate(values) if v is None):  # a class absent from the samples
+            ax.text(i + offset, 0.02, MISSING, ha="center", fontsize=8)
     names = class_names if class_names and len(class_names) == classes else [str(i) for i in range(classes)]
     ax.set_xticks(range(classes), names, rotation=45 if classes > 12 else 0, fontsize=7 if classes > 12 else 9)
     ax.set_ylim(0, 1.18)  # headroom: the legend sits above the bars, never on them
@@ -122,11 +144,11 @@ def plot_per_class(
     return _finish(fig, ax, path, legend=False)
 
 
-def _per_class_histogram(per_class: dict[str, list[float]], title: str, path: Path) -> Path:
+def _per_class_histogram(per_class: dict[str, list[float | None]], title: str, path: Path) -> Path:
     fig, ax = _figure(6, 3.8)
     bins = [i / 20 for i in range(21)]
     for who in ("student", "teacher"):
-        values = [v for v in per_class[who] if v == v]  # classes absent from the samples are NaN
+        values = [v for v in per_class[who] if v is not None]  # None: a class absent from the samples
         ax.hist(values, bins=bins, alpha=0.55, label=f"{who} ({len(values)} classes)")
     ax.set_xlabel("per-class top-1 accuracy")
     ax.set_ylabel("classes")

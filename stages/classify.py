@@ -118,11 +118,10 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     }
 
 
-def per_class(scores: torch.Tensor, labels: torch.Tensor) -> list[float]:
+def per_class(scores: torch.Tensor, labels: torch.Tensor) -> list[float | None]:
+    """Top-1 accuracy per class ``0..max(labels)``; None for a class absent from ``labels``."""
     hits = topk_hits(scores, labels, 1).float()
-    return [
-        float(hits[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(int(labels.max()) + 1)
-    ]
+    return [float(hits[labels == c].mean()) if (labels == c).any() else None for c in range(int(labels.max()) + 1)]
 
 
 def side_by_side(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:

@@ -14,7 +14,7 @@ Sample subsets (``max_samples``, ``ttt_samples``) are seeded random draws across
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -136,6 +136,11 @@ class _Outputs:
         parts = getattr(self, name)
         return torch.cat(parts) if parts else None
 
+    def labelled(self) -> _Outputs:
+        """The rows of samples with a label (not -1), as one part per output."""
+        keep = self.cat("labels") >= 0
+        return _Outputs(**{f.name: [self.cat(f.name)[keep]] if getattr(self, f.name) else [] for f in fields(self)})
+
 
 def _baselines(model: APM) -> list[torch.Tensor]:
     """The constant predictor per level: the training cache's mean token per location (held by the student)."""
@@ -212,8 +217,9 @@ def _fit_rows(
     train = FeatureCache.open(config.train_cache, storage_options=config.storage_options)
     train = cache_for_student(metadata, train, "train cache")
     fitted = _pass(ctx, train, sample_subset(train, 0, config.seed), config.batch_size, config.chunk, None)
+    fitted = fitted.labelled()
     train_labels = fitted.cat("labels")
-    if not (train_labels >= 0).all():
+    if not len(train_labels):
         return {"knn_skipped": "the train cache has no labels (-1)"}, None
     feats = _TrainFeatures(
         fitted.cat("student_features"),
@@ -289,21 +295,29 @@ def _ttt_report(
         "threads": torch.get_num_threads(),
     }
     label_t = torch.cat(labels)
+    if _left_out(label_t):
+        result["left_out"] = _left_out(label_t)
     if ctx.head is not None:
         teacher = before.cat("teacher_logits")
-        result["teacher_head"] = accuracy(teacher, label_t) if (label_t >= 0).all() else {}
+        result["teacher_head"] = _labelled_accuracy(teacher, label_t)
         for name, outputs in (("before", before), ("after", after)):
             student = outputs.cat("student_logits")
             result[f"head_{name}"] = {
-                **(accuracy(student, label_t) if (label_t >= 0).all() else {}),
+                **_labelled_accuracy(student, label_t),
                 "agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean()),
             }
-    if train_feats is not None and (label_t >= 0).all():
+    if train_feats is not None and (label_t >= 0).any():
         for name, outputs in (("before", before), ("after", after)):
-            result[f"knn_{name}"] = accuracy(
+            result[f"knn_{name}"] = _labelled_accuracy(
                 train_feats.knn("student", outputs.cat("student_features"), config), label_t
             )
     return result
+
+
+def _labelled_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1/top-5 over the samples with a label (empty when none has one)."""
+    known = labels >= 0
+    return accuracy(scores[known], labels[known]) if known.any() else {}
 
 
 def _identity(config: EvalConfig, cache: FeatureCache, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -335,6 +349,12 @@ def _versions(names: tuple[str, ...]) -> dict[str, str]:
     return versions
 
 
+def _left_out(labels: torch.Tensor) -> str | None:
+    """What classification leaves out of ``labels``: the samples without a label (-1), if any."""
+    missing = int((labels < 0).sum())
+    return f"{missing} of {len(labels)} samples have no label (-1): classified without them" if missing else None
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Run every evaluation the inputs allow; returns the report (JSON-ready)."""
     device = resolve_device(config.device)
@@ -361,9 +381,13 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "classification": {},
     }
     classification, train_feats = report["classification"], None
-    if not bool((labels >= 0).all()):
+    left_out = _left_out(labels)
+    outputs = outputs.labelled()
+    labels = outputs.cat("labels")
+    if not len(labels):
         classification["skipped"] = "the eval cache has no labels (-1): fidelity only"
     else:
+        classification.update({"left_out": left_out} if left_out else {})
         classification.update(_head_rows(outputs, labels, config, cache, head))
         rows, train_feats = _fit_rows(ctx, config, metadata, outputs, labels)
         classification.update(rows)

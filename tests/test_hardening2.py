@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import typing
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import zarr
 from PIL import Image
 
 from apmpipe.pipeline.datasets import digit_images, write_digit_shards
@@ -177,3 +179,45 @@ def test_every_numeric_field_of_every_stage_config_has_a_range() -> None:
         hints = typing.get_type_hints(config)
         fields = {f.name for f in dataclasses.fields(config) if hints[f.name] in numeric}
         assert fields == set(config.RANGES), config.__name__
+
+
+# -- 7, 8: reports without NaN; partly labelled caches classified -----------------------------------------------
+def _strict_json(path: Path) -> dict:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_report_json_writes_null_for_classes_absent_from_the_samples(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, eval_cache: Path
+) -> None:
+    out = tmp_path / "report"
+    args = ["eval", eval_cache, "--student", tiny_student, "--out", out, "--max-samples", "6", "--ttt-steps", "1"]
+    result = run_main(capsys, *args, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    per_class = _strict_json(out / "report.json")["classification"]["teacher_head"]["per_class"]
+    assert None in per_class["student"] and None in per_class["teacher"]  # 6 samples cannot cover 10 classes
+    assert (out / "per_class_teacher_head.png").exists()
+
+
+def test_shown_writes_a_dash_for_missing_figures() -> None:
+    from apmpipe.pipeline.console import shown
+
+    assert [shown(None), shown(float("nan")), shown(0.5), shown(2e-5, ".4g")] == ["–", "–", "0.500", "2e-05"]
+
+
+def test_classification_evaluates_the_labelled_samples_and_says_how_many_were_left_out(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, eval_cache: Path
+) -> None:
+    cache = tmp_path / "partly.zarr"
+    shutil.copytree(eval_cache, cache)
+    labels = zarr.open_array(str(cache / "shards" / "heldout-0000" / "labels"), mode="r+")
+    labels[:3] = -1
+    out = tmp_path / "report"
+    result = run_main(capsys, "eval", cache, "--student", tiny_student, "--out", out, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    classification = _strict_json(out / "report.json")["classification"]
+    assert classification["left_out"] == "3 of 80 samples have no label (-1): classified without them"
+    assert "top1" in classification["teacher_head"]["student"] and "skipped" not in classification
+    assert "3 of 80 samples have no label" in result.stdout
