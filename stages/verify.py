@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from apmpipe.storage.cache import FeatureCache
-from apmpipe.storage.errors import CacheError, ModelError
+from apmpipe.storage.errors import AT_LEAST_ONE, CacheError, ModelError, check_ranges
 
 from .fidelity import min_token_cosine
 from .teacher import Teacher, TeacherConfig
@@ -82,6 +82,7 @@ def verify_cache(
     url: str, samples: int = 8, device: str = "auto", checkpoint: str | None = None, storage_options: dict | None = None
 ) -> VerifyReport:
     """Rebuild the cache's teacher (same weights, checked by hash) and recompute ``samples`` cached samples."""
+    check_ranges({"samples": samples}, {"samples": AT_LEAST_ONE})
     cache = FeatureCache.open(url, storage_options=storage_options)
     teacher, spec = rebuild_teacher(cache, device, checkpoint), cache.spec
     report = VerifyReport(samples=0)

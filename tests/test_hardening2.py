@@ -149,6 +149,7 @@ def test_max_pixels_above_pils_bomb_limit_takes_effect(
         ("extract", "--seed", "-1", "--seed must be at least 0, got -1"),
         ("embed", "--topk", "0", "--topk must be at least 1, got 0"),
         ("islands", "--clusters", "0", "--clusters must be at least 1, got 0"),
+        ("verify", "--samples", "-2", "--samples must be at least 1, got -2"),
     ],
 )
 def test_numeric_options_out_of_range_are_refused_before_any_work(
@@ -161,6 +162,7 @@ def test_numeric_options_out_of_range_are_refused_before_any_work(
         "extract": ["extract", tmp_path / "no.tar", "--out", out, *TINY_VIT],
         "embed": ["embed", tmp_path / "no.tar", "--student", student, "--out", out],
         "islands": ["islands", tmp_path / "no.zarr", "--student", student, "--out", out],
+        "verify": ["verify", tmp_path / "no.zarr"],
     }[command]
     result = run_main(capsys, *args, option, value)
     assert result.returncode == 2 and result.stderr == f"error: {message}\n", result.stderr
