@@ -295,8 +295,7 @@ def _ttt_report(
         "threads": torch.get_num_threads(),
     }
     label_t = torch.cat(labels)
-    if _left_out(label_t):
-        result["left_out"] = _left_out(label_t)
+    result.update({"left_out": left_out} if (left_out := _left_out(label_t)) else {})
     if ctx.head is not None:
         teacher = before.cat("teacher_logits")
         result["teacher_head"] = _labelled_accuracy(teacher, label_t)
