@@ -6,9 +6,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from .conftest import TRAIN_FAST, run_main
+from apmpipe.pipeline.datasets import digit_images, write_digit_shards
+from apmpipe.stages import evaluate
+
+from .conftest import FAST, TINY_VIT, TRAIN_FAST, run_main
 
 
 def test_resume_drops_a_torn_last_metrics_line(
@@ -27,3 +31,20 @@ def test_resume_drops_a_torn_last_metrics_line(
     assert resumed.returncode == 0, resumed.stderr
     assert "torn last line of" in caplog.text and "metrics.jsonl" in caplog.text
     assert metrics.read_text() == whole
+
+
+def test_eval_refuses_a_one_class_train_cache_before_the_pass(
+    tiny_student: Path, eval_cache: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe cannot be fitted on one class (LogisticRegression raised after the whole pass): refused in one line
+    before any sample is read."""
+    threes = [int(i) for i in np.flatnonzero(digit_images(8)[1] == 3)[:16]]
+    shards = write_digit_shards(tmp_path / "shards", prefix="threes", indices=threes, per_shard=16, size=32)
+    one_class = tmp_path / "threes.zarr"
+    assert (
+        run_main(capsys, "extract", *shards, "--out", one_class, *TINY_VIT, "--layers", "1,-1", *FAST).returncode == 0
+    )
+    monkeypatch.setattr(evaluate, "_pass", lambda *a, **k: pytest.fail("the eval pass ran before the refusal"))
+    result = run_main(capsys, "eval", eval_cache, "--student", tiny_student, "--train-cache", one_class)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "one class (label 3)" in result.stderr, result.stderr
