@@ -610,7 +610,10 @@ def eval_command(
         typer.Option(help="classes x dim .npy of text embeddings (CLIP zero-shot through the cached projection head)."),
     ] = None,
     out: Annotated[
-        str | None, typer.Option(help="Report folder, local or URL (default: RUN_DIR/eval-<cache name>).")
+        str | None,
+        typer.Option(
+            help="Report folder, local or URL (default: RUN_DIR/eval-<cache name>-<hash of its resolved URL>)."
+        ),
     ] = None,
     feature: Annotated[
         str,

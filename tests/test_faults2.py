@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from apmpipe.pipeline.datasets import digit_images, write_digit_shards
+from apmpipe.pipeline.report import eval_folder
 from apmpipe.stages import evaluate
 
 from .conftest import FAST, TINY_VIT, TRAIN_FAST, run_main
@@ -48,3 +49,15 @@ def test_eval_refuses_a_one_class_train_cache_before_the_pass(
     result = run_main(capsys, "eval", eval_cache, "--student", tiny_student, "--train-cache", one_class)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "one class (label 3)" in result.stderr, result.stderr
+
+
+def test_default_eval_folder_is_one_per_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data/a/val.zarr`` and ``data/b/val.zarr`` overwrote each other's report in ``RUN/eval-val``; one cache
+    spelt two ways still gets one folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(tmp_path)
+    a, b = eval_folder(str(run), "data/a/val.zarr"), eval_folder(str(run), "data/b/val.zarr")
+    assert a != b and Path(a).parent == Path(b).parent == run
+    assert Path(a).name.startswith("eval-val-")
+    assert eval_folder(str(run), str(tmp_path / "data/a/val.zarr") + "/") == a
