@@ -34,6 +34,7 @@ from apmpipe.storage.cache import (
     decode_tokens,
     encode_pixels,
     encode_tokens,
+    level_fidelity,
     stored_codec,
     writer_lock,
 )
@@ -83,15 +84,9 @@ class ExtractSummary(ShardTotals):
 
     @property
     def fidelity(self) -> dict[str, dict[str, float]]:
-        """Worst-case cosine and mean relative MSE per level over the shards written in this run."""
-        out: dict[str, dict[str, float]] = {}
-        for result in self.results:
-            for layer, stats in result.fidelity.items():
-                agg = out.setdefault(layer, {"cosine_min": 1.0, "relative_mse": 0.0, "n": 0})
-                agg["cosine_min"] = min(agg["cosine_min"], stats["cosine_min"])
-                agg["relative_mse"] += stats["relative_mse"]
-                agg["n"] += 1
-        return {k: {"cosine_min": v["cosine_min"], "relative_mse": v["relative_mse"] / v["n"]} for k, v in out.items()}
+        """Worst-case cosine and sample-weighted relative MSE per level over the shards written in this run (as
+        ``apmpipe info`` combines shards)."""
+        return level_fidelity((r.images, r.fidelity) for r in self.results if r.status == "done")
 
     @property
     def pixel_psnr(self) -> float | None:

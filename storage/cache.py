@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -985,26 +985,16 @@ class FeatureCache:
         return out
 
     def _fidelity(self, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Fidelity recorded by extraction over the complete shards of ``records`` (shard attributes): per level the
-        worst ``cosine_min`` and the sample-weighted ``relative_mse``; ``pixels``: the worst ``psnr_db`` (JPEG)."""
-        levels: dict[str, dict[str, float]] = {}
-        psnr = []
-        for name, attrs in records.items():
-            if attrs.get("status") != STATUS_COMPLETE:
-                continue
-            count, stats = self._num_samples(name, attrs), attrs.get("stats") or {}
-            for layer, found in (stats.get("fidelity") or {}).items():
-                agg = levels.setdefault(layer, {"cosine_min": 1.0, "relative_mse": 0.0, "samples": 0})
-                agg["cosine_min"] = min(agg["cosine_min"], found["cosine_min"])
-                agg["relative_mse"] += found["relative_mse"] * count
-                agg["samples"] += count
-            if "psnr_db" in (stats.get("pixel_fidelity") or {}):
-                psnr.append(stats["pixel_fidelity"]["psnr_db"])
-        out: dict[str, Any] = {
-            layer: {**agg, "relative_mse": agg["relative_mse"] / max(agg["samples"], 1)}
-            for layer, agg in levels.items()
-        }
-        return {"levels": out, "pixels": {"psnr_db": min(psnr)} if psnr else {}}
+        """Fidelity recorded by extraction over the complete shards of ``records`` (shard attributes): per level as
+        :func:`level_fidelity` combines it; ``pixels``: the worst ``psnr_db`` (JPEG)."""
+        complete = {n: a for n, a in records.items() if a.get("status") == STATUS_COMPLETE}
+        shards = [(self._num_samples(n, a), (a.get("stats") or {}).get("fidelity") or {}) for n, a in complete.items()]
+        psnr = [
+            a["stats"]["pixel_fidelity"]["psnr_db"]
+            for a in complete.values()
+            if "psnr_db" in ((a.get("stats") or {}).get("pixel_fidelity") or {})
+        ]
+        return {"levels": level_fidelity(shards), "pixels": {"psnr_db": min(psnr)} if psnr else {}}
 
     def describe(self, sizes: bool = False) -> dict[str, Any]:
         """Counts, precision and problems of this cache from one listing of shard attributes, for ``apmpipe info``.
@@ -1075,6 +1065,21 @@ class FeatureCache:
                     factor = max(1.0, group[array].chunks[0] / self.spec.chunk_samples)
                     out[array] = out.get(array, 0.0) + factor * count / total
         return out
+
+
+def level_fidelity(shards: Iterable[tuple[int, dict[str, dict[str, float]]]]) -> dict[str, dict[str, float]]:
+    """Per level, the fidelity of several shards from each one's ``(samples, stats.fidelity)``: the worst
+    ``cosine_min`` and the sample-weighted ``relative_mse`` (what ``info`` and the extract summary both show)."""
+    levels: dict[str, dict[str, float]] = {}
+    for count, fidelity in shards:
+        for layer, found in fidelity.items():
+            agg = levels.setdefault(layer, {"cosine_min": 1.0, "relative_mse": 0.0, "samples": 0})
+            agg["cosine_min"] = min(agg["cosine_min"], found["cosine_min"])
+            agg["relative_mse"] += found["relative_mse"] * count
+            agg["samples"] += count
+    return {
+        layer: {**agg, "relative_mse": agg["relative_mse"] / max(agg["samples"], 1)} for layer, agg in levels.items()
+    }
 
 
 def _no_cache_message(url: str) -> str:

@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apmpipe.pipeline.api import extract
 from apmpipe.pipeline.datasets import digit_images, write_digit_shards
 from apmpipe.pipeline.report import eval_folder
 from apmpipe.stages import evaluate
+from apmpipe.storage.cache import FeatureCache
 
 from .conftest import FAST, TINY_VIT, TRAIN_FAST, run_main
+
+TINY_KWARGS = {"img_size": 32, "depth": 2, "num_classes": 10}  # TINY_VIT's --model-arg, for the Python API
 
 
 def test_resume_drops_a_torn_last_metrics_line(
@@ -61,3 +65,20 @@ def test_default_eval_folder_is_one_per_cache(tmp_path: Path, monkeypatch: pytes
     assert a != b and Path(a).parent == Path(b).parent == run
     assert Path(a).name.startswith("eval-val-")
     assert eval_folder(str(run), str(tmp_path / "data/a/val.zarr") + "/") == a
+
+
+def test_extract_summary_weighs_relative_mse_by_samples_as_info_does(tmp_path: Path) -> None:
+    """Shards of 40 and 8 samples: the summary averaged their relative MSE unweighted while ``info`` weighs by
+    samples; one number, one way."""
+    shards = write_digit_shards(tmp_path / "shards", count=48, per_shard=40, size=32)
+    cache = tmp_path / "int8.zarr"
+    summary = extract(
+        shards, str(cache), "vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_KWARGS, layers=(1, -1),
+        dtype="int8", batch_size=16, chunk_samples=8, shard_samples=16, loader_workers=0,
+    )  # fmt: skip
+    recorded = FeatureCache.open(str(cache)).describe()["fidelity"]["levels"]
+    per_shard = [r.fidelity["2"]["relative_mse"] for r in summary.results]
+    assert per_shard[0] != pytest.approx(per_shard[1])  # else weighting could not show
+    for layer, stats in summary.fidelity.items():
+        assert stats["relative_mse"] == pytest.approx(recorded[layer]["relative_mse"], rel=1e-9)
+        assert stats["cosine_min"] == recorded[layer]["cosine_min"]
