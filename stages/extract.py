@@ -325,27 +325,36 @@ def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
     )
 
 
+def basis_inputs(shards: Sequence[ShardSource]) -> list[tuple[ShardSource, int]]:
+    """The inputs the ``--rank`` bases are fitted on, each with how many of its first images to take:
+    ``m = min(BASIS_INPUTS, n)`` of the ``n`` inputs spread evenly over the list (input ``i·n // m`` for ``i < m``),
+    ``BASIS_SAMPLES`` images split between them as evenly as can be (the first ``BASIS_SAMPLES % m`` take one more).
+    """
+    count = min(BASIS_INPUTS, len(shards))
+    share, extra = divmod(BASIS_SAMPLES, count)
+    return [(shards[i * len(shards) // count], share + (i < extra)) for i in range(count)]
+
+
 def _fit_bases(
     config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]
 ) -> tuple[list[TokenBasis], dict[str, Any]]:
-    """One PCA basis per level (``--rank`` components) of the teacher's tokens of the first images of up to
-    ``BASIS_INPUTS`` inputs spread evenly over ``shards``, ``BASIS_SAMPLES`` images in all: a function of the input
-    list alone (deterministic), cheap to read (the start of a few tars or folder blocks, no full pass), and less
-    biased than one input's images when inputs are sorted by class."""
-    chosen = list(shards)[:: -(-len(shards) // BASIS_INPUTS)][:BASIS_INPUTS]
-    per_input = -(-BASIS_SAMPLES // len(chosen))
+    """One PCA basis per level (``--rank`` components) of the teacher's tokens of the first images of the inputs
+    :func:`basis_inputs` names: a function of the input list alone (deterministic), cheap to read (the start of a
+    few tars or folder blocks, no full pass), and less biased than one input's images when inputs are sorted by
+    class. An input holding fewer images than its share gives what it holds."""
+    plan = basis_inputs(shards)
+    chosen = [shard for shard, _ in plan]
     fits = [BasisFit(level.dim) for level in teacher.levels]
     used = 0
-    for shard in chosen:
-        batches = _shard_batches(config, teacher, [shard])
+    for shard, wanted in plan:
         taken = 0
-        for record in batches:
-            pixels = record["pixels"][: per_input - taken]
+        for record in _shard_batches(config, teacher, [shard]):
+            pixels = record["pixels"][: wanted - taken]
             if len(pixels):
                 for fit, tokens in zip(fits, teacher.forward(pixels)[0], strict=True):
                     fit.add(tokens.float().cpu().numpy())
                 taken += len(pixels)
-            if taken >= per_input:
+            if taken >= wanted:
                 break
         used += taken
     if not used:

@@ -13,7 +13,9 @@ from apmpipe.pipeline.api import extract
 from apmpipe.pipeline.datasets import digit_images, write_digit_shards
 from apmpipe.pipeline.report import eval_folder
 from apmpipe.stages import evaluate
+from apmpipe.stages.extract import basis_inputs
 from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.sources import ShardSource
 
 from .conftest import FAST, TINY_VIT, TRAIN_FAST, run_main
 
@@ -82,3 +84,16 @@ def test_extract_summary_weighs_relative_mse_by_samples_as_info_does(tmp_path: P
     for layer, stats in summary.fidelity.items():
         assert stats["relative_mse"] == pytest.approx(recorded[layer]["relative_mse"], rel=1e-9)
         assert stats["cosine_min"] == recorded[layer]["cosine_min"]
+
+
+@pytest.mark.parametrize("inputs", [1, 2, 3, 8, 9, 20])
+def test_bases_are_fitted_on_256_images_of_up_to_8_inputs_spread_evenly(inputs: int) -> None:
+    """FORMAT.md's fit: 256 images in equal parts from up to 8 inputs spread over the list. The code took
+    ceil(256/m) from each (258 with 3 inputs) and every ceil(n/8)-th input (5 of 9)."""
+    shards = [ShardSource(f"s{i:02d}", f"/data/s{i:02d}.tar") for i in range(inputs)]
+    plan = basis_inputs(shards)
+    chosen = [shard.name for shard, _ in plan]
+    assert len(chosen) == min(8, inputs) == len(set(chosen)) and chosen[0] == "s00"
+    assert sum(count for _, count in plan) == 256 and max(c for _, c in plan) - min(c for _, c in plan) <= 1
+    gaps = np.diff([int(name[1:]) for name in chosen] + [inputs])  # evenly spread: every gap n // m or one more
+    assert set(gaps.tolist()) <= {inputs // len(chosen), -(-inputs // len(chosen))}
