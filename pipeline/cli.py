@@ -224,8 +224,9 @@ def extract(
     codec: Annotated[
         Codec | None,
         typer.Option(
-            help="Compressors: blosc-lz4 (float tokens bit-shuffled LZ4, other arrays zstd), zstd, or none. "
-            "Default: the existing cache's, else blosc-lz4.",
+            help="Compressors: blosc-lz4 (float tokens bit-shuffled LZ4, other arrays zstd), zstd, or none "
+            "(keys, moments, bases and head arrays: zstd whatever the codec). Default: the existing cache's, else "
+            "blosc-lz4.",
             show_default=False,
         ),
     ] = None,

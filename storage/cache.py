@@ -323,6 +323,13 @@ def _compressors(codec: str, float_tokens: bool) -> list:
     return [ZstdCodec(level=3)]
 
 
+def fixed_compressors() -> list:
+    """Compressors of the arrays ``--codec`` does not govern (keys, moments, bases, teacher head: a few bytes per
+    sample or per cache): zstd at level 0, which zstd reads as its default level (3). Named here rather than left to
+    zarr-python's defaults, which a zarr release could change."""
+    return [ZstdCodec(level=0)]
+
+
 def decode_without_thread_pools() -> None:
     """Make this process's zarr reads decode on one thread (zarr's codec pool sized to 1; zarr runs Blosc without
     threads already): for a DataLoader worker, one of a pool of processes that fills the cores. Call before the
@@ -519,7 +526,7 @@ def create_sample_array(
     else:
         chunks, shards = (spec.chunk_samples, *item_shape), (spec.shard_samples, *item_shape)
     compressors = (
-        "auto"
+        fixed_compressors()
         if dtype is str
         else []
         if isinstance(dtype, VariableLengthBytes)  # images are compressed already
@@ -637,6 +644,7 @@ class ShardWriter:
             self.group.create_array(
                 f"{MOMENTS_GROUP}/{level.array_name}",
                 data=np.stack([moments.sums, moments.squares]),
+                compressors=fixed_compressors(),
                 dimension_names=("moment", f"token_{level.layer}", f"feature_{level.layer}"),
             )
 
@@ -918,10 +926,16 @@ class FeatureCache:
             del self.root[BASES_GROUP]
         group = self.root.create_group(BASES_GROUP, attributes={"status": STATUS_WRITING, **attrs})
         for level, basis in zip(self.spec.levels, bases, strict=True):
-            group.create_array(f"{level.array_name}/mean", data=basis.mean, dimension_names=(f"feature_{level.layer}",))
+            group.create_array(
+                f"{level.array_name}/mean",
+                data=basis.mean,
+                compressors=fixed_compressors(),
+                dimension_names=(f"feature_{level.layer}",),
+            )
             group.create_array(
                 f"{level.array_name}/components",
                 data=basis.components,
+                compressors=fixed_compressors(),
                 dimension_names=(f"component_{level.layer}", f"feature_{level.layer}"),
             )
         group.update_attributes({"status": STATUS_COMPLETE})
@@ -953,7 +967,12 @@ class FeatureCache:
         group = self.root.create_group(HEAD_GROUP, attributes={"status": STATUS_WRITING, **attrs})
         for name, value in tensors.items():
             value = np.ascontiguousarray(value, dtype=np.float32)
-            group.create_array(name, data=value, dimension_names=tuple(f"{name}_{axis}" for axis in range(value.ndim)))
+            group.create_array(
+                name,
+                data=value,
+                compressors=fixed_compressors(),
+                dimension_names=tuple(f"{name}_{axis}" for axis in range(value.ndim)),
+            )
         group.update_attributes({"status": STATUS_COMPLETE})
 
     def head(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:

@@ -3,6 +3,7 @@ folders per cache, run-folder writer locks, bounded embed parts, and FORMAT.md a
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -97,3 +98,41 @@ def test_bases_are_fitted_on_256_images_of_up_to_8_inputs_spread_evenly(inputs: 
     assert sum(count for _, count in plan) == 256 and max(c for _, c in plan) - min(c for _, c in plan) <= 1
     gaps = np.diff([int(name[1:]) for name in chosen] + [inputs])  # evenly spread: every gap n // m or one more
     assert set(gaps.tolist()) <= {inputs // len(chosen), -(-inputs // len(chosen))}
+
+
+def _compressor_names(codecs: list[dict]) -> list[str]:
+    """The compressors among an array's codecs (inside a zarr shard's codecs too), by name and level."""
+    names = []
+    for codec in codecs:
+        config = codec.get("configuration", {})
+        if codec["name"] == "sharding_indexed":
+            names += _compressor_names(config["codecs"])
+        elif codec["name"] not in ("bytes", "vlen-utf8", "vlen-bytes", "crc32c", "transpose"):
+            names.append(f"{codec['name']}-{config.get('level', config.get('clevel'))}")
+    return names
+
+
+FIXED_CODEC_ARRAYS = ("keys", "moments/", "bases/", "teacher_head/")  # FORMAT.md: zstd level 0 whatever --codec
+
+
+def test_format_md_names_every_arrays_codec(tmp_path: Path, digit_shards: list[str], capsys) -> None:
+    """FORMAT.md said ``--codec`` applies to every array (``none``: no compressor anywhere) while keys, moments,
+    bases and head arrays get zstd level 0 whatever the codec: the text now says so, and the code names it."""
+    cache = tmp_path / "none.zarr"
+    args = [*digit_shards[:1], "--out", cache, *TINY_VIT, "--layers", "1,-1", *FAST, "--codec", "none", "--rank", "8"]
+    assert run_main(capsys, "extract", *args).returncode == 0
+    seen = set()
+    for meta in cache.rglob("zarr.json"):
+        node = json.loads(meta.read_text())
+        if node["node_type"] != "array":
+            continue
+        path = meta.parent.relative_to(cache).as_posix()
+        fixed = next((f for f in FIXED_CODEC_ARRAYS if f"/{f}" in f"/{path}"), None)
+        seen.add(fixed)
+        assert _compressor_names(node["codecs"]) == (["zstd-0"] if fixed else []), path
+    assert seen == {None, *FIXED_CODEC_ARRAYS}
+    format_md = (Path(__file__).parents[1] / "storage" / "FORMAT.md").read_text()
+    codec_row = next(line for line in format_md.splitlines() if line.startswith("| `spec.codec`"))
+    assert "zstd level 0" in codec_row and "(level 3, every array)" not in codec_row
+    for name in FIXED_CODEC_ARRAYS:
+        assert f"`{name}" in codec_row, name
