@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from apmpipe.storage.batches import ShardBatches, batch_loader
-from apmpipe.storage.cache import FeatureCache, writer_lock
+from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import student_digest
 from apmpipe.storage.embeddings import (
     DTYPES,
@@ -34,6 +34,7 @@ from apmpipe.storage.embeddings import (
     tokens_folder,
 )
 from apmpipe.storage.errors import ApmError, ConfigError, ModelError, require_at_least
+from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ShardSource, done_shards
 
@@ -284,7 +285,7 @@ def embed(config: EmbedConfig, progress: EmbedProgress | None = None) -> EmbedSu
         "levels": embedder.levels,
         "classes": list(inputs.classes or config.class_names),
     }
-    with writer_lock(config.out, "embed"):
+    with writer_lock(config.out, "embed", config.storage_options):
         store = EmbeddingStore.create_or_open(config.out, header)
         done = done_shards(inputs.shards, store.done(), f"--out {config.out!r}")
         todo = [s for s in inputs.shards if s.name not in done]

@@ -36,9 +36,9 @@ from apmpipe.storage.cache import (
     encode_tokens,
     level_fidelity,
     stored_codec,
-    writer_lock,
 )
 from apmpipe.storage.errors import ApmError, CacheError, InputError, ModelError
+from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.lowrank import BasisFit, TokenBasis
 from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
 from apmpipe.storage.redact import redact_url
@@ -418,7 +418,7 @@ def extract(
     inputs = inputs or preflight(config)
     teachers = teachers or TeacherPool()
     teacher = teacher_for(config if driver_device is None else replace(config, device=driver_device), teachers)
-    with writer_lock(config.out):
+    with writer_lock(config.out, storage_options=config.storage_options):
         codec = config.codec or stored_codec(config.out, config.storage_options) or DEFAULT_CODEC
         config = replace(config, codec=codec)  # a rerun without --codec keeps the cache's
         cache = FeatureCache.create_or_open(

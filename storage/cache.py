@@ -8,9 +8,7 @@ complete only after every array is written), opens and validates caches for read
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -24,6 +22,7 @@ from zarr.core.dtype import VariableLengthBytes
 from zarr.errors import UnstableSpecificationWarning
 
 from .errors import CacheError, ConfigError
+from .locks import lock_name
 from .lowrank import TokenBasis
 from .pixel_codecs import IMAGE_CHANNELS, IMAGE_CODECS, decode_images, encode_images
 from .redact import redact_url
@@ -35,7 +34,6 @@ SHARDS_GROUP = "shards"
 HEAD_GROUP = "teacher_head"
 MOMENTS_GROUP = "moments"
 BASES_GROUP = "bases"
-LOCK_FILE = ".apmpipe-extract.lock"  # not a zarr node; holds the writing process's pid
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
@@ -351,52 +349,6 @@ def _zarr_storage_options(url: str, storage_options: dict | None) -> dict | None
     """``storage_options`` for a remote ``url``; None for a local one (zarr refuses options there, and one
     ``--storage-option`` set serves every URL of a command, e.g. a local cache and a run on S3)."""
     return None if _local_path(url) is not None else (storage_options or None)
-
-
-_LOCKED_HERE: set[str] = set()  # lock files this process holds: POSIX record locks never exclude their own process
-
-
-def _busy(url: str, command: str, holder: str) -> CacheError:
-    what = "cache" if command == "extract" else "--out"
-    return CacheError(
-        f"{what} {redact_url(url)!r} is being written by another apmpipe {command} (pid {holder}); wait for "
-        "it to finish or use another --out"
-    )
-
-
-@contextlib.contextmanager
-def writer_lock(url: str, command: str = "extract") -> Iterator[None]:
-    """Hold an exclusive lock on a local cache (or another folder ``apmpipe COMMAND`` writes) for one run, naming
-    the holder's pid in ``LOCK_FILE`` (``.apmpipe-COMMAND.lock`` for other commands).
-
-    A second run on the same cache is refused at once. It is a POSIX record lock (``lockf``): it belongs to this
-    process alone, so forked children (DataLoader workers) do not inherit it, and the kernel drops it the
-    moment the process dies: a rerun right after ``kill -9`` proceeds. Object-store caches have no lock: do not
-    run two drivers on them.
-    """
-    path = _local_path(url)
-    if path is None:
-        yield
-        return
-    os.makedirs(path, exist_ok=True)
-    lock_path = os.path.realpath(os.path.join(path, LOCK_FILE.replace("extract", command)))
-    if lock_path in _LOCKED_HERE:
-        raise _busy(url, command, f"{os.getpid()}, this process")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise _busy(url, command, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _LOCKED_HERE.add(lock_path)
-        try:
-            yield
-        finally:
-            _LOCKED_HERE.discard(lock_path)
-    finally:
-        os.close(fd)  # releases the lock
 
 
 _ITEM_DIMENSIONS = {"pixels": ("channel", "y", "x"), "labels": (), "keys": (), "logits": ("class",)}
@@ -726,7 +678,7 @@ class FeatureCache:
                     f"{_short(now)}); use another --out or the same options"
                 )
             return cache
-        if fs.exists(path) and [p for p in fs.ls(path, detail=False) if not p.endswith(LOCK_FILE)]:
+        if fs.exists(path) and [p for p in fs.ls(path, detail=False) if not p.endswith(lock_name("extract"))]:
             raise CacheError(f"--out {url!r} exists and is not an apmpipe cache; choose a new path")
         attrs = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(), "sources": [], "classes": []}
         # "a" creates in place beside the lock file: "w" would delete the directory that writer_lock holds, "w-" wants

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 
@@ -16,6 +23,7 @@ from apmpipe.pipeline.report import eval_folder
 from apmpipe.stages import evaluate
 from apmpipe.stages.extract import basis_inputs
 from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.locks import LEASE_SECONDS, lock_name
 from apmpipe.storage.sources import ShardSource
 
 from .conftest import FAST, TINY_VIT, TRAIN_FAST, run_main
@@ -136,3 +144,62 @@ def test_format_md_names_every_arrays_codec(tmp_path: Path, digit_shards: list[s
     assert "zstd level 0" in codec_row and "(level 3, every array)" not in codec_row
     for name in FIXED_CODEC_ARRAYS:
         assert f"`{name}" in codec_row, name
+
+
+def _holder(folder: Path, command: str) -> subprocess.Popen:
+    """Another process holding ``command``'s writer lock on ``folder`` until its stdin closes."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from apmpipe.storage.locks import writer_lock\nwith writer_lock({str(folder)!r}, {command!r}):\n"
+            " print('held', flush=True)\n input()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_second_train_into_one_run_folder_is_refused_until_its_holder_dies(
+    tiny_cache: Path, tmp_path: Path, capsys
+) -> None:
+    """Two trains into one --out interleaved checkpoints and metrics: the second is refused in one line naming
+    the first's pid; once that one is killed (-9) the folder is free again."""
+    run = tmp_path / "run"
+    holder = _holder(run, "train")
+    args = ["train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "2"]
+    refused = run_main(capsys, *args)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"being written by another apmpipe train (pid {holder.pid})" in refused.stderr
+    assert not (run / "metrics.jsonl").exists()
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert run_main(capsys, *args).returncode == 0
+
+
+def _lock_object(fs, run: str, host: str, pid: int, age: float) -> str:
+    key = f"{run}/{lock_name('train')}"
+    fs.pipe_file(key, json.dumps({"host": host, "pid": pid, "token": "t", "renewed": time.time() - age}).encode())
+    return key
+
+
+def test_train_lock_on_an_object_store_names_a_live_holder_and_clears_dead_ones(tiny_cache: Path, capsys) -> None:
+    """On an object store the lock is an object renewed by its holder: a live one (renewed within the lease) is
+    named in the refusal; one of a dead process on this host, or not renewed for a lease, is taken over."""
+    fs = fsspec.filesystem("memory")
+    run = "memory://faults2/run"
+    args = ["train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "2"]
+    _lock_object(fs, run, "gpu-node-7", 4242, age=1.0)
+    refused = run_main(capsys, *args)
+    assert refused.returncode == 2 and "another apmpipe train (pid 4242 on gpu-node-7)" in refused.stderr
+    assert not fs.exists(f"{run}/metrics.jsonl")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    key = _lock_object(fs, run, socket.gethostname(), dead.pid, age=1.0)  # killed here: its pid is gone
+    assert run_main(capsys, *args).returncode == 0
+    assert not fs.exists(key), "the finished run left its lock behind"
+    _lock_object(fs, run, "gpu-node-7", 4242, age=LEASE_SECONDS + 1)  # killed elsewhere: not renewed for a lease
+    assert run_main(capsys, *args, "--resume").returncode == 0
