@@ -51,7 +51,7 @@ from .extract_config import (
 from .fidelity import min_token_cosine
 from .runtime import loader_workers
 from .shard_results import Progress, ShardResult, ShardTotals
-from .teacher import Teacher, TeacherPool
+from .teacher import AUTOCAST, Teacher, TeacherPool
 
 MAX_PENDING_WRITES = 4
 FIDELITY_EVERY = 4
@@ -202,10 +202,10 @@ class _ShardJob:
 
 
 def teacher_for(config: ExtractConfig, teachers: TeacherPool | None = None) -> Teacher:
-    """The run's teacher, from ``teachers`` (built there once per configuration), else built now."""
-    return (teachers or TeacherPool()).get(
-        config.teacher, tuple(config.layers), config.final_norm, config.device, config.amp
-    )
+    """The run's teacher, from ``teachers`` (built there once per configuration), else built now. With
+    ``config.precision`` (decided by a driver) it autocasts only when that precision asks for it."""
+    amp = config.amp if config.precision is None else config.precision == AUTOCAST
+    return (teachers or TeacherPool()).get(config.teacher, tuple(config.layers), config.final_norm, config.device, amp)
 
 
 def _shard_batches(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> ShardBatches:
@@ -218,10 +218,15 @@ def _loader(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSourc
     return batch_loader(_shard_batches(config, teacher, shards), workers, teacher.device.type == "cuda")
 
 
-def _check_precision(cache: FeatureCache, teacher: Teacher) -> None:
-    """Refuse to add shards computed in another precision than the cache's complete ones (CPU float32 vs CUDA
-    bfloat16 autocast): readers would mix numerics silently."""
+def _check_precision(cache: FeatureCache, teacher: Teacher, decided: str | None) -> None:
+    """Refuse to add shards computed in another precision than the run's (``decided`` by its driver) or the
+    cache's complete ones (CPU float32 vs CUDA bfloat16 autocast): readers would mix numerics silently."""
     existing = cache.precision()
+    if decided and decided != teacher.precision:
+        raise CacheError(
+            f"this worker computes in {teacher.precision} (device {teacher.device.type}), the extraction into "
+            f"{redact_url(cache.url)!r} in {decided}; give every worker a GPU or extract with --no-amp"
+        )
     if existing and existing != teacher.precision:
         raise CacheError(
             f"cache {redact_url(cache.url)!r} holds shards computed in {existing}, this run computes in "
@@ -249,7 +254,7 @@ def extract_shards(
             f"teacher weights on this worker differ from cache {redact_url(config.out)!r}; give every "
             "worker the same --checkpoint / pretrained weights"
         )
-    _check_precision(cache, teacher)
+    _check_precision(cache, teacher, config.precision)
     sources = {s.name: s for s in shards}
     jobs: dict[str, _ShardJob] = {}
     finished: list[Future] = []

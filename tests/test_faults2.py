@@ -3,6 +3,7 @@ folders per cache, run-folder writer locks, bounded embed parts, and FORMAT.md a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,13 +17,19 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+import timm
+from safetensors.torch import save_file
 
+from apmpipe.pipeline import cluster
 from apmpipe.pipeline.api import extract
 from apmpipe.pipeline.datasets import digit_images, write_digit_shards
 from apmpipe.pipeline.report import eval_folder
 from apmpipe.stages import evaluate
-from apmpipe.stages.extract import basis_inputs
+from apmpipe.stages.extract import basis_inputs, extract_shards
+from apmpipe.stages.extract_config import ExtractConfig, resolve_config_inputs
+from apmpipe.stages.teacher import TeacherPool
 from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.errors import CacheError
 from apmpipe.storage.locks import LEASE_SECONDS, lock_name
 from apmpipe.storage.sources import ShardSource
 
@@ -203,3 +210,51 @@ def test_train_lock_on_an_object_store_names_a_live_holder_and_clears_dead_ones(
     assert not fs.exists(key), "the finished run left its lock behind"
     _lock_object(fs, run, "gpu-node-7", 4242, age=LEASE_SECONDS + 1)  # killed elsewhere: not renewed for a lease
     assert run_main(capsys, *args, "--resume").returncode == 0
+
+
+def test_dask_workers_with_and_without_a_gpu_write_one_precision(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --device auto, a GPU worker autocast to bfloat16 while a CPU worker computed float32, and each task
+    checked only the shards complete when it started: one run wrote both. The driver now decides one precision.
+    Simulated in one process: worker 0 "has a GPU" (its teacher autocasts as asked; bfloat16 on this CPU)."""
+    from distributed import Client, LocalCluster, get_worker
+
+    def simulated_gpu(dask_worker) -> bool:  # type: ignore[no-untyped-def]
+        return dask_worker.name == 0
+
+    def get(self, config, layers, final_norm, device, amp):  # type: ignore[no-untyped-def]
+        teacher = pool_get(self, config, layers, final_norm, device, amp)
+        with contextlib.suppress(ValueError):  # ValueError: not on a worker (the driver's own teacher)
+            teacher.amp = amp and get_worker().name == 0
+        return teacher
+
+    pool_get = TeacherPool.get
+    monkeypatch.setattr(TeacherPool, "get", get)
+    monkeypatch.setattr(cluster, "worker_has_cuda", simulated_gpu)
+    shards = write_digit_shards(tmp_path / "shards", count=48, per_shard=8, size=32)
+    weights = tmp_path / "teacher.safetensors"  # random init draws from torch's process-wide RNG, which the
+    save_file(timm.create_model("vit_tiny_patch16_224", **TINY_KWARGS).state_dict(), weights)  # other thread uses
+    out = tmp_path / "mixed.zarr"
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as local,
+        Client(local),
+    ):
+        args = [*shards, "--out", out, *TINY_VIT, "--checkpoint", weights, "--layers", "1,-1", *FAST]
+        args += ["--scheduler", local.scheduler_address]
+        result = run_main(capsys, "extract", *args)
+    assert result.returncode == 0, result.stderr
+    cache = FeatureCache.open(str(out))
+    assert len(cache.complete_shards()) == 6
+    assert {attrs["precision"] for attrs in cache.shard_attrs().values()} == {"float32"}
+
+
+def test_a_task_refuses_a_precision_its_worker_cannot_compute(tiny_cache: Path, digit_shards: list[str]) -> None:
+    """A CPU worker handed a run decided in bfloat16 autocast (every worker had a GPU when it started) refuses in
+    one line rather than write float32 shards beside them."""
+    config = ExtractConfig.from_options(
+        digit_shards[:1], str(tiny_cache), "vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_KWARGS,
+        layers=(1, -1), dtype="float32", chunk_samples=8, shard_samples=16, precision="bfloat16-autocast",
+    )  # fmt: skip
+    with pytest.raises(CacheError, match="this worker computes in float32 .* in bfloat16-autocast; give every worker"):
+        extract_shards(config, resolve_config_inputs(config).shards)
