@@ -4,6 +4,7 @@ folders per cache, run-folder writer locks, bounded embed parts, and FORMAT.md a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from apmpipe.pipeline import cluster
 from apmpipe.pipeline.api import extract
 from apmpipe.pipeline.datasets import digit_images, write_digit_shards
 from apmpipe.pipeline.report import eval_folder
+from apmpipe.stages import embed as embed_stage
 from apmpipe.stages import evaluate
 from apmpipe.stages.extract import basis_inputs, extract_shards
 from apmpipe.stages.extract_config import ExtractConfig, resolve_config_inputs
@@ -258,3 +260,25 @@ def test_a_task_refuses_a_precision_its_worker_cannot_compute(tiny_cache: Path, 
     )  # fmt: skip
     with pytest.raises(CacheError, match="this worker computes in float32 .* in bfloat16-autocast; give every worker"):
         extract_shards(config, resolve_config_inputs(config).shards)
+
+
+def test_embed_tokens_are_written_batch_by_batch(
+    tiny_student: Path, digit_shards: list[str], tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--tokens held a whole part (N x T x D per level) until it was written: each batch's grids now go to the
+    part's temporary file as they come, and the finished file is an ordinary .npy of every row."""
+    out = tmp_path / "emb"
+    on_disk: list[int] = []  # bytes of token grids in temporary files as each batch starts
+    embed_batch = embed_stage._Embedder.__call__
+
+    def spying(self, pixels):  # type: ignore[no-untyped-def]
+        on_disk.append(sum(p.stat().st_size for p in out.glob("tokens_layer*/.*.tmp")))
+        return embed_batch(self, pixels)
+
+    monkeypatch.setattr(embed_stage._Embedder, "__call__", spying)
+    args = [digit_shards[0], "--student", tiny_student, "--out", out, "--tokens", "--batch-size", "8"]
+    assert run_main(capsys, "embed", *args, "--loader-workers", "0", "--dtype", "float32").returncode == 0
+    assert len(on_disk) >= 5 and all(b > a for a, b in itertools.pairwise(on_disk)), on_disk  # 40 samples, 8 a batch
+    tokens = {layer: np.load(out / f"tokens_layer{layer}/digits-0000.npy") for layer in (1, 2)}
+    assert {t.shape for t in tokens.values()} == {(40, 5, 192)} and all(t.dtype == np.float32 for t in tokens.values())
+    assert not list(out.glob("*/.*.tmp"))
