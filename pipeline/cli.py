@@ -224,8 +224,9 @@ def extract(
     codec: Annotated[
         Codec | None,
         typer.Option(
-            help="Compressors: blosc-lz4 (float tokens bit-shuffled LZ4, other arrays zstd), zstd, or none. "
-            "Default: the existing cache's, else blosc-lz4.",
+            help="Compressors: blosc-lz4 (float tokens bit-shuffled LZ4, other arrays zstd), zstd, or none "
+            "(keys, moments, bases and head arrays: zstd whatever the codec). Default: the existing cache's, else "
+            "blosc-lz4.",
             show_default=False,
         ),
     ] = None,
@@ -610,7 +611,10 @@ def eval_command(
         typer.Option(help="classes x dim .npy of text embeddings (CLIP zero-shot through the cached projection head)."),
     ] = None,
     out: Annotated[
-        str | None, typer.Option(help="Report folder, local or URL (default: RUN_DIR/eval-<cache name>).")
+        str | None,
+        typer.Option(
+            help="Report folder, local or URL (default: RUN_DIR/eval-<cache name>-<hash of its resolved URL>)."
+        ),
     ] = None,
     feature: Annotated[
         str,

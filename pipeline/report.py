@@ -7,6 +7,7 @@ select, no global figure registry (nothing here touches process state).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import posixpath
@@ -16,6 +17,8 @@ from typing import Any
 import fsspec
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from apmpipe.storage.stream import canonical_url
 
 from .console import MISSING
 
@@ -50,10 +53,13 @@ def report_json(data: Any) -> str:
 
 
 def eval_folder(student: str, cache: str, storage_options: dict[str, Any] | None = None) -> str:
-    """The default report folder of ``apmpipe eval``: ``RUN_DIR/eval-<cache name>`` (the run local or a URL)."""
+    """The default report folder of ``apmpipe eval``: ``RUN_DIR/eval-<cache name>-<8 hex digits>`` (the run local or
+    a URL), the digits a hash of the cache's canonical URL: ``data/a/val.zarr`` and ``data/b/val.zarr`` get a folder
+    each, while one cache spelt two ways (relative, absolute, trailing slash) gets one."""
     fs, path = fsspec.core.url_to_fs(student, **(storage_options or {}))
     run_dir = student.rstrip("/") if fs.isdir(path) else (posixpath.dirname(student.rstrip("/")) or ".")
-    return f"{run_dir}/eval-{Path(cache.rstrip('/')).stem}"
+    digest = hashlib.sha1(canonical_url(cache).encode()).hexdigest()[:8]
+    return f"{run_dir}/eval-{Path(cache.rstrip('/')).stem}-{digest}"
 
 
 def _figure(width: float, height: float) -> tuple[Figure, Axes]:

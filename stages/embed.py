@@ -23,17 +23,20 @@ import numpy as np
 import torch
 
 from apmpipe.storage.batches import ShardBatches, batch_loader
-from apmpipe.storage.cache import FeatureCache, writer_lock
+from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import student_digest
 from apmpipe.storage.embeddings import (
     DTYPES,
     LOGITS,
+    TOKENS_PREFIX,
     EmbeddingStore,
     Part,
+    RowFile,
     feature_folder,
     tokens_folder,
 )
 from apmpipe.storage.errors import AT_LEAST_ONE, WORKERS, ApmError, ConfigError, ModelError, Range, check_ranges
+from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ShardSource, done_shards
 
@@ -234,12 +237,15 @@ class _Embedder:
 
 @dataclass
 class _PartBuffer:
-    """One part's batches until its last record."""
+    """One part's batches until its last record: token grids (``--tokens``) go to the part's files batch by batch,
+    the rest (global features, logits, keys, labels: a few numbers per sample) is held until the part is written."""
 
     source: ShardSource
+    store: EmbeddingStore
     keys: list[str] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     arrays: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    streamed: dict[str, RowFile] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     error: str = ""
 
@@ -247,7 +253,12 @@ class _PartBuffer:
         self.keys += keys
         self.labels.append(labels)
         for name, array in arrays.items():
-            self.arrays.setdefault(name, []).append(array)
+            if name.startswith(TOKENS_PREFIX):
+                if name not in self.streamed:
+                    self.streamed[name] = self.store.row_file(name, self.source.name, array.dtype, array.shape[1:])
+                self.streamed[name].append(array)
+            else:
+                self.arrays.setdefault(name, []).append(array)
 
     def part(self, topk: int) -> Part:
         arrays = {name: np.concatenate(parts) for name, parts in self.arrays.items()}
@@ -256,13 +267,15 @@ class _PartBuffer:
             probs = torch.from_numpy(arrays[LOGITS]).softmax(1)
             values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
             top = (indices.numpy(), values.numpy())
-        return Part(self.keys, np.concatenate(self.labels), arrays, top)
+        return Part(self.keys, np.concatenate(self.labels), arrays, top, self.streamed)
 
 
 def _write(store: EmbeddingStore, buffer: _PartBuffer, topk: int) -> ShardResult:
     source = buffer.source
     result = ShardResult(source.name, "done", len(buffer.keys), list(buffer.skipped))
     if buffer.error:
+        for streamed in buffer.streamed.values():
+            streamed.discard()
         store.fail_part(source.name, source.url, buffer.error, buffer.skipped)
         result.status, result.images, result.error = "failed", 0, buffer.error
     else:
@@ -292,7 +305,7 @@ def embed(config: EmbedConfig, progress: EmbedProgress | None = None) -> EmbedSu
         "levels": embedder.levels,
         "classes": list(inputs.classes or config.class_names),
     }
-    with writer_lock(config.out, "embed"):
+    with writer_lock(config.out, "embed", config.storage_options):
         store = EmbeddingStore.create_or_open(config.out, header)
         done = done_shards(inputs.shards, store.done(), f"--out {config.out!r}")
         todo = [s for s in inputs.shards if s.name not in done]
@@ -323,7 +336,7 @@ def _embed_parts(
     buffers: dict[str, _PartBuffer] = {}
     results = []
     for record in batch_loader(batches, workers, embedder.device.type == "cuda"):
-        buffer = buffers.setdefault(record["shard"], _PartBuffer(sources[record["shard"]]))
+        buffer = buffers.setdefault(record["shard"], _PartBuffer(sources[record["shard"]], store))
         buffer.skipped += [tuple(s) for s in record["skipped"]]
         if record["error"]:
             buffer.error = record["error"]

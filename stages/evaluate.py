@@ -31,6 +31,7 @@ from apmpipe.storage.errors import (
     Range,
     check_ranges,
 )
+from apmpipe.storage.redact import redact_url
 from apmpipe.storage.stream import iter_subset, sample_subset
 
 from .apm import APM
@@ -354,8 +355,30 @@ def _left_out(labels: torch.Tensor) -> str | None:
     return f"{missing} of {len(labels)} samples have no label (-1): classified without them" if missing else None
 
 
+def _check_train_classes(config: EvalConfig) -> None:
+    """Refuse a ``--train-cache`` whose labelled samples hold one class, before any pass: the probe cannot be fitted
+    on it (and k-NN would vote for that class alone). Reads only the labels."""
+    if not config.train_cache:
+        return
+    train = FeatureCache.open(config.train_cache, storage_options=config.storage_options)
+    labels = np.concatenate(
+        [np.zeros(0, np.int64)]
+        + [
+            train.read(name, 0, count, tokens=False, pixels=False, extras=False).labels
+            for name, count in train.sample_counts().items()
+        ]
+    )
+    classes = np.unique(labels[labels >= 0])
+    if len(classes) == 1:
+        raise ConfigError(
+            f"--train-cache {redact_url(config.train_cache)} holds one class (label {classes[0]}): k-NN and the "
+            "linear probe need two or more; pass a cache of several classes or drop --train-cache"
+        )
+
+
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Run every evaluation the inputs allow; returns the report (JSON-ready)."""
+    _check_train_classes(config)
     device = resolve_device(config.device)
     cache = FeatureCache.open(config.cache, storage_options=config.storage_options)
     if not cache.complete_shards():

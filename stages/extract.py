@@ -34,10 +34,11 @@ from apmpipe.storage.cache import (
     decode_tokens,
     encode_pixels,
     encode_tokens,
+    level_fidelity,
     stored_codec,
-    writer_lock,
 )
 from apmpipe.storage.errors import ApmError, CacheError, InputError, ModelError
+from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.lowrank import BasisFit, TokenBasis
 from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
 from apmpipe.storage.redact import redact_url
@@ -50,7 +51,7 @@ from .extract_config import (
 from .fidelity import min_token_cosine
 from .runtime import loader_workers
 from .shard_results import Progress, ShardResult, ShardTotals
-from .teacher import Teacher, TeacherPool
+from .teacher import AUTOCAST, Teacher, TeacherPool
 
 MAX_PENDING_WRITES = 4
 FIDELITY_EVERY = 4
@@ -83,15 +84,9 @@ class ExtractSummary(ShardTotals):
 
     @property
     def fidelity(self) -> dict[str, dict[str, float]]:
-        """Worst-case cosine and mean relative MSE per level over the shards written in this run."""
-        out: dict[str, dict[str, float]] = {}
-        for result in self.results:
-            for layer, stats in result.fidelity.items():
-                agg = out.setdefault(layer, {"cosine_min": 1.0, "relative_mse": 0.0, "n": 0})
-                agg["cosine_min"] = min(agg["cosine_min"], stats["cosine_min"])
-                agg["relative_mse"] += stats["relative_mse"]
-                agg["n"] += 1
-        return {k: {"cosine_min": v["cosine_min"], "relative_mse": v["relative_mse"] / v["n"]} for k, v in out.items()}
+        """Worst-case cosine and sample-weighted relative MSE per level over the shards written in this run (as
+        ``apmpipe info`` combines shards)."""
+        return level_fidelity((r.images, r.fidelity) for r in self.results if r.status == "done")
 
     @property
     def pixel_psnr(self) -> float | None:
@@ -207,10 +202,10 @@ class _ShardJob:
 
 
 def teacher_for(config: ExtractConfig, teachers: TeacherPool | None = None) -> Teacher:
-    """The run's teacher, from ``teachers`` (built there once per configuration), else built now."""
-    return (teachers or TeacherPool()).get(
-        config.teacher, tuple(config.layers), config.final_norm, config.device, config.amp
-    )
+    """The run's teacher, from ``teachers`` (built there once per configuration), else built now. With
+    ``config.precision`` (decided by a driver) it autocasts only when that precision asks for it."""
+    amp = config.amp if config.precision is None else config.precision == AUTOCAST
+    return (teachers or TeacherPool()).get(config.teacher, tuple(config.layers), config.final_norm, config.device, amp)
 
 
 def _shard_batches(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]) -> ShardBatches:
@@ -223,10 +218,15 @@ def _loader(config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSourc
     return batch_loader(_shard_batches(config, teacher, shards), workers, teacher.device.type == "cuda")
 
 
-def _check_precision(cache: FeatureCache, teacher: Teacher) -> None:
-    """Refuse to add shards computed in another precision than the cache's complete ones (CPU float32 vs CUDA
-    bfloat16 autocast): readers would mix numerics silently."""
+def _check_precision(cache: FeatureCache, teacher: Teacher, decided: str | None) -> None:
+    """Refuse to add shards computed in another precision than the run's (``decided`` by its driver) or the
+    cache's complete ones (CPU float32 vs CUDA bfloat16 autocast): readers would mix numerics silently."""
     existing = cache.precision()
+    if decided and decided != teacher.precision:
+        raise CacheError(
+            f"this worker computes in {teacher.precision} (device {teacher.device.type}), the extraction into "
+            f"{redact_url(cache.url)!r} in {decided}; give every worker a GPU or extract with --no-amp"
+        )
     if existing and existing != teacher.precision:
         raise CacheError(
             f"cache {redact_url(cache.url)!r} holds shards computed in {existing}, this run computes in "
@@ -254,7 +254,7 @@ def extract_shards(
             f"teacher weights on this worker differ from cache {redact_url(config.out)!r}; give every "
             "worker the same --checkpoint / pretrained weights"
         )
-    _check_precision(cache, teacher)
+    _check_precision(cache, teacher, config.precision)
     sources = {s.name: s for s in shards}
     jobs: dict[str, _ShardJob] = {}
     finished: list[Future] = []
@@ -330,27 +330,36 @@ def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
     )
 
 
+def basis_inputs(shards: Sequence[ShardSource]) -> list[tuple[ShardSource, int]]:
+    """The inputs the ``--rank`` bases are fitted on, each with how many of its first images to take:
+    ``m = min(BASIS_INPUTS, n)`` of the ``n`` inputs spread evenly over the list (input ``i·n // m`` for ``i < m``),
+    ``BASIS_SAMPLES`` images split between them as evenly as can be (the first ``BASIS_SAMPLES % m`` take one more).
+    """
+    count = min(BASIS_INPUTS, len(shards))
+    share, extra = divmod(BASIS_SAMPLES, count)
+    return [(shards[i * len(shards) // count], share + (i < extra)) for i in range(count)]
+
+
 def _fit_bases(
     config: ExtractConfig, teacher: Teacher, shards: Sequence[ShardSource]
 ) -> tuple[list[TokenBasis], dict[str, Any]]:
-    """One PCA basis per level (``--rank`` components) of the teacher's tokens of the first images of up to
-    ``BASIS_INPUTS`` inputs spread evenly over ``shards``, ``BASIS_SAMPLES`` images in all: a function of the input
-    list alone (deterministic), cheap to read (the start of a few tars or folder blocks, no full pass), and less
-    biased than one input's images when inputs are sorted by class."""
-    chosen = list(shards)[:: -(-len(shards) // BASIS_INPUTS)][:BASIS_INPUTS]
-    per_input = -(-BASIS_SAMPLES // len(chosen))
+    """One PCA basis per level (``--rank`` components) of the teacher's tokens of the first images of the inputs
+    :func:`basis_inputs` names: a function of the input list alone (deterministic), cheap to read (the start of a
+    few tars or folder blocks, no full pass), and less biased than one input's images when inputs are sorted by
+    class. An input holding fewer images than its share gives what it holds."""
+    plan = basis_inputs(shards)
+    chosen = [shard for shard, _ in plan]
     fits = [BasisFit(level.dim) for level in teacher.levels]
     used = 0
-    for shard in chosen:
-        batches = _shard_batches(config, teacher, [shard])
+    for shard, wanted in plan:
         taken = 0
-        for record in batches:
-            pixels = record["pixels"][: per_input - taken]
+        for record in _shard_batches(config, teacher, [shard]):
+            pixels = record["pixels"][: wanted - taken]
             if len(pixels):
                 for fit, tokens in zip(fits, teacher.forward(pixels)[0], strict=True):
                     fit.add(tokens.float().cpu().numpy())
                 taken += len(pixels)
-            if taken >= per_input:
+            if taken >= wanted:
                 break
         used += taken
     if not used:
@@ -414,7 +423,7 @@ def extract(
     inputs = inputs or preflight(config)
     teachers = teachers or TeacherPool()
     teacher = teacher_for(config if driver_device is None else replace(config, device=driver_device), teachers)
-    with writer_lock(config.out):
+    with writer_lock(config.out, storage_options=config.storage_options):
         codec = config.codec or stored_codec(config.out, config.storage_options) or DEFAULT_CODEC
         config = replace(config, codec=codec)  # a rerun without --codec keeps the cache's
         cache = FeatureCache.create_or_open(

@@ -108,6 +108,7 @@ class ExtractConfig:
     folder_block: int = 1000
     device: str = "auto"
     amp: bool = True
+    precision: str | None = None  # set by a driver for its workers: every task computes so (None: --device/--amp)
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials; dask logs reprs
 
     RANGES: ClassVar[dict[str, Range]] = {

@@ -28,10 +28,15 @@ def loader_workers(requested: int, device_type: str) -> int:
     return max(1, min(8, cores - 1)) if device_type == "cuda" else 1
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun's environment; initialises the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     target = resolve_device(device)
     if target.type == "cuda" and world > 1:  # one GPU per rank

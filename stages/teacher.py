@@ -234,7 +234,7 @@ class Teacher:
     @property
     def precision(self) -> str:
         """How this teacher computes tokens (recorded per shard; readers refuse a mix)."""
-        return "bfloat16-autocast" if self.amp else "float32"
+        return AUTOCAST if self.amp else "float32"
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
@@ -358,6 +358,9 @@ class Teacher:
 # Random init seeds torch's global RNG, which is process-wide: two threads building at once (pools of a driver
 # and an in-process dask worker included) would get other weights. The lock guards that process state.
 _BUILD_LOCK = threading.Lock()
+
+
+AUTOCAST = "bfloat16-autocast"  # the precision of a CUDA teacher under --amp; else "float32"
 
 
 class TeacherPool:

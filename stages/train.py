@@ -37,6 +37,7 @@ from apmpipe.storage.errors import (
     Range,
     check_ranges,
 )
+from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.remote import route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, window_batches
@@ -47,7 +48,7 @@ from .augment import augment_generator, check_crop_scale, draw_views, parse_augm
 from .head import TeacherHead
 from .inputs import PixelNormalizer
 from .objectives import LossConfig, Losses, distillation_losses, gather_tokens, location_generator, sample_locations
-from .runtime import setup_distributed
+from .runtime import process_rank, setup_distributed
 
 _logger = logging.getLogger(__name__)
 
@@ -619,9 +620,22 @@ def train(
 ) -> TrainSummary:
     """Train (or resume) a student on ``config.caches``; returns what the CLI summarises.
 
-    ``on_resume(step, total)`` is called when a checkpoint was loaded. ``stop_requested()`` returns the signal
-    that asks the run to stop (0: none): it then ends after a checkpoint, without exporting the student.
+    The rank that writes the run folder holds its writer lock throughout: a second run into the same ``--out`` is
+    refused, naming this one. ``on_resume(step, total)`` is called when a checkpoint was loaded.
+    ``stop_requested()`` returns the signal that asks the run to stop (0: none): it then ends after a checkpoint,
+    without exporting the student.
     """
+    with writer_lock(config.out, "train", config.storage_options) if process_rank() == 0 else nullcontext():
+        return _train(config, on_step, on_start, on_resume, stop_requested)
+
+
+def _train(
+    config: TrainConfig,
+    on_step: StepCallback | None,
+    on_start: Callable[[APM, int], None] | None,
+    on_resume: Callable[[int, int], None] | None,
+    stop_requested: Callable[[], int] | None,
+) -> TrainSummary:
     run = _set_up(config)
     if run.rank == 0:
         run.run_dir.remove_stale_temporaries()

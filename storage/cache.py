@@ -8,11 +8,9 @@ complete only after every array is written), opens and validates caches for read
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -24,6 +22,7 @@ from zarr.core.dtype import VariableLengthBytes
 from zarr.errors import UnstableSpecificationWarning
 
 from .errors import CacheError, ConfigError
+from .locks import lock_name
 from .lowrank import TokenBasis
 from .pixel_codecs import IMAGE_CHANNELS, IMAGE_CODECS, decode_images, encode_images
 from .redact import redact_url
@@ -35,7 +34,6 @@ SHARDS_GROUP = "shards"
 HEAD_GROUP = "teacher_head"
 MOMENTS_GROUP = "moments"
 BASES_GROUP = "bases"
-LOCK_FILE = ".apmpipe-extract.lock"  # not a zarr node; holds the writing process's pid
 
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
@@ -323,6 +321,13 @@ def _compressors(codec: str, float_tokens: bool) -> list:
     return [ZstdCodec(level=3)]
 
 
+def fixed_compressors() -> list:
+    """Compressors of the arrays ``--codec`` does not govern (keys, moments, bases, teacher head: a few bytes per
+    sample or per cache): zstd at level 0, which zstd reads as its default level (3). Named here rather than left to
+    zarr-python's defaults, which a zarr release could change."""
+    return [ZstdCodec(level=0)]
+
+
 def decode_without_thread_pools() -> None:
     """Make this process's zarr reads decode on one thread (zarr's codec pool sized to 1; zarr runs Blosc without
     threads already): for a DataLoader worker, one of a pool of processes that fills the cores. Call before the
@@ -344,52 +349,6 @@ def _zarr_storage_options(url: str, storage_options: dict | None) -> dict | None
     """``storage_options`` for a remote ``url``; None for a local one (zarr refuses options there, and one
     ``--storage-option`` set serves every URL of a command, e.g. a local cache and a run on S3)."""
     return None if _local_path(url) is not None else (storage_options or None)
-
-
-_LOCKED_HERE: set[str] = set()  # lock files this process holds: POSIX record locks never exclude their own process
-
-
-def _busy(url: str, command: str, holder: str) -> CacheError:
-    what = "cache" if command == "extract" else "--out"
-    return CacheError(
-        f"{what} {redact_url(url)!r} is being written by another apmpipe {command} (pid {holder}); wait for "
-        "it to finish or use another --out"
-    )
-
-
-@contextlib.contextmanager
-def writer_lock(url: str, command: str = "extract") -> Iterator[None]:
-    """Hold an exclusive lock on a local cache (or another folder ``apmpipe COMMAND`` writes) for one run, naming
-    the holder's pid in ``LOCK_FILE`` (``.apmpipe-COMMAND.lock`` for other commands).
-
-    A second run on the same cache is refused at once. It is a POSIX record lock (``lockf``): it belongs to this
-    process alone, so forked children (DataLoader workers) do not inherit it, and the kernel drops it the
-    moment the process dies: a rerun right after ``kill -9`` proceeds. Object-store caches have no lock: do not
-    run two drivers on them.
-    """
-    path = _local_path(url)
-    if path is None:
-        yield
-        return
-    os.makedirs(path, exist_ok=True)
-    lock_path = os.path.realpath(os.path.join(path, LOCK_FILE.replace("extract", command)))
-    if lock_path in _LOCKED_HERE:
-        raise _busy(url, command, f"{os.getpid()}, this process")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise _busy(url, command, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _LOCKED_HERE.add(lock_path)
-        try:
-            yield
-        finally:
-            _LOCKED_HERE.discard(lock_path)
-    finally:
-        os.close(fd)  # releases the lock
 
 
 _ITEM_DIMENSIONS = {"pixels": ("channel", "y", "x"), "labels": (), "keys": (), "logits": ("class",)}
@@ -519,7 +478,7 @@ def create_sample_array(
     else:
         chunks, shards = (spec.chunk_samples, *item_shape), (spec.shard_samples, *item_shape)
     compressors = (
-        "auto"
+        fixed_compressors()
         if dtype is str
         else []
         if isinstance(dtype, VariableLengthBytes)  # images are compressed already
@@ -637,6 +596,7 @@ class ShardWriter:
             self.group.create_array(
                 f"{MOMENTS_GROUP}/{level.array_name}",
                 data=np.stack([moments.sums, moments.squares]),
+                compressors=fixed_compressors(),
                 dimension_names=("moment", f"token_{level.layer}", f"feature_{level.layer}"),
             )
 
@@ -718,7 +678,7 @@ class FeatureCache:
                     f"{_short(now)}); use another --out or the same options"
                 )
             return cache
-        if fs.exists(path) and [p for p in fs.ls(path, detail=False) if not p.endswith(LOCK_FILE)]:
+        if fs.exists(path) and [p for p in fs.ls(path, detail=False) if not p.endswith(lock_name("extract"))]:
             raise CacheError(f"--out {url!r} exists and is not an apmpipe cache; choose a new path")
         attrs = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(), "sources": [], "classes": []}
         # "a" creates in place beside the lock file: "w" would delete the directory that writer_lock holds, "w-" wants
@@ -918,10 +878,16 @@ class FeatureCache:
             del self.root[BASES_GROUP]
         group = self.root.create_group(BASES_GROUP, attributes={"status": STATUS_WRITING, **attrs})
         for level, basis in zip(self.spec.levels, bases, strict=True):
-            group.create_array(f"{level.array_name}/mean", data=basis.mean, dimension_names=(f"feature_{level.layer}",))
+            group.create_array(
+                f"{level.array_name}/mean",
+                data=basis.mean,
+                compressors=fixed_compressors(),
+                dimension_names=(f"feature_{level.layer}",),
+            )
             group.create_array(
                 f"{level.array_name}/components",
                 data=basis.components,
+                compressors=fixed_compressors(),
                 dimension_names=(f"component_{level.layer}", f"feature_{level.layer}"),
             )
         group.update_attributes({"status": STATUS_COMPLETE})
@@ -953,7 +919,12 @@ class FeatureCache:
         group = self.root.create_group(HEAD_GROUP, attributes={"status": STATUS_WRITING, **attrs})
         for name, value in tensors.items():
             value = np.ascontiguousarray(value, dtype=np.float32)
-            group.create_array(name, data=value, dimension_names=tuple(f"{name}_{axis}" for axis in range(value.ndim)))
+            group.create_array(
+                name,
+                data=value,
+                compressors=fixed_compressors(),
+                dimension_names=tuple(f"{name}_{axis}" for axis in range(value.ndim)),
+            )
         group.update_attributes({"status": STATUS_COMPLETE})
 
     def head(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
@@ -986,27 +957,16 @@ class FeatureCache:
 
     def recorded_fidelity(self, records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Fidelity recorded by extraction over the complete shards of ``records`` (shard attributes; default: read
-        now): per level the worst ``cosine_min`` and the sample-weighted ``relative_mse``; ``pixels``: the worst
-        ``psnr_db`` (JPEG)."""
+        now): per level as :func:`level_fidelity` combines it; ``pixels``: the worst ``psnr_db`` (JPEG)."""
         records = self.shard_attrs() if records is None else records
-        levels: dict[str, dict[str, float]] = {}
-        psnr = []
-        for name, attrs in records.items():
-            if attrs.get("status") != STATUS_COMPLETE:
-                continue
-            count, stats = self._num_samples(name, attrs), attrs.get("stats") or {}
-            for layer, found in (stats.get("fidelity") or {}).items():
-                agg = levels.setdefault(layer, {"cosine_min": 1.0, "relative_mse": 0.0, "samples": 0})
-                agg["cosine_min"] = min(agg["cosine_min"], found["cosine_min"])
-                agg["relative_mse"] += found["relative_mse"] * count
-                agg["samples"] += count
-            if "psnr_db" in (stats.get("pixel_fidelity") or {}):
-                psnr.append(stats["pixel_fidelity"]["psnr_db"])
-        out: dict[str, Any] = {
-            layer: {**agg, "relative_mse": agg["relative_mse"] / max(agg["samples"], 1)}
-            for layer, agg in levels.items()
-        }
-        return {"levels": out, "pixels": {"psnr_db": min(psnr)} if psnr else {}}
+        complete = {n: a for n, a in records.items() if a.get("status") == STATUS_COMPLETE}
+        shards = [(self._num_samples(n, a), (a.get("stats") or {}).get("fidelity") or {}) for n, a in complete.items()]
+        psnr = [
+            a["stats"]["pixel_fidelity"]["psnr_db"]
+            for a in complete.values()
+            if "psnr_db" in ((a.get("stats") or {}).get("pixel_fidelity") or {})
+        ]
+        return {"levels": level_fidelity(shards), "pixels": {"psnr_db": min(psnr)} if psnr else {}}
 
     def describe(self, sizes: bool = False) -> dict[str, Any]:
         """Counts, precision and problems of this cache from one listing of shard attributes, for ``apmpipe info``.
@@ -1077,6 +1037,21 @@ class FeatureCache:
                     factor = max(1.0, group[array].chunks[0] / self.spec.chunk_samples)
                     out[array] = out.get(array, 0.0) + factor * count / total
         return out
+
+
+def level_fidelity(shards: Iterable[tuple[int, dict[str, dict[str, float]]]]) -> dict[str, dict[str, float]]:
+    """Per level, the fidelity of several shards from each one's ``(samples, stats.fidelity)``: the worst
+    ``cosine_min`` and the sample-weighted ``relative_mse`` (what ``info`` and the extract summary both show)."""
+    levels: dict[str, dict[str, float]] = {}
+    for count, fidelity in shards:
+        for layer, found in fidelity.items():
+            agg = levels.setdefault(layer, {"cosine_min": 1.0, "relative_mse": 0.0, "samples": 0})
+            agg["cosine_min"] = min(agg["cosine_min"], found["cosine_min"])
+            agg["relative_mse"] += found["relative_mse"] * count
+            agg["samples"] += count
+    return {
+        layer: {**agg, "relative_mse": agg["relative_mse"] / max(agg["samples"], 1)} for layer, agg in levels.items()
+    }
 
 
 def _no_cache_message(url: str) -> str:

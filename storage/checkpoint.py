@@ -8,6 +8,7 @@ Layout of a run directory (a local folder or any fsspec URL: ``s3://bucket/run``
     checkpoints/step-00000500/  model.safetensors + state.pt (optimizer, scheduler, step, loader position, RNG)
     checkpoints/latest          name of the newest complete checkpoint (what a resume reads)
     student.safetensors         final weights; metadata holds the student and cache-layout JSON
+    .apmpipe-train.lock         the running train's writer lock (:mod:`.locks`)
 
 ``latest`` publishes a checkpoint: nothing reads a checkpoint folder that ``latest`` does not name, so a killed
 save never leaves a run that cannot resume.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -51,6 +53,7 @@ from .redact import redact_url
 KEEP_CHECKPOINTS = 2
 STUDENT_FILE = "student.safetensors"
 CHECKPOINT_FILES = ("model.safetensors", "state.pt")
+_logger = logging.getLogger(__name__)
 _STEP = re.compile(r"step-(\d+)(-[0-9a-f]+)?")  # local: step-00000500; object stores add -<random>
 
 
@@ -229,8 +232,22 @@ class RunDir:
             self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The logged records. A torn last line (a kill or a full disk during an append) is dropped with a warning;
+        a resumed run then rewrites the file without it."""
         data = self._read("metrics.jsonl")
-        return [json.loads(line) for line in data.decode().splitlines() if line] if data else []
+        lines = [line for line in data.decode(errors="replace").splitlines() if line] if data else []
+        where = redact_url(f"{self.url.rstrip('/')}/metrics.jsonl")
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ModelError(f"line {number} of {where} is not JSON; delete that line and rerun") from None
+                _logger.warning(
+                    "dropped the torn last line of %s (%d characters, written by a killed run)", where, len(line)
+                )
+        return records
 
     def write_text(self, name: str, text: str) -> None:
         self._write(name, text.encode())

@@ -6,6 +6,7 @@ Layout (clip-retrieval's: one folder per kind of array, one file per part)::
     manifest.json
     emb_layer{L}/{part}.npy      global feature of each image at the level of teacher layer L   [N, F]
     tokens_layer{L}/{part}.npy   (--tokens) the student's predicted token grid at that level    [N, T, D]
+                                 (written batch by batch: see RowFile)
     logits/{part}.npy            (with a teacher head) teacher-head logits of the last level    [N, K] float32
     metadata/{part}.parquet      key, label, part, row, source (+ topk_classes, topk_probs with a head)
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,48 @@ def feature_folder(layer: int) -> str:
     return f"emb_layer{layer}"
 
 
+TOKENS_PREFIX = "tokens_layer"  # folders of token grids: parts write them in pieces (RowFile)
+
+
 def tokens_folder(layer: int) -> str:
     """Folder of the predicted token grids of the level read off teacher layer ``layer``."""
-    return f"tokens_layer{layer}"
+    return f"{TOKENS_PREFIX}{layer}"
+
+
+NPY_HEADER_BYTES = 128  # a streamed .npy's header, written last: magic, version, length, dict, space padding
+
+
+class RowFile:
+    """One ``.npy`` of a part written in pieces under its temporary name: rows are appended batch by batch (only
+    the batch in memory), the header with the final row count is written at :meth:`close`. ``np.load`` reads it as
+    any ``.npy`` (format 1.0, its header padded to ``NPY_HEADER_BYTES``)."""
+
+    def __init__(self, tmp: Path, dtype: np.dtype, item_shape: tuple[int, ...]) -> None:
+        self.tmp, self.dtype, self.item_shape, self.rows = tmp, np.dtype(dtype), tuple(item_shape), 0
+        tmp.parent.mkdir(exist_ok=True)
+        self._handle = tmp.open("wb")
+        self._handle.write(bytes(NPY_HEADER_BYTES))
+
+    def append(self, rows: np.ndarray) -> None:
+        assert rows.shape[1:] == self.item_shape, (rows.shape, self.item_shape)
+        self._handle.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        """Write the header, flush and fsync (the file keeps its temporary name)."""
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
+        text = repr({**header, "shape": (self.rows, *self.item_shape)})
+        magic = np.lib.format.magic(1, 0)
+        body = text.ljust(NPY_HEADER_BYTES - len(magic) - 2 - 1) + "\n"
+        self._handle.seek(0)
+        self._handle.write(magic + len(body).to_bytes(2, "little") + body.encode("latin1"))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+
+    def discard(self) -> None:
+        self._handle.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -55,14 +95,17 @@ class Part:
     """One part's outputs, row ``i`` of each array being sample ``i``.
 
     Args:
-        arrays: folder name -> array (``emb_layer*``, ``tokens_layer*``, ``logits``).
+        arrays: folder name -> array (``emb_layer*``, ``logits``; ``tokens_layer*`` unless streamed).
         topk: the teacher head's top-k class indices and probabilities ``[N, k]`` each, or None.
+        streamed: folder name -> the part's file written in pieces (``tokens_layer*``, see
+            :meth:`EmbeddingStore.row_file`).
     """
 
     keys: list[str]
     labels: np.ndarray
     arrays: dict[str, np.ndarray]
     topk: tuple[np.ndarray, np.ndarray] | None = None
+    streamed: dict[str, RowFile] = field(default_factory=dict)
 
     def table(self, name: str, source: str) -> pa.Table:
         count = len(self.keys)
@@ -158,17 +201,30 @@ class EmbeddingStore:
         """Complete parts: name -> the fingerprint of the input it was made from (redacted)."""
         return {name: record["fingerprint"] for name, record in self.manifest["parts"].items()}
 
+    def _tmp(self, relative: str) -> Path:
+        final = self.path / relative
+        return final.with_name(f".{final.name}{TMP_SUFFIX}")
+
+    def row_file(self, folder: str, name: str, dtype: np.dtype, item_shape: tuple[int, ...]) -> RowFile:
+        """Part ``name``'s file of ``folder`` to write in pieces (passed to :meth:`write_part` in ``Part.streamed``)."""
+        return RowFile(self._tmp(f"{folder}/{name}.npy"), dtype, item_shape)
+
     def write_part(
         self, name: str, source: str, fingerprint: str, part: Part, skipped: Sequence[tuple[str, str]]
     ) -> None:
-        """Write every file of a part under a temporary name, rename them into place, then record the part."""
+        """Write every file of a part under a temporary name (streamed ones are closed), rename them into place,
+        then record the part."""
         files = {f"{folder}/{name}.npy": array for folder, array in part.arrays.items()}
         files[f"{METADATA}/{name}.parquet"] = part.table(name, redact_url(source))
         written = []
+        for folder, streamed in part.streamed.items():
+            assert streamed.rows == len(part.keys), (folder, streamed.rows, len(part.keys))
+            streamed.close()
+            written.append((streamed.tmp, self.path / folder / f"{name}.npy"))
         for relative, content in files.items():
             final = self.path / relative
             final.parent.mkdir(exist_ok=True)
-            tmp = final.with_name(f".{final.name}{TMP_SUFFIX}")
+            tmp = self._tmp(relative)
             with tmp.open("wb") as handle:
                 if isinstance(content, pa.Table):
                     pq.write_table(content, handle)

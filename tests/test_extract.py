@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from apmpipe.pipeline.datasets import digit_images, write_digit_shards
-from apmpipe.storage.cache import writer_lock
+from apmpipe.storage.locks import writer_lock
 
 from .conftest import FAST, TINY_VIT, kill_midway, run_cli, run_main, run_subprocess
 

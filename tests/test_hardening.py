@@ -492,7 +492,7 @@ def test_lock_message_names_the_holder(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "from apmpipe.storage.cache import writer_lock\nwith "
+            "from apmpipe.storage.locks import writer_lock\nwith "
             f"writer_lock({str(tmp_path / 'c.zarr')!r}):\n print('held', flush=True)\n input()",
         ],
         stdin=subprocess.PIPE,
@@ -500,8 +500,8 @@ def test_lock_message_names_the_holder(tmp_path: Path) -> None:
         text=True,
     )
     assert holder.stdout.readline().strip() == "held"
-    from apmpipe.storage.cache import writer_lock
     from apmpipe.storage.errors import CacheError
+    from apmpipe.storage.locks import writer_lock
 
     with pytest.raises(CacheError, match=f"another apmpipe extract \\(pid {holder.pid}\\)"):
         with writer_lock(str(tmp_path / "c.zarr")):
