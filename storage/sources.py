@@ -30,11 +30,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .redact import redact_url
+from .redact import PIPE, TAR_SUFFIXES, redact_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-PIPE = "pipe:"  # WebDataset's URL for a shell command that writes a tar shard to stdout
 NO_LABEL = -1
 DEFAULT_MAX_PIXELS = 64_000_000  # decoded pixels per image (a 8000 x 8000 photo); larger images are skipped
 
