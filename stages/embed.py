@@ -34,7 +34,8 @@ from apmpipe.storage.embeddings import (
     tokens_folder,
 )
 from apmpipe.storage.errors import ApmError, ConfigError, ModelError, require_at_least
-from apmpipe.storage.redact import redact_url
+from apmpipe.storage.redact import HIDDEN, redact_url
+from apmpipe.storage.remote import absolute_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ShardSource, done_shards
 
 from .apm import APM
@@ -84,6 +85,8 @@ class EmbedConfig:
         require_at_least(self, ("batch_size", "chunk", "topk", "folder_block", "max_pixels"), 1)
         require_at_least(self, ("loader_workers",), -1)
         EmbeddingStore.check_out(self.out)
+        if self.head_cache is not None:  # one record of one cache from any working directory
+            object.__setattr__(self, "head_cache", absolute_url(self.head_cache))
 
     @classmethod
     def from_options(
@@ -108,8 +111,10 @@ class EmbedConfig:
         )
 
     def recorded_options(self) -> dict[str, Any]:
-        """The options that decide what is written (the manifest's ``options``)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in RUNTIME_OPTIONS}
+        """The options that decide what is written (the manifest's ``options``; URLs redacted)."""
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        options["head_cache"] = redact_url(self.head_cache) if self.head_cache else None
+        return {k: v for k, v in options.items() if k not in RUNTIME_OPTIONS}
 
 
 @dataclass
@@ -164,6 +169,9 @@ def _find_head(config: EmbedConfig, metadata: dict[str, Any], device: torch.devi
     candidates = [config.head_cache] if config.head_cache else list(metadata.get("train_config", {}).get("caches", []))
     reasons = []
     for url in candidates:
+        if HIDDEN in url:  # recorded redacted: the run cannot name it
+            reasons.append(f"training cache {url!r} is recorded without its credentials; pass --head-cache")
+            continue
         try:
             cache = FeatureCache.open(url, storage_options=config.storage_options)
             problem = _head_problem(cache, metadata["layout"])

@@ -29,7 +29,7 @@ from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import RunDir
 from apmpipe.storage.errors import CacheError, ConfigError, ModelError, require_at_least
 from apmpipe.storage.redact import redact_url
-from apmpipe.storage.remote import route_storage_options
+from apmpipe.storage.remote import absolute_url, route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, window_batches
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
@@ -99,11 +99,16 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-minutes must be 0 (off) or more, got {self.checkpoint_minutes}")
         if self.tensorboard_dir is not None and not self.tensorboard:
             raise ConfigError("--tensorboard-dir needs --tensorboard")
+        object.__setattr__(self, "caches", tuple(absolute_url(url) for url in self.caches))  # embed finds them
         object.__setattr__(self, "augment", parse_augments(self.augment))
         check_crop_scale(self.crop_scale)
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as ``config.toml``, checkpoints and the student record them (URLs redacted)."""
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        out.update(caches=[redact_url(url) for url in self.caches], out=redact_url(self.out))
+        if self.tensorboard_dir is not None:
+            out["tensorboard_dir"] = redact_url(self.tensorboard_dir)
         return {k: v for k, v in out.items() if v is not None and k != "storage_options"}
 
     @classmethod
