@@ -13,7 +13,6 @@ complete parts and refuses other options.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from apmpipe.storage.embeddings import (
     tokens_folder,
 )
 from apmpipe.storage.errors import ApmError, ConfigError, ModelError, require_at_least
-from apmpipe.storage.redact import HIDDEN, redact_url
+from apmpipe.storage.redact import HIDDEN, redact_fields, redact_url
 from apmpipe.storage.remote import absolute_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ShardSource, done_shards
 
@@ -113,8 +112,7 @@ class EmbedConfig:
     def recorded_options(self) -> dict[str, Any]:
         """The options that decide what is written (the manifest's ``options``; URLs redacted)."""
         options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        options["head_cache"] = redact_url(self.head_cache) if self.head_cache else None
-        return {k: v for k, v in options.items() if k not in RUNTIME_OPTIONS}
+        return {k: v for k, v in redact_fields(options, ("head_cache",)).items() if k not in RUNTIME_OPTIONS}
 
 
 @dataclass
@@ -282,7 +280,7 @@ def embed(config: EmbedConfig, progress: EmbedProgress | None = None) -> EmbedSu
     embedder = _Embedder(config, model, layout, head, device)
     header = {
         "student": {
-            "path": redact_url(config.student) if "://" in config.student else os.path.abspath(config.student),
+            "path": redact_url(absolute_url(config.student)),
             "sha256": student_digest(config.student, config.storage_options),
             "step": metadata.get("step"),
             "teacher": layout["teacher"].get("name"),
@@ -294,7 +292,7 @@ def embed(config: EmbedConfig, progress: EmbedProgress | None = None) -> EmbedSu
     }
     with writer_lock(config.out, "embed"):
         store = EmbeddingStore.create_or_open(config.out, header)
-        done = done_shards(inputs.shards, store.done(), f"--out {config.out!r}")
+        done = done_shards(inputs.shards, store.done(), f"--out {redact_url(config.out)!r}")
         todo = [s for s in inputs.shards if s.name not in done]
         results = [ShardResult(s.name, "skipped") for s in inputs.shards if s.name in done]
         if progress is not None:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import RunDir
 from apmpipe.storage.errors import CacheError, ConfigError, ModelError, require_at_least
-from apmpipe.storage.redact import redact_url
+from apmpipe.storage.redact import redact_fields, redact_url
 from apmpipe.storage.remote import absolute_url, route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, window_batches
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
@@ -106,9 +106,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The options as ``config.toml``, checkpoints and the student record them (URLs redacted)."""
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-        out.update(caches=[redact_url(url) for url in self.caches], out=redact_url(self.out))
-        if self.tensorboard_dir is not None:
-            out["tensorboard_dir"] = redact_url(self.tensorboard_dir)
+        out = redact_fields(out, ("caches", "out", "tensorboard_dir"))
         return {k: v for k, v in out.items() if v is not None and k != "storage_options"}
 
     @classmethod

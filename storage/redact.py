@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Collection, Iterable
+from typing import Any
 
 HIDDEN = "***"
 SECRET_PARAMS = ("signature", "credential", "token", "secret", "password", "key", "sig", "auth", "session")
@@ -96,3 +98,21 @@ def redact_url(url: str) -> str:
     if url.startswith(PIPE):
         return PIPE + _command(url[len(PIPE) :])
     return "::".join(_one_url(part) for part in url.split("::"))
+
+
+def redact_fields(options: dict[str, Any], names: Collection[str]) -> dict[str, Any]:
+    """``options`` (a config's record) with the URLs under ``names`` (a string or a list of them) redacted."""
+
+    def shown(value: Any) -> Any:
+        if isinstance(value, str):
+            return redact_url(value)
+        return [redact_url(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return {k: shown(v) if k in names else v for k, v in options.items()}
+
+
+def redact_in(text: str, urls: Iterable[str]) -> str:
+    """``text`` (e.g. an exception's message) with each of ``urls`` in it redacted."""
+    for url in urls:
+        text = text.replace(url, redact_url(url))
+    return text

@@ -159,7 +159,9 @@ def _folder_blocks(
 ) -> tuple[list[ShardSource], list[str]]:
     classes = sorted(_stem(d) for d in fs.ls(root, detail=False) if fs.isdir(d))
     if not classes:
-        raise InputError(f"folder {url!r} has neither tar shards nor class sub-folders (root/<class>/<image>)")
+        raise InputError(
+            f"folder {redact_url(url)!r} has neither tar shards nor class sub-folders (root/<class>/<image>)"
+        )
     files: list[tuple[str, int]] = []
     for index, name in enumerate(classes):
         for path in sorted(fs.find(f"{root.rstrip('/')}/{name}")):
@@ -167,7 +169,7 @@ def _folder_blocks(
                 files.append((path[len(root.rstrip("/")) + 1 :], index))
     if not files:
         raise InputError(
-            f"folder {url!r} has class folders but no images with extensions {', '.join(IMAGE_EXTENSIONS)}"
+            f"folder {redact_url(url)!r} has class folders but no images with extensions {', '.join(IMAGE_EXTENSIONS)}"
         )
     stem = _safe_name(_stem(root))
     blocks = [
@@ -224,7 +226,7 @@ def resolve_inputs(
                 blocks, names = _folder_blocks(fs, path, url, folder_block)
                 if classes and names != classes:
                     raise InputError(
-                        f"image folder {url!r} has classes {names[:5]}... unlike an earlier folder; "
+                        f"image folder {redact_url(url)!r} has classes {names[:5]}... unlike an earlier folder; "
                         "extract them into separate caches"
                     )
                 classes = names
@@ -232,7 +234,9 @@ def resolve_inputs(
             elif _is_tar(path):
                 shards.append(ShardSource(name=_safe_name(_stem(path)), url=url))
             else:
-                raise InputError(f"input {url!r} is neither a tar shard ({', '.join(TAR_SUFFIXES)}) nor a folder")
+                raise InputError(
+                    f"input {redact_url(url)!r} is neither a tar shard ({', '.join(TAR_SUFFIXES)}) nor a folder"
+                )
     return ResolvedInputs(shards=tuple(_unique(shards)), classes=tuple(classes))
 
 
