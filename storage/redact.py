@@ -112,7 +112,12 @@ def redact_fields(options: dict[str, Any], names: Collection[str]) -> dict[str, 
 
 
 def redact_in(text: str, urls: Iterable[str]) -> str:
-    """``text`` (e.g. an exception's message) with each of ``urls`` in it redacted."""
+    """``text`` (e.g. an exception's message) with each of ``urls`` in it redacted: as given or quoted by ``repr``,
+    and a ``pipe:`` command also without its prefix (as the failed command is quoted)."""
     for url in urls:
-        text = text.replace(url, redact_url(url))
+        spellings = [url, url[len(PIPE) :]] if url.startswith(PIPE) else [url]
+        for spelling in spellings:
+            shown = redact_url(spelling) if spelling == url else _command(spelling)
+            for form, form_shown in ((spelling, shown), (repr(spelling)[1:-1], repr(shown)[1:-1])):
+                text = text.replace(form, form_shown)
     return text

@@ -3,9 +3,17 @@ extract -> train -> eval -> embed -> info -> verify -> islands session writes or
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
 import pytest
 
-from apmpipe.storage.redact import redact_url
+from apmpipe.storage.redact import redact_in, redact_url
+
+from .conftest import FAST, TINY_VIT, TRAIN_FAST, run_main
 
 SECRET = "wJal/K7MDENG+bPxRfiCY"
 
@@ -74,3 +82,83 @@ def test_redact_is_stable_so_stored_fingerprints_compare_equal() -> None:
     first = redact_url('pipe:curl -H "Authorization: Bearer OLD" https://host/x.tar')
     assert first == redact_url('pipe:curl -H "Authorization: Bearer NEW" https://host/x.tar')
     assert redact_url(first) == first
+
+
+def test_redact_in_hides_a_failed_command_quoted_in_an_error() -> None:
+    command = 'pipe:curl -H "Authorization: Bearer T0KEN" https://host/x.tar'
+    error = f"IOError: ({command[5:]!r}, {{'shell': True}}): exit 22; while reading {command}"
+    shown = redact_in(error, [command])
+    assert "T0KEN" not in shown and "curl *** https://host/x.tar" in shown and shown.startswith("IOError: (")
+
+
+# -- a whole session on inputs and caches named with credentials ---------------------------------------------
+TOKEN = "tok-S3CR3T-e2e"
+
+
+def _leaks(text: str) -> bool:
+    """Whether ``text`` shows the token, also where a terminal table folded it over two lines."""
+    folded = re.sub(r"[\s\u2500-\u257f|]", "", text)
+    return TOKEN in text or TOKEN in folded
+
+
+def _written_with_token(root: Path) -> list[str]:
+    """Files under ``root`` that hold the token: raw bytes, and parquet files' decoded rows."""
+    leaked = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        text = path.read_bytes().decode("latin-1")
+        if path.suffix == ".parquet":
+            text += json.dumps(pq.read_table(path).to_pylist(), default=str)
+        if TOKEN in text:
+            leaked.append(str(path.relative_to(root)))
+    return leaked
+
+
+def test_no_credential_in_any_file_written_or_line_printed(
+    tmp_path: Path, digit_shards: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    """extract -> train (and --resume) -> eval -> embed -> info -> verify -> islands, reruns and refusals included,
+    on a ``pipe:`` input carrying a fake bearer token and a folder, caches and run whose path holds ``user:TOKEN@``;
+    every command still works (reruns recognise their own shards and parts) and the token shows nowhere."""
+    base = tmp_path / f"user:{TOKEN}@store"
+    (base / "shards").mkdir(parents=True)
+    shutil.copy(digit_shards[1], base / "shards")
+    inputs = [
+        f'pipe:env "AUTHORIZATION=Bearer {TOKEN}" cat {digit_shards[0]}',
+        str(base / "shards"),
+        f'pipe:env "AUTHORIZATION=Bearer {TOKEN}" cat {tmp_path}/missing/digits-0009.tar',  # fails alone
+    ]
+    cache, run, emb = base / "train.zarr", base / "run", base / "emb"
+    extract = ["extract", *inputs, "--out", cache, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST]
+    train = ["train", cache, "--out", run, *TRAIN_FAST, "--max-steps", "2"]
+    embed = ["embed", *inputs[:2], "--student", run, "--out", emb, "--head-cache", cache, "--loader-workers", "0"]
+    printed = []
+
+    def step(*args: object, code: int = 0) -> str:
+        outcome = run_main(capsys, *map(str, args))
+        printed.append(outcome.stdout + outcome.stderr)
+        assert outcome.returncode == code, outcome.stdout + outcome.stderr
+        return outcome.stdout + outcome.stderr
+
+    assert "2 done" in step(*extract, code=1)  # the missing tar fails, the others are written
+    assert "2 already complete" in step(*extract[:3], *extract[4:], code=0)  # a rerun recognises its shards
+    step(*extract[:3], *extract[4:], "--dtype", "float16", code=2)  # a refusal naming the cache
+    step(*train)
+    step(*train, code=2)  # already holds a run: a refusal naming it
+    step(*train, "--resume")  # the redacted record still matches
+    step("eval", cache, "--student", run, "--train-cache", cache, "--max-samples", "24", "--batch-size", "8")
+    assert "2 done" in step(*embed)
+    assert "2 already complete" in step(*embed)  # a rerun recognises its parts and head
+    step("embed", *inputs[:2], "--student", run, "--out", base / "emb-default", "--loader-workers", "0")
+    step("info", cache)
+    step("info", cache, "--json")
+    step("verify", cache, "--samples", "2")
+    step("islands", cache, "--student", run, "--out", base / "islands.png", "--images", "2")
+    step("eval", base / "none.zarr", "--student", run, code=2)
+
+    from apmpipe.pipeline.cli import resume_command
+    from apmpipe.stages.train import TrainConfig
+
+    printed.append(resume_command(TrainConfig(caches=(str(cache),), out=str(run))))
+    assert "***@store" in printed[-1]
+    assert [text for text in printed if _leaks(text)] == []
+    assert _written_with_token(tmp_path) == []
