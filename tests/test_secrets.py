@@ -84,6 +84,14 @@ def test_redact_is_stable_so_stored_fingerprints_compare_equal() -> None:
     assert redact_url(first) == first
 
 
+def test_shards_recorded_by_an_older_redaction_still_count_as_done() -> None:
+    from apmpipe.storage.sources import ShardSource, done_shards
+
+    command = 'pipe:curl -H "Authorization: Bearer T0KEN" https://host/x.tar'
+    shard = ShardSource(name="x", url=command)
+    assert done_shards([shard], {"x": command}, "cache") == {"x"}  # stored whole before pipe: was redacted
+
+
 def test_redact_in_hides_a_failed_command_quoted_in_an_error() -> None:
     command = 'pipe:curl -H "Authorization: Bearer T0KEN" https://host/x.tar'
     error = f"IOError: ({command[5:]!r}, {{'shell': True}}): exit 22; while reading {command}"
