@@ -168,5 +168,7 @@ def test_no_credential_in_any_file_written_or_line_printed(
 
     printed.append(resume_command(TrainConfig(caches=(str(cache),), out=str(run))))
     assert "***@store" in printed[-1]
+    head = json.loads((emb / "manifest.json").read_text())["head"]
+    assert head["cache"] == str(cache).replace(f"user:{TOKEN}", "***")  # found, and recorded redacted
     assert [text for text in printed if _leaks(text)] == []
     assert _written_with_token(tmp_path) == []
