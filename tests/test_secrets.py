@@ -14,6 +14,7 @@ import pytest
 from apmpipe.storage.redact import redact_in, redact_url
 
 from .conftest import FAST, TINY_VIT, TRAIN_FAST, run_main
+from .test_scale import s3_endpoint  # noqa: F401 (the moto S3 server fixture)
 
 SECRET = "wJal/K7MDENG+bPxRfiCY"
 
@@ -171,4 +172,38 @@ def test_no_credential_in_any_file_written_or_line_printed(
     head = json.loads((emb / "manifest.json").read_text())["head"]
     assert head["cache"] == str(cache).replace(f"user:{TOKEN}", "***")  # found, and recorded redacted
     assert [text for text in printed if _leaks(text)] == []
+    assert _written_with_token(tmp_path) == []
+
+
+def test_no_credential_on_an_object_store(
+    tmp_path: Path,
+    s3_endpoint: str,  # noqa: F811 (the fixture imported above)
+    digit_shards: list[str],
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The same on S3 (moto's server): the secret key of ``--storage-option`` and the pipe's token are in no object
+    and no printed line, and embed finds the head through the run's recorded (unredacted: no credential) cache URL."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key="AKIAEXAMPLE", secret=TOKEN, client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("secret-bucket")
+    opts = [f"--storage-option={p}" for p in (f"endpoint_url={s3_endpoint}", "key=AKIAEXAMPLE", f"secret={TOKEN}")]
+    source = f'pipe:env "AUTHORIZATION=Bearer {TOKEN}" cat {digit_shards[0]}'
+    cache, run, emb = "s3://secret-bucket/cache.zarr", "s3://secret-bucket/run", tmp_path / "emb"
+    commands = [
+        ["extract", source, "--out", cache, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32", *FAST],
+        ["train", cache, "--out", run, *TRAIN_FAST, "--max-steps", "2"],
+        ["eval", cache, "--student", run, "--max-samples", "16", "--batch-size", "8"],
+        ["embed", source, "--student", run, "--out", emb, "--loader-workers", "0"],
+        ["info", cache, "--json"],
+        ["verify", cache, "--samples", "2"],
+    ]
+    printed = []
+    for command in commands:
+        outcome = run_main(capsys, *map(str, command), *opts)
+        assert outcome.returncode == 0, outcome.stdout + outcome.stderr
+        printed.append(outcome.stdout + outcome.stderr)
+    assert json.loads((emb / "manifest.json").read_text())["head"]["cache"] == cache
+    assert [text for text in printed if _leaks(text)] == []
+    assert [key for key in fs.find("secret-bucket") if TOKEN.encode() in fs.cat_file(key)] == []
     assert _written_with_token(tmp_path) == []
