@@ -22,6 +22,7 @@ import torch
 from apmpipe.stages.extract import ExtractConfig, extract, extract_shards, loader_workers, teacher_for
 from apmpipe.stages.teacher import TeacherPool
 from apmpipe.storage.batches import ShardBatches
+from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import resolve_inputs
 
 from .datasets import write_digit_shards
@@ -572,7 +573,6 @@ def bench_codecs(url: str, samples: int, storage_options: dict | None = None) ->
     read back one block at a time as a loader thread reads it, side by side."""
     from apmpipe.storage.cache import CODECS, DEFAULT_CODEC, FeatureCache
     from apmpipe.storage.codec_trial import CodecTrial, trial_arrays, trial_samples
-    from apmpipe.storage.redact import redact_url
 
     cache = FeatureCache.open(url, storage_options=storage_options)
     shard, count = trial_samples(cache, samples)
@@ -728,7 +728,8 @@ def bench_augment(
     from .demo import prepare_digit_caches
 
     if cache:
-        return f"the teacher that made {cache} (rebuilt from the cache)", augment_fidelity(cache, seed, crop_scale)
+        made = f"the teacher that made {redact_url(cache)} (rebuilt from the cache)"
+        return made, augment_fidelity(cache, seed, crop_scale)
     data = prepare_digit_caches(workdir, ReferenceRecipe(seed=seed), seed)
     teacher = f"{data.teacher['folder']}: val top-1 {data.teacher['val_top1']:.3f} ({data.teacher['data']})"
     return teacher, augment_fidelity(data.val, seed, crop_scale)
@@ -752,7 +753,9 @@ def augment_fidelity(url: str, seed: int = 0, crop_scale: tuple[float, float] = 
     layers = tuple(level.layer for level in spec.levels)
     stored = cache.head()
     if stored is None:
-        raise CacheError(f"cache {url!r} stores no teacher head; bench augment needs a teacher with a classifier")
+        raise CacheError(
+            f"cache {redact_url(url)!r} stores no teacher head; bench augment needs a teacher with a classifier"
+        )
     teacher, head, prefix = rebuild_teacher(cache, device="cpu"), TeacherHead(*stored), layout.prefix_tokens
     parts = {"patch": slice(prefix, None)} | ({"prefix": slice(0, prefix)} if prefix else {})
     values: dict[str, dict[str, list[torch.Tensor]]] = {"flip": defaultdict(list), "crop": defaultdict(list)}

@@ -572,8 +572,9 @@ def resume_command(config: Any) -> str:
     from apmpipe.stages.train import TrainConfig, flat_options
 
     default = flat_options(TrainConfig(caches=config.caches, out=config.out).to_dict())
-    parts = ["apmpipe train", *map(shlex.quote, config.caches), "--out", shlex.quote(config.out)]
-    for key, value in flat_options(config.to_dict()).items():
+    recorded = flat_options(config.to_dict())  # URLs redacted
+    parts = ["apmpipe train", *map(shlex.quote, recorded["caches"]), "--out", shlex.quote(recorded["out"])]
+    for key, value in recorded.items():
         flag = "--" + key.replace("_", "-")
         if key in ("caches", "out", "resume") or value == default.get(key):
             continue

@@ -14,6 +14,8 @@ from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
+from apmpipe.storage.redact import redact_url
+
 err_console = Console(stderr=True)
 out_console = Console()
 
@@ -117,7 +119,7 @@ class TrainProgress:
     def resumed(self, step: int, total: int, run_dir: str) -> None:
         """A checkpoint was loaded: say so, and start the bar at ``step``."""
         self._resumed = step
-        err_console.print(f"resuming from step {step} of {total} ({run_dir})", highlight=False)
+        err_console.print(f"resuming from step {step} of {total} ({redact_url(run_dir)})", highlight=False)
 
     def start(self, total: int) -> None:
         self._bar.start()

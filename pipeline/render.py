@@ -8,6 +8,8 @@ from typing import Any
 
 from rich.table import Table
 
+from apmpipe.storage.redact import redact_url
+
 from .console import err_console, human_bytes, out_console, shown
 
 
@@ -30,7 +32,7 @@ def extract_summary(summary: Any) -> None:
     """``apmpipe extract``: shards, images, bytes, throughput, head and recorded fidelity; skips and failures."""
     done = f"{summary.count('done')} done, {summary.count('skipped')} already complete"
     rows = [
-        ("cache", summary.cache),
+        ("cache", redact_url(summary.cache)),
         ("shards", f"{done}, {summary.count('failed')} failed"),
         ("images", f"{summary.images} written, {len(summary.skipped_samples)} samples skipped"),
         ("on disk", f"{human_bytes(summary.stored_bytes)} in the cache"),
@@ -64,7 +66,7 @@ def embed_summary(summary: Any) -> None:
     rate = summary.images / summary.seconds if summary.seconds else 0.0
     bare = summary.images / summary.student_seconds if summary.student_seconds else 0.0
     rows = [
-        ("out", summary.out),
+        ("out", redact_url(summary.out)),
         ("parts", f"{done}, {summary.count('failed')} failed"),
         ("images", f"{summary.images} embedded, {len(summary.skipped_samples)} samples skipped"),
         ("levels", ", ".join(f"layer {lv['layer']}: {lv['feature']}" for lv in summary.levels)),
@@ -183,7 +185,7 @@ def train_stopped(summary: Any, run_dir: str, resume: str) -> None:
     import signal
 
     name = signal.Signals(summary.stopped_by).name
-    checkpoints = f"{run_dir.rstrip('/')}/checkpoints"
+    checkpoints = f"{redact_url(run_dir).rstrip('/')}/checkpoints"
     err_console.print(
         f"{name}: stopped at step {summary.steps}; checkpoint saved in {checkpoints}", highlight=False, soft_wrap=True
     )
@@ -195,12 +197,12 @@ def train_summary(summary: Any, loss_plot: str) -> None:
     size = f"{summary.params / 1e6:.2f} M params, {summary.flops_per_image / 1e9:.3f} GFLOPs/image"
     rate = f"{summary.samples / summary.seconds:.1f} samples/s over {summary.seconds:.1f} s" if summary.seconds else "-"
     rows = [
-        ("run", summary.run_dir),
-        ("student", f"{summary.student} ({size})"),
+        ("run", redact_url(summary.run_dir)),
+        ("student", f"{redact_url(summary.student)} ({size})"),
         ("steps", f"{summary.steps} ({summary.epochs_done:.2f} epochs)"),
         ("loss", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}"),
         ("throughput", rate),
-        ("loss curve", str(loss_plot)),
+        ("loss curve", redact_url(str(loss_plot))),
     ]
     out_console.print(table("apmpipe train", rows))
 
@@ -254,7 +256,7 @@ def eval_report(report: dict[str, Any], json_path: str | Path) -> None:
     rows += [_classification_row(key, result) for key, result in report["classification"].items()]
     if "ttt" in report:
         rows += _ttt_rows(report["ttt"])
-    rows.append(("report", str(json_path)))
+    rows.append(("report", redact_url(str(json_path))))
     out_console.print(table("apmpipe eval", rows))
 
 
@@ -264,7 +266,7 @@ def islands_result(result: Any) -> None:
         _err_line(f"islands: {result.converted}")
     beside = ", student beside teacher" if result.with_teacher else ""
     size = f"{result.width}x{result.height} px, {result.images} images{beside}"
-    out_console.print(f"wrote {result.path} ({size})", highlight=False)
+    out_console.print(f"wrote {redact_url(str(result.path))} ({size})", highlight=False)
 
 
 # -- bench ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ complete parts and refuses other options.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,8 @@ from apmpipe.storage.embeddings import (
 )
 from apmpipe.storage.errors import AT_LEAST_ONE, WORKERS, ApmError, ConfigError, ModelError, Range, check_ranges
 from apmpipe.storage.locks import writer_lock
-from apmpipe.storage.redact import redact_url
+from apmpipe.storage.redact import HIDDEN, redact_fields, redact_url
+from apmpipe.storage.remote import absolute_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ShardSource, done_shards
 
 from .apm import APM
@@ -95,6 +95,8 @@ class EmbedConfig:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         check_ranges(vars(self), self.RANGES)
         EmbeddingStore.check_out(self.out)
+        if self.head_cache is not None:  # one record of one cache from any working directory
+            object.__setattr__(self, "head_cache", absolute_url(self.head_cache))
 
     @classmethod
     def from_options(
@@ -119,8 +121,9 @@ class EmbedConfig:
         )
 
     def recorded_options(self) -> dict[str, Any]:
-        """The options that decide what is written (the manifest's ``options``)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in RUNTIME_OPTIONS}
+        """The options that decide what is written (the manifest's ``options``; URLs redacted)."""
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {k: v for k, v in redact_fields(options, ("head_cache",)).items() if k not in RUNTIME_OPTIONS}
 
 
 @dataclass
@@ -175,6 +178,9 @@ def _find_head(config: EmbedConfig, metadata: dict[str, Any], device: torch.devi
     candidates = [config.head_cache] if config.head_cache else list(metadata.get("train_config", {}).get("caches", []))
     reasons = []
     for url in candidates:
+        if HIDDEN in url:  # recorded redacted: the run cannot name it
+            reasons.append(f"training cache {url!r} is recorded without its credentials; pass --head-cache")
+            continue
         try:
             cache = FeatureCache.open(url, storage_options=config.storage_options)
             problem = _head_problem(cache, metadata["layout"])
@@ -295,7 +301,7 @@ def embed(config: EmbedConfig, progress: EmbedProgress | None = None) -> EmbedSu
     embedder = _Embedder(config, model, layout, head, device)
     header = {
         "student": {
-            "path": redact_url(config.student) if "://" in config.student else os.path.abspath(config.student),
+            "path": redact_url(absolute_url(config.student)),
             "sha256": student_digest(config.student, config.storage_options),
             "step": metadata.get("step"),
             "teacher": layout["teacher"].get("name"),
@@ -307,7 +313,7 @@ def embed(config: EmbedConfig, progress: EmbedProgress | None = None) -> EmbedSu
     }
     with writer_lock(config.out, "embed", config.storage_options):
         store = EmbeddingStore.create_or_open(config.out, header)
-        done = done_shards(inputs.shards, store.done(), f"--out {config.out!r}")
+        done = done_shards(inputs.shards, store.done(), f"--out {redact_url(config.out)!r}")
         todo = [s for s in inputs.shards if s.name not in done]
         results = [ShardResult(s.name, "skipped") for s in inputs.shards if s.name in done]
         if progress is not None:

@@ -31,7 +31,7 @@ from apmpipe.storage.errors import (
     Range,
     check_ranges,
 )
-from apmpipe.storage.redact import redact_url
+from apmpipe.storage.redact import redact_fields, redact_url
 from apmpipe.storage.stream import iter_subset, sample_subset
 
 from .apm import APM
@@ -100,7 +100,9 @@ class EvalConfig:
         check_ranges(vars(self), self.RANGES)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "storage_options"}
+        """The options as ``report.json`` records them (URLs redacted)."""
+        options = redact_fields(asdict(self), ("cache", "student", "train_cache", "class_embeddings"))
+        return {k: v for k, v in options.items() if k != "storage_options"}
 
     def ttt(self) -> TTTConfig:
         return TTTConfig(
@@ -326,9 +328,13 @@ def _identity(config: EvalConfig, cache: FeatureCache, metadata: dict[str, Any])
     return {
         "options": config.to_dict(),
         "versions": _versions(("apmpipe", "torch", "timm", "zarr")),
-        "cache": {"url": cache.url, "teacher": teacher.get("name"), "weights_sha256": teacher.get("weights_sha256")},
+        "cache": {
+            "url": redact_url(cache.url),
+            "teacher": teacher.get("name"),
+            "weights_sha256": teacher.get("weights_sha256"),
+        },
         "student": {
-            "path": config.student,
+            "path": redact_url(config.student),
             "step": metadata.get("step"),
             "model_config": metadata.get("model_config"),
             "train_config": metadata.get("train_config"),
@@ -382,7 +388,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     cache = FeatureCache.open(config.cache, storage_options=config.storage_options)
     if not cache.complete_shards():
-        raise ModelError(f"cache {config.cache!r} has no complete shard to evaluate; finish it with apmpipe extract")
+        raise ModelError(
+            f"cache {redact_url(config.cache)!r} has no complete shard to evaluate; finish it with apmpipe extract"
+        )
     model, metadata = load_model(config.student, device, config.storage_options)
     cache = cache_for_student(metadata, cache, "eval cache")
     stored = cache.head()

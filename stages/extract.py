@@ -41,7 +41,7 @@ from apmpipe.storage.errors import ApmError, CacheError, InputError, ModelError
 from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.lowrank import BasisFit, TokenBasis
 from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
-from apmpipe.storage.redact import redact_url
+from apmpipe.storage.redact import redact_in, redact_url
 from apmpipe.storage.sources import ResolvedInputs, ShardSource, done_shards
 
 from .extract_config import (
@@ -103,9 +103,10 @@ class _Silent:
         pass
 
 
-def _reason(exc: Exception) -> str:
-    """One line for a shard's failure: the message of a domain error, type and message of anything else."""
-    return str(exc) if isinstance(exc, ApmError) else f"{type(exc).__name__}: {exc}"
+def _reason(exc: Exception, *urls: str) -> str:
+    """One line for a shard's failure: the message of a domain error, type and message of anything else; ``urls``
+    (the cache's, the shard's) redacted in it."""
+    return redact_in(str(exc) if isinstance(exc, ApmError) else f"{type(exc).__name__}: {exc}", urls)
 
 
 class _ShardJob:
@@ -118,6 +119,7 @@ class _ShardJob:
     def __init__(self, cache: FeatureCache, source: ShardSource, precision: str) -> None:
         self.spec = cache.spec
         self.layers = [str(level.layer) for level in cache.spec.levels]
+        self.urls = (cache.url, source.url)
         self.result = ExtractResult(name=source.name, status="done")
         self._stats: dict[str, list[float]] = {}
         self._pixel_error = [0.0, 0]  # summed squared error, values compared
@@ -126,7 +128,7 @@ class _ShardJob:
             self.writer = cache.open_writer(source.name, source.url, source.fingerprint, precision)
         except Exception as exc:  # e.g. the store refuses the group: this shard fails, the others go on
             self.writer = None
-            self.result.error = _reason(exc)
+            self.result.error = _reason(exc, *self.urls)
 
     def _measure(
         self, tokens: list[np.ndarray], encoded: list[EncodedTokens], pixels: np.ndarray, stored: np.ndarray
@@ -170,7 +172,7 @@ class _ShardJob:
         except (
             Exception
         ) as exc:  # bad tokens or a failed write (full disk, lost connection) fail this shard; a rerun rewrites it
-            self.result.error = _reason(exc)
+            self.result.error = _reason(exc, *self.urls)
             return
         self.result.images += len(labels)
 
@@ -191,7 +193,7 @@ class _ShardJob:
                 self.writer.finish(self.result.skipped_samples, stats)
                 return self.result
             except Exception as exc:  # the final write or the status attribute failed
-                self.result.error = _reason(exc)
+                self.result.error = _reason(exc, *self.urls)
         self.result.status, self.result.images = "failed", 0
         if self.writer is not None:
             with contextlib.suppress(

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from apmpipe.storage.cache import FeatureCache, is_zarr_group
 from apmpipe.storage.errors import AT_LEAST_ONE, ConfigError, InputError, check_ranges
+from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import decode_image
 from apmpipe.storage.stream import iter_cache
 
@@ -123,7 +124,7 @@ def _load_inputs(
                 originals.append((header.mode, header.size))
             pixels.append(transform(decode_image(data, channels)).numpy())
         except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read image {source!r}: {exc}") from None
+            raise InputError(f"cannot read image {redact_url(source)!r}: {exc}") from None
     return (
         np.stack(pixels),
         None,

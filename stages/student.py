@@ -44,9 +44,10 @@ def cache_for_student(metadata: dict[str, Any], cache: FeatureCache, what: str) 
     cached = [level.layer for level in cache.spec.levels]
     if not set(layers) <= set(cached):
         raise CacheError(
-            f"the student was trained on teacher layers {','.join(map(str, layers))} but {what} {cache.url!r} "
+            f"the student was trained on teacher layers {','.join(map(str, layers))} but {what} "
+            f"{redact_url(cache.url)!r} "
             f"holds layers {','.join(map(str, cached))}; use a cache extracted with those layers"
         )
     view = cache.select_levels(layers)
-    view.spec.check_layout(metadata["layout"], f"the student's teacher layout and {what} {cache.url!r}")
+    view.spec.check_layout(metadata["layout"], f"the student's teacher layout and {what} {redact_url(cache.url)!r}")
     return view

@@ -38,8 +38,8 @@ from apmpipe.storage.errors import (
     check_ranges,
 )
 from apmpipe.storage.locks import writer_lock
-from apmpipe.storage.redact import redact_url
-from apmpipe.storage.remote import route_storage_options
+from apmpipe.storage.redact import redact_fields, redact_url
+from apmpipe.storage.remote import absolute_url, route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, window_batches
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
@@ -125,11 +125,14 @@ class TrainConfig:
         check_ranges(vars(self), self.RANGES)
         if self.tensorboard_dir is not None and not self.tensorboard:
             raise ConfigError("--tensorboard-dir needs --tensorboard")
+        object.__setattr__(self, "caches", tuple(absolute_url(url) for url in self.caches))  # embed finds them
         object.__setattr__(self, "augment", parse_augments(self.augment))
         check_crop_scale(self.crop_scale)
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as ``config.toml``, checkpoints and the student record them (URLs redacted)."""
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        out = redact_fields(out, ("caches", "out", "tensorboard_dir"))
         return {k: v for k, v in out.items() if v is not None and k != "storage_options"}
 
     @classmethod

@@ -16,6 +16,7 @@ import torch
 
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.errors import AT_LEAST_ONE, CacheError, ModelError, check_ranges
+from apmpipe.storage.redact import redact_url
 
 from .fidelity import min_token_cosine
 from .teacher import Teacher, TeacherConfig
@@ -55,7 +56,7 @@ def _pick(cache: FeatureCache, count: int) -> list[tuple[str, int]]:
     """``count`` (shard, index) pairs spread evenly over all complete shards."""
     positions = [(name, i) for name, count in cache.sample_counts().items() for i in range(count)]
     if not positions:
-        raise CacheError(f"cache {cache.url!r} has no complete shard to verify; run apmpipe extract first")
+        raise CacheError(f"cache {redact_url(cache.url)!r} has no complete shard to verify; run apmpipe extract first")
     picks = np.linspace(0, len(positions) - 1, num=min(count, len(positions))).round().astype(int)
     return [positions[i] for i in sorted(set(picks.tolist()))]
 
@@ -64,7 +65,9 @@ def rebuild_teacher(cache: FeatureCache, device: str = "auto", checkpoint: str |
     """The teacher that made ``cache`` (float32), rebuilt from its recorded build; its weights checked by hash."""
     build = cache.attrs.get("teacher_build")
     if not build:
-        raise CacheError(f"cache {cache.url!r} does not record how its teacher was built; it cannot be verified")
+        raise CacheError(
+            f"cache {redact_url(cache.url)!r} does not record how its teacher was built; it cannot be verified"
+        )
     config = TeacherConfig.from_dict({**build, "checkpoint": checkpoint or build.get("checkpoint")})
     spec = cache.spec
     teacher = Teacher(
@@ -72,7 +75,7 @@ def rebuild_teacher(cache: FeatureCache, device: str = "auto", checkpoint: str |
     )
     if teacher.weights_sha256 != spec.teacher["weights_sha256"]:
         raise ModelError(
-            f"the rebuilt teacher's weights differ from those that made {cache.url!r}; pass the original "
+            f"the rebuilt teacher's weights differ from those that made {redact_url(cache.url)!r}; pass the original "
             "weights with --checkpoint"
         )
     return teacher

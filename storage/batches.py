@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .redact import redact_in
 from .sources import DEFAULT_MAX_PIXELS, ImageTooLarge, ShardSource, decode_image, iter_samples
 
 PixelTransform = Callable[[Image.Image], torch.Tensor]
@@ -138,7 +139,8 @@ class ShardBatches(IterableDataset):
                     yield self._record(shard.name, pixels, labels, keys, skipped, last=False)
                     pixels, labels, keys, skipped = [], [], [], []
         except Exception as exc:  # an unreadable shard fails alone; the run goes on with the others
-            yield self._record(shard.name, [], [], [], skipped, last=True, error=f"{type(exc).__name__}: {exc}")
+            error = redact_in(f"{type(exc).__name__}: {exc}", [shard.url])
+            yield self._record(shard.name, [], [], [], skipped, last=True, error=error)
             return
         yield self._record(shard.name, pixels, labels, keys, skipped, last=True)
 

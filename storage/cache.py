@@ -674,12 +674,12 @@ class FeatureCache:
             if diff:
                 key, was, now = diff[0]
                 raise CacheError(
-                    f"cache {url!r} was written with a different {key} ({_short(was)}, now "
+                    f"cache {redact_url(url)!r} was written with a different {key} ({_short(was)}, now "
                     f"{_short(now)}); use another --out or the same options"
                 )
             return cache
         if fs.exists(path) and [p for p in fs.ls(path, detail=False) if not p.endswith(lock_name("extract"))]:
-            raise CacheError(f"--out {url!r} exists and is not an apmpipe cache; choose a new path")
+            raise CacheError(f"--out {redact_url(url)!r} exists and is not an apmpipe cache; choose a new path")
         attrs = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(), "sources": [], "classes": []}
         # "a" creates in place beside the lock file: "w" would delete the directory that writer_lock holds, "w-" wants
         # it empty
@@ -700,7 +700,7 @@ class FeatureCache:
         old_classes = list(self.attrs.get("classes", []))
         if classes and old_classes and list(classes) != old_classes:
             raise CacheError(
-                f"cache {self.url!r} holds image-folder classes {old_classes[:4]}...; these inputs have "
+                f"cache {redact_url(self.url)!r} holds image-folder classes {old_classes[:4]}...; these inputs have "
                 f"{list(classes)[:4]}...: use another --out"
             )
         redacted = [redact_url(s) for s in sources]

@@ -11,6 +11,7 @@ import zarr
 
 from .cache import CacheSpec, FeatureCache, create_sample_array, sample_array_layouts
 from .errors import CacheError, ConfigError
+from .redact import redact_url
 
 
 def trial_arrays(cache: FeatureCache) -> list[str]:
@@ -33,7 +34,7 @@ def trial_samples(cache: FeatureCache, samples: int) -> tuple[str, int]:
         if count >= block:
             return name, min(samples, count) // block * block
     raise CacheError(
-        f"cache {cache.url!r} has no complete shard with {block} samples or more to measure; "
+        f"cache {redact_url(cache.url)!r} has no complete shard with {block} samples or more to measure; "
         "finish it with apmpipe extract"
     )
 

@@ -158,29 +158,31 @@ class EmbeddingStore:
         """Open ``out`` for the run described by ``header`` (student, options, head, levels, classes), creating it
         when new. Refuses (ConfigError) a folder embedded with another student or options, naming the option."""
         cls.check_out(out)
-        path = Path(out)
+        path, shown = Path(out), redact_url(out)
         header = json.loads(json.dumps(header))
         manifest_path = path / MANIFEST
         if manifest_path.exists():
             manifest = json.loads(manifest_path.read_text())
             if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
-                raise ConfigError(f"--out {out!r} holds no apmpipe embeddings of version {FORMAT_VERSION}; use another")
+                raise ConfigError(
+                    f"--out {shown!r} holds no apmpipe embeddings of version {FORMAT_VERSION}; use another"
+                )
             change = _option_change(manifest, header)
             if change:
                 raise ConfigError(
-                    f"--out {out!r} was embedded with other options: {change}; rerun with the run's options or "
+                    f"--out {shown!r} was embedded with other options: {change}; rerun with the run's options or "
                     "embed into another --out"
                 )
             if header["classes"] and manifest["classes"] and header["classes"] != manifest["classes"]:
                 raise InputError(
-                    f"--out {out!r} holds image-folder classes {manifest['classes'][:4]}...; these inputs have "
+                    f"--out {shown!r} holds image-folder classes {manifest['classes'][:4]}...; these inputs have "
                     f"{header['classes'][:4]}...: embed them into another --out"
                 )
             manifest.update({k: v for k, v in header.items() if k != "classes"})
             manifest["classes"] = header["classes"] or manifest["classes"]
         else:
             if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".apmpipe-")):
-                raise ConfigError(f"--out {out!r} exists and holds no apmpipe embeddings; choose a new folder")
+                raise ConfigError(f"--out {shown!r} exists and holds no apmpipe embeddings; choose a new folder")
             manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **header, "parts": {}, "failed": {}}
         store = cls(path, manifest)
         path.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ local folders staged for upload."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,12 @@ def route_storage_options(options: dict[str, Any]) -> dict[str, Any]:
     if "endpoint_url" in routed:
         routed["client_kwargs"] = {**routed.get("client_kwargs", {}), "endpoint_url": routed.pop("endpoint_url")}
     return routed
+
+
+def absolute_url(url: str) -> str:
+    """``url`` as it opens from any working directory: a local path made absolute (``./c.zarr/`` ->
+    ``/work/c.zarr``), a URL (``s3://...``, ``file://...``, an fsspec chain) unchanged."""
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
 
 
 @contextmanager

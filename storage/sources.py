@@ -30,11 +30,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .redact import redact_url
+from .redact import PIPE, TAR_SUFFIXES, redact_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-PIPE = "pipe:"  # WebDataset's URL for a shell command that writes a tar shard to stdout
 NO_LABEL = -1
 DEFAULT_MAX_PIXELS = 64_000_000  # decoded pixels per image (a 8000 x 8000 photo); larger images are skipped
 
@@ -161,7 +159,9 @@ def _folder_blocks(
 ) -> tuple[list[ShardSource], list[str]]:
     classes = sorted(_stem(d) for d in fs.ls(root, detail=False) if fs.isdir(d))
     if not classes:
-        raise InputError(f"folder {url!r} has neither tar shards nor class sub-folders (root/<class>/<image>)")
+        raise InputError(
+            f"folder {redact_url(url)!r} has neither tar shards nor class sub-folders (root/<class>/<image>)"
+        )
     files: list[tuple[str, int]] = []
     for index, name in enumerate(classes):
         for path in sorted(fs.find(f"{root.rstrip('/')}/{name}")):
@@ -169,7 +169,7 @@ def _folder_blocks(
                 files.append((path[len(root.rstrip("/")) + 1 :], index))
     if not files:
         raise InputError(
-            f"folder {url!r} has class folders but no images with extensions {', '.join(IMAGE_EXTENSIONS)}"
+            f"folder {redact_url(url)!r} has class folders but no images with extensions {', '.join(IMAGE_EXTENSIONS)}"
         )
     stem = _safe_name(_stem(root))
     blocks = [
@@ -231,7 +231,7 @@ def resolve_inputs(
                 blocks, names = _folder_blocks(fs, path, url, folder_block)
                 if classes and names != classes:
                     raise InputError(
-                        f"image folder {url!r} has classes {names[:5]}... unlike an earlier folder; "
+                        f"image folder {redact_url(url)!r} has classes {names[:5]}... unlike an earlier folder; "
                         "extract them into separate caches"
                     )
                 classes = names
@@ -239,7 +239,9 @@ def resolve_inputs(
             elif _is_tar(path):
                 shards.append(ShardSource(name=_safe_name(_stem(path)), url=url))
             else:
-                raise InputError(f"input {url!r} is neither a tar shard ({', '.join(TAR_SUFFIXES)}) nor a folder")
+                raise InputError(
+                    f"input {redact_url(url)!r} is neither a tar shard ({', '.join(TAR_SUFFIXES)}) nor a folder"
+                )
     return ResolvedInputs(shards=tuple(_unique(shards)), classes=tuple(classes))
 
 
@@ -248,7 +250,7 @@ def done_shards(shards: Sequence[ShardSource], made_from: dict[str, str], where:
     each done name to the fingerprint it was made from (redacted, as stored): a shard counts under its own name or
     another one (the same tar reached through a symlink). Refuses (InputError) a shard whose name matches a done
     one made from something else (another tar, a changed folder block)."""
-    made = set(made_from.values())
+    made = {redact_url(f) for f in made_from.values()}  # records of older apmpipes redacted less: as now
     done = set()
     for shard in shards:
         fingerprint = redact_url(shard.fingerprint)

@@ -34,6 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .cache import CachedSamples, CacheSpec, FeatureCache, TokenMoments, decode_without_thread_pools, is_local_url
 from .errors import CacheError, ConfigError
 from .lowrank import TokenBasis
+from .redact import redact_url
 
 READ_THREADS = 4
 
@@ -191,20 +192,21 @@ def open_caches(
     first = caches[0]
     precision = first.precision()  # also refuses a cache that mixes precisions
     for cache in caches:
+        url, first_url = redact_url(cache.url), redact_url(first.url)
         if not cache.complete_shards():
             raise CacheError(
-                f"cache {cache.url!r} has no complete shard; finish it with apmpipe extract (rerun the same command)"
+                f"cache {url!r} has no complete shard; finish it with apmpipe extract (rerun the same command)"
             )
-        first.spec.check_layout(cache.spec.layout(), f"cache {cache.url!r} (beside {first.url!r})")
+        first.spec.check_layout(cache.spec.layout(), f"cache {url!r} (beside {first_url!r})")
         if cache.spec.dtype != first.spec.dtype:
             raise CacheError(
-                f"cache {cache.url!r} stores {cache.spec.dtype} tokens, {first.url!r} {first.spec.dtype}: "
+                f"cache {url!r} stores {cache.spec.dtype} tokens, {first_url!r} {first.spec.dtype}: "
                 "a token dtype must be common to all caches; re-extract one with --dtype "
                 f"{first.spec.dtype}"
             )
         if cache is not first and cache.precision() != precision:
             raise CacheError(
-                f"cache {cache.url!r} was computed in {cache.precision()}, {first.url!r} in {precision}; "
+                f"cache {url!r} was computed in {cache.precision()}, {first_url!r} in {precision}; "
                 "train on caches of one precision (--device/--amp at extraction)"
             )
     return caches
