@@ -320,7 +320,7 @@ def extract(
             config, progress=progress, runner=runner, on_plan=progress.plan, driver_device=driver, inputs=inputs
         )
     render.extract_summary(summary)
-    if summary.count("failed"):
+    if summary.count("failed") or summary.nothing_stored:
         raise typer.Exit(1)
 
 

@@ -46,6 +46,8 @@ def extract_summary(summary: Any) -> None:
         rows.append(("pixel fidelity", f"min PSNR {summary.pixel_psnr:.1f} dB"))
     out_console.print(table("apmpipe extract", rows))
     _skips_and_failures(summary, "shard")
+    if summary.nothing_stored:
+        _err_line(f"error: {summary.nothing_stored}")
 
 
 def _skips_and_failures(totals: Any, unit: str) -> None:

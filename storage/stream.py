@@ -191,9 +191,15 @@ def open_caches(
     first = caches[0]
     precision = first.precision()  # also refuses a cache that mixes precisions
     for cache in caches:
-        if not cache.complete_shards():
+        counts = cache.sample_counts()
+        if not counts:
             raise CacheError(
                 f"cache {cache.url!r} has no complete shard; finish it with apmpipe extract (rerun the same command)"
+            )
+        if not any(counts.values()):
+            raise CacheError(
+                f"cache {cache.url!r} holds 0 samples: its extraction stored nothing (see apmpipe info "
+                f"{cache.url}); delete it and rerun apmpipe extract with the fix"
             )
         first.spec.check_layout(cache.spec.layout(), f"cache {cache.url!r} (beside {first.url!r})")
         if cache.spec.dtype != first.spec.dtype:
