@@ -5,8 +5,11 @@ it), unwritable outputs are refused before anything loads."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -51,3 +54,77 @@ def test_train_on_a_cache_of_zero_samples_says_so(capsys: pytest.CaptureFixture,
     trained = run_main(capsys, "train", out, "--out", tmp_path / "run", *TINY_TRAIN, "--max-steps", "2")
     line = _one_error_line(trained.stderr)
     assert trained.returncode == 2 and "holds 0 samples" in line and "lower --batch-size" not in line
+
+
+# -- 2: a damaged cache ---------------------------------------------------------------------------------------
+def _chunk_files(cache: Path, array: str) -> list[Path]:
+    return sorted(p for p in cache.glob(f"shards/*/{array}/c/**/*") if p.is_file())
+
+
+def _random_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[64 : len(data) // 2] = np.random.default_rng(0).bytes(len(data) // 2 - 64)
+    path.write_bytes(bytes(data))
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _low_order_flips(path: Path) -> None:
+    """Flip the lowest bit of 8 KB of bytes: values shift a little, nothing fails to decode without a checksum."""
+    data = np.frombuffer(path.read_bytes(), dtype=np.uint8).copy()
+    data[256 : 256 + 8192] ^= 1
+    path.write_bytes(data.tobytes())
+
+
+def test_verify_integrity_names_each_damaged_chunk(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
+) -> None:
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(tiny_cache, cache)
+    result = run_main(capsys, "verify", cache, "--integrity")
+    assert result.returncode == 0 and "PASS: every chunk reads and matches its checksum" in result.stdout, result.stdout
+    flipped = _chunk_files(cache, "tokens/1")[0]
+    _low_order_flips(flipped)
+    (cache / "shards" / "digits-0002" / "labels" / "c" / "0").unlink()  # zarr would read labels 0 in its place
+    result = run_main(capsys, "verify", cache, "--integrity")
+    named = f"shards/{flipped.relative_to(cache / 'shards').as_posix()}"
+    assert result.returncode == 1 and "FAIL: 2 damaged chunk(s)" in result.stdout, result.stdout
+    assert named in result.stdout and "checksum" in result.stdout, result.stdout
+    assert "shards/digits-0002/labels/c/0" in result.stdout and "missing" in result.stdout
+    only = run_main(capsys, "verify", cache, "--integrity", "--shard", "digits-0001")
+    assert only.returncode == 0 and "PASS" in only.stdout, only.stdout
+
+
+TRAIN_WITH_WORKERS = ["--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "2"]
+
+
+@pytest.mark.parametrize(("array", "damage"), [("tokens/1", _random_bytes), ("pixels", _truncated)])
+@pytest.mark.parametrize("command", ["verify", "train", "eval", "islands"])
+def test_a_damaged_cache_gives_one_line_naming_group_array_and_repair(
+    capsys: pytest.CaptureFixture,
+    tmp_path: Path,
+    tiny_cache: Path,
+    tiny_student: Path,
+    array: str,
+    damage: object,
+    command: str,
+) -> None:
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(tiny_cache, cache)
+    for path in _chunk_files(cache, array):  # every chunk: whichever sample a command reads first is damaged
+        damage(path)
+    args = {
+        "verify": ["verify", cache, "--samples", "2"],
+        "train": ["train", cache, "--out", tmp_path / "run", *TRAIN_WITH_WORKERS, "--max-steps", "2"],
+        "eval": ["eval", cache, "--student", tiny_student, "--out", tmp_path / "report"],
+        "islands": ["islands", cache, "--student", tiny_student, "--out", tmp_path / "i.png", "--images", "1"],
+    }[command]
+    result = run_main(capsys, *args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    match = re.search(
+        rf"array '{array}' of shard '(digits-\d+)' in cache .* cannot be read \(.+\): it is damaged", errors[0]
+    )
+    assert match and f"delete its group (shards/{match[1]}) and rerun apmpipe extract" in errors[0], errors[0]
