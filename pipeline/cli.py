@@ -663,14 +663,16 @@ def eval_command(
 
     Fidelity per level, classification beside the teacher, test-time training; terminal table, JSON, PNGs."""
     from apmpipe.stages.evaluate import EvalConfig, evaluate
+    from apmpipe.storage.files import check_writable
     from apmpipe.storage.remote import staged_folder
 
     from .report import eval_folder, write_eval_report
 
     options = stage_options(ctx, "out", "storage_option")
     config = EvalConfig(**options, storage_options=parse_storage_options(storage_option))
-    report = evaluate(config)
     folder = out or eval_folder(student, cache, config.storage_options)
+    check_writable(folder)
+    report = evaluate(config)
     with staged_folder(folder, config.storage_options) as staged:
         json_name = write_eval_report(report, staged).name
     render.eval_report(report, f"{folder.rstrip('/')}/{json_name}")

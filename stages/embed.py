@@ -34,6 +34,7 @@ from apmpipe.storage.embeddings import (
     tokens_folder,
 )
 from apmpipe.storage.errors import ApmError, ConfigError, ModelError, require_at_least
+from apmpipe.storage.files import check_writable
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ShardSource, done_shards
 
@@ -266,6 +267,7 @@ def embed(config: EmbedConfig, progress: EmbedProgress | None = None) -> EmbedSu
     """Embed every input shard not yet complete in ``config.out`` (``progress``: e.g. the CLI's
     :class:`apmpipe.pipeline.console.ShardProgress`)."""
     start = time.perf_counter()
+    check_writable(config.out)
     inputs = resolve_config_inputs(config)
     device = resolve_device(config.device)
     model, metadata = load_model(config.student, device, config.storage_options)

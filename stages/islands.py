@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from apmpipe.storage.cache import FeatureCache, is_zarr_group
 from apmpipe.storage.errors import ConfigError, InputError
+from apmpipe.storage.files import check_writable
 from apmpipe.storage.sources import decode_image
 from apmpipe.storage.stream import iter_cache
 
@@ -200,6 +201,7 @@ def islands(
         raise ConfigError(f"--mode {mode!r} is not pca or kmeans")
     if not sources:
         raise ConfigError("pass a feature cache or image files to draw")
+    check_writable(out, folder=False)
     dev = resolve_device(device)
     model, metadata = load_model(student, dev, storage_options)
     cache = _open_cache(sources, storage_options or {})

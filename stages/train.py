@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import RunDir
 from apmpipe.storage.errors import CacheError, ConfigError, ModelError, require_at_least
+from apmpipe.storage.files import check_writable
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.remote import route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, window_batches
@@ -594,6 +595,7 @@ def train(
     ``on_resume(step, total)`` is called when a checkpoint was loaded. ``stop_requested()`` returns the signal
     that asks the run to stop (0: none): it then ends after a checkpoint, without exporting the student.
     """
+    check_writable(config.out)
     run = _set_up(config)
     if run.rank == 0:
         run.run_dir.remove_stale_temporaries()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +130,49 @@ def test_a_damaged_cache_gives_one_line_naming_group_array_and_repair(
         rf"array '{array}' of shard '(digits-\d+)' in cache .* cannot be read \(.+\): it is damaged", errors[0]
     )
     assert match and f"delete its group (shards/{match[1]}) and rerun apmpipe extract" in errors[0], errors[0]
+
+
+# -- 3: unwritable outputs ------------------------------------------------------------------------------------
+@pytest.fixture
+def locked(tmp_path: Path, tiny_student: Path) -> Iterator[Path]:
+    """A folder holding a copy of a trained run, both immutable (``chattr +i``: refused even to root, whom
+    permission bits do not stop)."""
+    folder = tmp_path / "locked"
+    shutil.copytree(tiny_student, folder / "run")
+    if subprocess.run(["chattr", "+i", folder, folder / "run"], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", folder, folder / "run"], check=True)
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["extract", "train", "train-resume", "eval", "eval-into-run", "embed", "islands", "islands-folder"],
+)
+def test_an_unwritable_output_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture,
+    tmp_path: Path,
+    locked: Path,
+    digit_shards: list[str],
+    tiny_cache: Path,
+    tiny_student: Path,
+    command: str,
+) -> None:
+    args = {
+        "extract": ["extract", digit_shards[0], "--out", locked / "c.zarr", *TINY_VIT, *FAST],
+        "train": ["train", tiny_cache, "--out", locked / "new-run", *TINY_TRAIN, "--max-steps", "2"],
+        "train-resume": ["train", tiny_cache, "--out", locked / "run", *TINY_TRAIN, "--resume"],
+        "eval": ["eval", tiny_cache, "--student", tiny_student, "--out", locked / "report"],
+        "eval-into-run": ["eval", tiny_cache, "--student", locked / "run"],  # the report goes to RUN/eval-<cache>
+        "embed": ["embed", digit_shards[0], "--student", tiny_student, "--out", locked / "embeddings"],
+        "islands": ["islands", tiny_cache, "--student", tiny_student, "--out", locked / "islands.png"],
+        "islands-folder": ["islands", tiny_cache, "--student", tiny_student, "--out", tmp_path],
+    }[command]
+    result = run_main(capsys, *args)
+    line = _one_error_line(result.stderr)
+    named = f"{locked / 'run'}/eval-" if command == "eval-into-run" else str(args[args.index("--out") + 1])
+    assert result.returncode == 2 and named in line, line
+    expected = "is a folder; name the file to write in it" if command == "islands-folder" else "cannot be written"
+    assert expected in line and ("Operation not permitted" in line or command == "islands-folder"), line
