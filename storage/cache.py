@@ -785,8 +785,23 @@ class FeatureCache:
         return self.root[SHARDS_GROUP]
 
     def shard_attrs(self) -> dict[str, dict[str, Any]]:
-        """Attributes of every shard group, in one listing (each group's metadata is one read, remote ones too)."""
-        return {name: dict(group.attrs) for name, group in self._shards().groups()}
+        """Attributes of every shard group, in one listing (each group's metadata is one read, remote ones too).
+        When a group's metadata cannot be read, the group is found and named (CacheError)."""
+        try:
+            return {name: dict(group.attrs) for name, group in self._shards().groups()}
+        except Exception:
+            self._name_unreadable_group()
+            raise
+
+    def _name_unreadable_group(self) -> None:
+        """Open each shard group by itself (found by listing the folder, not its metadata) and raise the CacheError
+        of the first whose metadata cannot be read."""
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        for folder in sorted(fs.ls(f"{path.rstrip('/')}/{SHARDS_GROUP}", detail=False)):
+            name = folder.rstrip("/").rsplit("/", 1)[-1]
+            if fs.isdir(folder):
+                with reading(f"shard {name!r} of cache {redact_url(self.url)!r}", _REWRITE.format(name=name)):
+                    self.shard(name)
 
     def shard_status(self) -> dict[str, str]:
         """Status (``complete``, ``writing``, ``failed``) of every shard group."""

@@ -99,6 +99,20 @@ def test_verify_integrity_names_each_damaged_chunk(
     assert only.returncode == 0 and "PASS" in only.stdout, only.stdout
 
 
+def test_damaged_metadata_names_its_shard_group(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
+) -> None:
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(tiny_cache, cache)
+    (cache / "shards" / "digits-0000" / "tokens" / "2" / "zarr.json").write_text("garbage")
+    result = run_main(capsys, "verify", cache, "--integrity")
+    assert result.returncode == 1 and "shards/digits-0000/zarr.json" in result.stdout, result.stdout
+    (cache / "shards" / "digits-0001" / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
+    result = run_main(capsys, "info", cache)
+    line = _one_error_line(result.stderr)
+    assert result.returncode == 2 and "shard 'digits-0001'" in line and "delete its group (shards/digits-0001)" in line
+
+
 TRAIN_WITH_WORKERS = ["--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "2"]
 
 
