@@ -108,7 +108,7 @@ class ExtractSummary(ShardTotals):
             why = f"{failed} shard(s) failed (see above)"
         else:
             why = f"the {len(worked)} input(s) hold no samples"
-        return f"extract stored no sample: {why}; fix that and rerun the same command"
+        return f"extract stored no sample: {why}; fix that and rerun apmpipe extract"
 
     @property
     def pixel_psnr(self) -> float | None:
@@ -131,10 +131,9 @@ def _reason(exc: Exception) -> str:
 
 
 def _nothing_kept(skipped: Sequence[tuple[str, str]]) -> str:
-    """Why a shard whose every sample was skipped is not complete: the count and the first reason (a rerun with the
-    fix then extracts it, where a complete empty group would be passed over as done)."""
-    key, reason = skipped[0]
-    return f"stored nothing: all {len(skipped)} samples were skipped (first, {key}: {reason}); fix that and rerun"
+    """Why a shard whose every sample was skipped is not complete (a rerun with the fix then extracts it, where a
+    complete empty group would be passed over as done)."""
+    return f"stored nothing: all {len(skipped)} samples were skipped (see their reasons); fix that and rerun"
 
 
 class _ShardJob:
