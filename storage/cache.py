@@ -969,7 +969,7 @@ class FeatureCache:
                     raise CacheError(
                         f"shard {name!r} of cache {redact_url(self.url)!r} lacks {key!r}; {_REWRITE.format(name=name)}"
                     )
-                sums, squares = self._stored(name, key, 0, 2)
+                sums, squares = self._stored(name, key, 0, 2)  # [2, T, D]: sums, then sums of squares
                 total = total + TokenMoments(count, sums, squares)
             totals.append(total)
         return totals
