@@ -321,7 +321,7 @@ def extract(
             config, progress=progress, runner=runner, on_plan=progress.plan, driver_device=driver, inputs=inputs
         )
     render.extract_summary(summary)
-    if summary.count("failed"):
+    if summary.count("failed") or summary.nothing_stored:
         raise typer.Exit(1)
 
 
@@ -382,16 +382,39 @@ def verify(
         Path | None, typer.Option(help="Teacher weights, if not where extraction found them.")
     ] = None,
     device: DeviceOption = "auto",
+    integrity: Annotated[
+        bool,
+        typer.Option(
+            "--integrity",
+            help="Instead, read every stored chunk of every array (checksums verified; no teacher) and list the "
+            "damaged ones.",
+        ),
+    ] = False,
+    shard: Annotated[
+        list[str] | None,
+        typer.Option(help="With --integrity: the shard group to check (repeatable; default: every complete one)."),
+    ] = None,
     storage_option: StorageOptions = None,
 ) -> None:
     """Recompute cached samples with the teacher: pass or fail.
 
     Each sample is recomputed in the precision its shard was made with; the verdict compares the worst
-    difference with a tolerance for that precision and storage dtype (exit 1 on fail)."""
+    difference with a tolerance for that precision and storage dtype (exit 1 on fail). --integrity checks
+    the stored bytes instead (exit 1 when a chunk is damaged)."""
+    cache_options = parse_storage_options(storage_option)
+    if integrity:
+        from apmpipe.storage.integrity import check_integrity
+
+        checked = check_integrity(cache, shard or (), storage_options=cache_options)
+        render.integrity_report(checked)
+        if checked.damaged:
+            raise typer.Exit(1)
+        return
+    if shard:
+        raise ConfigError("--shard chooses the shard groups of --integrity; add --integrity or leave it out")
     from apmpipe.stages.verify import verify_cache
 
     weights = str(checkpoint) if checkpoint else None
-    cache_options = parse_storage_options(storage_option)
     report = verify_cache(cache, samples=samples, device=device, checkpoint=weights, storage_options=cache_options)
     render.verify_report(report)
     if report.failures:
@@ -645,14 +668,16 @@ def eval_command(
 
     Fidelity per level, classification beside the teacher, test-time training; terminal table, JSON, PNGs."""
     from apmpipe.stages.evaluate import EvalConfig, evaluate
+    from apmpipe.storage.files import check_writable
     from apmpipe.storage.remote import staged_folder
 
     from .report import eval_folder, write_eval_report
 
     options = stage_options(ctx, "out", "storage_option")
     config = EvalConfig(**options, storage_options=parse_storage_options(storage_option))
-    report = evaluate(config)
     folder = out or eval_folder(student, cache, config.storage_options)
+    check_writable(folder)
+    report = evaluate(config)
     with staged_folder(folder, config.storage_options) as staged:
         json_name = write_eval_report(report, staged).name
     render.eval_report(report, f"{folder.rstrip('/')}/{json_name}")

@@ -48,6 +48,8 @@ def extract_summary(summary: Any) -> None:
         rows.append(("pixel fidelity", f"min PSNR {summary.pixel_psnr:.1f} dB"))
     out_console.print(table("apmpipe extract", rows))
     _skips_and_failures(summary, "shard")
+    if summary.nothing_stored:
+        _err_line(f"error: {summary.nothing_stored}")
 
 
 def _skips_and_failures(totals: Any, unit: str) -> None:
@@ -168,6 +170,24 @@ def verify_report(report: Any) -> None:
     verdict = f"FAIL: {'; '.join(failures)}" if failures else "PASS: every level and the logits are within tolerance"
     rows.append(("verdict", verdict))
     out_console.print(table(f"apmpipe verify: {report.samples} samples recomputed in {report.precision}", rows))
+
+
+def integrity_report(report: Any) -> None:
+    """``apmpipe verify --integrity``: every damaged chunk, how many were read and checksummed, the verdict."""
+    rows = [(f"shards/{d.shard}/{d.array}/{d.chunk}".replace("//", "/"), d.problem) for d in report.damaged]
+    rows.append(("chunks", f"{report.chunks} read, {report.checksummed} with checksums (format version 3)"))
+    groups = sorted({d.shard for d in report.damaged})
+    verdict = (
+        f"FAIL: {len(report.damaged)} damaged chunk(s); delete {', '.join(f'shards/{g}' for g in groups)} and rerun "
+        "apmpipe extract to rewrite them"
+        if groups
+        else "PASS: every chunk reads and matches its checksum"
+        if report.checksummed == report.chunks
+        else f"PASS: every chunk reads ({report.chunks - report.checksummed} written before format version 3 carry no "
+        "checksum: their bytes are not checked)"
+    )
+    rows.append(("verdict", verdict))
+    out_console.print(table(f"apmpipe verify --integrity: {len(report.shards)} shard groups", rows))
 
 
 # -- train ---------------------------------------------------------------------------------------------------

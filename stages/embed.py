@@ -35,6 +35,7 @@ from apmpipe.storage.embeddings import (
     tokens_folder,
 )
 from apmpipe.storage.errors import AT_LEAST_ONE, WORKERS, ApmError, ConfigError, ModelError, Range, check_ranges
+from apmpipe.storage.files import check_writable
 from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.redact import HIDDEN, redact_fields, redact_url
 from apmpipe.storage.remote import absolute_url
@@ -293,6 +294,7 @@ def embed(config: EmbedConfig, progress: EmbedProgress | None = None) -> EmbedSu
     """Embed every input shard not yet complete in ``config.out`` (``progress``: e.g. the CLI's
     :class:`apmpipe.pipeline.console.ShardProgress`)."""
     start = time.perf_counter()
+    check_writable(config.out)
     inputs = resolve_config_inputs(config)
     device = resolve_device(config.device)
     model, metadata = load_model(config.student, device, config.storage_options)

@@ -89,6 +89,23 @@ class ExtractSummary(ShardTotals):
         return level_fidelity((r.images, r.fidelity) for r in self.results if r.status == "done")
 
     @property
+    def nothing_stored(self) -> str:
+        """Why a run that had inputs to extract stored no sample, in one line; empty when it stored some or every
+        input was complete already."""
+        worked = [r for r in self.results if r.status != "skipped"]
+        if not worked or self.images:
+            return ""
+        skipped, failed = len(self.skipped_samples), self.count("failed")
+        if skipped:
+            shard, key, reason = self.skipped_samples[0]
+            why = f"all {skipped} samples were skipped (first, {shard}/{key}: {reason})"
+        elif failed:
+            why = f"{failed} shard(s) failed (see above)"
+        else:
+            why = f"the {len(worked)} input(s) hold no samples"
+        return f"extract stored no sample: {why}; fix that and rerun apmpipe extract"
+
+    @property
     def pixel_psnr(self) -> float | None:
         """Worst PSNR (dB) of lossy pixel storage over the shards written in this run; None when lossless."""
         found = [r.pixel_fidelity["psnr_db"] for r in self.results if "psnr_db" in r.pixel_fidelity]
@@ -107,6 +124,12 @@ def _reason(exc: Exception, *urls: str) -> str:
     """One line for a shard's failure: the message of a domain error, type and message of anything else; ``urls``
     (the cache's, the shard's) redacted in it."""
     return redact_in(str(exc) if isinstance(exc, ApmError) else f"{type(exc).__name__}: {exc}", urls)
+
+
+def _nothing_kept(skipped: Sequence[tuple[str, str]]) -> str:
+    """Why a shard whose every sample was skipped is not complete (a rerun with the fix then extracts it, where a
+    complete empty group would be passed over as done)."""
+    return f"stored nothing: all {len(skipped)} samples were skipped (see their reasons); fix that and rerun"
 
 
 class _ShardJob:
@@ -181,6 +204,8 @@ class _ShardJob:
         self.result.error = self.result.error or reason
 
     def close(self) -> ExtractResult:
+        if not self.result.error and not self.result.images and self.result.skipped_samples:
+            self.result.error = _nothing_kept(self.result.skipped_samples)
         if not self.result.error:
             self.result.fidelity = {
                 layer: {"cosine_min": s[0], "relative_mse": s[1] / s[2] if s[2] else 0.0}

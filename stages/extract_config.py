@@ -23,6 +23,7 @@ from apmpipe.storage.errors import (
     Range,
     check_ranges,
 )
+from apmpipe.storage.files import check_writable
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, read_class_names, resolve_inputs
 
@@ -225,7 +226,8 @@ def resolve_config_inputs(config: ReadsInputs) -> ResolvedInputs:
 
 def preflight(config: ExtractConfig) -> ResolvedInputs:
     """Check what ``config`` names before any teacher is built: the inputs (resolved into shard units, which
-    are returned), the teacher's files, and options that contradict the inputs."""
+    are returned), the teacher's files, options that contradict the inputs, and that ``--out`` can be written."""
+    check_writable(config.out)
     inputs = resolve_config_inputs(config)
     config.teacher.check_files()
     return inputs

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from apmpipe.storage.cache import FeatureCache, is_zarr_group
 from apmpipe.storage.errors import AT_LEAST_ONE, ConfigError, InputError, check_ranges
+from apmpipe.storage.files import check_writable
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import decode_image
 from apmpipe.storage.stream import iter_cache
@@ -203,6 +204,7 @@ def islands(
     if not sources:
         raise ConfigError("pass a feature cache or image files to draw")
     check_ranges({"images": images, "clusters": clusters, "panel": panel}, RANGES)
+    check_writable(out, folder=False)
     dev = resolve_device(device)
     model, metadata = load_model(student, dev, storage_options)
     cache = _open_cache(sources, storage_options or {})

@@ -37,6 +37,7 @@ from apmpipe.storage.errors import (
     Range,
     check_ranges,
 )
+from apmpipe.storage.files import check_writable
 from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.redact import redact_fields, redact_url
 from apmpipe.storage.remote import absolute_url, route_storage_options
@@ -628,6 +629,7 @@ def train(
     ``stop_requested()`` returns the signal that asks the run to stop (0: none): it then ends after a checkpoint,
     without exporting the student.
     """
+    check_writable(config.out)
     with writer_lock(config.out, "train", config.storage_options) if process_rank() == 0 else nullcontext():
         return _train(config, on_step, on_start, on_resume, stop_requested)
 

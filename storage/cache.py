@@ -17,18 +17,19 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.dtype import VariableLengthBytes
 from zarr.errors import UnstableSpecificationWarning
 
-from .errors import CacheError, ConfigError
+from .errors import ApmError, CacheError, ConfigError
 from .locks import lock_name
 from .lowrank import TokenBasis
 from .pixel_codecs import IMAGE_CHANNELS, IMAGE_CODECS, decode_images, encode_images
 from .redact import redact_url
 
 FORMAT_NAME = "apmpipe.feature-cache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: every array's chunks carry a CRC-32C checksum and are all written (see FORMAT.md)
+READABLE_VERSIONS = (2, FORMAT_VERSION)
 ROOT_KEY = "apmpipe"
 SHARDS_GROUP = "shards"
 HEAD_GROUP = "teacher_head"
@@ -351,6 +352,25 @@ def _zarr_storage_options(url: str, storage_options: dict | None) -> dict | None
     return None if _local_path(url) is not None else (storage_options or None)
 
 
+def describe_error(exc: Exception) -> str:
+    """``exc`` in a few words for a one-line message: its type and the first sentence of its text."""
+    first = (str(exc).splitlines() or [""])[0].split(". ")[0]  # zarr's checksum error goes on with both sums
+    text = f"{type(exc).__name__}: {first}"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+@contextlib.contextmanager
+def reading(what: str, repair: str) -> Iterator[None]:
+    """Turn a failed read of stored bytes (undecodable, checksum mismatch, truncated chunk, malformed metadata) into
+    one line: ``what`` cannot be read, why, and ``repair``. Domain errors pass as they are."""
+    try:
+        yield
+    except (ApmError, MemoryError):
+        raise
+    except Exception as exc:
+        raise CacheError(f"{what} cannot be read ({describe_error(exc)}): it is damaged; {repair}") from exc
+
+
 _ITEM_DIMENSIONS = {"pixels": ("channel", "y", "x"), "labels": (), "keys": (), "logits": ("class",)}
 _REWRITE = "delete its group (shards/{name}) and rerun apmpipe extract to rewrite it"
 
@@ -467,6 +487,21 @@ class CachedSamples:
 WHOLE_SHARD_CHUNKS = ("labels", "keys")  # a few bytes per sample: one chunk per shard group
 
 
+def create_checked_array(
+    group: zarr.Group, name: str, compressors: Sequence[Any] | None = None, **options: Any
+) -> zarr.Array:
+    """Array ``name`` in ``group`` as this format writes every array: ``compressors`` (default
+    :func:`fixed_compressors`) then a CRC-32C checksum of each chunk (of each inner chunk of a zarr shard), which
+    every read verifies, and every chunk written, fill values too, so that a missing chunk file is damage (zarr
+    would read it as fill values)."""
+    return group.create_array(
+        name,
+        compressors=[*(fixed_compressors() if compressors is None else compressors), Crc32cCodec()],
+        config={"write_empty_chunks": True},
+        **options,
+    )
+
+
 def create_sample_array(
     group: zarr.Group, spec: CacheSpec, name: str, item_shape: tuple[int, ...], dtype: Any
 ) -> zarr.Array:
@@ -485,13 +520,14 @@ def create_sample_array(
         else _compressors(spec.codec, float_tokens=name.startswith("tokens/") and np.dtype(dtype).itemsize > 1)
     )
     with _quiet_bytes_dtype():
-        return group.create_array(
+        return create_checked_array(
+            group,
             name,
+            compressors,
             shape=(0, *item_shape),
             chunks=chunks,
             shards=shards,
             dtype=dtype,
-            compressors=compressors,
             dimension_names=_dimension_names(name, 1 + len(item_shape), low_rank=spec.rank > 0),
         )
 
@@ -593,10 +629,10 @@ class ShardWriter:
         for level, moments in zip(self.spec.levels, self.moments, strict=True):
             if moments is None:  # an empty shard: zero sums keep the sum over shards exact
                 moments = TokenMoments(0, *np.zeros((2, level.num_tokens, level.dim)))
-            self.group.create_array(
+            create_checked_array(
+                self.group,
                 f"{MOMENTS_GROUP}/{level.array_name}",
                 data=np.stack([moments.sums, moments.squares]),
-                compressors=fixed_compressors(),
                 dimension_names=("moment", f"token_{level.layer}", f"feature_{level.layer}"),
             )
 
@@ -645,10 +681,10 @@ class FeatureCache:
             raise CacheError(
                 f"{redact_url(url)!r} is a zarr group but not an apmpipe feature cache (no '{ROOT_KEY}' root attribute)"
             )
-        if attrs.get("version") != FORMAT_VERSION:
+        if attrs.get("version") not in READABLE_VERSIONS:
             raise CacheError(
                 f"cache {redact_url(url)!r} has format version {attrs.get('version')}; this apmpipe reads "
-                f"version {FORMAT_VERSION}: re-extract it or use a matching apmpipe"
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}: re-extract it or use a matching apmpipe"
             )
         return cls(
             url=url,
@@ -711,8 +747,23 @@ class FeatureCache:
         return self.root[SHARDS_GROUP]
 
     def shard_attrs(self) -> dict[str, dict[str, Any]]:
-        """Attributes of every shard group, in one listing (each group's metadata is one read, remote ones too)."""
-        return {name: dict(group.attrs) for name, group in self._shards().groups()}
+        """Attributes of every shard group, in one listing (each group's metadata is one read, remote ones too).
+        When a group's metadata cannot be read, the group is found and named (CacheError)."""
+        try:
+            return {name: dict(group.attrs) for name, group in self._shards().groups()}
+        except Exception:
+            self._name_unreadable_group()
+            raise
+
+    def _name_unreadable_group(self) -> None:
+        """Open each shard group by itself (found by listing the folder, not its metadata) and raise the CacheError
+        of the first whose metadata cannot be read."""
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        for folder in sorted(fs.ls(f"{path.rstrip('/')}/{SHARDS_GROUP}", detail=False)):
+            name = folder.rstrip("/").rsplit("/", 1)[-1]
+            if fs.isdir(folder):
+                with reading(f"shard {name!r} of cache {redact_url(self.url)!r}", _REWRITE.format(name=name)):
+                    self.shard(name)
 
     def shard_status(self) -> dict[str, str]:
         """Status (``complete``, ``writing``, ``failed``) of every shard group."""
@@ -796,8 +847,9 @@ class FeatureCache:
         """The arrays of a complete shard group, opened once per cache object (metadata reads are not free) and
         checked against the group's ``num_samples``."""
         if name not in self._array_handles:
-            group = self.shard(name)
-            arrays = {path: node for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)}
+            with reading(f"shard {name!r} of cache {redact_url(self.url)!r}", _REWRITE.format(name=name)):
+                group = self.shard(name)
+                arrays = {path: node for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)}
             count = self._num_samples(name, dict(group.attrs))
             for key in _sample_arrays(self.spec):
                 held = arrays[key].shape[0] if key in arrays else None
@@ -831,18 +883,36 @@ class FeatureCache:
         levels = []
         if tokens:
             for level, basis in zip(self.spec.levels, self.level_bases(), strict=True):
-                values = arrays[f"tokens/{level.array_name}"][start:stop]
-                scale = arrays[f"scales/{level.array_name}"][start:stop] if self.spec.dtype == "int8" else None
+                values = self._stored(name, f"tokens/{level.array_name}", start, stop)
+                scale = (
+                    self._stored(name, f"scales/{level.array_name}", start, stop) if self.spec.dtype == "int8" else None
+                )
                 levels.append(decode_tokens(values, scale, token_dtype, basis if reconstruct else None))
+        decoded = None
+        if pixels:
+            with self._reading_shard(name, "pixels"):  # an image codec's files may be undecodable too
+                decoded = decode_pixels(
+                    self._stored(name, "pixels", start, stop), self.spec.pixel_codec, self.spec.pixel_shape
+                )
         return CachedSamples(
-            pixels=decode_pixels(arrays["pixels"][start:stop], self.spec.pixel_codec, self.spec.pixel_shape)
-            if pixels
-            else None,
-            labels=arrays["labels"][start:stop],
-            keys=[str(k) for k in arrays["keys"][start:stop]] if extras or keys else [],
-            logits=arrays["logits"][start:stop] if (extras or logits) and "logits" in arrays else None,
+            pixels=decoded,
+            labels=self._stored(name, "labels", start, stop),
+            keys=[str(k) for k in self._stored(name, "keys", start, stop)] if extras or keys else [],
+            logits=self._stored(name, "logits", start, stop) if (extras or logits) and "logits" in arrays else None,
             tokens=levels,
         )
+
+    def _reading_shard(self, name: str, array: str) -> contextlib.AbstractContextManager[None]:
+        """See :func:`reading`: array ``array`` of shard group ``name``, rewritten by deleting the group."""
+        return reading(
+            f"array {array!r} of shard {name!r} in cache {redact_url(self.url)!r}", _REWRITE.format(name=name)
+        )
+
+    def _stored(self, name: str, array: str, start: int, stop: int) -> np.ndarray:
+        """Samples ``start:stop`` of array ``array`` of complete shard group ``name`` as stored (every read of shard
+        data comes here: a damaged chunk becomes one line naming group, array and repair)."""
+        with self._reading_shard(name, array):
+            return self._arrays(name)[array][start:stop]
 
     def open_writer(self, name: str, source: str, fingerprint: str, precision: str) -> ShardWriter:
         """A writer for shard group ``name``; ``precision`` is how its tokens were computed (see :meth:`precision`)."""
@@ -861,7 +931,7 @@ class FeatureCache:
                     raise CacheError(
                         f"shard {name!r} of cache {redact_url(self.url)!r} lacks {key!r}; {_REWRITE.format(name=name)}"
                     )
-                sums, squares = arrays[key][...]
+                sums, squares = self._stored(name, key, 0, 2)  # [2, T, D]: sums, then sums of squares
                 total = total + TokenMoments(count, sums, squares)
             totals.append(total)
         return totals
@@ -878,16 +948,13 @@ class FeatureCache:
             del self.root[BASES_GROUP]
         group = self.root.create_group(BASES_GROUP, attributes={"status": STATUS_WRITING, **attrs})
         for level, basis in zip(self.spec.levels, bases, strict=True):
-            group.create_array(
-                f"{level.array_name}/mean",
-                data=basis.mean,
-                compressors=fixed_compressors(),
-                dimension_names=(f"feature_{level.layer}",),
+            create_checked_array(
+                group, f"{level.array_name}/mean", data=basis.mean, dimension_names=(f"feature_{level.layer}",)
             )
-            group.create_array(
+            create_checked_array(
+                group,
                 f"{level.array_name}/components",
                 data=basis.components,
-                compressors=fixed_compressors(),
                 dimension_names=(f"component_{level.layer}", f"feature_{level.layer}"),
             )
         group.update_attributes({"status": STATUS_COMPLETE})
@@ -904,11 +971,14 @@ class FeatureCache:
                     f"complete bases ({BASES_GROUP}/); re-extract it into a new --out"
                 )
             else:
-                group = self.root[BASES_GROUP]
-                self._bases = [
-                    TokenBasis(group[f"{lv.array_name}/mean"][...], group[f"{lv.array_name}/components"][...])
-                    for lv in self.spec.levels
-                ]
+                with reading(
+                    f"the bases ({BASES_GROUP}/) of cache {redact_url(self.url)!r}", "re-extract it into a new --out"
+                ):
+                    group = self.root[BASES_GROUP]
+                    self._bases = [
+                        TokenBasis(group[f"{lv.array_name}/mean"][...], group[f"{lv.array_name}/components"][...])
+                        for lv in self.spec.levels
+                    ]
         return self._bases
 
     # -- teacher head ----------------------------------------------------------------------------------------
@@ -919,11 +989,8 @@ class FeatureCache:
         group = self.root.create_group(HEAD_GROUP, attributes={"status": STATUS_WRITING, **attrs})
         for name, value in tensors.items():
             value = np.ascontiguousarray(value, dtype=np.float32)
-            group.create_array(
-                name,
-                data=value,
-                compressors=fixed_compressors(),
-                dimension_names=tuple(f"{name}_{axis}" for axis in range(value.ndim)),
+            create_checked_array(
+                group, name, data=value, dimension_names=tuple(f"{name}_{axis}" for axis in range(value.ndim))
             )
         group.update_attributes({"status": STATUS_COMPLETE})
 
@@ -935,7 +1002,11 @@ class FeatureCache:
         attrs = dict(group.attrs)
         if attrs.pop("status", None) != STATUS_COMPLETE:
             return None
-        return {name: array[...] for name, array in group.arrays()}, attrs
+        with reading(
+            f"the teacher head ({HEAD_GROUP}/) of cache {redact_url(self.url)!r}",
+            f"delete {HEAD_GROUP}/ and rerun apmpipe extract to rewrite it",
+        ):
+            return {name: array[...] for name, array in group.arrays()}, attrs
 
     # -- description -----------------------------------------------------------------------------------------
     def stored_bytes(self) -> int:

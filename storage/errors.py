@@ -16,6 +16,18 @@ from typing import Any
 class ApmError(Exception):
     """Root of all errors that are the user's to fix."""
 
+    def __init__(self, message: str = "", *args: object) -> None:
+        super().__init__(_unwrapped(message), *args)
+
+
+def _unwrapped(message: str) -> str:
+    """The one-line message of an ApmError raised in a DataLoader worker: torch re-raises it in the main process as
+    ``type("Caught X in DataLoader worker process N.\nOriginal Traceback ...\nmodule.X: message")``."""
+    if isinstance(message, str) and message.startswith("Caught ") and "\nOriginal Traceback" in message:
+        last = message.rstrip("\n").rsplit("\n", 1)[-1]
+        return last.partition(": ")[2] or last
+    return message
+
 
 class ConfigError(ApmError):
     """An option or config value is invalid or inconsistent."""

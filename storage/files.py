@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import ConfigError
+
 TMP_SUFFIX = ".tmp"  # temporaries end so; writers remove stale ones on start
 
 
@@ -32,3 +34,28 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def check_writable(out: str, option: str = "--out", *, folder: bool = True) -> None:
+    """Refuse (ConfigError), before any work is done, a local output where nothing can be created: the folder
+    ``out`` (``folder``), or the folder that would hold the file ``out``; the nearest existing one is probed by
+    creating a file in it (permission bits do not tell: root ignores them, an immutable folder or a read-only mount
+    refuses all the same). URLs are not probed: a probe would cost requests and could leave an object behind."""
+    if "://" in out and not out.startswith("file://"):
+        return
+    path = Path(out.removeprefix("file://"))
+    if not folder and path.is_dir():
+        raise ConfigError(f"{option} {out!r} is a folder; name the file to write in it")
+    existing = (path if folder else path.parent).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".apmpipe-write-check-")
+    except OSError as exc:
+        where = "" if existing == path.absolute() else f" (in {existing})"
+        raise ConfigError(
+            f"{option} {out!r} cannot be written{where}: {exc.strerror or exc}; choose another {option} or make it "
+            "writable"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)

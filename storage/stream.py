@@ -193,9 +193,15 @@ def open_caches(
     precision = first.precision()  # also refuses a cache that mixes precisions
     for cache in caches:
         url, first_url = redact_url(cache.url), redact_url(first.url)
-        if not cache.complete_shards():
+        counts = cache.sample_counts()
+        if not counts:
             raise CacheError(
                 f"cache {url!r} has no complete shard; finish it with apmpipe extract (rerun the same command)"
+            )
+        if not any(counts.values()):
+            raise CacheError(
+                f"cache {url!r} holds 0 samples: its extraction stored nothing (see apmpipe info "
+                f"{url}); delete it and rerun apmpipe extract with the fix"
             )
         first.spec.check_layout(cache.spec.layout(), f"cache {url!r} (beside {first_url!r})")
         if cache.spec.dtype != first.spec.dtype:
