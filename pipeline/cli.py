@@ -976,17 +976,48 @@ def bench_codecs_command(
     render.bench_codecs(bench_codecs(cache, samples, parse_storage_options(storage_option)))
 
 
+def misplaced_option(exc: Exception) -> str | None:
+    """For an option the command lacks (a parser error): where it belongs instead, when anywhere; None otherwise.
+    A global option given after the command goes before it; another command's option names that command."""
+    name, ctx = getattr(exc, "option_name", None), getattr(exc, "ctx", None)
+    if not name or ctx is None:
+        return None
+    root, here = ctx.find_root(), ctx.command_path
+    for param in root.command.params:
+        if name in (*param.opts, *param.secondary_opts):
+            value = "" if getattr(param, "is_flag", False) else " N" if isinstance(param.default, int) else " VALUE"
+            after = here.split(" ", 1)[1] if " " in here else "COMMAND"
+            example = f"{root.info_name} {name}{value} {after} ..."
+            return f"{name} is a global option: it goes before the command, e.g. {example}"
+    owners = [path for path, command in _subcommands(root.command, root.info_name) if _has_option(command, name)]
+    if owners:
+        return f"{here} has no option {name}; it is an option of {', '.join(owners)}"
+    return None
+
+
+def _subcommands(group: Any, path: str) -> list[tuple[str, Any]]:
+    """(command path, click command) of every command under ``group``, depth first."""
+    out = []
+    for name, command in getattr(group, "commands", {}).items():
+        out += [(f"{path} {name}", command), *_subcommands(command, f"{path} {name}")]
+    return out
+
+
+def _has_option(command: Any, name: str) -> bool:
+    return any(name in (*param.opts, *param.secondary_opts) for param in command.params)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point: usage errors are one line with exit code 2, like user errors."""
     try:
-        code = app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False, prog_name="apmpipe")
     except typer.Abort:
         err_console.print("aborted", highlight=False)
         raise SystemExit(130) from None
     except typer.TyperException as exc:  # the parser's usage errors (bad option value, missing argument)
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        message = misplaced_option(exc) or (exc.format_message() if hasattr(exc, "format_message") else str(exc))
         if type(exc).__name__ == "NoArgsIsHelpError":  # a bare ``apmpipe`` or ``apmpipe bench``: the help, no error
             typer.echo(message)
         else:

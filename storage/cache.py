@@ -679,7 +679,7 @@ class FeatureCache:
         try:
             root = zarr.open_group(url, mode=mode, storage_options=_zarr_storage_options(url, storage_options))
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            raise CacheError(_no_cache_message(url)) from None
+            raise CacheError(_no_cache_message(url, storage_options)) from None
         attrs = dict(root.attrs).get(ROOT_KEY)
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise CacheError(
@@ -1077,15 +1077,15 @@ class FeatureCache:
         return out
 
 
-def _no_cache_message(url: str) -> str:
-    """Why ``url`` cannot be opened as a cache, pointing the right way when it is input data (a tar shard)."""
+def _no_cache_message(url: str, storage_options: dict | None) -> str:
+    """Why ``url`` cannot be opened as a cache: what it is when apmpipe knows (input data, a run), else that
+    nothing is there."""
+    from .kinds import FEATURE_CACHE, wrong_kind
+
     shown = redact_url(url)
-    if shown.lower().rstrip("/").endswith((".tar", ".tar.gz", ".tgz")):
-        return (
-            f"{shown!r} is an input shard, not a feature cache: extract it first (apmpipe extract {shown} "
-            "--out CACHE.zarr --teacher NAME), then use CACHE.zarr"
-        )
-    return f"no feature cache at {shown!r}; create one with apmpipe extract SOURCES --out {shown} --teacher NAME"
+    return wrong_kind(url, FEATURE_CACHE, storage_options) or (
+        f"no feature cache at {shown!r}; create one with apmpipe extract SOURCES --out {shown} --teacher NAME"
+    )
 
 
 def _short(value: Any) -> str:

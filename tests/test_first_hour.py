@@ -191,7 +191,8 @@ def test_hints_point_the_right_way(
 ) -> None:
     result = run_main(capsys, "train", digit_shards[0], "--out", tmp_path / "run")
     line = _one_error_line(result.stderr)  # also: no blank line before it
-    assert "is an input shard, not a feature cache: extract it first" in line and f"--out {digit_shards[0]}" not in line
+    assert "is an input shard, not a feature cache" in line and "extract it first" in line, line
+    assert f"--out {digit_shards[0]}" not in line
     result = run_main(capsys, "eval", tiny_cache, "--student", tmp_path / "nostudent")
     assert (
         "nostudent: it does not exist" in _one_error_line(result.stderr) and "(expected nostudent)" not in result.stderr
