@@ -18,11 +18,40 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand
 
 from apmpipe.storage.errors import ApmError, ConfigError
 
 from . import render
 from .console import ShardProgress, err_console, out_console
+
+
+class ApmCommand(TyperCommand):
+    """A command whose usage line and argument list name its arguments as ``SOURCES...`` (``[SOURCES]...`` when
+    optional), not typer's ``{sources}...`` with a ``<list[str]>`` type."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        names = [_argument_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [self.options_metavar or "", *(n if p.required else f"[{n}]" for n, p in names)]
+
+    def format_options(self, ctx: typer.Context, formatter: Any) -> None:
+        records = {"argument": [], "option": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and param.param_type_name in records:
+                name = _argument_name(param)[0] if param.param_type_name == "argument" else record[0]
+                records[param.param_type_name].append((name, record[1]))
+        for title, kind in (("Arguments", "argument"), ("Options", "option")):
+            if records[kind]:
+                with formatter.section(title):
+                    formatter.write_dl(records[kind])
+
+
+def _argument_name(param: Any) -> tuple[str, Any]:
+    """(``SOURCES...`` or ``CACHE``, the parameter)."""
+    name = (param.metavar or param.name or "").upper()
+    return (f"{name}..." if param.nargs != 1 else name), param
+
 
 app = typer.Typer(
     name="apmpipe",
@@ -44,13 +73,18 @@ StorageOptions = Annotated[
     list[str] | None,
     typer.Option(
         "--storage-option",
+        metavar="KEY=VALUE",
         help="fsspec option KEY=VALUE for remote inputs, caches or runs (repeatable), e.g. "
         "endpoint_url=http://127.0.0.1:9000.",
     ),
 ]
 ModelArgs = Annotated[
     list[str] | None,
-    typer.Option("--model-arg", help="Extra timm.create_model argument KEY=VALUE (repeatable), e.g. img_size=448."),
+    typer.Option(
+        "--model-arg",
+        metavar="KEY=VALUE",
+        help="Extra timm.create_model argument (repeatable), e.g. img_size=448.",
+    ),
 ]
 
 
@@ -66,6 +100,7 @@ class Codec(StrEnum):
     none = "none"
 
 
+ISLANDS_PNG = "islands.png"  # what apmpipe islands writes into its --out folder
 DEFAULT_CODEC_CHOICE = Codec.blosc_lz4  # storage.cache.DEFAULT_CODEC, without importing zarr here (a test checks)
 
 
@@ -180,7 +215,7 @@ def stage_options(ctx: typer.Context, *drop: str) -> dict[str, Any]:
     return {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def extract(
     ctx: typer.Context,
@@ -288,7 +323,11 @@ def extract(
     ] = None,
     resources: Annotated[
         list[str] | None,
-        typer.Option("--resources", help="Dask resources each task needs, KEY=VALUE (repeatable), e.g. GPU=1."),
+        typer.Option(
+            "--resources",
+            metavar="KEY=VALUE",
+            help="Dask resources each task needs (repeatable), e.g. GPU=1.",
+        ),
     ] = None,
     storage_option: StorageOptions = None,
 ) -> None:
@@ -344,7 +383,7 @@ def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
     return route_storage_options(parse_key_values(items, "--storage-option"))
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def info(
     ctx: typer.Context,
@@ -371,7 +410,7 @@ def info(
         render.cache_description(desc, sizes)
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def verify(
     ctx: typer.Context,
@@ -409,7 +448,7 @@ class LevelMode(StrEnum):
     query = "query"
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def train(
     ctx: typer.Context,
@@ -594,7 +633,7 @@ class IslandsMode(StrEnum):
     kmeans = "kmeans"
 
 
-@app.command("eval")
+@app.command("eval", cls=ApmCommand)
 @reports_user_errors
 def eval_command(
     ctx: typer.Context,
@@ -610,7 +649,8 @@ def eval_command(
         typer.Option(help="classes x dim .npy of text embeddings (CLIP zero-shot through the cached projection head)."),
     ] = None,
     out: Annotated[
-        str | None, typer.Option(help="Report folder, local or URL (default: RUN_DIR/eval-<cache name>).")
+        str | None,
+        typer.Option("--out", "-o", help="Report folder, local or URL (default: RUN_DIR/eval-<cache name>)."),
     ] = None,
     feature: Annotated[
         str,
@@ -653,7 +693,7 @@ def eval_command(
     render.eval_report(report, f"{folder.rstrip('/')}/{json_name}")
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def islands(
     ctx: typer.Context,
@@ -663,7 +703,14 @@ def islands(
     student: Annotated[
         str, typer.Option(help="Run directory (or student.safetensors) from apmpipe train.", show_default=False)
     ],
-    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("islands.png"),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help=f"Folder for {ISLANDS_PNG} (created), as every --out; a path ending in .png names the file itself.",
+        ),
+    ] = Path("."),
     images: Annotated[int, typer.Option(help="Images to draw (rows).")] = 4,
     mode: Annotated[
         IslandsMode, typer.Option(help="pca: 3 principal components as RGB; kmeans: clusters as colours.")
@@ -680,7 +727,8 @@ def islands(
 
     cache_options = parse_storage_options(storage_option)
     options = {"images": images, "mode": mode.value, "clusters": clusters, "panel": panel, "device": device}
-    result = draw(student, sources, str(out), **options, storage_options=cache_options)
+    png = out if out.suffix.lower() == ".png" else out / ISLANDS_PNG
+    result = draw(student, sources, str(png), **options, storage_options=cache_options)
     render.islands_result(result)
 
 
@@ -695,7 +743,7 @@ class EmbedDtype(StrEnum):
     float32 = "float32"
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def embed(
     ctx: typer.Context,
@@ -775,11 +823,13 @@ def embed(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def demo(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="Folder for data, caches, student and the report.")] = Path("demo-out"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for data, caches, student and the report.")] = Path(
+        "demo-out"
+    ),
     quick: Annotated[
         bool, typer.Option("--quick", help="A shorter teacher recipe and a 150-step student (for tests).")
     ] = False,
@@ -791,14 +841,15 @@ def demo(
 
     Real images (scikit-learn digits), a small trained teacher, and a report folder."""
     from .demo import run_demo
+    from .report import EVAL_JSON
 
     summary = run_demo(out, quick=quick, seed=seed)
-    render.eval_report(summary["eval"], out / "eval.json")
+    render.eval_report(summary["eval"], out / EVAL_JSON)
     report = out / "report.md"
     out_console.print(f"report: {report} (loss.png, fidelity.png, per-class plots, islands.png)", highlight=False)
 
 
-@bench_app.command("extract")
+@bench_app.command("extract", cls=ApmCommand)
 @reports_user_errors
 def bench_extract_command(
     ctx: typer.Context,
@@ -840,7 +891,7 @@ def bench_extract_command(
     render.bench_extract(result, config)
 
 
-@bench_app.command("train")
+@bench_app.command("train", cls=ApmCommand)
 @reports_user_errors
 def bench_train_command(
     ctx: typer.Context,
@@ -884,7 +935,7 @@ def bench_train_command(
     render.bench_train(result, options)
 
 
-@bench_app.command("ablation")
+@bench_app.command("ablation", cls=ApmCommand)
 @reports_user_errors
 def bench_ablation_command(
     ctx: typer.Context,
@@ -893,7 +944,7 @@ def bench_ablation_command(
     ] = Path("bench-ablation"),
     steps: Annotated[int, typer.Option(help="Training steps of every run (--min-steps).")] = 1500,
     only: Annotated[
-        list[str] | None, typer.Option(help="Run only the rows whose name contains this word (repeatable).")
+        list[str] | None, typer.Option(metavar="WORD", help="Run only the rows whose name contains WORD (repeatable).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, teacher and every student.")] = 0,
 ) -> None:
@@ -906,7 +957,7 @@ def bench_ablation_command(
     render.bench_ablation(teacher, rows, steps)
 
 
-@bench_app.command("bytes")
+@bench_app.command("bytes", cls=ApmCommand)
 @reports_user_errors
 def bench_bytes_command(
     workdir: Annotated[
@@ -915,7 +966,9 @@ def bench_bytes_command(
     steps: Annotated[int, typer.Option(help="Training steps of every run (--min-steps).")] = 4000,
     only: Annotated[
         list[str] | None,
-        typer.Option(help="Run only the plans whose name contains this word (repeatable); the default always runs."),
+        typer.Option(
+            metavar="WORD", help="Run only the plans whose name contains WORD (repeatable); the default always runs."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, teacher and every student.")] = 0,
 ) -> None:
@@ -929,7 +982,7 @@ def bench_bytes_command(
     render.bench_bytes(teacher, rows, steps, workdir / "bench-bytes.json")
 
 
-@bench_app.command("augment")
+@bench_app.command("augment", cls=ApmCommand)
 @reports_user_errors
 def bench_augment_command(
     workdir: Annotated[
@@ -958,7 +1011,7 @@ def bench_augment_command(
     render.bench_augment(teacher, rows, scale)
 
 
-@bench_app.command("codecs")
+@bench_app.command("codecs", cls=ApmCommand)
 @reports_user_errors
 def bench_codecs_command(
     cache: Annotated[str, typer.Argument(help="A cache (local or URL); its first complete shard is measured.")],

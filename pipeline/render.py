@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .console import err_console, human_bytes, out_console
+from .console import counted, err_console, human_bytes, out_console
 
 
 def table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -230,8 +230,8 @@ def _classification_row(key: str, result: dict[str, Any] | str) -> tuple[str, st
 
 
 def _ttt_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
-    steps = f"{t['samples']} samples x {t['steps']} steps from {t['start']}"
-    rows = [("test-time training", f"{steps}: {t['ms_per_step']:.1f} ms/step ({t['threads']} threads)")]
+    steps = f"{counted(t['samples'], 'sample')} x {counted(t['steps'], 'step')} from {t['start']}"
+    rows = [("test-time training", f"{steps}: {t['ms_per_step']:.1f} ms/step ({counted(t['threads'], 'thread')})")]
     last = list(t["fidelity_after"])[-1]
     before, after = _fidelity_line(t["fidelity_before"][last]), _fidelity_line(t["fidelity_after"][last])
     rows.append(("  TTT fidelity, last level", f"before: {before}; after: {after}"))

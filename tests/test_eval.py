@@ -51,7 +51,7 @@ def test_eval_reports_fidelity_classification_and_ttt(
         "16",
     )
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "eval.json").read_text())
     assert report["samples"] == 80
     fid = report["fidelity"]
     assert set(fid) == {"1", "2"} and -1 <= fid["2"]["patch_cosine"] <= 1 and "prefix_mse" in fid["2"]
@@ -119,7 +119,7 @@ def test_unlabelled_cache_gives_fidelity_and_says_why(tmp_path: Path, tiny_stude
         group["labels"][...] = -1
     result = run_cli("eval", unlabelled, "--student", tiny_student, "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    report = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert report["fidelity"] and "no labels" in report["classification"]["skipped"]
 
 

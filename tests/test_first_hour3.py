@@ -4,13 +4,25 @@ the small things a newcomer meets. Each behaviour through the CLI where it can b
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .conftest import FAST, TINY_TRAIN, TINY_VIT, run_main
+from apmpipe.pipeline.cli import main
+
+from .conftest import FAST, TINY_TRAIN, TINY_VIT, Outcome, run_main
 
 
 def _one_error_line(stderr: str) -> str:
@@ -80,3 +92,157 @@ def test_a_cache_without_samples_does_not_ask_for_a_smaller_batch(
     run_main(capsys, "extract", broken, "-o", cache, *TINY_VIT, *FAST)  # every sample skipped (its exit: issue 23.1)
     line = _one_error_line(run_main(capsys, "train", cache, "-o", tmp_path / "run", *TINY_TRAIN).stderr)
     assert "no samples in" in line and f"apmpipe info {cache}" in line and "--batch-size" not in line, line
+
+
+# -- 5: the demo's teacher training shows progress and runs on the threads it is given ------------------------------
+def _run_captured(*args: object) -> Outcome:
+    """``apmpipe ARGS`` in this process with stdout and stderr captured (module fixtures cannot take capsys)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    return Outcome(int(exit_info.value.code or 0), out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Outcome, Outcome]:
+    """``apmpipe --threads 1 demo`` with a 1-epoch teacher and a 6-step student (the demo's plan made small), run
+    twice into one folder: (folder, first run, rerun that finds everything done)."""
+    import torch
+
+    from apmpipe.pipeline import demo
+    from apmpipe.stages.reference_teacher import ReferenceRecipe
+
+    def small(cls: type, quick: bool, seed: int) -> demo.DemoPlan:
+        return cls(teacher=replace(ReferenceRecipe(seed=seed), epochs=1), max_steps=6, ttt_samples=1)
+
+    out, threads = tmp_path_factory.mktemp("demo") / "demo", torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo.DemoPlan, "of", classmethod(small))
+        try:
+            runs = [_run_captured("--threads", "1", "demo", "-o", out) for _ in range(2)]
+        finally:
+            torch.set_num_threads(threads)
+    assert all(run.returncode == 0 for run in runs), runs
+    return out, runs[0], runs[1]
+
+
+def test_the_demo_teacher_shows_progress_on_the_given_threads(small_demo: tuple[Path, Outcome, Outcome]) -> None:
+    out, first, _ = small_demo
+    steps = 1297 // 64  # one epoch of the digits' train split at the recipe's batch size
+    assert re.search(rf"teacher .* {steps}/{steps} epoch 1", first.stderr), first.stderr
+    assert json.loads((out / "teacher" / "training.json").read_text())["threads"] == 1
+
+
+# -- 8: small things ----------------------------------------------------------------------------------------------
+def test_a_demo_rerun_shows_the_finished_run_not_a_stale_bar(small_demo: tuple[Path, Outcome, Outcome]) -> None:
+    _, _, rerun = small_demo
+    assert "already trained: step 6 of 6" in rerun.stderr and not re.search(r"train .* 0/6", rerun.stderr), rerun.stderr
+
+
+def test_one_thread_and_one_sample_are_singular(small_demo: tuple[Path, Outcome, Outcome]) -> None:
+    out, first, _ = small_demo
+    text = first.stdout + (out / "report.md").read_text()
+    assert "1 sample x 10 steps" in first.stdout and "(1 thread)" in first.stdout, first.stdout
+    assert "1 threads" not in text and "1 samples" not in text and "1 validation sample," in text
+
+
+def test_demo_and_eval_write_one_report_name(
+    small_demo: tuple[Path, Outcome, Outcome],
+    capsys: pytest.CaptureFixture,
+    tmp_path: Path,
+    tiny_student: Path,
+    eval_cache: Path,
+) -> None:
+    out, first, _ = small_demo
+    assert (out / "eval.json").is_file() and "eval.json" in first.stdout
+    result = run_main(capsys, "eval", eval_cache, "--student", tiny_student, "-o", tmp_path / "report")
+    assert result.returncode == 0 and (tmp_path / "report" / "eval.json").is_file(), result.stderr
+
+
+def test_ctrl_c_prints_stopping_once_with_loader_workers(tmp_path: Path, tiny_cache: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train", tiny_cache, "-o", run, *TINY_TRAIN, "--loader-workers", "2", "--max-steps", "100000"]
+    args += ["--log-every", "1", "--checkpoint-every", "100000", "--checkpoint-minutes", "0"]
+    proc = subprocess.Popen(  # a terminal's Ctrl-C reaches the whole process group: the loader workers too
+        [sys.executable, "-m", "apmpipe.pipeline", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.count("SIGINT: stopping after this step's checkpoint") == 1, err
+
+
+def test_the_loss_legend_lists_levels_in_order_beside_the_plot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from apmpipe.pipeline.report import plot_losses
+
+    figures: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: figures.append(self))
+    records = [
+        {"step": s, "loss": 3.0, "loss_level_12": 1.0, "loss_level_4": 1.0, "loss_level_8": 1.0, "loss_rgb": 0.1}
+        for s in (1, 2, 3)
+    ]
+    plot_losses(records, tmp_path / "loss.png")
+    figure = figures[0]
+    ax, legend = figure.axes[0], figure.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["total", "level 4", "level 8", "level 12", "rgb"]
+    levels = ax.lines[1:4]  # equal losses draw on top of each other: each level needs its own dashes to be seen
+    assert len({line.get_linestyle() for line in levels}) == 3
+    figure.draw_without_rendering()
+    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1  # beside the axes: it covers no line
+
+
+def _commands() -> list[tuple[str, Any]]:
+    import typer
+
+    from apmpipe.pipeline.cli import _subcommands, app
+
+    return [(path, command) for path, command in _subcommands(typer.main.get_command(app), "apmpipe")]
+
+
+def test_every_out_option_has_the_short_o() -> None:
+    with_out = [(path, command) for path, command in _commands() if any("--out" in p.opts for p in command.params)]
+    assert len(with_out) >= 6
+    for path, command in with_out:
+        assert any("-o" in p.opts and "--out" in p.opts for p in command.params), path
+
+
+def test_usage_lines_name_arguments_plainly(capsys: pytest.CaptureFixture) -> None:
+    for path, _ in _commands():
+        result = run_main(capsys, *path.split()[1:], "--help")
+        usage = result.stdout.splitlines()[0]
+        assert "{" not in usage and "<list[" not in result.stdout, (path, result.stdout)
+    assert run_main(capsys, "extract", "--help").stdout.startswith("Usage: apmpipe extract [OPTIONS] SOURCES...")
+
+
+def test_islands_out_is_a_folder_and_a_png_path_still_names_the_file(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, eval_cache: Path
+) -> None:
+    common = ["--student", tiny_student, "--images", "1", "--panel", "32"]
+    result = run_main(capsys, "islands", eval_cache, *common, "-o", tmp_path / "figures")
+    assert result.returncode == 0 and (tmp_path / "figures" / "islands.png").is_file(), result.stderr
+    result = run_main(capsys, "islands", eval_cache, *common, "--out", tmp_path / "named.png")
+    assert result.returncode == 0 and (tmp_path / "named.png").is_file(), result.stderr
+
+
+def test_what_embed_leaves_in_its_folder_is_documented(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, digit_shards: list[str]
+) -> None:
+    from apmpipe.storage import embeddings
+
+    out = tmp_path / "emb"
+    result = run_main(capsys, "embed", digit_shards[0], "--student", tiny_student, "-o", out, "--loader-workers", "0")
+    assert result.returncode == 0, result.stderr
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for entry in out.iterdir():
+        name = re.sub(r"layer\d+$", "layer{L}", entry.name)  # emb_layer2 is documented as emb_layer{L}
+        assert name in embeddings.__doc__ and f"emb/{name}" in readme, entry.name

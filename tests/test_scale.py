@@ -108,7 +108,7 @@ def test_extract_train_eval_against_s3(
     }
     result = run_cli("eval", cache, "--student", run, "--max-samples", "16", *opts)
     assert result.exit_code == 0, result.output
-    assert json.loads(fs.cat_file("apm-bucket/run/eval-cache/report.json"))["samples"] == 16  # RUN/eval-<cache>
+    assert json.loads(fs.cat_file("apm-bucket/run/eval-cache/eval.json"))["samples"] == 16  # RUN/eval-<cache>
     assert fs.cat_file("apm-bucket/run/eval-cache/fidelity.png")[:4] == b"\x89PNG"
     result = run_cli(
         "islands", cache, "--student", run, "--out", tmp_path / "islands.png", "--images", "2", "--panel", "32", *opts
