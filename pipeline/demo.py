@@ -210,7 +210,10 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
 def _classification_rows(report: dict[str, Any]) -> list[str]:
     rows = []
     for result in report["classification"].values():
-        if isinstance(result, dict):
+        if isinstance(result, dict) and "labels_unrelated" in result:
+            unrelated = "labels are not the head's classes"
+            rows.append(f"| {result['method']} | - | - | {unrelated} | {result['agreement']:.3f} |")
+        elif isinstance(result, dict):
             s, t = result["student"], result["teacher"]
             rows.append(
                 f"| {result['method']} | {s['top1']:.3f} | {t['top1']:.3f} | "

@@ -221,6 +221,11 @@ def _fidelity_line(f: dict[str, float]) -> str:
 def _classification_row(key: str, result: dict[str, Any] | str) -> tuple[str, str]:
     if not isinstance(result, dict):  # why a method did not run
         return key.replace("_", " "), result
+    if "labels_unrelated" in result:  # no accuracy to compare: how often the student decides as the teacher does
+        return result["method"], (
+            f"labels are not the head's classes ({result['labels_unrelated']}): student agrees with the teacher's "
+            f"top-1 on {result['agreement']:.3f} of samples"
+        )
     s, t = result["student"], result["teacher"]
     ratio = s["top1"] / max(t["top1"], 1e-9)
     return result["method"], (
@@ -238,6 +243,9 @@ def _ttt_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
     for key in ("head", "knn"):
         if f"{key}_before" in t:
             b, a = t[f"{key}_before"], t[f"{key}_after"]
+            if "top1" not in b:  # labels that are not the head's classes: agreement with the teacher instead
+                rows.append((f"  TTT {key} agreement", f"{b['agreement']:.3f} -> {a['agreement']:.3f}"))
+                continue
             teacher = ""
             if key == "head" and "top1" in t.get("teacher_head", {}):
                 teacher = f" (teacher {t['teacher_head']['top1']:.3f})"

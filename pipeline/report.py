@@ -27,7 +27,7 @@ def write_eval_report(report: dict[str, Any], folder: Path) -> Path:
     json_path.write_text(json.dumps(report, indent=2))
     plot_fidelity(report["fidelity"], folder / "fidelity.png")
     for key, result in report["classification"].items():
-        if isinstance(result, dict):
+        if isinstance(result, dict) and "per_class" in result:
             plot_per_class(result["per_class"], f"{result['method']}: per-class top-1", folder / f"per_class_{key}.png")
     return json_path
 

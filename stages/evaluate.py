@@ -28,13 +28,16 @@ from .apm import APM
 from .classify import (
     FEATURES,
     accuracy,
+    agreement,
     cosine_scores,
     global_feature,
+    head_side_by_side,
     knn_scores,
     load_class_embeddings,
     probe_scores,
     resolve_feature,
     side_by_side,
+    unrelated_labels,
 )
 from .fidelity import TokenFidelity
 from .head import TeacherHead
@@ -158,11 +161,11 @@ def _head_rows(
     student, teacher = outputs.cat("student_logits"), outputs.cat("teacher_logits")
     if config.class_embeddings:
         classes = load_class_embeddings(config.class_embeddings, teacher.shape[1])
-        rows["zero_shot"] = side_by_side(
+        rows["zero_shot"] = head_side_by_side(
             "class embeddings", cosine_scores(student, classes), cosine_scores(teacher, classes), labels
         )
     else:
-        rows["teacher_head"] = side_by_side("teacher head", student, teacher, labels)
+        rows["teacher_head"] = head_side_by_side("teacher head", student, teacher, labels)
     return rows
 
 
@@ -269,12 +272,13 @@ def _ttt_report(
     label_t = torch.cat(labels)
     if ctx.head is not None:
         teacher = before.cat("teacher_logits")
-        result["teacher_head"] = accuracy(teacher, label_t) if (label_t >= 0).all() else {}
+        scored = bool((label_t >= 0).all()) and not unrelated_labels(teacher, label_t)  # else agreement alone
+        result["teacher_head"] = accuracy(teacher, label_t) if scored else {}
         for name, outputs in (("before", before), ("after", after)):
             student = outputs.cat("student_logits")
             result[f"head_{name}"] = {
-                **(accuracy(student, label_t) if (label_t >= 0).all() else {}),
-                "agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean()),
+                **(accuracy(student, label_t) if scored else {}),
+                "agreement": agreement(student, teacher),
             }
     if train_feats is not None and (label_t >= 0).all():
         for name, outputs in (("before", before), ("after", after)):

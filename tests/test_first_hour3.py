@@ -246,3 +246,30 @@ def test_what_embed_leaves_in_its_folder_is_documented(
     for entry in out.iterdir():
         name = re.sub(r"layer\d+$", "layer{L}", entry.name)  # emb_layer2 is documented as emb_layer{L}
         assert name in embeddings.__doc__ and f"emb/{name}" in readme, entry.name
+
+
+# -- 6: teacher-head scores against labels that are not the head's classes -----------------------------------------
+def test_eval_shows_agreement_when_the_teacher_head_is_near_chance_on_the_labels(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_student: Path, eval_cache: Path
+) -> None:
+    out = tmp_path / "report"  # a random-init 10-class head on real digits: its own top-1 is about chance (0.1)
+    result = run_main(capsys, "eval", eval_cache, "--student", tiny_student, "-o", out, "--ttt-steps", "2")
+    assert result.returncode == 0, result.stderr
+    head = json.loads((out / "eval.json").read_text())["classification"]["teacher_head"]
+    assert "near chance" in head["labels_unrelated"] and "student" not in head and 0 <= head["agreement"] <= 1
+    text = " ".join(result.stdout.replace("│", " ").split())  # the table's cells, unwrapped
+    assert "labels are not the head's classes" in text and "student agrees with the teacher's top-1 on" in text
+    assert "x teacher) | teacher" not in text.split("weighted k-NN")[0] and "TTT head agreement" in text, text
+    assert not (out / "per_class_teacher_head.png").exists()  # no empty per-class plot
+
+
+def test_label_ids_outside_the_head_are_not_its_classes() -> None:
+    import torch
+
+    from apmpipe.stages.classify import head_side_by_side
+
+    labels = torch.tensor([0, 1, 2, 5, 5])
+    teacher = torch.eye(3)[torch.tensor([0, 1, 2, 0, 1])] * 10  # a 3-class head, perfect on the ids it has
+    result = head_side_by_side("teacher head", teacher, teacher, labels)
+    assert result["labels_unrelated"] == "label ids reach 5 but the head has 3 classes" and result["agreement"] == 1
+    assert "per_class" in head_side_by_side("teacher head", teacher, teacher, torch.tensor([0, 1, 2, 0, 1]))
