@@ -37,7 +37,7 @@ from apmpipe.storage.cache import (
     stored_codec,
     writer_lock,
 )
-from apmpipe.storage.errors import ApmError, CacheError, InputError, ModelError
+from apmpipe.storage.errors import CacheError, InputError, ModelError, failure_line
 from apmpipe.storage.lowrank import BasisFit, TokenBasis
 from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
 from apmpipe.storage.redact import redact_url
@@ -108,11 +108,6 @@ class _Silent:
         pass
 
 
-def _reason(exc: Exception) -> str:
-    """One line for a shard's failure: the message of a domain error, type and message of anything else."""
-    return str(exc) if isinstance(exc, ApmError) else f"{type(exc).__name__}: {exc}"
-
-
 class _ShardJob:
     """Encodes and writes one shard's batches; runs on the background writer thread only.
 
@@ -131,7 +126,7 @@ class _ShardJob:
             self.writer = cache.open_writer(source.name, source.url, source.fingerprint, precision)
         except Exception as exc:  # e.g. the store refuses the group: this shard fails, the others go on
             self.writer = None
-            self.result.error = _reason(exc)
+            self.result.error = failure_line(exc)
 
     def _measure(
         self, tokens: list[np.ndarray], encoded: list[EncodedTokens], pixels: np.ndarray, stored: np.ndarray
@@ -175,7 +170,7 @@ class _ShardJob:
         except (
             Exception
         ) as exc:  # bad tokens or a failed write (full disk, lost connection) fail this shard; a rerun rewrites it
-            self.result.error = _reason(exc)
+            self.result.error = failure_line(exc)
             return
         self.result.images += len(labels)
 
@@ -196,7 +191,7 @@ class _ShardJob:
                 self.writer.finish(self.result.skipped_samples, stats)
                 return self.result
             except Exception as exc:  # the final write or the status attribute failed
-                self.result.error = _reason(exc)
+                self.result.error = failure_line(exc)
         self.result.status, self.result.images = "failed", 0
         if self.writer is not None:
             with contextlib.suppress(

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .errors import failure_line, plain_message
 from .sources import DEFAULT_MAX_PIXELS, ImageTooLarge, ShardSource, decode_image, iter_samples
 
 PixelTransform = Callable[[Image.Image], torch.Tensor]
@@ -130,7 +131,7 @@ class ShardBatches(IterableDataset):
                     skipped.append((sample.key, str(exc)))
                     continue
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                    skipped.append((sample.key, f"undecodable image: {exc}"))
+                    skipped.append((sample.key, f"undecodable image: {plain_message(exc)}"))
                     continue
                 labels.append(sample.label)
                 keys.append(sample.key)
@@ -138,7 +139,7 @@ class ShardBatches(IterableDataset):
                     yield self._record(shard.name, pixels, labels, keys, skipped, last=False)
                     pixels, labels, keys, skipped = [], [], [], []
         except Exception as exc:  # an unreadable shard fails alone; the run goes on with the others
-            yield self._record(shard.name, [], [], [], skipped, last=True, error=f"{type(exc).__name__}: {exc}")
+            yield self._record(shard.name, [], [], [], skipped, last=True, error=failure_line(exc))
             return
         yield self._record(shard.name, pixels, labels, keys, skipped, last=True)
 

@@ -714,8 +714,8 @@ class FeatureCache:
             if diff:
                 key, was, now = diff[0]
                 raise CacheError(
-                    f"cache {url!r} was written with a different {key} ({_short(was)}, now "
-                    f"{_short(now)}); use another --out or the same options"
+                    f"cache {url!r} was written with {key} {_short(was)}, not {_short(now)}; use another --out or "
+                    "the same options"
                 )
             return cache
         if fs.exists(path) and [p for p in fs.ls(path, detail=False) if not p.endswith(LOCK_FILE)]:
@@ -1089,10 +1089,14 @@ def _no_cache_message(url: str, storage_options: dict | None) -> str:
 
 
 def _short(value: Any) -> str:
-    """A value for a one-line message: lists of records by their first field (``[{'layer': 4, ...}]``), at most 60
-    characters."""
+    """A value for a one-line message in plain words, at most 60 characters: lists of records by their first field
+    (``[layer 4, layer 8]``), records as ``key value`` pairs, strings quoted, a missing field as ``none``."""
     if isinstance(value, list) and value and all(isinstance(v, dict) and v for v in value):
-        text = "[" + ", ".join(f"{{{next(iter(v))!r}: {next(iter(v.values()))!r}, ...}}" for v in value) + "]"
+        text = "[" + ", ".join(f"{next(iter(v))} {_short(next(iter(v.values())))}" for v in value) + "]"
+    elif isinstance(value, dict):
+        text = ", ".join(f"{key} {_short(item)}" for key, item in value.items()) or "none"
+    elif value is _ABSENT or value is None:
+        text = "none"
     else:
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -273,3 +273,28 @@ def test_label_ids_outside_the_head_are_not_its_classes() -> None:
     result = head_side_by_side("teacher head", teacher, teacher, labels)
     assert result["labels_unrelated"] == "label ids reach 5 but the head has 3 classes" and result["agreement"] == 1
     assert "per_class" in head_side_by_side("teacher head", teacher, teacher, torch.tensor([0, 1, 2, 0, 1]))
+
+
+# -- 7: messages in plain words and values, no object reprs --------------------------------------------------------
+def test_skip_and_failure_lines_have_no_object_reprs(
+    capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str]
+) -> None:
+    broken = _write_tar(tmp_path / "broken.tar", {"a.png": b"not an image", "a.cls": b"1"})
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(Path(digit_shards[0]).read_bytes()[:10])
+    result = run_main(capsys, "extract", broken, truncated, "-o", tmp_path / "c.zarr", *TINY_VIT, *FAST)
+    err = " ".join(result.stderr.split())
+    assert "skipped broken/a: undecodable image: cannot identify image file" in err, err
+    assert f"failed shard truncated: ReadError: truncated header ({truncated})" in err, err
+    assert " object at 0x" not in err and "LocalFileOpener" not in err, err
+
+
+def test_re_extracting_with_other_layers_names_them_plainly(
+    capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str]
+) -> None:
+    cache = tmp_path / "c.zarr"
+    assert run_main(capsys, "extract", digit_shards[0], "-o", cache, *TINY_VIT, *FAST, "--layers", "-1").returncode == 0
+    result = run_main(capsys, "extract", digit_shards[0], "-o", cache, *TINY_VIT, *FAST, "--layers", "1,-1")
+    line = _one_error_line(result.stderr)
+    assert "was written with levels [layer 2], not [layer 1, layer 2]; use another --out" in line, line
+    assert "{" not in line and "'layer'" not in line, line
