@@ -180,9 +180,7 @@ def test_mismatch_messages_name_the_field_and_both_values(
     )
     result = run_main(capsys, "train", tiny_cache, other, "--out", tmp_path / "run", *TINY_TRAIN)
     line = _one_error_line(result.stderr)
-    assert (
-        "differs in levels: [layer 2] vs [layer 1, layer 2]" in line and len(line) < 300
-    ), line
+    assert "differs in levels: [layer 2] vs [layer 1, layer 2]" in line and len(line) < 300, line
 
 
 # -- 4: hints that point the right way, help without an empty error, --version -------------------------------------
