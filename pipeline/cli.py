@@ -31,15 +31,18 @@ class ApmCommand(TyperCommand):
     optional), not typer's ``{sources}...`` with a ``<list[str]>`` type."""
 
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
-        names = [_argument_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
-        return [self.options_metavar or "", *(n if p.required else f"[{n}]" for n, p in names)]
+        arguments = [p for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [
+            self.options_metavar or "",
+            *(_argument_name(p) if p.required else f"[{_argument_name(p)}]" for p in arguments),
+        ]
 
     def format_options(self, ctx: typer.Context, formatter: Any) -> None:
         records = {"argument": [], "option": []}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
             if record is not None and param.param_type_name in records:
-                name = _argument_name(param)[0] if param.param_type_name == "argument" else record[0]
+                name = _argument_name(param) if param.param_type_name == "argument" else record[0]
                 records[param.param_type_name].append((name, record[1]))
         for title, kind in (("Arguments", "argument"), ("Options", "option")):
             if records[kind]:
@@ -47,10 +50,10 @@ class ApmCommand(TyperCommand):
                     formatter.write_dl(records[kind])
 
 
-def _argument_name(param: Any) -> tuple[str, Any]:
-    """(``SOURCES...`` or ``CACHE``, the parameter)."""
+def _argument_name(param: Any) -> str:
+    """``SOURCES...`` (several values) or ``CACHE``."""
     name = (param.metavar or param.name or "").upper()
-    return (f"{name}..." if param.nargs != 1 else name), param
+    return f"{name}..." if param.nargs != 1 else name
 
 
 app = typer.Typer(
