@@ -119,7 +119,7 @@ def small_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Outcome,
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(demo.DemoPlan, "of", classmethod(small))
         try:
-            runs = [_run_captured("--threads", "1", "demo", "-o", out) for _ in range(2)]
+            runs = [_run_captured("--threads", "1", "demo", "--out", out) for _ in range(2)]
         finally:
             torch.set_num_threads(threads)
     assert all(run.returncode == 0 for run in runs), runs
