@@ -18,11 +18,43 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand
 
 from apmpipe.storage.errors import ApmError, ConfigError
 
 from . import render
 from .console import ShardProgress, err_console, out_console
+
+
+class ApmCommand(TyperCommand):
+    """A command whose usage line and argument list name its arguments as ``SOURCES...`` (``[SOURCES]...`` when
+    optional), not typer's ``{sources}...`` with a ``<list[str]>`` type."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        arguments = [p for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [
+            self.options_metavar or "",
+            *(_argument_name(p) if p.required else f"[{_argument_name(p)}]" for p in arguments),
+        ]
+
+    def format_options(self, ctx: typer.Context, formatter: Any) -> None:
+        records = {"argument": [], "option": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and param.param_type_name in records:
+                name = _argument_name(param) if param.param_type_name == "argument" else record[0]
+                records[param.param_type_name].append((name, record[1]))
+        for title, kind in (("Arguments", "argument"), ("Options", "option")):
+            if records[kind]:
+                with formatter.section(title):
+                    formatter.write_dl(records[kind])
+
+
+def _argument_name(param: Any) -> str:
+    """``SOURCES...`` (several values) or ``CACHE``."""
+    name = (param.metavar or param.name or "").upper()
+    return f"{name}..." if param.nargs != 1 else name
+
 
 app = typer.Typer(
     name="apmpipe",
@@ -44,13 +76,18 @@ StorageOptions = Annotated[
     list[str] | None,
     typer.Option(
         "--storage-option",
+        metavar="KEY=VALUE",
         help="fsspec option KEY=VALUE for remote inputs, caches or runs (repeatable), e.g. "
         "endpoint_url=http://127.0.0.1:9000.",
     ),
 ]
 ModelArgs = Annotated[
     list[str] | None,
-    typer.Option("--model-arg", help="Extra timm.create_model argument KEY=VALUE (repeatable), e.g. img_size=448."),
+    typer.Option(
+        "--model-arg",
+        metavar="KEY=VALUE",
+        help="Extra timm.create_model argument (repeatable), e.g. img_size=448.",
+    ),
 ]
 
 
@@ -66,6 +103,7 @@ class Codec(StrEnum):
     none = "none"
 
 
+ISLANDS_PNG = "islands.png"  # what apmpipe islands writes into its --out folder
 DEFAULT_CODEC_CHOICE = Codec.blosc_lz4  # storage.cache.DEFAULT_CODEC, without importing zarr here (a test checks)
 
 
@@ -180,7 +218,7 @@ def stage_options(ctx: typer.Context, *drop: str) -> dict[str, Any]:
     return {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def extract(
     ctx: typer.Context,
@@ -289,7 +327,11 @@ def extract(
     ] = None,
     resources: Annotated[
         list[str] | None,
-        typer.Option("--resources", help="Dask resources each task needs, KEY=VALUE (repeatable), e.g. GPU=1."),
+        typer.Option(
+            "--resources",
+            metavar="KEY=VALUE",
+            help="Dask resources each task needs (repeatable), e.g. GPU=1.",
+        ),
     ] = None,
     storage_option: StorageOptions = None,
 ) -> None:
@@ -345,7 +387,7 @@ def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
     return route_storage_options(parse_key_values(items, "--storage-option"))
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def info(
     ctx: typer.Context,
@@ -372,7 +414,7 @@ def info(
         render.cache_description(desc, sizes)
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def verify(
     ctx: typer.Context,
@@ -433,7 +475,7 @@ class LevelMode(StrEnum):
     query = "query"
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def train(
     ctx: typer.Context,
@@ -619,7 +661,7 @@ class IslandsMode(StrEnum):
     kmeans = "kmeans"
 
 
-@app.command("eval")
+@app.command("eval", cls=ApmCommand)
 @reports_user_errors
 def eval_command(
     ctx: typer.Context,
@@ -637,7 +679,9 @@ def eval_command(
     out: Annotated[
         str | None,
         typer.Option(
-            help="Report folder, local or URL (default: RUN_DIR/eval-<cache name>-<hash of its resolved URL>)."
+            "--out",
+            "-o",
+            help="Report folder, local or URL (default: RUN_DIR/eval-<cache name>-<hash of its resolved URL>).",
         ),
     ] = None,
     feature: Annotated[
@@ -683,7 +727,7 @@ def eval_command(
     render.eval_report(report, f"{folder.rstrip('/')}/{json_name}")
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def islands(
     ctx: typer.Context,
@@ -693,7 +737,14 @@ def islands(
     student: Annotated[
         str, typer.Option(help="Run directory (or student.safetensors) from apmpipe train.", show_default=False)
     ],
-    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("islands.png"),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help=f"Folder for {ISLANDS_PNG} (created), as every --out; a path ending in .png names the file itself.",
+        ),
+    ] = Path("."),
     images: Annotated[int, typer.Option(help="Images to draw (rows).")] = 4,
     mode: Annotated[
         IslandsMode, typer.Option(help="pca: 3 principal components as RGB; kmeans: clusters as colours.")
@@ -710,7 +761,8 @@ def islands(
 
     cache_options = parse_storage_options(storage_option)
     options = {"images": images, "mode": mode.value, "clusters": clusters, "panel": panel, "device": device}
-    result = draw(student, sources, str(out), **options, storage_options=cache_options)
+    png = out if out.suffix.lower() == ".png" else out / ISLANDS_PNG
+    result = draw(student, sources, str(png), **options, storage_options=cache_options)
     render.islands_result(result)
 
 
@@ -725,7 +777,7 @@ class EmbedDtype(StrEnum):
     float32 = "float32"
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def embed(
     ctx: typer.Context,
@@ -805,11 +857,13 @@ def embed(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=ApmCommand)
 @reports_user_errors
 def demo(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="Folder for data, caches, student and the report.")] = Path("demo-out"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for data, caches, student and the report.")] = Path(
+        "demo-out"
+    ),
     quick: Annotated[
         bool, typer.Option("--quick", help="A shorter teacher recipe and a 150-step student (for tests).")
     ] = False,
@@ -821,14 +875,15 @@ def demo(
 
     Real images (scikit-learn digits), a small trained teacher, and a report folder."""
     from .demo import run_demo
+    from .report import EVAL_JSON
 
     summary = run_demo(out, quick=quick, seed=seed)
-    render.eval_report(summary["eval"], out / "eval.json")
+    render.eval_report(summary["eval"], out / EVAL_JSON)
     report = out / "report.md"
     out_console.print(f"report: {report} (loss.png, fidelity.png, per-class plots, islands.png)", highlight=False)
 
 
-@bench_app.command("extract")
+@bench_app.command("extract", cls=ApmCommand)
 @reports_user_errors
 def bench_extract_command(
     ctx: typer.Context,
@@ -870,7 +925,7 @@ def bench_extract_command(
     render.bench_extract(result, config)
 
 
-@bench_app.command("train")
+@bench_app.command("train", cls=ApmCommand)
 @reports_user_errors
 def bench_train_command(
     ctx: typer.Context,
@@ -914,7 +969,7 @@ def bench_train_command(
     render.bench_train(result, options)
 
 
-@bench_app.command("ablation")
+@bench_app.command("ablation", cls=ApmCommand)
 @reports_user_errors
 def bench_ablation_command(
     ctx: typer.Context,
@@ -923,7 +978,7 @@ def bench_ablation_command(
     ] = Path("bench-ablation"),
     steps: Annotated[int, typer.Option(help="Training steps of every run (--min-steps).")] = 1500,
     only: Annotated[
-        list[str] | None, typer.Option(help="Run only the rows whose name contains this word (repeatable).")
+        list[str] | None, typer.Option(metavar="WORD", help="Run only the rows whose name contains WORD (repeatable).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, teacher and every student.")] = 0,
 ) -> None:
@@ -936,7 +991,7 @@ def bench_ablation_command(
     render.bench_ablation(teacher, rows, steps)
 
 
-@bench_app.command("bytes")
+@bench_app.command("bytes", cls=ApmCommand)
 @reports_user_errors
 def bench_bytes_command(
     workdir: Annotated[
@@ -945,7 +1000,9 @@ def bench_bytes_command(
     steps: Annotated[int, typer.Option(help="Training steps of every run (--min-steps).")] = 4000,
     only: Annotated[
         list[str] | None,
-        typer.Option(help="Run only the plans whose name contains this word (repeatable); the default always runs."),
+        typer.Option(
+            metavar="WORD", help="Run only the plans whose name contains WORD (repeatable); the default always runs."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, teacher and every student.")] = 0,
 ) -> None:
@@ -959,7 +1016,7 @@ def bench_bytes_command(
     render.bench_bytes(teacher, rows, steps, workdir / "bench-bytes.json")
 
 
-@bench_app.command("augment")
+@bench_app.command("augment", cls=ApmCommand)
 @reports_user_errors
 def bench_augment_command(
     workdir: Annotated[
@@ -988,7 +1045,7 @@ def bench_augment_command(
     render.bench_augment(teacher, rows, scale)
 
 
-@bench_app.command("codecs")
+@bench_app.command("codecs", cls=ApmCommand)
 @reports_user_errors
 def bench_codecs_command(
     cache: Annotated[str, typer.Argument(help="A cache (local or URL); its first complete shard is measured.")],
@@ -1006,17 +1063,48 @@ def bench_codecs_command(
     render.bench_codecs(bench_codecs(cache, samples, parse_storage_options(storage_option)))
 
 
+def misplaced_option(exc: Exception) -> str | None:
+    """For an option the command lacks (a parser error): where it belongs instead, when anywhere; None otherwise.
+    A global option given after the command goes before it; another command's option names that command."""
+    name, ctx = getattr(exc, "option_name", None), getattr(exc, "ctx", None)
+    if not name or ctx is None:
+        return None
+    root, here = ctx.find_root(), ctx.command_path
+    for param in root.command.params:
+        if name in (*param.opts, *param.secondary_opts):
+            value = "" if getattr(param, "is_flag", False) else " N" if isinstance(param.default, int) else " VALUE"
+            after = here.split(" ", 1)[1] if " " in here else "COMMAND"
+            example = f"{root.info_name} {name}{value} {after} ..."
+            return f"{name} is a global option: it goes before the command, e.g. {example}"
+    owners = [path for path, command in _subcommands(root.command, root.info_name) if _has_option(command, name)]
+    if owners:
+        return f"{here} has no option {name}; it is an option of {', '.join(owners)}"
+    return None
+
+
+def _subcommands(group: Any, path: str) -> list[tuple[str, Any]]:
+    """(command path, click command) of every command under ``group``, depth first."""
+    out = []
+    for name, command in getattr(group, "commands", {}).items():
+        out += [(f"{path} {name}", command), *_subcommands(command, f"{path} {name}")]
+    return out
+
+
+def _has_option(command: Any, name: str) -> bool:
+    return any(name in (*param.opts, *param.secondary_opts) for param in command.params)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point: usage errors are one line with exit code 2, like user errors."""
     try:
-        code = app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False, prog_name="apmpipe")
     except typer.Abort:
         err_console.print("aborted", highlight=False)
         raise SystemExit(130) from None
     except typer.TyperException as exc:  # the parser's usage errors (bad option value, missing argument)
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        message = misplaced_option(exc) or (exc.format_message() if hasattr(exc, "format_message") else str(exc))
         if type(exc).__name__ == "NoArgsIsHelpError":  # a bare ``apmpipe`` or ``apmpipe bench``: the help, no error
             typer.echo(message)
         else:

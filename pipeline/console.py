@@ -3,6 +3,7 @@ shared by every command."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -34,6 +35,11 @@ def human_bytes(count: float) -> str:
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
         count /= 1024
     raise AssertionError("unreachable")
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 thread``, ``2 threads``: a count with its noun in the right number."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class ShardProgress:
@@ -98,12 +104,12 @@ class _DetailProgress(Progress):
 
 
 class TrainProgress:
-    """Progress of training: step/total, epoch, ETA and elapsed time first (they fit 80 columns); the loss,
-    its per-level terms and samples/s on the line below."""
+    """Progress of training (the student, or the demo's ``teacher``): step/total, epoch, ETA and elapsed time first
+    (they fit 80 columns); the loss, its per-level terms and samples/s on the line below."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "train") -> None:
         self._bar = _DetailProgress(
-            TextColumn("[bold]train"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TextColumn("epoch {task.fields[epoch]}"),
@@ -112,14 +118,15 @@ class TrainProgress:
             TimeElapsedColumn(),
             console=err_console,
         )
-        self._task = self._bar.add_task("train", total=None, epoch="-")
+        self._task = self._bar.add_task(label, total=None, epoch="-")
         self._started = False
         self._resumed = 0
 
     def resumed(self, step: int, total: int, run_dir: str) -> None:
-        """A checkpoint was loaded: say so, and start the bar at ``step``."""
+        """A checkpoint was loaded: say so (or that the run is already trained), and start the bar at ``step``."""
         self._resumed = step
-        err_console.print(f"resuming from step {step} of {total} ({redact_url(run_dir)})", highlight=False)
+        what = f"already trained: step {step} of {total}" if step >= total else f"resuming from step {step} of {total}"
+        err_console.print(f"{what} ({redact_url(run_dir)})", highlight=False)
 
     def start(self, total: int) -> None:
         self._bar.start()
@@ -127,9 +134,14 @@ class TrainProgress:
         self._bar.update(self._task, total=total, completed=self._resumed)
 
     def step(self, step: int, total: int, record: dict) -> None:
-        levels = ", ".join(f"L{k.rsplit('_', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("loss_level_"))
-        rgb = f", rgb {record['loss_rgb']:.4f}" if "loss_rgb" in record else ""
-        self._bar.detail = f"  loss {record['loss']:.4f} ({levels}{rgb}), {record['samples_per_s']:.0f} samples/s"
+        """A step's record (``loss``, ``epoch``, ``samples_per_s``, per-level ``loss_level_N``, ``loss_rgb``); the
+        bar starts at the first one when :meth:`start` was not called."""
+        if not self._started:
+            self.start(total)
+        terms = [f"L{k.rsplit('_', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("loss_level_")]
+        terms += [f"rgb {record['loss_rgb']:.4f}"] if "loss_rgb" in record else []
+        parts = f" ({', '.join(terms)})" if terms else ""
+        self._bar.detail = f"  loss {record['loss']:.4f}{parts}, {record['samples_per_s']:.0f} samples/s"
         self._bar.update(self._task, completed=step, epoch=int(record.get("epoch", 0)) + 1)
 
     def __enter__(self) -> TrainProgress:
@@ -144,14 +156,18 @@ class TrainProgress:
 def stop_requests() -> Iterator[Callable[[], int]]:
     """While open, the first SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers send before they kill) is only
     recorded: the yielded function returns its number (0 before), so a long loop can save and stop cleanly. A
-    second signal acts as it normally does. Outside the main thread nothing is caught."""
+    second signal acts as it normally does. Outside the main thread nothing is caught; forked children (loader
+    workers, which a terminal's Ctrl-C reaches too) ignore the signal: their parent stops them."""
     received: list[int] = []
+    owner = os.getpid()
     if threading.current_thread() is not threading.main_thread():
         yield lambda: 0
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def record(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            return
         received.append(signum)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

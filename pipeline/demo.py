@@ -24,7 +24,7 @@ from apmpipe.stages.teacher import TeacherConfig
 from apmpipe.stages.train import TrainConfig, train
 from apmpipe.storage.checkpoint import RunDir
 
-from .console import ShardProgress, TrainProgress, err_console, human_bytes, shown
+from .console import ShardProgress, TrainProgress, counted, err_console, human_bytes, shown
 from .datasets import digit_images, digit_split, write_digit_shards
 from .report import plot_losses, report_json, write_eval_report
 
@@ -54,19 +54,21 @@ def _teacher_folder(out: Path, recipe: ReferenceRecipe, seed: int) -> tuple[Path
     if record is None:
         err_console.print(
             "demo: no pretrained weights offline, so training a small ViT teacher on the digits' train "
-            f"split ({recipe.epochs} epochs)",
+            f"split ({counted(recipe.epochs, 'epoch')})",
             highlight=False,
         )
         images, labels = digit_images(IMAGE_SIZE, "L")
         pixels = np.stack([np.asarray(image) for image in images])
         train_idx, val_idx = digit_split(seed)
-        record = train_reference_vit(
-            folder,
-            (pixels[train_idx], labels[train_idx]),
-            (pixels[val_idx], labels[val_idx]),
-            recipe,
-            data_note=f"scikit-learn digits, seeded split {seed}: {len(train_idx)} train / {len(val_idx)} val",
-        )
+        with TrainProgress("teacher") as progress:
+            record = train_reference_vit(
+                folder,
+                (pixels[train_idx], labels[train_idx]),
+                (pixels[val_idx], labels[val_idx]),
+                recipe,
+                data_note=f"scikit-learn digits, seeded split {seed}: {len(train_idx)} train / {len(val_idx)} val",
+                on_step=progress.step,
+            )
     err_console.print(
         f"demo: teacher {folder} (trained in {record['seconds']:.0f} s; val top-1 {record['val_top1']:.3f})",
         highlight=False,
@@ -148,7 +150,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         resume=RunDir(run_dir).has_checkpoint(),
     )
     with TrainProgress() as progress:
-        trained = train(config, on_step=progress.step, on_start=lambda model, total: progress.start(total))
+        trained = train(
+            config,
+            on_step=progress.step,
+            on_start=lambda model, total: progress.start(total),
+            on_resume=lambda step, total: progress.resumed(step, total, str(run_dir)),
+        )
     records = RunDir(run_dir).read_metrics()
     plot_losses(records, out / "loss.png")
     err_console.print(
@@ -166,7 +173,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             seed=seed,
         )
     )
-    write_eval_report(report, out, "eval.json")
+    write_eval_report(report, out)
     err_console.print("[bold]4/4 islands[/bold] of agreement")
     pictures = islands(str(run_dir), [data.val], str(out / "islands.png"), images=4, panel=128)
     fresh_extract = train_summary.images + val_summary.images > 0
@@ -203,7 +210,10 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
 def _classification_rows(report: dict[str, Any]) -> list[str]:
     rows = []
     for result in report["classification"].values():
-        if isinstance(result, dict):
+        if isinstance(result, dict) and "labels_unrelated" in result:
+            unrelated = "labels are not the head's classes"
+            rows.append(f"| {result['method']} | - | - | {unrelated} | {result['agreement']:.3f} |")
+        elif isinstance(result, dict):
             s, t = result["student"], result["teacher"]
             rows.append(
                 f"| {result['method']} | {s['top1']:.3f} | {t['top1']:.3f} | "
@@ -231,11 +241,12 @@ def _ttt_lines(ttt: dict[str, Any]) -> list[str]:
     lines = [
         "## Test-time training",
         "",
-        f"{ttt['samples']} validation samples, each: start from the trained student, {ttt['steps']} steps "
+        f"{counted(ttt['samples'], 'validation sample')}, each: start from the trained student, "
+        f"{counted(ttt['steps'], 'step')} "
         f"(lr {ttt['lr']}, {ttt['locations']} "
         f"locations) on that sample's cached tokens and logits, measure, reset. {ttt['ms_per_step']:.1f} "
         "ms per adaptation step "
-        f"({ttt['threads']} threads).",
+        f"({counted(ttt['threads'], 'thread')}).",
         "",
         "| | before | after |",
         "|---|---|---|",

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from apmpipe.storage.redact import redact_url
 
-from .console import err_console, human_bytes, out_console, shown
+from .console import counted, err_console, human_bytes, out_console, shown
 
 
 def table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -243,6 +243,11 @@ def _fidelity_line(f: dict[str, float]) -> str:
 def _classification_row(key: str, result: dict[str, Any] | str) -> tuple[str, str]:
     if not isinstance(result, dict):  # why a method did not run
         return key.replace("_", " "), result
+    if "labels_unrelated" in result:  # no accuracy to compare: how often the student decides as the teacher does
+        return result["method"], (
+            f"labels are not the head's classes ({result['labels_unrelated']}): student agrees with the teacher's "
+            f"top-1 on {result['agreement']:.3f} of samples"
+        )
     s, t = result["student"], result["teacher"]
     ratio = s["top1"] / max(t["top1"], 1e-9)
     return result["method"], (
@@ -252,14 +257,17 @@ def _classification_row(key: str, result: dict[str, Any] | str) -> tuple[str, st
 
 
 def _ttt_rows(t: dict[str, Any]) -> list[tuple[str, str]]:
-    steps = f"{t['samples']} samples x {t['steps']} steps from {t['start']}"
-    rows = [("test-time training", f"{steps}: {t['ms_per_step']:.1f} ms/step ({t['threads']} threads)")]
+    steps = f"{counted(t['samples'], 'sample')} x {counted(t['steps'], 'step')} from {t['start']}"
+    rows = [("test-time training", f"{steps}: {t['ms_per_step']:.1f} ms/step ({counted(t['threads'], 'thread')})")]
     last = list(t["fidelity_after"])[-1]
     before, after = _fidelity_line(t["fidelity_before"][last]), _fidelity_line(t["fidelity_after"][last])
     rows.append(("  TTT fidelity, last level", f"before: {before}; after: {after}"))
     for key in ("head", "knn"):
         if f"{key}_before" in t:
             b, a = t[f"{key}_before"], t[f"{key}_after"]
+            if "top1" not in b:  # labels that are not the head's classes: agreement with the teacher instead
+                rows.append((f"  TTT {key} agreement", f"{b['agreement']:.3f} -> {a['agreement']:.3f}"))
+                continue
             teacher = ""
             if key == "head" and "top1" in t.get("teacher_head", {}):
                 teacher = f" (teacher {t['teacher_head']['top1']:.3f})"

@@ -22,16 +22,18 @@ from apmpipe.storage.stream import canonical_url
 
 from .console import MISSING
 
+EVAL_JSON = "eval.json"
 
-def write_eval_report(report: dict[str, Any], folder: Path, json_name: str = "report.json") -> Path:
-    """Write an eval report into ``folder``: the JSON, the fidelity plot and one per-class plot per classifier;
-    returns the JSON's path."""
+
+def write_eval_report(report: dict[str, Any], folder: Path) -> Path:
+    """Write an eval report into ``folder``: the JSON (``eval.json``, from ``apmpipe eval`` and the demo alike), the
+    fidelity plot and one per-class plot per classifier; returns the JSON's path."""
     folder.mkdir(parents=True, exist_ok=True)
-    json_path = folder / json_name
+    json_path = folder / EVAL_JSON
     json_path.write_text(report_json(report))
     plot_fidelity(report["fidelity"], folder / "fidelity.png")
     for key, result in report["classification"].items():
-        if isinstance(result, dict):
+        if isinstance(result, dict) and "per_class" in result:
             plot_per_class(result["per_class"], f"{result['method']}: per-class top-1", folder / f"per_class_{key}.png")
     return json_path
 
@@ -67,37 +69,40 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
     return fig, fig.subplots()
 
 
-def _finish(fig: Figure, ax: Axes, path: Path, grid_axis: str = "y", legend: bool = True) -> Path:
-    """Legend, light grid, tight layout; write the PNG."""
-    if legend:
-        ax.legend(fontsize=8)
+def _finish(fig: Figure, ax: Axes, path: Path, grid_axis: str = "y", legend: str | None = "best") -> Path:
+    """Legend (at ``legend``: a matplotlib location, ``outside`` right of the axes, or None), light grid, tight
+    layout; write the PNG."""
+    if legend == "outside":
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif legend:
+        ax.legend(fontsize=8, loc=legend)
     ax.grid(True, axis=grid_axis, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     return path
 
 
+LEVEL_DASHES = ("-", "--", ":", "-.")  # levels' losses are often close: a dash per level keeps each one visible
+
+
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Total, per-level and rgb loss against step (log scale) as a PNG."""
+    """Total, per-level (in layer order) and rgb loss against step (log scale) as a PNG; the legend beside the
+    axes, where it hides no line."""
     path = Path(path)
-    fig, ax = _figure(7, 4)
+    fig, ax = _figure(8.5, 4)
     steps = [r["step"] for r in records]
-    extras = [k for k in ("loss_logits", "loss_rgb") if any(k in r for r in records)]
-    keys = ["loss"] + sorted({k for r in records for k in r if k.startswith("loss_level_")}) + extras
-    for key in keys:
-        label = (
-            "total"
-            if key == "loss"
-            else key.replace("loss_level_", "level ")
-            .replace("loss_rgb", "rgb")
-            .replace("loss_logits", "KL to teacher logits")
-        )
-        ax.plot(steps, [r.get(key, float("nan")) for r in records], label=label, linewidth=2 if key == "loss" else 1)
+    levels = sorted({int(k.rsplit("_", 1)[1]) for r in records for k in r if k.startswith("loss_level_")})
+    extras = {"loss_logits": "KL to teacher logits", "loss_rgb": "rgb"}
+    series = [("loss", "total", {"linewidth": 2})]
+    series += [(f"loss_level_{n}", f"level {n}", {"linestyle": LEVEL_DASHES[i % 4]}) for i, n in enumerate(levels)]
+    series += [(key, label, {}) for key, label in extras.items() if any(key in r for r in records)]
+    for key, label, style in series:
+        ax.plot(steps, [r.get(key, float("nan")) for r in records], label=label, **{"linewidth": 1, **style})
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("APM student distillation loss")
-    return _finish(fig, ax, path, grid_axis="both")
+    return _finish(fig, ax, path, grid_axis="both", legend="outside")
 
 
 def plot_fidelity(fidelity: dict[str, dict[str, float]], path: str | Path) -> Path:
@@ -147,7 +152,7 @@ def plot_per_class(
     ax.set_ylabel("top-1 accuracy")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper center", ncol=2)
-    return _finish(fig, ax, path, legend=False)
+    return _finish(fig, ax, path, legend=None)
 
 
 def _per_class_histogram(per_class: dict[str, list[float | None]], title: str, path: Path) -> Path:

@@ -124,15 +124,45 @@ def per_class(scores: torch.Tensor, labels: torch.Tensor) -> list[float | None]:
     return [float(hits[labels == c].mean()) if (labels == c).any() else None for c in range(int(labels.max()) + 1)]
 
 
+def agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Share of samples on which the student's top-1 class is the teacher's."""
+    return float((student.argmax(1) == teacher.argmax(1)).float().mean())
+
+
 def side_by_side(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     """Student and teacher scores on the same samples: accuracy, agreement of their top-1, per-class top-1."""
     return {
         "method": name,
         "student": accuracy(student, labels),
         "teacher": accuracy(teacher, labels),
-        "agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean()),
+        "agreement": agreement(student, teacher),
         "per_class": {"student": per_class(student, labels), "teacher": per_class(teacher, labels)},
     }
+
+
+NEAR_CHANCE = 0.1  # a teacher within this share of the way from chance to perfect is "near chance"
+
+
+def unrelated_labels(teacher: torch.Tensor, labels: torch.Tensor) -> str:
+    """Why ``labels`` cannot be the classes of the head that gave the ``teacher`` scores ``[N, classes]``, or "":
+    label ids outside the head, or the teacher's own top-1 near chance (the most frequent label's share)."""
+    classes, top = teacher.shape[1], int(labels.max())
+    if top >= classes:
+        return f"label ids reach {top} but the head has {classes} classes"
+    chance = float(torch.bincount(labels).max()) / len(labels)
+    top1 = accuracy(teacher, labels)["top1"]
+    if top1 <= chance + NEAR_CHANCE * (1 - chance):
+        return f"the teacher's own top-1 on them is {top1:.3f}, near chance ({chance:.3f})"
+    return ""
+
+
+def head_side_by_side(name: str, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """:func:`side_by_side` for scores over a head's classes; when the labels cannot be those classes (see
+    :func:`unrelated_labels`), the student's agreement with the teacher and why there are no accuracies."""
+    reason = unrelated_labels(teacher, labels)
+    if not reason:
+        return side_by_side(name, student, teacher, labels)
+    return {"method": name, "labels_unrelated": reason, "agreement": agreement(student, teacher)}
 
 
 def cosine_scores(embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -38,13 +38,16 @@ from .apm import APM
 from .classify import (
     FEATURES,
     accuracy,
+    agreement,
     cosine_scores,
     global_feature,
+    head_side_by_side,
     knn_scores,
     load_class_embeddings,
     probe_scores,
     resolve_feature,
     side_by_side,
+    unrelated_labels,
 )
 from .fidelity import TokenFidelity
 from .head import TeacherHead
@@ -100,7 +103,7 @@ class EvalConfig:
         check_ranges(vars(self), self.RANGES)
 
     def to_dict(self) -> dict[str, Any]:
-        """The options as ``report.json`` records them (URLs redacted)."""
+        """The options as ``eval.json`` records them (URLs redacted)."""
         options = redact_fields(asdict(self), ("cache", "student", "train_cache", "class_embeddings"))
         return {k: v for k, v in options.items() if k != "storage_options"}
 
@@ -188,11 +191,11 @@ def _head_rows(
     student, teacher = outputs.cat("student_logits"), outputs.cat("teacher_logits")
     if config.class_embeddings:
         classes = load_class_embeddings(config.class_embeddings, teacher.shape[1])
-        rows["zero_shot"] = side_by_side(
+        rows["zero_shot"] = head_side_by_side(
             "class embeddings", cosine_scores(student, classes), cosine_scores(teacher, classes), labels
         )
     else:
-        rows["teacher_head"] = side_by_side("teacher head", student, teacher, labels)
+        rows["teacher_head"] = head_side_by_side("teacher head", student, teacher, labels)
     return rows
 
 
@@ -301,12 +304,14 @@ def _ttt_report(
     result.update({"left_out": left_out} if (left_out := _left_out(label_t)) else {})
     if ctx.head is not None:
         teacher = before.cat("teacher_logits")
-        result["teacher_head"] = _labelled_accuracy(teacher, label_t)
+        known = label_t >= 0
+        scored = bool(known.any()) and not unrelated_labels(teacher[known], label_t[known])  # else agreement alone
+        result["teacher_head"] = _labelled_accuracy(teacher, label_t) if scored else {}
         for name, outputs in (("before", before), ("after", after)):
             student = outputs.cat("student_logits")
             result[f"head_{name}"] = {
-                **_labelled_accuracy(student, label_t),
-                "agreement": float((student.argmax(1) == teacher.argmax(1)).float().mean()),
+                **(_labelled_accuracy(student, label_t) if scored else {}),
+                "agreement": agreement(student, teacher),
             }
     if train_feats is not None and (label_t >= 0).any():
         for name, outputs in (("before", before), ("after", after)):

@@ -37,7 +37,7 @@ from apmpipe.storage.cache import (
     level_fidelity,
     stored_codec,
 )
-from apmpipe.storage.errors import ApmError, CacheError, InputError, ModelError
+from apmpipe.storage.errors import CacheError, InputError, ModelError, failure_line
 from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.lowrank import BasisFit, TokenBasis
 from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
@@ -123,7 +123,7 @@ class _Silent:
 def _reason(exc: Exception, *urls: str) -> str:
     """One line for a shard's failure: the message of a domain error, type and message of anything else; ``urls``
     (the cache's, the shard's) redacted in it."""
-    return redact_in(str(exc) if isinstance(exc, ApmError) else f"{type(exc).__name__}: {exc}", urls)
+    return redact_in(failure_line(exc), urls)
 
 
 def _nothing_kept(skipped: Sequence[tuple[str, str]]) -> str:

@@ -2,7 +2,8 @@
 
 A random-init teacher's tokens are smooth functions of the pixels and flatter every student, so science
 defaults are judged on a *trained* one. :func:`train_reference_vit` trains a 2-block ViT (patch 4) on labelled
-grayscale images in about a minute on 2 CPU cores and saves it as a timm ``local-dir:`` folder (``config.json``
+grayscale images in about a minute on 2 idle CPU cores (torch's threads: the CLI's --threads or the free cores) and
+saves it as a timm ``local-dir:`` folder (``config.json``
 with its data config + ``model.safetensors``, written by timm's own exporter) plus ``training.json`` (recipe,
 accuracy, time). :func:`reference_teacher` reuses a folder trained with the same recipe.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from apmpipe.storage.errors import ConfigError
 ARCHITECTURE = "vit_tiny_patch16_224"
 MEAN, STD = 0.5, 0.5
 TRAINING_FILE = "training.json"
-TRAIN_THREADS = 2
+StepCallback = Callable[[int, int, dict[str, float]], None]  # (step, total steps, {loss, epoch, samples_per_s})
 
 
 @dataclass(frozen=True)
@@ -70,16 +72,23 @@ def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
         return float((model(images).argmax(1) == labels).float().mean())
 
 
-def _fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: ReferenceRecipe) -> None:
-    """AdamW, one-cycle schedule, label smoothing; a seeded sample order."""
+def _fit(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: ReferenceRecipe,
+    on_step: StepCallback | None = None,
+) -> None:
+    """AdamW, one-cycle schedule, label smoothing; a seeded sample order. ``on_step`` follows every step."""
     steps_per_epoch = len(labels) // recipe.batch_size
+    total, start = recipe.epochs * steps_per_epoch, time.perf_counter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.1
     )
     generator = torch.Generator().manual_seed(recipe.seed)
     model.train()
-    for _ in range(recipe.epochs):
+    for epoch in range(recipe.epochs):
         order = torch.randperm(len(labels), generator=generator)
         for step in range(steps_per_epoch):
             batch = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
@@ -88,6 +97,10 @@ def _fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
             loss.backward()
             optimizer.step()
             schedule.step()
+            if on_step:
+                done = epoch * steps_per_epoch + step + 1
+                rate = done * recipe.batch_size / max(time.perf_counter() - start, 1e-9)
+                on_step(done, total, {"loss": loss.item(), "epoch": epoch, "samples_per_s": rate})
 
 
 def train_reference_vit(
@@ -96,10 +109,12 @@ def train_reference_vit(
     val: tuple[np.ndarray, np.ndarray],
     recipe: ReferenceRecipe = ReferenceRecipe(),
     data_note: str = "",
+    on_step: StepCallback | None = None,
 ) -> dict[str, Any]:
-    """Train the reference ViT on ``train`` (uint8 ``[N, H, W]`` images, int labels), save it to ``out_dir``.
+    """Train the reference ViT on ``train`` (uint8 ``[N, H, W]`` images, int labels), save it to ``out_dir``;
+    ``on_step(step, total, record)`` follows the training.
 
-    Returns the contents of ``training.json`` (recipe, train/val top-1, seconds, data note).
+    Returns the contents of ``training.json`` (recipe, train/val top-1, seconds, threads, data note).
     """
     images, labels = train
     if images.ndim != 3 or images.shape[1:] != (recipe.image_size, recipe.image_size):
@@ -109,12 +124,7 @@ def train_reference_vit(
         )
     num_classes = int(max(labels.max(), val[1].max())) + 1
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)  # the same teacher whatever the machine's load (float sums depend on threads)
-    try:
-        model, record = _train(images, labels, val, recipe, num_classes)
-    finally:
-        torch.set_num_threads(threads)
+    model, record = _train(images, labels, val, recipe, num_classes, on_step)
     record.update(
         {
             "data": data_note,
@@ -133,13 +143,15 @@ def _train(
     val: tuple[np.ndarray, np.ndarray],
     recipe: ReferenceRecipe,
     num_classes: int,
+    on_step: StepCallback | None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained model and its record (recipe, train/val top-1)."""
+    """The trained model and its record (recipe, train/val top-1, the threads it trained on: float sums, and so the
+    exact weights, depend on them)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = timm.create_model(ARCHITECTURE, pretrained=False, **recipe.model_args(num_classes))
         train_x, train_y = _normalise(images), torch.from_numpy(labels).long()
-        _fit(model, train_x, train_y, recipe)
+        _fit(model, train_x, train_y, recipe, on_step)
     return model, {
         "architecture": ARCHITECTURE,
         "recipe": asdict(recipe),
@@ -148,7 +160,7 @@ def _train(
         "val_top1": _accuracy(model, _normalise(val[0]), torch.from_numpy(val[1]).long()),
         "train_images": int(len(labels)),
         "val_images": int(len(val[1])),
-        "threads": TRAIN_THREADS,
+        "threads": torch.get_num_threads(),
     }
 
 

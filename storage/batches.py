@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .errors import failure_line, plain_message
 from .redact import redact_in
 from .sources import DEFAULT_MAX_PIXELS, ImageTooLarge, ShardSource, decode_image, iter_samples
 
@@ -131,7 +132,7 @@ class ShardBatches(IterableDataset):
                     skipped.append((sample.key, str(exc)))
                     continue
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                    skipped.append((sample.key, f"undecodable image: {exc}"))
+                    skipped.append((sample.key, f"undecodable image: {plain_message(exc)}"))
                     continue
                 labels.append(sample.label)
                 keys.append(sample.key)
@@ -139,8 +140,9 @@ class ShardBatches(IterableDataset):
                     yield self._record(shard.name, pixels, labels, keys, skipped, last=False)
                     pixels, labels, keys, skipped = [], [], [], []
         except Exception as exc:  # an unreadable shard fails alone; the run goes on with the others
-            error = redact_in(f"{type(exc).__name__}: {exc}", [shard.url])
-            yield self._record(shard.name, [], [], [], skipped, last=True, error=error)
+            yield self._record(
+                shard.name, [], [], [], skipped, last=True, error=redact_in(failure_line(exc), [shard.url])
+            )
             return
         yield self._record(shard.name, pixels, labels, keys, skipped, last=True)
 

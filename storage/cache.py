@@ -675,7 +675,7 @@ class FeatureCache:
         try:
             root = zarr.open_group(url, mode=mode, storage_options=_zarr_storage_options(url, storage_options))
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            raise CacheError(_no_cache_message(url)) from None
+            raise CacheError(_no_cache_message(url, storage_options)) from None
         attrs = dict(root.attrs).get(ROOT_KEY)
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise CacheError(
@@ -710,8 +710,8 @@ class FeatureCache:
             if diff:
                 key, was, now = diff[0]
                 raise CacheError(
-                    f"cache {redact_url(url)!r} was written with a different {key} ({_short(was)}, now "
-                    f"{_short(now)}); use another --out or the same options"
+                    f"cache {redact_url(url)!r} was written with {key} {_short(was)}, not {_short(now)}; use another "
+                    "--out or the same options"
                 )
             return cache
         if fs.exists(path) and [p for p in fs.ls(path, detail=False) if not p.endswith(lock_name("extract"))]:
@@ -1125,22 +1125,26 @@ def level_fidelity(shards: Iterable[tuple[int, dict[str, dict[str, float]]]]) ->
     }
 
 
-def _no_cache_message(url: str) -> str:
-    """Why ``url`` cannot be opened as a cache, pointing the right way when it is input data (a tar shard)."""
+def _no_cache_message(url: str, storage_options: dict | None) -> str:
+    """Why ``url`` cannot be opened as a cache: what it is when apmpipe knows (input data, a run), else that
+    nothing is there."""
+    from .kinds import FEATURE_CACHE, wrong_kind
+
     shown = redact_url(url)
-    if shown.lower().rstrip("/").endswith((".tar", ".tar.gz", ".tgz")):
-        return (
-            f"{shown!r} is an input shard, not a feature cache: extract it first (apmpipe extract {shown} "
-            "--out CACHE.zarr --teacher NAME), then use CACHE.zarr"
-        )
-    return f"no feature cache at {shown!r}; create one with apmpipe extract SOURCES --out {shown} --teacher NAME"
+    return wrong_kind(url, FEATURE_CACHE, storage_options) or (
+        f"no feature cache at {shown!r}; create one with apmpipe extract SOURCES --out {shown} --teacher NAME"
+    )
 
 
 def _short(value: Any) -> str:
-    """A value for a one-line message: lists of records by their first field (``[{'layer': 4, ...}]``), at most 60
-    characters."""
+    """A value for a one-line message in plain words, at most 60 characters: lists of records by their first field
+    (``[layer 4, layer 8]``), records as ``key value`` pairs, strings quoted, a missing field as ``none``."""
     if isinstance(value, list) and value and all(isinstance(v, dict) and v for v in value):
-        text = "[" + ", ".join(f"{{{next(iter(v))!r}: {next(iter(v.values()))!r}, ...}}" for v in value) + "]"
+        text = "[" + ", ".join(f"{next(iter(v))} {_short(next(iter(v.values())))}" for v in value) + "]"
+    elif isinstance(value, dict):
+        text = ", ".join(f"{key} {_short(item)}" for key, item in value.items()) or "none"
+    elif value is _ABSENT or value is None:
+        text = "none"
     else:
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -48,10 +48,10 @@ from safetensors.torch import save as save_safetensors
 
 from .errors import ModelError
 from .files import TMP_SUFFIX, atomic_write, fsync_path
+from .kinds import STUDENT_FILE, TRAINING_RUN, wrong_kind
 from .redact import redact_url
 
 KEEP_CHECKPOINTS = 2
-STUDENT_FILE = "student.safetensors"
 CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 _logger = logging.getLogger(__name__)
 _STEP = re.compile(r"step-(\d+)(-[0-9a-f]+)?")  # local: step-00000500; object stores add -<random>
@@ -270,6 +270,8 @@ def load_student(
             f"no trained student at {redact_url(url)}: it does not exist; pass the --out folder of apmpipe train (or "
             f"its {STUDENT_FILE})"
         )
+    if message := wrong_kind(url, TRAINING_RUN, storage_options):
+        raise ModelError(message)
     file = _student_file(fs, where)
     if not fs.exists(file):
         unfinished = (

@@ -8,9 +8,14 @@ exits 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from .redact import redact_url
+
+_OBJECT_REPR = re.compile(r"\s*@?\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")  # <_io.BytesIO object at 0x7f...>
 
 
 class ApmError(Exception):
@@ -86,3 +91,21 @@ def check_ranges(values: Mapping[str, Any], ranges: Mapping[str, Range]) -> None
         value = values[name]
         if value is not None and not allowed.admits(value):
             raise ConfigError(f"--{name.replace('_', '-')} must be {allowed}, got {value}")
+
+
+def plain_message(exc: BaseException) -> str:
+    """An exception's message in plain words and values, for a skip or failure line: object reprs dropped (PIL's
+    ``<_io.BytesIO object at 0x...>``), and an exception whose arguments are (message, stream object, url), as
+    tar errors from webdataset, shown as ``message (url)``; the type name when nothing is left."""
+    if isinstance(exc, ApmError):
+        return str(exc)
+    texts = [_OBJECT_REPR.sub("", str(arg)).strip() for arg in exc.args if isinstance(arg, str | int | float)]
+    texts = [text for text in texts if text]
+    if texts and len(texts) < len(exc.args):  # arguments beside the text are objects: the text ones, in words
+        return texts[0] + (f" ({', '.join(redact_url(text) for text in texts[1:])})" if len(texts) > 1 else "")
+    return _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
+
+
+def failure_line(exc: BaseException) -> str:
+    """One line for a failure: the message of a domain error, else the exception's type and plain message."""
+    return str(exc) if isinstance(exc, ApmError) else f"{type(exc).__name__}: {plain_message(exc)}"

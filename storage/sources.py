@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .kinds import IMAGES, kind_mismatch, kind_of
 from .redact import PIPE, TAR_SUFFIXES, redact_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff")
@@ -223,6 +224,7 @@ def resolve_inputs(
             shards += _pipe_shards(pattern)
             continue
         for fs, path, url in _expand(pattern, storage_options):
+            _refuse_other_kinds(fs, path, url)
             if fs.isdir(path):
                 tars = sorted(p for p in fs.find(path) if _is_tar(p))
                 if tars:
@@ -243,6 +245,13 @@ def resolve_inputs(
                     f"input {redact_url(url)!r} is neither a tar shard ({', '.join(TAR_SUFFIXES)}) nor a folder"
                 )
     return ResolvedInputs(shards=tuple(_unique(shards)), classes=tuple(classes))
+
+
+def _refuse_other_kinds(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
+    """An input that apmpipe itself wrote (a cache, a run, an embedding folder) is not images: say what it is."""
+    message = kind_mismatch(url, kind_of(fs, path), IMAGES)
+    if message:
+        raise InputError(f"input {message}")
 
 
 def done_shards(shards: Sequence[ShardSource], made_from: dict[str, str], where: str) -> set[str]:

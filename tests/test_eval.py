@@ -51,7 +51,7 @@ def test_eval_reports_fidelity_classification_and_ttt(
         "16",
     )
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "eval.json").read_text())
     assert report["samples"] == 80
     fid = report["fidelity"]
     assert set(fid) == {"1", "2"} and -1 <= fid["2"]["patch_cosine"] <= 1 and "prefix_mse" in fid["2"]
@@ -59,8 +59,8 @@ def test_eval_reports_fidelity_classification_and_ttt(
     assert {"patch_baseline_cosine", "patch_baseline_mse", "patch_r2", "prefix_r2"} <= set(fid["2"])
     assert report["options"]["ttt_steps"] == 8 and "torch" in report["versions"] and report["student"]["step"] > 0
     cls = report["classification"]
-    head = cls["teacher_head"]
-    assert 0 <= head["student"]["top1"] <= 1 and 0 <= head["agreement"] <= 1
+    head = cls["teacher_head"]  # a random-init teacher's head is near chance on real labels: agreement alone
+    assert "near chance" in head["labels_unrelated"] and 0 <= head["agreement"] <= 1
     # real digits: the teacher's and the student's global features both classify far above chance (0.1)
     assert cls["knn"]["teacher"]["top1"] > 0.3 and cls["probe"]["teacher"]["top1"] > 0.3
     assert cls["knn"]["student"]["top1"] > 0.2 and cls["probe"]["student"]["top1"] > 0.2
@@ -69,7 +69,7 @@ def test_eval_reports_fidelity_classification_and_ttt(
     assert {"head_before", "head_after", "knn_before", "knn_after"} <= set(ttt) and len(
         {p["key"] for p in ttt["per_sample"]}
     ) == 4
-    for name in ("fidelity.png", "per_class_knn.png", "per_class_probe.png", "per_class_teacher_head.png"):
+    for name in ("fidelity.png", "per_class_knn.png", "per_class_probe.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "test-time training" in result.output and "weighted k-NN" in result.output
 
@@ -119,7 +119,7 @@ def test_unlabelled_cache_gives_fidelity_and_says_why(tmp_path: Path, tiny_stude
         group["labels"][...] = -1
     result = run_cli("eval", unlabelled, "--student", tiny_student, "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    report = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert report["fidelity"] and "no labels" in report["classification"]["skipped"]
 
 

@@ -198,7 +198,7 @@ def test_report_json_writes_null_for_classes_absent_from_the_samples(
     args = ["eval", eval_cache, "--student", tiny_student, "--out", out, "--max-samples", "6", "--ttt-steps", "1"]
     result = run_main(capsys, *args, "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    per_class = _strict_json(out / "report.json")["classification"]["teacher_head"]["per_class"]
+    per_class = _strict_json(out / "eval.json")["classification"]["teacher_head"]["per_class"]
     assert None in per_class["student"] and None in per_class["teacher"]  # 6 samples cannot cover 10 classes
     assert (out / "per_class_teacher_head.png").exists()
 
@@ -219,7 +219,7 @@ def test_classification_evaluates_the_labelled_samples_and_says_how_many_were_le
     out = tmp_path / "report"
     result = run_main(capsys, "eval", cache, "--student", tiny_student, "--out", out, "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    classification = _strict_json(out / "report.json")["classification"]
+    classification = _strict_json(out / "eval.json")["classification"]
     assert classification["left_out"] == "3 of 80 samples have no label (-1): classified without them"
     assert "top1" in classification["teacher_head"]["student"] and "skipped" not in classification
     assert "3 of 80 samples have no label" in result.stdout

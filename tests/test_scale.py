@@ -108,9 +108,9 @@ def test_extract_train_eval_against_s3(
     }
     result = run_cli("eval", cache, "--student", run, "--max-samples", "16", *opts)
     assert result.exit_code == 0, result.output
-    (report,) = fs.glob("apm-bucket/run/eval-cache-*/report.json")  # RUN/eval-<cache>-<hash of its URL>
+    (report,) = fs.glob("apm-bucket/run/eval-cache-*/eval.json")  # RUN/eval-<cache>-<hash of its URL>
     assert json.loads(fs.cat_file(report))["samples"] == 16
-    assert fs.cat_file(report.replace("report.json", "fidelity.png"))[:4] == b"\x89PNG"
+    assert fs.cat_file(report.replace("eval.json", "fidelity.png"))[:4] == b"\x89PNG"
     result = run_cli(
         "islands", cache, "--student", run, "--out", tmp_path / "islands.png", "--images", "2", "--panel", "32", *opts
     )

@@ -334,7 +334,7 @@ def test_levels_train_decode_and_evaluate_only_those_levels(
     # the full cache evaluates the student on its one level; a cache without layer 2 or a wrong --levels is refused
     result = run_main(capsys, "eval", eval_cache, "--student", runs["last"], "--out", tmp_path / "report")
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    report = json.loads((tmp_path / "report" / "eval.json").read_text())
     assert list(report["fidelity"]) == ["2"] and "teacher_head" in report["classification"], report
     result = run_main(capsys, "train", tiny_cache, "--out", tmp_path / "bad", *TRAIN_FAST, "--levels", "3")
     assert result.returncode == 2 and "layer(s) 3 not cached" in result.stderr and "cached layers 1,2" in result.stderr
@@ -361,5 +361,5 @@ def test_levels_train_decode_and_evaluate_only_those_levels(
         capsys, "eval", eval_cache, "--student", first, "--train-cache", tiny_cache, "--out", tmp_path / "r1"
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "r1" / "report.json").read_text())
+    report = json.loads((tmp_path / "r1" / "eval.json").read_text())
     assert "teacher_head" not in report["classification"] and "cls features" in json.dumps(report), report
