@@ -474,8 +474,15 @@ def train(
         int, typer.Option(help="With --epochs 0: train at least this many steps (whole epochs).")
     ] = 4000,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: run all epochs).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per step per rank.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step per rank (default: 32 on a CPU, 1024 on CUDA).")
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Peak AdamW learning rate (default: 2e-3; with the CUDA default batch 2e-3 x sqrt(1024 / 32)).",
+        ),
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.05,
     warmup_steps: Annotated[
         int, typer.Option(help="Linear warmup steps (at most 5% of the run) before cosine decay.")
@@ -508,7 +515,10 @@ def train(
     log_every: Annotated[int, typer.Option(help="Steps between metric records.")] = 10,
     device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student.")] = False,
+    compile: Annotated[
+        bool,
+        typer.Option("--compile/--no-compile", help="torch.compile the step's forward and loss (the fast path)."),
+    ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")
     ] = False,
