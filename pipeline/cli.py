@@ -857,6 +857,10 @@ def bench_train_command(
     teacher: Annotated[
         str, typer.Option(help="timm model for the cache and the online baseline (random init).")
     ] = "vit_small_patch16_224",
+    model_arg: ModelArgs = None,
+    layers: Annotated[
+        str, typer.Option(help="Teacher blocks to cache, 1-based (e.g. 6,12,18,24 for a 24-block ViT-L).")
+    ] = "4,8,12",
     images: Annotated[int, typer.Option(help="Bundled digit images in the cache.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     preset: Annotated[Preset, typer.Option(help="Student size.")] = Preset.small,
@@ -878,11 +882,22 @@ def bench_train_command(
     codec: Annotated[
         Codec, typer.Option(help="Compressors of the bench cache (as extract --codec).")
     ] = DEFAULT_CODEC_CHOICE,
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="Compile the student step (as train --compile) everywhere.")
+    ] = False,
+    online_batch_sizes: Annotated[
+        str | None,
+        typer.Option(
+            help="Batch sizes to time online distillation at, its best counts (default: the batch; on CUDA "
+            "also 2x and 4x)."
+        ),
+    ] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Training speed: loader, student, cached vs online.
 
-    Bytes per trained sample, loader vs student samples/s, cached vs online epoch, peak RSS (one run)."""
+    Bytes per trained sample, loader vs student samples/s, cached vs online trained samples/s (online: its teacher
+    in autocast on CUDA, fused attention, channels_last, its best batch), peak RSS (one run)."""
     from .bench import bench_train, scratch_dir
 
     resolved = device if device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
@@ -890,7 +905,16 @@ def bench_train_command(
     storage = {"dtype": dtype.value, "rank": rank, "codec": codec.value}
     with scratch_dir() as tmp:
         sizes = (images, batch_size, preset.value, loader_workers, resolved, growth, locations, echo)
-        result = bench_train(Path(tmp), teacher, *sizes, storage)
+        result = bench_train(
+            Path(tmp),
+            teacher,
+            *sizes,
+            storage,
+            layers=parse_int_list(layers, "--layers"),
+            model_kwargs=parse_key_values(model_arg, "--model-arg"),
+            compile=compile,
+            online_batches=parse_int_list(online_batch_sizes, "--online-batch-sizes") if online_batch_sizes else (),
+        )
     render.bench_train(result, options)
 
 

@@ -416,10 +416,18 @@ def test_bench_train_ships_low_rank_coefficients_and_compares(tmp_path: Path) ->
         "train",
         "--teacher",
         "vit_tiny_patch16_224",
+        "--model-arg",
+        "img_size=32",
+        "--model-arg",
+        "depth=2",
+        "--layers",
+        "1,2",
         "--images",
         "32",
         "--batch-size",
-        "16",
+        "8",
+        "--online-batch-sizes",
+        "8,16,64",
         "--preset",
         "tiny",
         "--loader-workers",
@@ -445,8 +453,14 @@ def test_bench_train_ships_low_rank_coefficients_and_compares(tmp_path: Path) ->
         "echo 2",
         "loader shipping coefficients",
         "rebuilding tokens on its CPU",
+        "layers 1,2",
+        "fused attention in 2 blocks",  # the online teacher's own fast path (autocast and channels_last: CUDA only)
+        "cached / online",
     ):
         assert shown in out, result.stdout
+    online = re.search(r"at its best batch (\d+) \(tried 8: ([\d.]+)/s, 16: ([\d.]+)/s;", out)
+    assert online and float(online[2 + [8, 16].index(int(online[1]))]) == max(map(float, online.groups()[1:]))
+    assert "batch 64: skipped, more than the 32 cached samples" in result.stderr
 
 
 # -- 14: islands says what it did to image files ----------------------------------------------------------------
