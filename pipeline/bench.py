@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -173,6 +173,11 @@ class TrainBench:
     def cached_speedup(self) -> float:
         """Cached over online trained samples/s, online at its best batch."""
         return self.cached_sps / self.online_sps[self.online_batch]
+
+    def to_dict(self) -> dict[str, object]:
+        """The measured figures and the ratios derived from them (``bench train --json``)."""
+        derived = {"online_batch": self.online_batch, "cached_speedup": self.cached_speedup}
+        return asdict(self) | derived
 
 
 def _tree_rss(root: psutil.Process) -> int:

@@ -892,6 +892,9 @@ def bench_train_command(
             "also 2x and 4x)."
         ),
     ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the measured figures to this JSON file.")
+    ] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Training speed: loader, student, cached vs online.
@@ -916,6 +919,8 @@ def bench_train_command(
             online_batches=parse_int_list(online_batch_sizes, "--online-batch-sizes") if online_batch_sizes else (),
         )
     render.bench_train(result, options)
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=1))
 
 
 @bench_app.command("ablation")
