@@ -681,7 +681,7 @@ def train(
         last = losses.total.detach()
         first = last if first is None else first
         if run.rank == 0 and (run.step % config.log_every == 0 or run.step == run.total_steps):
-            record = {  # the only place the loop waits for the device: reading this step's losses
+            record = {  # reading the losses waits for the device: here and at checkpoints, not every step
                 "step": run.step,
                 "epoch": position.epoch,
                 "lr": run.scheduler.get_last_lr()[0],
