@@ -311,6 +311,7 @@ def bench_train(
     from apmpipe.stages.apm import APM, config_for_cache
     from apmpipe.stages.inputs import PixelNormalizer
     from apmpipe.stages.objectives import LossConfig, location_generator, sample_locations
+    from apmpipe.stages.runtime import to_device
     from apmpipe.stages.teacher import TeacherConfig
     from apmpipe.stages.train import (
         TrainConfig,
@@ -319,7 +320,6 @@ def bench_train(
         make_optimizer,
         rebuilds_on_device,
         step_losses,
-        to_device,
         train,
         train_step,
     )

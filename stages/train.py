@@ -38,7 +38,7 @@ from .augment import augment_generator, check_crop_scale, draw_views, parse_augm
 from .head import TeacherHead
 from .inputs import PixelNormalizer
 from .objectives import LossConfig, Losses, distillation_losses, gather_tokens, location_generator, sample_locations
-from .runtime import setup_distributed
+from .runtime import setup_distributed, to_device
 
 _logger = logging.getLogger(__name__)
 
@@ -343,13 +343,6 @@ def train_step(
     if scheduler is not None:
         scheduler.step()
     return losses
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for the device: pinned and copied asynchronously on CUDA."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _check_same_plan(stream: CacheStream, world: int) -> None:
