@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ import torch
 from apmpipe.stages.extract import ExtractConfig, extract, extract_shards, loader_workers, teacher_for
 from apmpipe.stages.teacher import TeacherPool
 from apmpipe.storage.batches import ShardBatches
+from apmpipe.storage.errors import ConfigError
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import resolve_inputs
 
@@ -147,8 +148,9 @@ class TrainBench:
     rebuilds_on_device: bool  # low-rank caches: coefficients cross to the device (loader_sps) ...
     loader_other_sps: float | None  # ... and the loader with the rebuild placed the other way
     student_sps: dict[str, float]  # per-step student rate, by location setting ("all", "K=64")
-    cached_epoch_s: float
-    online_epoch_s: float
+    cached_sps: float  # trained samples/s of apmpipe train (one epoch, after a warm-up run)
+    online_sps: dict[int, float]  # trained samples/s of online distillation, by its batch size
+    online_setup: str  # how the online teacher runs (precision, attention kernel, memory format)
     rss: list[tuple[int, float]]  # (cache samples, peak RSS MiB of the training process tree)
 
     @property
@@ -164,8 +166,19 @@ class TrainBench:
         return student_sps / self.echo
 
     @property
+    def online_batch(self) -> int:
+        """The online baseline's own best batch size."""
+        return max(self.online_sps, key=self.online_sps.__getitem__)
+
+    @property
     def cached_speedup(self) -> float:
-        return self.online_epoch_s / self.cached_epoch_s
+        """Cached over online trained samples/s, online at its best batch."""
+        return self.cached_sps / self.online_sps[self.online_batch]
+
+    def to_dict(self) -> dict[str, object]:
+        """The measured figures and the ratios derived from them (``bench train --json``)."""
+        derived = {"online_batch": self.online_batch, "cached_speedup": self.cached_speedup}
+        return asdict(self) | derived
 
 
 def _tree_rss(root: psutil.Process) -> int:
@@ -256,6 +269,18 @@ def _loader_rate(stream: CacheStream, workers: int) -> tuple[float, list[dict]]:
     return LOADER_PASSES * samples / (time.perf_counter() - start), passes[0]
 
 
+def online_batch_sizes(batch_size: int, device: torch.device) -> tuple[int, ...]:
+    """The batch sizes the online baseline is timed at (its best one counts): the training batch, and on CUDA also
+    2x and 4x (a teacher fills a GPU at larger batches than a small student's step needs)."""
+    return (batch_size, 2 * batch_size, 4 * batch_size) if device.type == "cuda" else (batch_size,)
+
+
+def rebatched(batches: list[dict], size: int) -> list[dict]:
+    """The pixels of ``batches`` cut into batches of ``size`` (a partial last one dropped: fixed shapes)."""
+    pixels = torch.cat([b["pixels"] for b in batches])
+    return [{"pixels": pixels[s : s + size]} for s in range(0, len(pixels) - size + 1, size)]
+
+
 def bench_train(
     workdir: Path,
     teacher_name: str,
@@ -268,22 +293,34 @@ def bench_train(
     locations: int = 64,
     echo: int = 1,
     storage: dict[str, object] | None = None,
+    layers: tuple[int, ...] = (4, 8, 12),
+    model_kwargs: dict[str, object] | None = None,
+    compile: bool = False,
+    online_batches: tuple[int, ...] = (),
 ) -> TrainBench:
-    """Loader vs student throughput (all locations and ``locations``), cached vs online epoch, bytes read per trained
-    sample, and peak RSS at 1x and ``growth``x cache size.
+    """Loader vs student throughput (all locations and ``locations``), cached vs online trained samples/s, bytes read
+    per trained sample, and peak RSS at 1x and ``growth``x cache size.
 
-    ``storage``: cache options (``dtype``, ``rank``, ``pixel_codec``)."""
+    ``storage``: cache options (``dtype``, ``rank``, ``pixel_codec``). ``teacher_name`` (random init, with
+    ``model_kwargs``) caches ``layers``. ``compile``: the student step compiled (as ``train --compile``) in every
+    measurement. The online baseline runs its teacher with autocast on CUDA, fused attention and channels_last
+    (:meth:`Teacher.use_fast_kernels`), at each of ``online_batches`` (default :func:`online_batch_sizes`); its
+    best rate counts.
+    """
     import sys
 
     from apmpipe.stages.apm import APM, config_for_cache
     from apmpipe.stages.inputs import PixelNormalizer
     from apmpipe.stages.objectives import LossConfig, location_generator, sample_locations
+    from apmpipe.stages.runtime import to_device
     from apmpipe.stages.teacher import TeacherConfig
     from apmpipe.stages.train import (
         TrainConfig,
+        compiled_objective,
         fit_target_scales,
         make_optimizer,
         rebuilds_on_device,
+        step_losses,
         train,
         train_step,
     )
@@ -293,8 +330,8 @@ def bench_train(
     extract_config = ExtractConfig(
         inputs=tuple(default_bench_shards(workdir, images, 64)),
         out=cache,
-        teacher=TeacherConfig(teacher_name, pretrained=False),
-        layers=(4, 8, 12),
+        teacher=TeacherConfig(teacher_name, pretrained=False, model_kwargs=tuple(sorted((model_kwargs or {}).items()))),
+        layers=layers,
         batch_size=batch_size,
         loader_workers=loader_workers,
         device=device,
@@ -328,59 +365,49 @@ def bench_train(
         locations=locations,
         echo=echo,
         window_samples=window,
+        compile=compile,
+        log_every=10**9,  # losses are read at the last step only, as a long run reads them rarely
         loss=LossConfig(logit_weight=0.0),
-    )
+    ).for_device(torch.device(device))
     teacher = teacher_for(extract_config)
     dev = teacher.device
     normalize = PixelNormalizer(stream.spec.data_config).to(dev)
+    objective = compiled_objective() if compile else step_losses
 
-    def student_epoch(targets_of: Callable[[dict], list[torch.Tensor]], count: int) -> float:
-        """Seconds for one epoch of ``echo`` steps per in-memory batch at ``count`` locations (0: all)."""
+    def student_epoch(epoch: list[dict], targets_of: Callable[[dict], list[torch.Tensor]], count: int) -> float:
+        """Trained samples/s over ``epoch`` (``echo`` steps per batch) at ``count`` locations (0: all), after one
+        untimed step (CUDA context, cuBLAS handles, kernel selection and compilation stay out of the figure)."""
         model = APM(config_for_cache(stream.spec, preset))
         fit_target_scales(model, stream)
         model = model.to(dev)
-        optimizer, scheduler = make_optimizer(model, train_config, len(batches) * echo, dev)
+        optimizer, scheduler = make_optimizer(model, train_config, len(epoch) * echo, dev)
         cfg = model.config
-        if (
-            dev.type == "cuda"
-        ):  # one untimed step: CUDA context, cuBLAS handles and kernel selection stay out of the figure
-            train_step(
-                model,
-                model,
-                optimizer,
-                None,
-                normalize(batches[0]["pixels"].to(dev)),
-                targets_of(batches[0]),
-                None,
-                train_config.loss,
-                True,
+        amp = dev.type == "cuda"
+
+        def step(images: torch.Tensor, targets: list[torch.Tensor], index: int) -> None:
+            where = sample_locations(
+                len(images),
+                cfg.prefix_tokens,
+                cfg.num_tokens - cfg.prefix_tokens,
+                count,
+                location_generator(0, 0, index),
             )
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        for index, batch in enumerate(batches):
-            images, targets = normalize(batch["pixels"].to(dev)), targets_of(batch)
-            for repeat in range(echo):
-                where = sample_locations(
-                    len(images),
-                    cfg.prefix_tokens,
-                    cfg.num_tokens - cfg.prefix_tokens,
-                    count,
-                    location_generator(0, 0, index * echo + repeat),
-                )
-                train_step(
-                    model,
-                    model,
-                    optimizer,
-                    scheduler,
-                    images,
-                    targets,
-                    None if where is None else where.to(dev),
-                    train_config.loss,
-                    dev.type == "cuda",
-                )
+            where = None if where is None else to_device(where, dev)
+            loss = train_config.loss
+            train_step(model, model, optimizer, scheduler, images, targets, where, loss, amp, objective=objective)
+
+        warm = epoch[0]
+        step(normalize(warm["pixels"].to(dev)), targets_of(warm), 0)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - begin
+        begin = time.perf_counter()
+        for index, batch in enumerate(epoch):
+            images, targets = normalize(batch["pixels"].to(dev)), targets_of(batch)
+            for repeat in range(echo):
+                step(images, targets, index * echo + repeat)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return sum(len(b["pixels"]) for b in epoch) * echo / (time.perf_counter() - begin)
 
     decoder = TokenDecoder(stream.coefficient_bases).to(dev) if stream.coefficient_bases else (lambda tokens: tokens)
 
@@ -391,13 +418,30 @@ def bench_train(
     student_sps = {}
     for label, count in (("all", 0), (f"K={locations}", locations)):
         bench_progress(f"student steps from memory, {label} locations")
-        student_sps[label] = samples * echo / student_epoch(from_memory, count)
-    bench_progress("online distillation epoch (teacher forward every batch)")
-    online_seconds = student_epoch(
-        lambda b: [t.clone() for t in teacher.forward(b["pixels"])[0]], locations
-    )  # clone: leave inference mode
+        student_sps[label] = student_epoch(batches, from_memory, count)
+    fused = teacher.use_fast_kernels()
+    online_setup = (
+        f"{teacher.precision}, fused attention in {fused} blocks"
+        + (", channels_last" if dev.type == "cuda" else "")
+        + (", compiled student" if compile else "")
+    )
+    online_sps = {}
+    for size in online_batches or online_batch_sizes(batch_size, dev):
+        epoch = rebatched(batches, size)
+        if not epoch:
+            bench_progress(f"online distillation at batch {size}: skipped, more than the {samples} cached samples")
+            continue
+        bench_progress(f"online distillation at batch {size} (teacher forward every batch; {online_setup})")
+        online_sps[size] = student_epoch(
+            epoch, lambda b: [t.clone() for t in teacher.forward(b["pixels"])[0]], locations
+        )  # clone: leave inference mode
+    if not online_sps:
+        raise ConfigError(f"--online-batch-sizes are all above the {samples} cached samples; give smaller ones")
+    if compile or dev.type == "cuda":
+        bench_progress("cached warm-up (apmpipe train, 2 steps: compilation and kernel selection)")
+        train(replace(train_config, out=str(workdir / "warm-up"), max_steps=2))
     bench_progress("cached epoch (apmpipe train)")
-    cached_seconds = train(train_config).seconds
+    cached = train(train_config)
     stored, raw = _read_bytes_per_sample(cache)
 
     rss = []
@@ -443,8 +487,9 @@ def bench_train(
         rebuilds_on_device=on_device,
         loader_other_sps=other_sps,
         student_sps=student_sps,
-        cached_epoch_s=cached_seconds,
-        online_epoch_s=online_seconds,
+        cached_sps=cached.samples / cached.seconds,
+        online_sps=online_sps,
+        online_setup=online_setup,
         rss=rss,
     )
 

@@ -540,8 +540,15 @@ def train(
         int, typer.Option(help="With --epochs 0: train at least this many steps (whole epochs).")
     ] = 4000,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: run all epochs).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per step per rank.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step per rank (default: 32 on a CPU, 1024 on CUDA).")
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Peak AdamW learning rate (default: 2e-3; with the CUDA default batch 2e-3 x sqrt(1024 / 32)).",
+        ),
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.05,
     warmup_steps: Annotated[
         int, typer.Option(help="Linear warmup steps (at most 5% of the run) before cosine decay.")
@@ -574,7 +581,10 @@ def train(
     log_every: Annotated[int, typer.Option(help="Steps between metric records.")] = 10,
     device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the student.")] = False,
+    compile: Annotated[
+        bool,
+        typer.Option("--compile/--no-compile", help="torch.compile the step's forward and loss (the fast path)."),
+    ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")
     ] = False,
@@ -932,6 +942,10 @@ def bench_train_command(
     teacher: Annotated[
         str, typer.Option(help="timm model for the cache and the online baseline (random init).")
     ] = "vit_small_patch16_224",
+    model_arg: ModelArgs = None,
+    layers: Annotated[
+        str, typer.Option(help="Teacher blocks to cache, 1-based (e.g. 6,12,18,24 for a 24-block ViT-L).")
+    ] = "4,8,12",
     images: Annotated[int, typer.Option(help="Bundled digit images in the cache.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     preset: Annotated[Preset, typer.Option(help="Student size.")] = Preset.small,
@@ -953,11 +967,25 @@ def bench_train_command(
     codec: Annotated[
         Codec, typer.Option(help="Compressors of the bench cache (as extract --codec).")
     ] = DEFAULT_CODEC_CHOICE,
+    compile: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="Compile the student step (as train --compile) everywhere.")
+    ] = False,
+    online_batch_sizes: Annotated[
+        str | None,
+        typer.Option(
+            help="Batch sizes to time online distillation at, its best counts (default: the batch; on CUDA "
+            "also 2x and 4x)."
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the measured figures to this JSON file.")
+    ] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Training speed: loader, student, cached vs online.
 
-    Bytes per trained sample, loader vs student samples/s, cached vs online epoch, peak RSS (one run)."""
+    Bytes per trained sample, loader vs student samples/s, cached vs online trained samples/s (online: its teacher
+    in autocast on CUDA, fused attention, channels_last, its best batch), peak RSS (one run)."""
     from .bench import bench_train, scratch_dir
 
     resolved = device if device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
@@ -965,8 +993,19 @@ def bench_train_command(
     storage = {"dtype": dtype.value, "rank": rank, "codec": codec.value}
     with scratch_dir() as tmp:
         sizes = (images, batch_size, preset.value, loader_workers, resolved, growth, locations, echo)
-        result = bench_train(Path(tmp), teacher, *sizes, storage)
+        result = bench_train(
+            Path(tmp),
+            teacher,
+            *sizes,
+            storage,
+            layers=parse_int_list(layers, "--layers"),
+            model_kwargs=parse_key_values(model_arg, "--model-arg"),
+            compile=compile,
+            online_batches=parse_int_list(online_batch_sizes, "--online-batch-sizes") if online_batch_sizes else (),
+        )
     render.bench_train(result, options)
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=1))
 
 
 @bench_app.command("ablation", cls=ApmCommand)

@@ -321,7 +321,7 @@ def bench_train(result: Any, options: dict[str, Any]) -> None:
     """``apmpipe bench train``: bytes per trained sample, loader vs student, cached vs online, peak RSS.
     ``options``: the command's (preset, batch_size, echo, locations, loader_workers, dtype, rank, student_rate)."""
     k, echo, rank = f"K={options['locations']}", options["echo"], options["rank"]
-    storage = f"layers 4,8,12, {options['dtype']}{f', rank {rank}' if rank else ''}, {options['codec']}"
+    storage = f"layers {options['layers']}, {options['dtype']}{f', rank {rank}' if rank else ''}, {options['codec']}"
     per_loaded = human_bytes(result.bytes_per_sample)
     rows = [
         ("machine", result.machine),
@@ -375,9 +375,14 @@ def bench_train(result: Any, options: dict[str, Any]) -> None:
             )
         )
     rows += [
-        ("(c) cached epoch (apmpipe train)", f"{result.cached_epoch_s:.2f} s"),
-        ("    online distillation epoch", f"{result.online_epoch_s:.2f} s (teacher forward every loaded batch, {k})"),
-        ("online / cached", f"{result.cached_speedup:.2f}x (target >= 5)"),
+        ("(c) cached (apmpipe train)", f"{result.cached_sps:.1f} trained samples/s (one epoch, {k})"),
+        (
+            "    online distillation",
+            f"{result.online_sps[result.online_batch]:.1f} trained samples/s at its best batch {result.online_batch} "
+            f"(tried {', '.join(f'{b}: {r:.1f}/s' for b, r in result.online_sps.items())}; teacher forward every "
+            f"loaded batch, {result.online_setup}, {k})",
+        ),
+        ("cached / online", f"{result.cached_speedup:.2f}x (target >= 5)"),
     ]
     rows += [
         (f"peak RSS, {n} cached samples", f"{mib:.0f} MiB (train process + loader workers)") for n, mib in result.rss

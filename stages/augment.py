@@ -26,6 +26,8 @@ from torchvision.ops import roi_align
 
 from apmpipe.storage.errors import ConfigError
 
+from .runtime import to_device
+
 AUGMENTS = ("flip", "crop")
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio range (width / height), as timm's RandomResizedCrop
 MIN_CROP_CELLS = 3  # a crop spans at least this many grid cells per side (a smaller one has no token map to pool)
@@ -77,9 +79,9 @@ class Views:
 
     def _apply(self, maps: torch.Tensor, boxes: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
         if boxes is not None:
-            maps = _resample(maps, boxes.to(maps.device), size)
+            maps = _resample(maps, to_device(boxes, maps.device), size)
         if self.flip is not None:
-            flip = self.flip.to(maps.device)[:, None, None, None]
+            flip = to_device(self.flip, maps.device)[:, None, None, None]
             maps = torch.where(flip, maps.flip(-1), maps)
         return maps
 

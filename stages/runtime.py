@@ -19,6 +19,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: pinned and copied asynchronously on CUDA (a plain
+    copy from pageable memory would wait for the work queued before it)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def loader_workers(requested: int, device_type: str) -> int:
     """Decoding processes for ``--loader-workers`` -1 (auto): one beside a CPU model (which needs the cores), up to
     8 feeding a GPU; other values as given."""

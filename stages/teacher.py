@@ -229,7 +229,20 @@ class Teacher:
         self._normalizer = PixelNormalizer(self.data_config).to(self.device)
         params = inspect.signature(self.model.forward_intermediates).parameters
         self._prefix_kw = {"return_prefix_tokens": True} if "return_prefix_tokens" in params else {}
+        self._memory_format = torch.contiguous_format
         self.levels = self._probe_levels()
+
+    def use_fast_kernels(self) -> int:
+        """Fused attention (timm's ``fused_attn``: scaled_dot_product_attention) in every attention block, and on CUDA
+        ``channels_last`` weights and inputs (cuDNN's fast convolution layout: the patch embedding, a ConvNet's every
+        layer). Returns the number of attention blocks now fused (0 for a model without them)."""
+        blocks = [module for module in self.model.modules() if hasattr(module, "fused_attn")]
+        for module in blocks:
+            module.fused_attn = True
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+            self._memory_format = torch.channels_last
+        return len(blocks)
 
     @property
     def precision(self) -> str:
@@ -275,7 +288,7 @@ class Teacher:
 
         ``amp`` overrides the teacher's autocast setting for this call.
         """
-        x = self.normalize(pixels)
+        x = self.normalize(pixels).contiguous(memory_format=self._memory_format)
         indices = [layer - 1 for layer in self.layers]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp if amp is None else amp):
             out = self.model.forward_intermediates(

@@ -18,7 +18,7 @@ import types
 import typing
 from collections.abc import Callable, Collection
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -49,11 +49,14 @@ from .augment import augment_generator, check_crop_scale, draw_views, parse_augm
 from .head import TeacherHead
 from .inputs import PixelNormalizer
 from .objectives import LossConfig, Losses, distillation_losses, gather_tokens, location_generator, sample_locations
-from .runtime import process_rank, setup_distributed
+from .runtime import process_rank, setup_distributed, to_device
 
 _logger = logging.getLogger(__name__)
 
 WARMUP_FRACTION = 0.05  # warmup never takes more than this share of the run
+CPU_BATCH_SIZE = 32  # --batch-size left unset: images per step per rank on a CPU ...
+CUDA_BATCH_SIZE = 1024  # ... and on a GPU, where a small student at 32 is launch-bound
+BASE_LR = 2e-3  # --lr left unset: the peak LR at CPU_BATCH_SIZE (and at any --batch-size given)
 POSITION_COUNTS = "echoed-batches"  # what StreamPosition.batch counts in checkpoints (older ones: loaded batches)
 
 
@@ -62,7 +65,8 @@ class TrainConfig:
     """Options of one training run (saved as ``config.toml`` and in every checkpoint).
 
     ``epochs`` 0 (the default) sizes the run from the cache: enough epochs for ``min_steps`` optimiser steps,
-    at least ``MIN_EPOCHS``; small caches get more passes, large ones at least a few.
+    at least ``MIN_EPOCHS``; small caches get more passes, large ones at least a few. ``batch_size`` and ``lr``
+    None are the device's defaults, fixed by :meth:`for_device` before a run starts (see :func:`default_lr`).
     """
 
     caches: tuple[str, ...]
@@ -82,8 +86,8 @@ class TrainConfig:
     epochs: int = 0
     min_steps: int = 4000
     max_steps: int = 0
-    batch_size: int = 32
-    lr: float = 2e-3
+    batch_size: int | None = None
+    lr: float | None = None
     weight_decay: float = 0.05
     warmup_steps: int = 200
     clip_grad: float = 1.0
@@ -130,6 +134,12 @@ class TrainConfig:
         object.__setattr__(self, "augment", parse_augments(self.augment))
         check_crop_scale(self.crop_scale)
 
+    def for_device(self, device: torch.device) -> TrainConfig:
+        """This config with ``batch_size`` and ``lr`` set for ``device`` where they were left unset (None)."""
+        batch = self.batch_size or (CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE)
+        lr = self.lr or (default_lr(batch) if self.batch_size is None else BASE_LR)
+        return replace(self, batch_size=batch, lr=lr)
+
     def to_dict(self) -> dict[str, Any]:
         """The options as ``config.toml``, checkpoints and the student record them (URLs redacted)."""
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -172,6 +182,13 @@ class TrainConfig:
             elif name not in given:
                 merged[name] = value
         return cls.from_options(merged)
+
+
+def default_lr(batch_size: int) -> float:
+    """The peak LR for a device's default batch: ``BASE_LR`` scaled by sqrt(batch / CPU_BATCH_SIZE), the square-root
+    rule for Adam-type optimisers (the gradient noise scale falls as 1/sqrt(batch)); 2e-3 at 32, ~1.1e-2 at 1024.
+    A ``--batch-size`` given by hand keeps ``BASE_LR`` unless ``--lr`` is given too."""
+    return BASE_LR * math.sqrt(batch_size / CPU_BATCH_SIZE)
 
 
 def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -303,6 +320,34 @@ def fit_target_scales(model: APM, stream: CacheStream, standardize: bool = True)
         )
 
 
+def step_losses(
+    net: torch.nn.Module,
+    model: APM,
+    images: torch.Tensor,
+    targets: list[torch.Tensor],
+    locations: torch.Tensor | None,
+    loss_config: LossConfig,
+    amp: bool,
+    head: TeacherHead | None = None,
+    teacher_logits: torch.Tensor | None = None,
+) -> Losses:
+    """Forward and objective of one step on normalised images and teacher tokens ``[B, T, D]`` per level: the part
+    ``--compile`` compiles (every batch of a run has the same shapes; nothing here waits for the device)."""
+    targets = [gather_tokens(t, locations) for t in targets]
+    with torch.autocast(images.device.type, dtype=torch.bfloat16) if amp else nullcontext():
+        out = net(images, locations)
+        return distillation_losses(model, out, targets, locations, images, loss_config, head, teacher_logits)
+
+
+Objective = Callable[..., Losses]  # step_losses, or torch.compile(step_losses)
+
+
+def compiled_objective() -> Objective:
+    """:func:`step_losses` compiled for fixed shapes (``dynamic=False``: the stream's batches are all full, so one
+    graph serves the whole run; a different batch shape compiles its own graph instead of a dynamic one)."""
+    return torch.compile(step_losses, dynamic=False)
+
+
 def train_step(
     net: torch.nn.Module,
     model: APM,
@@ -316,12 +361,11 @@ def train_step(
     clip_grad: float = 1.0,
     head: TeacherHead | None = None,
     teacher_logits: torch.Tensor | None = None,
+    objective: Objective = step_losses,
 ) -> Losses:
-    """One optimisation step on normalised images and teacher tokens ``[B, T, D]`` per level; returns the loss terms."""
-    targets = [gather_tokens(t, locations) for t in targets]
-    with torch.autocast(images.device.type, dtype=torch.bfloat16) if amp else nullcontext():
-        out = net(images, locations)
-        losses = distillation_losses(model, out, targets, locations, images, loss_config, head, teacher_logits)
+    """One optimisation step (``objective``: eager or compiled forward and loss); returns the loss terms, still on
+    the device (reading them waits for the step: log them every few steps, not every step)."""
+    losses = objective(net, model, images, targets, locations, loss_config, amp, head, teacher_logits)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     if clip_grad:
@@ -361,6 +405,7 @@ class _Run:
     run_dir: RunDir
     total_steps: int
     amp: bool
+    objective: Objective
     decoder: TokenDecoder | None = None
     step: int = 0
     position: StreamPosition = StreamPosition()
@@ -394,6 +439,7 @@ class _Run:
 
 def _set_up(config: TrainConfig) -> _Run:
     rank, world, device = setup_distributed(config.device)
+    config = config.for_device(device)
     stream = CacheStream(
         config.caches,
         config.batch_size,
@@ -435,7 +481,6 @@ def _set_up(config: TrainConfig) -> _Run:
         if world > 1
         else model
     )
-    net = torch.compile(net) if config.compile else net
     return _Run(
         config,
         rank,
@@ -451,6 +496,7 @@ def _set_up(config: TrainConfig) -> _Run:
         run_dir,
         total_steps,
         config.amp and device.type == "cuda",
+        compiled_objective() if config.compile else step_losses,
         TokenDecoder(stream.coefficient_bases).to(device) if stream.coefficient_bases else None,
         events=events if rank == 0 else None,
     )
@@ -579,7 +625,7 @@ def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logi
     locations = sample_locations(
         images.shape[0], cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, run.config.locations, generator
     )
-    locations = None if locations is None else locations.to(run.device)
+    locations = None if locations is None else to_device(locations, run.device)
     losses = train_step(
         run.net,
         run.model,
@@ -593,6 +639,7 @@ def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logi
         run.config.clip_grad,
         run.head,
         logits,
+        run.objective,
     )
     run.step += 1
     return losses
@@ -642,6 +689,7 @@ def _train(
     stop_requested: Callable[[], int] | None,
 ) -> TrainSummary:
     run = _set_up(config)
+    config = run.config  # batch size and LR set for the device
     if run.rank == 0:
         run.run_dir.remove_stale_temporaries()
     if config.resume:
@@ -658,22 +706,24 @@ def _train(
         if on_start:
             on_start(run.model, run.total_steps)
 
-    start, samples, first_loss, last_loss = time.perf_counter(), 0, float("nan"), float("nan")
+    start, samples = time.perf_counter(), 0
+    first: torch.Tensor | None = None  # the first and last steps' total loss, read once the run ends
+    last: torch.Tensor | None = None
     layers, waited, ready = [level.layer for level in run.stream.spec.levels], 0.0, time.perf_counter()
     saved, stop = time.monotonic(), False
     for position, batch in _batches(run) if run.step < run.total_steps else ():
         waited += time.perf_counter() - ready  # the step waited this long for the loader
         images = run.normalize(batch["pixels"])
         targets = run.decoder(batch["tokens"]) if run.decoder is not None else batch["tokens"]
-        record = _optimise(run, images, targets, batch.get("logits")).record(layers)
-        last_loss = record["loss"]
-        first_loss = last_loss if math.isnan(first_loss) else first_loss
+        losses = _optimise(run, images, targets, batch.get("logits"))
+        last = losses.total.detach()
+        first = last if first is None else first
         if run.rank == 0 and (run.step % config.log_every == 0 or run.step == run.total_steps):
-            record = {
+            record = {  # reading the losses waits for the device: here and at checkpoints, not every step
                 "step": run.step,
                 "epoch": position.epoch,
                 "lr": run.scheduler.get_last_lr()[0],
-                **record,
+                **losses.record(layers),
                 "samples_per_s": samples / max(time.perf_counter() - start, 1e-9),
                 "data_wait_s": waited,
             }
@@ -713,8 +763,8 @@ def _train(
         epochs_done=run.step / run.stream.steps_per_epoch(),
         seconds=time.perf_counter() - start,
         samples=samples,
-        first_loss=first_loss,
-        last_loss=last_loss,
+        first_loss=float("nan") if first is None else float(first),
+        last_loss=float("nan") if last is None else float(last),
         params=run.model.num_params(),
         flops_per_image=run.model.flops_per_image(),
         student=student,

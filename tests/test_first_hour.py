@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from PIL import Image
 
@@ -416,10 +417,18 @@ def test_bench_train_ships_low_rank_coefficients_and_compares(tmp_path: Path) ->
         "train",
         "--teacher",
         "vit_tiny_patch16_224",
+        "--model-arg",
+        "img_size=32",
+        "--model-arg",
+        "depth=2",
+        "--layers",
+        "1,2",
         "--images",
         "32",
         "--batch-size",
-        "16",
+        "8",
+        "--online-batch-sizes",
+        "8,16,64",
         "--preset",
         "tiny",
         "--loader-workers",
@@ -445,8 +454,42 @@ def test_bench_train_ships_low_rank_coefficients_and_compares(tmp_path: Path) ->
         "echo 2",
         "loader shipping coefficients",
         "rebuilding tokens on its CPU",
+        "layers 1,2",
+        "fused attention in 2 blocks",  # the online teacher's own fast path (autocast and channels_last: CUDA only)
+        "cached / online",
     ):
         assert shown in out, result.stdout
+    online = re.search(r"at its best batch (\d+) \(tried 8: ([\d.]+)/s, 16: ([\d.]+)/s;", out)
+    assert online and float(online[2 + [8, 16].index(int(online[1]))]) == max(map(float, online.groups()[1:]))
+    assert "batch 64: skipped, more than the 32 cached samples" in result.stderr
+
+
+GPU_CHECK = Path(__file__).parent.parent / ".ci" / "gpu-check"
+
+
+def _gpu_check(tmp_path: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``.ci/gpu-check ARGS``, its venv made from this interpreter, its logs under ``tmp_path``."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "gpu-check")}
+    return subprocess.run([GPU_CHECK, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refuses only where no CUDA device is present")
+def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path: Path) -> None:
+    result = _gpu_check(tmp_path, timeout=120)
+    assert result.returncode == 2 and not result.stdout, result
+    assert result.stderr.count("\n") == 1 and "no CUDA device" in result.stderr and "--dry-run" in result.stderr
+
+
+@pytest.mark.slow  # installs the project into a venv, then 8 tiny bench train runs: a minute or more when loaded
+def test_gpu_check_dry_run_prints_its_one_table(tmp_path: Path) -> None:
+    """The GPU script's own path on the CPU: install, every teacher x storage x echo row measured, one table."""
+    result = _gpu_check(tmp_path, "--dry-run", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = [[cell.strip() for cell in line.split("|")] for line in result.stdout.splitlines() if " | " in line]
+    assert table[0][:3] == ["teacher", "storage", "echo"] and len(table) == 1 + 8, result.stdout
+    rows = {tuple(row[:3]) for row in table[1:]}
+    assert rows == {(t, s, e) for t in ("ViT-B/16", "ViT-L/14") for s in ("float16", "int8 rank 8") for e in "18"}
+    assert all(re.fullmatch(r"\d+\.\d\dx", row[-1]) for row in table[1:]), result.stdout
 
 
 # -- 14: islands says what it did to image files ----------------------------------------------------------------

@@ -363,3 +363,65 @@ def test_levels_train_decode_and_evaluate_only_those_levels(
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r1" / "eval.json").read_text())
     assert "teacher_head" not in report["classification"] and "cls features" in json.dumps(report), report
+
+
+def _train_in_process(cache: Path, out: Path, **options: object) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """A tiny CPU run of ``train`` (metric every step); its records and the exported student's weights."""
+    from apmpipe.stages.train import TrainConfig, train
+
+    config = TrainConfig.from_options(
+        {
+            "caches": (str(cache),),
+            "out": str(out),
+            "preset": "tiny",
+            "batch_size": 8,
+            "window_samples": 32,
+            "loader_workers": 0,
+            "device": "cpu",
+            "log_every": 1,
+            "warmup_steps": 1,
+            **options,
+        }
+    )
+    train(config)
+    weights, _ = load_student(out)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], weights
+
+
+@pytest.mark.slow  # torch.compile's C++ build on a CPU: tens of seconds on a loaded 2-core box
+def test_compiled_step_trains_like_the_eager_step(tmp_path: Path, tiny_cache: Path) -> None:
+    """--compile (the fast path) gives the eager step's losses and weights, step after step."""
+    eager, eager_weights = _train_in_process(tiny_cache, tmp_path / "eager", max_steps=4)
+    compiled, compiled_weights = _train_in_process(tiny_cache, tmp_path / "compiled", max_steps=4, compile=True)
+    assert [r["step"] for r in compiled] == [1, 2, 3, 4]
+    for a, b in zip(eager, compiled, strict=True):
+        for key in ("loss", "loss_level_1", "loss_level_2", "loss_rgb", "loss_logits"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)
+    assert eager_weights.keys() == compiled_weights.keys()
+    for name, value in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], value, rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_losses_are_read_only_at_log_steps(tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop leaves each step's losses on the device and reads them (a host sync on CUDA) every --log-every steps."""
+    from apmpipe.stages.objectives import Losses
+
+    reads: list[int] = []
+    real_record = Losses.record
+    monkeypatch.setattr(Losses, "record", lambda self, layers: reads.append(1) or real_record(self, layers))
+    records, _ = _train_in_process(tiny_cache, tmp_path / "run", max_steps=10, log_every=5)
+    assert [r["step"] for r in records] == [5, 10] and len(reads) == 2
+
+
+def test_batch_and_lr_defaults_follow_the_device() -> None:
+    """Unset --batch-size/--lr: 32 and 2e-3 on a CPU (as before); 1024 on CUDA with the square-root LR rule; a batch
+    given by hand keeps 2e-3 unless --lr is given."""
+    from apmpipe.stages.train import TrainConfig
+
+    config = TrainConfig(caches=("c",), out="o")
+    cpu, cuda = config.for_device(torch.device("cpu")), config.for_device(torch.device("cuda"))
+    assert (cpu.batch_size, cpu.lr) == (32, 2e-3)
+    assert cuda.batch_size == 1024 and cuda.lr == pytest.approx(2e-3 * 32**0.5)
+    given = TrainConfig(caches=("c",), out="o", batch_size=256).for_device(torch.device("cuda"))
+    assert (given.batch_size, given.lr) == (256, 2e-3)
+    assert TrainConfig(caches=("c",), out="o", lr=1e-3).for_device(torch.device("cuda")).lr == 1e-3
