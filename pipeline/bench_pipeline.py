@@ -89,17 +89,18 @@ class PipelineBench:
         return (student_rate or self.student_rate()) / self.echo / self.loader_per_core()
 
 
-def _rate(count: int, run: Callable[[], object], bytes_per_sample: float, repeats: int = 2) -> StageRate:
-    """``run()`` once to warm up (page cache, allocators, kernels), then ``repeats`` times timed; ``count`` samples
-    per run."""
+def _rate(count: int, run: Callable[[], object], bytes_per_sample: float, repeats: int = 3) -> StageRate:
+    """``run()`` once to warm up (page cache, allocators, kernels), then the best of ``repeats`` timed runs (wall and
+    CPU apart: the least disturbed run on a shared machine); ``count`` samples per run."""
     run()
     _sync()
-    wall, cpu = time.perf_counter(), _cpu_seconds()
+    wall, cpu = float("inf"), float("inf")
     for _ in range(repeats):
+        started, used = time.perf_counter(), _cpu_seconds()
         run()
-    _sync()
-    wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-    return StageRate(repeats * count / wall, bytes_per_sample, repeats * count / cpu if cpu > 0 else None)
+        _sync()
+        wall, cpu = min(wall, time.perf_counter() - started), min(cpu, _cpu_seconds() - used)
+    return StageRate(count / wall, bytes_per_sample, count / cpu if cpu > 0 else None)
 
 
 def _cpu_seconds() -> float:
@@ -330,7 +331,7 @@ def bench_pipeline(
     add(PipelineStage("batch gather / echo / rebuild (device)", gather, gather, f"echo {echo}"))
     batches = list(_window_batches(resident, dev))
     bench_progress(f"student steps from memory ({preset}, K={locations}, batch {batch_size})")
-    step = _rate(len(batches) * batch_size, lambda: [student.step(b) for b in batches], raw, repeats=1)
+    step = _rate(len(batches) * batch_size, lambda: [student.step(b) for b in batches], raw, repeats=2)
     add(PipelineStage(f"{STUDENT} (K={locations})", step, step, "trained samples/s"))
 
     def end_to_end(stream: CacheStream, workers: int) -> Callable[[], None]:
@@ -345,8 +346,8 @@ def bench_pipeline(
     add(
         PipelineStage(
             "end to end",
-            _rate(loaded * echo, end_to_end(old, old_workers), raw, repeats=1),
-            _rate(loaded * echo, end_to_end(new, 0), raw, repeats=1),
+            _rate(loaded * echo, end_to_end(old, old_workers), raw, repeats=2),
+            _rate(loaded * echo, end_to_end(new, 0), raw, repeats=2),
             "trained samples/s",
             False,
         )

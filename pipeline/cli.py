@@ -906,9 +906,9 @@ def bench_pipeline_command(
     storage_option: StorageOptions = None,
     device: DeviceOption = "auto",
 ) -> None:
-    """The stage-two data path stage by stage: old path beside new, the limiting stage, loader cores needed.
+    """The training data path stage by stage, old beside new.
 
-    Storage read, read + decode, windows to the main process, pinning, host->device copy, gather / echo / rebuild
+    The limiting stage and the loader cores a student needs. Storage read, read + decode, windows to the main process, pinning, host->device copy, gather / echo / rebuild
     on the device, student step, end to end; samples/s, GB/s and samples per CPU second (one run)."""
     from .bench import scratch_dir
     from .bench_pipeline import bench_pipeline
