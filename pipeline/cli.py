@@ -497,9 +497,17 @@ def train(
         bool, typer.Option("--standardize/--no-standardize", help="Standardise targets per level (cache moments).")
     ] = True,
     window_samples: Annotated[
-        int, typer.Option(help="Shuffle window in samples; loader memory is about (2 x workers + 1) windows.")
+        int,
+        typer.Option(
+            help="Shuffle window in samples; loader memory is about (2 x workers + 1) windows, 3 with 0 workers."
+        ),
     ] = 512,
-    loader_workers: Annotated[int, typer.Option(help="DataLoader processes reading the cache.")] = 2,
+    loader_workers: Annotated[
+        int,
+        typer.Option(
+            help="DataLoader processes reading the cache (0: this process reads one window ahead on a thread)."
+        ),
+    ] = 2,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and location sampling.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     checkpoint_minutes: Annotated[
@@ -908,8 +916,9 @@ def bench_pipeline_command(
 ) -> None:
     """The training data path stage by stage, old beside new.
 
-    The limiting stage and the loader cores a student needs. Storage read, read + decode, windows to the main process, pinning, host->device copy, gather / echo / rebuild
-    on the device, student step, end to end; samples/s, GB/s and samples per CPU second (one run)."""
+    Storage read, read + decode, windows to the main process, pinning, host->device copy, gather / echo / rebuild
+    on the device, student step, end to end (samples/s, GB/s, samples per CPU second); the limiting stage and the
+    loader cores a student needs (one run)."""
     from .bench import scratch_dir
     from .bench_pipeline import bench_pipeline
 

@@ -12,6 +12,7 @@ low-rank rebuild, compressed pixels) is one code path.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -40,7 +41,8 @@ class BlockReader:
 
     Args:
         cache: an open cache (or level view).
-        threads: blocks decoded at once (tensorstore: its file and copy concurrency; zarr: a thread pool).
+        threads: blocks read at once (tensorstore: its file concurrency, decoding on at most one thread per core;
+            zarr: a thread pool).
         engine: ``auto`` (tensorstore where it opens the cache, else zarr), ``tensorstore`` (where it cannot open the
             cache, zarr all the same) or ``zarr``. :attr:`engine` says which one reads.
     """
@@ -62,8 +64,9 @@ class BlockReader:
             return False
         import tensorstore as ts
 
+        decoding = min(self.threads, os.cpu_count() or 1)  # more decoding threads than cores only contend
         self._context = ts.Context(
-            {"data_copy_concurrency": {"limit": self.threads}, "file_io_concurrency": {"limit": self.threads}}
+            {"data_copy_concurrency": {"limit": decoding}, "file_io_concurrency": {"limit": self.threads}}
         )
         try:
             for name in self.cache.read_arrays(tokens=True, pixels=True, logits=True, keys=False):
