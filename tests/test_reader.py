@@ -15,7 +15,7 @@ from apmpipe.storage.cache import CachedSamples, FeatureCache
 from apmpipe.storage.reader import BlockReader
 from apmpipe.storage.stream import CacheStream, StreamPosition, loader_items, read_ahead, window_batches
 
-from .conftest import run_cli
+from .conftest import FAST, TINY_VIT, run_cli
 
 
 def _assert_same(a: CachedSamples, b: CachedSamples) -> None:
@@ -37,6 +37,28 @@ def test_block_reader_gives_the_samples_of_feature_cache_read(tiny_cache: Path, 
             expected = cache.read(shard, start, min(start + 8, count), extras=False, logits=True)
             _assert_same(wait(), expected)
     reader.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "engine"),
+    [(["--dtype", "int8", "--rank", "4"], "tensorstore"), (["--pixel-codec", "png"], "zarr")],
+    ids=["int8-rank4", "png-pixels"],
+)
+def test_engines_agree_on_int8_low_rank_and_encoded_pixel_caches(
+    tmp_path: Path, digit_shards: list[str], options: list[str], engine: str
+) -> None:
+    """int8 tokens with scales and low-rank coefficients read through tensorstore; a cache whose pixels are
+    variable-length bytes (which tensorstore cannot open) falls back to zarr-python whole."""
+    out = tmp_path / "c.zarr"
+    assert (
+        run_cli("extract", digit_shards[0], "--out", out, *TINY_VIT, "--layers", "1,-1", *FAST, *options).exit_code == 0
+    )
+    cache = FeatureCache.open(str(out))
+    reader = BlockReader(cache, engine="tensorstore")
+    assert reader.engine == engine
+    for reconstruct in (True, False):
+        got = reader.submit("digits-0000", 8, 24, logits=True, reconstruct=reconstruct)()
+        _assert_same(got, cache.read("digits-0000", 8, 24, extras=False, logits=True, reconstruct=reconstruct))
 
 
 def test_remote_caches_fall_back_to_zarr_with_the_same_samples(tiny_cache: Path) -> None:
