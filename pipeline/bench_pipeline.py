@@ -51,6 +51,13 @@ class PipelineStage:
     def ratio(self) -> float | None:
         return self.new.samples_per_s / self.old.samples_per_s if self.old and self.new else None
 
+    @property
+    def core_ratio(self) -> float | None:
+        """new / old in samples per CPU second (None where either lacks it)."""
+        if self.old and self.new and self.old.per_core and self.new.per_core:
+            return self.new.per_core / self.old.per_core
+        return None
+
 
 @dataclass
 class PipelineBench:

@@ -473,10 +473,11 @@ def bench_pipeline(result: Any, student_rate: float) -> None:
     stages = Table(
         title="apmpipe bench pipeline (samples/s | decoded GB/s | samples per CPU second)", title_justify="left"
     )
-    for column in ("stage", "old path", "new path", "new / old", "note"):
+    for column in ("stage", "old path", "new path", "new / old (wall | per core)", "note"):
         stages.add_column(column, style="bold" if column == "stage" else None)
     for stage in result.stages:
         ratio = f"{stage.ratio:.2f}x" if stage.ratio else "-"
+        ratio += f" | {stage.core_ratio:.2f}x/core" if stage.core_ratio else ""
         stages.add_row(stage.name, _stage_rate(stage.old), _stage_rate(stage.new), ratio, stage.note)
     out_console.print(stages)
     limit = result.limiting()
