@@ -570,9 +570,17 @@ def train(
         bool, typer.Option("--standardize/--no-standardize", help="Standardise targets per level (cache moments).")
     ] = True,
     window_samples: Annotated[
-        int, typer.Option(help="Shuffle window in samples; loader memory is about (2 x workers + 1) windows.")
+        int,
+        typer.Option(
+            help="Shuffle window in samples; loader memory is about (2 x workers + 1) windows, 3 with 0 workers."
+        ),
     ] = 512,
-    loader_workers: Annotated[int, typer.Option(help="DataLoader processes reading the cache.")] = 2,
+    loader_workers: Annotated[
+        int,
+        typer.Option(
+            help="DataLoader processes reading the cache (0: this process reads one window ahead on a thread)."
+        ),
+    ] = 2,
     seed: Annotated[int, typer.Option(help="Seed of weights, data order and location sampling.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
     checkpoint_minutes: Annotated[
@@ -1006,6 +1014,55 @@ def bench_train_command(
     render.bench_train(result, options)
     if json_out:
         json_out.write_text(json.dumps(result.to_dict(), indent=1))
+
+
+@bench_app.command("pipeline", cls=ApmCommand)
+@reports_user_errors
+def bench_pipeline_command(
+    cache: Annotated[
+        str | None, typer.Option(help="Cache URL to measure; default: build a ViT-B/16-shaped float16 one.")
+    ] = None,
+    teacher: Annotated[
+        str, typer.Option(help="timm model for the built cache (random init, layers 4,8,12).")
+    ] = "vit_base_patch16_224",
+    images: Annotated[int, typer.Option(help="Bundled digit images in the built cache.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    window_samples: Annotated[int, typer.Option(help="Samples per loaded window (as train --window-samples).")] = 128,
+    echo: Annotated[int, typer.Option(help="Steps per loaded sample (as train --echo).")] = 1,
+    locations: Annotated[int, typer.Option(help="Random grid locations per image per step (K).")] = 64,
+    preset: Annotated[Preset, typer.Option(help="Student size.")] = Preset.small,
+    old_workers: Annotated[int, typer.Option(help="DataLoader processes of the old path.")] = 2,
+    student_rate: Annotated[
+        float, typer.Option(help="A student rate (samples/s, e.g. measured on a GPU) to size the loader for.")
+    ] = 0.0,
+    storage_option: StorageOptions = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """The training data path stage by stage, old beside new.
+
+    Storage read, read + decode, windows to the main process, pinning, host->device copy, gather / echo / rebuild
+    on the device, student step, end to end (samples/s, GB/s, samples per CPU second); the limiting stage and the
+    loader cores a student needs (one run)."""
+    from .bench import scratch_dir
+    from .bench_pipeline import bench_pipeline
+
+    resolved = device if device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    with scratch_dir() as tmp:
+        result = bench_pipeline(
+            Path(tmp),
+            cache,
+            teacher,
+            images,
+            batch_size,
+            window_samples,
+            echo,
+            locations,
+            preset.value,
+            resolved,
+            old_workers,
+            parse_storage_options(storage_option),
+        )
+    render.bench_pipeline(result, student_rate)
 
 
 @bench_app.command("ablation", cls=ApmCommand)

@@ -493,3 +493,61 @@ def bench_augment(teacher: str, rows: list[Any], crop_scale: tuple[float, float]
             )
         )
     out_console.print(table("apmpipe bench augment", lines))
+
+
+def _stage_rate(rate: Any) -> str:
+    if rate is None:
+        return "-"
+    core = f" | {rate.per_core:,.0f}/core-s" if rate.per_core else ""
+    return f"{rate.samples_per_s:,.0f}/s | {rate.gb_per_s:.2f} GB/s{core}"
+
+
+def bench_pipeline(result: Any, student_rate: float) -> None:
+    """``apmpipe bench pipeline``: every stage of the stage-two data path, old path beside new, the limiting stage,
+    the loader's per-core rate and the loader cores a student needs, with the assumptions."""
+    stages = Table(
+        title="apmpipe bench pipeline (samples/s | decoded GB/s | samples per CPU second)", title_justify="left"
+    )
+    for column in ("stage", "old path", "new path", "new / old (wall | per core)", "note"):
+        stages.add_column(column, style="bold" if column == "stage" else None)
+    for stage in result.stages:
+        ratio = f"{stage.ratio:.2f}x" if stage.ratio else "-"
+        ratio += f" | {stage.core_ratio:.2f}x/core" if stage.core_ratio else ""
+        stages.add_row(stage.name, _stage_rate(stage.old), _stage_rate(stage.new), ratio, stage.note)
+    out_console.print(stages)
+    limit = result.limiting()
+    per_core = result.loader_per_core()
+    lines = [
+        ("machine", result.machine),
+        (
+            "setup",
+            f"{result.cache}: {result.samples} samples, {human_bytes(result.stored_bytes_per_sample)} stored / "
+            f"{human_bytes(result.raw_bytes_per_sample)} decoded per sample; batch {result.batch_size}, window "
+            f"{result.window}, echo {result.echo}, K={result.locations}, student {result.preset}",
+        ),
+        (
+            "paths",
+            f"old: zarr-python in {result.old_workers} DataLoader workers, shared memory to the main process, "
+            f"pin-memory thread; new: {result.reader} in the training process, every block of a window in flight, "
+            "one window read ahead on a thread, into pinned pages on a GPU",
+        ),
+        ("limiting stage (new path)", f"{limit.name}: {limit.new.samples_per_s:,.0f} samples/s"),
+        ("loader per core", f"{per_core:,.0f} samples/s = {per_core * result.raw_bytes_per_sample / 1e9:.2f} GB/s"),
+        (
+            "loader cores needed",
+            f"{result.loader_cores_needed():.2f} for the measured student ({result.student_rate():,.0f} samples/s)"
+            + (
+                f"; {result.loader_cores_needed(student_rate):.2f} for --student-rate {student_rate:,.0f}"
+                if student_rate
+                else ""
+            ),
+        ),
+        (
+            "assumptions",
+            "page cache warm (every stage runs once untimed first); per core = samples / CPU seconds of the "
+            "process's threads and its DataLoader workers; loader cores needed = student rate / echo / loader per "
+            f"core (echo={result.echo}: each loaded sample trains {result.echo} steps); the student's rate is from "
+            "batches already on the device; a machine shared with other work distorts wall rates, less per core",
+        ),
+    ]
+    out_console.print(table("what limits stage two", lines))

@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import RunDir
@@ -41,7 +40,7 @@ from apmpipe.storage.files import check_writable
 from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.redact import redact_fields, redact_url
 from apmpipe.storage.remote import absolute_url, route_storage_options
-from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, window_batches
+from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, loader_items, window_batches
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
 from .apm import APM, config_for_cache
@@ -647,16 +646,9 @@ def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logi
 
 def _batches(run: _Run):
     """(stream position after the batch, batch) from the current position to the end of training, epoch after epoch."""
-    loader_kwargs: dict[str, Any] = {
-        "batch_size": None,
-        "num_workers": run.config.loader_workers,
-        "pin_memory": run.device.type == "cuda",
-    }
-    if run.config.loader_workers:
-        loader_kwargs["prefetch_factor"] = 1  # items are whole windows: one ahead per worker bounds memory
     while True:
         run.stream.position = run.position
-        for item in DataLoader(run.stream, **loader_kwargs):
+        for item in loader_items(run.stream, run.config.loader_workers, pin_memory=run.device.type == "cuda"):
             for offset, batch in enumerate(window_batches(item, run.device)):
                 yield StreamPosition(run.position.epoch, item["window"], item["first_batch"] + offset + 1), batch
         run.position = StreamPosition(run.position.epoch + 1, 0, 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -880,29 +881,39 @@ class FeatureCache:
         (``logits`` or ``keys`` alone: only that one). ``reconstruct=False`` leaves low-rank tokens as their
         ``[B, T, K]`` coefficients (see :meth:`level_bases`), for readers that rebuild them elsewhere (on the GPU)."""
         arrays = self._arrays(name)
+        wanted = self.read_arrays(tokens=tokens, pixels=pixels, logits=extras or logits, keys=extras or keys)
+        stored = {key: self._stored(name, key, start, stop) for key in wanted if key in arrays}
+        with self.reading_shard(name, "pixels"):  # an image codec's files may be undecodable too
+            return self.samples_from(stored, token_dtype, reconstruct)
+
+    def read_arrays(self, *, tokens: bool, pixels: bool, logits: bool, keys: bool) -> list[str]:
+        """The shard arrays a read of these parts fetches (``logits`` only where the cache stores them)."""
+        names = ["labels"] + ["pixels"] * pixels + ["keys"] * keys + ["logits"] * (logits and self.spec.num_classes > 0)
+        for level in self.spec.levels if tokens else ():
+            names.append(f"tokens/{level.array_name}")
+            if self.spec.dtype == "int8":
+                names.append(f"scales/{level.array_name}")
+        return names
+
+    def samples_from(self, stored: dict[str, np.ndarray], token_dtype: Any, reconstruct: bool) -> CachedSamples:
+        """Decode the arrays of :meth:`read_arrays` as fetched from storage (tokens only when their arrays are given;
+        see :meth:`read`)."""
         levels = []
-        if tokens:
-            for level, basis in zip(self.spec.levels, self.level_bases(), strict=True):
-                values = self._stored(name, f"tokens/{level.array_name}", start, stop)
-                scale = (
-                    self._stored(name, f"scales/{level.array_name}", start, stop) if self.spec.dtype == "int8" else None
-                )
+        for level, basis in zip(self.spec.levels, self.level_bases(), strict=True):
+            if f"tokens/{level.array_name}" in stored:
+                values, scale = stored[f"tokens/{level.array_name}"], stored.get(f"scales/{level.array_name}")
                 levels.append(decode_tokens(values, scale, token_dtype, basis if reconstruct else None))
-        decoded = None
-        if pixels:
-            with self._reading_shard(name, "pixels"):  # an image codec's files may be undecodable too
-                decoded = decode_pixels(
-                    self._stored(name, "pixels", start, stop), self.spec.pixel_codec, self.spec.pixel_shape
-                )
         return CachedSamples(
-            pixels=decoded,
-            labels=self._stored(name, "labels", start, stop),
-            keys=[str(k) for k in self._stored(name, "keys", start, stop)] if extras or keys else [],
-            logits=self._stored(name, "logits", start, stop) if (extras or logits) and "logits" in arrays else None,
+            pixels=decode_pixels(stored["pixels"], self.spec.pixel_codec, self.spec.pixel_shape)
+            if "pixels" in stored
+            else None,
+            labels=stored["labels"],
+            keys=[str(k) for k in stored["keys"]] if "keys" in stored else [],
+            logits=stored.get("logits"),
             tokens=levels,
         )
 
-    def _reading_shard(self, name: str, array: str) -> contextlib.AbstractContextManager[None]:
+    def reading_shard(self, name: str, array: str) -> contextlib.AbstractContextManager[None]:
         """See :func:`reading`: array ``array`` of shard group ``name``, rewritten by deleting the group."""
         return reading(
             f"array {array!r} of shard {name!r} in cache {redact_url(self.url)!r}", _REWRITE.format(name=name)
@@ -911,8 +922,13 @@ class FeatureCache:
     def _stored(self, name: str, array: str, start: int, stop: int) -> np.ndarray:
         """Samples ``start:stop`` of array ``array`` of complete shard group ``name`` as stored (every read of shard
         data comes here: a damaged chunk becomes one line naming group, array and repair)."""
-        with self._reading_shard(name, array):
+        with self.reading_shard(name, array):
             return self._arrays(name)[array][start:stop]
+
+    def local_array_path(self, name: str, array: str) -> str | None:
+        """The folder of shard ``name``'s array ``array`` on the local file system; None for a remote cache."""
+        path = _local_path(self.url)
+        return None if path is None else os.path.join(path, SHARDS_GROUP, name, array)
 
     def open_writer(self, name: str, source: str, fingerprint: str, precision: str) -> ShardWriter:
         """A writer for shard group ``name``; ``precision`` is how its tokens were computed (see :meth:`precision`)."""

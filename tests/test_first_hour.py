@@ -350,6 +350,7 @@ def test_train_progress_keeps_steps_epoch_and_eta_within_80_columns(tmp_path: Pa
         ["bench", "bytes"],
         ["bench", "augment"],
         ["bench", "codecs"],
+        ["bench", "pipeline"],
     ],
 )
 def test_help_reads_at_80_columns(
