@@ -171,9 +171,12 @@ def _check_invocation(args: list[str], where: str) -> None:
 
 
 def test_every_command_line_in_the_docs_names_real_options() -> None:
+    """In bash blocks and inline code alike (``apmpipe eval --train-cache``)."""
     checked = 0
     for page in PAGES:
-        for block in _code_blocks(page.read_text(), "bash"):
+        text = page.read_text()
+        inline = re.findall(r"`((?:\.venv/bin/)?apmpipe [^`]+)`", text)
+        for block in [*_code_blocks(text, "bash"), *inline]:
             for args in _invocations(block):
                 _check_invocation(args, page.name)
                 checked += 1
