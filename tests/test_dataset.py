@@ -1,6 +1,6 @@
 """The datasets for other training loops: samples as stored, every sample once per epoch by rank and worker,
-exact mid-epoch resume through torchdata's StatefulDataLoader, random access with a chunk cache, the README
-example."""
+exact mid-epoch resume through torchdata's StatefulDataLoader, random access with a chunk cache, the
+example in docs/dataset.md."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from apmpipe.storage.dataset import CacheIterableDataset, CacheMapDataset
 from apmpipe.storage.errors import CacheError, ConfigError
 from apmpipe.storage.stream import CacheStream, StreamPosition, window_batches
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DATASET_DOCS = Path(__file__).resolve().parents[1] / "docs" / "dataset.md"
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.10
 
 
@@ -201,17 +201,17 @@ def test_bad_options_and_states_are_one_line_domain_errors(tiny_cache: Path, tmp
     )
 
 
-def _readme_example() -> str:
-    section = README.read_text().split("## Use a cache from your own training loop", 1)[1]
+def _docs_example() -> str:
+    section = DATASET_DOCS.read_text()
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README's own-training-loop section has no python block"
+    assert match, "docs/dataset.md has no python block"
     return match.group(1)
 
 
-def test_the_readme_training_loop_example_runs(tmp_path: Path) -> None:
+def test_the_docs_training_loop_example_runs(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
-        [sys.executable, "-c", _readme_example()], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, "-c", _docs_example()], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed: True" in result.stdout
