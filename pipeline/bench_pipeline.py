@@ -121,9 +121,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def build_bench_cache(workdir: Path, teacher: str, images: int, device: str) -> str:
-    """A float16 cache of ``images`` bundled digits through ``teacher`` (random init), layers 4, 8, 12, at the
-    teacher's own input size (a ViT-B/16-shaped cache by default)."""
+def build_bench_cache(
+    workdir: Path,
+    teacher: str,
+    images: int,
+    device: str,
+    model_kwargs: dict[str, Any] | None = None,
+    layers: tuple[int, ...] = (4, 8, 12),
+) -> str:
+    """A float16 cache of ``images`` bundled digits through ``teacher`` (random init, ``model_kwargs``) at
+    ``layers``, at the teacher's own input size (a ViT-B/16-shaped cache by default)."""
     from apmpipe.stages.extract import ExtractConfig, extract
     from apmpipe.stages.teacher import TeacherConfig
 
@@ -131,11 +138,12 @@ def build_bench_cache(workdir: Path, teacher: str, images: int, device: str) -> 
     config = ExtractConfig(
         inputs=tuple(default_bench_shards(workdir, images, 64)),
         out=out,
-        teacher=TeacherConfig(teacher, pretrained=False),
-        layers=(4, 8, 12),
+        teacher=TeacherConfig(teacher, pretrained=False, model_kwargs=tuple(sorted((model_kwargs or {}).items()))),
+        layers=layers,
         device=device,
     )
-    bench_progress(f"extracting {images} images with {teacher} (random init, float16, layers 4,8,12)")
+    shown = ",".join(map(str, layers))
+    bench_progress(f"extracting {images} images with {teacher} (random init, float16, layers {shown})")
     extract(config)
     return out
 
@@ -217,8 +225,13 @@ class _Student:
         from apmpipe.storage.stream import TokenDecoder
 
         self.config = TrainConfig(
-            caches=tuple(stream.urls), out="unused", preset=preset, locations=locations, loss=LossConfig(0.0)
-        )
+            caches=tuple(stream.urls),
+            out="unused",
+            preset=preset,
+            locations=locations,
+            batch_size=stream.batch_size,
+            loss=LossConfig(0.0),
+        ).for_device(device)
         self.model = APM(config_for_cache(stream.spec, preset))
         fit_target_scales(self.model, stream)
         self.model = self.model.to(device)
@@ -270,6 +283,9 @@ def bench_pipeline(
     device: str,
     old_workers: int = OLD_WORKERS,
     storage_options: dict | None = None,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    layers: tuple[int, ...] = (4, 8, 12),
 ) -> PipelineBench:
     """Each stage of stage two alone and the whole path end to end, the old path (zarr-python in ``old_workers``
     DataLoader processes, pin-memory thread) beside the new (the block reader in this process, one window read
@@ -277,7 +293,7 @@ def bench_pipeline(
     from apmpipe.storage.stream import CacheStream, loader_items
 
     dev = torch.device(device)
-    url = cache or build_bench_cache(workdir, teacher, images, device)
+    url = cache or build_bench_cache(workdir, teacher, images, device, model_kwargs, layers)
     on_device = dev.type == "cuda"  # low-rank caches: coefficients cross to a GPU, as apmpipe train does
 
     def stream_of(engine: str) -> CacheStream:

@@ -89,6 +89,9 @@ ModelArgs = Annotated[
         help="Extra timm.create_model argument (repeatable), e.g. img_size=448.",
     ),
 ]
+BenchLayers = Annotated[
+    str, typer.Option(help="Teacher blocks to cache, 1-based (e.g. 6,12,18,24 for a 24-block ViT-L).")
+]
 
 
 class TokenDtype(StrEnum):
@@ -951,9 +954,7 @@ def bench_train_command(
         str, typer.Option(help="timm model for the cache and the online baseline (random init).")
     ] = "vit_small_patch16_224",
     model_arg: ModelArgs = None,
-    layers: Annotated[
-        str, typer.Option(help="Teacher blocks to cache, 1-based (e.g. 6,12,18,24 for a 24-block ViT-L).")
-    ] = "4,8,12",
+    layers: BenchLayers = "4,8,12",
     images: Annotated[int, typer.Option(help="Bundled digit images in the cache.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     preset: Annotated[Preset, typer.Option(help="Student size.")] = Preset.small,
@@ -1023,8 +1024,10 @@ def bench_pipeline_command(
         str | None, typer.Option(help="Cache URL to measure; default: build a ViT-B/16-shaped float16 one.")
     ] = None,
     teacher: Annotated[
-        str, typer.Option(help="timm model for the built cache (random init, layers 4,8,12).")
+        str, typer.Option(help="timm model for the built cache (random init, float16).")
     ] = "vit_base_patch16_224",
+    model_arg: ModelArgs = None,
+    layers: BenchLayers = "4,8,12",
     images: Annotated[int, typer.Option(help="Bundled digit images in the built cache.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     window_samples: Annotated[int, typer.Option(help="Samples per loaded window (as train --window-samples).")] = 128,
@@ -1061,6 +1064,8 @@ def bench_pipeline_command(
             resolved,
             old_workers,
             parse_storage_options(storage_option),
+            model_kwargs=parse_key_values(model_arg, "--model-arg"),
+            layers=parse_int_list(layers, "--layers"),
         )
     render.bench_pipeline(result, student_rate)
 

@@ -483,10 +483,13 @@ def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # installs the project into a venv, then 8 tiny bench train runs: a minute or more when loaded
 def test_gpu_check_dry_run_prints_its_one_table(tmp_path: Path) -> None:
-    """The GPU script's own path on the CPU: install, every teacher x storage x echo row measured, one table."""
+    """The GPU script's own path on the CPU: install, the stage breakdown, every teacher x storage x echo row
+    measured, one table."""
     result = _gpu_check(tmp_path, "--dry-run", timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    table = [[cell.strip() for cell in line.split("|")] for line in result.stdout.splitlines() if " | " in line]
+    rows_text, _, breakdown = result.stdout.partition("where the time goes")
+    assert "rc 0" in breakdown and "limiting stage" in breakdown and "loader cores needed" in breakdown, breakdown
+    table = [[cell.strip() for cell in line.split("|")] for line in rows_text.splitlines() if " | " in line]
     assert table[0][:3] == ["teacher", "storage", "echo"] and len(table) == 1 + 8, result.stdout
     rows = {tuple(row[:3]) for row in table[1:]}
     assert rows == {(t, s, e) for t in ("ViT-B/16", "ViT-L/14") for s in ("float16", "int8 rank 8") for e in "18"}
