@@ -255,16 +255,12 @@ def _read_bytes_per_sample(
 
 
 def _loader_rate(stream: CacheStream, workers: int) -> tuple[float, list[dict]]:
-    """Samples/s of ``LOADER_PASSES`` DataLoader passes over ``stream``, and the batches of the first pass."""
-    from torch.utils.data import DataLoader
-
-    from apmpipe.storage.stream import window_batches
+    """Samples/s of ``LOADER_PASSES`` passes over ``stream`` as ``apmpipe train`` loads it (``workers`` DataLoader
+    processes, or in-process read-ahead with 0), and the batches of the first pass."""
+    from apmpipe.storage.stream import loader_items, window_batches
 
     start = time.perf_counter()
-    passes = [
-        [b for item in DataLoader(stream, batch_size=None, num_workers=workers) for b in window_batches(item)]
-        for _ in range(LOADER_PASSES)
-    ]
+    passes = [[b for item in loader_items(stream, workers) for b in window_batches(item)] for _ in range(LOADER_PASSES)]
     samples = sum(len(b["labels"]) for b in passes[0])
     return LOADER_PASSES * samples / (time.perf_counter() - start), passes[0]
 
@@ -717,7 +713,6 @@ def bench_bytes(
 
 def _write_bytes_record(path: Path, teacher: dict[str, object], steps: int, rows: list[BytesRow]) -> None:
     """What ``bench bytes`` measured, as JSON beside its runs (for tables and regression checks)."""
-    import json
 
     base = rows[0]
     record = {
@@ -738,7 +733,9 @@ def _write_bytes_record(path: Path, teacher: dict[str, object], steps: int, rows
             for row in rows
         ],
     }
-    path.write_text(json.dumps(record, indent=1, default=str))
+    from .report import report_json
+
+    path.write_text(report_json(record))
 
 
 @dataclass

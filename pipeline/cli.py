@@ -1014,7 +1014,9 @@ def bench_train_command(
         )
     render.bench_train(result, options)
     if json_out:
-        json_out.write_text(json.dumps(result.to_dict(), indent=1))
+        from .report import report_json
+
+        json_out.write_text(report_json(result.to_dict()))
 
 
 @bench_app.command("pipeline", cls=ApmCommand)

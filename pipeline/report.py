@@ -51,7 +51,7 @@ def report_json(data: Any) -> str:
             return [finite(v) for v in value]
         return value
 
-    return json.dumps(finite(data), indent=2, allow_nan=False)
+    return json.dumps(finite(data), indent=2, allow_nan=False, default=str)
 
 
 def eval_folder(student: str, cache: str, storage_options: dict[str, Any] | None = None) -> str:

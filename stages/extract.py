@@ -41,7 +41,7 @@ from apmpipe.storage.errors import CacheError, InputError, ModelError, failure_l
 from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.lowrank import BasisFit, TokenBasis
 from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
-from apmpipe.storage.redact import redact_in, redact_url
+from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import ResolvedInputs, ShardSource, done_shards
 
 from .extract_config import (
@@ -120,12 +120,6 @@ class _Silent:
         pass
 
 
-def _reason(exc: Exception, *urls: str) -> str:
-    """One line for a shard's failure: the message of a domain error, type and message of anything else; ``urls``
-    (the cache's, the shard's) redacted in it."""
-    return redact_in(failure_line(exc), urls)
-
-
 def _nothing_kept(skipped: Sequence[tuple[str, str]]) -> str:
     """Why a shard whose every sample was skipped is not complete (a rerun with the fix then extracts it, where a
     complete empty group would be passed over as done)."""
@@ -151,7 +145,7 @@ class _ShardJob:
             self.writer = cache.open_writer(source.name, source.url, source.fingerprint, precision)
         except Exception as exc:  # e.g. the store refuses the group: this shard fails, the others go on
             self.writer = None
-            self.result.error = _reason(exc, *self.urls)
+            self.result.error = failure_line(exc, self.urls)
 
     def _measure(
         self, tokens: list[np.ndarray], encoded: list[EncodedTokens], pixels: np.ndarray, stored: np.ndarray
@@ -195,7 +189,7 @@ class _ShardJob:
         except (
             Exception
         ) as exc:  # bad tokens or a failed write (full disk, lost connection) fail this shard; a rerun rewrites it
-            self.result.error = _reason(exc, *self.urls)
+            self.result.error = failure_line(exc, self.urls)
             return
         self.result.images += len(labels)
 
@@ -218,7 +212,7 @@ class _ShardJob:
                 self.writer.finish(self.result.skipped_samples, stats)
                 return self.result
             except Exception as exc:  # the final write or the status attribute failed
-                self.result.error = _reason(exc, *self.urls)
+                self.result.error = failure_line(exc, self.urls)
         self.result.status, self.result.images = "failed", 0
         if self.writer is not None:
             with contextlib.suppress(

@@ -30,7 +30,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import failure_line, plain_message
-from .redact import redact_in
 from .sources import DEFAULT_MAX_PIXELS, ImageTooLarge, ShardSource, decode_image, iter_samples
 
 PixelTransform = Callable[[Image.Image], torch.Tensor]
@@ -140,9 +139,7 @@ class ShardBatches(IterableDataset):
                     yield self._record(shard.name, pixels, labels, keys, skipped, last=False)
                     pixels, labels, keys, skipped = [], [], [], []
         except Exception as exc:  # an unreadable shard fails alone; the run goes on with the others
-            yield self._record(
-                shard.name, [], [], [], skipped, last=True, error=redact_in(failure_line(exc), [shard.url])
-            )
+            yield self._record(shard.name, [], [], [], skipped, last=True, error=failure_line(exc, [shard.url]))
             return
         yield self._record(shard.name, pixels, labels, keys, skipped, last=True)
 

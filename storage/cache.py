@@ -22,11 +22,11 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.dtype import VariableLengthBytes
 from zarr.errors import UnstableSpecificationWarning
 
-from .errors import ApmError, CacheError, ConfigError
+from .errors import ApmError, CacheError, ConfigError, plain_message
 from .locks import lock_name
 from .lowrank import TokenBasis
 from .pixel_codecs import IMAGE_CHANNELS, IMAGE_CODECS, decode_images, encode_images
-from .redact import redact_url
+from .redact import redact_in, redact_url
 
 FORMAT_NAME = "apmpipe.feature-cache"
 FORMAT_VERSION = 3  # 3: every array's chunks carry a CRC-32C checksum and are all written (see FORMAT.md)
@@ -355,21 +355,23 @@ def _zarr_storage_options(url: str, storage_options: dict | None) -> dict | None
 
 def describe_error(exc: Exception) -> str:
     """``exc`` in a few words for a one-line message: its type and the first sentence of its text."""
-    first = (str(exc).splitlines() or [""])[0].split(". ")[0]  # zarr's checksum error goes on with both sums
+    first = (plain_message(exc).splitlines() or [""])[0].split(". ")[0]  # zarr's checksum error goes on with both sums
     text = f"{type(exc).__name__}: {first}"
     return text if len(text) <= 120 else text[:117] + "..."
 
 
 @contextlib.contextmanager
-def reading(what: str, repair: str) -> Iterator[None]:
+def reading(what: str, repair: str, urls: Sequence[str] = ()) -> Iterator[None]:
     """Turn a failed read of stored bytes (undecodable, checksum mismatch, truncated chunk, malformed metadata) into
-    one line: ``what`` cannot be read, why, and ``repair``. Domain errors pass as they are."""
+    one line: ``what`` cannot be read, why (``urls`` redacted in it), and ``repair``. Domain errors pass as they
+    are."""
     try:
         yield
     except (ApmError, MemoryError):
         raise
     except Exception as exc:
-        raise CacheError(f"{what} cannot be read ({describe_error(exc)}): it is damaged; {repair}") from exc
+        why = redact_in(describe_error(exc), urls)
+        raise CacheError(f"{what} cannot be read ({why}): it is damaged; {repair}") from exc
 
 
 _ITEM_DIMENSIONS = {"pixels": ("channel", "y", "x"), "labels": (), "keys": (), "logits": ("class",)}
@@ -916,7 +918,9 @@ class FeatureCache:
     def reading_shard(self, name: str, array: str) -> contextlib.AbstractContextManager[None]:
         """See :func:`reading`: array ``array`` of shard group ``name``, rewritten by deleting the group."""
         return reading(
-            f"array {array!r} of shard {name!r} in cache {redact_url(self.url)!r}", _REWRITE.format(name=name)
+            f"array {array!r} of shard {name!r} in cache {redact_url(self.url)!r}",
+            _REWRITE.format(name=name),
+            [self.url],
         )
 
     def _stored(self, name: str, array: str, start: int, stop: int) -> np.ndarray:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .redact import redact_url
+from .redact import redact_in, redact_url
 
 _OBJECT_REPR = re.compile(r"\s*@?\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")  # <_io.BytesIO object at 0x7f...>
 
@@ -106,6 +106,7 @@ def plain_message(exc: BaseException) -> str:
     return _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
 
 
-def failure_line(exc: BaseException) -> str:
-    """One line for a failure: the message of a domain error, else the exception's type and plain message."""
-    return str(exc) if isinstance(exc, ApmError) else f"{type(exc).__name__}: {plain_message(exc)}"
+def failure_line(exc: BaseException, urls: Iterable[str] = ()) -> str:
+    """One line for a failure: the message of a domain error, else the exception's type and plain message; ``urls``
+    (the shard's, the cache's) redacted wherever the text quotes them."""
+    return redact_in(str(exc) if isinstance(exc, ApmError) else f"{type(exc).__name__}: {plain_message(exc)}", urls)

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
+from .redact import redact_url
 
 TMP_SUFFIX = ".tmp"  # temporaries end so; writers remove stale ones on start
 
@@ -45,17 +46,17 @@ def check_writable(out: str, option: str = "--out", *, folder: bool = True) -> N
         return
     path = Path(out.removeprefix("file://"))
     if not folder and path.is_dir():
-        raise ConfigError(f"{option} {out!r} is a folder; name the file to write in it")
+        raise ConfigError(f"{option} {redact_url(out)!r} is a folder; name the file to write in it")
     existing = (path if folder else path.parent).absolute()
     while not existing.exists():
         existing = existing.parent
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".apmpipe-write-check-")
     except OSError as exc:
-        where = "" if existing == path.absolute() else f" (in {existing})"
+        where = "" if existing == path.absolute() else f" (in {redact_url(str(existing))})"
         raise ConfigError(
-            f"{option} {out!r} cannot be written{where}: {exc.strerror or exc}; choose another {option} or make it "
-            "writable"
+            f"{option} {redact_url(out)!r} cannot be written{where}: {exc.strerror or exc}; choose another {option} "
+            "or make it writable"
         ) from None
     os.close(fd)
     os.unlink(probe)
