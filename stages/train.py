@@ -436,9 +436,18 @@ class _Run:
         }
 
 
+def _run_batch_and_lr(config: TrainConfig) -> TrainConfig:
+    """``--resume`` keeps the run's own batch size and LR where this command leaves them unset: the device's defaults
+    (32 on a CPU, 1,024 on CUDA) would change them when a run moves between devices."""
+    if not config.resume or (config.batch_size is not None and config.lr is not None):
+        return config
+    saved = RunDir(config.out, config.storage_options).saved_options()
+    return replace(config, batch_size=config.batch_size or saved.get("batch_size"), lr=config.lr or saved.get("lr"))
+
+
 def _set_up(config: TrainConfig) -> _Run:
     rank, world, device = setup_distributed(config.device)
-    config = config.for_device(device)
+    config = _run_batch_and_lr(config).for_device(device)
     stream = CacheStream(
         config.caches,
         config.batch_size,
@@ -693,7 +702,7 @@ def _train(
     if run.rank == 0:
         import tomli_w
 
-        run.run_dir.write_text("config.toml", tomli_w.dumps(config.to_dict()))
+        run.run_dir.write_text("config.toml", tomli_w.dumps(run.config.to_dict()))
         run.scalars = ScalarWriter(run.events, purge_step=run.step + 1) if run.events else None
         if on_start:
             on_start(run.model, run.total_steps)

@@ -37,6 +37,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,11 @@ class RunDir:
         weights = load_safetensors(self.fs.cat_file(f"{folder}/model.safetensors"))
         state = torch.load(io.BytesIO(self.fs.cat_file(f"{folder}/state.pt")), map_location="cpu", weights_only=True)
         return weights, state
+
+    def saved_options(self) -> dict[str, Any]:
+        """The resolved options in ``config.toml`` (empty when the run has none yet)."""
+        data = self._read("config.toml")
+        return tomllib.loads(data.decode()) if data else {}
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Add one record: appended to a local ``metrics.jsonl`` now, published with the next checkpoint on an

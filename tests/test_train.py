@@ -425,3 +425,18 @@ def test_batch_and_lr_defaults_follow_the_device() -> None:
     given = TrainConfig(caches=("c",), out="o", batch_size=256).for_device(torch.device("cuda"))
     assert (given.batch_size, given.lr) == (256, 2e-3)
     assert TrainConfig(caches=("c",), out="o", lr=1e-3).for_device(torch.device("cuda")).lr == 1e-3
+
+
+def test_resume_keeps_the_runs_batch_size_and_lr_where_left_unset(
+    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
+) -> None:
+    """The device's defaults (32 on a CPU, 1,024 on CUDA) must not stand in for a resumed run's own batch and LR."""
+    unset = [a for a in TRAIN_FAST if a not in ("--batch-size", "8")]
+    out = tmp_path / "r"
+    first = run_main(
+        capsys, "train", tiny_cache, "--out", out, *unset, "--batch-size", "8", "--lr", "0.001", "--max-steps", "2"
+    )
+    assert first.returncode == 0, first.stderr
+    again = run_main(capsys, "train", tiny_cache, "--out", out, *unset, "--max-steps", "2", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "batch_size = 8" in (out / "config.toml").read_text() and "lr = 0.001" in (out / "config.toml").read_text()
