@@ -534,12 +534,12 @@ def _train_and_evaluate(
 ) -> AblationRow:
     """Train ``steps`` steps on ``cache`` with ``options`` (fresh run in ``out``), evaluate on ``val``."""
     from apmpipe.stages.evaluate import EvalConfig, evaluate
-    from apmpipe.stages.train import TrainConfig, train
+    from apmpipe.stages.train import CPU_BATCH_SIZE, TrainConfig, train
 
     shutil.rmtree(out, ignore_errors=True)
-    config = TrainConfig.from_options(
-        {"caches": (cache,), "out": str(out), "min_steps": steps, "loader_workers": 1, "seed": seed, **options}
-    )
+    defaults = {"caches": (cache,), "out": str(out), "min_steps": steps, "loader_workers": 1, "seed": seed}
+    # the batch the defaults were chosen at, on any device (CUDA's default would give a digits cache 1 step an epoch)
+    config = TrainConfig.from_options({**defaults, "batch_size": CPU_BATCH_SIZE, **options})
     start = time.perf_counter()
     train(config)
     seconds = time.perf_counter() - start

@@ -20,9 +20,21 @@ from typing import Any
 
 import torch
 
+from apmpipe.storage.errors import AT_LEAST_ONE, NON_NEGATIVE
+from apmpipe.storage.redact import redact_url
+
 from .bench import _read_bytes_per_sample, bench_progress, default_bench_shards, machine_line
 
 WINDOWS, STUDENT = "windows to the main process", "student step"
+RANGES = {
+    "images": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE,
+    "window_samples": AT_LEAST_ONE,
+    "echo": AT_LEAST_ONE,
+    "locations": NON_NEGATIVE,
+    "old_workers": NON_NEGATIVE,
+    "student_rate": NON_NEGATIVE,
+}
 OLD_WORKERS = 2  # the old path: apmpipe train's default --loader-workers, every window through a DataLoader
 
 
@@ -313,7 +325,7 @@ def bench_pipeline(
     loaded = new.plan.units_per_rank() * batch_size  # samples an epoch yields (whole batches)
     stored, raw = _read_bytes_per_sample(url)
     result = PipelineBench(
-        machine_line(dev), dev.type, url, samples, batch_size, new.plan.window, echo, locations, preset,
+        machine_line(dev), dev.type, redact_url(url), samples, batch_size, new.plan.window, echo, locations, preset,
         old_workers, reader, stored, raw,
     )  # fmt: skip
     add = result.stages.append

@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.core import TyperCommand
 
-from apmpipe.storage.errors import ApmError, ConfigError
+from apmpipe.storage.errors import ApmError, ConfigError, check_ranges
 
 from . import render
 from .console import ShardProgress, err_console, out_console
@@ -1049,8 +1049,10 @@ def bench_pipeline_command(
     on the device, student step, end to end (samples/s, GB/s, samples per CPU second); the limiting stage and the
     loader cores a student needs (one run)."""
     from .bench import scratch_dir
-    from .bench_pipeline import bench_pipeline
+    from .bench_pipeline import RANGES, bench_pipeline
 
+    options = {"images": images, "batch_size": batch_size, "window_samples": window_samples, "echo": echo}
+    check_ranges({**options, "locations": locations, "old_workers": old_workers, "student_rate": student_rate}, RANGES)
     resolved = device if device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     with scratch_dir() as tmp:
         result = bench_pipeline(

@@ -21,7 +21,7 @@ from apmpipe.stages.extract import ExtractConfig, ExtractSummary, extract
 from apmpipe.stages.islands import islands
 from apmpipe.stages.reference_teacher import ReferenceRecipe, train_reference_vit, trained_record
 from apmpipe.stages.teacher import TeacherConfig
-from apmpipe.stages.train import TrainConfig, train
+from apmpipe.stages.train import CPU_BATCH_SIZE, TrainConfig, train
 from apmpipe.storage.checkpoint import RunDir
 
 from .console import ShardProgress, TrainProgress, counted, err_console, human_bytes, shown
@@ -145,6 +145,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         caches=(data.train,),
         out=str(run_dir),
         max_steps=plan.max_steps,
+        batch_size=CPU_BATCH_SIZE,  # the batch the defaults were chosen at, on any device (CUDA's fills one step)
         loader_workers=1,
         seed=seed,
         resume=RunDir(run_dir).has_checkpoint(),

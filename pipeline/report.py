@@ -18,7 +18,7 @@ import fsspec
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from apmpipe.storage.stream import canonical_url
+from apmpipe.storage.remote import canonical_url
 
 from .console import MISSING
 

@@ -119,7 +119,10 @@ class BlockReader:
             )
             return future.result
         names = self.cache.read_arrays(tokens=True, pixels=True, logits=logits, keys=False)
-        futures = {name: self._store(shard, name)[start:stop].read() for name in names}
+        futures = {}
+        for name in names:
+            with self.cache.reading_shard(shard, name):  # a damaged zarr.json: one line naming it and the repair
+                futures[name] = self._store(shard, name)[start:stop].read()
 
         def wait() -> CachedSamples:
             stored = {}

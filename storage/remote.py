@@ -26,6 +26,16 @@ def route_storage_options(options: dict[str, Any]) -> dict[str, Any]:
     return routed
 
 
+def canonical_url(url: str) -> str:
+    """One spelling per location, to tell two spellings of one cache apart from two caches: protocol plus absolute
+    path (local paths with symlinks resolved, trailing slashes dropped). :func:`absolute_url` is what a run records."""
+    fs, path = fsspec.core.url_to_fs(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return "file://" + os.path.realpath(path)
+    return f"{protocol}://{path.rstrip('/')}"
+
+
 def absolute_url(url: str) -> str:
     """``url`` as it opens from any working directory: a local path made absolute (``./c.zarr/`` ->
     ``/work/c.zarr``), a URL (``s3://...``, ``file://...``, an fsspec chain) unchanged."""

@@ -27,7 +27,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -37,6 +36,7 @@ from .errors import CacheError, ConfigError
 from .lowrank import TokenBasis
 from .reader import ENGINES, BlockReader, PendingRead
 from .redact import redact_url
+from .remote import canonical_url
 
 READ_THREADS = 4
 
@@ -253,15 +253,6 @@ def _distinct(urls: Sequence[str]) -> list[str]:
     for url in urls:
         first.setdefault(canonical_url(url), url)
     return list(first.values())
-
-
-def canonical_url(url: str) -> str:
-    """One spelling per location: protocol plus absolute path (local paths resolved, trailing slashes dropped)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return "file://" + os.path.realpath(path)
-    return f"{protocol}://{path.rstrip('/')}"
 
 
 def _summed_moments(caches: Sequence[FeatureCache]) -> list[TokenMoments]:

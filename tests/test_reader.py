@@ -15,7 +15,7 @@ from apmpipe.storage.cache import CachedSamples, FeatureCache
 from apmpipe.storage.reader import BlockReader
 from apmpipe.storage.stream import CacheStream, StreamPosition, loader_items, read_ahead, window_batches
 
-from .conftest import FAST, TINY_VIT, run_cli
+from .conftest import FAST, TINY_VIT, run_cli, run_main
 
 
 def _assert_same(a: CachedSamples, b: CachedSamples) -> None:
@@ -158,3 +158,9 @@ def test_bench_pipeline_prints_every_stage_old_beside_new(tiny_cache: Path, monk
         "assumptions",
     ):
         assert stage in text, stage
+
+
+@pytest.mark.parametrize("option", [("--batch-size", "0"), ("--echo", "0"), ("--student-rate", "-1")])
+def test_bench_pipeline_refuses_out_of_range_sizes_in_one_line(capsys: pytest.CaptureFixture, option: tuple) -> None:
+    result = run_main(capsys, "bench", "pipeline", *option)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and option[0] in result.stderr, result.stderr
