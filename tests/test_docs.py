@@ -37,6 +37,7 @@ COMMAND_PAGES = {
     ("bench", "extract"): "bench.md",
     ("bench", "train"): "bench.md",
     ("bench", "codecs"): "bench.md",
+    ("bench", "pipeline"): "bench.md",
     ("bench", "ablation"): "bench.md",
     ("bench", "bytes"): "bench.md",
     ("bench", "augment"): "bench.md",
@@ -248,5 +249,5 @@ def test_the_readme_walkthrough_runs_as_printed(tmp_path: Path) -> None:
         for flag in ("--out", "-o"):
             if flag in command:
                 assert (tmp_path / command[command.index(flag) + 1]).exists(), shlex.join(command)
-    assert list(tmp_path.glob("runs/*/student.safetensors")) and list(tmp_path.glob("runs/*/eval-*/report.json"))
+    assert list(tmp_path.glob("runs/*/student.safetensors")) and list(tmp_path.glob("runs/*/eval-*/eval.json"))
     assert list(tmp_path.glob("emb/manifest.json"))
