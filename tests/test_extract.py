@@ -203,11 +203,11 @@ def test_mismatched_teacher_and_concurrent_writer_refused(
         "float32",
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "different teacher.weights" in result.stderr
+    assert "was written with teacher.weights" in result.stderr
     result = run_main(
         capsys, "extract", digit_shards[0], "--out", tiny_cache, *TINY_VIT, "--layers", "-1", "--dtype", "float32"
     )
-    assert result.returncode == 2 and "different levels" in result.stderr
+    assert result.returncode == 2 and "was written with levels" in result.stderr
     with writer_lock(str(tiny_cache)):
         result = run_subprocess(
             "extract", digit_shards[0], "--out", tiny_cache, *TINY_VIT, "--layers", "1,-1", "--dtype", "float32"
