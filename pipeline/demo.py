@@ -196,7 +196,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             "seconds": trained.seconds,
             "params": trained.params,
             "flops_per_image": trained.flops_per_image,
-            "options": config.to_dict(),
+            "options": trained.options,
         }
         if trained.samples or "train" not in previous
         else previous["train"],

@@ -246,6 +246,7 @@ class TrainSummary:
     flops_per_image: int
     student: str
     stopped_by: int = 0  # the signal (SIGINT, SIGTERM) that ended the run early, after a checkpoint; 0: finished
+    options: dict[str, Any] = field(default_factory=dict)  # as the run resolved them (the device's batch and LR)
 
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
@@ -770,4 +771,5 @@ def _train(
         flops_per_image=run.model.flops_per_image(),
         student=student,
         stopped_by=stopped_by,
+        options=run.config.to_dict(),
     )
