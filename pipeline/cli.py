@@ -437,7 +437,9 @@ def verify(
     ] = False,
     shard: Annotated[
         list[str] | None,
-        typer.Option(help="With --integrity: the shard group to check (repeatable; default: every complete one)."),
+        typer.Option(
+            metavar="NAME", help="With --integrity: the shard group to check (repeatable; default: every complete one)."
+        ),
     ] = None,
     storage_option: StorageOptions = None,
 ) -> None:

@@ -31,7 +31,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .cache import CachedSamples, CacheSpec, FeatureCache, TokenMoments, decode_without_thread_pools, is_local_url
+from .cache import (
+    STATUS_FAILED,
+    CachedSamples,
+    CacheSpec,
+    FeatureCache,
+    TokenMoments,
+    decode_without_thread_pools,
+    is_local_url,
+)
 from .errors import CacheError, ConfigError
 from .lowrank import TokenBasis
 from .reader import ENGINES, BlockReader, PendingRead
@@ -223,14 +231,15 @@ def open_caches(
     for cache in caches:
         url, first_url = redact_url(cache.url), redact_url(first.url)
         counts = cache.sample_counts()
+        failed = not counts and any(a.get("status") == STATUS_FAILED for a in cache.shard_attrs().values())
+        if failed or (counts and not any(counts.values())):
+            raise CacheError(
+                f"no samples in {url!r}: its extraction kept none (apmpipe info {url} lists what was skipped and "
+                "why); rerun apmpipe extract with the fix, then train"
+            )
         if not counts:
             raise CacheError(
                 f"cache {url!r} has no complete shard; finish it with apmpipe extract (rerun the same command)"
-            )
-        if not any(counts.values()):
-            raise CacheError(
-                f"cache {url!r} holds 0 samples: its extraction stored nothing (see apmpipe info "
-                f"{url}); delete it and rerun apmpipe extract with the fix"
             )
         first.spec.check_layout(cache.spec.layout(), f"cache {url!r} (beside {first_url!r})")
         if cache.spec.dtype != first.spec.dtype:

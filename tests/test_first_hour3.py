@@ -242,10 +242,10 @@ def test_what_embed_leaves_in_its_folder_is_documented(
     out = tmp_path / "emb"
     result = run_main(capsys, "embed", digit_shards[0], "--student", tiny_student, "-o", out, "--loader-workers", "0")
     assert result.returncode == 0, result.stderr
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    page = (Path(__file__).parents[1] / "docs" / "embed.md").read_text()
     for entry in out.iterdir():
         name = re.sub(r"layer\d+$", "layer{L}", entry.name)  # emb_layer2 is documented as emb_layer{L}
-        assert name in embeddings.__doc__ and f"emb/{name}" in readme, entry.name
+        assert name in embeddings.__doc__ and f"emb/{name}" in page, entry.name
 
 
 # -- 6: teacher-head scores against labels that are not the head's classes -----------------------------------------
