@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from apmpipe.stages.extract import ExtractConfig, extract, extract_shards, loader_workers, teacher_for
-from apmpipe.stages.teacher import TeacherPool
+from apmpipe.stages.teacher import TeacherConfig, TeacherPool
 from apmpipe.storage.batches import ShardBatches
 from apmpipe.storage.errors import ConfigError
 from apmpipe.storage.redact import redact_url
@@ -76,6 +76,25 @@ class ExtractBench:
 
 def default_bench_shards(workdir: Path, images: int, size: int) -> list[str]:
     return write_digit_shards(workdir / "shards", count=images, per_shard=max(1, images // 4), size=size, mode="RGB")
+
+
+def bench_cache_config(
+    workdir: Path,
+    teacher: str,
+    images: int,
+    layers: tuple[int, ...],
+    model_kwargs: dict[str, object] | None = None,
+    **options: object,
+) -> ExtractConfig:
+    """The extraction of a bench's cache, ``workdir/bench.zarr``: ``images`` bundled digits through ``teacher``
+    (random init, ``model_kwargs``) at ``layers``; ``options``: other :class:`ExtractConfig` fields."""
+    return ExtractConfig(
+        inputs=tuple(default_bench_shards(workdir, images, 64)),
+        out=str(workdir / "bench.zarr"),
+        teacher=TeacherConfig(teacher, pretrained=False, model_kwargs=tuple(sorted((model_kwargs or {}).items()))),
+        layers=layers,
+        **options,
+    )
 
 
 def bench_extract(config: ExtractConfig) -> ExtractBench:
@@ -309,7 +328,6 @@ def bench_train(
     from apmpipe.stages.inputs import PixelNormalizer
     from apmpipe.stages.objectives import LossConfig, location_generator, sample_locations
     from apmpipe.stages.runtime import to_device
-    from apmpipe.stages.teacher import TeacherConfig
     from apmpipe.stages.train import (
         TrainConfig,
         compiled_objective,
@@ -322,17 +340,18 @@ def bench_train(
     )
     from apmpipe.storage.stream import CacheStream, TokenDecoder
 
-    cache = str(workdir / "bench.zarr")
-    extract_config = ExtractConfig(
-        inputs=tuple(default_bench_shards(workdir, images, 64)),
-        out=cache,
-        teacher=TeacherConfig(teacher_name, pretrained=False, model_kwargs=tuple(sorted((model_kwargs or {}).items()))),
-        layers=layers,
+    extract_config = bench_cache_config(
+        workdir,
+        teacher_name,
+        images,
+        layers,
+        model_kwargs,
         batch_size=batch_size,
         loader_workers=loader_workers,
         device=device,
         **(storage or {}),
     )
+    cache = extract_config.out
     bench_progress(f"extracting {images} images with {teacher_name} (random init)")
     extract(extract_config)
     window = (

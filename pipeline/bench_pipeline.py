@@ -23,7 +23,7 @@ import torch
 from apmpipe.storage.errors import AT_LEAST_ONE, NON_NEGATIVE
 from apmpipe.storage.redact import redact_url
 
-from .bench import _read_bytes_per_sample, bench_progress, default_bench_shards, machine_line
+from .bench import _read_bytes_per_sample, bench_cache_config, bench_progress, machine_line
 
 WINDOWS, STUDENT = "windows to the main process", "student step"
 RANGES = {
@@ -143,21 +143,13 @@ def build_bench_cache(
 ) -> str:
     """A float16 cache of ``images`` bundled digits through ``teacher`` (random init, ``model_kwargs``) at
     ``layers``, at the teacher's own input size (a ViT-B/16-shaped cache by default)."""
-    from apmpipe.stages.extract import ExtractConfig, extract
-    from apmpipe.stages.teacher import TeacherConfig
+    from apmpipe.stages.extract import extract
 
-    out = str(workdir / "bench.zarr")
-    config = ExtractConfig(
-        inputs=tuple(default_bench_shards(workdir, images, 64)),
-        out=out,
-        teacher=TeacherConfig(teacher, pretrained=False, model_kwargs=tuple(sorted((model_kwargs or {}).items()))),
-        layers=layers,
-        device=device,
-    )
+    config = bench_cache_config(workdir, teacher, images, layers, model_kwargs, device=device)
     shown = ",".join(map(str, layers))
     bench_progress(f"extracting {images} images with {teacher} (random init, float16, layers {shown})")
     extract(config)
-    return out
+    return config.out
 
 
 def _storage_read(stream: Any, stored_per_sample: float) -> StageRate:

@@ -50,6 +50,13 @@ class Outcome:
     stderr: str
 
 
+def one_error_line(stderr: str) -> str:
+    """The one line a user error prints (asserting it is one, starting ``error: ``)."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
 def run_main(capsys: pytest.CaptureFixture, *args: str) -> Outcome:
     """Run the console-script entry point in this process; exit code and streams as a user would see them."""
     capsys.readouterr()

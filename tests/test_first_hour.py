@@ -23,7 +23,7 @@ import torch
 import zarr
 from PIL import Image
 
-from .conftest import FAST, TINY_TRAIN, TINY_VIT, run_main
+from .conftest import FAST, TINY_TRAIN, TINY_VIT, one_error_line, run_main
 
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: connections are refused at once
 
@@ -41,12 +41,6 @@ def _apmpipe(
         env={**os.environ, **(env or {})},
     )
     return result, time.perf_counter() - start
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
 
 
 # -- 1: no network ----------------------------------------------------------------------------------------------
@@ -70,7 +64,7 @@ def test_an_unreachable_hub_fails_fast_in_one_line(
         env={**env, "HF_HOME": str(tmp_path / "hf")},
     )
     print(f"\noffline extract ({', '.join(env)}): exit {result.returncode} after {seconds:.1f} s")
-    assert result.returncode == 2 and expected in _one_error_line(result.stderr) and "--no-pretrained" in result.stderr
+    assert result.returncode == 2 and expected in one_error_line(result.stderr) and "--no-pretrained" in result.stderr
 
 
 def test_hub_weights_in_the_local_cache_load_without_the_network(tmp_path: Path, digit_shards: list[str]) -> None:
@@ -148,7 +142,7 @@ def test_extract_refuses_bad_options_before_loading_torch(
         f"\n{message[:40]!r}: exit {code} in {seconds} s in-process, {time.perf_counter() - start:.2f} s "
         "with interpreter start"
     )
-    assert message in _one_error_line(result.stderr) and code == "2"
+    assert message in one_error_line(result.stderr) and code == "2"
     assert (torch_loaded, timm_loaded) == ("False", "False")
     assert "local-dir:/path" not in result.stderr
 
@@ -171,7 +165,7 @@ def test_mismatch_messages_name_the_field_and_both_values(
         "float32",
         *FAST,
     )
-    assert "was written with teacher.model_kwargs.depth 2, not 3;" in _one_error_line(result.stderr)
+    assert "was written with teacher.model_kwargs.depth 2, not 3;" in one_error_line(result.stderr)
     other = tmp_path / "last-level.zarr"
     assert (
         run_main(
@@ -180,7 +174,7 @@ def test_mismatch_messages_name_the_field_and_both_values(
         == 0
     )
     result = run_main(capsys, "train", tiny_cache, other, "--out", tmp_path / "run", *TINY_TRAIN)
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert "differs in levels: [layer 2] vs [layer 1, layer 2]" in line and len(line) < 300, line
 
 
@@ -189,16 +183,16 @@ def test_hints_point_the_right_way(
     capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, digit_shards: list[str]
 ) -> None:
     result = run_main(capsys, "train", digit_shards[0], "--out", tmp_path / "run")
-    line = _one_error_line(result.stderr)  # also: no blank line before it
+    line = one_error_line(result.stderr)  # also: no blank line before it
     assert "is an input shard, not a feature cache" in line and "extract it first" in line, line
     assert f"--out {digit_shards[0]}" not in line
     result = run_main(capsys, "eval", tiny_cache, "--student", tmp_path / "nostudent")
     assert (
-        "nostudent: it does not exist" in _one_error_line(result.stderr) and "(expected nostudent)" not in result.stderr
+        "nostudent: it does not exist" in one_error_line(result.stderr) and "(expected nostudent)" not in result.stderr
     )
     (tmp_path / "empty").mkdir()
     result = run_main(capsys, "islands", tiny_cache, "--student", tmp_path / "empty")
-    assert "empty: it holds no student.safetensors" in _one_error_line(result.stderr)
+    assert "empty: it holds no student.safetensors" in one_error_line(result.stderr)
     bare = run_main(capsys)
     assert bare.stdout.startswith("Usage: ") and bare.stderr == ""
     version = run_main(capsys, "--version")
@@ -257,13 +251,13 @@ def test_resume_refuses_nothing_to_resume_and_changed_options(
 ) -> None:
     run = tmp_path / "run"
     result = run_main(capsys, "train", tiny_cache, "--out", run, *TINY_TRAIN, "--resume")
-    assert f"no checkpoint in {run}; drop --resume" in _one_error_line(result.stderr)
+    assert f"no checkpoint in {run}; drop --resume" in one_error_line(result.stderr)
     assert run_main(capsys, "train", tiny_cache, "--out", run, *TINY_TRAIN, "--max-steps", "4").returncode == 0
     changed = [a if a != "8" else "4" for a in TINY_TRAIN]  # --batch-size 4
     result = run_main(
         capsys, "train", tiny_cache, "--out", run, *changed, "--max-steps", "4", "--lr", "1e-3", "--resume"
     )
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert (
         "--resume would change the run" in line
         and "--batch-size 4 (run: 8)" in line
@@ -306,7 +300,7 @@ def test_pipe_inputs_are_read_through_the_shell_or_refused_by_name(
     assert [p.name for p in (out / "shards").iterdir() if p.is_dir()] == ["digits-0000"]
     assert zarr.open_group(out, mode="r")["shards/digits-0000/labels"].shape == (40,)
     result = run_main(capsys, "extract", "pipe:echo hello", "--out", tmp_path / "d.zarr", *TINY_VIT, *FAST)
-    line = _one_error_line(result.stderr)  # the command's arguments redacted, as every printed pipe: command
+    line = one_error_line(result.stderr)  # the command's arguments redacted, as every printed pipe: command
     assert "input 'pipe:echo ***' names no .tar/.tar.gz/.tgz file in its command" in line
 
 

@@ -15,14 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import FAST, TINY_TRAIN, TINY_VIT, run_main
+from .conftest import FAST, TINY_TRAIN, TINY_VIT, one_error_line, run_main
 from .test_hardening import _png, _tar
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    return lines[0]
 
 
 # -- 1: an extraction that keeps nothing ----------------------------------------------------------------------
@@ -40,7 +34,7 @@ def test_an_extraction_that_keeps_nothing_fails_and_a_rerun_with_the_fix_extract
     assert attrs["status"] == "failed" and "stored nothing" in attrs["error"]
 
     trained = run_main(capsys, "train", out, "--out", tmp_path / "run", *TINY_TRAIN, "--max-steps", "2")
-    assert "lower --batch-size" not in trained.stderr and "no samples in" in _one_error_line(trained.stderr)
+    assert "lower --batch-size" not in trained.stderr and "no samples in" in one_error_line(trained.stderr)
 
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")
@@ -54,7 +48,7 @@ def test_train_on_a_cache_of_zero_samples_says_so(capsys: pytest.CaptureFixture,
     result = run_main(capsys, "extract", empty, "--out", out, *TINY_VIT, *FAST)
     assert result.returncode != 0 and "the 1 input(s) hold no samples" in result.stderr.splitlines()[-1]
     trained = run_main(capsys, "train", out, "--out", tmp_path / "run", *TINY_TRAIN, "--max-steps", "2")
-    line = _one_error_line(trained.stderr)
+    line = one_error_line(trained.stderr)
     assert trained.returncode == 2 and "no samples in" in line and "lower --batch-size" not in line
 
 
@@ -109,7 +103,7 @@ def test_damaged_metadata_names_its_shard_group(
     assert result.returncode == 1 and "shards/digits-0000/zarr.json" in result.stdout, result.stdout
     (cache / "shards" / "digits-0001" / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
     result = run_main(capsys, "info", cache)
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert result.returncode == 2 and "shard 'digits-0001'" in line and "delete its group (shards/digits-0001)" in line
 
 
@@ -185,7 +179,7 @@ def test_an_unwritable_output_is_refused_in_one_line(
         "islands-folder": ["islands", tiny_cache, "--student", tiny_student, "--out", locked],  # gets islands.png
     }[command]
     result = run_main(capsys, *args)
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     named = f"{locked / 'run'}/eval-" if command == "eval-into-run" else str(args[args.index("--out") + 1])
     assert result.returncode == 2 and named in line, line
     assert "cannot be written" in line and "Operation not permitted" in line, line
