@@ -91,7 +91,7 @@ class TrainConfig:
     warmup_steps: int = 200
     clip_grad: float = 1.0
     window_samples: int = 512
-    loader_workers: int = 2
+    loader_workers: int = 0
     seed: int = 0
     checkpoint_every: int = 500
     checkpoint_minutes: float = 5.0
