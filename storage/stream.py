@@ -63,20 +63,6 @@ def read_threads(urls: Sequence[str]) -> int:
 TOKEN_READ_DTYPES = ("float16", "float32")
 
 
-def _no_batch_message(urls: Sequence[str], samples: int, batch_size: int, world_size: int) -> str:
-    """Why no step can be made: no samples at all (nothing to batch: see why extraction kept none), or too few."""
-    if not samples:
-        shown = " ".join(redact_url(url) for url in urls)
-        return (
-            f"no samples in {shown} (extraction kept none): apmpipe info {shown} lists the skipped ones and why; "
-            "extract images that are kept, then train"
-        )
-    return (
-        f"{samples} cached samples give no full batch of {batch_size} per rank on {world_size} rank(s); "
-        "lower --batch-size"
-    )
-
-
 @dataclass(frozen=True)
 class StreamPosition:
     """Where an epoch's stream stands: next window to read and batches of it already consumed."""
@@ -341,7 +327,10 @@ class CacheStream(IterableDataset):
         self.position = StreamPosition()
         self._open: list[FeatureCache] | None = None
         if self.steps_per_epoch() == 0:
-            raise CacheError(_no_batch_message(self.urls, sum(self.plan.sizes.values()), batch_size, world_size))
+            raise CacheError(
+                f"{sum(self.plan.sizes.values())} cached samples give no full batch of {batch_size} per rank on "
+                f"{world_size} rank(s); lower --batch-size"
+            )
 
     # -- the plan (indices only) -----------------------------------------------------------------------------
     def fingerprint(self) -> str:
