@@ -245,6 +245,26 @@ def test_convnet_embed_tokens_per_level(tmp_path: Path, resnet_student: Path, di
     assert np.load(out / "logits" / "digits-0000.npy").shape == (40, 10)
 
 
+def test_convnet_run_resumes_with_its_per_level_layout(tmp_path: Path, resnet_cache: Path) -> None:
+    args = [
+        "train",
+        resnet_cache,
+        "--out",
+        tmp_path / "run",
+        *TRAIN_FAST,
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+    ]
+    assert run_cli(*args).exit_code == 0
+    before = load_file(tmp_path / "run" / "student.safetensors")
+    result = run_cli(*args, "--resume")  # the checkpoint's student config (grids per level) matches this one's
+    assert result.exit_code == 0, result.output
+    after = load_file(tmp_path / "run" / "student.safetensors")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_query_mode_refuses_levels_on_several_grids(
     tmp_path: Path, resnet_cache: Path, capsys: pytest.CaptureFixture
 ) -> None:
