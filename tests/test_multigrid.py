@@ -76,7 +76,8 @@ def resnet_student(tmp_path_factory: pytest.TempPathFactory, resnet_cache: Path)
 # -- one grid: unchanged ----------------------------------------------------------------------------------------------
 
 # Losses of 6 steps on tiny_cache (and |weights| sums after them) as apmpipe trained them before students learned
-# several grids (commit 262fdc2); float32 on any x86 CPU agrees to ~1e-6 relative over 6 steps.
+# several grids (commit 262fdc2; here bit-identical). The 1e-4 tolerance leaves room for the last bits in which float32
+# kernels of other CPUs (Intel vs AMD) differ; a changed draw, code or loss moves these by far more.
 PINNED = {
     (): [
         3.922443389892578,
@@ -116,7 +117,7 @@ def test_one_grid_students_train_to_the_same_numbers_as_before(
     assert losses == pytest.approx(PINNED[extra], rel=1e-4)
     weights = load_file(run / "student.safetensors")
     sums = {name: float(weights[name].double().abs().sum()) for name in PINNED_WEIGHTS[extra]}
-    assert sums == pytest.approx(PINNED_WEIGHTS[extra], rel=1e-5)
+    assert sums == pytest.approx(PINNED_WEIGHTS[extra], rel=1e-4)
 
 
 def test_one_grid_config_dicts_load_and_save_unchanged() -> None:
