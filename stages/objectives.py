@@ -106,7 +106,7 @@ def sample_level_locations(
 def whole_levels(config: APMConfig, head: nn.Module | None) -> tuple[int, ...]:
     """Levels a student on several grids queries whole every step: the final level when the teacher head that the
     decision loss runs (None: off) reads its whole map (a ConvNet's), so that loss is never skipped."""
-    if config.one_grid or head is None or not getattr(head, "needs_full_grid", False):
+    if config.one_grid or head is None or not head.needs_full_grid:
         return ()
     return (len(config.level_dims) - 1,)
 
