@@ -660,11 +660,13 @@ class BytePlan:
     storage: dict[str, object] = field(default_factory=dict)
     echo: int = 1
     levels: tuple[int, ...] | None = None
+    train: dict[str, object] = field(default_factory=dict)  # other train options (--augment)
 
     def options(self) -> dict[str, object]:
-        return {"echo": self.echo} | ({"levels": self.levels} if self.levels else {})
+        return {"echo": self.echo} | ({"levels": self.levels} if self.levels else {}) | self.train
 
 
+_CROP_VIEWS = {"views": 4, "view_augment": ("crop",), "view_crop_scale": (0.5, 1.0)}
 # the first plan is the baseline every row is compared to
 BYTE_PLANS: dict[str, BytePlan] = {
     "float16 cache, all levels (default)": BytePlan(),
@@ -675,6 +677,15 @@ BYTE_PLANS: dict[str, BytePlan] = {
     "int8, --echo 16": BytePlan({"dtype": "int8"}, echo=16),
     "int8 rank 32, --echo 8": BytePlan({"dtype": "int8", "rank": 32}, echo=8),
     "int8, --levels 2, --echo 4": BytePlan({"dtype": "int8"}, echo=4, levels=(2,)),
+    "int8, --augment crop --crop-scale 0.5,1 (resampled targets)": BytePlan(
+        {"dtype": "int8"}, train={"augment": ("crop",), "crop_scale": (0.5, 1.0)}
+    ),
+    "int8, --views 4 --view-augment crop --view-crop-scale 0.5,1 (the teacher's own views)": BytePlan(
+        {"dtype": "int8", **_CROP_VIEWS}
+    ),
+    "int8 rank 32, --views 4 --view-augment crop --view-crop-scale 0.5,1": BytePlan(
+        {"dtype": "int8", "rank": 32, **_CROP_VIEWS}
+    ),
 }
 BYTES_TARGET = 1 / 8  # of the default's bytes read per trained sample
 COSINE_TOLERANCE = 0.005  # patch cosine, every trained level, vs the default

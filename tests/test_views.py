@@ -140,12 +140,15 @@ def test_lossy_views_resume_after_sigkill_and_on_dask_alike(tmp_path: Path) -> N
     assert run_subprocess("extract", *args, "--out", killed).returncode == 0
     dask = tmp_path / "dask.zarr"
     assert run_cli("extract", *args, "--out", dask, "--workers", "2").exit_code == 0
-    ref = shard_arrays(reference)
-    for other in (killed, dask):
-        got = shard_arrays(other)
-        assert ref.keys() == got.keys() and len({key.split("/")[0] for key in ref}) == 8
-        for key in ref:
-            np.testing.assert_array_equal(ref[key], got[key], err_msg=f"{other.name} {key}")
+    ref, got, far = shard_arrays(reference), shard_arrays(killed), shard_arrays(dask)
+    assert ref.keys() == got.keys() == far.keys() and len({key.split("/")[0] for key in ref}) == 8
+    for key in ref:
+        np.testing.assert_array_equal(ref[key], got[key], err_msg=key)
+        if ref[key].dtype.kind != "f" and ref[key].dtype != np.int8:
+            np.testing.assert_array_equal(ref[key], far[key], err_msg=key)
+        else:  # a dask worker's BLAS threads may round the basis projection's last bit otherwise
+            atol = 1 if ref[key].dtype == np.int8 else 1e-5  # an int8 value on a rounding boundary; sums near 0
+            np.testing.assert_allclose(ref[key].astype(float), far[key], rtol=1e-5, atol=atol, err_msg=key)
     result = run_cli("verify", reference, "--samples", "16")
     assert result.exit_code == 0 and "PASS" in result.output, result.output
 
