@@ -527,6 +527,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "augment: crop (--augment crop)": {"augment": ("crop",)},
     "augment: flip and crop (--augment flip,crop)": {"augment": ("flip", "crop")},
     "augment: milder crop (--augment crop --crop-scale 0.5,1)": {"augment": ("crop",), "crop_scale": (0.5, 1.0)},
+    "augment: the teacher's own crops (extract --views 4 --view-augment crop --view-crop-scale 0.5,1)": {},
     "old defaults (MSE only, all locations, lr 5e-4, batch 64, rgb 1)": {
         "logit_weight": 0.0,
         "standardize": False,
@@ -536,6 +537,12 @@ ABLATIONS: dict[str, dict[str, object]] = {
         "lr": 5e-4,
         "batch_size": 64,
     },
+}
+
+
+_CROP_VIEWS = {"views": 4, "view_augment": ("crop",), "view_crop_scale": (0.5, 1.0)}
+ABLATION_STORAGE = {  # rows that train on the train split extracted another way (ExtractConfig options)
+    "augment: the teacher's own crops (extract --views 4 --view-augment crop --view-crop-scale 0.5,1)": _CROP_VIEWS
 }
 
 
@@ -586,7 +593,8 @@ def bench_ablation(
     rows = []
     for name in _selected(list(ABLATIONS), only):
         out = workdir / "runs" / f"ablation-{len(rows)}"
-        rows.append(_train_and_evaluate(name, data.train, data.val, out, steps, seed, ABLATIONS[name]))
+        cache = data.train_variant(**ABLATION_STORAGE[name]) if name in ABLATION_STORAGE else data.train
+        rows.append(_train_and_evaluate(name, cache, data.val, out, steps, seed, ABLATIONS[name]))
     return data.teacher, rows
 
 
@@ -666,7 +674,6 @@ class BytePlan:
         return {"echo": self.echo} | ({"levels": self.levels} if self.levels else {}) | self.train
 
 
-_CROP_VIEWS = {"views": 4, "view_augment": ("crop",), "view_crop_scale": (0.5, 1.0)}
 # the first plan is the baseline every row is compared to
 BYTE_PLANS: dict[str, BytePlan] = {
     "float16 cache, all levels (default)": BytePlan(),

@@ -110,10 +110,6 @@ class CacheSpec:
                 f"--pixel-codec {self.pixel_codec} stores 1- or 3-channel images, the teacher takes "
                 f"{self.pixel_shape[0]} channels; use --pixel-codec raw"
             )
-        if (self.views > 1) != bool(self.view_augment):
-            raise ConfigError(
-                "--views N (N > 1) and --view-augment go together: e.g. --views 4 --view-augment crop,flip"
-            )
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
