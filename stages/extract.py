@@ -232,7 +232,7 @@ def _views_of(
     """With ``spec.views`` V > 1: uint8 images ``[B, C, H, W]`` -> ``[B * V, C, H, W]``, each image's V views in
     turn (view 0 the image itself, view v drawn from its key, see :func:`key_views`), with their view numbers
     ``[B * V]`` and parameters ``[B * V, 5]`` (see :func:`view_parameters`); V = 1: the images as they are."""
-    if spec.views == 1:
+    if spec.views == 1 or not len(pixels):
         return pixels, None
     size = spec.pixel_shape[1:]
     grid = min((level.grid for level in spec.levels), key=lambda g: g[0] * g[1])  # a crop spans its coarsest cells

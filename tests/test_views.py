@@ -30,7 +30,8 @@ from .test_extract import shard_arrays
 from .test_scale import _s3_options, s3_endpoint  # noqa: F401 (the moto S3 server fixture)
 
 TEACHER = [*TINY_VIT, "--model-arg", "patch_size=8"]  # a 4 x 4 grid: crops of 3 cells fit
-VIEWS = ["--views", "3", "--view-augment", "crop,flip", "--view-crop-scale", "0.3,1"]
+# (after FAST) shards of 20 or 40 images end in a batch of none
+VIEWS = ["--views", "3", "--view-augment", "crop,flip", "--view-crop-scale", "0.3,1", "--batch-size", "20"]
 LOSSY = ["--dtype", "int8", "--rank", "16"]
 
 
