@@ -519,6 +519,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "augment: crop (--augment crop)": {"augment": ("crop",)},
     "augment: flip and crop (--augment flip,crop)": {"augment": ("flip", "crop")},
     "augment: milder crop (--augment crop --crop-scale 0.5,1)": {"augment": ("crop",), "crop_scale": (0.5, 1.0)},
+    "augment: the teacher's own crops (extract --views 4 --view-augment crop --view-crop-scale 0.5,1)": {},
     "old defaults (MSE only, all locations, lr 5e-4, batch 64, rgb 1)": {
         "logit_weight": 0.0,
         "standardize": False,
@@ -528,6 +529,12 @@ ABLATIONS: dict[str, dict[str, object]] = {
         "lr": 5e-4,
         "batch_size": 64,
     },
+}
+
+
+_CROP_VIEWS = {"views": 4, "view_augment": ("crop",), "view_crop_scale": (0.5, 1.0)}
+ABLATION_STORAGE = {  # rows that train on the train split extracted another way (ExtractConfig options)
+    "augment: the teacher's own crops (extract --views 4 --view-augment crop --view-crop-scale 0.5,1)": _CROP_VIEWS
 }
 
 
@@ -578,7 +585,8 @@ def bench_ablation(
     rows = []
     for name in _selected(list(ABLATIONS), only):
         out = workdir / "runs" / f"ablation-{len(rows)}"
-        rows.append(_train_and_evaluate(name, data.train, data.val, out, steps, seed, ABLATIONS[name]))
+        cache = data.train_variant(**ABLATION_STORAGE[name]) if name in ABLATION_STORAGE else data.train
+        rows.append(_train_and_evaluate(name, cache, data.val, out, steps, seed, ABLATIONS[name]))
     return data.teacher, rows
 
 
@@ -652,9 +660,10 @@ class BytePlan:
     storage: dict[str, object] = field(default_factory=dict)
     echo: int = 1
     levels: tuple[int, ...] | None = None
+    train: dict[str, object] = field(default_factory=dict)  # other train options (--augment)
 
     def options(self) -> dict[str, object]:
-        return {"echo": self.echo} | ({"levels": self.levels} if self.levels else {})
+        return {"echo": self.echo} | ({"levels": self.levels} if self.levels else {}) | self.train
 
 
 # the first plan is the baseline every row is compared to
@@ -667,6 +676,15 @@ BYTE_PLANS: dict[str, BytePlan] = {
     "int8, --echo 16": BytePlan({"dtype": "int8"}, echo=16),
     "int8 rank 32, --echo 8": BytePlan({"dtype": "int8", "rank": 32}, echo=8),
     "int8, --levels 2, --echo 4": BytePlan({"dtype": "int8"}, echo=4, levels=(2,)),
+    "int8, --augment crop --crop-scale 0.5,1 (resampled targets)": BytePlan(
+        {"dtype": "int8"}, train={"augment": ("crop",), "crop_scale": (0.5, 1.0)}
+    ),
+    "int8, --views 4 --view-augment crop --view-crop-scale 0.5,1 (the teacher's own views)": BytePlan(
+        {"dtype": "int8", **_CROP_VIEWS}
+    ),
+    "int8 rank 32, --views 4 --view-augment crop --view-crop-scale 0.5,1": BytePlan(
+        {"dtype": "int8", "rank": 32, **_CROP_VIEWS}
+    ),
 }
 BYTES_TARGET = 1 / 8  # of the default's bytes read per trained sample
 COSINE_TOLERANCE = 0.005  # patch cosine, every trained level, vs the default

@@ -284,7 +284,21 @@ def extract(
             help="Pixels as uint8 arrays (raw) or one PNG / lossless WebP / JPEG (lossy, PSNR reported) per sample."
         ),
     ] = PixelCodec.raw,
-    batch_size: Annotated[int, typer.Option(help="Images per teacher forward.")] = 32,
+    views: Annotated[
+        int,
+        typer.Option(
+            help="Store each image as this many views, each with the teacher's own tokens and logits: view 0 the "
+            "image, the others drawn by --view-augment from the image's key (train draws one view per image "
+            "per epoch)."
+        ),
+    ] = 1,
+    view_augment: Annotated[
+        str, typer.Option(help="With --views N > 1, the views' augmentations, comma-separated: flip, crop.")
+    ] = "",
+    view_crop_scale: Annotated[
+        str, typer.Option(help="With --view-augment crop: MIN,MAX share of the image's area a view's crop covers.")
+    ] = "0.08,1",
+    batch_size: Annotated[int, typer.Option(help="Images per teacher forward (times --views).")] = 32,
     loader_workers: Annotated[
         int,
         typer.Option(
@@ -344,7 +358,17 @@ def extract(
     from apmpipe.stages.extract_config import ExtractConfig, preflight  # no torch yet: bad options fail fast
 
     options = stage_options(
-        ctx, "sources", "out", "teacher", "layers", "model_arg", "class_names", "storage_option", *RUN_ON
+        ctx,
+        "sources",
+        "out",
+        "teacher",
+        "layers",
+        "model_arg",
+        "class_names",
+        "storage_option",
+        "view_augment",
+        "view_crop_scale",
+        *RUN_ON,
     )
     config = ExtractConfig.from_options(
         sources,
@@ -354,6 +378,8 @@ def extract(
         model_kwargs=parse_key_values(model_arg, "--model-arg"),
         class_names_file=class_names,
         storage_options=parse_storage_options(storage_option),
+        view_augment=tuple(name for name in view_augment.replace(" ", "").split(",") if name),
+        view_crop_scale=parse_number_list(view_crop_scale, "--view-crop-scale", float, "0.08,1"),
         **options,
     )
     inputs = preflight(config)

@@ -112,10 +112,15 @@ class DigitCaches:
 
     def train_variant(self, **storage: Any) -> str:
         """The train split in another storage form (``dtype``, ``rank``, ...) beside the default cache; made once."""
-        name = "-".join(f"{key}-{value}" for key, value in sorted(storage.items())) or "default"
+        name = "-".join(f"{key}-{_word(value)}" for key, value in sorted(storage.items())) or "default"
         out = Path(self.train).parent / f"train-{name}.zarr"
         _extract(list(self.train_shards), out, Path(self.teacher["folder"]), **storage)
         return str(out)
+
+
+def _word(value: Any) -> str:
+    """An option's value as part of a folder name (``crop,flip`` for a tuple)."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def prepare_digit_caches(out: Path, recipe: ReferenceRecipe, seed: int) -> DigitCaches:

@@ -84,6 +84,19 @@ def embed_summary(summary: Any) -> None:
     _skips_and_failures(summary, "part")
 
 
+def _samples(samples: int, spec: dict[str, Any]) -> str:
+    """The cache's sample count; with ``--views``, its images and how their views were drawn."""
+    views = spec.get("views", 1)
+    if views == 1:
+        return str(samples)
+    crop = f", crop scale {spec['view_crop_scale'][0]:g}-{spec['view_crop_scale'][1]:g}" * (
+        "crop" in spec["view_augment"]
+    )
+    return (
+        f"{samples} ({samples // views} images x {views} views: the image, then {','.join(spec['view_augment'])}{crop})"
+    )
+
+
 def cache_description(desc: dict[str, Any], sizes: bool) -> None:
     """``apmpipe info``: what :meth:`FeatureCache.describe` returned."""
     spec = desc["spec"]
@@ -113,7 +126,7 @@ def cache_description(desc: dict[str, Any], sizes: bool) -> None:
         ("levels", levels),
         ("storage", storage),
         ("shards", f"{shards['complete']} complete, {shards['writing']} incomplete, {shards['failed']} failed"),
-        ("samples", str(desc["samples"])),
+        ("samples", _samples(desc["samples"], spec)),
         ("precision", ", ".join(desc["precision"]) or "-"),
         ("size", size),
         ("teacher head", "stored" if head.get("available") else f"none ({head.get('reason', 'unknown')})"),

@@ -18,34 +18,22 @@ say of the augmented image (``apmpipe bench augment`` measures how well). Draws 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
 from torchvision.ops import roi_align
 
-from apmpipe.storage.errors import ConfigError
+from apmpipe.storage.cache import AUGMENTS, check_crop_scale, parse_augments
+
+__all__ = ["AUGMENTS", "check_crop_scale", "parse_augments"]  # the names live with the cache's view_augment
 
 from .runtime import to_device
 
-AUGMENTS = ("flip", "crop")
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio range (width / height), as timm's RandomResizedCrop
 MIN_CROP_CELLS = 3  # a crop spans at least this many grid cells per side (a smaller one has no token map to pool)
 _SALT = 0x0A06  # keeps augmentation draws apart from the location draws of the same step
-
-
-def parse_augments(names: tuple[str, ...]) -> tuple[str, ...]:
-    """The augmentations in canonical order (``none`` or empty: off); ConfigError for an unknown name."""
-    unknown = [name for name in names if name not in (*AUGMENTS, "none")]
-    if unknown:
-        raise ConfigError(f"--augment {unknown[0]!r} is not one of {', '.join(AUGMENTS)}; e.g. --augment flip,crop")
-    return tuple(name for name in AUGMENTS if name in names)
-
-
-def check_crop_scale(scale: tuple[float, float]) -> None:
-    """ConfigError unless ``scale`` is (min, max) area fractions with 0 < min <= max <= 1."""
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(f"--crop-scale needs MIN,MAX with 0 < MIN <= MAX <= 1, e.g. --crop-scale 0.08,1; got {scale}")
 
 
 def augment_generator(seed: int, stream: int, step: int) -> torch.Generator:
@@ -136,3 +124,39 @@ def draw_views(
     flip = torch.rand(batch, generator=generator) < 0.5 if "flip" in augments else None
     boxes = crop_boxes(batch, image_size, grid, crop_scale, generator) if "crop" in augments else None
     return Views(flip, boxes, image_size)
+
+
+def view_generator(key: str, view: int) -> torch.Generator:
+    """The generator of view ``view`` of the image stored under ``key`` at extraction (``extract --views``): a
+    function of the two alone, so a rerun, another batch size or another worker draws the same view."""
+    digest = hashlib.sha256(f"apmpipe-view/{key}/{view}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def key_views(
+    augments: tuple[str, ...],
+    keys: list[str],
+    view: int,
+    image_size: tuple[int, int],
+    grid: tuple[int, int],
+    crop_scale: tuple[float, float],
+) -> Views:
+    """View ``view`` of each image, drawn from :func:`view_generator` of its key (one generator per image)."""
+    drawn = [draw_views(augments, 1, image_size, grid, view_generator(key, view), crop_scale) for key in keys]
+    flip = torch.cat([d.flip for d in drawn]) if "flip" in augments else None
+    boxes = torch.cat([d.boxes for d in drawn]) if "crop" in augments else None
+    return Views(flip, boxes, image_size)
+
+
+def view_parameters(views: Views, batch: int) -> torch.Tensor:
+    """``[B, 5]`` float32 per image: flip (0 or 1), then the crop box x0, y0, x1, y1 in pixels (the whole image
+    when there is no crop): what ``extract --views`` stores beside each view."""
+    height, width = views.image_size
+    flip = torch.zeros(batch) if views.flip is None else views.flip.float()
+    boxes = torch.tensor([[0.0, 0.0, width, height]]).expand(batch, 4) if views.boxes is None else views.boxes
+    return torch.cat([flip[:, None], boxes.float()], dim=1)
+
+
+def view_pixels(pixels: torch.Tensor, views: Views) -> torch.Tensor:
+    """uint8 images ``[B, C, H, W]`` -> the uint8 images of ``views`` (rounded: what the teacher sees is stored)."""
+    return views.images(pixels.float()).round().clamp(0, 255).to(torch.uint8)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from apmpipe.storage.batches import ShardBatches, batch_loader
@@ -44,6 +45,7 @@ from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import ResolvedInputs, ShardSource, done_shards
 
+from .augment import Views, key_views, view_parameters, view_pixels
 from .extract_config import (
     ExtractConfig,
     preflight,
@@ -176,7 +178,9 @@ class _ShardJob:
         tokens: list[np.ndarray],
         logits: np.ndarray | None,
         skipped: list,
+        views: tuple[np.ndarray, np.ndarray] | None,
     ) -> None:
+        """Encode and write one batch: ``views`` V > 1 samples per image (see :func:`_views_of`)."""
         self.result.skipped_samples += [tuple(s) for s in skipped]
         if self.result.error or not len(labels):
             return
@@ -185,13 +189,13 @@ class _ShardJob:
             encoded = [encode_tokens(t, self.spec.dtype, basis) for t, basis in zip(tokens, bases, strict=True)]
             stored = encode_pixels(pixels, self.spec.pixel_codec)
             self._measure(tokens, encoded, pixels, stored)
-            self.writer.append(stored, labels, keys, encoded, logits)
+            self.writer.append(stored, labels, keys, encoded, logits, views)
         except (
             Exception
         ) as exc:  # bad tokens or a failed write (full disk, lost connection) fail this shard; a rerun rewrites it
             self.result.error = failure_line(exc, self.urls)
             return
-        self.result.images += len(labels)
+        self.result.images += len(labels) // self.spec.views
 
     def fail(self, reason: str, skipped: list) -> None:
         self.result.skipped_samples += [tuple(s) for s in skipped]
@@ -220,6 +224,23 @@ class _ShardJob:
             ):  # the store may be failing still; an unmarked group is rewritten all the same
                 self.writer.fail(self.result.error, self.result.skipped_samples)
         return self.result
+
+
+def _views_of(
+    spec: CacheSpec, pixels: torch.Tensor, keys: list[str]
+) -> tuple[torch.Tensor, tuple[np.ndarray, np.ndarray] | None]:
+    """With ``spec.views`` V > 1: uint8 images ``[B, C, H, W]`` -> ``[B * V, C, H, W]``, each image's V views in
+    turn (view 0 the image itself, view v drawn from its key, see :func:`key_views`), with their view numbers
+    ``[B * V]`` and parameters ``[B * V, 5]`` (see :func:`view_parameters`); V = 1: the images as they are."""
+    if spec.views == 1 or not len(pixels):
+        return pixels, None
+    size = spec.pixel_shape[1:]
+    grid = min((level.grid for level in spec.levels), key=lambda g: g[0] * g[1])  # a crop spans its coarsest cells
+    drawn = [Views(None, None, size)]
+    drawn += [key_views(spec.view_augment, keys, v, size, grid, spec.view_crop_scale) for v in range(1, spec.views)]
+    images = torch.stack([view_pixels(pixels, views) for views in drawn], dim=1).flatten(0, 1)
+    parameters = torch.stack([view_parameters(views, len(pixels)) for views in drawn], dim=1).flatten(0, 1)
+    return images, (np.tile(np.arange(spec.views), len(pixels)), parameters.numpy())
 
 
 def teacher_for(config: ExtractConfig, teachers: TeacherPool | None = None) -> Teacher:
@@ -296,15 +317,17 @@ def extract_shards(
             if record["error"]:
                 submit(job.fail, record["error"], record["skipped"])
             else:
-                tokens, logits = teacher.forward(record["pixels"]) if len(record["pixels"]) else ([], None)
+                pixels, views = _views_of(cache.spec, record["pixels"], record["keys"])
+                tokens, logits = teacher.forward(pixels) if len(pixels) else ([], None)
                 submit(
                     job.append,
-                    record["pixels"].numpy(),
-                    record["labels"].numpy(),
-                    record["keys"],
+                    pixels.numpy(),
+                    np.repeat(record["labels"].numpy(), cache.spec.views),
+                    [key for key in record["keys"] for _ in range(cache.spec.views)],
                     [t.cpu().numpy() for t in tokens],
                     None if logits is None else logits.cpu().numpy(),
                     record["skipped"],
+                    views,
                 )
                 progress.images(len(record["pixels"]))
             if record["last"]:
@@ -348,6 +371,9 @@ def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
         shard_samples=config.shard_samples,
         rank=config.rank,
         pixel_codec=config.pixel_codec,
+        views=config.views,
+        view_augment=config.view_augment,
+        view_crop_scale=config.view_crop_scale,
     )
 
 

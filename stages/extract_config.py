@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
-from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES
+from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES, check_crop_scale, parse_augments
 from apmpipe.storage.errors import (
     AT_LEAST_ONE,
     NON_NEGATIVE,
@@ -99,6 +99,9 @@ class ExtractConfig:
     codec: str | None = None  # None: the codec of the cache at ``out`` when it exists, else DEFAULT_CODEC
     rank: int = 0
     pixel_codec: str = "raw"
+    views: int = 1
+    view_augment: tuple[str, ...] = ()
+    view_crop_scale: tuple[float, float] = (0.08, 1.0)
     batch_size: int = 32
     loader_workers: int = -1
     chunk_samples: int = 16
@@ -114,6 +117,7 @@ class ExtractConfig:
 
     RANGES: ClassVar[dict[str, Range]] = {
         "rank": NON_NEGATIVE,
+        "views": AT_LEAST_ONE,
         "batch_size": AT_LEAST_ONE,
         "loader_workers": WORKERS,
         "chunk_samples": AT_LEAST_ONE,
@@ -136,6 +140,12 @@ class ExtractConfig:
             raise ConfigError(f"--pixel-codec {self.pixel_codec!r} is not one of {', '.join(PIXEL_CODECS)}")
         if not self.layers:
             raise ConfigError("--layers is empty; pass e.g. --layers 4,8,12 or --layers -1")
+        object.__setattr__(self, "view_augment", parse_augments(self.view_augment, "--view-augment"))
+        check_crop_scale(self.view_crop_scale, "--view-crop-scale")
+        if (self.views > 1) != bool(self.view_augment):
+            raise ConfigError(
+                "--views N (N > 1) and --view-augment go together: e.g. --views 4 --view-augment crop,flip"
+            )
         if self.shard_samples % self.chunk_samples:
             raise ConfigError(
                 f"--shard-samples ({self.shard_samples}) must be a positive multiple of --chunk-samples "
@@ -189,6 +199,9 @@ class ExtractConfig:
             "codec": self.codec,
             "rank": self.rank,
             "pixel_codec": self.pixel_codec,
+            "views": self.views,
+            "view_augment": list(self.view_augment),
+            "view_crop_scale": list(self.view_crop_scale),
             "batch_size": self.batch_size,
             "label_key": self.label_key,
             "class_names": list(self.class_names),

@@ -81,6 +81,9 @@ class CacheSpec:
     shard_samples: int = 256
     rank: int = 0  # > 0: tokens stored as this many coefficients of one basis per level (bases/<layer>)
     pixel_codec: str = "raw"
+    views: int = 1  # > 1: each image stored as this many samples (view 0 the image, then augmented views)
+    view_augment: tuple[str, ...] = ()  # the augmentations of views 1.. (stages/augment.py names)
+    view_crop_scale: tuple[float, float] = (0.08, 1.0)  # area share of a view's crop
 
     def __post_init__(self) -> None:
         if self.dtype not in TOKEN_DTYPES:
@@ -144,6 +147,9 @@ class CacheSpec:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["levels"] = tuple(LevelLayout(**{**lv, "grid": tuple(lv["grid"])}) for lv in data["levels"])
+        for key in ("view_augment", "view_crop_scale"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
 
     def token_width(self, level: LevelLayout) -> int:
@@ -161,6 +167,8 @@ class CacheSpec:
             )
             if self.dtype == "int8":
                 out[f"scales/{level.array_name}"] = 4 * level.num_tokens
+        if self.views > 1:
+            out.update(view=8, augment=4 * len(VIEW_PARAMETERS))
         return out
 
     @property
@@ -217,6 +225,8 @@ def _stored_spec_problem(data: Any) -> str | None:
             f"spec.rank/pixel_codec are {data.get('rank')!r}/{data.get('pixel_codec')!r}, not a count/one of "
             f"{PIXEL_CODECS}"
         )
+    if not _is_int(data.get("views", 1), 1) or not isinstance(data.get("view_augment", []), list):
+        return f"spec.views/view_augment are {data.get('views')!r}/{data.get('view_augment')!r}, not a count/a list"
     return None
 
 
@@ -374,7 +384,14 @@ def reading(what: str, repair: str, urls: Sequence[str] = ()) -> Iterator[None]:
         raise CacheError(f"{what} cannot be read ({why}): it is damaged; {repair}") from exc
 
 
-_ITEM_DIMENSIONS = {"pixels": ("channel", "y", "x"), "labels": (), "keys": (), "logits": ("class",)}
+_ITEM_DIMENSIONS = {
+    "pixels": ("channel", "y", "x"),
+    "labels": (),
+    "keys": (),
+    "logits": ("class",),
+    "view": (),
+    "augment": ("view_parameter",),
+}
 _REWRITE = "delete its group (shards/{name}) and rerun apmpipe extract to rewrite it"
 
 
@@ -400,6 +417,9 @@ def sample_array_layouts(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], An
         layouts[f"tokens/{level.array_name}"] = ((level.num_tokens, spec.token_width(level)), spec.dtype)
         if spec.dtype == "int8":
             layouts[f"scales/{level.array_name}"] = ((level.num_tokens,), "float32")
+    if spec.views > 1:
+        layouts["view"] = ((), "int64")
+        layouts["augment"] = ((len(VIEW_PARAMETERS),), "float32")
     return layouts
 
 
@@ -487,7 +507,9 @@ class CachedSamples:
         )
 
 
-WHOLE_SHARD_CHUNKS = ("labels", "keys")  # a few bytes per sample: one chunk per shard group
+WHOLE_SHARD_CHUNKS = ("labels", "keys", "view", "augment")  # a few bytes per sample: one chunk per shard group
+AUGMENTS = ("flip", "crop")  # train --augment and extract --view-augment (stages/augment.py draws them)
+VIEW_PARAMETERS = ("flip", "x0", "y0", "x1", "y1")  # the ``augment`` array's last axis (extract --views)
 
 
 def create_checked_array(
@@ -535,6 +557,32 @@ def create_sample_array(
         )
 
 
+def parse_augments(names: Sequence[str], option: str = "--augment") -> tuple[str, ...]:
+    """The augmentations in canonical order (``none`` or empty: off); ConfigError for an unknown name."""
+    unknown = [name for name in names if name not in (*AUGMENTS, "none")]
+    if unknown:
+        raise ConfigError(f"{option} {unknown[0]!r} is not one of {', '.join(AUGMENTS)}; e.g. {option} flip,crop")
+    return tuple(name for name in AUGMENTS if name in names)
+
+
+def check_crop_scale(scale: Sequence[float], option: str = "--crop-scale") -> None:
+    """ConfigError unless ``scale`` is (min, max) area fractions with 0 < min <= max <= 1."""
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"{option} needs MIN,MAX with 0 < MIN <= MAX <= 1, e.g. {option} 0.08,1; got {scale}")
+
+
+def view_order(images: int, views: int, chunk: int) -> np.ndarray:
+    """Where stored samples come from when ``images`` images of ``views`` views each arrive image by image (index
+    ``i * views + v``): blocks of ``chunk`` images (the last may be shorter) one after the other, and inside a
+    block its images' view 0, then their view 1, and so on, so one view of a block is one run of whole zarr chunks.
+    Stored sample ``s`` is arrival ``order[s]``."""
+    out = []
+    for first in range(0, images, chunk):
+        block = np.arange(first, min(first + chunk, images))
+        out += [block * views + view for view in range(views)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
 class ShardWriter:
     """Writes one input shard into its own group, whole zarr shards at a time.
 
@@ -576,10 +624,15 @@ class ShardWriter:
         keys: Sequence[str],
         tokens: Sequence[EncodedTokens],
         logits: np.ndarray | None,
+        views: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Buffer one batch and flush whole zarr shards. Already encoded: ``pixels`` (see :func:`encode_pixels`) and
-        ``tokens`` (one per level, with this cache's bases, see :meth:`FeatureCache.level_bases`)."""
+        ``tokens`` (one per level, with this cache's bases, see :meth:`FeatureCache.level_bases`). With
+        ``spec.views`` V > 1 the batch holds V samples per image, image by image (view 0, 1, ...), and ``views``
+        their view numbers and ``augment`` parameters; the writer stores them in the order :func:`view_order` says."""
         batch = {"pixels": pixels, "labels": labels, "keys": np.asarray(keys, dtype=object)}
+        if views is not None:
+            batch["view"], batch["augment"] = views[0].astype(np.int64), views[1].astype(np.float32)
         if "logits" in self.arrays:
             assert logits is not None, "teacher has a head: logits required"
             batch["logits"] = logits.astype(np.float32)
@@ -598,17 +651,20 @@ class ShardWriter:
             self._flush(whole_shards_only=True)
 
     def _flush(self, whole_shards_only: bool) -> None:
-        step = self.spec.shard_samples
+        views = self.spec.views
+        # whole zarr shards; with views whole image blocks (chunk_samples images x views), so a block keeps its order
+        step = self.spec.shard_samples if views == 1 else self.spec.chunk_samples * views
         count = (self.buffered // step) * step if whole_shards_only else self.buffered
         if count == 0:
             return
         start, stop = self.written, self.written + count
         joined = {key: np.concatenate(parts) if len(parts) > 1 else parts[0] for key, parts in self.buffers.items()}
+        order = slice(0, count) if views == 1 else view_order(count // views, views, self.spec.chunk_samples)
         for key, data in joined.items():
             array = self.arrays[key]
             with _quiet_bytes_dtype():
                 array.resize((stop, *array.shape[1:]))
-            array[start:stop] = data[:count]
+            array[start:stop] = data[order]
         # only once every array holds the samples: a failed write leaves the bookkeeping (and the group) unfinished
         self.buffers = {key: [data[count:]] if len(data) > count else [] for key, data in joined.items()}
         self.buffered -= count

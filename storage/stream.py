@@ -61,6 +61,7 @@ def read_threads(urls: Sequence[str]) -> int:
 
 
 TOKEN_READ_DTYPES = ("float16", "float32")
+_VIEW_SALT = 0x71E5  # keeps the view draws apart from the block shuffle of the same epoch
 
 
 @dataclass(frozen=True)
@@ -77,16 +78,23 @@ class StreamPosition:
 
 @dataclass(frozen=True)
 class Block:
-    """Samples ``start:stop`` of one shard group of cache number ``cache``."""
+    """Samples ``start:stop`` of one shard group of cache number ``cache``. In a plan of a cache with ``views``
+    V > 1 (``extract --views``), view 0 of a block of images, whose view ``v`` is the ``v``-th run of as many
+    samples after it (see :func:`apmpipe.storage.cache.view_order`)."""
 
     cache: int
     shard: str
     start: int
     stop: int
+    views: int = 1
 
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+    def view(self, view: int) -> Block:
+        """The samples of view ``view`` of this block's images."""
+        return Block(self.cache, self.shard, self.start + view * self.size, self.stop + view * self.size)
 
 
 @dataclass(frozen=True)
@@ -110,12 +118,11 @@ class StreamPlan:
     def of(
         cls, caches: Sequence[FeatureCache], unit: int, window_samples: int, seed: int, rank: int, world_size: int
     ) -> StreamPlan:
-        """The plan over the complete shards of ``caches``, cut into blocks of whole zarr chunks."""
+        """The plan over the complete shards of ``caches``, cut into blocks of whole zarr chunks (with views, of
+        the ``chunk_samples`` images whose views are stored together)."""
         sizes = {(i, name): count for i, cache in enumerate(caches) for name, count in cache.sample_counts().items()}
         blocks = tuple(
-            Block(i, name, start, min(start + caches[i].spec.chunk_samples, count))
-            for (i, name), count in sizes.items()
-            for start in range(0, count, caches[i].spec.chunk_samples)
+            block for (i, name), count in sizes.items() for block in _image_blocks(i, name, count, caches[i].spec)
         )
         window = max(1, -(-window_samples // unit)) * unit
         return cls(sizes, blocks, unit, window, seed, rank, world_size)
@@ -126,7 +133,7 @@ class StreamPlan:
         text = json.dumps(
             [
                 [canonical_url(url) for url in urls],
-                [asdict(b) for b in self.blocks],
+                [{k: v for k, v in asdict(b).items() if k != "views" or v > 1} for b in self.blocks],  # as before views
                 self.unit,
                 self.window,
                 self.seed,
@@ -136,9 +143,12 @@ class StreamPlan:
         return hashlib.sha1(text.encode()).hexdigest()
 
     def rank_blocks(self, epoch: int) -> list[list[Block]]:
-        """Every rank's blocks for ``epoch``, in reading order."""
+        """Every rank's blocks for ``epoch``, in reading order; of a block with views, the view drawn for this
+        epoch (seeded by seed and epoch: one view per image per epoch)."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
-        return [[self.blocks[i] for i in order[r :: self.world_size]] for r in range(self.world_size)]
+        draws = np.random.default_rng([self.seed, epoch, _VIEW_SALT]).random(len(self.blocks))
+        blocks = [b.view(int(draw * b.views)) if b.views > 1 else b for b, draw in zip(self.blocks, draws, strict=True)]
+        return [[blocks[i] for i in order[r :: self.world_size]] for r in range(self.world_size)]
 
     def units_per_rank(self, epoch: int = 0) -> int:
         """Whole units per rank; equal on every rank (the smallest rank's count)."""
@@ -165,6 +175,17 @@ class StreamPlan:
         """The shuffled order of window ``index``'s ``count`` samples: position ``j`` holds read sample
         ``order[j]``."""
         return np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(count)
+
+
+def _image_blocks(cache: int, shard: str, count: int, spec: CacheSpec) -> list[Block]:
+    """The blocks of one shard group of ``count`` samples: runs of ``chunk_samples``; with ``spec.views`` V > 1, of
+    ``chunk_samples`` images (view 0 of each; the last block may be shorter)."""
+    chunk, views = spec.chunk_samples, spec.views
+    images = count // views
+    return [
+        Block(cache, shard, first * views, first * views + min(chunk, images - first), views)
+        for first in range(0, images, chunk)
+    ]
 
 
 def _whole_chunks(cache: FeatureCache, block: Block, plan: StreamPlan) -> tuple[int, int]:
