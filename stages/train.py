@@ -64,9 +64,11 @@ POSITION_COUNTS = "echoed-batches"  # what StreamPosition.batch counts in checkp
 class TrainConfig:
     """Options of one training run (saved as ``config.toml`` and in every checkpoint).
 
-    ``epochs`` 0 (the default) sizes the run from the cache: enough epochs for ``min_steps`` optimiser steps,
-    at least ``MIN_EPOCHS``; small caches get more passes, large ones at least a few. ``batch_size`` and ``lr``
-    None are the device's defaults, fixed by :meth:`for_device` before a run starts (see :func:`default_lr`).
+    ``epochs`` 0 (the default) sizes the run from the cache: enough whole epochs for ``min_steps`` optimiser steps,
+    at least one and at most ``max_epochs`` (0: no cap); small caches get more passes, large ones at least one.
+    ``ema_decay`` above 0 exports an exponential moving average of the weights (:class:`WeightAverage`).
+    ``batch_size`` and ``lr`` None are the device's defaults, fixed by :meth:`for_device` before a run starts
+    (see :func:`default_lr`).
     """
 
     caches: tuple[str, ...]
