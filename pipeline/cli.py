@@ -573,6 +573,9 @@ def train(
     min_steps: Annotated[
         int, typer.Option(help="With --epochs 0: train at least this many steps (whole epochs).")
     ] = 4000,
+    max_epochs: Annotated[
+        int, typer.Option(help="With --epochs 0: at most this many epochs, whatever --min-steps asks (0: no cap).")
+    ] = 0,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: run all epochs).")] = 0,
     batch_size: Annotated[
         int | None, typer.Option(help="Images per step per rank (default: 32 on a CPU, 1024 on CUDA).")
@@ -584,6 +587,10 @@ def train(
         ),
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.05,
+    ema_decay: Annotated[
+        float,
+        typer.Option(help="Decay of an exponential moving average of the weights, which is exported (0: off)."),
+    ] = 0.0,
     warmup_steps: Annotated[
         int, typer.Option(help="Linear warmup steps (at most 5% of the run) before cosine decay.")
     ] = 200,

@@ -65,6 +65,7 @@ WARMUP_FRACTION = 0.05  # warmup never takes more than this share of the run
 CPU_BATCH_SIZE = 32  # --batch-size left unset: images per step per rank on a CPU ...
 CUDA_BATCH_SIZE = 1024  # ... and on a GPU, where a small student at 32 is launch-bound
 BASE_LR = 2e-3  # --lr left unset: the peak LR at CPU_BATCH_SIZE (and at any --batch-size given)
+EMA_DECAYS = Range(0, 0.9999)  # --ema-decay: 0 is off; 1 would never move
 POSITION_COUNTS = "echoed-batches"  # what StreamPosition.batch counts in checkpoints (older ones: loaded batches)
 
 
@@ -72,9 +73,11 @@ POSITION_COUNTS = "echoed-batches"  # what StreamPosition.batch counts in checkp
 class TrainConfig:
     """Options of one training run (saved as ``config.toml`` and in every checkpoint).
 
-    ``epochs`` 0 (the default) sizes the run from the cache: enough epochs for ``min_steps`` optimiser steps,
-    at least ``MIN_EPOCHS``; small caches get more passes, large ones at least a few. ``batch_size`` and ``lr``
-    None are the device's defaults, fixed by :meth:`for_device` before a run starts (see :func:`default_lr`).
+    ``epochs`` 0 (the default) sizes the run from the cache: enough whole epochs for ``min_steps`` optimiser steps,
+    at least one and at most ``max_epochs`` (0: no cap); small caches get more passes, large ones at least one.
+    ``ema_decay`` above 0 exports an exponential moving average of the weights (:class:`WeightAverage`).
+    ``batch_size`` and ``lr`` None are the device's defaults, fixed by :meth:`for_device` before a run starts
+    (see :func:`default_lr`).
     """
 
     caches: tuple[str, ...]
@@ -93,10 +96,12 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     epochs: int = 0
     min_steps: int = 4000
+    max_epochs: int = 0
     max_steps: int = 0
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float = 0.05
+    ema_decay: float = 0.0
     warmup_steps: int = 200
     clip_grad: float = 1.0
     window_samples: int = 512
@@ -120,10 +125,12 @@ class TrainConfig:
         "echo": AT_LEAST_ONE,
         "epochs": NON_NEGATIVE,
         "min_steps": NON_NEGATIVE,
+        "max_epochs": NON_NEGATIVE,
         "max_steps": NON_NEGATIVE,
         "batch_size": AT_LEAST_ONE,
         "lr": POSITIVE,
         "weight_decay": NON_NEGATIVE,
+        "ema_decay": EMA_DECAYS,
         "warmup_steps": NON_NEGATIVE,
         "clip_grad": NON_NEGATIVE,
         "window_samples": AT_LEAST_ONE,
@@ -262,10 +269,13 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 
 
 def planned_steps(stream: CacheStream, config: TrainConfig) -> tuple[int, int]:
-    """(epochs, total steps): ``--max-steps`` wins; ``--epochs 0`` sizes the run to ``min_steps`` (>= 1 epoch).
-    Each loaded window is passed ``echo`` times (example echoing)."""
+    """(epochs, total steps): ``--max-steps`` wins; ``--epochs 0`` sizes the run to ``min_steps``, at least one
+    epoch and at most ``max_epochs`` (0: no cap), so a small cache is not passed hundreds of times. Each loaded
+    window is passed ``echo`` times (example echoing)."""
     per_epoch = stream.steps_per_epoch()
     epochs = config.epochs or max(1, math.ceil(config.min_steps / per_epoch))
+    if not config.epochs and config.max_epochs:
+        epochs = min(epochs, config.max_epochs)
     return epochs, config.max_steps or sum(stream.steps_per_epoch(epoch) for epoch in range(epochs))
 
 
@@ -292,6 +302,36 @@ def make_optimizer(
     optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
     warmup = warmup_for(total_steps, config)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup))
+
+
+class WeightAverage:
+    """Exponential moving average of a model's parameters (``--ema-decay``), updated after every optimiser step.
+
+    The decay ramps up as ``min(decay, (1 + step) / (10 + step))`` so that the first weights fade out early (as in
+    timm's ``ModelEmaV3`` warmup). The run exports the average and checkpoints it beside the raw weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [name for name, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold in the weights after optimiser step ``step`` (0-based)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.average, strict=True))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for average, name in zip(self.average, self.names, strict=True):
+            average.copy_(state[name])
+
+    def weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``model``'s state dict with the averaged parameters in place of its own (buffers as they are)."""
+        return model.state_dict() | self.state_dict()
 
 
 def rebuilds_on_device(device: torch.device) -> bool:
@@ -413,6 +453,7 @@ class _Run:
     amp: bool
     objective: Objective
     decoder: TokenDecoder | None = None
+    average: WeightAverage | None = None
     step: int = 0
     position: StreamPosition = StreamPosition()
     events: str | None = None  # TensorBoard's folder (rank 0, with --tensorboard)
@@ -431,7 +472,12 @@ class _Run:
             "world_size": self.world,
             "plan": self.stream.fingerprint(),
             "position_counts": POSITION_COUNTS,
+            **({"ema": self.average.state_dict()} if self.average else {}),
         }
+
+    def exported_weights(self) -> dict[str, torch.Tensor]:
+        """What the run exports: the weight average with ``--ema-decay``, else the weights as trained."""
+        return self.average.weights(self.model) if self.average else self.model.state_dict()
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -513,6 +559,7 @@ def _set_up(config: TrainConfig) -> _Run:
         config.amp and device.type == "cuda",
         compiled_objective() if config.compile else step_losses,
         TokenDecoder(stream.coefficient_bases).to(device) if stream.coefficient_bases else None,
+        WeightAverage(model, config.ema_decay) if config.ema_decay else None,
         events=events if rank == 0 else None,
     )
 
@@ -573,6 +620,8 @@ def _resume(run: _Run) -> None:
     run.model.load_state_dict(weights)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if run.average:
+        run.average.load_state_dict(state["ema"])
     torch.set_rng_state(state["rng"]["torch"])
     run.step = int(state["step"])
     run.position = StreamPosition(**state["position"])
@@ -653,6 +702,8 @@ def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logi
         logits,
         run.objective,
     )
+    if run.average:
+        run.average.update(run.step)
     run.step += 1
     return losses
 
@@ -754,7 +805,7 @@ def _train(
 
     stopped_by = ((stop_requested and stop_requested()) or int(signal.SIGTERM)) if stop else 0
     student = (
-        str(run.run_dir.save_student(run.model.state_dict(), run.metadata()))
+        str(run.run_dir.save_student(run.exported_weights(), run.metadata()))
         if run.rank == 0 and not stopped_by
         else ""
     )

@@ -99,8 +99,10 @@ def test_stream_order_depends_on_epoch_and_resumes_mid_window(tiny_cache: Path) 
     assert batches(StreamPosition(0, window=2, batch=1)) == epoch0[2 * 3 + 1 :]
 
 
-@pytest.mark.parametrize("echo", [1, 3])
-def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache: Path, echo: int) -> None:
+@pytest.mark.parametrize("options", [(), ("--echo", "3"), ("--ema-decay", "0.9")])
+def test_resume_after_sigkill_gives_identical_weights(
+    tmp_path: Path, tiny_cache: Path, options: tuple[str, ...]
+) -> None:
     args = [
         "train",
         str(tiny_cache),
@@ -115,8 +117,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache
         "3",
         "--locations",
         "3",
-        "--echo",
-        str(echo),
+        *options,
     ]
     reference, killed = train_killed_and_resumed(args, tmp_path)
     ref, _ = load_student(reference)
@@ -125,6 +126,30 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path, tiny_cache
         assert ref[key].equal(got[key]), key
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+def test_ema_exports_the_average_and_checkpoints_it_beside_the_weights(tmp_path: Path, tiny_cache: Path) -> None:
+    from apmpipe.storage.checkpoint import RunDir
+
+    run = tmp_path / "run"
+    result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "12", "--ema-decay", "0.9")
+    assert result.exit_code == 0, result.output
+    exported, _ = load_student(run)
+    trained, state = RunDir(run).load_checkpoint()
+    assert state["step"] == 12 and set(state["ema"]) < set(trained)
+    for name, average in state["ema"].items():
+        assert exported[name].equal(average) and not average.equal(trained[name]), name
+    buffers = set(trained) - set(state["ema"])
+    assert buffers and all(exported[name].equal(trained[name]) for name in buffers)
+
+
+def test_max_epochs_caps_the_budget_sized_from_min_steps(tmp_path: Path, tiny_cache: Path) -> None:
+    # 120 samples, batch 8: 15 steps an epoch; --min-steps 4000 alone would ask 267 epochs
+    run = tmp_path / "run"
+    result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-epochs", "2")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 30 and records[-1]["epoch"] == 1
 
 
 def test_ddp_two_processes_gloo_with_uneven_shards_per_rank(tmp_path: Path, tiny_cache: Path) -> None:
