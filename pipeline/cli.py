@@ -889,7 +889,11 @@ def demo(
         "demo-out"
     ),
     quick: Annotated[
-        bool, typer.Option("--quick", help="A shorter teacher recipe and a 150-step student (for tests).")
+        bool,
+        typer.Option(
+            "--quick",
+            help="The small teacher on scikit-learn digits (shorter recipe) and a 150-step student (for tests).",
+        ),
     ] = False,
     seed: Annotated[
         int, typer.Option(help="Seed of the train/val split, the teacher, the student and data order.")

@@ -82,6 +82,18 @@ def test_forward_head_reads_the_head_of_the_level_asked_for() -> None:
         torch.testing.assert_close(only, expected)
 
 
+def test_rendered_digits_depend_only_on_seed_and_index() -> None:
+    from apmpipe.pipeline.datasets import glyph_images
+
+    images, labels = glyph_images(12, seed=3)
+    part, part_labels = glyph_images(4, start=8, seed=3)
+    assert images.shape == (12, 32, 32) and images.dtype == np.uint8 and labels.tolist() == [*range(10), 0, 1]
+    np.testing.assert_array_equal(part, images[8:])
+    np.testing.assert_array_equal(part_labels, labels[8:])
+    assert not np.array_equal(glyph_images(4, start=8, seed=4)[0], part)  # another seed, other images
+    assert len({image.tobytes() for image in images}) == 12 and images.std() > 20  # distinct, not blank
+
+
 class _ReadThreadsProbe(torch.utils.data.IterableDataset):
     """Yields what :func:`read_threads` answers for local and in-memory caches, and zarr's pool size after it."""
 
