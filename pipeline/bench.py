@@ -518,6 +518,7 @@ def bench_progress(message: str) -> None:
 
 ABLATIONS: dict[str, dict[str, object]] = {
     "defaults": {},
+    "paper query (--query paper)": {"query": "paper"},
     "no KL through the head (--logit-weight 0)": {"logit_weight": 0.0},
     "no target standardisation (--no-standardize)": {"standardize": False},
     "no extra prefix weight (--prefix-weight 0)": {"prefix_weight": 0.0},

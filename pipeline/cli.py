@@ -480,6 +480,11 @@ class LevelMode(StrEnum):
     query = "query"
 
 
+class Query(StrEnum):
+    paper = "paper"
+    local = "local"
+
+
 @app.command(cls=ApmCommand)
 @reports_user_errors
 def train(
@@ -514,6 +519,13 @@ def train(
         LevelMode,
         typer.Option(help="heads: one output head per level on a shared trunk; query: level code in the query."),
     ] = LevelMode.heads,
+    query: Annotated[
+        Query,
+        typer.Option(
+            help="paper: each location's query is [T, p]; local: [T, p] and the queried cell's own pixels (prefix "
+            "tokens read zeros)."
+        ),
+    ] = Query.local,
     levels: Annotated[
         str | None,
         typer.Option(

@@ -5,6 +5,10 @@ One convolutional "filter" folds the whole image into one trigger column ``T``; 
 shared MLP maps each query ``[T, p]`` to the teacher's tokens at that location, for every cached level, and
 (optionally) to the location's pixels. Locations are independent queries: any subset, in any order.
 
+Queries: ``query="paper"`` is the paper's ``[T, p]``. ``query="local"`` joins the queried cell's own pixels
+(:func:`local_read`; prefix queries read zeros): the shared MLP no longer has to look a location's own detail up
+inside one global column, which is where a plain ``[T, p]`` loses the fit of patch tokens.
+
 Levels: by default one linear head per level on the shared trunk (``level_mode="heads"``): the trunk runs
 once per location for all levels. ``level_mode="query"`` instead appends a fixed level code to the query and
 runs the trunk once per (location, level) with a single head; it needs equal token widths across levels.
@@ -28,6 +32,7 @@ from apmpipe.storage.cache import CacheSpec
 from apmpipe.storage.errors import ConfigError
 
 LEVEL_MODES = ("heads", "query")
+QUERY_MODES = ("paper", "local")
 
 
 def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
@@ -64,6 +69,8 @@ class APMConfig:
         act: ``gelu`` or ``relu``.
         level_mode: ``heads`` (one head per level) or ``query`` (level code in the query).
         rgb: predict each grid location's pixels (the paper's f_rgb).
+        query: ``paper`` (``[T, p]``) or ``local`` (``[T, p, the cell's own pixels]``). A saved config without the
+            field is a ``paper`` student.
     """
 
     in_chans: int
@@ -77,8 +84,11 @@ class APMConfig:
     act: str = "gelu"
     level_mode: str = "heads"
     rgb: bool = True
+    query: str = "paper"
 
     def __post_init__(self) -> None:
+        if self.query not in QUERY_MODES:
+            raise ConfigError(f"--query {self.query!r} is not one of {', '.join(QUERY_MODES)}")
         if self.level_mode not in LEVEL_MODES:
             raise ConfigError(f"--level-mode {self.level_mode!r} is not one of {', '.join(LEVEL_MODES)}")
         if self.act not in ("gelu", "relu"):
@@ -111,6 +121,11 @@ class APMConfig:
         return int(math.ceil(width / 4) * 4)
 
     @property
+    def local_dim(self) -> int:
+        """Width of a query's local read: one cell's pixels (0 for the paper's query)."""
+        return self.in_chans * self.patch_size[0] * self.patch_size[1] if self.query == "local" else 0
+
+    @property
     def num_tokens(self) -> int:
         return self.prefix_tokens + self.grid[0] * self.grid[1]
 
@@ -121,7 +136,7 @@ class APMConfig:
     def from_dict(cls, data: dict[str, Any]) -> APMConfig:
         known = {f.name for f in fields(cls)}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
-        return cls(**values)
+        return cls(**{"query": "paper", **values})  # saved before queries could read their cell
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -176,6 +191,22 @@ def gather_locations(values: torch.Tensor, locations: torch.Tensor | None) -> to
     return values if locations is None else values[locations]
 
 
+def local_read(
+    values: torch.Tensor, grid: tuple[int, int], prefix_tokens: int, locations: torch.Tensor | None
+) -> torch.Tensor:
+    """Each queried location's own cell of ``values`` ``[B, C, H, W]`` (images, or any map a whole number of grid
+    cells) -> ``[B, L, C*ch*cw]``; prefix locations (CLS, registers) read zeros. ``locations`` index the layout's
+    tokens (prefix first, then the grid row-major): ``[L]`` shared, ``[B, L]`` per image, None for all."""
+    b, c, height, width = values.shape
+    cells = patch_pixels(values, (height // grid[0], width // grid[1]))  # [B, h*w, D]
+    cells = torch.cat([cells.new_zeros(b, prefix_tokens, cells.shape[-1]), cells], dim=1)  # [B, T, D]
+    if locations is None:
+        return cells
+    if locations.dim() == 1:
+        return cells[:, locations]
+    return cells.gather(1, locations[..., None].expand(-1, -1, cells.shape[-1]))
+
+
 class TargetScale(nn.Module):
     """One level's target standardisation: ``z = (token - mean[loc]) / std[loc]`` and back.
 
@@ -225,7 +256,7 @@ class APM(nn.Module):
             "codes", location_codes(config.prefix_tokens, config.grid, config.code_dim), persistent=False
         )
         levels = len(config.level_dims)
-        query_dim = config.trigger_dim + config.code_dim
+        query_dim = config.trigger_dim + config.code_dim + config.local_dim
         if config.level_mode == "query":
             self.register_buffer(
                 "level_codes", sincos_2d(torch.arange(levels), torch.arange(levels), 16), persistent=False
@@ -246,12 +277,24 @@ class APM(nn.Module):
             return images
         return F.interpolate(images, size=self.config.tiled_size, mode="bilinear", antialias=True, align_corners=False)
 
-    def trigger(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images ``[B, C, H, W]`` -> trigger columns ``[B, trigger_dim]``."""
-        return self.filter(self.fit_input(images)).flatten(1)
+    def read(self, images: torch.Tensor, locations: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised images -> trigger columns ``[B, trigger_dim]`` and the queried cells' local reads
+        ``[B, L, local_dim]`` (None for the paper's query)."""
+        images = self.fit_input(images)
+        trigger = self.filter(images).flatten(1)
+        if self.config.query == "paper":
+            return trigger, None
+        return trigger, local_read(images, self.config.grid, self.config.prefix_tokens, locations)
 
-    def queries(self, trigger: torch.Tensor, locations: torch.Tensor | None, level: int | None = None) -> torch.Tensor:
-        """``[B, Dt]`` and locations (``[L]`` shared or ``[B, L]`` per image; None = all) -> queries ``[B, L, Dq]``."""
+    def queries(
+        self,
+        trigger: torch.Tensor,
+        locations: torch.Tensor | None,
+        level: int | None = None,
+        local: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B, Dt]`` and locations (``[L]`` shared or ``[B, L]`` per image; None = all) -> queries ``[B, L, Dq]``;
+        ``local`` ``[B, L, local_dim]``: the cells' own reads, joined last."""
         b = trigger.shape[0]
         if locations is None:
             codes = self.codes.expand(b, -1, -1)
@@ -262,6 +305,8 @@ class APM(nn.Module):
         parts = [trigger[:, None, :].expand(-1, codes.shape[1], -1), codes]
         if level is not None:
             parts.append(self.level_codes[level].expand(b, codes.shape[1], -1))
+        if local is not None:
+            parts.append(local.to(trigger.dtype))
         return torch.cat(parts, dim=-1)
 
     # -- timm-style seams ------------------------------------------------------------------------------------
@@ -269,7 +314,8 @@ class APM(nn.Module):
         self, images: torch.Tensor, locations: torch.Tensor | None = None, level: int | None = None
     ) -> torch.Tensor:
         """Trunk features ``[B, L, hidden[-1]]`` for the queried locations (and level in query mode)."""
-        return self.trunk(self.queries(self.trigger(images), locations, level))
+        trigger, local = self.read(images, locations)
+        return self.trunk(self.queries(trigger, locations, level, local))
 
     def forward_head(self, features: torch.Tensor, level: int | None = None) -> list[torch.Tensor]:
         """Trunk features -> standardised tokens: one ``[B, L, D_l]`` per level, or only ``level``'s."""
@@ -282,9 +328,10 @@ class APM(nn.Module):
         """For the queried locations: ``standardized`` and ``tokens`` (teacher units), one ``[B, L, D_l]`` per level,
         and, if enabled, ``rgb`` ``[B, L, C*ph*pw]``."""
         if self.config.level_mode == "query":
-            trigger = self.trigger(images)
+            trigger, local = self.read(images, locations)
             features = [
-                self.trunk(self.queries(trigger, locations, level)) for level in range(len(self.config.level_dims))
+                self.trunk(self.queries(trigger, locations, level, local))
+                for level in range(len(self.config.level_dims))
             ]
             standardized = [self.heads[0](f) for f in features]
             rgb_features = features[-1]

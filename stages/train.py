@@ -75,6 +75,7 @@ class TrainConfig:
     trigger_channels: int | None = None
     pos_dim: int | None = None
     level_mode: str = "heads"
+    query: str = "local"
     levels: tuple[int, ...] | None = None
     loss: LossConfig = LossConfig()
     standardize: bool = True
@@ -469,6 +470,7 @@ def _set_up(config: TrainConfig) -> _Run:
         trigger_channels=config.trigger_channels,
         pos_dim=config.pos_dim,
         level_mode=config.level_mode,
+        query=config.query,
         rgb=config.loss.rgb_weight > 0,
     )
     run_dir = RunDir(config.out, config.storage_options)

@@ -71,9 +71,9 @@ def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_default_student_decides_like_its_trained_teacher(full_demo: Path) -> None:
     """The product's promise on the harder trained teacher (4 blocks, rendered digits), with `apmpipe train`'s defaults.
 
-    The teacher measured 0.903 val top-1 at seed 0 (1 thread). The paper's query at 1,250 steps on its layers 1, 2
-    measured held-out patch R^2 0.36/0.33 and CLS R^2 0.57/0.55: the bars here say the student clearly beats the
-    mean token and decides like its teacher, not that it fits patch tokens (issue 21).
+    Measured at seed 0 (1 thread, 1,250 steps, docs/train.md): teacher 0.903 val top-1; the default local query gave
+    held-out patch R^2 0.71/0.55 and CLS R^2 0.56/0.58 on blocks 2/4, head top-1 0.902x the teacher's (the paper's
+    query: patch 0.19/0.33). The bars: 4,000 default steps do at least that well, short of issue 21's 0.9 target.
     """
     out = full_demo
     summary = json.loads((out / "summary.json").read_text())
@@ -81,10 +81,10 @@ def test_default_student_decides_like_its_trained_teacher(full_demo: Path) -> No
     assert summary["train"]["options"]["lr"] == 2e-3 and summary["train"]["steps"] >= 4000  # the train defaults ran
     classification = summary["eval"]["classification"]
     head, probe = classification["teacher_head"], classification["probe"]
-    assert head["student"]["top1"] >= 0.8 * head["teacher"]["top1"], head
+    assert head["student"]["top1"] >= 0.85 * head["teacher"]["top1"], head
     fidelity = summary["eval"]["fidelity"]
     assert set(fidelity) == {"2", "4"} and all(
-        f[f"{part}_r2"] >= 0.2 for f in fidelity.values() for part in ("patch", "prefix")
+        f["patch_r2"] >= 0.5 and f["prefix_r2"] >= 0.45 for f in fidelity.values()
     ), fidelity
     assert abs(probe["teacher"]["top1"] - head["teacher"]["top1"]) <= 0.05, (probe, head)
 
