@@ -71,9 +71,9 @@ def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_default_student_decides_like_its_trained_teacher(full_demo: Path) -> None:
     """The product's promise on the harder trained teacher (4 blocks, rendered digits), with `apmpipe train`'s defaults.
 
-    Measured at seed 0 (1 thread, 1,250 steps, docs/train.md): teacher 0.903 val top-1; the default local query gave
-    held-out patch R^2 0.71/0.55 and CLS R^2 0.56/0.58 on blocks 2/4, head top-1 0.902x the teacher's (the paper's
-    query: patch 0.19/0.33). The bars: 4,000 default steps do at least that well, short of issue 21's 0.9 target.
+    Measured at seed 0 (1 thread, 4,000 steps, docs/train.md): teacher 0.903 val top-1; the default local query gave
+    held-out patch R^2 0.77/0.65 and CLS R^2 0.55/0.60 on blocks 2/4, head top-1 0.930x the teacher's (the paper's
+    query: patch 0.48/0.51, 0.909x). The bars sit below those, and short of issue 21's 0.9 target.
     """
     out = full_demo
     summary = json.loads((out / "summary.json").read_text())
