@@ -510,6 +510,7 @@ def bench_progress(message: str) -> None:
 
 ABLATIONS: dict[str, dict[str, object]] = {
     "defaults": {},
+    "paper query (--query paper)": {"query": "paper"},
     "no KL through the head (--logit-weight 0)": {"logit_weight": 0.0},
     "no target standardisation (--no-standardize)": {"standardize": False},
     "no extra prefix weight (--prefix-weight 0)": {"prefix_weight": 0.0},
@@ -577,11 +578,9 @@ def bench_ablation(
     Every run trains ``steps`` steps (``--min-steps``) from the same seed on the same cache; returns the teacher
     record and one row per run.
     """
-    from apmpipe.stages.reference_teacher import ReferenceRecipe
+    from .demo import DemoPlan, prepare_digit_caches
 
-    from .demo import prepare_digit_caches
-
-    data = prepare_digit_caches(workdir, ReferenceRecipe(seed=seed), seed)
+    data = prepare_digit_caches(workdir, DemoPlan.of(False, seed), seed)
     rows = []
     for name in _selected(list(ABLATIONS), only):
         out = workdir / "runs" / f"ablation-{len(rows)}"
@@ -675,7 +674,7 @@ BYTE_PLANS: dict[str, BytePlan] = {
     "int8, --echo 8": BytePlan({"dtype": "int8"}, echo=8),
     "int8, --echo 16": BytePlan({"dtype": "int8"}, echo=16),
     "int8 rank 32, --echo 8": BytePlan({"dtype": "int8", "rank": 32}, echo=8),
-    "int8, --levels 2, --echo 4": BytePlan({"dtype": "int8"}, echo=4, levels=(2,)),
+    "int8, --levels 4, --echo 4": BytePlan({"dtype": "int8"}, echo=4, levels=(4,)),  # the demo teacher's last
     "int8, --augment crop --crop-scale 0.5,1 (resampled targets)": BytePlan(
         {"dtype": "int8"}, train={"augment": ("crop",), "crop_scale": (0.5, 1.0)}
     ),
@@ -721,11 +720,9 @@ def bench_bytes(
     (echo and ``--levels`` as given); each student is evaluated on the same float16 val cache. The baseline (first
     plan) always runs.
     """
-    from apmpipe.stages.reference_teacher import ReferenceRecipe
+    from .demo import DemoPlan, prepare_digit_caches
 
-    from .demo import prepare_digit_caches
-
-    data = prepare_digit_caches(workdir, ReferenceRecipe(seed=seed), seed)
+    data = prepare_digit_caches(workdir, DemoPlan.of(False, seed), seed)
     names = list(BYTE_PLANS)
     rows = []
     for index, name in enumerate([names[0], *_selected(names[1:], only)]):
@@ -794,14 +791,12 @@ def bench_augment(
 ) -> tuple[str, list[AugmentRow]]:
     """:func:`augment_fidelity` on ``cache`` or else on the demo's trained teacher and its held-out (val) cache;
     returns a line naming the teacher, and the rows."""
-    from apmpipe.stages.reference_teacher import ReferenceRecipe
-
-    from .demo import prepare_digit_caches
+    from .demo import DemoPlan, prepare_digit_caches
 
     if cache:
         made = f"the teacher that made {redact_url(cache)} (rebuilt from the cache)"
         return made, augment_fidelity(cache, seed, crop_scale)
-    data = prepare_digit_caches(workdir, ReferenceRecipe(seed=seed), seed)
+    data = prepare_digit_caches(workdir, DemoPlan.of(False, seed), seed)
     teacher = f"{data.teacher['folder']}: val top-1 {data.teacher['val_top1']:.3f} ({data.teacher['data']})"
     return teacher, augment_fidelity(data.val, seed, crop_scale)
 

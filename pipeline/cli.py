@@ -506,6 +506,11 @@ class LevelMode(StrEnum):
     query = "query"
 
 
+class Query(StrEnum):
+    paper = "paper"
+    local = "local"
+
+
 @app.command(cls=ApmCommand)
 @reports_user_errors
 def train(
@@ -540,6 +545,13 @@ def train(
         LevelMode,
         typer.Option(help="heads: one output head per level on a shared trunk; query: level code in the query."),
     ] = LevelMode.heads,
+    query: Annotated[
+        Query,
+        typer.Option(
+            help="paper: each location's query is [T, p]; local: [T, p] and the queried cell's own pixels (prefix "
+            "tokens read zeros)."
+        ),
+    ] = Query.local,
     levels: Annotated[
         str | None,
         typer.Option(
@@ -925,7 +937,11 @@ def demo(
         "demo-out"
     ),
     quick: Annotated[
-        bool, typer.Option("--quick", help="A shorter teacher recipe and a 150-step student (for tests).")
+        bool,
+        typer.Option(
+            "--quick",
+            help="The small teacher on scikit-learn digits (shorter recipe) and a 150-step student (for tests).",
+        ),
     ] = False,
     seed: Annotated[
         int, typer.Option(help="Seed of the train/val split, the teacher, the student and data order.")

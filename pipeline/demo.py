@@ -1,10 +1,13 @@
 """``apmpipe demo``: the whole pipeline offline on bundled real images, ending in a report folder.
 
-scikit-learn's 1,797 labelled digits are split (seeded) into train/val WebDataset shards. The teacher is a
-small timm ViT *trained* on the train split (a random teacher's tokens flatter every student): trained once
-into ``OUT/teacher`` as a ``local-dir:`` folder and reused on reruns. Then extract -> train (the defaults of
-``apmpipe train``, no tuning flags) -> eval (fidelity beside the mean-token baseline, teacher head, k-NN,
-probe, TTT) -> islands, and a report that names the teacher and its own accuracy.
+The teacher is a small timm ViT *trained* here (a random teacher's tokens flatter every student): trained once
+into ``OUT/teacher`` as a ``local-dir:`` folder and reused on reruns. The full demo trains the harder reference
+teacher (:meth:`ReferenceRecipe.harder`) on 20,000 digits rendered at 32 px from fonts with random distortions
+(:func:`glyph_images`); its caches hold the first 4,000 of those (train) and 500 rendered digits it never saw (val).
+``--quick`` trains the small teacher on scikit-learn's 1,797 labelled digits, split (seeded) into train/val.
+Then extract -> train (the defaults of ``apmpipe train``, no tuning flags) -> eval (fidelity beside the
+mean-token baseline, teacher head, k-NN, probe, TTT) -> islands, and a report that names the teacher and its own
+accuracy.
 """
 
 from __future__ import annotations
@@ -25,50 +28,81 @@ from apmpipe.stages.train import CPU_BATCH_SIZE, TrainConfig, train
 from apmpipe.storage.checkpoint import RunDir
 
 from .console import ShardProgress, TrainProgress, counted, err_console, human_bytes, shown
-from .datasets import digit_images, digit_split, write_digit_shards
+from .datasets import digit_images, digit_split, glyph_images, write_digit_shards, write_glyph_shards
 from .report import plot_losses, report_json, write_eval_report
 
 IMAGE_SIZE = 32
+TEACHER_GLYPHS = 20_000  # the harder teacher trains on rendered digits 0 .. 19,999
+CACHE_GLYPHS = 4_000  # the train cache: the first of those
+HELD_OUT_GLYPHS = 500  # the val cache (and the teacher's val): rendered digits after them
 
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of one demo run (``quick``: a shorter teacher recipe and a capped student run, for tests)."""
+    """Data and sizes of one demo run (``quick``: the small digits teacher, shorter, and a capped student run)."""
 
     teacher: ReferenceRecipe
     max_steps: int
     ttt_samples: int
+    glyphs: bool = False  # rendered digits, else scikit-learn's digits
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The teacher blocks the caches hold: the middle one and the last (whose tokens the teacher's head reads)."""
+        return self.teacher.depth // 2, self.teacher.depth
 
     @classmethod
     def of(cls, quick: bool, seed: int) -> DemoPlan:
-        recipe = ReferenceRecipe(seed=seed)
         if quick:
-            return cls(teacher=replace(recipe, epochs=15), max_steps=150, ttt_samples=4)
-        return cls(teacher=recipe, max_steps=0, ttt_samples=20)
+            return cls(teacher=replace(ReferenceRecipe(seed=seed), epochs=15), max_steps=150, ttt_samples=4)
+        return cls(teacher=ReferenceRecipe.harder(seed), max_steps=0, ttt_samples=20, glyphs=True)
 
 
-def _teacher_folder(out: Path, recipe: ReferenceRecipe, seed: int) -> tuple[Path, dict[str, Any]]:
+def _teacher_data(
+    plan: DemoPlan, seed: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], str]:
+    """The teacher's (train, val) uint8 images and labels, and a line naming them."""
+    if plan.glyphs:
+        train = glyph_images(TEACHER_GLYPHS, seed=seed, size=IMAGE_SIZE)
+        val = glyph_images(HELD_OUT_GLYPHS, start=TEACHER_GLYPHS, seed=seed, size=IMAGE_SIZE)
+        return train, val, f"digits rendered from fonts, seed {seed}: {TEACHER_GLYPHS} train / {HELD_OUT_GLYPHS} val"
+    images, labels = digit_images(IMAGE_SIZE, "L")
+    pixels = np.stack([np.asarray(image) for image in images])
+    train_idx, val_idx = digit_split(seed)
+    note = f"scikit-learn digits, seeded split {seed}: {len(train_idx)} train / {len(val_idx)} val"
+    return (pixels[train_idx], labels[train_idx]), (pixels[val_idx], labels[val_idx]), note
+
+
+def _shards(out: Path, plan: DemoPlan, seed: int) -> tuple[list[str], list[str]]:
+    """The train and val caches' input shards in ``out/data``."""
+    data = out / "data"
+    if plan.glyphs:
+        return (
+            write_glyph_shards(data, prefix="train", count=CACHE_GLYPHS, seed=seed, size=IMAGE_SIZE),
+            write_glyph_shards(
+                data, prefix="val", count=HELD_OUT_GLYPHS, start=TEACHER_GLYPHS, seed=seed, size=IMAGE_SIZE
+            ),
+        )
+    train_idx, val_idx = digit_split(seed)
+    return (
+        write_digit_shards(data, prefix="train", indices=train_idx, per_shard=256, size=IMAGE_SIZE),
+        write_digit_shards(data, prefix="val", indices=val_idx, per_shard=256, size=IMAGE_SIZE),
+    )
+
+
+def _teacher_folder(out: Path, plan: DemoPlan, seed: int) -> tuple[Path, dict[str, Any]]:
     """The trained reference ViT in ``out/teacher`` (trained now unless a folder of the same recipe is there)."""
-    folder = out / "teacher"
+    folder, recipe = out / "teacher", plan.teacher
     record = trained_record(folder, recipe)
     if record is None:
         err_console.print(
-            "demo: no pretrained weights offline, so training a small ViT teacher on the digits' train "
-            f"split ({counted(recipe.epochs, 'epoch')})",
+            "demo: no pretrained weights offline, so training a small ViT teacher on the "
+            f"{'rendered digits' if plan.glyphs else 'digits'}' train split ({counted(recipe.epochs, 'epoch')})",
             highlight=False,
         )
-        images, labels = digit_images(IMAGE_SIZE, "L")
-        pixels = np.stack([np.asarray(image) for image in images])
-        train_idx, val_idx = digit_split(seed)
+        train_data, val_data, note = _teacher_data(plan, seed)
         with TrainProgress("teacher") as progress:
-            record = train_reference_vit(
-                folder,
-                (pixels[train_idx], labels[train_idx]),
-                (pixels[val_idx], labels[val_idx]),
-                recipe,
-                data_note=f"scikit-learn digits, seeded split {seed}: {len(train_idx)} train / {len(val_idx)} val",
-                on_step=progress.step,
-            )
+            record = train_reference_vit(folder, train_data, val_data, recipe, data_note=note, on_step=progress.step)
     err_console.print(
         f"demo: teacher {folder} (trained in {record['seconds']:.0f} s; val top-1 {record['val_top1']:.3f})",
         highlight=False,
@@ -76,14 +110,14 @@ def _teacher_folder(out: Path, recipe: ReferenceRecipe, seed: int) -> tuple[Path
     return folder, record
 
 
-def _extract(shards: list[str], out: Path, teacher: Path, **storage: Any) -> ExtractSummary:
-    """The teacher's layers 1 and 2 over ``shards`` into cache ``out``; ``storage``: ExtractConfig storage options
+def _extract(shards: list[str], out: Path, teacher: Path, layers: tuple[int, ...], **storage: Any) -> ExtractSummary:
+    """The teacher's ``layers`` over ``shards`` into cache ``out``; ``storage``: ExtractConfig storage options
     (``dtype``, ``rank``, ``pixel_codec``)."""
     config = ExtractConfig(
         inputs=tuple(shards),
         out=str(out),
         teacher=TeacherConfig(f"local-dir:{teacher}", pretrained=True),
-        layers=(1, 2),
+        layers=layers,
         batch_size=64,
         loader_workers=1,
         chunk_samples=16,
@@ -109,12 +143,13 @@ class DigitCaches:
     teacher: dict[str, Any]
     extracted: tuple[ExtractSummary, ExtractSummary]
     train_shards: tuple[str, ...]
+    layers: tuple[int, ...]
 
     def train_variant(self, **storage: Any) -> str:
         """The train split in another storage form (``dtype``, ``rank``, ...) beside the default cache; made once."""
         name = "-".join(f"{key}-{_word(value)}" for key, value in sorted(storage.items())) or "default"
         out = Path(self.train).parent / f"train-{name}.zarr"
-        _extract(list(self.train_shards), out, Path(self.teacher["folder"]), **storage)
+        _extract(list(self.train_shards), out, Path(self.teacher["folder"]), self.layers, **storage)
         return str(out)
 
 
@@ -123,18 +158,19 @@ def _word(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def prepare_digit_caches(out: Path, recipe: ReferenceRecipe, seed: int) -> DigitCaches:
+def prepare_digit_caches(out: Path, plan: DemoPlan, seed: int) -> DigitCaches:
     """Digit shards, the trained reference ViT and its caches in ``out`` (each step reused when already done)."""
     out.mkdir(parents=True, exist_ok=True)
-    train_idx, val_idx = digit_split(seed)
-    train_shards = write_digit_shards(out / "data", prefix="train", indices=train_idx, per_shard=256, size=IMAGE_SIZE)
-    val_shards = write_digit_shards(out / "data", prefix="val", indices=val_idx, per_shard=256, size=IMAGE_SIZE)
-    teacher, record = _teacher_folder(out, recipe, seed)
-    err_console.print("[bold]1/4 extract[/bold] the teacher's tokens (layers 1, 2), pixels and logits, once")
+    train_shards, val_shards = _shards(out, plan, seed)
+    teacher, record = _teacher_folder(out, plan, seed)
+    layers = plan.layers
+    err_console.print(
+        f"[bold]1/4 extract[/bold] the teacher's tokens (layers {', '.join(map(str, layers))}), pixels and logits, once"
+    )
     caches = out / "cache" / "train.zarr", out / "cache" / "val.zarr"
-    summaries = _extract(train_shards, caches[0], teacher), _extract(val_shards, caches[1], teacher)
+    summaries = _extract(train_shards, caches[0], teacher, layers), _extract(val_shards, caches[1], teacher, layers)
     return DigitCaches(
-        str(caches[0]), str(caches[1]), {**record, "folder": str(teacher)}, summaries, tuple(train_shards)
+        str(caches[0]), str(caches[1]), {**record, "folder": str(teacher)}, summaries, tuple(train_shards), layers
     )
 
 
@@ -142,7 +178,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary written to ``out/summary.json``."""
     plan = DemoPlan.of(quick, seed)
     previous = _previous(out)
-    data = prepare_digit_caches(out, plan.teacher, seed)
+    data = prepare_digit_caches(out, plan, seed)
     train_summary, val_summary = data.extracted
     err_console.print("[bold]2/4 train[/bold] the APM student from the cache (apmpipe train defaults)")
     run_dir = out / "student"
@@ -298,7 +334,8 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "",
         f"{ex['train_images']} train + {ex['val_images']} val images extracted once at "
         f"{ex['images_per_s']:.1f} img/s; {human_bytes(ex['stored_bytes'])} "
-        "on disk (layers 1 and 2: float16 tokens, bit-shuffled LZ4; pixels, labels and logits: zstd).",
+        f"on disk (layers {' and '.join(ev['fidelity'])}: float16 tokens, bit-shuffled LZ4; pixels, labels and "
+        "logits: zstd).",
         "",
         "## Stage two: the APM student",
         "",
@@ -353,7 +390,7 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
     ]
     if summary.get("quick"):
         lines += [
-            "> `--quick`: a shorter teacher recipe and a 150-step student run, for tests; run without "
+            "> `--quick`: the small teacher on scikit-learn digits and a 150-step student run, for tests; run without "
             "`--quick` for the real figures.",
             "",
         ]

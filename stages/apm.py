@@ -10,6 +10,10 @@ lie on different grids (a ConvNet's or Swin's stages) each level is queried at i
 as continuous coordinates in units of the finest grid (the filter's cell); ``locations`` is then one index
 tensor per level.
 
+Queries: ``query="paper"`` is the paper's ``[T, p]``. ``query="local"`` joins the queried cell's own pixels
+(:func:`local_read`; prefix queries read zeros): the shared MLP no longer has to look a location's own detail up
+inside one global column, which is where a plain ``[T, p]`` loses the fit of patch tokens.
+
 Levels: by default one linear head per level on the shared trunk (``level_mode="heads"``): the trunk runs
 once per location for all levels. ``level_mode="query"`` instead appends a fixed level code to the query and
 runs the trunk once per (location, level) with a single head; it needs equal token widths across levels.
@@ -36,6 +40,9 @@ from apmpipe.storage.errors import ConfigError
 
 LEVEL_MODES = ("heads", "query")
 Locations = torch.Tensor | list[torch.Tensor | None] | None  # shared by every level, or one entry per level
+QUERY_MODES = ("paper", "local")
+# fields added after students were first saved: a saved config without one had this value (and saves without it)
+LEGACY_VALUES: dict[str, Any] = {"query": "paper", "level_grids": (), "level_prefix_tokens": ()}
 
 
 def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
@@ -85,6 +92,8 @@ class APMConfig:
         act: ``gelu`` or ``relu``.
         level_mode: ``heads`` (one head per level) or ``query`` (level code in the query).
         rgb: predict each grid location's pixels (the paper's f_rgb).
+        query: ``paper`` (``[T, p]``) or ``local`` (``[T, p, the cell's own pixels]``). A saved config without the
+            field is a ``paper`` student.
     """
 
     in_chans: int
@@ -98,11 +107,14 @@ class APMConfig:
     act: str = "gelu"
     level_mode: str = "heads"
     rgb: bool = True
+    query: str = "paper"
     level_grids: tuple[tuple[int, int], ...] = ()
     level_prefix_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "level_grids", tuple(tuple(g) for g in self.level_grids))
+        if self.query not in QUERY_MODES:
+            raise ConfigError(f"--query {self.query!r} is not one of {', '.join(QUERY_MODES)}")
         if self.level_mode not in LEVEL_MODES:
             raise ConfigError(f"--level-mode {self.level_mode!r} is not one of {', '.join(LEVEL_MODES)}")
         if self.act not in ("gelu", "relu"):
@@ -164,19 +176,24 @@ class APMConfig:
         return int(math.ceil(width / 4) * 4)
 
     @property
+    def local_dim(self) -> int:
+        """Width of a query's local read: one cell's pixels (0 for the paper's query)."""
+        return self.in_chans * self.patch_size[0] * self.patch_size[1] if self.query == "local" else 0
+
+    @property
     def num_tokens(self) -> int:
         return self.prefix_tokens + self.grid[0] * self.grid[1]
 
     def to_dict(self) -> dict[str, Any]:
-        """As saved with students and checkpoints (a one-grid config leaves the per-level layout out, as before)."""
-        out = asdict(self)
-        return {k: v for k, v in out.items() if v != () or k not in ("level_grids", "level_prefix_tokens")}
+        """As saved with students and checkpoints: a one-grid config leaves the per-level layout out and a paper
+        query its ``query``, so such students save exactly what they did before those fields existed."""
+        return {k: v for k, v in asdict(self).items() if LEGACY_VALUES.get(k, object()) != v}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> APMConfig:
         known = {f.name for f in fields(cls)}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
-        return cls(**values)
+        return cls(**{**LEGACY_VALUES, **values})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -228,6 +245,31 @@ class MLP(nn.Module):
 def gather_locations(values: torch.Tensor, locations: torch.Tensor | None) -> torch.Tensor:
     """Rows of a per-location table ``[T, ...]`` for ``locations`` (None: all ``[T, ...]``; ``[L]``; ``[B, L]``)."""
     return values if locations is None else values[locations]
+
+
+def local_read(
+    values: torch.Tensor,
+    grid: tuple[int, int],
+    prefix_tokens: int,
+    locations: torch.Tensor | None,
+    cell: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Each queried location's own cell of ``values`` ``[B, C, H, W]`` (images, or any map a whole number of grid
+    cells) -> ``[B, L, C*ch*cw]``; prefix locations (CLS, registers) read zeros. ``locations`` index the layout's
+    tokens (prefix first, then the grid row-major): ``[L]`` shared, ``[B, L]`` per image, None for all. ``cell``
+    (ch, cw): the read's size per cell (default: the grid's own cells); a grid coarser than that (a ConvNet's
+    deeper stage) reads its cells area-averaged down to it, so every level's queries have one width."""
+    b, c, height, width = values.shape
+    ch, cw = cell or (height // grid[0], width // grid[1])
+    if (height, width) != (grid[0] * ch, grid[1] * cw):
+        values = F.adaptive_avg_pool2d(values, (grid[0] * ch, grid[1] * cw))
+    cells = patch_pixels(values, (ch, cw))  # [B, h*w, D]
+    cells = torch.cat([cells.new_zeros(b, prefix_tokens, cells.shape[-1]), cells], dim=1)  # [B, T, D]
+    if locations is None:
+        return cells
+    if locations.dim() == 1:
+        return cells[:, locations]
+    return cells.gather(1, locations[..., None].expand(-1, -1, cells.shape[-1]))
 
 
 class TargetScale(nn.Module):
@@ -285,7 +327,7 @@ class APM(nn.Module):
         starts = [0, *itertools.accumulate(len(t) for t in tables)]
         self.code_spans = list(itertools.pairwise(starts))  # rows of each level's table in codes (one: shared)
         levels = len(config.level_dims)
-        query_dim = config.trigger_dim + config.code_dim
+        query_dim = config.trigger_dim + config.code_dim + config.local_dim
         if config.level_mode == "query":
             self.register_buffer(
                 "level_codes", sincos_2d(torch.arange(levels), torch.arange(levels), 16), persistent=False
@@ -306,9 +348,18 @@ class APM(nn.Module):
             return images
         return F.interpolate(images, size=self.config.tiled_size, mode="bilinear", antialias=True, align_corners=False)
 
-    def trigger(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images ``[B, C, H, W]`` -> trigger columns ``[B, trigger_dim]``."""
-        return self.filter(self.fit_input(images)).flatten(1)
+    def read(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised images -> trigger columns ``[B, trigger_dim]`` and the images the local reads take (fitted to
+        the filter's cells; None for the paper's query)."""
+        images = self.fit_input(images)
+        return self.filter(images).flatten(1), images if self.config.query == "local" else None
+
+    def local_at(self, images: torch.Tensor, level: int | None, locations: torch.Tensor | None) -> torch.Tensor:
+        """The local reads ``[B, L, local_dim]`` of ``level``'s grid (None: the shared grid) at ``locations``."""
+        cfg = self.config
+        shared = level is None or cfg.one_grid
+        grid, prefix = (cfg.grid, cfg.prefix_tokens) if shared else (cfg.grids[level], cfg.prefixes[level])
+        return local_read(images, grid, prefix, locations, cfg.patch_size)
 
     def level_codes_at(self, level: int | None, locations: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Location codes ``[B, L, Dc]`` of ``level``'s grid (None: the shared grid) at ``locations`` (``[L]``,
@@ -321,14 +372,23 @@ class APM(nn.Module):
             return table[locations].expand(batch, -1, -1)
         return table[locations]
 
-    def queries(self, trigger: torch.Tensor, locations: torch.Tensor | None, level: int | None = None) -> torch.Tensor:
+    def queries(
+        self,
+        trigger: torch.Tensor,
+        locations: torch.Tensor | None,
+        level: int | None = None,
+        images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``[B, Dt]`` and locations (``[L]`` shared or ``[B, L]`` per image; None = all) of ``level``'s grid (None:
-        the shared grid) -> queries ``[B, L, Dq]`` (in query mode with ``level``'s code appended)."""
+        the shared grid) -> queries ``[B, L, Dq]`` (in query mode with ``level``'s code appended; with ``images``
+        from :meth:`read`, each cell's local read joined last)."""
         b = trigger.shape[0]
         codes = self.level_codes_at(level, locations, b)
         parts = [trigger[:, None, :].expand(-1, codes.shape[1], -1), codes]
         if level is not None and self.config.level_mode == "query":
             parts.append(self.level_codes[level].expand(b, codes.shape[1], -1))
+        if images is not None:
+            parts.append(self.local_at(images, level, locations).to(trigger.dtype))
         return torch.cat(parts, dim=-1)
 
     def level_locations(self, locations: Locations) -> list[torch.Tensor | None]:
@@ -346,7 +406,8 @@ class APM(nn.Module):
     ) -> torch.Tensor:
         """Trunk features ``[B, L, hidden[-1]]`` for the queried locations of ``level``'s grid (None: the shared
         grid; in query mode the level's code is in the query)."""
-        return self.trunk(self.queries(self.trigger(images), locations, level))
+        trigger, images = self.read(images)
+        return self.trunk(self.queries(trigger, locations, level, images))
 
     def forward_head(self, features: torch.Tensor, level: int | None = None) -> list[torch.Tensor]:
         """Trunk features -> standardised tokens: one ``[B, L, D_l]`` per level, or only ``level``'s."""
@@ -361,9 +422,10 @@ class APM(nn.Module):
         per level, and, if enabled, ``rgb`` ``[B, L_f, C*ph*pw]`` for the finest level's locations."""
         per_level = self.level_locations(locations)
         if self.config.level_mode == "query":
-            trigger = self.trigger(images)
+            trigger, fitted = self.read(images)
             features = [
-                self.trunk(self.queries(trigger, locations, level)) for level in range(len(self.config.level_dims))
+                self.trunk(self.queries(trigger, locations, level, fitted))
+                for level in range(len(self.config.level_dims))
             ]
             standardized = [self.heads[0](f) for f in features]
             rgb_features = features[-1]
@@ -384,8 +446,8 @@ class APM(nn.Module):
     def level_features(self, images: torch.Tensor, per_level: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """Trunk features ``[B, L_l, hidden[-1]]`` per level, each at its own grid's ``per_level`` locations, from one
         trunk pass over every level's queries."""
-        trigger = self.trigger(images)
-        queries = [self.queries(trigger, where, level) for level, where in enumerate(per_level)]
+        trigger, fitted = self.read(images)
+        queries = [self.queries(trigger, where, level, fitted) for level, where in enumerate(per_level)]
         features = self.trunk(torch.cat(queries, dim=1))
         return list(features.split([q.shape[1] for q in queries], dim=1))
 

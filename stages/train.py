@@ -87,6 +87,7 @@ class TrainConfig:
     trigger_channels: int | None = None
     pos_dim: int | None = None
     level_mode: str = "heads"
+    query: str = "local"
     levels: tuple[int, ...] | None = None
     loss: LossConfig = LossConfig()
     standardize: bool = True
@@ -490,12 +491,20 @@ class _Run:
 
 
 def _run_batch_and_lr(config: TrainConfig) -> TrainConfig:
-    """``--resume`` keeps the run's own batch size and LR where this command leaves them unset: the device's defaults
-    (32 on a CPU, 1,024 on CUDA) would change them when a run moves between devices."""
-    if not config.resume or (config.batch_size is not None and config.lr is not None):
+    """``--resume`` keeps the run's own batch size and LR where this command leaves them unset (the device's defaults,
+    32 on a CPU and 1,024 on CUDA, would change them when a run moves between devices), and its student's query (a
+    run saved before ``--query`` existed is a ``paper`` student)."""
+    if not config.resume:
         return config
     saved = RunDir(config.out, config.storage_options).saved_options()
-    return replace(config, batch_size=config.batch_size or saved.get("batch_size"), lr=config.lr or saved.get("lr"))
+    if not saved:  # nothing to resume yet: this command's options start the run
+        return config
+    return replace(
+        config,
+        batch_size=config.batch_size or saved.get("batch_size"),
+        lr=config.lr or saved.get("lr"),
+        query=saved.get("query", BEFORE_OPTIONS["query"]),
+    )
 
 
 def _set_up(config: TrainConfig) -> _Run:
@@ -521,6 +530,7 @@ def _set_up(config: TrainConfig) -> _Run:
         trigger_channels=config.trigger_channels,
         pos_dim=config.pos_dim,
         level_mode=config.level_mode,
+        query=config.query,
         rgb=config.loss.rgb_weight > 0,
     )
     run_dir = RunDir(config.out, config.storage_options)
@@ -564,6 +574,8 @@ def _set_up(config: TrainConfig) -> _Run:
     )
 
 
+# options added after runs were first saved: a run saved without one trained as this value says
+BEFORE_OPTIONS: dict[str, Any] = {"query": "paper", "ema_decay": 0.0, "max_epochs": 0}
 RESUME_MAY_CHANGE = (
     "caches",
     "out",
@@ -594,7 +606,8 @@ def _as_typed(value: Any) -> Any:
 
 def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``--name NOW (run: SAVED)`` for every option that would change a resumed run's result."""
-    old, new = flat_options(saved), flat_options(now)  # an option at None (e.g. --levels: all) is left out of both
+    # an option at None (e.g. --levels: all) is left out of both; one the run predates had its BEFORE_OPTIONS value
+    old, new = {**BEFORE_OPTIONS, **flat_options(saved)}, flat_options(now)
     return [
         f"--{k.replace('_', '-')} {_as_typed(new.get(k))} (run: {_as_typed(old.get(k))})"
         for k in sorted(set(old) | set(new), key=[*new, *old].index)

@@ -61,7 +61,7 @@ def test_demo_quick_writes_a_sane_report(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The full demo (trained teacher, caches, default student; ~3 min on 2 idle cores), run once per module."""
+    """The full demo (the harder teacher on rendered digits, its caches, the default student), run once per module."""
     out = tmp_path_factory.mktemp("full") / "demo"
     result = run_cli("demo", "--out", out)
     assert result.exit_code == 0, result.output
@@ -69,22 +69,24 @@ def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_default_student_decides_like_its_trained_teacher(full_demo: Path) -> None:
-    """The product's promise on a trained teacher, with `apmpipe train`'s defaults.
+    """The product's promise on the harder trained teacher (4 blocks, rendered digits), with `apmpipe train`'s defaults.
 
-    Measured at seed 0: teacher 0.982 val top-1; student through the teacher's head 0.990 (1.008x); R^2 patch/CLS
-    0.954/0.931 (layer 1) and 0.920/0.948 (layer 2); the teacher's probe 0.982 beside its head 0.982.
+    Measured at seed 0 (1 thread, 4,000 steps, docs/train.md): teacher 0.903 val top-1; the default local query gave
+    held-out patch R^2 0.77/0.65 and CLS R^2 0.55/0.60 on blocks 2/4, head top-1 0.930x the teacher's (the paper's
+    query: patch 0.48/0.51, 0.909x). The bars sit below those, and short of issue 21's 0.9 target.
     """
     out = full_demo
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["teacher"]["val_top1"] >= 0.95
+    assert summary["teacher"]["val_top1"] >= 0.85 and summary["teacher"]["recipe"]["depth"] == 4
     assert summary["train"]["options"]["lr"] == 2e-3 and summary["train"]["steps"] >= 4000  # the train defaults ran
     classification = summary["eval"]["classification"]
     head, probe = classification["teacher_head"], classification["probe"]
-    assert head["student"]["top1"] >= 0.97 * head["teacher"]["top1"], head
-    assert all(f[f"{part}_r2"] >= 0.9 for f in summary["eval"]["fidelity"].values() for part in ("patch", "prefix")), (
-        summary["eval"]["fidelity"]
-    )
-    assert abs(probe["teacher"]["top1"] - head["teacher"]["top1"]) <= 0.03, (probe, head)
+    assert head["student"]["top1"] >= 0.85 * head["teacher"]["top1"], head
+    fidelity = summary["eval"]["fidelity"]
+    assert set(fidelity) == {"2", "4"} and all(
+        f["patch_r2"] >= 0.5 and f["prefix_r2"] >= 0.45 for f in fidelity.values()
+    ), fidelity
+    assert abs(probe["teacher"]["top1"] - head["teacher"]["top1"]) <= 0.05, (probe, head)
 
 
 def test_bench_bytes_compares_reading_less_with_the_default(capsys: pytest.CaptureFixture, full_demo: Path) -> None:
@@ -92,10 +94,10 @@ def test_bench_bytes_compares_reading_less_with_the_default(capsys: pytest.Captu
     result = run_main(capsys, "bench", "bytes", "--workdir", full_demo, "--steps", "60", "--only", "levels")
     assert result.returncode == 0, result.stderr
     assert "training a small ViT" not in result.stderr  # the demo's teacher was reused
-    assert "int8, --levels 2, --echo 4" in result.stdout and "baseline" in result.stdout
+    assert "int8, --levels 4, --echo 4" in result.stdout and "baseline" in result.stdout
     rows = json.loads((full_demo / "bench-bytes.json").read_text())["rows"]
-    assert [row["name"] for row in rows] == ["float16 cache, all levels (default)", "int8, --levels 2, --echo 4"]
+    assert [row["name"] for row in rows] == ["float16 cache, all levels (default)", "int8, --levels 4, --echo 4"]
     # int8 (1/2), one of two levels (1/2), echo 4 (1/4); pixels, labels and logits are read beside the tokens
     assert 1 / 16 < rows[1]["bytes_ratio"] < 1 / 8 + 0.05, rows[1]
-    assert list(rows[0]["patch_cosine"]) == ["1", "2"] and list(rows[1]["patch_cosine"]) == ["2"]
-    assert rows[0]["head_top1"] > 0.5 and not rows[0]["meets_bar"]
+    assert list(rows[0]["patch_cosine"]) == ["2", "4"] and list(rows[1]["patch_cosine"]) == ["4"]
+    assert rows[0]["head_top1"] > 0.2 and not rows[0]["meets_bar"]  # 60 steps: above chance (0.1)

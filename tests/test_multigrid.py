@@ -111,7 +111,11 @@ def test_one_grid_students_train_to_the_same_numbers_as_before(
     tmp_path: Path, tiny_cache: Path, extra: tuple[str, ...]
 ) -> None:
     run = tmp_path / "run"
-    result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "6", "--log-every", "1", *extra)
+    # recorded before --query existed: the paper's query is the student those numbers belong to
+    paper = ("--query", "paper")
+    result = run_cli(
+        "train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "6", "--log-every", "1", *paper, *extra
+    )
     assert result.exit_code == 0, result.output
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx(PINNED[extra], rel=1e-4)
@@ -302,3 +306,20 @@ def test_swin_levels_are_its_nhwc_maps_row_major_and_train(tmp_path: Path, digit
     assert result.exit_code == 0, result.output
     config = load_student(run)[1]["model_config"]
     assert config["level_grids"] == GRIDS and config["level_prefix_tokens"] == [0, 0, 0]
+
+
+def test_a_local_query_reads_each_level_at_its_own_cells() -> None:
+    """On a multi-grid student every level's queries read one filter cell's worth of pixels: a coarse level's cell
+    area-averaged down to it, so one trunk takes every level's queries."""
+    from apmpipe.stages.apm import APM, local_read
+
+    config = APMConfig(
+        in_chans=1, image_size=(16, 16), grid=(8, 8), prefix_tokens=0, level_dims=(4, 6), hidden=(8,),
+        query="local", level_grids=((8, 8), (2, 2)), level_prefix_tokens=(0, 0),
+    )  # fmt: skip
+    images = torch.arange(256, dtype=torch.float32).reshape(1, 1, 16, 16)
+    coarse = local_read(images, (2, 2), 0, torch.tensor([3]), cell=(2, 2))  # the bottom-right 8x8 px cell
+    expected = torch.nn.functional.avg_pool2d(images[:, :, 8:, 8:], 4).flatten()
+    torch.testing.assert_close(coarse[0, 0], expected)
+    out = APM(config)(images, [torch.tensor([0, 5]), torch.tensor([3])])
+    assert [t.shape for t in out["tokens"]] == [(1, 2, 4), (1, 1, 6)]

@@ -14,6 +14,7 @@ import pytest
 import torch
 import zarr
 
+from apmpipe.stages.apm import APMConfig
 from apmpipe.storage.checkpoint import load_student
 from apmpipe.storage.stream import CacheStream, StreamPosition, window_batches
 
@@ -465,3 +466,60 @@ def test_resume_keeps_the_runs_batch_size_and_lr_where_left_unset(
     again = run_main(capsys, "train", tiny_cache, "--out", out, *unset, "--max-steps", "2", "--resume")
     assert again.returncode == 0, again.stderr
     assert "batch_size = 8" in (out / "config.toml").read_text() and "lr = 0.001" in (out / "config.toml").read_text()
+
+
+def test_a_local_query_student_trains_evaluates_adapts_and_draws_islands(
+    tmp_path: Path, tiny_cache: Path, eval_cache: Path
+) -> None:
+    run = tmp_path / "run"
+    result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--query", "local", "--max-steps", "6")
+    assert result.exit_code == 0, result.output
+    weights, metadata = load_student(run)
+    config = APMConfig.from_dict(metadata["model_config"])  # the tiny ViT: a 2x2 grid of 16x16 RGB cells
+    # one cell's pixels join each query: the trunk's first layer reads them beside T and the location code
+    assert config.query == "local" and config.patch_size == (16, 16)
+    assert weights["trunk.layers.0.weight"].shape[1] == config.trigger_dim + config.code_dim + 3 * 16 * 16
+    out = tmp_path / "report"
+    result = run_cli(
+        "eval",
+        eval_cache,
+        "--student",
+        run,
+        "--out",
+        out,
+        "--ttt-steps",
+        "2",
+        "--ttt-samples",
+        "1",
+        "--batch-size",
+        "16",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["fidelity"]) == {"1", "2"} and report["ttt"]["samples"] == 1
+    islands = tmp_path / "islands.png"
+    assert run_cli("islands", eval_cache, "--student", run, "--out", islands, "--images", "2").exit_code == 0
+    assert islands.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_saved_before_query_ema_and_max_epochs_existed_resumes(tmp_path: Path, tiny_cache: Path) -> None:
+    """A run written by an apmpipe without --query/--ema-decay/--max-epochs resumes as it trained: a paper student."""
+    import tomllib
+
+    import tomli_w
+
+    run = tmp_path / "run"
+    args = ["train", str(tiny_cache), "--out", str(run), *TRAIN_FAST, "--max-steps", "4", "--checkpoint-every", "2"]
+    assert run_cli(*args, "--query", "paper").exit_code == 0
+    newer = ("query", "ema_decay", "max_epochs")
+    options = {k: v for k, v in tomllib.loads((run / "config.toml").read_text()).items() if k not in newer}
+    (run / "config.toml").write_text(tomli_w.dumps(options))
+    state_file = sorted(run.glob("checkpoints/*/state.pt"))[-1]
+    state = torch.load(state_file, weights_only=True)
+    state["config"] = {k: v for k, v in state["config"].items() if k not in newer}
+    assert "query" not in state["model_config"]  # a paper student saves what it did before --query
+    torch.save(state, state_file)
+    resumed = run_cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    _, config = load_student(run)
+    assert APMConfig.from_dict(config["model_config"]).query == "paper"

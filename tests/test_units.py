@@ -82,6 +82,55 @@ def test_forward_head_reads_the_head_of_the_level_asked_for() -> None:
         torch.testing.assert_close(only, expected)
 
 
+def test_rendered_digits_depend_only_on_seed_and_index() -> None:
+    from apmpipe.pipeline.datasets import glyph_images
+
+    images, labels = glyph_images(12, seed=3)
+    part, part_labels = glyph_images(4, start=8, seed=3)
+    assert images.shape == (12, 32, 32) and images.dtype == np.uint8 and labels.tolist() == [*range(10), 0, 1]
+    np.testing.assert_array_equal(part, images[8:])
+    np.testing.assert_array_equal(part_labels, labels[8:])
+    assert not np.array_equal(glyph_images(4, start=8, seed=4)[0], part)  # another seed, other images
+    assert len({image.tobytes() for image in images}) == 12 and images.std() > 20  # distinct, not blank
+
+
+def test_local_read_gives_each_location_its_own_cell_and_prefix_zeros() -> None:
+    from apmpipe.stages.apm import local_read, patch_pixels
+
+    images = torch.randn(2, 3, 12, 8)  # a 3x2 grid of 4x4 cells, one prefix token
+    every = local_read(images, (3, 2), 1, None)
+    assert every.shape == (2, 7, 48) and not every[:, 0].any()
+    torch.testing.assert_close(every[:, 1:], patch_pixels(images, (4, 4)))
+    torch.testing.assert_close(every[0, 4], images[0, :, 4:8, 4:8].reshape(-1))  # token 4 = cell (1, 1)
+    shared, per_image = torch.tensor([4, 0]), torch.tensor([[6, 1], [0, 4]])
+    torch.testing.assert_close(local_read(images, (3, 2), 1, shared), every[:, [4, 0]])
+    picked = local_read(images, (3, 2), 1, per_image)
+    torch.testing.assert_close(picked, torch.stack([every[0, [6, 1]], every[1, [0, 4]]]))
+    response = torch.randn(2, 5, 3, 2)  # a filter's map: one value per cell and channel
+    torch.testing.assert_close(local_read(response, (3, 2), 0, torch.tensor([3]))[:, 0], response[:, :, 1, 1])
+
+
+def test_a_local_query_reads_its_cell_and_old_students_load_as_paper() -> None:
+    from apmpipe.stages.apm import APM, APMConfig
+
+    base = APMConfig(in_chans=1, image_size=(32, 32), grid=(4, 4), prefix_tokens=1, level_dims=(24,), hidden=(32,))
+    saved = base.to_dict()
+    assert "query" not in saved  # a paper student saves what students saved before the field existed
+    assert APMConfig.from_dict(saved).query == "paper" and APMConfig.from_dict({**saved, "query": "local"}) != base
+    with pytest.raises(ConfigError, match="--query 'near'"):
+        APMConfig.from_dict({**saved, "query": "near"})
+    local = APM(APMConfig.from_dict({**saved, "query": "local"}))
+    assert local.trunk.layers[0].in_features == APM(base).trunk.layers[0].in_features + 64  # one 8x8 cell
+    images = torch.randn(2, 1, 32, 32)
+    changed = images.clone()
+    changed[:, :, 8:16, 16:24] += 1.0  # cell (1, 2): token 1 + 6
+    with torch.no_grad():
+        local.filter.weight.zero_()  # T ignores the pixels: only the local read can see the change
+        before, after = (local(x)["tokens"][0] for x in (images, changed))
+    moved = (after - before).abs().amax(-1).amax(0)
+    assert moved[7] > 0 and moved.clone().index_fill_(0, torch.tensor([7]), 0).abs().max() == 0
+
+
 class _ReadThreadsProbe(torch.utils.data.IterableDataset):
     """Yields what :func:`read_threads` answers for local and in-memory caches, and zarr's pool size after it."""
 
