@@ -1,8 +1,9 @@
 """``apmpipe demo``: the whole pipeline offline on bundled real images, ending in a report folder.
 
 scikit-learn's 1,797 labelled digits are split (seeded) into train/val WebDataset shards. The teacher is a
-small timm ViT *trained* on the train split (a random teacher's tokens flatter every student): trained once
-into ``OUT/teacher`` as a ``local-dir:`` folder and reused on reruns. Then extract -> train (the defaults of
+small timm model *trained* on the train split (a random teacher's tokens flatter every student): a ViT (levels on
+one grid) or a ConvNet (levels on three grids), trained once into ``OUT/teacher`` as a ``local-dir:`` folder and
+reused on reruns. Then extract -> train (the defaults of
 ``apmpipe train``, no tuning flags) -> eval (fidelity beside the mean-token baseline, teacher head, k-NN,
 probe, TTT) -> islands, and a report that names the teacher and its own accuracy.
 """
@@ -19,10 +20,11 @@ import numpy as np
 from apmpipe.stages.evaluate import EvalConfig, evaluate
 from apmpipe.stages.extract import ExtractConfig, ExtractSummary, extract
 from apmpipe.stages.islands import islands
-from apmpipe.stages.reference_teacher import ReferenceRecipe, train_reference_vit, trained_record
+from apmpipe.stages.reference_teacher import RECIPES, TRAINING_FILE, Recipe, train_reference_teacher, trained_record
 from apmpipe.stages.teacher import TeacherConfig
 from apmpipe.stages.train import CPU_BATCH_SIZE, TrainConfig, train
 from apmpipe.storage.checkpoint import RunDir
+from apmpipe.storage.errors import ConfigError
 
 from .console import ShardProgress, TrainProgress, counted, err_console, human_bytes, shown
 from .datasets import digit_images, digit_split, write_digit_shards
@@ -35,25 +37,37 @@ IMAGE_SIZE = 32
 class DemoPlan:
     """Sizes of one demo run (``quick``: a shorter teacher recipe and a capped student run, for tests)."""
 
-    teacher: ReferenceRecipe
+    teacher: Recipe
     max_steps: int
     ttt_samples: int
 
     @classmethod
-    def of(cls, quick: bool, seed: int) -> DemoPlan:
-        recipe = ReferenceRecipe(seed=seed)
+    def of(cls, quick: bool, seed: int, teacher_kind: str = "vit") -> DemoPlan:
+        """``teacher_kind``: a key of :data:`RECIPES` (``vit``, ``cnn``); quick trains it a quarter of its epochs."""
+        recipe = RECIPES[teacher_kind](seed=seed)
         if quick:
-            return cls(teacher=replace(recipe, epochs=15), max_steps=150, ttt_samples=4)
+            return cls(teacher=replace(recipe, epochs=recipe.epochs // 4), max_steps=150, ttt_samples=4)
         return cls(teacher=recipe, max_steps=0, ttt_samples=20)
 
 
-def _teacher_folder(out: Path, recipe: ReferenceRecipe, seed: int) -> tuple[Path, dict[str, Any]]:
-    """The trained reference ViT in ``out/teacher`` (trained now unless a folder of the same recipe is there)."""
+def _check_kind(out: Path, recipe: Recipe) -> None:
+    """Refuse a demo folder whose teacher is of another architecture (its caches and student belong to that one)."""
+    path = out / "teacher" / TRAINING_FILE
+    found = json.loads(path.read_text()).get("architecture") if path.is_file() else None
+    if found not in (None, recipe.architecture):
+        raise ConfigError(
+            f"--out {out} holds the demo of a {found} teacher, not --teacher-kind {recipe.kind} "
+            f"({recipe.architecture}); pick another --out"
+        )
+
+
+def _teacher_folder(out: Path, recipe: Recipe, seed: int) -> tuple[Path, dict[str, Any]]:
+    """The trained reference teacher in ``out/teacher`` (trained now unless a folder of the same recipe is there)."""
     folder = out / "teacher"
     record = trained_record(folder, recipe)
     if record is None:
         err_console.print(
-            "demo: no pretrained weights offline, so training a small ViT teacher on the digits' train "
+            f"demo: no pretrained weights offline, so training a small {recipe.family} teacher on the digits' train "
             f"split ({counted(recipe.epochs, 'epoch')})",
             highlight=False,
         )
@@ -61,7 +75,7 @@ def _teacher_folder(out: Path, recipe: ReferenceRecipe, seed: int) -> tuple[Path
         pixels = np.stack([np.asarray(image) for image in images])
         train_idx, val_idx = digit_split(seed)
         with TrainProgress("teacher") as progress:
-            record = train_reference_vit(
+            record = train_reference_teacher(
                 folder,
                 (pixels[train_idx], labels[train_idx]),
                 (pixels[val_idx], labels[val_idx]),
@@ -76,14 +90,14 @@ def _teacher_folder(out: Path, recipe: ReferenceRecipe, seed: int) -> tuple[Path
     return folder, record
 
 
-def _extract(shards: list[str], out: Path, teacher: Path, **storage: Any) -> ExtractSummary:
-    """The teacher's layers 1 and 2 over ``shards`` into cache ``out``; ``storage``: ExtractConfig storage options
-    (``dtype``, ``rank``, ``pixel_codec``)."""
+def _extract(shards: list[str], out: Path, teacher: dict[str, Any], **storage: Any) -> ExtractSummary:
+    """The ``teacher``'s levels (its record's ``layers``) over ``shards`` into cache ``out``; ``storage``:
+    ExtractConfig storage options (``dtype``, ``rank``, ``pixel_codec``)."""
     config = ExtractConfig(
         inputs=tuple(shards),
         out=str(out),
-        teacher=TeacherConfig(f"local-dir:{teacher}", pretrained=True),
-        layers=(1, 2),
+        teacher=TeacherConfig(f"local-dir:{teacher['folder']}", pretrained=True),
+        layers=tuple(teacher["layers"]),
         batch_size=64,
         loader_workers=1,
         chunk_samples=16,
@@ -102,7 +116,8 @@ def _previous(out: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DigitCaches:
-    """The demo's trained teacher and its train/val caches (made or reused)."""
+    """The demo's trained teacher (its record, folder, description and cached ``layers``) and its train/val caches
+    (made or reused)."""
 
     train: str
     val: str
@@ -114,28 +129,41 @@ class DigitCaches:
         """The train split in another storage form (``dtype``, ``rank``, ...) beside the default cache; made once."""
         name = "-".join(f"{key}-{value}" for key, value in sorted(storage.items())) or "default"
         out = Path(self.train).parent / f"train-{name}.zarr"
-        _extract(list(self.train_shards), out, Path(self.teacher["folder"]), **storage)
+        _extract(list(self.train_shards), out, self.teacher, **storage)
         return str(out)
 
 
-def prepare_digit_caches(out: Path, recipe: ReferenceRecipe, seed: int) -> DigitCaches:
-    """Digit shards, the trained reference ViT and its caches in ``out`` (each step reused when already done)."""
+def prepare_digit_caches(out: Path, recipe: Recipe, seed: int) -> DigitCaches:
+    """Digit shards, the trained reference teacher and its caches in ``out`` (each step reused when already done)."""
+    _check_kind(out, recipe)
     out.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = digit_split(seed)
     train_shards = write_digit_shards(out / "data", prefix="train", indices=train_idx, per_shard=256, size=IMAGE_SIZE)
     val_shards = write_digit_shards(out / "data", prefix="val", indices=val_idx, per_shard=256, size=IMAGE_SIZE)
-    teacher, record = _teacher_folder(out, recipe, seed)
-    err_console.print("[bold]1/4 extract[/bold] the teacher's tokens (layers 1, 2), pixels and logits, once")
+    folder, record = _teacher_folder(out, recipe, seed)
+    teacher = {
+        **record,
+        "folder": str(folder),
+        "family": recipe.family,
+        "description": recipe.describe(),
+        "layers": list(recipe.layers),
+    }
+    err_console.print(
+        f"[bold]1/4 extract[/bold] the teacher's tokens (layers {_listed(recipe.layers)}), pixels and logits, once"
+    )
     caches = out / "cache" / "train.zarr", out / "cache" / "val.zarr"
     summaries = _extract(train_shards, caches[0], teacher), _extract(val_shards, caches[1], teacher)
-    return DigitCaches(
-        str(caches[0]), str(caches[1]), {**record, "folder": str(teacher)}, summaries, tuple(train_shards)
-    )
+    return DigitCaches(str(caches[0]), str(caches[1]), teacher, summaries, tuple(train_shards))
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run the demo into ``out``; returns the summary written to ``out/summary.json``."""
-    plan = DemoPlan.of(quick, seed)
+def _listed(layers: Any) -> str:
+    return ", ".join(map(str, layers))
+
+
+def run_demo(out: Path, quick: bool = False, seed: int = 0, teacher_kind: str = "vit") -> dict[str, Any]:
+    """Run the demo into ``out`` with the reference teacher of ``teacher_kind`` (``vit``, ``cnn``); returns the
+    summary written to ``out/summary.json``."""
+    plan = DemoPlan.of(quick, seed, teacher_kind)
     previous = _previous(out)
     data = prepare_digit_caches(out, plan.teacher, seed)
     train_summary, val_summary = data.extracted
@@ -282,10 +310,8 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
     lines = [
         "# apmpipe demo report",
         "",
-        f"**Teacher**: a timm ViT ({te['architecture']}: {te['recipe']['depth']} blocks, patch "
-        f"{te['recipe']['patch_size']}, width "
-        f"{te['recipe']['embed_dim']}, {te['recipe']['image_size']} px grayscale) trained offline by the "
-        f"demo on {te['data']} "
+        f"**Teacher**: a timm {te['family']} ({te['architecture']}: {te['description']}, "
+        f"{te['recipe']['image_size']} px grayscale) trained offline by the demo on {te['data']} "
         f"in {te['seconds']:.0f} s: **val top-1 {te['val_top1']:.3f}** (train {te['train_top1']:.3f}). "
         f"Saved as `local-dir:{te['folder']}`.",
         "",
@@ -293,7 +319,8 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "",
         f"{ex['train_images']} train + {ex['val_images']} val images extracted once at "
         f"{ex['images_per_s']:.1f} img/s; {human_bytes(ex['stored_bytes'])} "
-        "on disk (layers 1 and 2: float16 tokens, bit-shuffled LZ4; pixels, labels and logits: zstd).",
+        f"on disk (layers {_listed(te['layers'])}: float16 tokens, bit-shuffled LZ4; pixels, labels and logits: "
+        "zstd).",
         "",
         "## Stage two: the APM student",
         "",

@@ -1,11 +1,12 @@
-"""A small trained timm ViT for when no pretrained teacher can be had (offline demo, tests, ablations).
+"""Small trained timm teachers for when no pretrained one can be had (offline demo, tests, ablations).
 
 A random-init teacher's tokens are smooth functions of the pixels and flatter every student, so science
-defaults are judged on a *trained* one. :func:`train_reference_vit` trains a 2-block ViT (patch 4) on labelled
-grayscale images in about a minute on 2 idle CPU cores (torch's threads: the CLI's --threads or the free cores) and
-saves it as a timm ``local-dir:`` folder (``config.json``
-with its data config + ``model.safetensors``, written by timm's own exporter) plus ``training.json`` (recipe,
-accuracy, time). :func:`reference_teacher` reuses a folder trained with the same recipe.
+defaults are judged on a *trained* one. :func:`train_reference_teacher` trains one of two kinds on labelled
+grayscale images on torch's threads (the CLI's --threads or the free cores): the ViT of :class:`ReferenceRecipe`
+(2 blocks, patch 4, one 8x8 grid; about a minute on 2 idle CPU cores) or the hierarchical ConvNet of
+:class:`ConvReferenceRecipe` (a 4-stage ConvNeXt on grids 32, 16, 8 and 4). It saves it as a timm ``local-dir:``
+folder (``config.json`` with its data config + ``model.safetensors``, written by timm's own exporter) plus
+``training.json`` (recipe, accuracy, time). :func:`trained_record` finds a folder trained with the same recipe.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import timm
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 
 from apmpipe.storage.errors import ConfigError
 
-ARCHITECTURE = "vit_tiny_patch16_224"
 MEAN, STD = 0.5, 0.5
 TRAINING_FILE = "training.json"
 StepCallback = Callable[[int, int, dict[str, float]], None]  # (step, total steps, {loss, epoch, samples_per_s})
@@ -33,7 +33,12 @@ StepCallback = Callable[[int, int, dict[str, float]], None]  # (step, total step
 
 @dataclass(frozen=True)
 class ReferenceRecipe:
-    """Architecture and schedule of the reference teacher (its identity: a different recipe retrains)."""
+    """Architecture and schedule of the reference ViT (its identity: a different recipe retrains)."""
+
+    kind: ClassVar[str] = "vit"
+    family: ClassVar[str] = "ViT"
+    architecture: ClassVar[str] = "vit_tiny_patch16_224"
+    layers: ClassVar[tuple[int, ...]] = (1, 2)  # the levels worth caching: both blocks, one 8x8 grid
 
     image_size: int = 32
     patch_size: int = 4
@@ -60,6 +65,50 @@ class ReferenceRecipe:
             "num_classes": num_classes,
         }
 
+    def describe(self) -> str:
+        return f"{self.depth} blocks, patch {self.patch_size}, width {self.embed_dim}"
+
+
+@dataclass(frozen=True)
+class ConvReferenceRecipe:
+    """Architecture and schedule of the hierarchical reference teacher: timm's ConvNeXt with one block per stage, a
+    patch-1 stem and small kernels, so that 32 px inputs give stages on grids 32, 16, 8 and 4 (its identity: a
+    different recipe retrains)."""
+
+    kind: ClassVar[str] = "cnn"
+    family: ClassVar[str] = "ConvNeXt"
+    architecture: ClassVar[str] = "convnext_atto"
+    layers: ClassVar[tuple[int, ...]] = (2, 3, 4)  # the levels worth caching: grids 16, 8 and 4 (4: the head's)
+
+    image_size: int = 32
+    depths: tuple[int, ...] = (1, 1, 1, 1)
+    dims: tuple[int, ...] = (16, 32, 64, 128)
+    kernel_size: int = 3
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 5e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+    def model_args(self, num_classes: int) -> dict[str, Any]:
+        return {
+            "in_chans": 1,
+            "depths": self.depths,
+            "dims": self.dims,
+            "patch_size": 1,
+            "kernel_sizes": self.kernel_size,
+            "num_classes": num_classes,
+        }
+
+    def describe(self) -> str:
+        blocks, widths = ("/".join(map(str, values)) for values in (self.depths, self.dims))
+        return f"{len(self.depths)} stages of {blocks} blocks, widths {widths}, kernel {self.kernel_size}"
+
+
+Recipe = ReferenceRecipe | ConvReferenceRecipe
+RECIPES: dict[str, type[Recipe]] = {recipe.kind: recipe for recipe in (ReferenceRecipe, ConvReferenceRecipe)}
+
 
 def _normalise(images: np.ndarray) -> torch.Tensor:
     """uint8 ``[N, H, W]`` -> normalised float ``[N, 1, H, W]``."""
@@ -76,7 +125,7 @@ def _fit(
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    recipe: ReferenceRecipe,
+    recipe: Recipe,
     on_step: StepCallback | None = None,
 ) -> None:
     """AdamW, one-cycle schedule, label smoothing; a seeded sample order. ``on_step`` follows every step."""
@@ -103,16 +152,16 @@ def _fit(
                 on_step(done, total, {"loss": loss.item(), "epoch": epoch, "samples_per_s": rate})
 
 
-def train_reference_vit(
+def train_reference_teacher(
     out_dir: str | Path,
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
-    recipe: ReferenceRecipe = ReferenceRecipe(),
+    recipe: Recipe = ReferenceRecipe(),
     data_note: str = "",
     on_step: StepCallback | None = None,
 ) -> dict[str, Any]:
-    """Train the reference ViT on ``train`` (uint8 ``[N, H, W]`` images, int labels), save it to ``out_dir``;
-    ``on_step(step, total, record)`` follows the training.
+    """Train the reference teacher of ``recipe`` on ``train`` (uint8 ``[N, H, W]`` images, int labels), save it to
+    ``out_dir``; ``on_step(step, total, record)`` follows the training.
 
     Returns the contents of ``training.json`` (recipe, train/val top-1, seconds, threads, data note).
     """
@@ -141,7 +190,7 @@ def _train(
     images: np.ndarray,
     labels: np.ndarray,
     val: tuple[np.ndarray, np.ndarray],
-    recipe: ReferenceRecipe,
+    recipe: Recipe,
     num_classes: int,
     on_step: StepCallback | None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -149,11 +198,12 @@ def _train(
     exact weights, depend on them)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        model = timm.create_model(ARCHITECTURE, pretrained=False, **recipe.model_args(num_classes))
+        model = timm.create_model(recipe.architecture, pretrained=False, **recipe.model_args(num_classes))
         train_x, train_y = _normalise(images), torch.from_numpy(labels).long()
         _fit(model, train_x, train_y, recipe, on_step)
     return model, {
-        "architecture": ARCHITECTURE,
+        "architecture": recipe.architecture,
+        "kind": recipe.kind,
         "recipe": asdict(recipe),
         "num_classes": num_classes,
         "train_top1": _accuracy(model, train_x, train_y),
@@ -164,7 +214,7 @@ def _train(
     }
 
 
-def _save(model: torch.nn.Module, out_dir: Path, recipe: ReferenceRecipe, record: dict[str, Any]) -> None:
+def _save(model: torch.nn.Module, out_dir: Path, recipe: Recipe, record: dict[str, Any]) -> None:
     """Write the folder next to ``out_dir`` and rename it into place (a killed run leaves no half folder)."""
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -189,7 +239,7 @@ def _save(model: torch.nn.Module, out_dir: Path, recipe: ReferenceRecipe, record
     staging.rename(out_dir)
 
 
-def trained_record(out_dir: str | Path, recipe: ReferenceRecipe = ReferenceRecipe()) -> dict[str, Any] | None:
+def trained_record(out_dir: str | Path, recipe: Recipe = ReferenceRecipe()) -> dict[str, Any] | None:
     """``training.json`` of a finished reference teacher in ``out_dir`` made with ``recipe``, else None."""
     path = Path(out_dir) / TRAINING_FILE
     if not (path.is_file() and (Path(out_dir) / "model.safetensors").is_file()):
