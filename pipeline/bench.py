@@ -828,13 +828,14 @@ def augment_fidelity(url: str, seed: int = 0, crop_scale: tuple[float, float] = 
             size, count = (pixels.shape[-2], pixels.shape[-1]), len(pixels)
             boxes = crop_boxes(count, size, layout.grid, crop_scale, augment_generator(seed, 0, index))
             views = {
-                "flip": Views(torch.ones(count, dtype=torch.bool), None, size, layout.grid, prefix),
-                "crop": Views(None, boxes, size, layout.grid, prefix),
+                "flip": Views(torch.ones(count, dtype=torch.bool), None, size),
+                "crop": Views(None, boxes, size),
             }
             original = teacher.forward(pixels)[1].argmax(1)
             for name, view in views.items():
                 real, logits = teacher.forward(view.images(pixels))
-                targets, out = [view.tokens(t) for t in cached], values[name]
+                targets = [view.tokens(t, lv.grid, lv.prefix_tokens) for t, lv in zip(cached, spec.levels, strict=True)]
+                out = values[name]
                 for layer, target, unaugmented, truth in zip(layers, targets, cached, real, strict=True):
                     for part, cut in parts.items():
                         out[f"{layer}/{part}/target"].append(_token_cosine(target[:, cut], truth[:, cut]))

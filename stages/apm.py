@@ -5,6 +5,11 @@ One convolutional "filter" folds the whole image into one trigger column ``T``; 
 shared MLP maps each query ``[T, p]`` to the teacher's tokens at that location, for every cached level, and
 (optionally) to the location's pixels. Locations are independent queries: any subset, in any order.
 
+Grids: when every level shares one grid (a ViT's blocks) a location is one query for all levels. When levels
+lie on different grids (a ConvNet's or Swin's stages) each level is queried at its own grid's cell centres,
+as continuous coordinates in units of the finest grid (the filter's cell); ``locations`` is then one index
+tensor per level.
+
 Levels: by default one linear head per level on the shared trunk (``level_mode="heads"``): the trunk runs
 once per location for all levels. ``level_mode="query"`` instead appends a fixed level code to the query and
 runs the trunk once per (location, level) with a single head; it needs equal token widths across levels.
@@ -16,7 +21,9 @@ standardised tokens (:class:`TargetScale`, fitted on the training cache); `forwa
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -28,6 +35,7 @@ from apmpipe.storage.cache import CacheSpec
 from apmpipe.storage.errors import ConfigError
 
 LEVEL_MODES = ("heads", "query")
+Locations = torch.Tensor | list[torch.Tensor | None] | None  # shared by every level, or one entry per level
 
 
 def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
@@ -42,12 +50,22 @@ def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def location_codes(prefix_tokens: int, grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Codes for every token of a layout ``[prefix + h*w, dim]``: prefix k sits at (-1-k, -1-k), grid row-major."""
+def cell_centres(cells: int, finest: int) -> torch.Tensor:
+    """Centres of ``cells`` equal cells along an axis of ``finest`` cells, in units of the finest cell:
+    ``(i + 0.5) * finest / cells - 0.5`` (float64; exactly ``i`` when ``cells == finest``)."""
+    return (torch.arange(cells, dtype=torch.float64) + 0.5) * (finest / cells) - 0.5
+
+
+def location_codes(
+    prefix_tokens: int, grid: tuple[int, int], dim: int, finest: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Codes for every token of a layout ``[prefix + h*w, dim]``: prefix k sits at (-1-k, -1-k), grid row-major
+    at its cell centres in units of the ``finest`` grid (default: ``grid`` itself, cell ``(i, j)`` at ``(i, j)``)."""
     h, w = grid
-    rows = torch.arange(h).repeat_interleave(w)
-    cols = torch.arange(w).repeat(h)
-    prefix = -1 - torch.arange(prefix_tokens)
+    fh, fw = finest or grid
+    rows = cell_centres(h, fh).repeat_interleave(w)
+    cols = cell_centres(w, fw).repeat(h)
+    prefix = -1.0 - torch.arange(prefix_tokens, dtype=torch.float64)
     return sincos_2d(torch.cat([prefix, rows]), torch.cat([prefix, cols]), dim)
 
 
@@ -57,7 +75,10 @@ class APMConfig:
 
     Args:
         in_chans, image_size: the teacher's input.
-        grid, prefix_tokens, level_dims: the teacher's token layout (shared grid) and width per cached level.
+        grid, prefix_tokens, level_dims: the teacher's token layout and width per cached level; ``grid`` is the
+            finest level's grid (the filter's cells) and ``prefix_tokens`` that level's prefix count.
+        level_grids, level_prefix_tokens: each level's grid and prefix count when they differ between levels
+            (a hierarchical teacher); empty: every level on ``grid`` with ``prefix_tokens``.
         trigger_channels: output channels of the conv filter; ``T`` has ``trigger_channels * h * w`` entries.
         pos_dim: width of the location code (0: as wide as ``T``, as in the paper).
         hidden: widths of the MLP trunk's layers.
@@ -77,8 +98,11 @@ class APMConfig:
     act: str = "gelu"
     level_mode: str = "heads"
     rgb: bool = True
+    level_grids: tuple[tuple[int, int], ...] = ()
+    level_prefix_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "level_grids", tuple(tuple(g) for g in self.level_grids))
         if self.level_mode not in LEVEL_MODES:
             raise ConfigError(f"--level-mode {self.level_mode!r} is not one of {', '.join(LEVEL_MODES)}")
         if self.act not in ("gelu", "relu"):
@@ -90,6 +114,35 @@ class APMConfig:
             )
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"--hidden needs at least one positive width, got {self.hidden}")
+        if self.level_mode == "query" and not self.one_grid:
+            raise ConfigError(
+                f"--level-mode query needs one grid for every level, got {list(self.grids)}; use --level-mode heads"
+            )
+
+    @property
+    def one_grid(self) -> bool:
+        """Every level on one grid with the same prefix tokens: a location is one query for all levels."""
+        return not self.level_grids
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        """Each level's grid."""
+        return self.level_grids or (self.grid,) * len(self.level_dims)
+
+    @property
+    def prefixes(self) -> tuple[int, ...]:
+        """Each level's prefix token count."""
+        return self.level_prefix_tokens or (self.prefix_tokens,) * len(self.level_dims)
+
+    def level_tokens(self, level: int) -> int:
+        """Tokens of one level's layout: its prefix tokens plus its grid."""
+        h, w = self.grids[level]
+        return self.prefixes[level] + h * w
+
+    @property
+    def finest_level(self) -> int:
+        """The first level on the finest grid (its queries predict the pixels)."""
+        return self.grids.index(self.grid)
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -115,7 +168,9 @@ class APMConfig:
         return self.prefix_tokens + self.grid[0] * self.grid[1]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As saved with students and checkpoints (a one-grid config leaves the per-level layout out, as before)."""
+        out = asdict(self)
+        return {k: v for k, v in out.items() if v != () or k not in ("level_grids", "level_prefix_tokens")}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> APMConfig:
@@ -137,20 +192,19 @@ def config_for_cache(spec: CacheSpec, preset: str = "small", **overrides: Any) -
     """Size the student from a cache's layout (grid, widths, input) and a preset, with explicit overrides."""
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
-    grids = {level.grid for level in spec.levels}
-    prefixes = {level.prefix_tokens for level in spec.levels}
-    if len(grids) > 1 or len(prefixes) > 1:
-        raise ConfigError(
-            f"the cached levels have different grids {sorted(grids)}; the student needs one grid: extract "
-            "layers of one stage (e.g. ViT blocks)"
-        )
+    grids = tuple(level.grid for level in spec.levels)
+    prefixes = tuple(level.prefix_tokens for level in spec.levels)
+    finest = max(range(len(grids)), key=lambda i: (grids[i][0] * grids[i][1], -i))
+    one_grid = len(set(zip(grids, prefixes, strict=True))) == 1
     c, h, w = spec.pixel_shape
     base = APMConfig(
         in_chans=c,
         image_size=(h, w),
-        grid=next(iter(grids)),
-        prefix_tokens=next(iter(prefixes)),
+        grid=grids[finest],
+        prefix_tokens=prefixes[finest],
         level_dims=tuple(level.dim for level in spec.levels),
+        level_grids=() if one_grid else grids,
+        level_prefix_tokens=() if one_grid else prefixes,
         **PRESETS[preset],
     )
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -221,9 +275,13 @@ class APM(nn.Module):
         self.filter = nn.Conv2d(
             config.in_chans, config.trigger_channels, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.register_buffer(
-            "codes", location_codes(config.prefix_tokens, config.grid, config.code_dim), persistent=False
-        )
+        tables = [
+            location_codes(prefix, grid, config.code_dim, config.grid)
+            for prefix, grid in (zip(config.prefixes, config.grids, strict=True) if not config.one_grid else ())
+        ] or [location_codes(config.prefix_tokens, config.grid, config.code_dim)]
+        self.register_buffer("codes", torch.cat(tables), persistent=False)
+        starts = [0, *itertools.accumulate(len(t) for t in tables)]
+        self.code_spans = [(starts[i], starts[i + 1]) for i in range(len(tables))]  # one table per level (or shared)
         levels = len(config.level_dims)
         query_dim = config.trigger_dim + config.code_dim
         if config.level_mode == "query":
@@ -237,7 +295,7 @@ class APM(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(width, config.level_dims[i]) for i in range(head_count))
         ph, pw = config.patch_size
         self.rgb_head = nn.Linear(width, config.in_chans * ph * pw) if config.rgb else None
-        self.scales = nn.ModuleList(TargetScale(config.num_tokens, dim) for dim in config.level_dims)
+        self.scales = nn.ModuleList(TargetScale(config.level_tokens(i), dim) for i, dim in enumerate(config.level_dims))
 
     # -- parts -------------------------------------------------------------------------------------------------
     def fit_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -250,19 +308,35 @@ class APM(nn.Module):
         """Normalised images ``[B, C, H, W]`` -> trigger columns ``[B, trigger_dim]``."""
         return self.filter(self.fit_input(images)).flatten(1)
 
-    def queries(self, trigger: torch.Tensor, locations: torch.Tensor | None, level: int | None = None) -> torch.Tensor:
-        """``[B, Dt]`` and locations (``[L]`` shared or ``[B, L]`` per image; None = all) -> queries ``[B, L, Dq]``."""
-        b = trigger.shape[0]
+    def level_codes_at(self, level: int | None, locations: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Location codes ``[B, L, Dc]`` of ``level``'s grid (None: the shared grid) at ``locations`` (``[L]``,
+        ``[B, L]`` or None = all)."""
+        start, stop = self.code_spans[0 if level is None or self.config.one_grid else level]
+        table = self.codes[start:stop]
         if locations is None:
-            codes = self.codes.expand(b, -1, -1)
-        elif locations.dim() == 1:
-            codes = self.codes[locations].expand(b, -1, -1)
-        else:
-            codes = self.codes[locations]
+            return table.expand(batch, -1, -1)
+        if locations.dim() == 1:
+            return table[locations].expand(batch, -1, -1)
+        return table[locations]
+
+    def queries(self, trigger: torch.Tensor, locations: torch.Tensor | None, level: int | None = None) -> torch.Tensor:
+        """``[B, Dt]`` and locations (``[L]`` shared or ``[B, L]`` per image; None = all) of ``level``'s grid (None:
+        the shared grid) -> queries ``[B, L, Dq]`` (in query mode with ``level``'s code appended)."""
+        b = trigger.shape[0]
+        codes = self.level_codes_at(level, locations, b)
         parts = [trigger[:, None, :].expand(-1, codes.shape[1], -1), codes]
-        if level is not None:
+        if level is not None and self.config.level_mode == "query":
             parts.append(self.level_codes[level].expand(b, codes.shape[1], -1))
         return torch.cat(parts, dim=-1)
+
+    def level_locations(self, locations: Locations) -> list[torch.Tensor | None]:
+        """``locations`` as one entry per level: a one-grid student's shared locations repeated, a multi-grid
+        student's list as given (None: every location of every level)."""
+        if isinstance(locations, (list, tuple)):
+            return list(locations)
+        if locations is not None and not self.config.one_grid:
+            raise ValueError("a student on several grids takes one location tensor per level")
+        return [locations] * len(self.config.level_dims)
 
     # -- timm-style seams ------------------------------------------------------------------------------------
     def forward_features(
@@ -278,9 +352,11 @@ class APM(nn.Module):
         heads = self.heads if level is None else [self.heads[level]]
         return [head(features) for head in heads]
 
-    def forward(self, images: torch.Tensor, locations: torch.Tensor | None = None) -> dict[str, Any]:
-        """For the queried locations: ``standardized`` and ``tokens`` (teacher units), one ``[B, L, D_l]`` per level,
-        and, if enabled, ``rgb`` ``[B, L, C*ph*pw]``."""
+    def forward(self, images: torch.Tensor, locations: Locations = None) -> dict[str, Any]:
+        """For the queried locations (one grid: ``[L]``/``[B, L]``/None shared by every level; several grids: one
+        per level, see :meth:`level_locations`): ``standardized`` and ``tokens`` (teacher units), one ``[B, L_l, D_l]``
+        per level, and, if enabled, ``rgb`` ``[B, L_f, C*ph*pw]`` for the finest level's locations."""
+        per_level = self.level_locations(locations)
         if self.config.level_mode == "query":
             trigger = self.trigger(images)
             features = [
@@ -288,21 +364,53 @@ class APM(nn.Module):
             ]
             standardized = [self.heads[0](f) for f in features]
             rgb_features = features[-1]
-        else:
+        elif self.config.one_grid:
             rgb_features = self.forward_features(images, locations)
             standardized = self.forward_head(rgb_features)
-        tokens = [scale.restore(z.float(), locations) for scale, z in zip(self.scales, standardized, strict=True)]
+        else:
+            features = self.level_features(images, per_level)
+            standardized = [head(f) for head, f in zip(self.heads, features, strict=True)]
+            rgb_features = features[self.config.finest_level]
+        tokens = [
+            scale.restore(z.float(), where)
+            for scale, z, where in zip(self.scales, standardized, per_level, strict=True)
+        ]
         rgb = self.rgb_head(rgb_features) if self.rgb_head is not None else None
         return {"standardized": standardized, "tokens": tokens, "rgb": rgb}
 
+    def level_features(self, images: torch.Tensor, per_level: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Trunk features ``[B, L_l, hidden[-1]]`` per level, each at its own grid's ``per_level`` locations, from one
+        trunk pass over every level's queries."""
+        trigger = self.trigger(images)
+        queries = [self.queries(trigger, where, level) for level, where in enumerate(per_level)]
+        features = self.trunk(torch.cat(queries, dim=1))
+        return list(features.split([q.shape[1] for q in queries], dim=1))
+
     @torch.no_grad()
     def predict_tokens(self, images: torch.Tensor, chunk: int = 256) -> list[torch.Tensor]:
-        """Every location's predicted teacher tokens per level ``[B, T, D_l]``, queried ``chunk`` locations at a time
-        (memory does not grow with the grid)."""
+        """Every location's predicted teacher tokens per level ``[B, T_l, D_l]``, queried ``chunk`` locations at a time
+        (memory does not grow with the grid); levels on their own grids are queried one level at a time."""
+        if self.config.one_grid:
+            return self._predict_level(images, chunk, self.config.num_tokens, lambda where: where)
+        empty = torch.zeros(0, dtype=torch.long, device=images.device)
+        return [
+            self._predict_level(
+                images,
+                chunk,
+                self.config.level_tokens(level),
+                lambda where, level=level: [where if i == level else empty for i in range(len(self.config.level_dims))],
+            )[level]
+            for level in range(len(self.config.level_dims))
+        ]
+
+    def _predict_level(
+        self, images: torch.Tensor, chunk: int, count: int, query: Callable[[torch.Tensor], Locations]
+    ) -> list[torch.Tensor]:
+        """Tokens per level for locations ``0..count`` in chunks, each chunk's locations passed through ``query``."""
         outs: list[list[torch.Tensor]] = [[] for _ in self.config.level_dims]
-        for start in range(0, self.config.num_tokens, chunk):
-            locations = torch.arange(start, min(start + chunk, self.config.num_tokens), device=images.device)
-            for i, tokens in enumerate(self.forward(images, locations)["tokens"]):
+        for start in range(0, count, chunk):
+            locations = torch.arange(start, min(start + chunk, count), device=images.device)
+            for i, tokens in enumerate(self.forward(images, query(locations))["tokens"]):
                 outs[i].append(tokens)
         return [torch.cat(parts, dim=1) for parts in outs]
 
@@ -325,9 +433,15 @@ class APM(nn.Module):
         macs = cfg.in_chans * cfg.trigger_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.grid[0] * cfg.grid[1]
         trunk = sum(m.in_features * m.out_features for m in self.trunk.modules() if isinstance(m, nn.Linear))
         heads = sum(h.in_features * h.out_features for h in self.heads)
-        passes = len(cfg.level_dims) if cfg.level_mode == "query" else 1
         rgb = self.rgb_head.in_features * self.rgb_head.out_features if self.rgb_head is not None else 0
-        macs += cfg.num_tokens * (passes * (trunk + heads) + rgb)
+        if cfg.one_grid:
+            passes = len(cfg.level_dims) if cfg.level_mode == "query" else 1
+            macs += cfg.num_tokens * (passes * (trunk + heads) + rgb)
+        else:  # each level's locations pass the trunk and that level's head; the finest level's also the rgb head
+            macs += sum(
+                cfg.level_tokens(i) * (trunk + h.in_features * h.out_features) for i, h in enumerate(self.heads)
+            )
+            macs += cfg.level_tokens(cfg.finest_level) * rgb
         return 2 * macs
 
 

@@ -2,8 +2,8 @@
 
 A cache fixes one view per image. :func:`draw_views` draws, per sample, a horizontal flip (p = 0.5) and/or a
 random resized crop (scale and aspect ranges as timm's ``RandomResizedCrop``, each side at least
-``MIN_CROP_CELLS`` grid cells); :meth:`Views.images` applies them to the pixels and :meth:`Views.tokens` to every
-level's token grid, so the targets follow the pixels without the teacher:
+``MIN_CROP_CELLS`` cells of the finest grid); :meth:`Views.images` applies them to the pixels and :meth:`Views.tokens`
+to every level's token grid, each on its own grid, so the targets follow the pixels without the teacher:
 
 - flip: the pixels' columns and the grid's columns are mirrored (row-major ``[B, prefix + h*w, D]``);
 - crop: the pixels and the ``h x w`` token map are resampled over the same box (pixel units for the image, grid
@@ -67,15 +67,11 @@ class Views:
         flip: ``[B]`` bool, or None (no flips).
         boxes: ``[B, 4]`` float (x0, y0, x1, y1) within ``[0, W] x [0, H]``, or None (no crops).
         image_size: (H, W) of the images.
-        grid: (h, w) of the token map.
-        prefix_tokens: tokens before the grid (kept as they are).
     """
 
     flip: torch.Tensor | None
     boxes: torch.Tensor | None
     image_size: tuple[int, int]
-    grid: tuple[int, int]
-    prefix_tokens: int
 
     def _apply(self, maps: torch.Tensor, boxes: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
         if boxes is not None:
@@ -89,19 +85,20 @@ class Views:
         """Images ``[B, C, H, W]`` (any affine pixel scale: raw or normalised) -> the augmented images."""
         return self._apply(images, self.boxes, self.image_size)
 
-    def tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One level's tokens ``[B, prefix + h*w, D]`` -> the tokens of the augmented image (prefix kept)."""
+    def tokens(self, tokens: torch.Tensor, grid: tuple[int, int], prefix_tokens: int) -> torch.Tensor:
+        """One level's tokens ``[B, prefix + h*w, D]`` on its ``grid`` (h, w) -> the tokens of the augmented image
+        (the ``prefix_tokens`` kept)."""
         b, _, d = tokens.shape
-        h, w = self.grid
+        h, w = grid
         grid_boxes = None
         if self.boxes is not None:
             cell = torch.tensor(
                 [w / self.image_size[1], h / self.image_size[0]] * 2, dtype=torch.float32, device=self.boxes.device
             )
             grid_boxes = self.boxes * cell
-        maps = tokens[:, self.prefix_tokens :].transpose(1, 2).reshape(b, d, h, w)
-        maps = self._apply(maps, grid_boxes, self.grid)
-        return torch.cat([tokens[:, : self.prefix_tokens], maps.flatten(2).transpose(1, 2)], dim=1)
+        maps = tokens[:, prefix_tokens:].transpose(1, 2).reshape(b, d, h, w)
+        maps = self._apply(maps, grid_boxes, grid)
+        return torch.cat([tokens[:, :prefix_tokens], maps.flatten(2).transpose(1, 2)], dim=1)
 
 
 def crop_boxes(
@@ -131,11 +128,11 @@ def draw_views(
     batch: int,
     image_size: tuple[int, int],
     grid: tuple[int, int],
-    prefix_tokens: int,
     generator: torch.Generator,
     crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> Views:
-    """One batch's :class:`Views` for ``augments`` (names from :data:`AUGMENTS`), drawn from ``generator``."""
+    """One batch's :class:`Views` for ``augments`` (names from :data:`AUGMENTS`), drawn from ``generator``; crops
+    span at least ``MIN_CROP_CELLS`` cells of ``grid`` (the finest grid)."""
     flip = torch.rand(batch, generator=generator) < 0.5 if "flip" in augments else None
     boxes = crop_boxes(batch, image_size, grid, crop_scale, generator) if "crop" in augments else None
-    return Views(flip, boxes, image_size, grid, prefix_tokens)
+    return Views(flip, boxes, image_size)

@@ -1,7 +1,8 @@
 """What the student is trained to match, shared by training, evaluation and test-time training.
 
 * Location sampling: every step queries all prefix tokens (CLS, registers: the tokens a head reads) plus
-  ``K`` random grid locations per image, drawn from a generator seeded by (seed, rank or sample, step).
+  ``K`` random grid locations per image, drawn from a generator seeded by (seed, rank or sample, step). Levels
+  on their own grids each draw their own locations (see :func:`sample_level_locations`).
 * Token loss per level, on standardised targets (``apm.TargetScale``): MSE over grid tokens plus
   ``prefix_weight`` x MSE over prefix tokens, plus optionally ``cosine_weight`` x (1 - cosine) in teacher units.
 * Decision loss: KL divergence at temperature ``kd_temperature`` between the teacher's frozen head applied to
@@ -20,7 +21,8 @@ from torch import nn
 
 from apmpipe.storage.errors import NON_NEGATIVE, POSITIVE, ConfigError, Range, check_ranges
 
-from .apm import APM, patch_pixels
+from .apm import APM, APMConfig, Locations, patch_pixels
+from .runtime import to_device
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,29 @@ def sample_locations(
     return torch.cat([prefix, grid], dim=1)
 
 
+def level_location_count(config: APMConfig, level: int, count: int) -> int:
+    """Grid locations drawn per image on ``level`` for ``--locations count``: KCOUNT_RULE."""
+    return count
+
+
+def sample_level_locations(config: APMConfig, batch: int, count: int, generator: torch.Generator) -> Locations:
+    """One step's locations for a student: :func:`sample_locations` on the shared grid (one-grid students), or one
+    draw per level on that level's grid, in level order from the same ``generator``."""
+    if config.one_grid:
+        return sample_locations(batch, config.prefix_tokens, config.num_tokens - config.prefix_tokens, count, generator)
+    return [
+        sample_locations(batch, prefix, h * w, level_location_count(config, level, count), generator)
+        for level, (prefix, (h, w)) in enumerate(zip(config.prefixes, config.grids, strict=True))
+    ]
+
+
+def locations_to(locations: Locations, device: torch.device) -> Locations:
+    """``locations`` (one tensor, one per level, or None) on ``device``."""
+    if isinstance(locations, list):
+        return [None if where is None else to_device(where, device) for where in locations]
+    return None if locations is None else to_device(locations, device)
+
+
 def gather_tokens(tokens: torch.Tensor, locations: torch.Tensor | None) -> torch.Tensor:
     """``[B, T, D]`` -> ``[B, L, D]`` at per-image ``locations`` ``[B, L]`` (None: unchanged)."""
     if locations is None:
@@ -132,7 +157,7 @@ def distillation_losses(
     model: APM,
     out: dict[str, Any],
     targets: list[torch.Tensor],
-    locations: torch.Tensor | None,
+    locations: Locations,
     images: torch.Tensor,
     config: LossConfig,
     head: nn.Module | None = None,
@@ -143,16 +168,19 @@ def distillation_losses(
     Args:
         model: the (unwrapped) student, for its target scales and cell size.
         out: ``model(images, locations)``.
-        targets: the teacher's tokens per level at ``locations`` ``[B, L, D_l]`` (teacher units).
-        locations: ``[B, L]`` with the prefix tokens first (see :func:`sample_locations`), or None for all.
+        targets: the teacher's tokens per level at its ``locations`` ``[B, L_l, D_l]`` (teacher units).
+        locations: ``[B, L]`` with the prefix tokens first (see :func:`sample_locations`), or None for all; one
+            per level for a student on several grids.
         images: the normalised images (rgb target).
         head: the teacher's frozen head (final level tokens -> logits); with ``teacher_logits`` enables the KL. A
             token head (ViT) pools the queried grid tokens; a map head (ConvNet) needs every location queried.
     """
-    prefix = model.config.prefix_tokens
+    per_level = model.level_locations(locations)
     levels = []
-    for scale, z, tokens, target in zip(model.scales, out["standardized"], out["tokens"], targets, strict=True):
-        grid_mse, prefix_mse = _split_mse(z, scale.standardize(target, locations), prefix)
+    for scale, z, tokens, target, where, prefix in zip(
+        model.scales, out["standardized"], out["tokens"], targets, per_level, model.config.prefixes, strict=True
+    ):
+        grid_mse, prefix_mse = _split_mse(z, scale.standardize(target, where), prefix)
         loss = config.mse_weight * (grid_mse + (config.prefix_weight * prefix_mse if prefix_mse is not None else 0.0))
         if config.cosine_weight:
             loss = (
@@ -165,19 +193,20 @@ def distillation_losses(
         config.logit_weight
         and head is not None
         and teacher_logits is not None
-        and (locations is None or not head.needs_full_grid)
+        and (per_level[-1] is None or not head.needs_full_grid)
     ):
         logits = kd_loss(head(out["tokens"][-1]), teacher_logits, config.kd_temperature)
         total = total + config.logit_weight * logits
     rgb = None
     if config.rgb_weight and out["rgb"] is not None:
-        rgb = rgb_loss(model, out["rgb"], images, locations)
+        rgb = rgb_loss(model, out["rgb"], images, per_level[model.config.finest_level])
         total = total + config.rgb_weight * rgb
     return Losses(total, levels, logits, rgb)
 
 
 def rgb_loss(model: APM, rgb: torch.Tensor, images: torch.Tensor, locations: torch.Tensor | None) -> torch.Tensor:
-    """MSE between predicted and true (normalised) pixels of the queried grid cells; prefix tokens have none."""
+    """MSE between predicted and true (normalised) pixels of the queried cells of the finest grid (``locations``:
+    that level's); prefix tokens have none."""
     cfg = model.config
     images = model.fit_input(images)
     if locations is None:

@@ -386,7 +386,7 @@ class TeacherPool:
 
     def get(self, config: TeacherConfig, layers: tuple[int, ...], final_norm: bool, device: str, amp: bool) -> Teacher:
         """The teacher for these options, built on first use (the oldest is dropped beyond ``size``)."""
-        key = (config, tuple(layers), final_norm, device, amp)
+        key = (repr(config), tuple(layers), final_norm, device, amp)  # repr: model args may hold dicts
         with _BUILD_LOCK:
             if key not in self._teachers:
                 if len(self._teachers) >= self._size:

@@ -43,12 +43,20 @@ from apmpipe.storage.remote import absolute_url, route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, loader_items, window_batches
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
-from .apm import APM, config_for_cache
+from .apm import APM, Locations, config_for_cache
 from .augment import augment_generator, check_crop_scale, draw_views, parse_augments
 from .head import TeacherHead
 from .inputs import PixelNormalizer
-from .objectives import LossConfig, Losses, distillation_losses, gather_tokens, location_generator, sample_locations
-from .runtime import process_rank, setup_distributed, to_device
+from .objectives import (
+    LossConfig,
+    Losses,
+    distillation_losses,
+    gather_tokens,
+    location_generator,
+    locations_to,
+    sample_level_locations,
+)
+from .runtime import process_rank, setup_distributed
 
 _logger = logging.getLogger(__name__)
 
@@ -311,12 +319,9 @@ def teacher_head(stream: CacheStream, config: TrainConfig, device: torch.device)
 def fit_target_scales(model: APM, stream: CacheStream, standardize: bool = True) -> None:
     """Standardise each level's targets with the training caches' moments (stored in the student, with the
     mean-token baseline); ``standardize=False`` trains on raw targets."""
-    for scale, moments in zip(model.scales, stream.moments, strict=True):
+    for scale, moments, prefix in zip(model.scales, stream.moments, model.config.prefixes, strict=True):
         scale.fit(
-            torch.from_numpy(moments.mean).float(),
-            torch.from_numpy(moments.variance).float(),
-            model.config.prefix_tokens,
-            standardize,
+            torch.from_numpy(moments.mean).float(), torch.from_numpy(moments.variance).float(), prefix, standardize
         )
 
 
@@ -325,15 +330,15 @@ def step_losses(
     model: APM,
     images: torch.Tensor,
     targets: list[torch.Tensor],
-    locations: torch.Tensor | None,
+    locations: Locations,
     loss_config: LossConfig,
     amp: bool,
     head: TeacherHead | None = None,
     teacher_logits: torch.Tensor | None = None,
 ) -> Losses:
-    """Forward and objective of one step on normalised images and teacher tokens ``[B, T, D]`` per level: the part
-    ``--compile`` compiles (every batch of a run has the same shapes; nothing here waits for the device)."""
-    targets = [gather_tokens(t, locations) for t in targets]
+    """Forward and objective of one step on normalised images and teacher tokens ``[B, T_l, D_l]`` per level: the
+    part ``--compile`` compiles (every batch of a run has the same shapes; nothing here waits for the device)."""
+    targets = [gather_tokens(t, where) for t, where in zip(targets, model.level_locations(locations), strict=True)]
     with torch.autocast(images.device.type, dtype=torch.bfloat16) if amp else nullcontext():
         out = net(images, locations)
         return distillation_losses(model, out, targets, locations, images, loss_config, head, teacher_logits)
@@ -355,7 +360,7 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LambdaLR | None,
     images: torch.Tensor,
     targets: list[torch.Tensor],
-    locations: torch.Tensor | None,
+    locations: Locations,
     loss_config: LossConfig,
     amp: bool,
     clip_grad: float = 1.0,
@@ -614,10 +619,8 @@ def _augmented(
     cfg = run.model.config
     generator = augment_generator(run.config.seed, run.rank, run.step)
     size = (images.shape[-2], images.shape[-1])
-    views = draw_views(
-        run.config.augment, len(images), size, cfg.grid, cfg.prefix_tokens, generator, run.config.crop_scale
-    )
-    targets = [views.tokens(t) for t in targets]
+    views = draw_views(run.config.augment, len(images), size, cfg.grid, generator, run.config.crop_scale)
+    targets = [views.tokens(t, grid, prefix) for t, grid, prefix in zip(targets, cfg.grids, cfg.prefixes, strict=True)]
     if logits is not None and run.head is not None:
         with torch.no_grad():
             logits = run.head(targets[-1])
@@ -631,10 +634,7 @@ def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logi
     if run.config.augment:
         images, targets, logits = _augmented(run, images, targets, logits)
     generator = location_generator(run.config.seed, run.rank, run.step)
-    locations = sample_locations(
-        images.shape[0], cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, run.config.locations, generator
-    )
-    locations = None if locations is None else to_device(locations, run.device)
+    locations = locations_to(sample_level_locations(cfg, images.shape[0], run.config.locations, generator), run.device)
     losses = train_step(
         run.net,
         run.model,

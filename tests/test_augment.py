@@ -28,10 +28,12 @@ def pooling_teacher(images: torch.Tensor) -> torch.Tensor:
 
 def test_flipped_tokens_are_the_tokens_of_the_flipped_image() -> None:
     images = torch.randint(0, 256, (16, 3, *SIZE), generator=torch.Generator().manual_seed(0)).float()
-    views = draw_views(("flip",), 16, SIZE, GRID, PREFIX, augment_generator(0, 0, 0))
+    views = draw_views(("flip",), 16, SIZE, GRID, augment_generator(0, 0, 0))
     assert 0 < int(views.flip.sum()) < 16  # per-sample flips: some of each
     expected = pooling_teacher(views.images(images))
-    assert torch.equal(views.tokens(pooling_teacher(images)), expected)  # integer pixels: cell means are exact
+    assert torch.equal(
+        views.tokens(pooling_teacher(images), GRID, PREFIX), expected
+    )  # integer pixels: cell means are exact
     assert torch.equal(views.images(images)[~views.flip], images[~views.flip])
 
 
@@ -39,19 +41,21 @@ def test_cropped_tokens_follow_the_cropped_image() -> None:
     rows, cols = torch.meshgrid(torch.arange(SIZE[0]).float(), torch.arange(SIZE[1]).float(), indexing="ij")
     smooth = 3 * cols + 2 * rows + 10 * torch.sin(cols / 6) + 5 * torch.cos(rows / 5)  # smooth: pooling ~ sampling
     images = torch.stack([smooth + 7 * k for k in range(8)])[:, None]
-    views = draw_views(("flip", "crop"), 8, SIZE, GRID, PREFIX, augment_generator(0, 0, 3))
+    views = draw_views(("flip", "crop"), 8, SIZE, GRID, augment_generator(0, 0, 3))
     truth = pooling_teacher(views.images(images))[:, PREFIX:]
-    error = (views.tokens(pooling_teacher(images))[:, PREFIX:] - truth).abs().mean() / truth.abs().mean()
+    error = (views.tokens(pooling_teacher(images), GRID, PREFIX)[:, PREFIX:] - truth).abs().mean() / truth.abs().mean()
     unaugmented = (pooling_teacher(images)[:, PREFIX:] - truth).abs().mean() / truth.abs().mean()
     assert error < 0.01 and unaugmented > 0.05, (error, unaugmented)
-    assert torch.equal(views.tokens(pooling_teacher(images))[:, :PREFIX], pooling_teacher(images)[:, :PREFIX])
+    assert torch.equal(
+        views.tokens(pooling_teacher(images), GRID, PREFIX)[:, :PREFIX], pooling_teacher(images)[:, :PREFIX]
+    )
 
 
 def test_whole_image_crop_is_the_identity() -> None:
     tokens, images = torch.randn(2, PREFIX + GRID[0] * GRID[1], 5), torch.randn(2, 3, *SIZE)
-    views = draw_views(("crop",), 2, SIZE, GRID, PREFIX, augment_generator(0, 0, 0), crop_scale=(1.0, 1.0))
+    views = draw_views(("crop",), 2, SIZE, GRID, augment_generator(0, 0, 0), crop_scale=(1.0, 1.0))
     assert torch.allclose(views.boxes, torch.tensor([[0.0, 0.0, SIZE[1], SIZE[0]]] * 2))
-    assert torch.allclose(views.tokens(tokens), tokens, atol=1e-5)
+    assert torch.allclose(views.tokens(tokens, GRID, PREFIX), tokens, atol=1e-5)
     assert torch.allclose(views.images(images), images, atol=1e-5)
 
 
@@ -69,7 +73,7 @@ def test_crop_boxes_stay_inside_the_image_and_span_a_few_cells(scale: tuple[floa
 
 def test_draws_are_seeded_by_seed_rank_and_step() -> None:
     def draw(seed: int, rank: int, step: int):
-        return draw_views(("flip", "crop"), 32, SIZE, GRID, PREFIX, augment_generator(seed, rank, step))
+        return draw_views(("flip", "crop"), 32, SIZE, GRID, augment_generator(seed, rank, step))
 
     first, again = draw(0, 0, 5), draw(0, 0, 5)
     assert torch.equal(first.flip, again.flip) and torch.equal(first.boxes, again.boxes)
