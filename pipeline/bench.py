@@ -326,8 +326,7 @@ def bench_train(
 
     from apmpipe.stages.apm import APM, config_for_cache
     from apmpipe.stages.inputs import PixelNormalizer
-    from apmpipe.stages.objectives import LossConfig, location_generator, sample_locations
-    from apmpipe.stages.runtime import to_device
+    from apmpipe.stages.objectives import LossConfig, location_generator, locations_to, sample_level_locations
     from apmpipe.stages.train import (
         TrainConfig,
         compiled_objective,
@@ -400,14 +399,7 @@ def bench_train(
         amp = dev.type == "cuda"
 
         def step(images: torch.Tensor, targets: list[torch.Tensor], index: int) -> None:
-            where = sample_locations(
-                len(images),
-                cfg.prefix_tokens,
-                cfg.num_tokens - cfg.prefix_tokens,
-                count,
-                location_generator(0, 0, index),
-            )
-            where = None if where is None else to_device(where, dev)
+            where = locations_to(sample_level_locations(cfg, len(images), count, location_generator(0, 0, index)), dev)
             loss = train_config.loss
             train_step(model, model, optimizer, scheduler, images, targets, where, loss, amp, objective=objective)
 

@@ -248,18 +248,12 @@ class _Student:
         return self.decoder(tokens) if self.decoder is not None else tokens
 
     def step(self, batch: dict) -> None:
-        from apmpipe.stages.objectives import location_generator, sample_locations
+        from apmpipe.stages.objectives import location_generator, locations_to, sample_level_locations
         from apmpipe.stages.train import train_step
 
         cfg = self.model.config
         images = self.normalize(batch["pixels"])
-        where = sample_locations(
-            len(images),
-            cfg.prefix_tokens,
-            cfg.num_tokens - cfg.prefix_tokens,
-            self.locations,
-            location_generator(0, 0, self.step_index),
-        )
+        where = sample_level_locations(cfg, len(images), self.locations, location_generator(0, 0, self.step_index))
         train_step(
             self.model,
             self.model,
@@ -267,7 +261,7 @@ class _Student:
             self.scheduler,
             images,
             self.targets(batch["tokens"]),
-            None if where is None else where.to(self.device),
+            locations_to(where, self.device),
             self.config.loss,
             self.device.type == "cuda",
         )

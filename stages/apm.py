@@ -107,6 +107,10 @@ class APMConfig:
             raise ConfigError(f"--level-mode {self.level_mode!r} is not one of {', '.join(LEVEL_MODES)}")
         if self.act not in ("gelu", "relu"):
             raise ConfigError(f"--act {self.act!r} is not gelu or relu")
+        if self.level_mode == "query" and not self.one_grid:
+            raise ConfigError(
+                f"--level-mode query needs one grid for every level, got {list(self.grids)}; use --level-mode heads"
+            )
         if self.level_mode == "query" and len(set(self.level_dims)) > 1:
             raise ConfigError(
                 f"--level-mode query needs equal token widths across levels, got {self.level_dims}; use "
@@ -114,10 +118,6 @@ class APMConfig:
             )
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"--hidden needs at least one positive width, got {self.hidden}")
-        if self.level_mode == "query" and not self.one_grid:
-            raise ConfigError(
-                f"--level-mode query needs one grid for every level, got {list(self.grids)}; use --level-mode heads"
-            )
 
     @property
     def one_grid(self) -> bool:

@@ -8,6 +8,7 @@ features, so a trained teacher's probe lands near its own head.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,13 +32,16 @@ def global_feature(tokens: torch.Tensor, kind: str, prefix: int, head: torch.nn.
     return tokens[:, prefix:].float().mean(1).cpu()
 
 
-def resolve_feature(kind: str, level: int, levels: int, prefix: int, has_head: bool) -> tuple[str, int]:
-    """Check ``--feature``/``--level`` against the cache; returns (feature actually used, 0-based level index)."""
-    check_feature(kind, prefix)
+def resolve_feature(kind: str, level: int, prefixes: Sequence[int], has_head: bool) -> tuple[str, int]:
+    """Check ``--feature``/``--level`` against the cache's levels (their prefix token counts); returns (feature
+    actually used, 0-based level index)."""
+    check_feature(kind)
+    levels = len(prefixes)
     index = level - 1 if level > 0 else levels + level
     if not 0 <= index < levels:
         raise ConfigError(f"--level {level}: the cache holds {levels} levels; pick 1..{levels} or -1..-{levels}")
-    return pooled_or_fallback(kind, has_head and index == levels - 1, prefix), index
+    check_feature(kind, prefixes[index])
+    return pooled_or_fallback(kind, has_head and index == levels - 1, prefixes[index]), index
 
 
 def pooled_or_fallback(kind: str, head_reads_level: bool, prefix: int) -> str:

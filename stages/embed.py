@@ -203,10 +203,9 @@ def _levels(model: APM, layout: dict[str, Any], feature: str, has_head: bool) ->
             f"the student predicts {len(model.config.level_dims)} levels but its layout names {len(layers)}; "
             "retrain it with this apmpipe"
         )
-    prefix = model.config.prefix_tokens
-    check_feature(feature, prefix)
+    check_feature(feature, min(model.config.prefixes))
     out = []
-    for index, layer in enumerate(layers):
+    for index, (layer, prefix) in enumerate(zip(layers, model.config.prefixes, strict=True)):
         kind = pooled_or_fallback(feature, has_head and index == len(layers) - 1, prefix)
         out.append({"layer": layer, "feature": kind, "file": feature_folder(layer)})
     return out
@@ -229,9 +228,8 @@ class _Embedder:
         """Arrays by output folder for one batch (``[B, ...]`` each)."""
         start = time.perf_counter()
         predicted = self.model.predict_tokens(self.normalize(pixels.to(self.device)), self.config.chunk)
-        prefix = self.model.config.prefix_tokens
         out: dict[str, np.ndarray] = {}
-        for level, tokens in zip(self.levels, predicted, strict=True):
+        for level, tokens, prefix in zip(self.levels, predicted, self.model.config.prefixes, strict=True):
             feature = global_feature(tokens, level["feature"], prefix, self.head)
             out[level["file"]] = feature.numpy().astype(self.dtype)
             if self.config.tokens:

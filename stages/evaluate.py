@@ -125,7 +125,7 @@ class _Context:
     normalize: PixelNormalizer
 
     def features(self, tokens: list[torch.Tensor]) -> torch.Tensor:
-        return global_feature(tokens[self.level], self.feature, self.model.config.prefix_tokens, self.head)
+        return global_feature(tokens[self.level], self.feature, self.model.config.prefixes[self.level], self.head)
 
 
 @dataclass
@@ -255,8 +255,8 @@ def _ttt_report(
     ttt = EpisodicTTT(ctx.model, loss_config_of(metadata), config.ttt(), ctx.head, config.chunk)
     baselines = _baselines(ctx.model)
     fid_before, fid_after = (
-        TokenFidelity(ctx.model.config.prefix_tokens, baselines),
-        TokenFidelity(ctx.model.config.prefix_tokens, baselines),
+        TokenFidelity(ctx.model.config.prefixes, baselines),
+        TokenFidelity(ctx.model.config.prefixes, baselines),
     )
     seconds, labels, before, after, per_sample = [], [], _Outputs(), _Outputs(), []
     subset = sample_subset(cache, config.ttt_samples or config.max_samples, config.seed + 1)
@@ -400,11 +400,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     cache = cache_for_student(metadata, cache, "eval cache")
     stored = cache.head()
     head = TeacherHead(*stored).to(device) if stored else None
-    feature, level = resolve_feature(
-        config.feature, config.level, len(cache.spec.levels), model.config.prefix_tokens, head is not None
-    )
+    feature, level = resolve_feature(config.feature, config.level, model.config.prefixes, head is not None)
     ctx = _Context(model, head, feature, level, device, PixelNormalizer(cache.spec.data_config).to(device))
-    fidelity = TokenFidelity(model.config.prefix_tokens, _baselines(model))
+    fidelity = TokenFidelity(model.config.prefixes, _baselines(model))
     outputs = _pass(
         ctx, cache, sample_subset(cache, config.max_samples, config.seed), config.batch_size, config.chunk, fidelity
     )

@@ -27,17 +27,20 @@ def min_token_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass
 class TokenFidelity:
-    """Running sums per level; ``baselines``: the mean token per location ``[T, D]`` per level (or None)."""
+    """Running sums per level; ``prefixes``: each level's prefix token count; ``baselines``: the mean token per
+    location ``[T_l, D_l]`` per level (or None)."""
 
-    prefix: int
+    prefixes: tuple[int, ...]
     baselines: list[torch.Tensor] | None = None
     sums: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def add(self, index: int, layer: int, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """One batch of level ``index`` (cache layer ``layer``): predicted and teacher tokens ``[B, T, D]``."""
+        """One batch of level ``index`` (cache layer ``layer``): predicted and teacher tokens ``[B, T_l, D_l]`` on that
+        level's own grid."""
         stats = self.sums.setdefault(str(layer), {})
         baseline = None if self.baselines is None else self.baselines[index].to(target.device)
-        for part, sl in (("patch", slice(self.prefix, None)), ("prefix", slice(0, self.prefix))):
+        prefix = self.prefixes[index]
+        for part, sl in (("patch", slice(prefix, None)), ("prefix", slice(0, prefix))):
             t = target[:, sl].float()
             if t.shape[1] == 0:
                 continue

@@ -182,6 +182,14 @@ def _caption_lines(text: str, width_px: int, font: ImageFont.ImageFont | ImageFo
     return lines
 
 
+def _grid_caption(grids: tuple[tuple[int, int], ...]) -> str:
+    """What one square of a panel is: a location of the shared grid, or of that level's own grid."""
+    if len(set(grids)) == 1:
+        return f" Each square is one of the {grids[0][0]}x{grids[0][1]} locations."
+    sizes = ", ".join(f"{h}x{w}" for h, w in grids)
+    return f" Each square is one location of its level's own grid ({sizes}, level by level)."
+
+
 def islands(
     student: str,
     sources: list[str],
@@ -224,9 +232,7 @@ def islands(
     font = ImageFont.load_default(size=FONT_SIZE)
     width = GAP + len(titles) * (panel + GAP)
     caption = _caption_lines(
-        CAPTIONS[mode]
-        + (TEACHER_CAPTION if teacher is not None else "")
-        + f" Each square is one of the {cfg.grid[0]}x{cfg.grid[1]} locations.",
+        CAPTIONS[mode] + (TEACHER_CAPTION if teacher is not None else "") + _grid_caption(cfg.grids),
         width - 2 * GAP,
         font,
     )
@@ -235,15 +241,14 @@ def islands(
     draw = ImageDraw.Draw(canvas)
     for col, title in enumerate(titles):
         draw.text((GAP + col * (panel + GAP), 4), title, fill="black", font=font)
-    h, w = cfg.grid
     for row in range(len(pixels)):
         top = HEADER + row * (LABEL + panel + GAP)
         draw.text((GAP, top + 1), names[row], fill=(60, 60, 60), font=font)
         canvas.paste(_panel(pixels[row].transpose(1, 2, 0), panel), (GAP, top + LABEL))
-        for li in range(len(levels)):
-            grids = [predicted[li][row, cfg.prefix_tokens :].float().cpu().numpy().reshape(h, w, -1)]
+        for li, ((h, w), prefix) in enumerate(zip(cfg.grids, cfg.prefixes, strict=True)):
+            grids = [predicted[li][row, prefix:].float().cpu().numpy().reshape(h, w, -1)]
             if teacher is not None:
-                grids.append(teacher[row][li][cfg.prefix_tokens :].astype(np.float32).reshape(h, w, -1))
+                grids.append(teacher[row][li][prefix:].astype(np.float32).reshape(h, w, -1))
             for k, colours in enumerate(_project(mode, grids, clusters)):
                 canvas.paste(
                     _panel(colours, panel, grid_lines=True),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .apm import APM
-from .objectives import LossConfig, distillation_losses, location_generator, sample_locations
+from .objectives import LossConfig, distillation_losses, location_generator, locations_to, sample_level_locations
 from .train import train_step
 
 TTT_START = ("trained", "scratch")
@@ -62,7 +62,7 @@ class EpisodicTTT:
     ) -> Episode:
         """One episode on ``images`` ``[1, C, H, W]`` (normalised) and its teacher tokens/logits."""
         self._reset(sample)
-        cfg, model = self.model.config, self.model
+        model = self.model
         before = model.eval().predict_tokens(images, self.chunk)
         loss_before = self.objective(images, targets, logits)
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.lr, weight_decay=0.0)
@@ -70,10 +70,9 @@ class EpisodicTTT:
         start = time.perf_counter()
         for step in range(self.config.steps):
             generator = location_generator(self.config.seed, sample, step)
-            where = sample_locations(
-                1, cfg.prefix_tokens, cfg.num_tokens - cfg.prefix_tokens, self.config.locations, generator
+            where = locations_to(
+                sample_level_locations(model.config, 1, self.config.locations, generator), images.device
             )
-            where = None if where is None else where.to(images.device)
             train_step(model, model, optimizer, None, images, targets, where, self.loss, False, 1.0, self.head, logits)
         if images.device.type == "cuda":
             torch.cuda.synchronize(images.device)
