@@ -23,6 +23,7 @@ from apmpipe.stages.islands import islands
 from apmpipe.stages.reference_teacher import RECIPES, TRAINING_FILE, Recipe, train_reference_teacher, trained_record
 from apmpipe.stages.teacher import TeacherConfig
 from apmpipe.stages.train import CPU_BATCH_SIZE, TrainConfig, train
+from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import RunDir
 from apmpipe.storage.errors import ConfigError
 
@@ -153,7 +154,8 @@ def prepare_digit_caches(out: Path, recipe: Recipe, seed: int) -> DigitCaches:
     )
     caches = out / "cache" / "train.zarr", out / "cache" / "val.zarr"
     summaries = _extract(train_shards, caches[0], teacher), _extract(val_shards, caches[1], teacher)
-    return DigitCaches(str(caches[0]), str(caches[1]), teacher, summaries, tuple(train_shards))
+    grids = [f"{h}x{w}" for h, w in (level.grid for level in FeatureCache.open(str(caches[0])).spec.levels)]
+    return DigitCaches(str(caches[0]), str(caches[1]), {**teacher, "grids": grids}, summaries, tuple(train_shards))
 
 
 def _listed(layers: Any) -> str:
@@ -319,8 +321,9 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "",
         f"{ex['train_images']} train + {ex['val_images']} val images extracted once at "
         f"{ex['images_per_s']:.1f} img/s; {human_bytes(ex['stored_bytes'])} "
-        f"on disk (layers {_listed(te['layers'])}: float16 tokens, bit-shuffled LZ4; pixels, labels and logits: "
-        "zstd).",
+        "on disk (layers by grid: "
+        + ", ".join(f"{layer} ({grid})" for layer, grid in zip(te["layers"], te["grids"], strict=True))
+        + "; float16 tokens, bit-shuffled LZ4; pixels, labels and logits: zstd).",
         "",
         "## Stage two: the APM student",
         "",
