@@ -522,7 +522,10 @@ def train(
         ),
     ] = None,
     locations: Annotated[
-        int, typer.Option(help="Random grid locations per image per step, besides the prefix tokens (0: all).")
+        int,
+        typer.Option(
+            help="Random locations per image per step on each level's grid, besides the prefix tokens (0: all)."
+        ),
     ] = 16,
     echo: Annotated[
         int,

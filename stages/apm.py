@@ -275,13 +275,15 @@ class APM(nn.Module):
         self.filter = nn.Conv2d(
             config.in_chans, config.trigger_channels, kernel_size=config.patch_size, stride=config.patch_size
         )
-        tables = [
-            location_codes(prefix, grid, config.code_dim, config.grid)
-            for prefix, grid in (zip(config.prefixes, config.grids, strict=True) if not config.one_grid else ())
-        ] or [location_codes(config.prefix_tokens, config.grid, config.code_dim)]
+        layouts = (
+            [(config.prefix_tokens, config.grid)]
+            if config.one_grid
+            else zip(config.prefixes, config.grids, strict=True)
+        )
+        tables = [location_codes(prefix, grid, config.code_dim, config.grid) for prefix, grid in layouts]
         self.register_buffer("codes", torch.cat(tables), persistent=False)
         starts = [0, *itertools.accumulate(len(t) for t in tables)]
-        self.code_spans = [(starts[i], starts[i + 1]) for i in range(len(tables))]  # one table per level (or shared)
+        self.code_spans = list(itertools.pairwise(starts))  # rows of each level's table in codes (one: shared)
         levels = len(config.level_dims)
         query_dim = config.trigger_dim + config.code_dim
         if config.level_mode == "query":
@@ -342,7 +344,8 @@ class APM(nn.Module):
     def forward_features(
         self, images: torch.Tensor, locations: torch.Tensor | None = None, level: int | None = None
     ) -> torch.Tensor:
-        """Trunk features ``[B, L, hidden[-1]]`` for the queried locations (and level in query mode)."""
+        """Trunk features ``[B, L, hidden[-1]]`` for the queried locations of ``level``'s grid (None: the shared
+        grid; in query mode the level's code is in the query)."""
         return self.trunk(self.queries(self.trigger(images), locations, level))
 
     def forward_head(self, features: torch.Tensor, level: int | None = None) -> list[torch.Tensor]:

@@ -55,6 +55,7 @@ from .objectives import (
     location_generator,
     locations_to,
     sample_level_locations,
+    whole_levels,
 )
 from .runtime import process_rank, setup_distributed
 
@@ -634,7 +635,9 @@ def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logi
     if run.config.augment:
         images, targets, logits = _augmented(run, images, targets, logits)
     generator = location_generator(run.config.seed, run.rank, run.step)
-    locations = locations_to(sample_level_locations(cfg, images.shape[0], run.config.locations, generator), run.device)
+    whole = whole_levels(cfg, run.head)
+    locations = sample_level_locations(cfg, images.shape[0], run.config.locations, generator, whole)
+    locations = locations_to(locations, run.device)
     losses = train_step(
         run.net,
         run.model,

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from .apm import APM
-from .objectives import LossConfig, distillation_losses, location_generator, locations_to, sample_level_locations
+from .objectives import (
+    LossConfig,
+    distillation_losses,
+    location_generator,
+    locations_to,
+    sample_level_locations,
+    whole_levels,
+)
 from .train import train_step
 
 TTT_START = ("trained", "scratch")
@@ -63,6 +70,7 @@ class EpisodicTTT:
         """One episode on ``images`` ``[1, C, H, W]`` (normalised) and its teacher tokens/logits."""
         self._reset(sample)
         model = self.model
+        whole = whole_levels(model.config, self.head if self.loss.logit_weight else None)
         before = model.eval().predict_tokens(images, self.chunk)
         loss_before = self.objective(images, targets, logits)
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.lr, weight_decay=0.0)
@@ -70,9 +78,8 @@ class EpisodicTTT:
         start = time.perf_counter()
         for step in range(self.config.steps):
             generator = location_generator(self.config.seed, sample, step)
-            where = locations_to(
-                sample_level_locations(model.config, 1, self.config.locations, generator), images.device
-            )
+            where = sample_level_locations(model.config, 1, self.config.locations, generator, whole)
+            where = locations_to(where, images.device)
             train_step(model, model, optimizer, None, images, targets, where, self.loss, False, 1.0, self.head, logits)
         if images.device.type == "cuda":
             torch.cuda.synchronize(images.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from apmpipe.stages.apm import APM, APMConfig, location_codes, sincos_2d
-from apmpipe.stages.objectives import location_generator, sample_level_locations
+from apmpipe.stages.objectives import location_generator, sample_level_locations, whole_levels
 from apmpipe.storage.checkpoint import load_student
 
 from .conftest import FAST, TRAIN_FAST, one_error_line, run_cli, run_main
@@ -169,6 +170,18 @@ def test_each_level_draws_its_own_grid_locations() -> None:
     ]
 
 
+def test_a_map_head_gets_its_whole_final_level_every_step() -> None:
+    config = APMConfig(1, (64, 64), (8, 8), 0, (4, 6, 8), pos_dim=16, hidden=(8,), level_grids=((8, 8), (4, 4), (2, 2)))
+    map_head, token_head = SimpleNamespace(needs_full_grid=True), SimpleNamespace(needs_full_grid=False)
+    assert (
+        whole_levels(config, map_head) == (2,) and whole_levels(config, token_head) == whole_levels(config, None) == ()
+    )
+    where = sample_level_locations(config, 3, 2, location_generator(0, 0, 0), whole=(2,))
+    assert [None if w is None else tuple(w.shape) for w in where] == [(3, 2), (3, 2), None]
+    one_grid = APMConfig(1, (64, 64), (8, 8), 0, (4, 6), pos_dim=16, hidden=(8,))
+    assert whole_levels(one_grid, map_head) == ()  # one-grid students train as before
+
+
 # -- a ConvNet (NCHW levels) through every command ------------------------------------------------------------------
 
 
@@ -230,6 +243,26 @@ def test_convnet_embed_tokens_per_level(tmp_path: Path, resnet_student: Path, di
     shapes = {layer: np.load(out / f"tokens_layer{layer}" / "digits-0000.npy").shape for layer in (3, 4, 5)}
     assert shapes == {3: (40, 64, 128), 4: (40, 16, 256), 5: (40, 4, 512)}
     assert np.load(out / "logits" / "digits-0000.npy").shape == (40, 10)
+
+
+def test_convnet_run_resumes_with_its_per_level_layout(tmp_path: Path, resnet_cache: Path) -> None:
+    args = [
+        "train",
+        resnet_cache,
+        "--out",
+        tmp_path / "run",
+        *TRAIN_FAST,
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+    ]
+    assert run_cli(*args).exit_code == 0
+    before = load_file(tmp_path / "run" / "student.safetensors")
+    result = run_cli(*args, "--resume")  # the checkpoint's student config (grids per level) matches this one's
+    assert result.exit_code == 0, result.output
+    after = load_file(tmp_path / "run" / "student.safetensors")
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 def test_query_mode_refuses_levels_on_several_grids(
