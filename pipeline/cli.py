@@ -929,6 +929,11 @@ def embed(
         raise typer.Exit(1)
 
 
+class TeacherKind(StrEnum):  # the keys of stages.reference_teacher.RECIPES (a test checks)
+    vit = "vit"
+    cnn = "cnn"
+
+
 @app.command(cls=ApmCommand)
 @reports_user_errors
 def demo(
@@ -946,6 +951,13 @@ def demo(
     seed: Annotated[
         int, typer.Option(help="Seed of the train/val split, the teacher, the student and data order.")
     ] = 0,
+    teacher_kind: Annotated[
+        TeacherKind,
+        typer.Option(
+            help="The trained teacher: a ViT (blocks 2, 4 on one 8x8 grid; 1, 2 with --quick) or a ConvNeXt "
+            "(levels 2, 3, 4 on grids 16x16, 8x8, 4x4; on scikit-learn digits)."
+        ),
+    ] = TeacherKind.vit,
 ) -> None:
     """Run the whole pipeline offline on bundled digits.
 
@@ -953,7 +965,7 @@ def demo(
     from .demo import run_demo
     from .report import EVAL_JSON
 
-    summary = run_demo(out, quick=quick, seed=seed)
+    summary = run_demo(out, quick=quick, seed=seed, teacher_kind=teacher_kind.value)
     render.eval_report(summary["eval"], out / EVAL_JSON)
     report = out / "report.md"
     out_console.print(f"report: {report} (loss.png, fidelity.png, per-class plots, islands.png)", highlight=False)

@@ -1,13 +1,14 @@
 """``apmpipe demo``: the whole pipeline offline on bundled real images, ending in a report folder.
 
-The teacher is a small timm ViT *trained* here (a random teacher's tokens flatter every student): trained once
-into ``OUT/teacher`` as a ``local-dir:`` folder and reused on reruns. The full demo trains the harder reference
+The teacher is a small timm model *trained* here (a random teacher's tokens flatter every student): a ViT
+(``--teacher-kind vit``, levels on one grid) or a ConvNeXt (``cnn``, levels on three grids), trained once into
+``OUT/teacher`` as a ``local-dir:`` folder and reused on reruns. The full ViT demo trains the harder reference
 teacher (:meth:`ReferenceRecipe.harder`) on 20,000 digits rendered at 32 px from fonts with random distortions
 (:func:`glyph_images`); its caches hold the first 4,000 of those (train) and 500 rendered digits it never saw (val).
-``--quick`` trains the small teacher on scikit-learn's 1,797 labelled digits, split (seeded) into train/val.
-Then extract -> train (the defaults of ``apmpipe train``, no tuning flags) -> eval (fidelity beside the
-mean-token baseline, teacher head, k-NN, probe, TTT) -> islands, and a report that names the teacher and its own
-accuracy.
+``--quick``, and the ConvNeXt always, train on scikit-learn's 1,797 labelled digits, split (seeded) into train/val
+(``--quick``: a quarter of the recipe's epochs). Then extract -> train (the defaults of ``apmpipe train``, no
+tuning flags) -> eval (fidelity beside the mean-token baseline, teacher head, k-NN, probe, TTT) -> islands, and a
+report that names the teacher and its own accuracy.
 """
 
 from __future__ import annotations
@@ -22,10 +23,19 @@ import numpy as np
 from apmpipe.stages.evaluate import EvalConfig, evaluate
 from apmpipe.stages.extract import ExtractConfig, ExtractSummary, extract
 from apmpipe.stages.islands import islands
-from apmpipe.stages.reference_teacher import ReferenceRecipe, train_reference_vit, trained_record
+from apmpipe.stages.reference_teacher import (
+    RECIPES,
+    TRAINING_FILE,
+    Recipe,
+    ReferenceRecipe,
+    train_reference_teacher,
+    trained_record,
+)
 from apmpipe.stages.teacher import TeacherConfig
 from apmpipe.stages.train import CPU_BATCH_SIZE, TrainConfig, train
+from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import RunDir
+from apmpipe.storage.errors import ConfigError
 
 from .console import ShardProgress, TrainProgress, counted, err_console, human_bytes, shown
 from .datasets import digit_images, digit_split, glyph_images, write_digit_shards, write_glyph_shards
@@ -41,21 +51,21 @@ HELD_OUT_GLYPHS = 500  # the val cache (and the teacher's val): rendered digits 
 class DemoPlan:
     """Data and sizes of one demo run (``quick``: the small digits teacher, shorter, and a capped student run)."""
 
-    teacher: ReferenceRecipe
+    teacher: Recipe
     max_steps: int
     ttt_samples: int
     glyphs: bool = False  # rendered digits, else scikit-learn's digits
 
-    @property
-    def layers(self) -> tuple[int, ...]:
-        """The teacher blocks the caches hold: the middle one and the last (whose tokens the teacher's head reads)."""
-        return self.teacher.depth // 2, self.teacher.depth
-
     @classmethod
-    def of(cls, quick: bool, seed: int) -> DemoPlan:
+    def of(cls, quick: bool, seed: int, teacher_kind: str = "vit") -> DemoPlan:
+        """``teacher_kind``: a key of :data:`RECIPES` (``vit``, ``cnn``). The ViT: quick the small teacher, else the
+        harder one on rendered digits; the ConvNeXt on scikit-learn's digits (its figures were measured there)."""
+        if teacher_kind == "vit" and not quick:
+            return cls(teacher=ReferenceRecipe.harder(seed), max_steps=0, ttt_samples=20, glyphs=True)
+        recipe = RECIPES[teacher_kind](seed=seed)
         if quick:
-            return cls(teacher=replace(ReferenceRecipe(seed=seed), epochs=15), max_steps=150, ttt_samples=4)
-        return cls(teacher=ReferenceRecipe.harder(seed), max_steps=0, ttt_samples=20, glyphs=True)
+            return cls(teacher=replace(recipe, epochs=recipe.epochs // 4), max_steps=150, ttt_samples=4)
+        return cls(teacher=recipe, max_steps=0, ttt_samples=20)
 
 
 def _teacher_data(
@@ -90,19 +100,32 @@ def _shards(out: Path, plan: DemoPlan, seed: int) -> tuple[list[str], list[str]]
     )
 
 
+def _check_kind(out: Path, recipe: Recipe) -> None:
+    """Refuse a demo folder whose teacher is of another architecture (its caches and student belong to that one)."""
+    path = out / "teacher" / TRAINING_FILE
+    found = json.loads(path.read_text()).get("architecture") if path.is_file() else None
+    if found not in (None, recipe.architecture):
+        raise ConfigError(
+            f"--out {out} holds the demo of a {found} teacher, not --teacher-kind {recipe.kind} "
+            f"({recipe.architecture}); pick another --out"
+        )
+
+
 def _teacher_folder(out: Path, plan: DemoPlan, seed: int) -> tuple[Path, dict[str, Any]]:
-    """The trained reference ViT in ``out/teacher`` (trained now unless a folder of the same recipe is there)."""
+    """The trained reference teacher in ``out/teacher`` (trained now unless a folder of the same recipe is there)."""
     folder, recipe = out / "teacher", plan.teacher
     record = trained_record(folder, recipe)
     if record is None:
         err_console.print(
-            "demo: no pretrained weights offline, so training a small ViT teacher on the "
+            f"demo: no pretrained weights offline, so training a small {recipe.family} teacher on the "
             f"{'rendered digits' if plan.glyphs else 'digits'}' train split ({counted(recipe.epochs, 'epoch')})",
             highlight=False,
         )
         train_data, val_data, note = _teacher_data(plan, seed)
         with TrainProgress("teacher") as progress:
-            record = train_reference_vit(folder, train_data, val_data, recipe, data_note=note, on_step=progress.step)
+            record = train_reference_teacher(
+                folder, train_data, val_data, recipe, data_note=note, on_step=progress.step
+            )
     err_console.print(
         f"demo: teacher {folder} (trained in {record['seconds']:.0f} s; val top-1 {record['val_top1']:.3f})",
         highlight=False,
@@ -136,7 +159,8 @@ def _previous(out: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DigitCaches:
-    """The demo's trained teacher and its train/val caches (made or reused)."""
+    """The demo's trained teacher (its record, folder, description and cached ``layers``) and its train/val caches
+    (made or reused)."""
 
     train: str
     val: str
@@ -159,24 +183,38 @@ def _word(value: Any) -> str:
 
 
 def prepare_digit_caches(out: Path, plan: DemoPlan, seed: int) -> DigitCaches:
-    """Digit shards, the trained reference ViT and its caches in ``out`` (each step reused when already done)."""
+    """Image shards, the trained reference teacher and its caches in ``out`` (each step reused when already done)."""
+    recipe = plan.teacher
+    _check_kind(out, recipe)
     out.mkdir(parents=True, exist_ok=True)
     train_shards, val_shards = _shards(out, plan, seed)
-    teacher, record = _teacher_folder(out, plan, seed)
-    layers = plan.layers
+    folder, record = _teacher_folder(out, plan, seed)
+    layers = recipe.layers
     err_console.print(
-        f"[bold]1/4 extract[/bold] the teacher's tokens (layers {', '.join(map(str, layers))}), pixels and logits, once"
+        f"[bold]1/4 extract[/bold] the teacher's tokens (layers {_listed(layers)}), pixels and logits, once"
     )
     caches = out / "cache" / "train.zarr", out / "cache" / "val.zarr"
-    summaries = _extract(train_shards, caches[0], teacher, layers), _extract(val_shards, caches[1], teacher, layers)
-    return DigitCaches(
-        str(caches[0]), str(caches[1]), {**record, "folder": str(teacher)}, summaries, tuple(train_shards), layers
-    )
+    summaries = _extract(train_shards, caches[0], folder, layers), _extract(val_shards, caches[1], folder, layers)
+    grids = [f"{h}x{w}" for h, w in (level.grid for level in FeatureCache.open(str(caches[0])).spec.levels)]
+    teacher = {
+        **record,
+        "folder": str(folder),
+        "family": recipe.family,
+        "description": recipe.describe(),
+        "layers": list(layers),
+        "grids": grids,
+    }
+    return DigitCaches(str(caches[0]), str(caches[1]), teacher, summaries, tuple(train_shards), layers)
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run the demo into ``out``; returns the summary written to ``out/summary.json``."""
-    plan = DemoPlan.of(quick, seed)
+def _listed(layers: Any) -> str:
+    return ", ".join(map(str, layers))
+
+
+def run_demo(out: Path, quick: bool = False, seed: int = 0, teacher_kind: str = "vit") -> dict[str, Any]:
+    """Run the demo into ``out`` with the reference teacher of ``teacher_kind`` (``vit``, ``cnn``); returns the
+    summary written to ``out/summary.json``."""
+    plan = DemoPlan.of(quick, seed, teacher_kind)
     previous = _previous(out)
     data = prepare_digit_caches(out, plan, seed)
     train_summary, val_summary = data.extracted
@@ -323,10 +361,8 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
     lines = [
         "# apmpipe demo report",
         "",
-        f"**Teacher**: a timm ViT ({te['architecture']}: {te['recipe']['depth']} blocks, patch "
-        f"{te['recipe']['patch_size']}, width "
-        f"{te['recipe']['embed_dim']}, {te['recipe']['image_size']} px grayscale) trained offline by the "
-        f"demo on {te['data']} "
+        f"**Teacher**: a timm {te['family']} ({te['architecture']}: {te['description']}, "
+        f"{te['recipe']['image_size']} px grayscale) trained offline by the demo on {te['data']} "
         f"in {te['seconds']:.0f} s: **val top-1 {te['val_top1']:.3f}** (train {te['train_top1']:.3f}). "
         f"Saved as `local-dir:{te['folder']}`.",
         "",
@@ -334,8 +370,9 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "",
         f"{ex['train_images']} train + {ex['val_images']} val images extracted once at "
         f"{ex['images_per_s']:.1f} img/s; {human_bytes(ex['stored_bytes'])} "
-        f"on disk (layers {' and '.join(ev['fidelity'])}: float16 tokens, bit-shuffled LZ4; pixels, labels and "
-        "logits: zstd).",
+        "on disk (layers by grid: "
+        + ", ".join(f"{layer} ({grid})" for layer, grid in zip(te["layers"], te["grids"], strict=True))
+        + "; float16 tokens, bit-shuffled LZ4; pixels, labels and logits: zstd).",
         "",
         "## Stage two: the APM student",
         "",

@@ -1,13 +1,15 @@
-"""A small trained timm ViT for when no pretrained teacher can be had (offline demo, tests, ablations).
+"""Small trained timm teachers for when no pretrained one can be had (offline demo, tests, ablations).
 
 A random-init teacher's tokens are smooth functions of the pixels and flatter every student, so science
-defaults are judged on a *trained* one. :func:`train_reference_vit` trains a ViT (patch 4) on labelled
-grayscale images: the default recipe a 2-block, 64-wide one in about a minute on 2 idle CPU cores (torch's threads:
-the CLI's --threads or the free cores); :meth:`ReferenceRecipe.harder` a 4-block, 96-wide one trained with random
-affine augmentation, for native-resolution images whose tokens do not flatter a student as upscaled 8x8 digits'
-smooth ones do. It saves it as a timm ``local-dir:`` folder (``config.json``
-with its data config + ``model.safetensors``, written by timm's own exporter) plus ``training.json`` (recipe,
-accuracy, time). :func:`reference_teacher` reuses a folder trained with the same recipe.
+defaults are judged on a *trained* one. :func:`train_reference_teacher` trains one of two kinds on labelled
+grayscale images on torch's threads (the CLI's --threads or the free cores): the ViT of :class:`ReferenceRecipe`
+(patch 4, one 8x8 grid; by default 2 blocks, 64 wide, about a minute on 2 idle CPU cores;
+:meth:`ReferenceRecipe.harder` a 4-block, 96-wide one trained with random affine augmentation, for
+native-resolution images whose tokens do not flatter a student as upscaled 8x8 digits' smooth ones do) or the
+hierarchical ConvNet of :class:`ConvReferenceRecipe` (a 4-stage ConvNeXt on grids 32, 16, 8 and 4). It saves it as
+a timm ``local-dir:`` folder (``config.json`` with its data config + ``model.safetensors``, written by timm's own
+exporter) plus ``training.json`` (recipe, accuracy, time). :func:`trained_record` finds a folder trained with the
+same recipe.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import timm
@@ -27,7 +29,6 @@ import torch.nn.functional as F
 
 from apmpipe.storage.errors import ConfigError
 
-ARCHITECTURE = "vit_tiny_patch16_224"
 MEAN, STD = 0.5, 0.5
 TRAINING_FILE = "training.json"
 StepCallback = Callable[[int, int, dict[str, float]], None]  # (step, total steps, {loss, epoch, samples_per_s})
@@ -35,7 +36,11 @@ StepCallback = Callable[[int, int, dict[str, float]], None]  # (step, total step
 
 @dataclass(frozen=True)
 class ReferenceRecipe:
-    """Architecture and schedule of the reference teacher (its identity: a different recipe retrains)."""
+    """Architecture and schedule of the reference ViT (its identity: a different recipe retrains)."""
+
+    kind: ClassVar[str] = "vit"
+    family: ClassVar[str] = "ViT"
+    architecture: ClassVar[str] = "vit_tiny_patch16_224"
 
     image_size: int = 32
     patch_size: int = 4
@@ -50,6 +55,11 @@ class ReferenceRecipe:
     label_smoothing: float = 0.1
     augment: bool = False  # a random rotation, scale and shift of every training image, drawn per step
     seed: int = 0
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The levels worth caching, on one 8x8 grid: the middle block and the last (whose tokens the head reads)."""
+        return self.depth // 2, self.depth
 
     @classmethod
     def harder(cls, seed: int = 0) -> ReferenceRecipe:
@@ -67,6 +77,51 @@ class ReferenceRecipe:
             "mlp_ratio": self.mlp_ratio,
             "num_classes": num_classes,
         }
+
+    def describe(self) -> str:
+        return f"{self.depth} blocks, patch {self.patch_size}, width {self.embed_dim}"
+
+
+@dataclass(frozen=True)
+class ConvReferenceRecipe:
+    """Architecture and schedule of the hierarchical reference teacher: timm's ConvNeXt with one block per stage, a
+    patch-1 stem and small kernels, so that 32 px inputs give stages on grids 32, 16, 8 and 4 (its identity: a
+    different recipe retrains)."""
+
+    kind: ClassVar[str] = "cnn"
+    family: ClassVar[str] = "ConvNeXt"
+    architecture: ClassVar[str] = "convnext_atto"
+    layers: ClassVar[tuple[int, ...]] = (2, 3, 4)  # the levels worth caching: grids 16, 8 and 4 (4: the head's)
+
+    image_size: int = 32
+    depths: tuple[int, ...] = (1, 1, 1, 1)
+    dims: tuple[int, ...] = (16, 32, 64, 128)
+    kernel_size: int = 3
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 5e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    augment: bool = False  # as the ViT's; off: the figures were measured without it
+    seed: int = 0
+
+    def model_args(self, num_classes: int) -> dict[str, Any]:
+        return {
+            "in_chans": 1,
+            "depths": self.depths,
+            "dims": self.dims,
+            "patch_size": 1,
+            "kernel_sizes": self.kernel_size,
+            "num_classes": num_classes,
+        }
+
+    def describe(self) -> str:
+        blocks, widths = ("/".join(map(str, values)) for values in (self.depths, self.dims))
+        return f"{len(self.depths)} stages of {blocks} blocks, widths {widths}, kernel {self.kernel_size}"
+
+
+Recipe = ReferenceRecipe | ConvReferenceRecipe
+RECIPES: dict[str, type[Recipe]] = {recipe.kind: recipe for recipe in (ReferenceRecipe, ConvReferenceRecipe)}
 
 
 def _normalise(images: np.ndarray) -> torch.Tensor:
@@ -96,7 +151,7 @@ def _fit(
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    recipe: ReferenceRecipe,
+    recipe: Recipe,
     on_step: StepCallback | None = None,
 ) -> None:
     """AdamW, one-cycle schedule, label smoothing; a seeded sample order (and augmentation, when the recipe asks).
@@ -125,16 +180,16 @@ def _fit(
                 on_step(done, total, {"loss": loss.item(), "epoch": epoch, "samples_per_s": rate})
 
 
-def train_reference_vit(
+def train_reference_teacher(
     out_dir: str | Path,
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
-    recipe: ReferenceRecipe = ReferenceRecipe(),
+    recipe: Recipe = ReferenceRecipe(),
     data_note: str = "",
     on_step: StepCallback | None = None,
 ) -> dict[str, Any]:
-    """Train the reference ViT on ``train`` (uint8 ``[N, H, W]`` images, int labels), save it to ``out_dir``;
-    ``on_step(step, total, record)`` follows the training.
+    """Train the reference teacher of ``recipe`` on ``train`` (uint8 ``[N, H, W]`` images, int labels), save it to
+    ``out_dir``; ``on_step(step, total, record)`` follows the training.
 
     Returns the contents of ``training.json`` (recipe, train/val top-1, seconds, threads, data note).
     """
@@ -163,7 +218,7 @@ def _train(
     images: np.ndarray,
     labels: np.ndarray,
     val: tuple[np.ndarray, np.ndarray],
-    recipe: ReferenceRecipe,
+    recipe: Recipe,
     num_classes: int,
     on_step: StepCallback | None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -171,11 +226,12 @@ def _train(
     exact weights, depend on them)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        model = timm.create_model(ARCHITECTURE, pretrained=False, **recipe.model_args(num_classes))
+        model = timm.create_model(recipe.architecture, pretrained=False, **recipe.model_args(num_classes))
         train_x, train_y = _normalise(images), torch.from_numpy(labels).long()
         _fit(model, train_x, train_y, recipe, on_step)
     return model, {
-        "architecture": ARCHITECTURE,
+        "architecture": recipe.architecture,
+        "kind": recipe.kind,
         "recipe": asdict(recipe),
         "num_classes": num_classes,
         "train_top1": _accuracy(model, train_x, train_y),
@@ -186,7 +242,7 @@ def _train(
     }
 
 
-def _save(model: torch.nn.Module, out_dir: Path, recipe: ReferenceRecipe, record: dict[str, Any]) -> None:
+def _save(model: torch.nn.Module, out_dir: Path, recipe: Recipe, record: dict[str, Any]) -> None:
     """Write the folder next to ``out_dir`` and rename it into place (a killed run leaves no half folder)."""
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -211,7 +267,7 @@ def _save(model: torch.nn.Module, out_dir: Path, recipe: ReferenceRecipe, record
     staging.rename(out_dir)
 
 
-def trained_record(out_dir: str | Path, recipe: ReferenceRecipe = ReferenceRecipe()) -> dict[str, Any] | None:
+def trained_record(out_dir: str | Path, recipe: Recipe = ReferenceRecipe()) -> dict[str, Any] | None:
     """``training.json`` of a finished reference teacher in ``out_dir`` made with ``recipe``, else None."""
     path = Path(out_dir) / TRAINING_FILE
     if not (path.is_file() and (Path(out_dir) / "model.safetensors").is_file()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,37 @@ def test_demo_quick_writes_a_sane_report(tmp_path: Path) -> None:
         and rerun["extract"] == summary["extract"]
         and "training a small ViT" not in again.output
     )
+
+
+@pytest.mark.slow
+def test_cnn_demo_trains_one_student_on_three_grids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--teacher-kind cnn with a 2-epoch teacher and a 20-step student (the demo's plan made small): the hierarchical
+    teacher's three levels on three grids go through train, eval, TTT and islands, and the report names them."""
+    from apmpipe.pipeline import demo
+    from apmpipe.stages.reference_teacher import ConvReferenceRecipe
+
+    def small(cls: type, quick: bool, seed: int, teacher_kind: str) -> demo.DemoPlan:
+        assert teacher_kind == "cnn"
+        return cls(teacher=replace(ConvReferenceRecipe(seed=seed), epochs=2), max_steps=20, ttt_samples=1)
+
+    monkeypatch.setattr(demo.DemoPlan, "of", classmethod(small))
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--teacher-kind", "cnn", "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    teacher = summary["teacher"]
+    assert (teacher["architecture"], teacher["layers"], teacher["grids"]) == (
+        "convnext_atto",
+        [2, 3, 4],
+        ["16x16", "8x8", "4x4"],
+    )
+    fidelity = summary["eval"]["fidelity"]
+    assert set(fidelity) == {"2", "3", "4"} and all("patch_r2" in f and "prefix_r2" not in f for f in fidelity.values())
+    assert summary["train"]["steps"] == 20 and summary["train"]["options"]["lr"] == 2e-3  # the train defaults ran
+    assert summary["eval"]["classification"]["teacher_head"]["teacher"]["top1"] > 0.1  # above chance after 2 epochs
+    assert summary["eval"]["ttt"]["samples"] == 1 and (out / "islands.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "timm ConvNeXt" in report and "layers by grid: 2 (16x16), 3 (8x8), 4 (4x4);" in report
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,7 @@ def small_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Outcome,
     from apmpipe.pipeline import demo
     from apmpipe.stages.reference_teacher import ReferenceRecipe
 
-    def small(cls: type, quick: bool, seed: int) -> demo.DemoPlan:
+    def small(cls: type, quick: bool, seed: int, teacher_kind: str) -> demo.DemoPlan:
         return cls(teacher=replace(ReferenceRecipe(seed=seed), epochs=1), max_steps=6, ttt_samples=1)
 
     out, threads = tmp_path_factory.mktemp("demo") / "demo", torch.get_num_threads()
