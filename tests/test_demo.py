@@ -7,8 +7,12 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from apmpipe.pipeline.datasets import digit_split
 
 from .conftest import run_cli, run_main
 
@@ -62,20 +66,32 @@ def test_demo_quick_writes_a_sane_report(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cnn_demo_trains_one_student_on_three_grids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--teacher-kind cnn with a 2-epoch teacher and a 20-step student (the demo's plan made small): the hierarchical
-    teacher's three levels on three grids go through train, eval, TTT and islands, and the report names them."""
+    """--teacher-kind cnn with the demo's plan made small (a 120-step teacher on 384 of the digits' train split, 96 val
+    digits, a 20-step student): the hierarchical teacher's three levels on three grids go through train, eval, TTT
+    and islands, and the report names them."""
     from apmpipe.pipeline import demo
     from apmpipe.stages.reference_teacher import ConvReferenceRecipe
 
     def small(cls: type, quick: bool, seed: int, teacher_kind: str) -> demo.DemoPlan:
         assert teacher_kind == "cnn"
-        return cls(teacher=replace(ConvReferenceRecipe(seed=seed), epochs=2), max_steps=20, ttt_samples=1)
+        return cls(
+            teacher=replace(ConvReferenceRecipe(seed=seed), epochs=5, batch_size=16), max_steps=20, ttt_samples=1
+        )
 
+    def few_digits(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        train_idx, val_idx = digit_split(seed)
+        return train_idx[:384], val_idx[:96]
+
+    monkeypatch.setattr(demo, "digit_split", few_digits)
     monkeypatch.setattr(demo.DemoPlan, "of", classmethod(small))
-    out = tmp_path / "demo"
-    result = run_cli("demo", "--teacher-kind", "cnn", "--out", out)
+    out, threads = tmp_path / "demo", torch.get_num_threads()
+    try:  # one thread: on a loaded box more oversubscribe the cores and cost many times the CPU
+        result = run_cli("--threads", "1", "demo", "--teacher-kind", "cnn", "--out", out)
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
+    assert (summary["extract"]["train_images"], summary["extract"]["val_images"]) == (384, 96)
     teacher = summary["teacher"]
     assert (teacher["architecture"], teacher["layers"], teacher["grids"]) == (
         "convnext_atto",
@@ -85,7 +101,7 @@ def test_cnn_demo_trains_one_student_on_three_grids(tmp_path: Path, monkeypatch:
     fidelity = summary["eval"]["fidelity"]
     assert set(fidelity) == {"2", "3", "4"} and all("patch_r2" in f and "prefix_r2" not in f for f in fidelity.values())
     assert summary["train"]["steps"] == 20 and summary["train"]["options"]["lr"] == 2e-3  # the train defaults ran
-    assert summary["eval"]["classification"]["teacher_head"]["teacher"]["top1"] > 0.1  # above chance after 2 epochs
+    assert summary["eval"]["classification"]["teacher_head"]["teacher"]["top1"] > 0.1  # above chance after 120 steps
     assert summary["eval"]["ttt"]["samples"] == 1 and (out / "islands.png").stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "timm ConvNeXt" in report and "layers by grid: 2 (16x16), 3 (8x8), 4 (4x4);" in report
