@@ -997,7 +997,8 @@ def bench_extract_command(
     Extraction img/s vs bare forward_intermediates img/s (same teacher, batch, device); target ratio >= 0.95."""
     from apmpipe.stages.extract_config import ExtractConfig
 
-    from .bench import bench_extract, default_bench_shards, scratch_dir
+    from .bench.caches import default_bench_shards, scratch_dir
+    from .bench.extract import bench_extract
 
     options = stage_options(ctx, "sources", "teacher", "layers", "model_arg", "images")
     with scratch_dir() as tmp:
@@ -1064,7 +1065,8 @@ def bench_train_command(
 
     Bytes per trained sample, loader vs student samples/s, cached vs online trained samples/s (online: its teacher
     in autocast on CUDA, fused attention, channels_last, its best batch), peak RSS (one run)."""
-    from .bench import bench_train, scratch_dir
+    from .bench.caches import scratch_dir
+    from .bench.train import bench_train
 
     resolved = device if device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     options = stage_options(ctx)
@@ -1117,8 +1119,8 @@ def bench_pipeline_command(
     Storage read, read + decode, windows to the main process, pinning, host->device copy, gather / echo / rebuild
     on the device, student step, end to end (samples/s, GB/s, samples per CPU second); the limiting stage and the
     loader cores a student needs (one run)."""
-    from .bench import scratch_dir
-    from .bench_pipeline import RANGES, bench_pipeline
+    from .bench.caches import scratch_dir
+    from .bench.pipeline import RANGES, bench_pipeline
 
     options = {"images": images, "batch_size": batch_size, "window_samples": window_samples, "echo": echo}
     check_ranges({**options, "locations": locations, "old_workers": old_workers, "student_rate": student_rate}, RANGES)
@@ -1159,7 +1161,7 @@ def bench_ablation_command(
     """Each training objective switched off in turn.
 
     On the demo's trained teacher: held-out R2 and teacher-head top-1."""
-    from .bench import bench_ablation
+    from .bench.ablation import bench_ablation
 
     teacher, rows = bench_ablation(workdir, steps, seed, only)
     render.bench_ablation(teacher, rows, steps)
@@ -1184,7 +1186,7 @@ def bench_bytes_command(
 
     On the demo's trained teacher, each plan (int8, low rank, echo, --levels) beside the float16 default: patch
     cosine per level, head top-1."""
-    from .bench import bench_bytes
+    from .bench.bytes import bench_bytes
 
     teacher, rows = bench_bytes(workdir, steps, seed, only)
     render.bench_bytes(teacher, rows, steps, workdir / "bench-bytes.json")
@@ -1211,7 +1213,7 @@ def bench_augment_command(
     to the teacher's tokens on the flipped / cropped images, per level, beside the un-augmented tokens."""
     from apmpipe.stages.augment import check_crop_scale
 
-    from .bench import bench_augment
+    from .bench.augment import bench_augment
 
     scale = parse_number_list(crop_scale, "--crop-scale", float, "0.08,1")
     check_crop_scale(scale)
@@ -1232,7 +1234,7 @@ def bench_codecs_command(
 
     Stored bytes per sample, encode and decode MB/s per array as extract writes and the loader reads them, and
     per sample over all arrays: choose extract --codec for your teacher's tokens."""
-    from .bench import bench_codecs
+    from .bench.codecs import bench_codecs
 
     render.bench_codecs(bench_codecs(cache, samples, parse_storage_options(storage_option)))
 
