@@ -166,7 +166,7 @@ def test_rerun_without_codec_keeps_the_caches_and_another_codec_is_refused(
 
 
 def test_bench_default_codec_is_the_caches() -> None:
-    from apmpipe.pipeline.cli import DEFAULT_CODEC_CHOICE
+    from apmpipe.pipeline.cli.options import DEFAULT_CODEC_CHOICE
 
     assert DEFAULT_CODEC_CHOICE.value == DEFAULT_CODEC
 
