@@ -12,7 +12,7 @@ from apmpipe.storage.errors import check_ranges
 from .. import render
 from .options import (
     DEFAULT_CODEC_CHOICE,
-    ApmCommand,
+    ApmTyper,
     BenchLayers,
     Codec,
     DeviceOption,
@@ -24,17 +24,15 @@ from .options import (
     parse_key_values,
     parse_number_list,
     parse_storage_options,
-    reports_user_errors,
     stage_options,
 )
 
-app = typer.Typer(
+app = ApmTyper(
     help="Measure throughput side by side in one run and print ratios.", no_args_is_help=True, rich_markup_mode=None
 )
 
 
-@app.command("extract", cls=ApmCommand)
-@reports_user_errors
+@app.command("extract")
 def bench_extract_command(
     ctx: typer.Context,
     sources: Annotated[
@@ -76,8 +74,7 @@ def bench_extract_command(
     render.bench_extract(result, config)
 
 
-@app.command("train", cls=ApmCommand)
-@reports_user_errors
+@app.command("train")
 def bench_train_command(
     ctx: typer.Context,
     teacher: Annotated[
@@ -152,8 +149,7 @@ def bench_train_command(
         json_out.write_text(report_json(result.to_dict()))
 
 
-@app.command("pipeline", cls=ApmCommand)
-@reports_user_errors
+@app.command("pipeline")
 def bench_pipeline_command(
     cache: Annotated[
         str | None, typer.Option(help="Cache URL to measure; default: build a ViT-B/16-shaped float16 one.")
@@ -207,8 +203,7 @@ def bench_pipeline_command(
     render.bench_pipeline(result, student_rate)
 
 
-@app.command("ablation", cls=ApmCommand)
-@reports_user_errors
+@app.command("ablation")
 def bench_ablation_command(
     ctx: typer.Context,
     workdir: Annotated[
@@ -229,8 +224,7 @@ def bench_ablation_command(
     render.bench_ablation(teacher, rows, steps)
 
 
-@app.command("bytes", cls=ApmCommand)
-@reports_user_errors
+@app.command("bytes")
 def bench_bytes_command(
     workdir: Annotated[
         Path, typer.Option(help="Folder for the trained teacher, caches and runs (reused on reruns).")
@@ -254,8 +248,7 @@ def bench_bytes_command(
     render.bench_bytes(teacher, rows, steps, workdir / "bench-bytes.json")
 
 
-@app.command("augment", cls=ApmCommand)
-@reports_user_errors
+@app.command("augment")
 def bench_augment_command(
     workdir: Annotated[
         Path, typer.Option(help="Folder for the trained teacher and caches (shared with bench ablation).")
@@ -283,8 +276,7 @@ def bench_augment_command(
     render.bench_augment(teacher, rows, scale)
 
 
-@app.command("codecs", cls=ApmCommand)
-@reports_user_errors
+@app.command("codecs")
 def bench_codecs_command(
     cache: Annotated[str, typer.Argument(help="A cache (local or URL); its first complete shard is measured.")],
     samples: Annotated[

@@ -10,9 +10,9 @@ import typer
 
 from .. import render
 from ..console import out_console
-from .options import ApmCommand, reports_user_errors
+from .options import ApmTyper
 
-app = typer.Typer()
+app = ApmTyper()
 
 
 class TeacherKind(StrEnum):  # the keys of stages.reference_teacher.RECIPES (a test checks)
@@ -20,8 +20,7 @@ class TeacherKind(StrEnum):  # the keys of stages.reference_teacher.RECIPES (a t
     cnn = "cnn"
 
 
-@app.command(cls=ApmCommand)
-@reports_user_errors
+@app.command()
 def demo(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for data, caches, student and the report.")] = Path(

@@ -9,9 +9,9 @@ import typer
 
 from .. import render
 from ..console import ShardProgress
-from .options import ApmCommand, DeviceOption, StorageOptions, parse_storage_options, reports_user_errors, stage_options
+from .options import ApmTyper, DeviceOption, StorageOptions, parse_storage_options, stage_options
 
-app = typer.Typer()
+app = ApmTyper()
 
 
 class GlobalFeature(StrEnum):
@@ -25,8 +25,7 @@ class EmbedDtype(StrEnum):
     float32 = "float32"
 
 
-@app.command(cls=ApmCommand)
-@reports_user_errors
+@app.command()
 def embed(
     ctx: typer.Context,
     sources: Annotated[

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from .. import render
-from .options import ApmCommand, DeviceOption, StorageOptions, parse_storage_options, reports_user_errors, stage_options
+from .options import ApmTyper, DeviceOption, StorageOptions, parse_storage_options, stage_options
 
-app = typer.Typer()
+app = ApmTyper()
 
 
 ISLANDS_PNG = "islands.png"  # what apmpipe islands writes into its --out folder
@@ -27,8 +27,7 @@ class IslandsMode(StrEnum):
     kmeans = "kmeans"
 
 
-@app.command("eval", cls=ApmCommand)
-@reports_user_errors
+@app.command("eval")
 def eval_command(
     ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Evaluation feature cache.", show_default=False)],
@@ -93,8 +92,7 @@ def eval_command(
     render.eval_report(report, f"{folder.rstrip('/')}/{json_name}")
 
 
-@app.command(cls=ApmCommand)
-@reports_user_errors
+@app.command()
 def islands(
     ctx: typer.Context,
     sources: Annotated[

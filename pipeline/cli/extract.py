@@ -11,7 +11,7 @@ import typer
 from .. import render
 from ..console import ShardProgress
 from .options import (
-    ApmCommand,
+    ApmTyper,
     Codec,
     DeviceOption,
     ModelArgs,
@@ -21,11 +21,10 @@ from .options import (
     parse_key_values,
     parse_number_list,
     parse_storage_options,
-    reports_user_errors,
     stage_options,
 )
 
-app = typer.Typer()
+app = ApmTyper()
 
 
 class PixelCodec(StrEnum):
@@ -35,8 +34,7 @@ class PixelCodec(StrEnum):
     jpeg = "jpeg"
 
 
-@app.command(cls=ApmCommand)
-@reports_user_errors
+@app.command()
 def extract(
     ctx: typer.Context,
     sources: Annotated[

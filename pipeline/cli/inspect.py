@@ -12,13 +12,12 @@ from apmpipe.storage.errors import ConfigError
 
 from .. import render
 from ..console import out_console
-from .options import ApmCommand, DeviceOption, StorageOptions, parse_storage_options, reports_user_errors
+from .options import ApmTyper, DeviceOption, StorageOptions, parse_storage_options
 
-app = typer.Typer()
+app = ApmTyper()
 
 
-@app.command(cls=ApmCommand)
-@reports_user_errors
+@app.command()
 def info(
     ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],
@@ -44,8 +43,7 @@ def info(
         render.cache_description(desc, sizes)
 
 
-@app.command(cls=ApmCommand)
-@reports_user_errors
+@app.command()
 def verify(
     ctx: typer.Context,
     cache: Annotated[str, typer.Argument(help="Feature cache path or URL.", show_default=False)],

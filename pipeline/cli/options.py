@@ -136,6 +136,15 @@ def reports_user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class ApmTyper(typer.Typer):
+    """A group of commands that use :class:`ApmCommand` and report user errors in one line (each command module's
+    ``app``)."""
+
+    def command(self, name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+        register = super().command(name, cls=ApmCommand, **kwargs)
+        return lambda function: register(reports_user_errors(function))
+
+
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     return parse_number_list(text, option, int, "4,8,12")
 

@@ -10,18 +10,17 @@ import typer
 
 from .. import render
 from .options import (
-    ApmCommand,
+    ApmTyper,
     DeviceOption,
     Preset,
     StorageOptions,
     parse_int_list,
     parse_number_list,
     parse_storage_options,
-    reports_user_errors,
     stage_options,
 )
 
-app = typer.Typer()
+app = ApmTyper()
 
 
 class LevelMode(StrEnum):
@@ -34,8 +33,7 @@ class Query(StrEnum):
     local = "local"
 
 
-@app.command(cls=ApmCommand)
-@reports_user_errors
+@app.command()
 def train(
     ctx: typer.Context,
     caches: Annotated[
