@@ -45,6 +45,8 @@ IMAGE_SIZE = 32
 TEACHER_GLYPHS = 20_000  # the harder teacher trains on rendered digits 0 .. 19,999
 CACHE_GLYPHS = 4_000  # the train cache: the first of those
 HELD_OUT_GLYPHS = 500  # the val cache (and the teacher's val): rendered digits after them
+# the harder teacher's train cache stores each image as 4 views, the teacher's own tokens for each (extract --views)
+TRAIN_VIEWS: dict[str, Any] = {"views": 4, "view_augment": ("crop",), "view_crop_scale": (0.35, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,19 @@ class DemoPlan:
     max_steps: int
     ttt_samples: int
     glyphs: bool = False  # rendered digits, else scikit-learn's digits
+    views: bool = False  # the train cache holds TRAIN_VIEWS of each image
+
+    @property
+    def train_storage(self) -> dict[str, Any]:
+        """ExtractConfig options of the train cache beyond the defaults."""
+        return dict(TRAIN_VIEWS) if self.views else {}
 
     @classmethod
     def of(cls, quick: bool, seed: int, teacher_kind: str = "vit") -> DemoPlan:
         """``teacher_kind``: a key of :data:`RECIPES` (``vit``, ``cnn``). The ViT: quick the small teacher, else the
         harder one on rendered digits; the ConvNeXt on scikit-learn's digits (its figures were measured there)."""
         if teacher_kind == "vit" and not quick:
-            return cls(teacher=ReferenceRecipe.harder(seed), max_steps=0, ttt_samples=20, glyphs=True)
+            return cls(teacher=ReferenceRecipe.harder(seed), max_steps=0, ttt_samples=20, glyphs=True, views=True)
         recipe = RECIPES[teacher_kind](seed=seed)
         if quick:
             return cls(teacher=replace(recipe, epochs=recipe.epochs // 4), max_steps=150, ttt_samples=4)
@@ -168,9 +176,12 @@ class DigitCaches:
     extracted: tuple[ExtractSummary, ExtractSummary]
     train_shards: tuple[str, ...]
     layers: tuple[int, ...]
+    train_storage: dict[str, Any]
 
     def train_variant(self, **storage: Any) -> str:
-        """The train split in another storage form (``dtype``, ``rank``, ...) beside the default cache; made once."""
+        """The train split in another storage form (``dtype``, ``rank``, ``views``, ...: over the train cache's own)
+        beside the default cache; made once."""
+        storage = {**self.train_storage, **storage}
         name = "-".join(f"{key}-{_word(value)}" for key, value in sorted(storage.items())) or "default"
         out = Path(self.train).parent / f"train-{name}.zarr"
         _extract(list(self.train_shards), out, Path(self.teacher["folder"]), self.layers, **storage)
@@ -194,7 +205,10 @@ def prepare_digit_caches(out: Path, plan: DemoPlan, seed: int) -> DigitCaches:
         f"[bold]1/4 extract[/bold] the teacher's tokens (layers {_listed(layers)}), pixels and logits, once"
     )
     caches = out / "cache" / "train.zarr", out / "cache" / "val.zarr"
-    summaries = _extract(train_shards, caches[0], folder, layers), _extract(val_shards, caches[1], folder, layers)
+    summaries = (
+        _extract(train_shards, caches[0], folder, layers, **plan.train_storage),
+        _extract(val_shards, caches[1], folder, layers),
+    )
     grids = [f"{h}x{w}" for h, w in (level.grid for level in FeatureCache.open(str(caches[0])).spec.levels)]
     teacher = {
         **record,
@@ -204,7 +218,9 @@ def prepare_digit_caches(out: Path, plan: DemoPlan, seed: int) -> DigitCaches:
         "layers": list(layers),
         "grids": grids,
     }
-    return DigitCaches(str(caches[0]), str(caches[1]), teacher, summaries, tuple(train_shards), layers)
+    return DigitCaches(
+        str(caches[0]), str(caches[1]), teacher, summaries, tuple(train_shards), layers, plan.train_storage
+    )
 
 
 def _listed(layers: Any) -> str:
@@ -261,7 +277,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, teacher_kind: str = 
         "teacher": data.teacher,
         "quick": quick,
         "extract": {
-            "train_images": train_summary.cache_samples,
+            "train_images": train_summary.cache_samples // data.train_storage.get("views", 1),
+            "train_views": data.train_storage.get("views", 1),
             "val_images": val_summary.cache_samples,
             "stored_bytes": train_summary.stored_bytes + val_summary.stored_bytes,
             "images_per_s": train_summary.images_per_second,
@@ -285,6 +302,17 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, teacher_kind: str = 
     (out / "summary.json").write_text(report_json(summary))
     (out / "report.md").write_text(render_report(summary, out))
     return summary
+
+
+def _views_note(views: int) -> str:
+    """How the train cache stores its images, for the report (nothing for one view each)."""
+    if views == 1:
+        return ""
+    crop = TRAIN_VIEWS["view_crop_scale"]
+    return (
+        f" (each as {views} views: the image and {views - 1} random crops of {crop[0]:g}-{crop[1]:g} of its area, "
+        "with the teacher's tokens and logits for each, `extract --views`)"
+    )
 
 
 def _classification_rows(report: dict[str, Any]) -> list[str]:
@@ -368,7 +396,8 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "",
         "## Stage one: feature cache",
         "",
-        f"{ex['train_images']} train + {ex['val_images']} val images extracted once at "
+        f"{ex['train_images']} train{_views_note(ex.get('train_views', 1))} + {ex['val_images']} val images "
+        "extracted once at "
         f"{ex['images_per_s']:.1f} img/s; {human_bytes(ex['stored_bytes'])} "
         "on disk (layers by grid: "
         + ", ".join(f"{layer} ({grid})" for layer, grid in zip(te["layers"], te["grids"], strict=True))

@@ -200,7 +200,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the authors' released model: 1-channel filter, code as wide as T, ReLU MLP 4096-4096-4096-2048-1024
     "paper": {"trigger_channels": 1, "pos_dim": 0, "hidden": (4096, 4096, 4096, 2048, 1024), "act": "relu"},
     "base": {"trigger_channels": 4, "pos_dim": 512, "hidden": (1024, 1024, 1024), "act": "gelu"},
-    "small": {"trigger_channels": 2, "pos_dim": 256, "hidden": (512, 512, 512), "act": "gelu"},
+    "small": {"trigger_channels": 16, "pos_dim": 256, "hidden": (512, 512, 512), "act": "gelu"},
     "tiny": {"trigger_channels": 1, "pos_dim": 64, "hidden": (128, 128), "act": "gelu"},
 }
 

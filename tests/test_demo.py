@@ -14,6 +14,7 @@ from PIL import Image
 
 from apmpipe.pipeline.datasets import digit_split
 from apmpipe.stages.reference_teacher import ReferenceRecipe
+from apmpipe.storage.cache import FeatureCache
 
 from .conftest import run_cli, run_main
 
@@ -117,7 +118,7 @@ def test_full_demo_renders_digits_and_trains_the_harder_teacher(
     from apmpipe.pipeline import demo
 
     plan = demo.DemoPlan.of(False, 0)
-    assert plan.glyphs and plan.teacher == ReferenceRecipe.harder(0) and plan.teacher.layers == (2, 4)
+    assert plan.glyphs and plan.teacher == ReferenceRecipe.harder(0) and plan.teacher.layers == (2, 4) and plan.views
     small = replace(plan, teacher=replace(plan.teacher, epochs=1, batch_size=32), max_steps=20, ttt_samples=1)
     _run_demo_with_plan(monkeypatch, small)
     for name, count in (("TEACHER_GLYPHS", 512), ("CACHE_GLYPHS", 128), ("HELD_OUT_GLYPHS", 64)):
@@ -130,6 +131,9 @@ def test_full_demo_renders_digits_and_trains_the_harder_teacher(
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["extract"]["train_images"], summary["extract"]["val_images"]) == (128, 64)
+    assert summary["extract"]["train_views"] == 4 and "each as 4 views" in (out / "report.md").read_text()
+    cache = FeatureCache.open(str(out / "cache" / "train.zarr"))
+    assert cache.spec.views == 4 and sum(cache.sample_counts().values()) == 4 * 128  # the teacher's own views
     assert summary["teacher"]["recipe"]["depth"] == 4 and summary["train"]["options"]["query"] == "local"
     assert set(summary["eval"]["fidelity"]) == {"2", "4"} and (out / "islands.png").stat().st_size > 0
 

@@ -40,5 +40,5 @@ def selected(names: list[str], only: list[str] | None) -> list[str]:
     return [name for name in names if not only or any(word in name for word in only)]
 
 
-# the teacher's own crops, stored at extraction (ExtractConfig options)
-CROP_VIEWS = {"views": 4, "view_augment": ("crop",), "view_crop_scale": (0.5, 1.0)}
+# the train split stored one view per image (ExtractConfig options over the demo's train cache, which holds views)
+ONE_VIEW = {"views": 1, "view_augment": ()}
