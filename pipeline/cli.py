@@ -107,7 +107,7 @@ class Codec(StrEnum):
 
 
 ISLANDS_PNG = "islands.png"  # what apmpipe islands writes into its --out folder
-DEFAULT_CODEC_CHOICE = Codec.blosc_lz4  # storage.cache.DEFAULT_CODEC, without importing zarr here (a test checks)
+DEFAULT_CODEC_CHOICE = Codec.blosc_lz4  # storage.format.DEFAULT_CODEC, without importing zarr here (a test checks)
 
 
 class PixelCodec(StrEnum):
@@ -434,9 +434,10 @@ def info(
 
     Teacher, layers, shapes, shards, samples, precision, bad samples (sizes with --sizes)."""
     from apmpipe.storage.cache import FeatureCache
+    from apmpipe.storage.describe import describe
 
     cache_options = parse_storage_options(storage_option)
-    desc = FeatureCache.open(cache, storage_options=cache_options).describe(sizes=sizes)
+    desc = describe(FeatureCache.open(cache, storage_options=cache_options), sizes=sizes)
     if as_json:
         out_console.print_json(json.dumps(desc))
     else:

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
-from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES, check_crop_scale, parse_augments
 from apmpipe.storage.errors import (
     AT_LEAST_ONE,
     NON_NEGATIVE,
@@ -24,8 +23,11 @@ from apmpipe.storage.errors import (
     check_ranges,
 )
 from apmpipe.storage.files import check_writable
+from apmpipe.storage.format import CODECS, check_crop_scale, parse_augments
+from apmpipe.storage.pixel_codecs import PIXEL_CODECS
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, read_class_names, resolve_inputs
+from apmpipe.storage.token_codecs import TOKEN_DTYPES
 
 LOCAL_DIR = "local-dir:"
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.describe import recorded_fidelity
 from apmpipe.storage.errors import AT_LEAST_ONE, CacheError, ModelError, check_ranges
 from apmpipe.storage.redact import redact_url
 
@@ -91,7 +92,7 @@ def verify_cache(
     report = VerifyReport(samples=0)
     shard_attrs = cache.shard_attrs()
     precision = {name: attrs.get("precision", "float32") for name, attrs in shard_attrs.items()}
-    stored = {layer: s["cosine_min"] for layer, s in cache.recorded_fidelity(shard_attrs)["levels"].items()}
+    stored = {layer: s["cosine_min"] for layer, s in recorded_fidelity(cache, shard_attrs)["levels"].items()}
     picks = _pick(cache, samples)
     allowance = max(
         RECOMPUTE_ALLOWANCE.get(precision[name], RECOMPUTE_ALLOWANCE["bfloat16-autocast"]) for name, _ in picks

@@ -8,8 +8,8 @@ import torch
 
 from apmpipe.stages.apm import location_codes
 from apmpipe.stages.teacher import resolve_layers
-from apmpipe.storage.cache import decode_tokens, encode_tokens
 from apmpipe.storage.errors import CacheError, ConfigError
+from apmpipe.storage.token_codecs import decode_tokens, encode_tokens
 
 
 def test_float16_overflow_fails_with_a_hint() -> None:
