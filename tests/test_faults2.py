@@ -28,7 +28,8 @@ from apmpipe.pipeline.report import eval_folder
 from apmpipe.stages import embed as embed_stage
 from apmpipe.stages import evaluate
 from apmpipe.stages.extract import basis_inputs, extract_shards
-from apmpipe.stages.extract_config import ExtractConfig, resolve_config_inputs
+from apmpipe.stages.extract_config import ExtractConfig
+from apmpipe.stages.input_options import resolve_config_inputs
 from apmpipe.stages.teacher import TeacherPool
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.describe import describe
