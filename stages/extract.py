@@ -42,10 +42,10 @@ from .extract_config import (
     ExtractConfig,
     preflight,
 )  # ExtractConfig is public here too (cluster, bench, demo import it)
-from .fidelity import min_token_cosine
 from .runtime import loader_workers
 from .shard_results import Progress, ShardResult, ShardTotals
 from .teacher import AUTOCAST, Teacher, TeacherPool
+from .token_metrics import min_token_cosine
 
 MAX_PENDING_WRITES = 4
 FIDELITY_EVERY = 4

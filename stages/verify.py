@@ -19,8 +19,8 @@ from apmpipe.storage.describe import recorded_fidelity
 from apmpipe.storage.errors import AT_LEAST_ONE, CacheError, ModelError, check_ranges
 from apmpipe.storage.redact import redact_url
 
-from .fidelity import min_token_cosine
 from .teacher import Teacher, TeacherConfig
+from .token_metrics import min_token_cosine
 
 RECOMPUTE_ALLOWANCE = {"float32": 1e-4, "bfloat16-autocast": 1e-2}  # cosine lost to recomputing, by precision
 LOGITS_ALLOWANCE = {"float32": 1e-3, "bfloat16-autocast": 5e-2}  # max |diff| relative to the largest |logit|
