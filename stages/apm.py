@@ -327,13 +327,14 @@ class APM(nn.Module):
         starts = [0, *itertools.accumulate(len(t) for t in tables)]
         self.code_spans = list(itertools.pairwise(starts))  # rows of each level's table in codes (one: shared)
         levels = len(config.level_dims)
-        query_dim = config.trigger_dim + config.code_dim + config.local_dim
-        if config.level_mode == "query":
+        level_code_dim = 16 if config.level_mode == "query" else 0
+        if level_code_dim:
             self.register_buffer(
-                "level_codes", sincos_2d(torch.arange(levels), torch.arange(levels), 16), persistent=False
+                "level_codes", sincos_2d(torch.arange(levels), torch.arange(levels), level_code_dim), persistent=False
             )
-            query_dim += 16
-        self.trunk = MLP(query_dim, config.hidden, nn.ReLU if config.act == "relu" else nn.GELU)
+        # widths of the query's parts, in the order the first layer's weight columns take them
+        self.query_widths = (config.trigger_dim, config.code_dim, level_code_dim, config.local_dim)
+        self.trunk = MLP(sum(self.query_widths), config.hidden, nn.ReLU if config.act == "relu" else nn.GELU)
         width = config.hidden[-1]
         head_count = 1 if config.level_mode == "query" else levels
         self.heads = nn.ModuleList(nn.Linear(width, config.level_dims[i]) for i in range(head_count))
@@ -361,35 +362,43 @@ class APM(nn.Module):
         grid, prefix = (cfg.grid, cfg.prefix_tokens) if shared else (cfg.grids[level], cfg.prefixes[level])
         return local_read(images, grid, prefix, locations, cfg.patch_size)
 
-    def level_codes_at(self, level: int | None, locations: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Location codes ``[B, L, Dc]`` of ``level``'s grid (None: the shared grid) at ``locations`` (``[L]``,
-        ``[B, L]`` or None = all)."""
-        start, stop = self.code_spans[0 if level is None or self.config.one_grid else level]
-        table = self.codes[start:stop]
-        if locations is None:
-            return table.expand(batch, -1, -1)
-        if locations.dim() == 1:
-            return table[locations].expand(batch, -1, -1)
-        return table[locations]
-
-    def queries(
+    def first_layer(
         self,
         trigger: torch.Tensor,
         locations: torch.Tensor | None,
         level: int | None = None,
         images: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[B, Dt]`` and locations (``[L]`` shared or ``[B, L]`` per image; None = all) of ``level``'s grid (None:
-        the shared grid) -> queries ``[B, L, Dq]`` (in query mode with ``level``'s code appended; with ``images``
-        from :meth:`read`, each cell's local read joined last)."""
-        b = trigger.shape[0]
-        codes = self.level_codes_at(level, locations, b)
-        parts = [trigger[:, None, :].expand(-1, codes.shape[1], -1), codes]
+        """The trunk's first linear layer ``[B, L, hidden[0]]`` on the queries ``[T, p(loc) (, level code) (, local
+        read)]`` for ``[B, Dt]`` triggers and ``locations`` of ``level``'s grid (``[L]`` shared or ``[B, L]`` per
+        image; None = all; ``level`` None: the shared grid), computed share by share: the trigger's once per image,
+        the codes' once per location, only the local read (``images`` from :meth:`read`) per query. The same sum as
+        the layer on the joined query, without repeating ``T``'s multiply-adds for every location."""
+        first = self.trunk.layers[0]
+        trigger_w, code_w, level_w, local_w = first.weight.split(self.query_widths, dim=1)
+        out = F.linear(trigger, trigger_w, first.bias)[:, None, :] + self.code_share(level, locations, code_w)
         if level is not None and self.config.level_mode == "query":
-            parts.append(self.level_codes[level].expand(b, codes.shape[1], -1))
+            out = out + F.linear(self.level_codes[level], level_w)
         if images is not None:
-            parts.append(self.local_at(images, level, locations).to(trigger.dtype))
-        return torch.cat(parts, dim=-1)
+            out = out + F.linear(self.local_at(images, level, locations).to(trigger.dtype), local_w)
+        return out
+
+    def code_share(self, level: int | None, locations: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """The location codes of ``level``'s grid through ``weight``: ``[1, L, H]`` (shared or all locations) or
+        ``[B, L, H]`` (per image), projecting whichever is fewer, the queried codes or the level's table."""
+        start, stop = self.code_spans[0 if level is None or self.config.one_grid else level]
+        table = self.codes[start:stop]
+        if locations is None:
+            return F.linear(table, weight)[None]
+        if locations.dim() == 1:
+            return F.linear(table[locations], weight)[None]
+        if locations.numel() < len(table):
+            return F.linear(table[locations], weight)
+        return F.linear(table, weight)[locations]
+
+    def trunk_features(self, first: torch.Tensor) -> torch.Tensor:
+        """The trunk after its first linear layer: ``[..., hidden[0]] -> [..., hidden[-1]]``."""
+        return self.trunk.layers[1:](first)
 
     def level_locations(self, locations: Locations) -> list[torch.Tensor | None]:
         """``locations`` as one entry per level: a one-grid student's shared locations repeated, a multi-grid
@@ -407,7 +416,7 @@ class APM(nn.Module):
         """Trunk features ``[B, L, hidden[-1]]`` for the queried locations of ``level``'s grid (None: the shared
         grid; in query mode the level's code is in the query)."""
         trigger, images = self.read(images)
-        return self.trunk(self.queries(trigger, locations, level, images))
+        return self.trunk_features(self.first_layer(trigger, locations, level, images))
 
     def forward_head(self, features: torch.Tensor, level: int | None = None) -> list[torch.Tensor]:
         """Trunk features -> standardised tokens: one ``[B, L, D_l]`` per level, or only ``level``'s."""
@@ -424,7 +433,7 @@ class APM(nn.Module):
         if self.config.level_mode == "query":
             trigger, fitted = self.read(images)
             features = [
-                self.trunk(self.queries(trigger, locations, level, fitted))
+                self.trunk_features(self.first_layer(trigger, locations, level, fitted))
                 for level in range(len(self.config.level_dims))
             ]
             standardized = [self.heads[0](f) for f in features]
@@ -447,9 +456,9 @@ class APM(nn.Module):
         """Trunk features ``[B, L_l, hidden[-1]]`` per level, each at its own grid's ``per_level`` locations, from one
         trunk pass over every level's queries."""
         trigger, fitted = self.read(images)
-        queries = [self.queries(trigger, where, level, fitted) for level, where in enumerate(per_level)]
-        features = self.trunk(torch.cat(queries, dim=1))
-        return list(features.split([q.shape[1] for q in queries], dim=1))
+        firsts = [self.first_layer(trigger, where, level, fitted) for level, where in enumerate(per_level)]
+        features = self.trunk_features(torch.cat(firsts, dim=1))
+        return list(features.split([f.shape[1] for f in firsts], dim=1))
 
     @torch.no_grad()
     def predict_tokens(self, images: torch.Tensor, chunk: int = 256) -> list[torch.Tensor]:

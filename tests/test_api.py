@@ -30,6 +30,22 @@ def test_the_readme_python_example_runs(tmp_path: Path) -> None:
     assert "patch_cosine" in result.stdout
 
 
+def test_every_package_folder_is_installed() -> None:
+    """A non-editable install ships only the packages pyproject lists: every folder with an ``__init__.py`` below a
+    mapped folder is listed (the public package's own folder, mapped apart, aside)."""
+    import tomllib
+
+    root = README.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    homes = {(root / folder).resolve(): name for name, folder in setup["package-dir"].items()}
+    found = set()
+    for home, name in homes.items():
+        for folder in (init.parent.resolve() for init in home.rglob("__init__.py")):
+            if folder == home or folder not in homes:
+                found.add(".".join((name, *folder.relative_to(home).parts)))
+    assert found == set(setup["packages"])
+
+
 def test_one_import_name() -> None:
     import apmpipe
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apmpipe.pipeline.bench import augment_fidelity
+from apmpipe.pipeline.bench.augment import augment_fidelity
 from apmpipe.stages.augment import MIN_CROP_CELLS, augment_generator, crop_boxes, draw_views
 from apmpipe.storage.checkpoint import load_student
 

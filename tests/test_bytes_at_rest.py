@@ -168,7 +168,7 @@ def test_rerun_without_codec_keeps_the_caches_and_another_codec_is_refused(
 
 
 def test_bench_default_codec_is_the_caches() -> None:
-    from apmpipe.pipeline.cli import DEFAULT_CODEC_CHOICE
+    from apmpipe.pipeline.cli.options import DEFAULT_CODEC_CHOICE
 
     assert DEFAULT_CODEC_CHOICE.value == DEFAULT_CODEC
 
@@ -182,7 +182,7 @@ def test_int8_tokens_take_zstd_under_the_default_codec(tmp_path: Path, digit_sha
 def test_bench_codecs_measures_every_array_a_step_reads(
     tiny_cache: Path, rank8: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from apmpipe.pipeline.bench import bench_codecs
+    from apmpipe.pipeline.bench.codecs import bench_codecs
 
     result = bench_codecs(str(tiny_cache), samples=20)  # whole blocks of 8: 16 samples
     arrays = ("pixels", "labels", "logits", "tokens/1", "tokens/2")
@@ -212,7 +212,7 @@ def test_bench_codecs_measures_every_array_a_step_reads(
 
 
 def test_bench_codecs_leaves_encoded_pixels_alone(tmp_path: Path, digit_shards: list[str]) -> None:
-    from apmpipe.pipeline.bench import bench_codecs
+    from apmpipe.pipeline.bench.codecs import bench_codecs
 
     out = tmp_path / "png.zarr"
     extract(out, digit_shards[:1], "--pixel-codec", "png", "--dtype", "int8")

@@ -182,16 +182,8 @@ def test_bench_bytes_compares_reading_less_with_the_default(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, full_demo: Path
 ) -> None:
     """bench bytes reuses the demo's teacher and caches in its workdir; the default plan always runs beside (the
-    workdir holds the small teacher's blocks 1 and 2, so the one-level plan reads block 2)."""
-    from apmpipe.pipeline import bench
-
+    workdir holds the small teacher's blocks 1 and 2, so the one-level plan reads the last cached level, block 2)."""
     _run_demo_with_plan(monkeypatch, _easy_plan())
-    last, second = "int8, --levels 4, --echo 4", "int8, --levels 2, --echo 4"  # the harder teacher's, this one's
-    plans = {
-        second if name == last else name: replace(plan, levels=(2,)) if name == last else plan
-        for name, plan in bench.BYTE_PLANS.items()
-    }
-    monkeypatch.setattr(bench, "BYTE_PLANS", plans)
     result = run_main(capsys, "bench", "bytes", "--workdir", full_demo, "--steps", "60", "--only", "levels")
     assert result.returncode == 0, result.stderr
     assert "training a small ViT" not in result.stderr  # the demo's teacher was reused
@@ -202,3 +194,17 @@ def test_bench_bytes_compares_reading_less_with_the_default(
     assert 1 / 16 < rows[1]["bytes_ratio"] < 1 / 8 + 0.05, rows[1]
     assert list(rows[0]["patch_cosine"]) == ["1", "2"] and list(rows[1]["patch_cosine"]) == ["2"]
     assert rows[0]["head_top1"] > 0.5 and not rows[0]["meets_bar"]
+
+
+def test_byte_plans_read_the_last_cached_level() -> None:
+    """The one-level plan names and trains the cache's last level: block 4 of the harder demo teacher (its label as
+    measured), block 2 of the small one; the other plans stay as written."""
+    from apmpipe.pipeline.bench.bytes import BYTE_PLANS, plans_for
+
+    harder, small = plans_for((2, 4)), plans_for((1, 2))
+    assert harder["int8, --levels 4, --echo 4"].options() == {"echo": 4, "levels": (4,)}
+    assert small["int8, --levels 2, --echo 4"].options() == {"echo": 4, "levels": (2,)}
+    assert list(harder)[0] == "float16 cache, all levels (default)" and len(harder) == len(BYTE_PLANS)
+    assert {n: p for n, p in harder.items() if "--levels" not in n} == {
+        n: p for n, p in BYTE_PLANS.items() if "--levels" not in n
+    }

@@ -189,7 +189,7 @@ def test_the_loss_legend_lists_levels_in_order_beside_the_plot(monkeypatch: pyte
 def _commands() -> list[tuple[str, Any]]:
     import typer
 
-    from apmpipe.pipeline.cli import _subcommands, app
+    from apmpipe.pipeline.cli.root import _subcommands, app
 
     return [(path, command) for path, command in _subcommands(typer.main.get_command(app), "apmpipe")]
 

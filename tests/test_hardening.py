@@ -561,7 +561,7 @@ def test_xarray_opens_shard_arrays(tiny_cache: Path) -> None:
 def test_rss_sampler_drains_stderr_and_does_not_spin(monkeypatch: pytest.MonkeyPatch) -> None:
     import psutil
 
-    from apmpipe.pipeline.bench import _peak_tree_rss
+    from apmpipe.pipeline.bench.train import _peak_tree_rss
 
     noisy = [sys.executable, "-c", "import sys; sys.stderr.write('x' * 300_000); sys.stderr.flush()"]
     done: list[float] = []

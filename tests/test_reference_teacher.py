@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from apmpipe.pipeline.cli import TeacherKind
+from apmpipe.pipeline.cli.demo import TeacherKind
 from apmpipe.pipeline.datasets import digit_images
 from apmpipe.stages.head import TeacherHead
 from apmpipe.stages.reference_teacher import (

@@ -164,7 +164,7 @@ def test_no_credential_in_any_file_written_or_line_printed(
     step("islands", cache, "--student", run, "--out", base / "islands.png", "--images", "2")
     step("eval", base / "none.zarr", "--student", run, code=2)
 
-    from apmpipe.pipeline.cli import resume_command
+    from apmpipe.pipeline.cli.train import resume_command
     from apmpipe.stages.train import TrainConfig
 
     printed.append(resume_command(TrainConfig(caches=(str(cache),), out=str(run))))

@@ -160,3 +160,37 @@ def test_loader_workers_on_local_caches_decode_on_their_own_thread() -> None:
     assert next(iter(_ReadThreadsProbe()))[:2] == (READ_THREADS, READ_THREADS)  # this process: thread pools kept
     ((remote, local, pool),) = list(torch.utils.data.DataLoader(_ReadThreadsProbe(), batch_size=None, num_workers=1))
     assert (remote, local, pool) == (READ_THREADS, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"level_mode": "query"},  # one grid, the level's code in the query
+        {"level_grids": ((4, 4), (2, 2)), "level_prefix_tokens": (1, 0)},  # a ConvNet's levels on two grids
+    ],
+)
+def test_the_first_layer_by_shares_equals_the_layer_on_the_joined_query(layout: dict) -> None:
+    from apmpipe.stages.apm import APM, APMConfig, local_read
+
+    config = APMConfig(
+        in_chans=2, image_size=(16, 16), grid=(4, 4), prefix_tokens=1, level_dims=(8, 8), trigger_channels=3,
+        pos_dim=16, hidden=(32, 16), query="local", **layout,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = APM(config)
+    images = torch.randn(3, 2, 16, 16)
+    trigger = model.filter(images).flatten(1)
+    for level in (0, 1):
+        grid, prefix = config.grids[level], config.prefixes[level]
+        start, stop = model.code_spans[0 if config.one_grid else level]
+        count = stop - start
+        many = torch.randint(0, count, (3, count + 2))  # more queried codes than the table: the table is projected
+        for where in (None, torch.tensor([count - 1, 0]), torch.tensor([[1], [0], [count - 1]]), many):
+            codes = model.codes[start:stop] if where is None else model.codes[start:stop][where]
+            codes = codes.expand(3, *codes.shape[-2:])
+            parts = [trigger[:, None].expand(-1, codes.shape[1], -1), codes]
+            if config.level_mode == "query":
+                parts.append(model.level_codes[level].expand(3, codes.shape[1], -1))
+            parts.append(local_read(images, grid, prefix, where, config.patch_size))
+            joined = model.trunk.layers[0](torch.cat(parts, dim=-1))
+            torch.testing.assert_close(model.first_layer(trigger, where, level, images), joined)

@@ -23,7 +23,8 @@ import torch
 from apmpipe.storage.errors import AT_LEAST_ONE, NON_NEGATIVE
 from apmpipe.storage.redact import redact_url
 
-from .bench import _read_bytes_per_sample, bench_cache_config, bench_progress, machine_line
+from .caches import bench_cache_config
+from .measure import bench_progress, machine_line, read_bytes_per_sample
 
 WINDOWS, STUDENT = "windows to the main process", "student step"
 RANGES = {
@@ -306,48 +307,84 @@ def bench_pipeline(
         )
 
     old, new = stream_of("zarr"), stream_of("auto")
-    reader = new.readers()[0].engine
-    samples = sum(new.plan.sizes.values())
-    loaded = new.plan.units_per_rank() * batch_size  # samples an epoch yields (whole batches)
-    stored, raw = _read_bytes_per_sample(url)
+    paths = _Paths(old, new, old_workers, dev, new.readers()[0].engine)
+    stored, raw = read_bytes_per_sample(url)
     result = PipelineBench(
-        machine_line(dev), dev.type, redact_url(url), samples, batch_size, new.plan.window, echo, locations, preset,
-        old_workers, reader, stored, raw,
+        machine_line(dev), dev.type, redact_url(url), sum(new.plan.sizes.values()), batch_size, new.plan.window, echo,
+        locations, preset, old_workers, paths.reader, stored, raw,
     )  # fmt: skip
-    add = result.stages.append
-
-    bench_progress("storage read: every stored file of the trained arrays, whole")
-    add(PipelineStage("storage read (stored bytes)", None, _storage_read(new, stored), "fsspec, no decoding", False))
-    bench_progress("read + decode per block, one decoding thread: zarr-python beside the block reader")
-    add(
-        PipelineStage(
-            "read + decode, 1 thread",
-            _blocks_read(old, "zarr", raw),
-            _blocks_read(new, reader, raw),
-            f"old: FeatureCache.read (zarr-python); new: {reader}, every block in flight",
-        )
-    )
-    bench_progress(f"windows: {old_workers} DataLoader workers (zarr) beside in-process read-ahead ({reader})")
-    add(
-        PipelineStage(
-            WINDOWS,
-            _items_rate(lambda: loader_items(old, old_workers), loaded, raw),
-            _items_rate(lambda: loader_items(new, 0, pin_memory=on_device), loaded, raw),
-            f"old: {old_workers} workers + worker->main transfer; new: in-process, no transfer",
-        )
-    )
+    result.stages += _read_stages(paths, stored, raw)
     item = next(iter(loader_items(new, 0)))
-    window_samples = len(item["data"]["labels"])
-    if on_device:
-        bench_progress("pinning a window (the DataLoader's pin-memory thread), host->device copy of a window")
-        add(PipelineStage("pinning", _pin_rate(item, window_samples, raw), None, "new: read straight into pinned"))
-        copy = _to_device_rate(item, dev, window_samples, raw)
-        add(PipelineStage("host->device copy", copy, copy, "one asynchronous copy per window"))
-    else:
-        add(PipelineStage("pinning, host->device copy", None, None, "no CUDA device: not measured", False))
+    result.stages += _copy_stages(paths, item, raw)
+    student = _Student(new, preset, locations, dev, steps=10_000)
+    result.stages += _device_stages(paths, item, student, raw)
+    result.stages.append(_end_to_end(paths, student, raw))
+    return result
+
+
+@dataclass
+class _Paths:
+    """The old path (zarr-python in ``old_workers`` DataLoader processes) and the new (the block reader in this
+    process), on one cache and device."""
+
+    old: Any
+    new: Any
+    old_workers: int
+    device: torch.device
+    reader: str  # the engine the new path reads with
+
+    @property
+    def on_device(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def loaded(self) -> int:
+        """Samples an epoch yields (whole batches)."""
+        return self.new.plan.units_per_rank() * self.new.batch_size
+
+
+def _read_stages(paths: _Paths, stored: float, raw: float) -> list[PipelineStage]:
+    """The storage read alone, read + decode per block on one thread, and windows delivered to the main process."""
+    from apmpipe.storage.stream import loader_items
+
+    old, new, reader, workers = paths.old, paths.new, paths.reader, paths.old_workers
+    bench_progress("storage read: every stored file of the trained arrays, whole")
+    storage = PipelineStage(
+        "storage read (stored bytes)", None, _storage_read(new, stored), "fsspec, no decoding", False
+    )
+    bench_progress("read + decode per block, one decoding thread: zarr-python beside the block reader")
+    decode = PipelineStage(
+        "read + decode, 1 thread",
+        _blocks_read(old, "zarr", raw),
+        _blocks_read(new, reader, raw),
+        f"old: FeatureCache.read (zarr-python); new: {reader}, every block in flight",
+    )
+    bench_progress(f"windows: {workers} DataLoader workers (zarr) beside in-process read-ahead ({reader})")
+    windows = PipelineStage(
+        WINDOWS,
+        _items_rate(lambda: loader_items(old, workers), paths.loaded, raw),
+        _items_rate(lambda: loader_items(new, 0, pin_memory=paths.on_device), paths.loaded, raw),
+        f"old: {workers} workers + worker->main transfer; new: in-process, no transfer",
+    )
+    return [storage, decode, windows]
+
+
+def _copy_stages(paths: _Paths, item: dict, raw: float) -> list[PipelineStage]:
+    """Pinning a window and its host->device copy (CUDA only)."""
+    if not paths.on_device:
+        return [PipelineStage("pinning, host->device copy", None, None, "no CUDA device: not measured", False)]
+    samples = len(item["data"]["labels"])
+    bench_progress("pinning a window (the DataLoader's pin-memory thread), host->device copy of a window")
+    pinning = PipelineStage("pinning", _pin_rate(item, samples, raw), None, "new: read straight into pinned")
+    copy = _to_device_rate(item, paths.device, samples, raw)
+    return [pinning, PipelineStage("host->device copy", copy, copy, "one asynchronous copy per window")]
+
+
+def _device_stages(paths: _Paths, item: dict, student: _Student, raw: float) -> list[PipelineStage]:
+    """A window already on the device: its batch views / echo gathers / low-rank rebuild, and the student's steps."""
+    dev, batch_size = paths.device, paths.new.batch_size
     data = item["data"]  # the window already on the device: its batches are views / echo gathers of it
     resident = {**item, "data": {k: [t.to(dev) for t in v] if k == "tokens" else v.to(dev) for k, v in data.items()}}
-    student = _Student(new, preset, locations, dev, steps=10_000)
     trained = len(item["rows"]) * batch_size
 
     def gather_all() -> None:
@@ -356,28 +393,33 @@ def bench_pipeline(
 
     bench_progress("batch views, echo gathers and low-rank rebuild of a window on the device")
     gather = _rate(trained, gather_all, raw)
-    add(PipelineStage("batch gather / echo / rebuild (device)", gather, gather, f"echo {echo}"))
     batches = list(_window_batches(resident, dev))
-    bench_progress(f"student steps from memory ({preset}, K={locations}, batch {batch_size})")
+    bench_progress(f"student steps from memory ({student.config.preset}, K={student.locations}, batch {batch_size})")
     step = _rate(len(batches) * batch_size, lambda: [student.step(b) for b in batches], raw, repeats=2)
-    add(PipelineStage(f"{STUDENT} (K={locations})", step, step, "trained samples/s"))
+    return [
+        PipelineStage("batch gather / echo / rebuild (device)", gather, gather, f"echo {paths.new.echo}"),
+        PipelineStage(f"{STUDENT} (K={student.locations})", step, step, "trained samples/s"),
+    ]
 
-    def end_to_end(stream: CacheStream, workers: int) -> Callable[[], None]:
+
+def _end_to_end(paths: _Paths, student: _Student, raw: float) -> PipelineStage:
+    """One epoch through each path, the student stepping every batch."""
+    from apmpipe.storage.stream import loader_items
+
+    def epoch_of(stream: Any, workers: int) -> Callable[[], None]:
         def epoch() -> None:
-            for window_item in loader_items(stream, workers, pin_memory=on_device):
-                for batch in _window_batches(window_item, dev):
+            for window_item in loader_items(stream, workers, pin_memory=paths.on_device):
+                for batch in _window_batches(window_item, paths.device):
                     student.step(batch)
 
         return epoch
 
     bench_progress("end to end: one epoch through each path")
-    add(
-        PipelineStage(
-            "end to end",
-            _rate(loaded * echo, end_to_end(old, old_workers), raw, repeats=2),
-            _rate(loaded * echo, end_to_end(new, 0), raw, repeats=2),
-            "trained samples/s",
-            False,
-        )
+    trained = paths.loaded * paths.new.echo
+    return PipelineStage(
+        "end to end",
+        _rate(trained, epoch_of(paths.old, paths.old_workers), raw, repeats=2),
+        _rate(trained, epoch_of(paths.new, 0), raw, repeats=2),
+        "trained samples/s",
+        False,
     )
-    return result

@@ -1,0 +1,244 @@
+"""``apmpipe train``: stage two's options (a TOML file under them), and the command that resumes a stopped run."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .. import render
+from .options import (
+    ApmTyper,
+    DeviceOption,
+    Preset,
+    StorageOptions,
+    parse_int_list,
+    parse_number_list,
+    parse_storage_options,
+    stage_options,
+)
+
+app = ApmTyper()
+
+
+class LevelMode(StrEnum):
+    heads = "heads"
+    query = "query"
+
+
+class Query(StrEnum):
+    paper = "paper"
+    local = "local"
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    caches: Annotated[
+        list[str], typer.Argument(help="Feature caches written by apmpipe extract (one teacher).", show_default=False)
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run directory (local path or fsspec URL): checkpoints, metrics.jsonl, loss.png, student.safetensors.",
+            show_default=False,
+        ),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML file of options (keys as below, e.g. lr = 3e-4); command-line options override it."),
+    ] = None,
+    preset: Annotated[
+        Preset, typer.Option(help="Student size: paper (the authors' 4096-wide ReLU MLP), base, small, tiny.")
+    ] = Preset.small,
+    hidden: Annotated[
+        str | None, typer.Option(help="MLP trunk widths, overriding the preset, e.g. 1024,1024,512.")
+    ] = None,
+    trigger_channels: Annotated[
+        int | None, typer.Option(help="Conv filter output channels (T = channels x grid).")
+    ] = None,
+    pos_dim: Annotated[int | None, typer.Option(help="Location code width (0: as wide as T).")] = None,
+    level_mode: Annotated[
+        LevelMode,
+        typer.Option(help="heads: one output head per level on a shared trunk; query: level code in the query."),
+    ] = LevelMode.heads,
+    query: Annotated[
+        Query,
+        typer.Option(
+            help="paper: each location's query is [T, p]; local: [T, p] and the queried cell's own pixels (prefix "
+            "tokens read zeros)."
+        ),
+    ] = Query.local,
+    levels: Annotated[
+        str | None,
+        typer.Option(
+            help="Teacher layers to train on, e.g. 12 or 8,12 (default: every cached level); only their tokens are "
+            "read from the cache."
+        ),
+    ] = None,
+    locations: Annotated[
+        int,
+        typer.Option(
+            help="Random locations per image per step on each level's grid, besides the prefix tokens (0: all)."
+        ),
+    ] = 16,
+    echo: Annotated[
+        int,
+        typer.Option(
+            help="Passes over each loaded window, each reshuffled, with fresh locations (echo x fewer bytes per step)."
+        ),
+    ] = 1,
+    augment: Annotated[
+        str,
+        typer.Option(
+            help="Train-time augmentations, comma-separated: flip (pixels and token grid mirrored), crop (random "
+            "resized crop, tokens resampled to the box); none: off."
+        ),
+    ] = "none",
+    crop_scale: Annotated[
+        str, typer.Option(help="With --augment crop: MIN,MAX share of the image's area a crop covers.")
+    ] = "0.08,1",
+    epochs: Annotated[int, typer.Option(help="Passes over the caches (0: enough for --min-steps steps).")] = 0,
+    min_steps: Annotated[
+        int, typer.Option(help="With --epochs 0: train at least this many steps (whole epochs).")
+    ] = 4000,
+    max_epochs: Annotated[
+        int, typer.Option(help="With --epochs 0: at most this many epochs, whatever --min-steps asks (0: no cap).")
+    ] = 0,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: run all epochs).")] = 0,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per step per rank (default: 32 on a CPU, 1024 on CUDA).")
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Peak AdamW learning rate (default: 2e-3; with the CUDA default batch 2e-3 x sqrt(1024 / 32)).",
+        ),
+    ] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (weights only).")] = 0.05,
+    ema_decay: Annotated[
+        float,
+        typer.Option(help="Decay of an exponential moving average of the weights, which is exported (0: off)."),
+    ] = 0.0,
+    warmup_steps: Annotated[
+        int, typer.Option(help="Linear warmup steps (at most 5% of the run) before cosine decay.")
+    ] = 200,
+    clip_grad: Annotated[float, typer.Option(help="Gradient norm clip (0: off).")] = 1.0,
+    mse_weight: Annotated[float, typer.Option(help="Weight of MSE on standardised teacher tokens, per level.")] = 1.0,
+    prefix_weight: Annotated[
+        float, typer.Option(help="Extra weight of the prefix tokens' (CLS, registers) MSE.")
+    ] = 1.0,
+    cosine_weight: Annotated[float, typer.Option(help="Weight of (1 - cosine) on teacher tokens, per level.")] = 0.0,
+    logit_weight: Annotated[
+        float, typer.Option(help="Weight of KL to the teacher's cached logits through its stored head (0: off).")
+    ] = 1.0,
+    kd_temperature: Annotated[float, typer.Option(help="Temperature of that KL.")] = 2.0,
+    rgb_weight: Annotated[
+        float, typer.Option(help="Weight of the pixel reconstruction loss (0 disables the rgb head).")
+    ] = 0.1,
+    standardize: Annotated[
+        bool, typer.Option("--standardize/--no-standardize", help="Standardise targets per level (cache moments).")
+    ] = True,
+    window_samples: Annotated[
+        int,
+        typer.Option(
+            help="Shuffle window in samples; loader memory is about (2 x workers + 1) windows, 3 with 0 workers."
+        ),
+    ] = 512,
+    loader_workers: Annotated[
+        int,
+        typer.Option(
+            help="DataLoader processes reading the cache (0: this process reads, tensorstore with every block in "
+            "flight, one window ahead on a thread: bench pipeline measured it 2.2x per core)."
+        ),
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of weights, data order and location sampling.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    checkpoint_minutes: Annotated[
+        float, typer.Option(help="Also checkpoint after this many minutes of work (0: off).")
+    ] = 5.0,
+    log_every: Annotated[int, typer.Option(help="Steps between metric records.")] = 10,
+    device: DeviceOption = "auto",
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bfloat16 autocast on CUDA.")] = True,
+    compile: Annotated[
+        bool,
+        typer.Option("--compile/--no-compile", help="torch.compile the step's forward and loss (the fast path)."),
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")
+    ] = False,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also log the metrics as TensorBoard scalars (needs tensorboard).")
+    ] = False,
+    tensorboard_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Local folder for the TensorBoard events (default RUN/tensorboard; needed for remote --out)."
+        ),
+    ] = None,
+    storage_option: StorageOptions = None,
+) -> None:
+    """Train the APM student from feature caches.
+
+    Streams shards of cached teacher tokens; the teacher is never loaded. Ctrl-C or SIGTERM saves a
+    checkpoint and prints the command that resumes the run."""
+    from apmpipe.stages.train import TrainConfig
+    from apmpipe.stages.train import train as run_train
+    from apmpipe.storage.checkpoint import RunDir
+    from apmpipe.storage.remote import staged_folder
+
+    from ..console import TrainProgress, stop_requests
+    from ..report import plot_losses
+
+    given = {name for name in ctx.params if ctx.get_parameter_source(name).name != "DEFAULT"}
+    options = stage_options(ctx, "config", "storage_option")
+    options.update(
+        caches=tuple(caches),
+        hidden=parse_int_list(hidden, "--hidden") if hidden else None,
+        levels=parse_int_list(levels, "--levels") if levels else None,
+        augment=tuple(name for name in augment.replace(" ", "").split(",") if name),
+        crop_scale=parse_number_list(crop_scale, "--crop-scale", float, "0.08,1"),
+    )
+    options["storage_options"] = parse_storage_options(storage_option)
+    train_config = TrainConfig.from_file_and_options(options, config, given)
+    with TrainProgress() as progress, stop_requests() as stop_requested:
+        summary = run_train(
+            train_config,
+            on_step=progress.step,
+            on_start=lambda model, total: (render.student_size(model), progress.start(total)),
+            on_resume=lambda step, total: progress.resumed(step, total, train_config.out),
+            stop_requested=stop_requested,
+        )
+    if summary.stopped_by:
+        render.train_stopped(summary, train_config.out, resume_command(train_config))
+        raise typer.Exit(128 + summary.stopped_by)
+    if summary.student:
+        records = RunDir(summary.run_dir, train_config.storage_options).read_metrics()
+        with staged_folder(summary.run_dir, train_config.storage_options) as folder:
+            plot_losses(records, folder / "loss.png")
+        render.train_summary(summary, f"{summary.run_dir.rstrip('/')}/loss.png")
+
+
+def resume_command(config: Any) -> str:
+    """The command that continues ``config``'s run: its caches, --out, every option not at its default, --resume."""
+    import shlex
+
+    from apmpipe.stages.train import TrainConfig, flat_options
+
+    default = flat_options(TrainConfig(caches=config.caches, out=config.out).to_dict())
+    recorded = flat_options(config.to_dict())  # URLs redacted
+    parts = ["apmpipe train", *map(shlex.quote, recorded["caches"]), "--out", shlex.quote(recorded["out"])]
+    for key, value in recorded.items():
+        flag = "--" + key.replace("_", "-")
+        if key in ("caches", "out", "resume") or value == default.get(key):
+            continue
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            parts += [flag, ",".join(map(str, value)) if isinstance(value, list) else shlex.quote(str(value))]
+    secrets = " (and your --storage-option flags)" if config.storage_options else ""
+    return " ".join([*parts, "--resume"]) + secrets
