@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apmpipe.storage.cache import CacheSpec
 from apmpipe.storage.errors import ConfigError
+from apmpipe.storage.format import CacheSpec
 
 LEVEL_MODES = ("heads", "query")
 Locations = torch.Tensor | list[torch.Tensor | None] | None  # shared by every level, or one entry per level
@@ -289,8 +289,8 @@ class TargetScale(nn.Module):
 
     @torch.no_grad()
     def fit(self, mean: torch.Tensor, variance: torch.Tensor, prefix_tokens: int, standardize: bool = True) -> None:
-        """Set from per-location moments ``[T, D]`` (see ``apmpipe.storage.cache.TokenMoments``); ``standardize=False``
-        keeps the identity (raw targets) and records only the baseline."""
+        """Set from per-location moments ``[T, D]`` (see ``apmpipe.storage.moments.TokenMoments``);
+        ``standardize=False`` keeps the identity (raw targets) and records only the baseline."""
         self.baseline.copy_(mean)
         if not standardize:
             return

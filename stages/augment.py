@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import roi_align
 
-from apmpipe.storage.cache import AUGMENTS, check_crop_scale, parse_augments
+from apmpipe.storage.format import AUGMENTS, check_crop_scale, parse_augments
 
 __all__ = ["AUGMENTS", "check_crop_scale", "parse_augments"]  # the names live with the cache's view_augment
 

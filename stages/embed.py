@@ -43,8 +43,8 @@ from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ShardSource, done_shards
 
 from .apm import APM
 from .classify import check_feature, global_feature, pooled_or_fallback
-from .extract_config import label_options, resolve_config_inputs
 from .head import TeacherHead
+from .input_options import label_options, resolve_config_inputs
 from .inputs import PixelNormalizer
 from .preprocess import pixel_transform
 from .runtime import loader_workers, resolve_device

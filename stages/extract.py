@@ -25,35 +25,27 @@ import torch
 from torch.utils.data import DataLoader
 
 from apmpipe.storage.batches import ShardBatches, batch_loader
-from apmpipe.storage.cache import (
-    DEFAULT_CODEC,
-    STATUS_COMPLETE,
-    CacheSpec,
-    EncodedTokens,
-    FeatureCache,
-    decode_pixels,
-    decode_tokens,
-    encode_pixels,
-    encode_tokens,
-    level_fidelity,
-    stored_codec,
-)
+from apmpipe.storage.cache import FeatureCache, stored_codec
+from apmpipe.storage.describe import level_fidelity
 from apmpipe.storage.errors import CacheError, InputError, ModelError, failure_line
+from apmpipe.storage.format import DEFAULT_CODEC, STATUS_COMPLETE, CacheSpec
 from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.lowrank import BasisFit, TokenBasis
-from apmpipe.storage.pixel_codecs import LOSSY_CODECS, psnr
+from apmpipe.storage.pixel_codecs import LOSSY_CODECS, decode_pixels, encode_pixels, psnr
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import ResolvedInputs, ShardSource, done_shards
+from apmpipe.storage.token_codecs import EncodedTokens, decode_tokens, encode_tokens
+from apmpipe.storage.writer import ShardWriter, create_or_open, record_sources
 
 from .augment import Views, key_views, view_parameters, view_pixels
 from .extract_config import (
     ExtractConfig,
     preflight,
 )  # ExtractConfig is public here too (cluster, bench, demo import it)
-from .fidelity import min_token_cosine
 from .runtime import loader_workers
 from .shard_results import Progress, ShardResult, ShardTotals
 from .teacher import AUTOCAST, Teacher, TeacherPool
+from .token_metrics import min_token_cosine
 
 MAX_PENDING_WRITES = 4
 FIDELITY_EVERY = 4
@@ -144,7 +136,7 @@ class _ShardJob:
         self._pixel_error = [0.0, 0]  # summed squared error, values compared
         self._batches = 0
         try:
-            self.writer = cache.open_writer(source.name, source.url, source.fingerprint, precision)
+            self.writer = ShardWriter(cache, source.name, source.url, source.fingerprint, precision)
         except Exception as exc:  # e.g. the store refuses the group: this shard fails, the others go on
             self.writer = None
             self.result.error = failure_line(exc, self.urls)
@@ -473,10 +465,8 @@ def extract(
     with writer_lock(config.out, storage_options=config.storage_options):
         codec = config.codec or stored_codec(config.out, config.storage_options) or DEFAULT_CODEC
         config = replace(config, codec=codec)  # a rerun without --codec keeps the cache's
-        cache = FeatureCache.create_or_open(
-            config.out, cache_spec(config, teacher), storage_options=config.storage_options
-        )
-        cache.record_sources([s.url for s in inputs.shards], inputs.classes or config.class_names)
+        cache = create_or_open(config.out, cache_spec(config, teacher), storage_options=config.storage_options)
+        record_sources(cache, [s.url for s in inputs.shards], inputs.classes or config.class_names)
         _ensure_bases(cache, config, teacher, inputs.shards)
         cache.update_attrs(teacher_build=config.teacher.to_dict(), extract_config=config.to_dict())
         head = _write_teacher_head(cache, teacher)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from apmpipe.storage.cache import CODECS, PIXEL_CODECS, TOKEN_DTYPES, check_crop_scale, parse_augments
 from apmpipe.storage.errors import (
     AT_LEAST_ONE,
     NON_NEGATIVE,
@@ -24,8 +23,13 @@ from apmpipe.storage.errors import (
     check_ranges,
 )
 from apmpipe.storage.files import check_writable
+from apmpipe.storage.format import CODECS, check_crop_scale, parse_augments
+from apmpipe.storage.pixel_codecs import PIXEL_CODECS
 from apmpipe.storage.redact import redact_url
-from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs, read_class_names, resolve_inputs
+from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ResolvedInputs
+from apmpipe.storage.token_codecs import TOKEN_DTYPES
+
+from .input_options import label_options, resolve_config_inputs
 
 LOCAL_DIR = "local-dir:"
 
@@ -209,32 +213,6 @@ class ExtractConfig:
             "folder_block": self.folder_block,
             "amp": self.amp,
         }
-
-
-def label_options(no_labels: bool, class_names_file: str | None, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """``--no-labels`` (no ``label_key``) or ``--class-names FILE`` (read into ``class_names``) as config fields."""
-    if no_labels:
-        return {"label_key": None}
-    return {"class_names": read_class_names(class_names_file, storage_options)} if class_names_file else {}
-
-
-class ReadsInputs(Protocol):
-    """What names a stage's inputs (extract, embed)."""
-
-    inputs: tuple[str, ...]
-    folder_block: int
-    label_key: str | None
-    class_names: tuple[str, ...]
-    storage_options: dict[str, Any]
-
-
-def resolve_config_inputs(config: ReadsInputs) -> ResolvedInputs:
-    """The shard units of ``config.inputs`` (no folder classes under ``--no-labels``); refuses options that
-    contradict them."""
-    inputs = resolve_inputs(config.inputs, folder_block=config.folder_block, storage_options=config.storage_options)
-    if config.class_names and inputs.classes:
-        raise ConfigError("--class-names is for tar shards; image folders take their classes from sub-folder names")
-    return inputs if config.label_key else replace(inputs, classes=())
 
 
 def preflight(config: ExtractConfig) -> ResolvedInputs:

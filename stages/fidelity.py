@@ -3,26 +3,18 @@
 :class:`TokenFidelity` accumulates, per level and for prefix (CLS, registers) and grid tokens apart, the cosine
 and mean squared error of the prediction and of the trivial predictor (the training cache's mean token per
 location), and reports the explained variance R^2 = 1 - MSE(prediction) / MSE(baseline). A cosine alone
-flatters: the mean token already scores a high one. :func:`min_token_cosine` is the worst-case figure that
-extraction records for lossy storage and ``verify`` checks against.
+flatters: the mean token already scores a high one. (The worst-case token cosine that extraction records for lossy
+storage is :func:`apmpipe.stages.token_metrics.min_token_cosine`.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 PARTS = ("patch", "prefix")
-
-
-def min_token_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest cosine between matching tokens of ``[..., D]`` arrays (1 where a token is all zeros)."""
-    dot = (a * b).sum(-1)
-    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return float(np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0).min())
 
 
 @dataclass

@@ -22,8 +22,8 @@ from PIL import Image
 from timm.data import resolve_data_config
 from torch import nn
 
-from apmpipe.storage.cache import LevelLayout
 from apmpipe.storage.errors import ConfigError, ModelError
+from apmpipe.storage.format import LevelLayout
 
 from .extract_config import LOCAL_DIR, TeacherConfig  # noqa: F401 (TeacherConfig is public here too)
 from .head import TeacherHead, describe_head

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.describe import recorded_fidelity
 from apmpipe.storage.errors import AT_LEAST_ONE, CacheError, ModelError, check_ranges
 from apmpipe.storage.redact import redact_url
 
-from .fidelity import min_token_cosine
 from .teacher import Teacher, TeacherConfig
+from .token_metrics import min_token_cosine
 
 RECOMPUTE_ALLOWANCE = {"float32": 1e-4, "bfloat16-autocast": 1e-2}  # cosine lost to recomputing, by precision
 LOGITS_ALLOWANCE = {"float32": 1e-3, "bfloat16-autocast": 5e-2}  # max |diff| relative to the largest |logit|
@@ -91,7 +92,7 @@ def verify_cache(
     report = VerifyReport(samples=0)
     shard_attrs = cache.shard_attrs()
     precision = {name: attrs.get("precision", "float32") for name, attrs in shard_attrs.items()}
-    stored = {layer: s["cosine_min"] for layer, s in cache.recorded_fidelity(shard_attrs)["levels"].items()}
+    stored = {layer: s["cosine_min"] for layer, s in recorded_fidelity(cache, shard_attrs)["levels"].items()}
     picks = _pick(cache, samples)
     allowance = max(
         RECOMPUTE_ALLOWANCE.get(precision[name], RECOMPUTE_ALLOWANCE["bfloat16-autocast"]) for name, _ in picks

@@ -1,5 +1,5 @@
 """One cache array rewritten under another ``--codec``, as extract writes it and the loader reads it: what
-``apmpipe bench codecs`` times. Only this module and :mod:`.cache` touch zarr for it."""
+``apmpipe bench codecs`` times. Only this module and :mod:`.format` touch zarr for it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .cache import CacheSpec, FeatureCache, create_sample_array, sample_array_layouts
+from .cache import FeatureCache
 from .errors import CacheError, ConfigError
+from .format import CacheSpec, create_sample_array, sample_array_layouts
 from .redact import redact_url
 
 

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .cache import CachedSamples, FeatureCache, LevelLayout
+from .cache import CachedSamples, FeatureCache
 from .errors import CacheError, ConfigError
+from .format import LevelLayout
 from .stream import Block, StreamPlan, open_caches, open_views, read_block, read_threads, resolve_token_dtype
 
 

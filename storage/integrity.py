@@ -14,8 +14,9 @@ import fsspec
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from .cache import SHARDS_GROUP, FeatureCache, describe_error
+from .cache import FeatureCache, describe_error
 from .errors import CacheError
+from .format import SHARDS_GROUP
 from .redact import redact_url
 
 

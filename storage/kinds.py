@@ -40,9 +40,9 @@ INPUT_SHARD = Kind(
 
 def kind_of(fs: fsspec.AbstractFileSystem, path: str) -> Kind | None:
     """The kind of ``path`` on ``fs`` when apmpipe recognises it, else None."""
-    from .cache import FORMAT_NAME as CACHE_FORMAT  # (imported here: cache.py names kinds in its own messages)
     from .embeddings import FORMAT_NAME as EMBEDDINGS_FORMAT
     from .embeddings import MANIFEST
+    from .format import FORMAT_NAME as CACHE_FORMAT  # (imported here: format.py loads zarr, naming a path does not)
     from .sources import TAR_SUFFIXES
 
     if path.lower().rstrip("/").endswith(TAR_SUFFIXES):

@@ -1,6 +1,7 @@
 """Low-rank token storage: a PCA basis per level, fitted once, and the projection to and from its coefficients.
 
-Pure numpy, no storage: ``storage/cache.py`` decides where a basis lives in the cache and when it is applied.
+Pure numpy, no storage: ``storage/format.py`` decides where a basis lives in the cache, ``storage/token_codecs.py``
+when it is applied.
 A token ``x`` (``[D]``) is stored as ``c = (x - mean) · componentsᵀ`` (``[K]``) and read back as
 ``mean + c · components``.
 """

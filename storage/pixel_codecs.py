@@ -1,8 +1,9 @@
-"""Per-sample image codecs for cached pixels: uint8 ``[C, H, W]`` (C = 1 or 3) to PNG, WebP or JPEG bytes and back.
+"""The stored form of cached pixels (``--pixel-codec``): uint8 ``[C, H, W]`` as they are (``raw``) or, for C = 1
+or 3, one PNG, WebP or JPEG image per sample, and back.
 
 Pure (bytes in, arrays out). PNG and lossless WebP decode to the identical pixels; JPEG (quality
 ``JPEG_QUALITY``, Pillow's default 4:2:0 chroma subsampling for colour) is lossy and its cost is measured by
-:func:`psnr`. ``storage/cache.py`` decides where the bytes live.
+:func:`psnr`. ``storage/format.py`` decides where the bytes live.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from PIL import Image
 from .errors import CacheError
 
 IMAGE_CODECS = ("png", "webp", "jpeg")
+PIXEL_CODECS = ("raw", *IMAGE_CODECS)
 LOSSY_CODECS = ("jpeg",)
 IMAGE_CHANNELS = (1, 3)
 JPEG_QUALITY = 90
@@ -57,6 +59,17 @@ def decode_images(encoded: np.ndarray, shape: tuple[int, int, int]) -> np.ndarra
             )
         out[i] = array[None] if channels == 1 else array.transpose(2, 0, 1)
     return out
+
+
+def encode_pixels(pixels: np.ndarray, codec: str) -> np.ndarray:
+    """uint8 pixels ``[B, C, H, W]`` in the stored form of ``--pixel-codec``: as they are for ``raw``, else one
+    encoded image (``bytes``) per sample, an object array ``[B]``."""
+    return pixels if codec == "raw" else encode_images(pixels, codec)
+
+
+def decode_pixels(stored: np.ndarray, codec: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """Stored pixels (see :func:`encode_pixels`) back to uint8 ``[B, C, H, W]``."""
+    return stored if codec == "raw" else decode_images(stored, shape)
 
 
 def psnr(squared_error: float, count: int) -> float:

@@ -1,13 +1,13 @@
 """The hot read path of training: blocks of a cache's per-sample arrays, several in flight, fetched by the reader
 that measures best per core.
 
-zarr-python owns the format and writes it (``storage/cache.py``); for reading, tensorstore (Google's C++ Zarr v3
-reader) opens the same arrays unchanged, decodes without the GIL and keeps many block reads in flight from one
-Python thread, with no thread pool of ours (``apmpipe bench pipeline`` measures both side by side). It serves local
-caches whose arrays it can open; everything else (remote caches through fsspec storage options, caches tensorstore
-cannot open, tensorstore not installed) is read with zarr-python through :meth:`FeatureCache.read`, which gives the
-same samples. Both engines hand their arrays to :meth:`FeatureCache.samples_from`, so decoding (int8 scales,
-low-rank rebuild, compressed pixels) is one code path.
+zarr-python owns the format and writes it (``storage/format.py``, ``storage/writer.py``); for reading, tensorstore
+(Google's C++ Zarr v3 reader) opens the same arrays unchanged, decodes without the GIL and keeps many block reads in
+flight from one Python thread, with no thread pool of ours (``apmpipe bench pipeline`` measures both side by side).
+It serves local caches whose arrays it can open; everything else (remote caches through fsspec storage options,
+caches tensorstore cannot open, tensorstore not installed) is read with zarr-python through
+:meth:`FeatureCache.read`, which gives the same samples. Both engines hand their arrays to
+:meth:`FeatureCache.samples_from`, so decoding (int8 scales, low-rank rebuild, compressed pixels) is one code path.
 """
 
 from __future__ import annotations

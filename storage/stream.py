@@ -31,17 +31,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .cache import (
-    STATUS_FAILED,
-    CachedSamples,
-    CacheSpec,
-    FeatureCache,
-    TokenMoments,
-    decode_without_thread_pools,
-    is_local_url,
-)
+from .cache import CachedSamples, FeatureCache, decode_without_thread_pools, is_local_url
 from .errors import CacheError, ConfigError
+from .format import STATUS_FAILED, CacheSpec
 from .lowrank import TokenBasis
+from .moments import TokenMoments
 from .reader import ENGINES, BlockReader, PendingRead
 from .redact import redact_url
 from .remote import canonical_url
@@ -80,7 +74,7 @@ class StreamPosition:
 class Block:
     """Samples ``start:stop`` of one shard group of cache number ``cache``. In a plan of a cache with ``views``
     V > 1 (``extract --views``), view 0 of a block of images, whose view ``v`` is the ``v``-th run of as many
-    samples after it (see :func:`apmpipe.storage.cache.view_order`)."""
+    samples after it (see :func:`apmpipe.storage.format.view_order`)."""
 
     cache: int
     shard: str

@@ -12,8 +12,10 @@ import pytest
 import torch
 import zarr
 
-from apmpipe.storage.cache import CODECS, DEFAULT_CODEC, CacheSpec, FeatureCache, LevelLayout
+from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.describe import describe, read_amplification
 from apmpipe.storage.errors import ConfigError
+from apmpipe.storage.format import CODECS, DEFAULT_CODEC, CacheSpec, LevelLayout
 from apmpipe.storage.lowrank import BasisFit
 from apmpipe.storage.stream import CacheStream, TokenDecoder, window_batches
 
@@ -229,7 +231,7 @@ def test_whole_shard_chunks_of_older_caches_count_as_fetched(
     group.create_array("logits", data=expected, chunks=(16, expected.shape[1]), dimension_names=("sample", "class"))
     cache = FeatureCache.open(str(out))
     np.testing.assert_array_equal(cache.read("digits-0000", 8, 16, logits=True).logits, expected[8:16])
-    factors = cache.read_amplification()
+    factors = read_amplification(cache)
     assert factors["logits"] == pytest.approx((2 * 40 + 1 * 40) / 80)  # a block of 8 fetches 16 in one group
     assert factors["labels"] == 2 and factors["tokens/1"] == factors["pixels"] == 1
     shown = run_main(capsys, "info", out, "--sizes")
@@ -237,7 +239,7 @@ def test_whole_shard_chunks_of_older_caches_count_as_fetched(
 
     del zarr.open_group(str(out / "shards/digits-0001"), mode="r+")["logits"]  # a damaged group
     damaged = run_main(capsys, "info", out, "--sizes")
-    assert damaged.returncode == 0 and FeatureCache.open(str(out)).read_amplification()["logits"] == 1.0
+    assert damaged.returncode == 0 and read_amplification(FeatureCache.open(str(out)))["logits"] == 1.0
 
 
 @pytest.mark.parametrize("codec", ["png", "webp"])
@@ -269,7 +271,7 @@ def test_jpeg_records_psnr_and_info_shows_bytes_and_fidelity(
         and 25 < recorded < 100
     )
 
-    desc = cache.describe(sizes=True)
+    desc = describe(cache, sizes=True)
     assert desc["arrays"]["pixels"]["raw_bytes_per_sample"] == 3 * 32 * 32
     assert 0 < desc["arrays"]["pixels"]["stored_bytes_per_sample"] < 3 * 32 * 32
     assert (

@@ -22,6 +22,7 @@ from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.dataset import CacheIterableDataset, CacheMapDataset
 from apmpipe.storage.errors import CacheError, ConfigError
 from apmpipe.storage.stream import CacheStream, StreamPosition, window_batches
+from apmpipe.storage.writer import create_or_open
 
 DATASET_DOCS = Path(__file__).resolve().parents[1] / "docs" / "dataset.md"
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.10
@@ -187,7 +188,7 @@ def test_bad_options_and_states_are_one_line_domain_errors(tiny_cache: Path, tmp
         )
         assert "no feature cache" in _domain_error(CacheError, lambda make=make: make(str(tmp_path / "none.zarr")))
     empty = tmp_path / "empty.zarr"
-    FeatureCache.create_or_open(str(empty), FeatureCache.open(url).spec)
+    create_or_open(str(empty), FeatureCache.open(url).spec)
     assert "has no complete shard" in _domain_error(CacheError, lambda: CacheMapDataset(str(empty)))
     assert "rank 2 is not in 0..1" in _domain_error(
         ConfigError, lambda: CacheIterableDataset(url, rank=2, world_size=2)

@@ -28,9 +28,11 @@ from apmpipe.pipeline.report import eval_folder
 from apmpipe.stages import embed as embed_stage
 from apmpipe.stages import evaluate
 from apmpipe.stages.extract import basis_inputs, extract_shards
-from apmpipe.stages.extract_config import ExtractConfig, resolve_config_inputs
+from apmpipe.stages.extract_config import ExtractConfig
+from apmpipe.stages.input_options import resolve_config_inputs
 from apmpipe.stages.teacher import TeacherPool
 from apmpipe.storage.cache import FeatureCache
+from apmpipe.storage.describe import describe
 from apmpipe.storage.errors import CacheError
 from apmpipe.storage.locks import LEASE_SECONDS, lock_name
 from apmpipe.storage.sources import ShardSource
@@ -96,7 +98,7 @@ def test_extract_summary_weighs_relative_mse_by_samples_as_info_does(tmp_path: P
         shards, str(cache), "vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_KWARGS, layers=(1, -1),
         dtype="int8", batch_size=16, chunk_samples=8, shard_samples=16, loader_workers=0,
     )  # fmt: skip
-    recorded = FeatureCache.open(str(cache)).describe()["fidelity"]["levels"]
+    recorded = describe(FeatureCache.open(str(cache)))["fidelity"]["levels"]
     per_shard = [r.fidelity["2"]["relative_mse"] for r in summary.results]
     assert per_shard[0] != pytest.approx(per_shard[1])  # else weighting could not show
     for layer, stats in summary.fidelity.items():

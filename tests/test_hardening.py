@@ -229,15 +229,15 @@ def test_an_unsupported_head_is_a_stored_reason_and_logits_are_still_cached(
 def test_a_shard_whose_storage_fails_fails_alone(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from apmpipe.storage.cache import FeatureCache, ShardWriter
+    from apmpipe.storage.writer import ShardWriter
 
     shards = write_digit_shards(tmp_path / "in", count=60, per_shard=20)
-    real_open, real_finish = FeatureCache.open_writer, ShardWriter.finish
+    real_init, real_finish = ShardWriter.__init__, ShardWriter.finish
 
-    def open_writer(self, name, *args):  # type: ignore[no-untyped-def]
+    def init(self, cache, name, *args):  # type: ignore[no-untyped-def]
         if name == "digits-0001":
             raise OSError("503 Slow Down while creating the group")
-        return real_open(self, name, *args)
+        real_init(self, cache, name, *args)
 
     def finish(self, *args):  # type: ignore[no-untyped-def]
         if self.name == "digits-0002":
@@ -247,7 +247,7 @@ def test_a_shard_whose_storage_fails_fails_alone(
     def fail(self, *args):  # type: ignore[no-untyped-def]
         raise OSError("the store is down")
 
-    monkeypatch.setattr(FeatureCache, "open_writer", open_writer)
+    monkeypatch.setattr(ShardWriter, "__init__", init)
     monkeypatch.setattr(ShardWriter, "finish", finish)
     monkeypatch.setattr(ShardWriter, "fail", fail)
     result = run_main(capsys, "extract", *shards, "--out", tmp_path / "c.zarr", *TINY_VIT, *FAST)
@@ -513,13 +513,14 @@ def test_lock_message_names_the_holder(tmp_path: Path) -> None:
 def test_info_opens_no_array_and_lists_no_files_without_sizes(
     monkeypatch: pytest.MonkeyPatch, tiny_cache: Path
 ) -> None:
+    from apmpipe.storage import describe
     from apmpipe.storage.cache import FeatureCache
 
     def forbidden(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("info read array metadata or listed every file")
 
     monkeypatch.setattr(FeatureCache, "_arrays", forbidden)
-    monkeypatch.setattr(FeatureCache, "stored_bytes", forbidden)
+    monkeypatch.setattr(describe, "stored_array_bytes", forbidden)
     result = run_cli("info", tiny_cache)
     assert result.exit_code == 0 and "120" in result.output and "--sizes" in result.output
 
@@ -528,6 +529,7 @@ def test_credentials_stay_out_of_reprs_attributes_and_info(tmp_path: Path, tiny_
     from apmpipe.stages.extract import ExtractConfig
     from apmpipe.stages.teacher import TeacherConfig
     from apmpipe.storage.cache import FeatureCache
+    from apmpipe.storage.writer import ShardWriter, record_sources
 
     config = ExtractConfig(
         inputs=("s3://b/x.tar",),
@@ -537,8 +539,8 @@ def test_credentials_stay_out_of_reprs_attributes_and_info(tmp_path: Path, tiny_
     )
     assert "S3CR3T" not in repr(config)
     cache = FeatureCache.open(str(_copy(tiny_cache, tmp_path)), mode="r+")
-    cache.record_sources(["s3://AKIA:S3CR3T@bucket/x.tar", "https://h/x.tar?X-Amz-Signature=S3CR3T&v=1"], [])
-    writer = cache.open_writer("x", "s3://AKIA:S3CR3T@bucket/x.tar", "s3://AKIA:S3CR3T@bucket/x.tar", "float32")
+    record_sources(cache, ["s3://AKIA:S3CR3T@bucket/x.tar", "https://h/x.tar?X-Amz-Signature=S3CR3T&v=1"], [])
+    writer = ShardWriter(cache, "x", "s3://AKIA:S3CR3T@bucket/x.tar", "s3://AKIA:S3CR3T@bucket/x.tar", "float32")
     assert "S3CR3T" not in json.dumps(dict(writer.group.attrs)) and "S3CR3T" not in repr(cache)
     info = run_cli("info", cache.url, "--json")
     assert (

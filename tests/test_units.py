@@ -8,8 +8,9 @@ import torch
 
 from apmpipe.stages.apm import location_codes
 from apmpipe.stages.teacher import resolve_layers
-from apmpipe.storage.cache import decode_tokens, encode_tokens
+from apmpipe.stages.token_metrics import min_token_cosine
 from apmpipe.storage.errors import CacheError, ConfigError
+from apmpipe.storage.token_codecs import decode_tokens, encode_tokens
 
 
 def test_float16_overflow_fails_with_a_hint() -> None:
@@ -32,6 +33,13 @@ def test_int8_is_per_token_symmetric_and_close() -> None:
     assert cosine.min() > 0.999
     with pytest.raises(CacheError):
         encode_tokens(np.array([[[np.nan, 1.0]]], dtype=np.float32), "int8")
+
+
+def test_min_token_cosine_is_the_worst_token_and_skips_all_zero_ones() -> None:
+    a = np.array([[[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]], dtype=np.float32)
+    b = np.array([[[3.0, 0.0], [1.0, 1.0], [5.0, 5.0]]], dtype=np.float32)  # cosines 1, 1/sqrt(2), zero token
+    assert min_token_cosine(a, b) == pytest.approx(2**-0.5)
+    assert min_token_cosine(a, a) == pytest.approx(1.0)
 
 
 def test_layers_are_one_based_with_negative_from_the_end() -> None:

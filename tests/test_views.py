@@ -12,8 +12,9 @@ import zarr
 
 from apmpipe.pipeline.datasets import write_digit_shards
 from apmpipe.stages.augment import key_views, view_parameters, view_pixels
-from apmpipe.storage.cache import FeatureCache, view_order
+from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import load_student
+from apmpipe.storage.format import view_order
 from apmpipe.storage.stream import StreamPlan
 
 from .conftest import (

@@ -58,8 +58,9 @@ def bench_codecs(url: str, samples: int, storage_options: dict | None = None) ->
     """Every ``--codec`` on the arrays a training step reads, from the first complete shard group of a cache (its
     first ``samples``, in whole blocks): each written to a local scratch folder exactly as extract writes it and
     read back one block at a time as a loader thread reads it, side by side."""
-    from apmpipe.storage.cache import CODECS, DEFAULT_CODEC, FeatureCache
+    from apmpipe.storage.cache import FeatureCache
     from apmpipe.storage.codec_trial import CodecTrial, trial_arrays, trial_samples
+    from apmpipe.storage.format import CODECS, DEFAULT_CODEC
 
     cache = FeatureCache.open(url, storage_options=storage_options)
     shard, count = trial_samples(cache, samples)

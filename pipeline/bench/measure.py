@@ -53,8 +53,9 @@ def read_bytes_per_sample(
     the trained ``levels`` (None: all), and the cached logits when the decision loss reads them. Stored bytes are
     those fetched: whole chunks, however few of their samples a block wants."""
     from apmpipe.storage.cache import FeatureCache
+    from apmpipe.storage.describe import describe
 
-    arrays = FeatureCache.open(cache).describe(sizes=True)["arrays"]
+    arrays = describe(FeatureCache.open(cache), sizes=True)["arrays"]
     read = {
         name: sizes
         for name, sizes in arrays.items()

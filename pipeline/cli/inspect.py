@@ -34,9 +34,10 @@ def info(
 
     Teacher, layers, shapes, shards, samples, precision, bad samples (sizes with --sizes)."""
     from apmpipe.storage.cache import FeatureCache
+    from apmpipe.storage.describe import describe
 
     cache_options = parse_storage_options(storage_option)
-    desc = FeatureCache.open(cache, storage_options=cache_options).describe(sizes=sizes)
+    desc = describe(FeatureCache.open(cache, storage_options=cache_options), sizes=sizes)
     if as_json:
         out_console.print_json(json.dumps(desc))
     else:

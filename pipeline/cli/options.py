@@ -87,7 +87,7 @@ class Codec(StrEnum):
     none = "none"
 
 
-DEFAULT_CODEC_CHOICE = Codec.blosc_lz4  # storage.cache.DEFAULT_CODEC, without importing zarr here (a test checks)
+DEFAULT_CODEC_CHOICE = Codec.blosc_lz4  # storage.format.DEFAULT_CODEC, without importing zarr here (a test checks)
 
 
 class Preset(StrEnum):
