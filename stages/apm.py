@@ -362,25 +362,31 @@ class APM(nn.Module):
         grid, prefix = (cfg.grid, cfg.prefix_tokens) if shared else (cfg.grids[level], cfg.prefixes[level])
         return local_read(images, grid, prefix, locations, cfg.patch_size)
 
+    def trigger_share(self, trigger: torch.Tensor) -> torch.Tensor:
+        """The part of every query's first trunk layer that depends on the image alone: ``T`` through its columns of
+        the first layer's weight, with the bias, ``[B, Dt] -> [B, 1, hidden[0]]``; computed once per image and
+        shared by all its locations and levels (:meth:`first_layer`)."""
+        first = self.trunk.layers[0]
+        return F.linear(trigger, first.weight[:, : self.config.trigger_dim], first.bias)[:, None, :]
+
     def first_layer(
         self,
-        trigger: torch.Tensor,
+        share: torch.Tensor,
         locations: torch.Tensor | None,
         level: int | None = None,
         images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The trunk's first linear layer ``[B, L, hidden[0]]`` on the queries ``[T, p(loc) (, level code) (, local
-        read)]`` for ``[B, Dt]`` triggers and ``locations`` of ``level``'s grid (``[L]`` shared or ``[B, L]`` per
-        image; None = all; ``level`` None: the shared grid), computed share by share: the trigger's once per image,
-        the codes' once per location, only the local read (``images`` from :meth:`read`) per query. The same sum as
-        the layer on the joined query, without repeating ``T``'s multiply-adds for every location."""
-        first = self.trunk.layers[0]
-        trigger_w, code_w, level_w, local_w = first.weight.split(self.query_widths, dim=1)
-        out = F.linear(trigger, trigger_w, first.bias)[:, None, :] + self.code_share(level, locations, code_w)
+        read)]`` for the images' :meth:`trigger_share` and ``locations`` of ``level``'s grid (``[L]`` shared or
+        ``[B, L]`` per image; None = all; ``level`` None: the shared grid), computed share by share: the trigger's
+        once per image, the codes' once per location, only the local read (``images`` from :meth:`read`) per query.
+        The same sum as the layer on the joined query, without repeating ``T``'s multiply-adds for every location."""
+        _, code_w, level_w, local_w = self.trunk.layers[0].weight.split(self.query_widths, dim=1)
+        out = share + self.code_share(level, locations, code_w)
         if level is not None and self.config.level_mode == "query":
             out = out + F.linear(self.level_codes[level], level_w)
         if images is not None:
-            out = out + F.linear(self.local_at(images, level, locations).to(trigger.dtype), local_w)
+            out = out + F.linear(self.local_at(images, level, locations).to(share.dtype), local_w)
         return out
 
     def code_share(self, level: int | None, locations: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
@@ -416,7 +422,7 @@ class APM(nn.Module):
         """Trunk features ``[B, L, hidden[-1]]`` for the queried locations of ``level``'s grid (None: the shared
         grid; in query mode the level's code is in the query)."""
         trigger, images = self.read(images)
-        return self.trunk_features(self.first_layer(trigger, locations, level, images))
+        return self.trunk_features(self.first_layer(self.trigger_share(trigger), locations, level, images))
 
     def forward_head(self, features: torch.Tensor, level: int | None = None) -> list[torch.Tensor]:
         """Trunk features -> standardised tokens: one ``[B, L, D_l]`` per level, or only ``level``'s."""
@@ -432,8 +438,9 @@ class APM(nn.Module):
         per_level = self.level_locations(locations)
         if self.config.level_mode == "query":
             trigger, fitted = self.read(images)
+            share = self.trigger_share(trigger)
             features = [
-                self.trunk_features(self.first_layer(trigger, locations, level, fitted))
+                self.trunk_features(self.first_layer(share, locations, level, fitted))
                 for level in range(len(self.config.level_dims))
             ]
             standardized = [self.heads[0](f) for f in features]
@@ -456,7 +463,8 @@ class APM(nn.Module):
         """Trunk features ``[B, L_l, hidden[-1]]`` per level, each at its own grid's ``per_level`` locations, from one
         trunk pass over every level's queries."""
         trigger, fitted = self.read(images)
-        firsts = [self.first_layer(trigger, where, level, fitted) for level, where in enumerate(per_level)]
+        share = self.trigger_share(trigger)
+        firsts = [self.first_layer(share, where, level, fitted) for level, where in enumerate(per_level)]
         features = self.trunk_features(torch.cat(firsts, dim=1))
         return list(features.split([f.shape[1] for f in firsts], dim=1))
 
@@ -502,10 +510,13 @@ class APM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_image(self) -> int:
-        """Multiply-adds x 2 for one image with every location queried."""
+        """Multiply-adds x 2 for one image with every location queried (the trigger's share of the first layer once)."""
         cfg = self.config
         macs = cfg.in_chans * cfg.trigger_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.grid[0] * cfg.grid[1]
+        trigger_share = cfg.trigger_dim * cfg.hidden[0]  # once per image (APM.trigger_share), not per query
+        macs += trigger_share
         trunk = sum(m.in_features * m.out_features for m in self.trunk.modules() if isinstance(m, nn.Linear))
+        trunk -= trigger_share
         heads = sum(h.in_features * h.out_features for h in self.heads)
         rgb = self.rgb_head.in_features * self.rgb_head.out_features if self.rgb_head is not None else 0
         if cfg.one_grid:

@@ -193,4 +193,4 @@ def test_the_first_layer_by_shares_equals_the_layer_on_the_joined_query(layout: 
                 parts.append(model.level_codes[level].expand(3, codes.shape[1], -1))
             parts.append(local_read(images, grid, prefix, where, config.patch_size))
             joined = model.trunk.layers[0](torch.cat(parts, dim=-1))
-            torch.testing.assert_close(model.first_layer(trigger, where, level, images), joined)
+            torch.testing.assert_close(model.first_layer(model.trigger_share(trigger), where, level, images), joined)
