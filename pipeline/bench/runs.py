@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .measure import timed
 
 
 @dataclass
@@ -28,9 +29,7 @@ def train_and_evaluate(
     defaults = {"caches": (cache,), "out": str(out), "min_steps": steps, "loader_workers": 1, "seed": seed}
     # the batch the defaults were chosen at, on any device (CUDA's default would give a digits cache 1 step an epoch)
     config = TrainConfig.from_options({**defaults, "batch_size": CPU_BATCH_SIZE, **options})
-    start = time.perf_counter()
-    train(config)
-    seconds = time.perf_counter() - start
+    seconds = timed(lambda: train(config))
     report = evaluate(EvalConfig(cache=val, student=str(out), seed=seed))
     return AblationRow(name, options, report["fidelity"], report["classification"].get("teacher_head", {}), seconds)
 
