@@ -1,6 +1,7 @@
 """The Asynchronous Perception Machine student (Modi & Rawat, NeurIPS 2024).
 
-One convolutional "filter" folds the whole image into one trigger column ``T``; a fixed 2-D sin/cos code
+One convolutional "filter" folds the whole image into one trigger column ``T`` (optionally followed by a small
+MLP applied to each of its cells on its own: ``filter_layers``); a fixed 2-D sin/cos code
 ``p(i, j)`` names every token location of the teacher's layout (prefix tokens get codes of their own); one
 shared MLP maps each query ``[T, p]`` to the teacher's tokens at that location, for every cached level, and
 (optionally) to the location's pixels. Locations are independent queries: any subset, in any order.
@@ -42,7 +43,13 @@ LEVEL_MODES = ("heads", "query")
 Locations = torch.Tensor | list[torch.Tensor | None] | None  # shared by every level, or one entry per level
 QUERY_MODES = ("paper", "local")
 # fields added after students were first saved: a saved config without one had this value (and saves without it)
-LEGACY_VALUES: dict[str, Any] = {"query": "paper", "level_grids": (), "level_prefix_tokens": ()}
+LEGACY_VALUES: dict[str, Any] = {
+    "query": "paper",
+    "level_grids": (),
+    "level_prefix_tokens": (),
+    "filter_layers": 1,
+    "filter_width": 0,
+}
 
 
 def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
@@ -86,7 +93,11 @@ class APMConfig:
             finest level's grid (the filter's cells) and ``prefix_tokens`` that level's prefix count.
         level_grids, level_prefix_tokens: each level's grid and prefix count when they differ between levels
             (a hierarchical teacher); empty: every level on ``grid`` with ``prefix_tokens``.
-        trigger_channels: output channels of the conv filter; ``T`` has ``trigger_channels * h * w`` entries.
+        trigger_channels: output channels of the filter; ``T`` has ``trigger_channels * h * w`` entries.
+        filter_layers: the filter's layers: 1 is the paper's one linear conv (kernel = stride = one cell); ``n > 1``
+            follows it with GELU and ``n - 1`` 1x1 convs, each followed by GELU: a small MLP on each cell's pixels
+            alone (cells still do not see each other; ``T`` carries nonlinear features of every cell).
+        filter_width: width of the filter's inner layers when ``filter_layers > 1`` (0: ``trigger_channels``).
         pos_dim: width of the location code (0: as wide as ``T``, as in the paper).
         hidden: widths of the MLP trunk's layers.
         act: ``gelu`` or ``relu``.
@@ -110,6 +121,8 @@ class APMConfig:
     query: str = "paper"
     level_grids: tuple[tuple[int, int], ...] = ()
     level_prefix_tokens: tuple[int, ...] = ()
+    filter_layers: int = 1
+    filter_width: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "level_grids", tuple(tuple(g) for g in self.level_grids))
@@ -127,6 +140,11 @@ class APMConfig:
             raise ConfigError(
                 f"--level-mode query needs equal token widths across levels, got {self.level_dims}; use "
                 "--level-mode heads"
+            )
+        if self.filter_layers < 1 or self.filter_width < 0:
+            raise ConfigError(
+                f"--filter-layers needs at least 1 and --filter-width at least 0, got {self.filter_layers} and "
+                f"{self.filter_width}"
             )
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"--hidden needs at least one positive width, got {self.hidden}")
@@ -167,6 +185,12 @@ class APMConfig:
         return self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1]
 
     @property
+    def filter_widths(self) -> tuple[int, ...]:
+        """Output channels of each of the filter's layers (the last is ``trigger_channels``)."""
+        inner = self.filter_width or self.trigger_channels
+        return (inner,) * (self.filter_layers - 1) + (self.trigger_channels,)
+
+    @property
     def trigger_dim(self) -> int:
         return self.trigger_channels * self.grid[0] * self.grid[1]
 
@@ -200,7 +224,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the authors' released model: 1-channel filter, code as wide as T, ReLU MLP 4096-4096-4096-2048-1024
     "paper": {"trigger_channels": 1, "pos_dim": 0, "hidden": (4096, 4096, 4096, 2048, 1024), "act": "relu"},
     "base": {"trigger_channels": 4, "pos_dim": 512, "hidden": (1024, 1024, 1024), "act": "gelu"},
-    "small": {"trigger_channels": 16, "pos_dim": 256, "hidden": (512, 512, 512), "act": "gelu"},
+    # a 3-layer filter (one conv, then two 1x1 layers per cell, width 64) with 32 output channels: measured on the
+    # demo's harder ViT teacher (docs/train.md); the default student
+    "small": {
+        "trigger_channels": 32,
+        "filter_layers": 3,
+        "filter_width": 64,
+        "pos_dim": 256,
+        "hidden": (512, 512, 512),
+        "act": "gelu",
+    },
     "tiny": {"trigger_channels": 1, "pos_dim": 64, "hidden": (128, 128), "act": "gelu"},
 }
 
@@ -240,6 +273,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+def cell_mlp(widths: tuple[int, ...]) -> nn.Sequential:
+    """The filter's layers after its first conv: GELU, then a 1x1 conv + GELU to each next width (each cell alone)."""
+    layers: list[nn.Module] = [nn.GELU()]
+    for width_in, width_out in itertools.pairwise(widths):
+        layers += [nn.Conv2d(width_in, width_out, kernel_size=1), nn.GELU()]
+    return nn.Sequential(*layers)
 
 
 def gather_locations(values: torch.Tensor, locations: torch.Tensor | None) -> torch.Tensor:
@@ -314,9 +355,9 @@ class APM(nn.Module):
     def __init__(self, config: APMConfig) -> None:
         super().__init__()
         self.config = config
-        self.filter = nn.Conv2d(
-            config.in_chans, config.trigger_channels, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        widths = config.filter_widths
+        self.filter = nn.Conv2d(config.in_chans, widths[0], kernel_size=config.patch_size, stride=config.patch_size)
+        self.cell_mlp = cell_mlp(widths) if len(widths) > 1 else None
         layouts = (
             [(config.prefix_tokens, config.grid)]
             if config.one_grid
@@ -353,7 +394,12 @@ class APM(nn.Module):
         """Normalised images -> trigger columns ``[B, trigger_dim]`` and the images the local reads take (fitted to
         the filter's cells; None for the paper's query)."""
         images = self.fit_input(images)
-        return self.filter(images).flatten(1), images if self.config.query == "local" else None
+        return self.trigger_map(images).flatten(1), images if self.config.query == "local" else None
+
+    def trigger_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Images fitted to the filter's cells -> the filter's output ``[B, trigger_channels, h, w]``."""
+        cells = self.filter(images)
+        return cells if self.cell_mlp is None else self.cell_mlp(cells)
 
     def local_at(self, images: torch.Tensor, level: int | None, locations: torch.Tensor | None) -> torch.Tensor:
         """The local reads ``[B, L, local_dim]`` of ``level``'s grid (None: the shared grid) at ``locations``."""
@@ -512,7 +558,10 @@ class APM(nn.Module):
     def flops_per_image(self) -> int:
         """Multiply-adds x 2 for one image with every location queried (the trigger's share of the first layer once)."""
         cfg = self.config
-        macs = cfg.in_chans * cfg.trigger_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.grid[0] * cfg.grid[1]
+        widths = cfg.filter_widths
+        cells = cfg.grid[0] * cfg.grid[1]
+        macs = cells * cfg.in_chans * widths[0] * cfg.patch_size[0] * cfg.patch_size[1]
+        macs += cells * sum(a * b for a, b in itertools.pairwise(widths))  # the cells' 1x1 layers
         trigger_share = cfg.trigger_dim * cfg.hidden[0]  # once per image (APM.trigger_share), not per query
         macs += trigger_share
         trunk = sum(m.in_features * m.out_features for m in self.trunk.modules() if isinstance(m, nn.Linear))

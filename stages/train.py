@@ -85,6 +85,8 @@ class TrainConfig:
     preset: str = "small"
     hidden: tuple[int, ...] | None = None
     trigger_channels: int | None = None
+    filter_layers: int | None = None
+    filter_width: int | None = None
     pos_dim: int | None = None
     level_mode: str = "heads"
     query: str = "local"
@@ -121,6 +123,8 @@ class TrainConfig:
 
     RANGES: ClassVar[dict[str, Range]] = {
         "trigger_channels": AT_LEAST_ONE,
+        "filter_layers": AT_LEAST_ONE,
+        "filter_width": NON_NEGATIVE,
         "pos_dim": NON_NEGATIVE,
         "locations": NON_NEGATIVE,
         "echo": AT_LEAST_ONE,
@@ -528,6 +532,8 @@ def _set_up(config: TrainConfig) -> _Run:
         config.preset,
         hidden=config.hidden,
         trigger_channels=config.trigger_channels,
+        filter_layers=config.filter_layers,
+        filter_width=config.filter_width,
         pos_dim=config.pos_dim,
         level_mode=config.level_mode,
         query=config.query,

@@ -139,6 +139,33 @@ def test_a_local_query_reads_its_cell_and_old_students_load_as_paper() -> None:
     assert moved[7] > 0 and moved.clone().index_fill_(0, torch.tensor([7]), 0).abs().max() == 0
 
 
+def test_a_layered_filter_reads_each_cell_alone_and_one_layer_saves_as_before() -> None:
+    from apmpipe.stages.apm import APM, APMConfig
+
+    base = APMConfig(
+        in_chans=1, image_size=(16, 16), grid=(4, 4), prefix_tokens=1, level_dims=(8,), pos_dim=8, hidden=(16,)
+    )
+    assert "filter_layers" not in base.to_dict() and APMConfig.from_dict(base.to_dict()) == base
+    layered = APMConfig.from_dict({**base.to_dict(), "trigger_channels": 3, "filter_layers": 3, "filter_width": 5})
+    assert APMConfig.from_dict(layered.to_dict()) == layered and layered.filter_widths == (5, 5, 3)
+    with pytest.raises(ConfigError, match="--filter-layers"):
+        APMConfig.from_dict({**base.to_dict(), "filter_layers": 0})
+    torch.manual_seed(0)
+    model = APM(layered)
+    assert [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [5, 5, 3]
+    images = torch.randn(2, 1, 16, 16)
+    changed = images.clone()
+    changed[:, :, 4:8, 8:12] += 1.0  # cell (1, 2)
+    with torch.no_grad():
+        moved = (model.trigger_map(changed) - model.trigger_map(images)).abs().amax((0, 1))
+    others = moved.clone()
+    others[1, 2] = 0
+    assert moved[1, 2] > 0 and others.max() == 0  # only the changed cell's features move
+    cells, pixels = 16, 16
+    extra = cells * ((5 - 1) * pixels + 5 * 5 + 5 * 3) + (3 - 1) * cells * 16  # wider first conv, 1x1s, T 3x as wide
+    assert model.flops_per_image() - APM(base).flops_per_image() == 2 * extra
+
+
 class _ReadThreadsProbe(torch.utils.data.IterableDataset):
     """Yields what :func:`read_threads` answers for local and in-memory caches, and zarr's pool size after it."""
 

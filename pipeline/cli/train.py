@@ -58,8 +58,17 @@ def train(
     hidden: Annotated[
         str | None, typer.Option(help="MLP trunk widths, overriding the preset, e.g. 1024,1024,512.")
     ] = None,
-    trigger_channels: Annotated[
-        int | None, typer.Option(help="Conv filter output channels (T = channels x grid).")
+    trigger_channels: Annotated[int | None, typer.Option(help="Filter output channels (T = channels x grid).")] = None,
+    filter_layers: Annotated[
+        int | None,
+        typer.Option(
+            help="Filter layers: 1 is the paper's one linear conv; n > 1 adds GELU and n-1 1x1 convs on each cell "
+            "alone."
+        ),
+    ] = None,
+    filter_width: Annotated[
+        int | None,
+        typer.Option(help="Width of the filter's inner layers when --filter-layers > 1 (0: as T's channels)."),
     ] = None,
     pos_dim: Annotated[int | None, typer.Option(help="Location code width (0: as wide as T).")] = None,
     level_mode: Annotated[
