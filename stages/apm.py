@@ -224,12 +224,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the authors' released model: 1-channel filter, code as wide as T, ReLU MLP 4096-4096-4096-2048-1024
     "paper": {"trigger_channels": 1, "pos_dim": 0, "hidden": (4096, 4096, 4096, 2048, 1024), "act": "relu"},
     "base": {"trigger_channels": 4, "pos_dim": 512, "hidden": (1024, 1024, 1024), "act": "gelu"},
-    # a 3-layer filter (one conv, then two 1x1 layers per cell, width 64) with 32 output channels: measured on the
+    # a 3-layer filter (one conv, then two 1x1 layers per cell, width 128) with 32 output channels: measured on the
     # demo's harder ViT teacher (docs/train.md); the default student
     "small": {
         "trigger_channels": 32,
         "filter_layers": 3,
-        "filter_width": 64,
+        "filter_width": 128,
         "pos_dim": 256,
         "hidden": (512, 512, 512),
         "act": "gelu",
