@@ -30,13 +30,13 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apmpipe.storage.errors import ConfigError
+from apmpipe.storage.errors import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, Range, check_ranges
 from apmpipe.storage.format import CacheSpec
 
 LEVEL_MODES = ("heads", "query")
@@ -124,6 +124,8 @@ class APMConfig:
     filter_layers: int = 1
     filter_width: int = 0
 
+    RANGES: ClassVar[dict[str, Range]] = {"filter_layers": AT_LEAST_ONE, "filter_width": NON_NEGATIVE}
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "level_grids", tuple(tuple(g) for g in self.level_grids))
         if self.query not in QUERY_MODES:
@@ -141,11 +143,7 @@ class APMConfig:
                 f"--level-mode query needs equal token widths across levels, got {self.level_dims}; use "
                 "--level-mode heads"
             )
-        if self.filter_layers < 1 or self.filter_width < 0:
-            raise ConfigError(
-                f"--filter-layers needs at least 1 and --filter-width at least 0, got {self.filter_layers} and "
-                f"{self.filter_width}"
-            )
+        check_ranges(vars(self), self.RANGES)
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"--hidden needs at least one positive width, got {self.hidden}")
 
