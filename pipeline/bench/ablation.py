@@ -9,7 +9,10 @@ from .runs import ONE_VIEW, AblationRow, selected, train_and_evaluate
 ABLATIONS: dict[str, dict[str, object]] = {
     "defaults": {},
     "paper query (--query paper)": {"query": "paper"},
-    "the paper's linear filter (--filter-layers 1 --trigger-channels 16)": {"filter_layers": 1, "trigger_channels": 16},
+    "one linear filter, the previous defaults (--filter-layers 1 --trigger-channels 16)": {
+        "filter_layers": 1,
+        "trigger_channels": 16,
+    },
     "no KL through the head (--logit-weight 0)": {"logit_weight": 0.0},
     "no target standardisation (--no-standardize)": {"standardize": False},
     "no extra prefix weight (--prefix-weight 0)": {"prefix_weight": 0.0},
