@@ -1,10 +1,11 @@
 """The Asynchronous Perception Machine student (Modi & Rawat, NeurIPS 2024).
 
 One convolutional "filter" folds the whole image into one trigger column ``T`` (optionally followed by a small
-MLP applied to each of its cells on its own: ``filter_layers``); a fixed 2-D sin/cos code
-``p(i, j)`` names every token location of the teacher's layout (prefix tokens get codes of their own); one
-shared MLP maps each query ``[T, p]`` to the teacher's tokens at that location, for every cached level, and
-(optionally) to the location's pixels. Locations are independent queries: any subset, in any order.
+MLP applied to each of its cells on its own: ``filter_layers``); a 2-D sin/cos code ``p(i, j)`` (fixed as in
+the paper, or learned from it: ``pos_code``) names every token location of the teacher's layout (prefix tokens get
+codes of their own); one shared MLP (plain, or with pre-norm residual layers: ``trunk``) maps each query ``[T, p]``
+to the teacher's tokens at that location, for every cached level, and (optionally) to the location's pixels.
+Locations are independent queries: any subset, in any order.
 
 Grids: when every level shares one grid (a ViT's blocks) a location is one query for all levels. When levels
 lie on different grids (a ConvNet's or Swin's stages) each level is queried at its own grid's cell centres,
@@ -42,6 +43,8 @@ from apmpipe.storage.format import CacheSpec
 LEVEL_MODES = ("heads", "query")
 Locations = torch.Tensor | list[torch.Tensor | None] | None  # shared by every level, or one entry per level
 QUERY_MODES = ("paper", "local")
+TRUNKS = ("mlp", "residual")
+POS_CODES = ("fixed", "learned")
 # fields added after students were first saved: a saved config without one had this value (and saves without it)
 LEGACY_VALUES: dict[str, Any] = {
     "query": "paper",
@@ -49,6 +52,8 @@ LEGACY_VALUES: dict[str, Any] = {
     "level_prefix_tokens": (),
     "filter_layers": 1,
     "filter_width": 0,
+    "trunk": "mlp",
+    "pos_code": "fixed",
 }
 
 
@@ -99,7 +104,11 @@ class APMConfig:
             alone (cells still do not see each other; ``T`` carries nonlinear features of every cell).
         filter_width: width of the filter's inner layers when ``filter_layers > 1`` (0: ``trigger_channels``).
         pos_dim: width of the location code (0: as wide as ``T``, as in the paper).
+        pos_code: ``fixed`` (the paper's 2-D sin/cos code) or ``learned`` (a table of one code per token location,
+            starting from the sin/cos code and trained with the student, as a ViT's position embedding).
         hidden: widths of the MLP trunk's layers.
+        trunk: ``mlp`` (Linear + activation per width, as in the paper) or ``residual`` (every layer after the first
+            adds to its input through LayerNorm and the activation, as a transformer's MLP blocks; equal widths).
         act: ``gelu`` or ``relu``.
         level_mode: ``heads`` (one head per level) or ``query`` (level code in the query).
         rgb: predict each grid location's pixels (the paper's f_rgb).
@@ -123,6 +132,8 @@ class APMConfig:
     level_prefix_tokens: tuple[int, ...] = ()
     filter_layers: int = 1
     filter_width: int = 0
+    trunk: str = "mlp"
+    pos_code: str = "fixed"
 
     RANGES: ClassVar[dict[str, Range]] = {"filter_layers": AT_LEAST_ONE, "filter_width": NON_NEGATIVE}
 
@@ -146,6 +157,14 @@ class APMConfig:
         check_ranges(vars(self), self.RANGES)
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"--hidden needs at least one positive width, got {self.hidden}")
+        if self.pos_code not in POS_CODES:
+            raise ConfigError(f"--pos-code {self.pos_code!r} is not one of {', '.join(POS_CODES)}")
+        if self.trunk not in TRUNKS:
+            raise ConfigError(f"--trunk {self.trunk!r} is not one of {', '.join(TRUNKS)}")
+        if self.trunk == "residual" and len(set(self.hidden)) > 1:
+            raise ConfigError(
+                f"--trunk residual needs equal --hidden widths, got {','.join(map(str, self.hidden))}; use --trunk mlp"
+            )
 
     @property
     def one_grid(self) -> bool:
@@ -222,14 +241,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the authors' released model: 1-channel filter, code as wide as T, ReLU MLP 4096-4096-4096-2048-1024
     "paper": {"trigger_channels": 1, "pos_dim": 0, "hidden": (4096, 4096, 4096, 2048, 1024), "act": "relu"},
     "base": {"trigger_channels": 4, "pos_dim": 512, "hidden": (1024, 1024, 1024), "act": "gelu"},
-    # a 3-layer filter (one conv, then two 1x1 layers per cell, width 128) with 32 output channels: measured on the
-    # demo's harder ViT teacher (docs/train.md); the default student
+    # a 3-layer filter (one conv, then two 1x1 layers per cell, width 128) with 32 output channels, a residual trunk
+    # and learned location codes: measured on the demo's harder ViT teacher (docs/train.md); the default student
     "small": {
         "trigger_channels": 32,
         "filter_layers": 3,
         "filter_width": 128,
         "pos_dim": 256,
+        "pos_code": "learned",
         "hidden": (512, 512, 512),
+        "trunk": "residual",
         "act": "gelu",
     },
     "tiny": {"trigger_channels": 1, "pos_dim": 64, "hidden": (128, 128), "act": "gelu"},
@@ -259,18 +280,39 @@ def config_for_cache(spec: CacheSpec, preset: str = "small", **overrides: Any) -
 
 
 class MLP(nn.Module):
-    """The shared trunk: Linear + activation per hidden width. ``[..., in] -> [..., hidden[-1]]``."""
+    """The shared trunk: Linear + activation per hidden width. ``[..., in] -> [..., hidden[-1]]``.
 
-    def __init__(self, in_dim: int, hidden: tuple[int, ...], act_layer: type[nn.Module] = nn.GELU) -> None:
+    ``residual``: each layer after the first is a pre-norm residual block ``x + Linear(act(LayerNorm(x)))`` and the
+    trunk ends in ``act(LayerNorm(x))`` (the widths must be equal); the Linear layers keep their places in
+    ``layers`` either way."""
+
+    def __init__(
+        self, in_dim: int, hidden: tuple[int, ...], act_layer: type[nn.Module] = nn.GELU, residual: bool = False
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for width in hidden:
             layers += [nn.Linear(in_dim, width), act_layer()]
             in_dim = width
         self.layers = nn.Sequential(*layers)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for width in hidden) if residual else None
+
+    @property
+    def first(self) -> nn.Linear:
+        """The first linear layer (the one the query enters)."""
+        return self.layers[0]
+
+    def after_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk after its first linear layer: ``[..., hidden[0]] -> [..., hidden[-1]]``."""
+        if self.norms is None:
+            return self.layers[1:](x)
+        act = self.layers[1]
+        for norm, linear in zip(self.norms, self.layers[2::2], strict=False):
+            x = x + linear(act(norm(x)))
+        return act(self.norms[-1](x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return self.after_first(self.first(x))
 
 
 def cell_mlp(widths: tuple[int, ...]) -> nn.Sequential:
@@ -356,13 +398,11 @@ class APM(nn.Module):
         widths = config.filter_widths
         self.filter = nn.Conv2d(config.in_chans, widths[0], kernel_size=config.patch_size, stride=config.patch_size)
         self.cell_mlp = cell_mlp(widths) if len(widths) > 1 else None
-        layouts = (
-            [(config.prefix_tokens, config.grid)]
-            if config.one_grid
-            else zip(config.prefixes, config.grids, strict=True)
-        )
-        tables = [location_codes(prefix, grid, config.code_dim, config.grid) for prefix, grid in layouts]
-        self.register_buffer("codes", torch.cat(tables), persistent=False)
+        tables = self.code_tables()
+        if config.pos_code == "learned":
+            self.codes = nn.Parameter(torch.cat(tables))
+        else:
+            self.register_buffer("codes", torch.cat(tables), persistent=False)
         starts = [0, *itertools.accumulate(len(t) for t in tables)]
         self.code_spans = list(itertools.pairwise(starts))  # rows of each level's table in codes (one: shared)
         levels = len(config.level_dims)
@@ -373,7 +413,12 @@ class APM(nn.Module):
             )
         # widths of the query's parts, in the order the first layer's weight columns take them
         self.query_widths = (config.trigger_dim, config.code_dim, level_code_dim, config.local_dim)
-        self.trunk = MLP(sum(self.query_widths), config.hidden, nn.ReLU if config.act == "relu" else nn.GELU)
+        self.trunk = MLP(
+            sum(self.query_widths),
+            config.hidden,
+            nn.ReLU if config.act == "relu" else nn.GELU,
+            residual=config.trunk == "residual",
+        )
         width = config.hidden[-1]
         head_count = 1 if config.level_mode == "query" else levels
         self.heads = nn.ModuleList(nn.Linear(width, config.level_dims[i]) for i in range(head_count))
@@ -382,6 +427,17 @@ class APM(nn.Module):
         self.scales = nn.ModuleList(TargetScale(config.level_tokens(i), dim) for i, dim in enumerate(config.level_dims))
 
     # -- parts -------------------------------------------------------------------------------------------------
+    def code_tables(self) -> list[torch.Tensor]:
+        """The sin/cos code of every token location, one table per grid (one: the shared grid): the fixed code, and
+        the learned code's starting point."""
+        cfg = self.config
+        layouts = [(cfg.prefix_tokens, cfg.grid)] if cfg.one_grid else zip(cfg.prefixes, cfg.grids, strict=True)
+        return [location_codes(prefix, grid, cfg.code_dim, cfg.grid) for prefix, grid in layouts]
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed besides biases and norms (timm's convention): the learned codes."""
+        return {"codes"} if self.config.pos_code == "learned" else set()
+
     def fit_input(self, images: torch.Tensor) -> torch.Tensor:
         """Resize images whose size is not a whole number of grid cells (e.g. a 225 px input on a 15x15 grid)."""
         if tuple(images.shape[-2:]) == self.config.tiled_size:
@@ -410,7 +466,7 @@ class APM(nn.Module):
         """The part of every query's first trunk layer that depends on the image alone: ``T`` through its columns of
         the first layer's weight, with the bias, ``[B, Dt] -> [B, 1, hidden[0]]``; computed once per image and
         shared by all its locations and levels (:meth:`first_layer`)."""
-        first = self.trunk.layers[0]
+        first = self.trunk.first
         return F.linear(trigger, first.weight[:, : self.config.trigger_dim], first.bias)[:, None, :]
 
     def first_layer(
@@ -425,7 +481,7 @@ class APM(nn.Module):
         ``[B, L]`` per image; None = all; ``level`` None: the shared grid), computed share by share: the trigger's
         once per image, the codes' once per location, only the local read (``images`` from :meth:`read`) per query.
         The same sum as the layer on the joined query, without repeating ``T``'s multiply-adds for every location."""
-        _, code_w, level_w, local_w = self.trunk.layers[0].weight.split(self.query_widths, dim=1)
+        _, code_w, level_w, local_w = self.trunk.first.weight.split(self.query_widths, dim=1)
         out = share + self.code_share(level, locations, code_w)
         if level is not None and self.config.level_mode == "query":
             out = out + F.linear(self.level_codes[level], level_w)
@@ -448,7 +504,7 @@ class APM(nn.Module):
 
     def trunk_features(self, first: torch.Tensor) -> torch.Tensor:
         """The trunk after its first linear layer: ``[..., hidden[0]] -> [..., hidden[-1]]``."""
-        return self.trunk.layers[1:](first)
+        return self.trunk.after_first(first)
 
     def level_locations(self, locations: Locations) -> list[torch.Tensor | None]:
         """``locations`` as one entry per level: a one-grid student's shared locations repeated, a multi-grid
@@ -546,8 +602,10 @@ class APM(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
                     module.reset_parameters()
+            if isinstance(self.codes, nn.Parameter):
+                self.codes.copy_(torch.cat(self.code_tables()))
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def num_params(self) -> int:

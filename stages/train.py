@@ -87,6 +87,8 @@ class TrainConfig:
     trigger_channels: int | None = None
     filter_layers: int | None = None
     filter_width: int | None = None
+    trunk: str | None = None
+    pos_code: str | None = None
     pos_dim: int | None = None
     level_mode: str = "heads"
     query: str = "local"
@@ -300,9 +302,10 @@ def warmup_for(total_steps: int, config: TrainConfig) -> int:
 def make_optimizer(
     model: APM, config: TrainConfig, total_steps: int, device: torch.device
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (no decay on biases) with warmup + cosine."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW (no decay on biases, norms and :meth:`APM.no_weight_decay`) with warmup + cosine."""
+    exempt = model.no_weight_decay()
+    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and name not in exempt]
+    no_decay = [p for name, p in model.named_parameters() if p.ndim < 2 or name in exempt]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
     warmup = warmup_for(total_steps, config)
@@ -534,6 +537,8 @@ def _set_up(config: TrainConfig) -> _Run:
         trigger_channels=config.trigger_channels,
         filter_layers=config.filter_layers,
         filter_width=config.filter_width,
+        trunk=config.trunk,
+        pos_code=config.pos_code,
         pos_dim=config.pos_dim,
         level_mode=config.level_mode,
         query=config.query,

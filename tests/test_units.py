@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from apmpipe.stages.apm import location_codes
 from apmpipe.stages.teacher import resolve_layers
@@ -164,6 +165,41 @@ def test_a_layered_filter_reads_each_cell_alone_and_one_layer_saves_as_before() 
     cells, pixels = 16, 16
     extra = cells * ((5 - 1) * pixels + 5 * 5 + 5 * 3) + (3 - 1) * cells * 16  # wider first conv, 1x1s, T 3x as wide
     assert model.flops_per_image() - APM(base).flops_per_image() == 2 * extra
+
+
+def test_a_residual_trunk_and_learned_codes_save_only_when_chosen() -> None:
+    from apmpipe.stages.apm import APM, APMConfig
+    from apmpipe.stages.train import TrainConfig, make_optimizer
+
+    base = APMConfig(
+        in_chans=1, image_size=(16, 16), grid=(4, 4), prefix_tokens=1, level_dims=(8,), pos_dim=8, hidden=(16, 16, 16)
+    )
+    assert not {"trunk", "pos_code"} & set(base.to_dict()) and "codes" not in APM(base).state_dict()
+    chosen = APMConfig.from_dict({**base.to_dict(), "trunk": "residual", "pos_code": "learned"})
+    assert APMConfig.from_dict(chosen.to_dict()) == chosen
+    with pytest.raises(ConfigError, match="--trunk residual needs equal --hidden widths, got 16,8"):
+        APMConfig.from_dict({**chosen.to_dict(), "hidden": (16, 8)})
+    with pytest.raises(ConfigError, match="--pos-code 'sincos' is not one of fixed, learned"):
+        APMConfig.from_dict({**base.to_dict(), "pos_code": "sincos"})
+    torch.manual_seed(0)
+    model = APM(chosen)
+    trunk, x = model.trunk, torch.randn(5, 16)
+    linears, norms = trunk.layers[::2], trunk.norms
+    h = x + linears[1](F.gelu(norms[0](x)))
+    h = h + linears[2](F.gelu(norms[1](h)))
+    torch.testing.assert_close(trunk.after_first(x), F.gelu(norms[2](h)))
+    optimizer, _ = make_optimizer(model, TrainConfig(caches=("c",), out="o", lr=1e-3), 10, torch.device("cpu"))
+    decayed, exempt = (group["params"] for group in optimizer.param_groups)
+    assert any(p is model.codes for p in exempt) and not any(p is model.codes for p in decayed)
+    start = model.codes.detach().clone()
+    with torch.no_grad():
+        model.codes.add_(1.0)
+        norms[0].weight.zero_()
+    model.reset_parameters(seed=1)
+    assert torch.equal(model.codes, start) and torch.equal(norms[0].weight, torch.ones(16))
+    assert set(model.state_dict()) - set(APM(base).state_dict()) == {"codes"} | {
+        f"trunk.norms.{i}.{p}" for i in range(3) for p in ("weight", "bias")
+    }
 
 
 class _ReadThreadsProbe(torch.utils.data.IterableDataset):

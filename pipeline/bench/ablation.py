@@ -9,7 +9,11 @@ from .runs import ONE_VIEW, AblationRow, selected, train_and_evaluate
 ABLATIONS: dict[str, dict[str, object]] = {
     "defaults": {},
     "paper query (--query paper)": {"query": "paper"},
-    "one linear filter, the previous defaults (--filter-layers 1 --trigger-channels 16)": {
+    "MLP trunk and fixed codes, the previous defaults (--trunk mlp --pos-code fixed)": {
+        "trunk": "mlp",
+        "pos_code": "fixed",
+    },
+    "one linear filter with 16 channels (--filter-layers 1 --trigger-channels 16)": {
         "filter_layers": 1,
         "trigger_channels": 16,
     },

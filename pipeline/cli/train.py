@@ -28,6 +28,16 @@ class LevelMode(StrEnum):
     query = "query"
 
 
+class Trunk(StrEnum):
+    mlp = "mlp"
+    residual = "residual"
+
+
+class PosCode(StrEnum):
+    fixed = "fixed"
+    learned = "learned"
+
+
 class Query(StrEnum):
     paper = "paper"
     local = "local"
@@ -70,7 +80,21 @@ def train(
         int | None,
         typer.Option(help="Width of the filter's inner layers when --filter-layers > 1 (0: as T's channels)."),
     ] = None,
+    trunk: Annotated[
+        Trunk | None,
+        typer.Option(
+            help="mlp: Linear + activation per width (the paper's); residual: pre-norm residual layers after the "
+            "first (equal widths). Default: the preset's."
+        ),
+    ] = None,
     pos_dim: Annotated[int | None, typer.Option(help="Location code width (0: as wide as T).")] = None,
+    pos_code: Annotated[
+        PosCode | None,
+        typer.Option(
+            help="fixed: the paper's 2-D sin/cos location code; learned: one code per location, starting from it. "
+            "Default: the preset's."
+        ),
+    ] = None,
     level_mode: Annotated[
         LevelMode,
         typer.Option(help="heads: one output head per level on a shared trunk; query: level code in the query."),
