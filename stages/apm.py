@@ -108,7 +108,8 @@ class APMConfig:
             starting from the sin/cos code and trained with the student, as a ViT's position embedding).
         hidden: widths of the MLP trunk's layers.
         trunk: ``mlp`` (Linear + activation per width, as in the paper) or ``residual`` (every layer after the first
-            adds to its input through LayerNorm and the activation, as a transformer's MLP blocks; equal widths).
+            adds to its input through LayerNorm and the activation, as a transformer's MLP blocks, where the widths
+            allow).
         act: ``gelu`` or ``relu``.
         level_mode: ``heads`` (one head per level) or ``query`` (level code in the query).
         rgb: predict each grid location's pixels (the paper's f_rgb).
@@ -161,10 +162,6 @@ class APMConfig:
             raise ConfigError(f"--pos-code {self.pos_code!r} is not one of {', '.join(POS_CODES)}")
         if self.trunk not in TRUNKS:
             raise ConfigError(f"--trunk {self.trunk!r} is not one of {', '.join(TRUNKS)}")
-        if self.trunk == "residual" and len(set(self.hidden)) > 1:
-            raise ConfigError(
-                f"--trunk residual needs equal --hidden widths, got {','.join(map(str, self.hidden))}; use --trunk mlp"
-            )
 
     @property
     def one_grid(self) -> bool:
@@ -282,9 +279,9 @@ def config_for_cache(spec: CacheSpec, preset: str = "small", **overrides: Any) -
 class MLP(nn.Module):
     """The shared trunk: Linear + activation per hidden width. ``[..., in] -> [..., hidden[-1]]``.
 
-    ``residual``: each layer after the first is a pre-norm residual block ``x + Linear(act(LayerNorm(x)))`` and the
-    trunk ends in ``act(LayerNorm(x))`` (the widths must be equal); the Linear layers keep their places in
-    ``layers`` either way."""
+    ``residual``: each layer after the first is a pre-norm block ``Linear(act(LayerNorm(x)))`` that adds its input
+    back where its width is the input's (a residual block; a narrowing layer has no skip), and the trunk ends in
+    ``act(LayerNorm(x))``; the Linear layers keep their places in ``layers`` either way."""
 
     def __init__(
         self, in_dim: int, hidden: tuple[int, ...], act_layer: type[nn.Module] = nn.GELU, residual: bool = False
@@ -308,7 +305,8 @@ class MLP(nn.Module):
             return self.layers[1:](x)
         act = self.layers[1]
         for norm, linear in zip(self.norms, self.layers[2::2], strict=False):
-            x = x + linear(act(norm(x)))
+            update = linear(act(norm(x)))
+            x = x + update if update.shape == x.shape else update
         return act(self.norms[-1](x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

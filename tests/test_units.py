@@ -177,8 +177,6 @@ def test_a_residual_trunk_and_learned_codes_save_only_when_chosen() -> None:
     assert not {"trunk", "pos_code"} & set(base.to_dict()) and "codes" not in APM(base).state_dict()
     chosen = APMConfig.from_dict({**base.to_dict(), "trunk": "residual", "pos_code": "learned"})
     assert APMConfig.from_dict(chosen.to_dict()) == chosen
-    with pytest.raises(ConfigError, match="--trunk residual needs equal --hidden widths, got 16,8"):
-        APMConfig.from_dict({**chosen.to_dict(), "hidden": (16, 8)})
     with pytest.raises(ConfigError, match="--pos-code 'sincos' is not one of fixed, learned"):
         APMConfig.from_dict({**base.to_dict(), "pos_code": "sincos"})
     torch.manual_seed(0)
@@ -188,6 +186,11 @@ def test_a_residual_trunk_and_learned_codes_save_only_when_chosen() -> None:
     h = x + linears[1](F.gelu(norms[0](x)))
     h = h + linears[2](F.gelu(norms[1](h)))
     torch.testing.assert_close(trunk.after_first(x), F.gelu(norms[2](h)))
+    narrowing = APM(APMConfig.from_dict({**chosen.to_dict(), "hidden": (16, 16, 8)})).trunk  # the last layer: no skip
+    lin, ln = narrowing.layers[::2], narrowing.norms
+    torch.testing.assert_close(
+        narrowing.after_first(x), F.gelu(ln[2](lin[2](F.gelu(ln[1](x + lin[1](F.gelu(ln[0](x))))))))
+    )
     optimizer, _ = make_optimizer(model, TrainConfig(caches=("c",), out="o", lr=1e-3), 10, torch.device("cpu"))
     decayed, exempt = (group["params"] for group in optimizer.param_groups)
     assert any(p is model.codes for p in exempt) and not any(p is model.codes for p in decayed)

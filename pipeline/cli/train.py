@@ -84,7 +84,7 @@ def train(
         Trunk | None,
         typer.Option(
             help="mlp: Linear + activation per width (the paper's); residual: pre-norm residual layers after the "
-            "first (equal widths). Default: the preset's."
+            "first (a narrowing layer without the skip). Default: the preset's."
         ),
     ] = None,
     pos_dim: Annotated[int | None, typer.Option(help="Location code width (0: as wide as T).")] = None,
