@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apmpipe.storage.errors import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, Range, check_ranges
+from apmpipe.storage.errors import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, Range, check_choice, check_ranges
 from apmpipe.storage.format import CacheSpec
 
 LEVEL_MODES = ("heads", "query")
@@ -140,10 +140,8 @@ class APMConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "level_grids", tuple(tuple(g) for g in self.level_grids))
-        if self.query not in QUERY_MODES:
-            raise ConfigError(f"--query {self.query!r} is not one of {', '.join(QUERY_MODES)}")
-        if self.level_mode not in LEVEL_MODES:
-            raise ConfigError(f"--level-mode {self.level_mode!r} is not one of {', '.join(LEVEL_MODES)}")
+        check_choice("--query", self.query, QUERY_MODES)
+        check_choice("--level-mode", self.level_mode, LEVEL_MODES)
         if self.act not in ("gelu", "relu"):
             raise ConfigError(f"--act {self.act!r} is not gelu or relu")
         if self.level_mode == "query" and not self.one_grid:
@@ -158,10 +156,8 @@ class APMConfig:
         check_ranges(vars(self), self.RANGES)
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"--hidden needs at least one positive width, got {self.hidden}")
-        if self.pos_code not in POS_CODES:
-            raise ConfigError(f"--pos-code {self.pos_code!r} is not one of {', '.join(POS_CODES)}")
-        if self.trunk not in TRUNKS:
-            raise ConfigError(f"--trunk {self.trunk!r} is not one of {', '.join(TRUNKS)}")
+        check_choice("--pos-code", self.pos_code, POS_CODES)
+        check_choice("--trunk", self.trunk, TRUNKS)
 
     @property
     def one_grid(self) -> bool:
@@ -256,8 +252,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def config_for_cache(spec: CacheSpec, preset: str = "small", **overrides: Any) -> APMConfig:
     """Size the student from a cache's layout (grid, widths, input) and a preset, with explicit overrides."""
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
+    check_choice("--preset", preset, PRESETS)
     grids = tuple(level.grid for level in spec.levels)
     prefixes = tuple(level.prefix_tokens for level in spec.levels)
     finest = max(range(len(grids)), key=lambda i: (grids[i][0] * grids[i][1], -i))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apmpipe.storage.errors import ConfigError
+from apmpipe.storage.errors import ConfigError, check_choice
 
 FEATURES = ("pooled", "cls", "mean-patch")
 PROBE_C = (0.01, 0.1, 1.0, 10.0)
@@ -54,8 +54,7 @@ def pooled_or_fallback(kind: str, head_reads_level: bool, prefix: int) -> str:
 
 def check_feature(kind: str, prefix: int | None = None) -> None:
     """Refuse an unknown ``--feature``, or ``cls`` for a teacher without prefix tokens (when ``prefix`` is known)."""
-    if kind not in FEATURES:
-        raise ConfigError(f"--feature {kind!r} is not one of {', '.join(FEATURES)}")
+    check_choice("--feature", kind, FEATURES)
     if kind == "cls" and prefix == 0:
         raise ConfigError("--feature cls: this teacher has no prefix tokens; use --feature mean-patch")
 

@@ -34,7 +34,16 @@ from apmpipe.storage.embeddings import (
     feature_folder,
     tokens_folder,
 )
-from apmpipe.storage.errors import AT_LEAST_ONE, WORKERS, ApmError, ConfigError, ModelError, Range, check_ranges
+from apmpipe.storage.errors import (
+    AT_LEAST_ONE,
+    WORKERS,
+    ApmError,
+    ConfigError,
+    ModelError,
+    Range,
+    check_choice,
+    check_ranges,
+)
 from apmpipe.storage.files import check_writable
 from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.redact import HIDDEN, redact_fields, redact_url
@@ -92,8 +101,7 @@ class EmbedConfig:
                 "no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder"
             )
         check_feature(self.feature)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        check_choice("--dtype", self.dtype, DTYPES)
         check_ranges(vars(self), self.RANGES)
         EmbeddingStore.check_out(self.out)
         if self.head_cache is not None:  # one record of one cache from any working directory

@@ -29,6 +29,7 @@ from apmpipe.storage.errors import (
     ConfigError,
     ModelError,
     Range,
+    check_choice,
     check_ranges,
 )
 from apmpipe.storage.redact import redact_fields, redact_url
@@ -96,10 +97,8 @@ class EvalConfig:
     }
 
     def __post_init__(self) -> None:
-        if self.ttt_from not in TTT_START:
-            raise ConfigError(f"--ttt-from {self.ttt_from!r} is not one of {', '.join(TTT_START)}")
-        if self.feature not in FEATURES:
-            raise ConfigError(f"--feature {self.feature!r} is not one of {', '.join(FEATURES)}")
+        check_choice("--ttt-from", self.ttt_from, TTT_START)
+        check_choice("--feature", self.feature, FEATURES)
         check_ranges(vars(self), self.RANGES)
 
     def to_dict(self) -> dict[str, Any]:

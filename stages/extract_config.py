@@ -20,6 +20,7 @@ from apmpipe.storage.errors import (
     ConfigError,
     ModelError,
     Range,
+    check_choice,
     check_ranges,
 )
 from apmpipe.storage.files import check_writable
@@ -136,12 +137,10 @@ class ExtractConfig:
                 "no SOURCE given; pass WebDataset shards (.tar/.tgz, brace patterns, a directory) or an image folder"
             )
         check_ranges(vars(self), self.RANGES)
-        if self.dtype not in TOKEN_DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
-        if self.codec is not None and self.codec not in CODECS:
-            raise ConfigError(f"--codec {self.codec!r} is not one of {', '.join(CODECS)}")
-        if self.pixel_codec not in PIXEL_CODECS:
-            raise ConfigError(f"--pixel-codec {self.pixel_codec!r} is not one of {', '.join(PIXEL_CODECS)}")
+        check_choice("--dtype", self.dtype, TOKEN_DTYPES)
+        if self.codec is not None:
+            check_choice("--codec", self.codec, CODECS)
+        check_choice("--pixel-codec", self.pixel_codec, PIXEL_CODECS)
         if not self.layers:
             raise ConfigError("--layers is empty; pass e.g. --layers 4,8,12 or --layers -1")
         object.__setattr__(self, "view_augment", parse_augments(self.view_augment, "--view-augment"))

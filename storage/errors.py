@@ -93,6 +93,13 @@ def check_ranges(values: Mapping[str, Any], ranges: Mapping[str, Range]) -> None
             raise ConfigError(f"--{name.replace('_', '-')} must be {allowed}, got {value}")
 
 
+def check_choice(option: str, value: Any, choices: Iterable[str]) -> None:
+    """Raise ConfigError when ``option``'s ``value`` (``option`` as the user names it, e.g. ``--trunk``) is not one of
+    ``choices``: the one check of an option that names one of a fixed set."""
+    if value not in choices:
+        raise ConfigError(f"{option} {value!r} is not one of {', '.join(choices)}")
+
+
 def plain_message(exc: BaseException) -> str:
     """An exception's message in plain words and values, for a skip or failure line: object reprs dropped (PIL's
     ``<_io.BytesIO object at 0x...>``), and an exception whose arguments are (message, stream object, url), as

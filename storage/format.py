@@ -22,7 +22,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.dtype import VariableLengthBytes
 from zarr.errors import UnstableSpecificationWarning
 
-from .errors import CacheError, ConfigError
+from .errors import CacheError, ConfigError, check_choice
 from .pixel_codecs import IMAGE_CHANNELS, PIXEL_CODECS
 from .redact import redact_url
 from .token_codecs import TOKEN_DTYPES
@@ -86,10 +86,8 @@ class CacheSpec:
     view_crop_scale: tuple[float, float] = (0.08, 1.0)  # area share of a view's crop
 
     def __post_init__(self) -> None:
-        if self.dtype not in TOKEN_DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
-        if self.codec not in CODECS:
-            raise ConfigError(f"--codec {self.codec!r} is not one of {', '.join(CODECS)}")
+        check_choice("--dtype", self.dtype, TOKEN_DTYPES)
+        check_choice("--codec", self.codec, CODECS)
         if self.chunk_samples < 1 or self.shard_samples < 1 or self.shard_samples % self.chunk_samples:
             raise ConfigError(
                 f"--shard-samples ({self.shard_samples}) must be a positive multiple of --chunk-samples "
@@ -103,8 +101,7 @@ class CacheSpec:
                 f"--rank {self.rank} must be between 0 (full tokens) and the narrowest cached level's "
                 f"width ({narrowest})"
             )
-        if self.pixel_codec not in PIXEL_CODECS:
-            raise ConfigError(f"--pixel-codec {self.pixel_codec!r} is not one of {', '.join(PIXEL_CODECS)}")
+        check_choice("--pixel-codec", self.pixel_codec, PIXEL_CODECS)
         if self.pixel_codec != "raw" and self.pixel_shape[0] not in IMAGE_CHANNELS:
             raise ConfigError(
                 f"--pixel-codec {self.pixel_codec} stores 1- or 3-channel images, the teacher takes "

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import CachedSamples, FeatureCache, decode_without_thread_pools, is_local_url
-from .errors import CacheError, ConfigError
+from .errors import CacheError, check_choice
 from .format import STATUS_FAILED, CacheSpec
 from .lowrank import TokenBasis
 from .moments import TokenMoments
@@ -206,8 +206,8 @@ def submit_block(reader: BlockReader, block: Block, plan: StreamPlan, **options:
 def resolve_token_dtype(spec: CacheSpec, token_dtype: str | None) -> np.dtype:
     """``token_dtype`` (float16 or float32) or, when None, float16 for float16 caches and float32 otherwise
     (float32 and int8 caches may hold values float16 cannot represent)."""
-    if token_dtype not in (None, *TOKEN_READ_DTYPES):
-        raise ConfigError(f"token dtype {token_dtype!r} is not one of {', '.join(TOKEN_READ_DTYPES)}")
+    if token_dtype is not None:
+        check_choice("token dtype", token_dtype, TOKEN_READ_DTYPES)
     return np.dtype(token_dtype or ("float16" if spec.dtype == "float16" else "float32"))
 
 
@@ -318,8 +318,7 @@ class CacheStream(IterableDataset):
         engine: str = "auto",
     ) -> None:
         super().__init__()
-        if engine not in ENGINES:
-            raise ConfigError(f"reader {engine!r} is not one of {', '.join(ENGINES)}")
+        check_choice("reader", engine, ENGINES)
         self.engine = engine
         self.pin_memory = False
         self._reading: tuple[int, list[BlockReader]] | None = None
