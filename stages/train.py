@@ -43,7 +43,7 @@ from apmpipe.storage.remote import absolute_url, route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, loader_items, window_batches
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
-from .apm import APM, Locations, config_for_cache
+from .apm import APM, APMConfig, Locations, config_for_cache
 from .augment import augment_generator, check_crop_scale, draw_views, parse_augments
 from .head import TeacherHead
 from .inputs import PixelNormalizer
@@ -466,6 +466,7 @@ class _Run:
     position: StreamPosition = StreamPosition()
     events: str | None = None  # TensorBoard's folder (rank 0, with --tensorboard)
     scalars: ScalarWriter | None = None
+    checkpoint: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # what --resume continues from
 
     def state(self) -> dict[str, Any]:
         return {
@@ -530,26 +531,31 @@ def _set_up(config: TrainConfig) -> _Run:
         coefficients=rebuilds_on_device(device),
         echo=config.echo,
     )
-    model_cfg = config_for_cache(
-        stream.spec,
-        config.preset,
-        hidden=config.hidden,
-        trigger_channels=config.trigger_channels,
-        filter_layers=config.filter_layers,
-        filter_width=config.filter_width,
-        trunk=config.trunk,
-        pos_code=config.pos_code,
-        pos_dim=config.pos_dim,
-        level_mode=config.level_mode,
-        query=config.query,
-        rgb=config.loss.rgb_weight > 0,
-    )
     run_dir = RunDir(config.out, config.storage_options)
     if run_dir.has_checkpoint() and not config.resume:
         raise ConfigError(
             f"{redact_url(config.out)} already holds a training run; pass --resume to continue it or choose another "
             "--out"
         )
+    checkpoint = _checkpoint_to_resume(config, run_dir, stream) if config.resume else None
+    model_cfg = (
+        APMConfig.from_dict(checkpoint[1]["model_config"])  # the run's own student, whatever the presets say now
+        if checkpoint
+        else config_for_cache(
+            stream.spec,
+            config.preset,
+            hidden=config.hidden,
+            trigger_channels=config.trigger_channels,
+            filter_layers=config.filter_layers,
+            filter_width=config.filter_width,
+            trunk=config.trunk,
+            pos_code=config.pos_code,
+            pos_dim=config.pos_dim,
+            level_mode=config.level_mode,
+            query=config.query,
+            rgb=config.loss.rgb_weight > 0,
+        )
+    )
     events = events_folder(run_dir, config.tensorboard_dir) if config.tensorboard else None  # every rank checks it
     _check_same_plan(stream, world)
     _, total_steps = planned_steps(stream, config)
@@ -582,6 +588,7 @@ def _set_up(config: TrainConfig) -> _Run:
         TokenDecoder(stream.coefficient_bases).to(device) if stream.coefficient_bases else None,
         WeightAverage(model, config.ema_decay) if config.ema_decay else None,
         events=events if rank == 0 else None,
+        checkpoint=checkpoint,
     )
 
 
@@ -626,21 +633,32 @@ def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
-def _resume(run: _Run) -> None:
-    """Load the newest checkpoint into ``run`` (weights, optimiser, schedule, RNG, stream position)."""
-    weights, state = run.run_dir.load_checkpoint()
-    changes = changed_options(state["config"], run.config.to_dict())
-    if state["model_config"] != run.model.config.to_dict() or state["layout"] != run.stream.spec.layout():
+def _checkpoint_to_resume(
+    config: TrainConfig, run_dir: RunDir, stream: CacheStream
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The newest checkpoint's weights and state, refused when these caches or this command's options would change
+    the run (options left unset keep the run's own: its student is rebuilt from the checkpoint, not the presets)."""
+    weights, state = run_dir.load_checkpoint()
+    changes = changed_options(state["config"], config.to_dict())
+    if state["layout"] != stream.spec.layout():
         listed = f" ({', '.join(changes)})" if changes else ""
         raise ModelError(
-            f"the checkpoint in {redact_url(run.config.out)} was trained for another student or teacher layout than "
-            f"these caches{listed}; use another --out"
+            f"the checkpoint in {redact_url(config.out)} was trained for another teacher layout than these "
+            f"caches{listed}; use another --out"
         )
     if changes:
         raise ConfigError(
-            f"--resume would change the run in {redact_url(run.config.out)}: {', '.join(changes)}; resume with the "
+            f"--resume would change the run in {redact_url(config.out)}: {', '.join(changes)}; resume with the "
             "run's options or train into another --out"
         )
+    return weights, state
+
+
+def _resume(run: _Run) -> None:
+    """Load the checkpoint :func:`_set_up` read into ``run`` (weights, optimiser, schedule, RNG, stream position)."""
+    assert run.checkpoint is not None, "_set_up reads the checkpoint of a resumed run"
+    weights, state = run.checkpoint
+    run.checkpoint = None  # the loop does not need a second copy of the weights
     run.model.load_state_dict(weights)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])

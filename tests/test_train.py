@@ -225,9 +225,11 @@ def test_train_errors_are_one_line(capsys: pytest.CaptureFixture, tmp_path: Path
     run = tmp_path / "r4"
     assert run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "2").exit_code == 0
     assert "already holds a training run" in error(tiny_cache, "--out", run, *TRAIN_FAST)
-    assert "another student or teacher layout" in error(
+    assert "--resume would change the run" in error(
         tiny_cache, "--out", run, *TRAIN_FAST, "--preset", "small", "--resume"
-    )
+    ) and "--preset small (run: tiny)" in error(tiny_cache, "--out", run, *TRAIN_FAST, "--preset", "small", "--resume")
+    layout = error(tiny_cache, "--out", run, *TRAIN_FAST, "--levels", "1", "--max-steps", "2", "--resume")
+    assert "another teacher layout than these caches (--levels 1 (run: (default)))" in layout
     assert "--batch-size must be at least 1" in error(tiny_cache, "--out", tmp_path / "r5", "--batch-size", "0")
 
 
@@ -523,3 +525,25 @@ def test_a_run_saved_before_query_ema_and_max_epochs_existed_resumes(tmp_path: P
     assert resumed.exit_code == 0, resumed.output
     _, config = load_student(run)
     assert APMConfig.from_dict(config["model_config"]).query == "paper"
+
+
+def test_resume_keeps_the_runs_own_student_after_the_preset_changed(
+    tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started under an older release's preset resumes as that student, exactly, with unset options."""
+    from apmpipe.stages.apm import PRESETS
+
+    run = tmp_path / "run"
+    args = ["train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "4", "--checkpoint-every", "2"]
+    with monkeypatch.context() as release:  # the release the run started under had another "tiny" student
+        release.setitem(PRESETS, "tiny", {**PRESETS["tiny"], "hidden": (96, 96), "trunk": "residual"})
+        assert run_cli(*args).exit_code == 0
+    uninterrupted = load_student(run)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")  # as if killed after the step-2 checkpoint
+    (run / "student.safetensors").unlink()
+    result = run_cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    resumed = load_student(run)
+    assert resumed[1]["model_config"] == uninterrupted[1]["model_config"]
+    assert resumed[1]["model_config"]["hidden"] == [96, 96] and resumed[1]["model_config"]["trunk"] == "residual"
+    assert all(torch.equal(uninterrupted[0][name], resumed[0][name]) for name in uninterrupted[0])
