@@ -633,13 +633,25 @@ def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
+STUDENT_OPTIONS = ("hidden", "trigger_channels", "filter_layers", "filter_width", "trunk", "pos_code", "pos_dim")
+
+
+def _with_student_options(saved: dict[str, Any], model_config: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved options plus, for each architecture option this command sets and the run left to its preset,
+    the value its student was built with (so ``--trunk mlp`` on a run whose preset gave ``mlp`` is no change)."""
+    student = APMConfig.from_dict(model_config)
+    built = {k: getattr(student, k) for k in STUDENT_OPTIONS if k in now and k not in saved}
+    return {**saved, **{k: list(v) if isinstance(v, tuple) else v for k, v in built.items()}}
+
+
 def _checkpoint_to_resume(
     config: TrainConfig, run_dir: RunDir, stream: CacheStream
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The newest checkpoint's weights and state, refused when these caches or this command's options would change
     the run (options left unset keep the run's own: its student is rebuilt from the checkpoint, not the presets)."""
     weights, state = run_dir.load_checkpoint()
-    changes = changed_options(state["config"], config.to_dict())
+    now = config.to_dict()
+    changes = changed_options(_with_student_options(state["config"], state["model_config"], now), now)
     if state["layout"] != stream.spec.layout():
         listed = f" ({', '.join(changes)})" if changes else ""
         raise ModelError(

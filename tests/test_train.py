@@ -546,3 +546,7 @@ def test_resume_keeps_the_runs_own_student_after_the_preset_changed(
     assert resumed[1]["model_config"] == uninterrupted[1]["model_config"]
     assert resumed[1]["model_config"]["hidden"] == [96, 96] and resumed[1]["model_config"]["trunk"] == "residual"
     assert all(torch.equal(uninterrupted[0][name], resumed[0][name]) for name in uninterrupted[0])
+    # an architecture option given now is compared with what the run's student was built with, not with "unset"
+    assert run_cli(*args, "--resume", "--trunk", "residual", "--hidden", "96,96").exit_code == 0
+    refused = run_cli(*args, "--resume", "--trunk", "mlp")
+    assert refused.exit_code == 2 and "--trunk mlp (run: residual)" in refused.output, refused.output
