@@ -381,6 +381,11 @@ def _ttt_lines(ttt: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _extract_rate(images_per_s: float) -> str:
+    """How fast the caches were made (a rerun that found them made, with no earlier summary, did not time it)."""
+    return f"at {images_per_s:.1f} img/s" if images_per_s else "(by an earlier run in this folder)"
+
+
 def render_report(summary: dict[str, Any], out: Path) -> str:
     """The demo's report.md: what was run, the figures beside their baselines, and how to read them."""
     ev, tr, ex, te = summary["eval"], summary["train"], summary["extract"], summary["teacher"]
@@ -397,8 +402,7 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "## Stage one: feature cache",
         "",
         f"{ex['train_images']} train{_views_note(ex.get('train_views', 1))} + {ex['val_images']} val images "
-        "extracted once at "
-        f"{ex['images_per_s']:.1f} img/s; {human_bytes(ex['stored_bytes'])} "
+        f"extracted once {_extract_rate(ex['images_per_s'])}; {human_bytes(ex['stored_bytes'])} "
         "on disk (layers by grid: "
         + ", ".join(f"{layer} ({grid})" for layer, grid in zip(te["layers"], te["grids"], strict=True))
         + "; float16 tokens, bit-shuffled LZ4; pixels, labels and logits: zstd).",
@@ -407,7 +411,7 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "",
         f"{tr['params'] / 1e6:.2f} M parameters, {tr['flops_per_image'] / 1e9:.3f} GFLOPs per image (all "
         f"locations). {tr['steps']} steps "
-        f"(batch {options.get('batch_size', '?')}, lr {options.get('lr', '?')}, "
+        f"(batch {options.get('batch_size', '?')}, lr {options.get('lr', float('nan')):.3g}, "
         f"{options.get('locations', '?')} locations + prefix tokens per image) "
         f"in {tr['seconds']:.1f} s; loss {tr['first_loss']:.4f} -> {tr['last_loss']:.4f}. The options are "
         "`apmpipe train`'s defaults.",

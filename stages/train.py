@@ -62,9 +62,11 @@ from .runtime import process_rank, setup_distributed
 _logger = logging.getLogger(__name__)
 
 WARMUP_FRACTION = 0.05  # warmup never takes more than this share of the run
-CPU_BATCH_SIZE = 32  # --batch-size left unset: images per step per rank on a CPU ...
-CUDA_BATCH_SIZE = 1024  # ... and on a GPU, where a small student at 32 is launch-bound
-BASE_LR = 2e-3  # --lr left unset: the peak LR at CPU_BATCH_SIZE (and at any --batch-size given)
+CPU_BATCH_SIZE = 64  # --batch-size left unset: images per step per rank on a CPU ...
+CUDA_BATCH_SIZE = 1024  # ... and on a GPU, where a small student at 64 is launch-bound
+BASE_LR = 2e-3  # --lr left unset: the peak LR at LR_BASE_BATCH images per step, scaled by default_lr
+LR_BASE_BATCH = 32
+DEFAULT_LOCATIONS = 4  # --locations left unset: grid locations per image per step (docs/train.md, images per step)
 EMA_DECAYS = Range(0, 0.9999)  # --ema-decay: 0 is off; 1 would never move
 POSITION_COUNTS = "echoed-batches"  # what StreamPosition.batch counts in checkpoints (older ones: loaded batches)
 
@@ -76,8 +78,8 @@ class TrainConfig:
     ``epochs`` 0 (the default) sizes the run from the cache: enough whole epochs for ``min_steps`` optimiser steps,
     at least one and at most ``max_epochs`` (0: no cap); small caches get more passes, large ones at least one.
     ``ema_decay`` above 0 exports an exponential moving average of the weights (:class:`WeightAverage`).
-    ``batch_size`` and ``lr`` None are the device's defaults, fixed by :meth:`for_device` before a run starts
-    (see :func:`default_lr`).
+    ``batch_size`` (the device's), ``lr`` (:func:`default_lr`) and ``locations`` left None take their defaults in
+    :meth:`for_device` before a run starts; ``--resume`` keeps the run's own instead.
     """
 
     caches: tuple[str, ...]
@@ -95,7 +97,7 @@ class TrainConfig:
     levels: tuple[int, ...] | None = None
     loss: LossConfig = LossConfig()
     standardize: bool = True
-    locations: int = 16
+    locations: int | None = None
     echo: int = 1
     augment: tuple[str, ...] = ()
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -157,10 +159,10 @@ class TrainConfig:
         check_crop_scale(self.crop_scale)
 
     def for_device(self, device: torch.device) -> TrainConfig:
-        """This config with ``batch_size`` and ``lr`` set for ``device`` where they were left unset (None)."""
+        """This config with ``batch_size``, ``lr`` and ``locations`` set for ``device`` where left unset (None)."""
         batch = self.batch_size or (CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE)
-        lr = self.lr or (default_lr(batch) if self.batch_size is None else BASE_LR)
-        return replace(self, batch_size=batch, lr=lr)
+        locations = DEFAULT_LOCATIONS if self.locations is None else self.locations
+        return replace(self, batch_size=batch, lr=self.lr or default_lr(batch), locations=locations)
 
     def to_dict(self) -> dict[str, Any]:
         """The options as ``config.toml``, checkpoints and the student record them (URLs redacted)."""
@@ -207,10 +209,10 @@ class TrainConfig:
 
 
 def default_lr(batch_size: int) -> float:
-    """The peak LR for a device's default batch: ``BASE_LR`` scaled by sqrt(batch / CPU_BATCH_SIZE), the square-root
-    rule for Adam-type optimisers (the gradient noise scale falls as 1/sqrt(batch)); 2e-3 at 32, ~1.1e-2 at 1024.
-    A ``--batch-size`` given by hand keeps ``BASE_LR`` unless ``--lr`` is given too."""
-    return BASE_LR * math.sqrt(batch_size / CPU_BATCH_SIZE)
+    """The peak LR when ``--lr`` is left unset: ``BASE_LR`` scaled by sqrt(batch / LR_BASE_BATCH), the square-root
+    rule for Adam-type optimisers (the gradient noise scale falls as 1/sqrt(batch)); 2e-3 at 32, ~2.8e-3 at 64 (the
+    CPU default), ~1.1e-2 at 1024 (CUDA's)."""
+    return BASE_LR * math.sqrt(batch_size / LR_BASE_BATCH)
 
 
 def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -498,10 +500,11 @@ class _Run:
         }
 
 
-def _run_batch_and_lr(config: TrainConfig) -> TrainConfig:
-    """``--resume`` keeps the run's own batch size and LR where this command leaves them unset (the device's defaults,
-    32 on a CPU and 1,024 on CUDA, would change them when a run moves between devices), and its student's query (a
-    run saved before ``--query`` existed is a ``paper`` student)."""
+def _keep_run_options(config: TrainConfig) -> TrainConfig:
+    """``--resume`` keeps the run's own batch size, LR and locations per step where this command leaves them unset
+    (the device's defaults, 64 on a CPU and 1,024 on CUDA, would change them when a run moves between devices, and
+    the defaults change between releases), and its student's query (a run saved before ``--query`` existed is a
+    ``paper`` student)."""
     if not config.resume:
         return config
     saved = RunDir(config.out, config.storage_options).saved_options()
@@ -511,13 +514,14 @@ def _run_batch_and_lr(config: TrainConfig) -> TrainConfig:
         config,
         batch_size=config.batch_size or saved.get("batch_size"),
         lr=config.lr or saved.get("lr"),
+        locations=saved.get("locations") if config.locations is None else config.locations,
         query=saved.get("query", BEFORE_OPTIONS["query"]),
     )
 
 
 def _set_up(config: TrainConfig) -> _Run:
     rank, world, device = setup_distributed(config.device)
-    config = _run_batch_and_lr(config).for_device(device)
+    config = _keep_run_options(config).for_device(device)
     stream = CacheStream(
         config.caches,
         config.batch_size,

@@ -255,13 +255,13 @@ def test_resume_refuses_nothing_to_resume_and_changed_options(
     assert run_main(capsys, "train", tiny_cache, "--out", run, *TINY_TRAIN, "--max-steps", "4").returncode == 0
     changed = [a if a != "8" else "4" for a in TINY_TRAIN]  # --batch-size 4
     result = run_main(
-        capsys, "train", tiny_cache, "--out", run, *changed, "--max-steps", "4", "--lr", "1e-3", "--resume"
+        capsys, "train", tiny_cache, "--out", run, *changed, "--max-steps", "4", "--lr", "5e-4", "--resume"
     )
     line = one_error_line(result.stderr)
     assert (
         "--resume would change the run" in line
         and "--batch-size 4 (run: 8)" in line
-        and "--lr 0.001 (run: 0.002)" in line
+        and "--lr 0.0005 (run: 0.001)" in line  # the run's LR: 2e-3 x sqrt(8 / 32)
     )
 
 

@@ -111,10 +111,11 @@ def test_one_grid_students_train_to_the_same_numbers_as_before(
     tmp_path: Path, tiny_cache: Path, extra: tuple[str, ...]
 ) -> None:
     run = tmp_path / "run"
-    # recorded before --query existed: the paper's query is the student those numbers belong to
-    paper = ("--query", "paper")
+    # recorded before --query existed (the paper's query is the student those numbers belong to) and while a batch given
+    # by hand kept --lr 2e-3
+    recorded = ("--query", "paper", "--lr", "2e-3")
     result = run_cli(
-        "train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "6", "--log-every", "1", *paper, *extra
+        "train", tiny_cache, "--out", run, *TRAIN_FAST, "--max-steps", "6", "--log-every", "1", *recorded, *extra
     )
     assert result.exit_code == 0, result.output
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -440,33 +440,48 @@ def test_losses_are_read_only_at_log_steps(tmp_path: Path, tiny_cache: Path, mon
     assert [r["step"] for r in records] == [5, 10] and len(reads) == 2
 
 
-def test_batch_and_lr_defaults_follow_the_device() -> None:
-    """Unset --batch-size/--lr: 32 and 2e-3 on a CPU (as before); 1024 on CUDA with the square-root LR rule; a batch
-    given by hand keeps 2e-3 unless --lr is given."""
+def test_batch_lr_and_locations_defaults_follow_the_device() -> None:
+    """Unset --batch-size: 64 on a CPU, 1024 on CUDA; unset --lr follows the batch by the square-root rule (2e-3 at 32),
+    whether the batch is the device's or given by hand; unset --locations is 4."""
     from apmpipe.stages.train import TrainConfig
 
     config = TrainConfig(caches=("c",), out="o")
     cpu, cuda = config.for_device(torch.device("cpu")), config.for_device(torch.device("cuda"))
-    assert (cpu.batch_size, cpu.lr) == (32, 2e-3)
+    assert (cpu.batch_size, cpu.locations) == (64, 4) and cpu.lr == pytest.approx(2e-3 * 2**0.5)
     assert cuda.batch_size == 1024 and cuda.lr == pytest.approx(2e-3 * 32**0.5)
-    given = TrainConfig(caches=("c",), out="o", batch_size=256).for_device(torch.device("cuda"))
-    assert (given.batch_size, given.lr) == (256, 2e-3)
+    given = TrainConfig(caches=("c",), out="o", batch_size=32, locations=0).for_device(torch.device("cuda"))
+    assert (given.batch_size, given.lr, given.locations) == (32, 2e-3, 0)
     assert TrainConfig(caches=("c",), out="o", lr=1e-3).for_device(torch.device("cuda")).lr == 1e-3
 
 
-def test_resume_keeps_the_runs_batch_size_and_lr_where_left_unset(
+def test_resume_keeps_the_runs_batch_lr_and_locations_where_left_unset(
     capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
 ) -> None:
-    """The device's defaults (32 on a CPU, 1,024 on CUDA) must not stand in for a resumed run's own batch and LR."""
+    """The defaults (64 images on a CPU, 1,024 on CUDA, 4 locations: they differ by device and by release) must not
+    stand in for a resumed run's own batch, LR and locations per step."""
     unset = [a for a in TRAIN_FAST if a not in ("--batch-size", "8")]
     out = tmp_path / "r"
     first = run_main(
-        capsys, "train", tiny_cache, "--out", out, *unset, "--batch-size", "8", "--lr", "0.001", "--max-steps", "2"
+        capsys,
+        "train",
+        tiny_cache,
+        "--out",
+        out,
+        *unset,
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.001",
+        "--locations",
+        "16",
+        "--max-steps",
+        "2",
     )
     assert first.returncode == 0, first.stderr
     again = run_main(capsys, "train", tiny_cache, "--out", out, *unset, "--max-steps", "2", "--resume")
     assert again.returncode == 0, again.stderr
-    assert "batch_size = 8" in (out / "config.toml").read_text() and "lr = 0.001" in (out / "config.toml").read_text()
+    saved = (out / "config.toml").read_text()
+    assert "batch_size = 8" in saved and "lr = 0.001" in saved and "locations = 16" in saved
 
 
 def test_a_local_query_student_trains_evaluates_adapts_and_draws_islands(

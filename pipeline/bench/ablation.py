@@ -8,6 +8,10 @@ from .runs import ONE_VIEW, AblationRow, selected, train_and_evaluate
 
 ABLATIONS: dict[str, dict[str, object]] = {
     "defaults": {},
+    "32 images and 16 locations a step, the previous defaults (--batch-size 32 --locations 16)": {
+        "batch_size": 32,
+        "locations": 16,
+    },
     "paper query (--query paper)": {"query": "paper"},
     "MLP trunk and fixed codes, the previous defaults (--trunk mlp --pos-code fixed)": {
         "trunk": "mlp",
