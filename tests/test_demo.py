@@ -161,7 +161,8 @@ def _easy_plan() -> object:
 @pytest.fixture(scope="module")
 def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The full demo's student budget and eval on the small digits teacher (its full 60-epoch recipe on scikit-learn's
-    digits; ~4 min on 2 idle cores), run once per module: the harder teacher's full run is too long for the suite."""
+    digits; ~7 min on 2 idle cores, its student 5.6 min), run once per module: the harder teacher's full run is too
+    long for the suite."""
     out = tmp_path_factory.mktemp("full") / "demo"
     with pytest.MonkeyPatch.context() as patch:
         _run_demo_with_plan(patch, _easy_plan())
