@@ -69,6 +69,8 @@ LR_BASE_BATCH = 32
 DEFAULT_LOCATIONS = 4  # --locations left unset: grid locations per image per step (docs/train.md, images per step)
 EMA_DECAYS = Range(0, 0.9999)  # --ema-decay: 0 is off; 1 would never move
 POSITION_COUNTS = "echoed-batches"  # what StreamPosition.batch counts in checkpoints (older ones: loaded batches)
+# the student's architecture options: over the preset when given, compared with the student's own on --resume
+STUDENT_OPTIONS = ("hidden", "trigger_channels", "filter_layers", "filter_width", "trunk", "pos_code", "pos_dim")
 
 
 @dataclass(frozen=True)
@@ -548,13 +550,7 @@ def _set_up(config: TrainConfig) -> _Run:
         else config_for_cache(
             stream.spec,
             config.preset,
-            hidden=config.hidden,
-            trigger_channels=config.trigger_channels,
-            filter_layers=config.filter_layers,
-            filter_width=config.filter_width,
-            trunk=config.trunk,
-            pos_code=config.pos_code,
-            pos_dim=config.pos_dim,
+            **{name: getattr(config, name) for name in STUDENT_OPTIONS},
             level_mode=config.level_mode,
             query=config.query,
             rgb=config.loss.rgb_weight > 0,
@@ -635,9 +631,6 @@ def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         for k in sorted(set(old) | set(new), key=[*new, *old].index)
         if k not in RESUME_MAY_CHANGE and new.get(k) != old.get(k)
     ]
-
-
-STUDENT_OPTIONS = ("hidden", "trigger_channels", "filter_layers", "filter_width", "trunk", "pos_code", "pos_dim")
 
 
 def _with_student_options(saved: dict[str, Any], model_config: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
