@@ -121,6 +121,8 @@ class TrainProgress:
         self._task = self._bar.add_task(label, total=None, epoch="-")
         self._started = False
         self._resumed = 0
+        self._loss = ""  # the last step record's loss line
+        self._held_out = ""  # the last held-out score (train --val), shown after the loss
 
     def resumed(self, step: int, total: int, run_dir: str) -> None:
         """A checkpoint was loaded: say so (or that the run is already trained), and start the bar at ``step``."""
@@ -134,15 +136,20 @@ class TrainProgress:
         self._bar.update(self._task, total=total, completed=self._resumed)
 
     def step(self, step: int, total: int, record: dict) -> None:
-        """A step's record (``loss``, ``epoch``, ``samples_per_s``, per-level ``loss_level_N``, ``loss_rgb``); the
-        bar starts at the first one when :meth:`start` was not called."""
+        """A step's record (``loss``, ``epoch``, ``samples_per_s``, per-level ``loss_level_N``, ``loss_rgb``), or a
+        held-out score's (``val_r2``, ``val_best``); the bar starts at the first one when :meth:`start` was not
+        called."""
         if not self._started:
             self.start(total)
-        terms = [f"L{k.rsplit('_', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("loss_level_")]
-        terms += [f"rgb {record['loss_rgb']:.4f}"] if "loss_rgb" in record else []
-        parts = f" ({', '.join(terms)})" if terms else ""
-        self._bar.detail = f"  loss {record['loss']:.4f}{parts}, {record['samples_per_s']:.0f} samples/s"
-        self._bar.update(self._task, completed=step, epoch=int(record.get("epoch", 0)) + 1)
+        if "val_r2" in record:
+            self._held_out = f"; held-out R2 {record['val_r2']:.3f} (best {record['val_best']:.3f})"
+        else:
+            terms = [f"L{k.rsplit('_', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("loss_level_")]
+            terms += [f"rgb {record['loss_rgb']:.4f}"] if "loss_rgb" in record else []
+            parts = f" ({', '.join(terms)})" if terms else ""
+            self._loss = f"  loss {record['loss']:.4f}{parts}, {record['samples_per_s']:.0f} samples/s"
+            self._bar.update(self._task, completed=step, epoch=int(record.get("epoch", 0)) + 1)
+        self._bar.detail = self._loss + self._held_out
 
     def __enter__(self) -> TrainProgress:
         return self

@@ -235,9 +235,19 @@ def train_summary(summary: Any, loss_plot: str) -> None:
         ("steps", f"{summary.steps} ({summary.epochs_done:.2f} epochs)"),
         ("loss", f"{summary.first_loss:.4f} -> {summary.last_loss:.4f}"),
         ("throughput", rate),
+        *([("held-out R2", _held_out_line(summary.held_out))] if summary.held_out else []),
         ("loss curve", redact_url(str(loss_plot))),
     ]
     out_console.print(table("apmpipe train", rows))
+
+
+def _held_out_line(held_out: dict[str, Any]) -> str:
+    """``train --val``: the exported (best) score beside the last, on the mean-token baseline's scale."""
+    stopped = ", stopped early (--patience)" if held_out["stopped_early"] else ""
+    return (
+        f"{held_out['best']:.3f} at step {held_out['best_step']} (exported; last {held_out['last']:.3f}{stopped}; "
+        f"mean token 0) on {held_out['cache']}"
+    )
 
 
 # -- eval ----------------------------------------------------------------------------------------------------

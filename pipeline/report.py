@@ -69,11 +69,13 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
     return fig, fig.subplots()
 
 
-def _finish(fig: Figure, ax: Axes, path: Path, grid_axis: str = "y", legend: str | None = "best") -> Path:
-    """Legend (at ``legend``: a matplotlib location, ``outside`` right of the axes, or None), light grid, tight
-    layout; write the PNG."""
+def _finish(
+    fig: Figure, ax: Axes, path: Path, grid_axis: str = "y", legend: str | None = "best", outside_at: float = 1.01
+) -> Path:
+    """Legend (at ``legend``: a matplotlib location, ``outside`` right of the axes at ``outside_at`` axes widths, or
+    None), light grid, tight layout; write the PNG."""
     if legend == "outside":
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(outside_at, 1.0))
     elif legend:
         ax.legend(fontsize=8, loc=legend)
     ax.grid(True, axis=grid_axis, alpha=0.3)
@@ -86,10 +88,12 @@ LEVEL_DASHES = ("-", "--", ":", "-.")  # levels' losses are often close: a dash 
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Total, per-level (in layer order) and rgb loss against step (log scale) as a PNG; the legend beside the
-    axes, where it hides no line."""
+    """Total, per-level (in layer order) and rgb loss against step (log scale) as a PNG, and the held-out R^2 of
+    ``train --val`` on a right-hand axis; the legend beside the axes, where it hides no line."""
     path = Path(path)
     fig, ax = _figure(8.5, 4)
+    held_out = [r for r in records if "val_r2" in r]
+    records = [r for r in records if "loss" in r]
     steps = [r["step"] for r in records]
     levels = sorted({int(k.rsplit("_", 1)[1]) for r in records for k in r if k.startswith("loss_level_")})
     extras = {"loss_logits": "KL to teacher logits", "loss_rgb": "rgb"}
@@ -102,7 +106,21 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("APM student distillation loss")
-    return _finish(fig, ax, path, grid_axis="both", legend="outside")
+    if held_out:
+        _plot_held_out(ax, held_out)
+    return _finish(fig, ax, path, grid_axis="both", legend="outside", outside_at=1.12 if held_out else 1.01)
+
+
+def _plot_held_out(ax: Axes, records: list[dict[str, Any]]) -> None:
+    """``train --val``'s scores on a right-hand axis (R^2: 0 is the mean-token baseline), in the loss's legend."""
+    style = {"color": "black", "marker": "o", "markersize": 3, "linewidth": 1}
+    label = "held-out R² (right axis)"
+    right = ax.twinx()
+    values = [r["val_r2"] for r in records]
+    right.plot([r["step"] for r in records], values, **style)
+    right.set_ylim(min(0.0, *values), 1.0)
+    right.set_ylabel("held-out R² (mean token: 0)")
+    ax.plot([], [], label=label, **style)  # the legend is the loss axes'
 
 
 def plot_fidelity(fidelity: dict[str, dict[str, float]], path: str | Path) -> Path:

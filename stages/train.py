@@ -8,6 +8,7 @@ pixels and the teacher's logits come from the cache (``apmpipe.storage.stream``)
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -58,6 +59,7 @@ from .objectives import (
     whole_levels,
 )
 from .runtime import process_rank, setup_distributed
+from .validation import SCORE, HeldOut, Selection
 
 _logger = logging.getLogger(__name__)
 
@@ -77,7 +79,9 @@ STUDENT_OPTIONS = ("hidden", "trigger_channels", "filter_layers", "filter_width"
 class TrainConfig:
     """Options of one training run (saved as ``config.toml`` and in every checkpoint).
 
-    ``epochs`` 0 (the default) sizes the run from the cache: enough whole epochs for ``min_steps`` optimiser steps,
+    ``val`` names a held-out cache the student is scored on every ``val_every`` steps (:mod:`.validation`); the run
+    then exports the best-scoring weights and, with ``patience`` > 0, stops after that many scores without a better
+    one. ``epochs`` 0 (the default) sizes the run from the cache: enough whole epochs for ``min_steps`` optimiser steps,
     at least one and at most ``max_epochs`` (0: no cap); small caches get more passes, large ones at least one.
     ``ema_decay`` above 0 exports an exponential moving average of the weights (:class:`WeightAverage`).
     ``batch_size`` (the device's), ``lr`` (:func:`default_lr`) and ``locations`` left None take their defaults in
@@ -107,6 +111,10 @@ class TrainConfig:
     min_steps: int = 4000
     max_epochs: int = 0
     max_steps: int = 0
+    val: str | None = None
+    val_every: int = 500
+    val_samples: int = 500
+    patience: int = 0
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float = 0.05
@@ -138,6 +146,9 @@ class TrainConfig:
         "min_steps": NON_NEGATIVE,
         "max_epochs": NON_NEGATIVE,
         "max_steps": NON_NEGATIVE,
+        "val_every": AT_LEAST_ONE,
+        "val_samples": NON_NEGATIVE,
+        "patience": NON_NEGATIVE,
         "batch_size": AT_LEAST_ONE,
         "lr": POSITIVE,
         "weight_decay": NON_NEGATIVE,
@@ -156,6 +167,10 @@ class TrainConfig:
         check_ranges(vars(self), self.RANGES)
         if self.tensorboard_dir is not None and not self.tensorboard:
             raise ConfigError("--tensorboard-dir needs --tensorboard")
+        if self.patience and not self.val:
+            raise ConfigError("--patience counts held-out scores: pass --val CACHE (a cache of other images) with it")
+        if self.val is not None:
+            object.__setattr__(self, "val", absolute_url(self.val))
         object.__setattr__(self, "caches", tuple(absolute_url(url) for url in self.caches))  # embed finds them
         object.__setattr__(self, "augment", parse_augments(self.augment))
         check_crop_scale(self.crop_scale)
@@ -169,7 +184,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The options as ``config.toml``, checkpoints and the student record them (URLs redacted)."""
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-        out = redact_fields(out, ("caches", "out", "tensorboard_dir"))
+        out = redact_fields(out, ("caches", "out", "val", "tensorboard_dir"))
         return {k: v for k, v in out.items() if v is not None and k != "storage_options"}
 
     @classmethod
@@ -273,6 +288,7 @@ class TrainSummary:
     flops_per_image: int
     student: str
     stopped_by: int = 0  # the signal (SIGINT, SIGTERM) that ended the run early, after a checkpoint; 0: finished
+    held_out: dict[str, Any] = field(default_factory=dict)  # with --val: Selection.summary() and the cache
     options: dict[str, Any] = field(default_factory=dict)  # as the run resolved them (the device's batch and LR)
 
 
@@ -466,6 +482,8 @@ class _Run:
     objective: Objective
     decoder: TokenDecoder | None = None
     average: WeightAverage | None = None
+    held_out: HeldOut | None = None  # with --val, on the rank that writes the run
+    selection: Selection | None = None  # with --val
     step: int = 0
     position: StreamPosition = StreamPosition()
     events: str | None = None  # TensorBoard's folder (rank 0, with --tensorboard)
@@ -486,19 +504,38 @@ class _Run:
             "plan": self.stream.fingerprint(),
             "position_counts": POSITION_COUNTS,
             **({"ema": self.average.state_dict()} if self.average else {}),
+            **({"selection": self.selection.state_dict()} if self.selection else {}),
         }
 
+    @property
+    def finished(self) -> bool:
+        """Every planned step is done, or ``--patience`` held-out scores in a row did not beat the best."""
+        return self.step >= self.total_steps or bool(self.selection and self.selection.stalled)
+
     def exported_weights(self) -> dict[str, torch.Tensor]:
-        """What the run exports: the weight average with ``--ema-decay``, else the weights as trained."""
+        """The weights the run would export now: the weight average with ``--ema-decay``, else the weights as
+        trained."""
         return self.average.weights(self.model) if self.average else self.model.state_dict()
 
+    def student_weights(self) -> dict[str, torch.Tensor]:
+        """What the run exports at its end: with ``--val``, the best held-out score's weights."""
+        return self.selection.weights if self.selection and self.selection.weights else self.exported_weights()
+
+    def held_out_summary(self) -> dict[str, Any]:
+        """With ``--val``: the selection (best and last score, the best's step) and the held-out cache."""
+        if not self.selection or not self.selection.weights:
+            return {}
+        return {**self.selection.summary(), "cache": redact_url(self.config.val or "")}
+
     def metadata(self) -> dict[str, Any]:
+        held_out = self.held_out_summary()
         return {
             "model_config": self.model.config.to_dict(),
             "layout": self.stream.spec.layout(),
             "train_config": self.config.to_dict(),
             "loss_config": self.config.loss.to_dict(),
             "step": self.step,
+            **({"held_out": held_out} if held_out else {}),
         }
 
 
@@ -587,13 +624,26 @@ def _set_up(config: TrainConfig) -> _Run:
         compiled_objective() if config.compile else step_losses,
         TokenDecoder(stream.coefficient_bases).to(device) if stream.coefficient_bases else None,
         WeightAverage(model, config.ema_decay) if config.ema_decay else None,
+        HeldOut.open(
+            config.val, stream.spec.layout(), config.caches, config.val_samples, config.seed, config.storage_options
+        )
+        if config.val and rank == 0
+        else None,
+        Selection(config.patience) if config.val else None,
         events=events if rank == 0 else None,
         checkpoint=checkpoint,
     )
 
 
 # options added after runs were first saved: a run saved without one trained as this value says
-BEFORE_OPTIONS: dict[str, Any] = {"query": "paper", "ema_decay": 0.0, "max_epochs": 0}
+BEFORE_OPTIONS: dict[str, Any] = {
+    "query": "paper",
+    "ema_decay": 0.0,
+    "max_epochs": 0,
+    "val_every": 500,
+    "val_samples": 500,
+    "patience": 0,
+}
 RESUME_MAY_CHANGE = (
     "caches",
     "out",
@@ -673,6 +723,8 @@ def _resume(run: _Run) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     if run.average:
         run.average.load_state_dict(state["ema"])
+    if run.selection and "selection" in state:
+        run.selection.load_state_dict(state["selection"])
     torch.set_rng_state(state["rng"]["torch"])
     run.step = int(state["step"])
     run.position = StreamPosition(**state["position"])
@@ -700,6 +752,23 @@ def _checkpoint(run: _Run) -> None:
             run.scalars.flush()
     if run.world > 1:
         dist.barrier()
+
+
+def _validate(run: _Run) -> dict[str, float]:
+    """Score the weights the run would export now on the held-out cache, fold the score into the selection and
+    record it (``metrics.jsonl``, TensorBoard); returns the record."""
+    assert run.held_out is not None and run.selection is not None, "only a run with --val, on its writing rank"
+    model = run.model
+    if run.average:  # the average is what would be exported, so it is what is scored
+        model = copy.deepcopy(run.model)
+        model.load_state_dict(run.exported_weights())
+    scores = run.held_out.score(model, run.device)
+    run.selection.add(run.step, scores[SCORE], run.exported_weights())
+    record = {"step": run.step, **scores, "val_best": run.selection.best}
+    run.run_dir.append_metrics(record)
+    if run.scalars:
+        run.scalars.write(record)
+    return record
 
 
 def _agreed(run: _Run, *flags: bool) -> list[bool]:
@@ -801,8 +870,8 @@ def _train(
         run.run_dir.remove_stale_temporaries()
     if config.resume:
         _resume(run)
-        if run.rank == 0 and on_resume:
-            on_resume(run.step, run.total_steps)
+        if run.rank == 0 and on_resume:  # a run --patience stopped is as done as one that ran every step
+            on_resume(run.step, run.step if run.finished else run.total_steps)
     elif run.rank == 0:
         run.run_dir.reset_metrics()
     if run.rank == 0:
@@ -818,7 +887,7 @@ def _train(
     last: torch.Tensor | None = None
     layers, waited, ready = [level.layer for level in run.stream.spec.levels], 0.0, time.perf_counter()
     saved, stop = time.monotonic(), False
-    for position, batch in _batches(run) if run.step < run.total_steps else ():
+    for position, batch in _batches(run) if not run.finished else ():
         waited += time.perf_counter() - ready  # the step waited this long for the loader
         images = run.normalize(batch["pixels"])
         targets = run.decoder(batch["tokens"]) if run.decoder is not None else batch["tokens"]
@@ -842,23 +911,28 @@ def _train(
                 on_step(run.step, run.total_steps, record)
         run.position = position
         samples += images.shape[0] * run.world  # trained samples (an echoed sample counts once per step it trains)
-        stop, due = _agreed(
+        if run.held_out and (run.step % config.val_every == 0 or run.step >= run.total_steps):
+            record = _validate(run)
+            if on_step:
+                on_step(run.step, run.total_steps, record)
+        stop, due, stalled = _agreed(
             run,
             bool(stop_requested and stop_requested()),
             0 < config.checkpoint_minutes * 60 <= time.monotonic() - saved,
+            bool(run.selection and run.selection.stalled),
         )
-        if stop or due or run.step % config.checkpoint_every == 0 or run.step >= run.total_steps:
+        if stalled and run.selection:  # the writing rank decided: every rank stops here
+            run.selection.since_best = max(run.selection.since_best, run.selection.patience)
+        if stop or due or stalled or run.step % config.checkpoint_every == 0 or run.step >= run.total_steps:
             _checkpoint(run)
             saved = time.monotonic()
-        if stop or run.step >= run.total_steps:
+        if stop or run.finished:
             break
         ready = time.perf_counter()
 
     stopped_by = ((stop_requested and stop_requested()) or int(signal.SIGTERM)) if stop else 0
     student = (
-        str(run.run_dir.save_student(run.exported_weights(), run.metadata()))
-        if run.rank == 0 and not stopped_by
-        else ""
+        str(run.run_dir.save_student(run.student_weights(), run.metadata())) if run.rank == 0 and not stopped_by else ""
     )
     if run.scalars:
         run.scalars.close()
@@ -876,5 +950,6 @@ def _train(
         flops_per_image=run.model.flops_per_image(),
         student=student,
         stopped_by=stopped_by,
+        held_out=run.held_out_summary(),
         options=run.config.to_dict(),
     )

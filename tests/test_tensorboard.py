@@ -18,24 +18,26 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_tensorboard_events_hold_the_metrics_scalars(tmp_path: Path, tiny_cache: Path) -> None:
+def test_tensorboard_events_hold_the_metrics_scalars(tmp_path: Path, tiny_cache: Path, eval_cache: Path) -> None:
     from apmpipe.storage.tensorboard import scalar_tag
 
     run = tmp_path / "run"
     result = run_cli(
-        "train", tiny_cache, "--out", run, *TINY_TRAIN, "--max-steps", "6", "--log-every", "2", "--tensorboard"
-    )
+        "train", tiny_cache, "--out", run, *TINY_TRAIN, "--max-steps", "6", "--log-every", "2", "--tensorboard",
+        "--val", eval_cache, "--val-every", "3", "--val-samples", "16",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert (run / "loss.png").exists() and [r["step"] for r in records] == [2, 4, 6]
+    assert (run / "loss.png").exists() and [r["step"] for r in records] == [2, 3, 4, 6, 6]  # held-out scores at 3, 6
     scalars = _scalars(run / "tensorboard")
-    keys = [k for k in records[0] if k != "step"]
+    keys = {k for r in records for k in r if k != "step"}
     assert {"loss/total", "loss/level_1", "loss/level_2", "loss/rgb", "lr", "samples_per_s", "data_wait_s"} <= set(
         scalars
     )
+    assert {"val_r2", "val_best", "val_patch_r2_L1", "val_prefix_r2_L1"} <= set(scalars)
     assert sorted(scalars) == sorted(scalar_tag(k) for k in keys)
     for key in keys:  # TensorBoard stores float32
-        expected = [(r["step"], pytest.approx(r[key], rel=1e-6, abs=1e-30)) for r in records]
+        expected = [(r["step"], pytest.approx(r[key], rel=1e-6, abs=1e-30)) for r in records if key in r]
         assert scalars[scalar_tag(key)] == expected, key
 
 

@@ -144,6 +144,21 @@ def train(
         int, typer.Option(help="With --epochs 0: at most this many epochs, whatever --min-steps asks (0: no cap).")
     ] = 0,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (0: run all epochs).")] = 0,
+    val: Annotated[
+        str | None,
+        typer.Option(
+            help="Held-out feature cache of the same teacher (other images): the student's R2 on it is scored every "
+            "--val-every steps and the best-scoring weights are exported."
+        ),
+    ] = None,
+    val_every: Annotated[int, typer.Option(help="With --val: steps between held-out scores (and at the end).")] = 500,
+    val_samples: Annotated[
+        int, typer.Option(help="With --val: seeded random samples of it scored each time (0: all).")
+    ] = 500,
+    patience: Annotated[
+        int,
+        typer.Option(help="With --val: stop after this many scores in a row without a better one (0: never stop)."),
+    ] = 0,
     batch_size: Annotated[
         int | None, typer.Option(help="Images per step per rank (default: 64 on a CPU, 1024 on CUDA).")
     ] = None,
