@@ -169,9 +169,14 @@ class TrainConfig:
             raise ConfigError("--tensorboard-dir needs --tensorboard")
         if self.patience and not self.val:
             raise ConfigError("--patience counts held-out scores: pass --val CACHE (a cache of other images) with it")
+        object.__setattr__(self, "caches", tuple(absolute_url(url) for url in self.caches))  # embed finds them
         if self.val is not None:
             object.__setattr__(self, "val", absolute_url(self.val))
-        object.__setattr__(self, "caches", tuple(absolute_url(url) for url in self.caches))  # embed finds them
+            if self.val in self.caches:
+                raise ConfigError(
+                    f"--val {redact_url(self.val)} is one of the training caches, so its scores would not be held "
+                    "out; pass a cache extracted from other images"
+                )
         object.__setattr__(self, "augment", parse_augments(self.augment))
         check_crop_scale(self.crop_scale)
 
@@ -482,7 +487,7 @@ class _Run:
     objective: Objective
     decoder: TokenDecoder | None = None
     average: WeightAverage | None = None
-    held_out: HeldOut | None = None  # with --val, on the rank that writes the run
+    held_out: HeldOut | None = None  # with --val (every rank checks it; the rank that writes the run scores)
     selection: Selection | None = None  # with --val
     step: int = 0
     position: StreamPosition = StreamPosition()
@@ -624,10 +629,8 @@ def _set_up(config: TrainConfig) -> _Run:
         compiled_objective() if config.compile else step_losses,
         TokenDecoder(stream.coefficient_bases).to(device) if stream.coefficient_bases else None,
         WeightAverage(model, config.ema_decay) if config.ema_decay else None,
-        HeldOut.open(
-            config.val, stream.spec.layout(), config.caches, config.val_samples, config.seed, config.storage_options
-        )
-        if config.val and rank == 0
+        HeldOut.open(config.val, stream.spec.layout(), config.val_samples, config.seed, config.storage_options)
+        if config.val
         else None,
         Selection(config.patience) if config.val else None,
         events=events if rank == 0 else None,
@@ -757,7 +760,7 @@ def _checkpoint(run: _Run) -> None:
 def _validate(run: _Run) -> dict[str, float]:
     """Score the weights the run would export now on the held-out cache, fold the score into the selection and
     record it (``metrics.jsonl``, TensorBoard); returns the record."""
-    assert run.held_out is not None and run.selection is not None, "only a run with --val, on its writing rank"
+    assert run.held_out is not None and run.selection is not None, "only a run with --val scores"
     model = run.model
     if run.average:  # the average is what would be exported, so it is what is scored
         model = copy.deepcopy(run.model)
@@ -911,7 +914,7 @@ def _train(
                 on_step(run.step, run.total_steps, record)
         run.position = position
         samples += images.shape[0] * run.world  # trained samples (an echoed sample counts once per step it trains)
-        if run.held_out and (run.step % config.val_every == 0 or run.step >= run.total_steps):
+        if run.rank == 0 and run.held_out and (run.step % config.val_every == 0 or run.step >= run.total_steps):
             record = _validate(run)
             if on_step:
                 on_step(run.step, run.total_steps, record)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from apmpipe.storage.cache import FeatureCache
-from apmpipe.storage.errors import ConfigError, ModelError
+from apmpipe.storage.errors import ModelError
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.stream import iter_subset, sample_subset
 
@@ -38,21 +38,10 @@ class HeldOut:
 
     @classmethod
     def open(
-        cls,
-        url: str,
-        layout: dict[str, Any],
-        training: tuple[str, ...],
-        samples: int,
-        seed: int,
-        storage_options: dict[str, Any],
+        cls, url: str, layout: dict[str, Any], samples: int, seed: int, storage_options: dict[str, Any]
     ) -> HeldOut:
-        """The ``--val`` cache, refused when it is a training cache, is unfinished or holds another teacher's
-        tokens (``layout``: the training caches' layout, ``--levels`` applied)."""
-        if url in training:
-            raise ConfigError(
-                f"--val {redact_url(url)} is one of the training caches, so its scores would not be held out; pass "
-                "a cache extracted from other images"
-            )
+        """The ``--val`` cache, refused when it is unfinished or holds another teacher's tokens (``layout``: the
+        training caches' layout, ``--levels`` applied)."""
         cache = FeatureCache.open(url, storage_options=storage_options)
         if not cache.complete_shards():
             raise ModelError(f"--val cache {redact_url(url)!r} has no complete shard; finish it with apmpipe extract")

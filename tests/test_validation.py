@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +79,24 @@ def test_val_resumes_after_sigkill_to_the_same_selection(tmp_path: Path, tiny_ca
     assert ref_meta["held_out"] == got_meta["held_out"] and got_meta["held_out"]["best_step"] > 0
     assert all(ref[key].equal(got[key]) for key in ref)
     assert _held_out_records(killed) == _held_out_records(reference)
+
+
+def test_val_under_ddp_scores_on_rank_zero_and_every_rank_stops_together(
+    tmp_path: Path, tiny_cache: Path, eval_cache: Path
+) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    run = tmp_path / "ddp"
+    args = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "apmpipe.pipeline", "train", str(tiny_cache)]
+    args += ["--out", str(run), *TRAIN_FAST, "--epochs", "3", "--device", "cpu", "--lr", "0.05"]
+    args += ["--val", str(eval_cache), "--val-every", "1", "--val-samples", "16", "--patience", "1"]
+    result = subprocess.run(
+        args, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )  # a rank that did not stop with the others would hang here until the timeout
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _held_out_records(run)
+    _, metadata = load_student(run)
+    assert metadata["held_out"]["stopped_early"] and metadata["step"] == records[-1]["step"]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # one score a step, rank 0's alone
 
 
 @pytest.mark.parametrize(
