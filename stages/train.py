@@ -686,12 +686,23 @@ def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
+# architecture options whose value may differ from the student's yet build the same one (0: "as wide as T"; a
+# filter of one layer has no inner width), with the derived width that decides
+SAME_WHEN_EQUAL = {"filter_width": "filter_widths", "pos_dim": "code_dim"}
+
+
 def _with_student_options(saved: dict[str, Any], model_config: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     """A run's saved options plus, for each architecture option this command sets and the run left to its preset,
-    the value its student was built with (so ``--trunk mlp`` on a run whose preset gave ``mlp`` is no change)."""
+    the value its student was built with (so ``--trunk mlp`` on a run whose preset gave ``mlp`` is no change), and
+    this command's value of an option in :data:`SAME_WHEN_EQUAL` that builds the same student."""
     student = APMConfig.from_dict(model_config)
     built = {k: getattr(student, k) for k in STUDENT_OPTIONS if k in now and k not in saved}
-    return {**saved, **{k: list(v) if isinstance(v, tuple) else v for k, v in built.items()}}
+    same = {
+        k: now[k]
+        for k, derived in SAME_WHEN_EQUAL.items()
+        if k in now and getattr(replace(student, **{k: now[k]}), derived) == getattr(student, derived)
+    }
+    return {**saved, **{k: list(v) if isinstance(v, tuple) else v for k, v in built.items()}, **same}
 
 
 def _checkpoint_to_resume(

@@ -565,3 +565,7 @@ def test_resume_keeps_the_runs_own_student_after_the_preset_changed(
     assert run_cli(*args, "--resume", "--trunk", "residual", "--hidden", "96,96").exit_code == 0
     refused = run_cli(*args, "--resume", "--trunk", "mlp")
     assert refused.exit_code == 2 and "--trunk mlp (run: residual)" in refused.output, refused.output
+    # a width that builds the same student is no change: a one-layer filter has no inner width; 63 rounds up to 64
+    assert run_cli(*args, "--resume", "--filter-width", "16", "--pos-dim", "63").exit_code == 0
+    refused = run_cli(*args, "--resume", "--pos-dim", "32")
+    assert refused.exit_code == 2 and "--pos-dim 32 (run: 64)" in refused.output, refused.output
