@@ -167,8 +167,6 @@ class TrainConfig:
         check_ranges(vars(self), self.RANGES)
         if self.tensorboard_dir is not None and not self.tensorboard:
             raise ConfigError("--tensorboard-dir needs --tensorboard")
-        if self.patience and not self.val:
-            raise ConfigError("--patience counts held-out scores: pass --val CACHE (a cache of other images) with it")
         object.__setattr__(self, "caches", tuple(absolute_url(url) for url in self.caches))  # embed finds them
         if self.val is not None:
             object.__setattr__(self, "val", absolute_url(self.val))
@@ -547,8 +545,8 @@ class _Run:
 def _keep_run_options(config: TrainConfig) -> TrainConfig:
     """``--resume`` keeps the run's own batch size, LR and locations per step where this command leaves them unset
     (the device's defaults, 64 on a CPU and 1,024 on CUDA, would change them when a run moves between devices, and
-    the defaults change between releases), and its student's query (a run saved before ``--query`` existed is a
-    ``paper`` student)."""
+    the defaults change between releases), its held-out cache (``--val``: a new location may be given, as for the
+    caches) and its student's query (a run saved before ``--query`` existed is a ``paper`` student)."""
     if not config.resume:
         return config
     saved = RunDir(config.out, config.storage_options).saved_options()
@@ -559,6 +557,7 @@ def _keep_run_options(config: TrainConfig) -> TrainConfig:
         batch_size=config.batch_size or saved.get("batch_size"),
         lr=config.lr or saved.get("lr"),
         locations=saved.get("locations") if config.locations is None else config.locations,
+        val=config.val or saved.get("val"),
         query=saved.get("query", BEFORE_OPTIONS["query"]),
     )
 
@@ -566,6 +565,8 @@ def _keep_run_options(config: TrainConfig) -> TrainConfig:
 def _set_up(config: TrainConfig) -> _Run:
     rank, world, device = setup_distributed(config.device)
     config = _keep_run_options(config).for_device(device)
+    if config.patience and not config.val:  # checked here: --resume keeps the run's own --val
+        raise ConfigError("--patience counts held-out scores: pass --val CACHE (a cache of other images) with it")
     stream = CacheStream(
         config.caches,
         config.batch_size,
@@ -649,6 +650,7 @@ BEFORE_OPTIONS: dict[str, Any] = {
 }
 RESUME_MAY_CHANGE = (
     "caches",
+    "val",  # moved or copied, like the caches (HeldOut.open checks its layout)
     "out",
     "resume",
     "device",

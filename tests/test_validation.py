@@ -15,7 +15,7 @@ import torch
 from apmpipe.stages.validation import Selection
 from apmpipe.storage.checkpoint import load_student
 
-from .conftest import TRAIN_FAST, one_error_line, run_cli, run_main, train_killed_and_resumed
+from .conftest import TRAIN_FAST, one_error_line, run_cli, run_main, run_subprocess, train_killed_and_resumed
 
 
 def _held_out_records(run: Path) -> list[dict]:
@@ -79,6 +79,11 @@ def test_val_resumes_after_sigkill_to_the_same_selection(tmp_path: Path, tiny_ca
     assert ref_meta["held_out"] == got_meta["held_out"] and got_meta["held_out"]["best_step"] > 0
     assert all(ref[key].equal(got[key]) for key in ref)
     assert _held_out_records(killed) == _held_out_records(reference)
+    at = args.index("--val")
+    del args[at : at + 2]  # --resume without --val keeps the run's own: the export is still the selection's
+    resumed = run_subprocess(*args, "--out", killed, "--resume")
+    assert resumed.returncode == 0 and "already trained" in resumed.stderr, resumed.stderr
+    assert load_student(killed)[1]["held_out"] == ref_meta["held_out"]
 
 
 def test_val_under_ddp_scores_on_rank_zero_and_every_rank_stops_together(
