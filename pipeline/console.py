@@ -121,8 +121,8 @@ class TrainProgress:
         self._task = self._bar.add_task(label, total=None, epoch="-")
         self._started = False
         self._resumed = 0
-        self._loss = ""  # the last step record's loss line
-        self._held_out = ""  # the last held-out score (train --val), shown after the loss
+        self._loss, self._rate = "", ""  # the last step record's losses and samples/s
+        self._held_out = ""  # the last held-out score (train --val), shown between the two
 
     def resumed(self, step: int, total: int, run_dir: str) -> None:
         """A checkpoint was loaded: say so (or that the run is already trained), and start the bar at ``step``."""
@@ -142,14 +142,14 @@ class TrainProgress:
         if not self._started:
             self.start(total)
         if "val_r2" in record:
-            self._held_out = f"; held-out R2 {record['val_r2']:.3f} (best {record['val_best']:.3f})"
+            self._held_out = f"; held-out {record['val_r2']:.3f} (best {record['val_best']:.3f})"
         else:
             terms = [f"L{k.rsplit('_', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith("loss_level_")]
             terms += [f"rgb {record['loss_rgb']:.4f}"] if "loss_rgb" in record else []
             parts = f" ({', '.join(terms)})" if terms else ""
-            self._loss = f"  loss {record['loss']:.4f}{parts}, {record['samples_per_s']:.0f} samples/s"
+            self._loss, self._rate = f"  loss {record['loss']:.4f}{parts}", f", {record['samples_per_s']:.0f} samples/s"
             self._bar.update(self._task, completed=step, epoch=int(record.get("epoch", 0)) + 1)
-        self._bar.detail = self._loss + self._held_out
+        self._bar.detail = self._loss + self._held_out + self._rate  # a narrow terminal cuts the rate first
 
     def __enter__(self) -> TrainProgress:
         return self

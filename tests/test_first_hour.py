@@ -305,7 +305,9 @@ def test_pipe_inputs_are_read_through_the_shell_or_refused_by_name(
 
 
 # -- 7, 8: progress and help at 80 columns ---------------------------------------------------------------------------
-def test_train_progress_keeps_steps_epoch_and_eta_within_80_columns(tmp_path: Path, tiny_cache: Path) -> None:
+def test_train_progress_keeps_steps_epoch_and_eta_within_80_columns(
+    tmp_path: Path, tiny_cache: Path, eval_cache: Path
+) -> None:
     result, _ = _apmpipe(
         "train",
         tiny_cache,
@@ -316,13 +318,18 @@ def test_train_progress_keeps_steps_epoch_and_eta_within_80_columns(tmp_path: Pa
         "20",
         "--log-every",
         "5",
+        "--val",
+        eval_cache,
+        "--val-every",
+        "10",
         env={"COLUMNS": "80"},
     )
     assert result.returncode == 0, result.stderr
     bar = next(line for line in result.stderr.splitlines() if line.startswith("train"))
     assert len(bar) <= 80 and "20/20" in bar and "epoch 2" in bar and "ETA" in bar, bar
     detail = result.stderr.splitlines()[result.stderr.splitlines().index(bar) + 1]
-    assert "loss" in detail and "L1" in detail and "samples/s" in detail and "loss" not in bar
+    assert "loss" in detail and "L1" in detail and "loss" not in bar, detail
+    assert re.search(r"held-out -?\d\.\d{3} \(best -?\d\.\d{3}\)", detail), detail  # before samples/s, which may be cut
 
 
 @pytest.mark.parametrize(
