@@ -307,6 +307,10 @@ def eval_report(report: dict[str, Any], json_path: str | Path) -> None:
     rows += [_classification_row(key, result) for key, result in report["classification"].items()]
     if "ttt" in report:
         rows += _ttt_rows(report["ttt"])
+    if report.get("selected_on_this_cache"):
+        step = report["student"]["held_out"]["best_step"]
+        rows.append(("note", f"train --val chose these weights (step {step}) by their R2 on this cache, so its figures "
+                     "lean optimistic; a cache of other images gives unbiased ones"))  # fmt: skip
     rows.append(("report", redact_url(str(json_path))))
     out_console.print(table("apmpipe eval", rows))
 

@@ -33,6 +33,7 @@ from apmpipe.storage.errors import (
     check_ranges,
 )
 from apmpipe.storage.redact import redact_fields, redact_url
+from apmpipe.storage.remote import absolute_url
 from apmpipe.storage.stream import iter_subset, sample_subset
 
 from .apm import APM
@@ -342,8 +343,18 @@ def _identity(config: EvalConfig, cache: FeatureCache, metadata: dict[str, Any])
             "step": metadata.get("step"),
             "model_config": metadata.get("model_config"),
             "train_config": metadata.get("train_config"),
+            **({"held_out": metadata["held_out"]} if "held_out" in metadata else {}),
         },
+        "selected_on_this_cache": selected_on(metadata, config.cache),
     }
+
+
+def selected_on(metadata: dict[str, Any], cache: str) -> bool:
+    """Whether ``train --val`` chose the student's weights among several by their score on ``cache`` (an earlier
+    step's weights than the run's last): figures on that cache then lean optimistic."""
+    held_out = metadata.get("held_out") or {}
+    chosen = held_out.get("best_step", metadata.get("step")) != metadata.get("step")
+    return chosen and held_out.get("cache") == redact_url(absolute_url(cache))
 
 
 def _versions(names: tuple[str, ...]) -> dict[str, str]:

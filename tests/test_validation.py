@@ -60,8 +60,13 @@ def test_val_exports_the_best_scored_weights_and_patience_stops_the_run(
     }
     assert f"{best['val_r2']:.3f} at step {best['step']} (exported" in result.stdout
     # the exported student is the best score's: apmpipe eval on the same held-out images gives its R^2
-    assert run_cli("eval", str(eval_cache), "--student", str(run), "--out", str(tmp_path / "ev")).exit_code == 0
-    fidelity = json.loads((tmp_path / "ev" / "eval.json").read_text())["fidelity"]
+    evaluated = run_cli("eval", str(eval_cache), "--student", str(run), "--out", str(tmp_path / "ev"))
+    assert evaluated.exit_code == 0 and "lean optimistic" in evaluated.output, evaluated.output  # chosen on it
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["selected_on_this_cache"] and report["student"]["held_out"] == metadata["held_out"]
+    other = run_cli("eval", str(tiny_cache), "--student", str(run), "--out", str(tmp_path / "o"), "--max-samples", "8")
+    assert other.exit_code == 0 and "lean optimistic" not in other.output, other.output
+    fidelity = report["fidelity"]
     for layer, row in fidelity.items():
         for part in ("patch", "prefix"):
             assert row[f"{part}_r2"] == pytest.approx(best[f"val_{part}_r2_L{layer}"], abs=1e-5), (layer, part)
