@@ -35,6 +35,7 @@ from .format import (
     is_count,
     parse_stored_spec,
     sample_arrays,
+    writes_every_chunk,
 )
 from .kinds import FEATURE_CACHE, wrong_kind
 from .lowrank import TokenBasis
@@ -74,6 +75,14 @@ def describe_error(exc: Exception) -> str:
     first = (plain_message(exc).splitlines() or [""])[0].split(". ")[0]  # zarr's checksum error goes on with both sums
     text = f"{type(exc).__name__}: {first}"
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _check_every_chunk_stored(array: zarr.Array) -> None:
+    """Raise when ``array`` was written with every chunk stored (format version 3) and some are not: zarr would read
+    them as fill values, and a training run would learn zeros. One listing of the array's files, no chunk read."""
+    if writes_every_chunk(array) and array.nchunks_initialized < array.nchunks:
+        missing = array.nchunks - array.nchunks_initialized
+        raise FileNotFoundError(f"{missing} of its {array.nchunks} chunks are not stored; zarr reads them as zeros")
 
 
 @contextlib.contextmanager
@@ -285,8 +294,16 @@ class FeatureCache:
                         f"shard {name!r} of cache {redact_url(self.url)!r} records {count} samples but "
                         f"{what} {key!r}; {_REWRITE.format(name=name)}"
                     )
+            for key, array in arrays.items():
+                with self.reading_shard(name, key):
+                    _check_every_chunk_stored(array)
             self._array_handles[name] = arrays
         return self._array_handles[name]
+
+    def check_shard(self, name: str) -> None:
+        """Refuse complete shard group ``name`` when an array lacks samples or chunk files (readers that open its
+        arrays themselves, as tensorstore does, call this first)."""
+        self._arrays(name)
 
     def read(
         self,

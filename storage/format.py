@@ -366,6 +366,12 @@ def create_checked_array(
     )
 
 
+def writes_every_chunk(array: zarr.Array) -> bool:
+    """Whether ``array`` was written as format version 3 writes every array (:func:`create_checked_array`): CRC-32C
+    per chunk and every chunk stored, so a chunk file that is not there is damage, not fill values."""
+    return any(isinstance(codec, Crc32cCodec) for codec in array.compressors)
+
+
 def create_sample_array(
     group: zarr.Group, spec: CacheSpec, name: str, item_shape: tuple[int, ...], dtype: Any
 ) -> zarr.Array:

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 
 import fsspec
 import zarr
-from zarr.codecs import Crc32cCodec
 
 from .cache import FeatureCache, describe_error
 from .errors import CacheError
-from .format import SHARDS_GROUP
+from .format import SHARDS_GROUP, writes_every_chunk
 from .redact import redact_url
 
 
@@ -68,7 +67,7 @@ def _check_group(cache: FeatureCache, name: str, report: IntegrityReport) -> Non
         report.damaged.append(DamagedChunk(name, "", "zarr.json", describe_error(exc)))
         return
     for array in sorted(arrays, key=lambda a: a.path):
-        array_name, checked = array.path[len(group_path) + 1 :], _has_checksums(array)
+        array_name, checked = array.path[len(group_path) + 1 :], writes_every_chunk(array)
         for key, region in _chunk_regions(array):
             report.chunks += 1
             report.checksummed += checked
@@ -79,11 +78,6 @@ def _check_group(cache: FeatureCache, name: str, report: IntegrityReport) -> Non
                 array[region]
             except Exception as exc:  # undecodable, checksum mismatch, truncated: any failed read is damage here
                 report.damaged.append(DamagedChunk(name, array_name, key, describe_error(exc)))
-
-
-def _has_checksums(array: zarr.Array) -> bool:
-    """Whether ``array`` was written as format version 3 writes every array: CRC-32C per chunk, every chunk stored."""
-    return any(isinstance(codec, Crc32cCodec) for codec in array.compressors)
 
 
 def _chunk_regions(array: zarr.Array) -> Iterator[tuple[str, tuple[slice, ...]]]:

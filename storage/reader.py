@@ -87,6 +87,9 @@ class BlockReader:
         if key not in self._stores:
             import tensorstore as ts
 
+            if not any(opened == shard for opened, _ in self._stores):  # the shard's first array opened here
+                self.cache.check_shard(shard)  # tensorstore, like zarr, would read a missing chunk file as zeros
+
             path = self.cache.local_array_path(shard, name)
             spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
             self._stores[key] = ts.open(spec, read=True, open=True, context=self._context).result()
