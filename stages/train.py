@@ -774,12 +774,12 @@ def _validate(run: _Run) -> dict[str, float]:
     """Score the weights the run would export now on the held-out cache, fold the score into the selection and
     record it (``metrics.jsonl``, TensorBoard); returns the record."""
     assert run.held_out is not None and run.selection is not None, "only a run with --val scores"
-    model = run.model
+    model, weights = run.model, run.exported_weights()
     if run.average:  # the average is what would be exported, so it is what is scored
         model = copy.deepcopy(run.model)
-        model.load_state_dict(run.exported_weights())
+        model.load_state_dict(weights)
     scores = run.held_out.score(model, run.device)
-    run.selection.add(run.step, scores[SCORE], run.exported_weights())
+    run.selection.add(run.step, scores[SCORE], weights)
     record = {"step": run.step, **scores, "val_best": run.selection.best}
     run.run_dir.append_metrics(record)
     if run.scalars:
