@@ -5,12 +5,15 @@ after every array holds every sample. The arrays are created as ``storage/format
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import fsspec
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 from .cache import FeatureCache, is_zarr_group, zarr_storage_options
 from .errors import CacheError
@@ -37,13 +40,35 @@ from .moments import TokenMoments
 from .redact import redact_url
 from .token_codecs import EncodedTokens, decode_tokens
 
+# zarr's LocalStore writes each file under ``NAME.<32 hex>.partial`` and renames it into place: a killed writer
+# leaves one behind, and a group listing that meets it warns that it is not part of the hierarchy
+ZARR_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def remove_stale_zarr_temporaries(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    """Delete the temporaries a killed writer left in the local cache at ``path`` (call under its writer lock: no
+    live writer has one open); object stores write whole objects and have none. Returns how many were removed."""
+    if not isinstance(fs, LocalFileSystem):
+        return 0
+    stale = [
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(path)
+        for name in names
+        if ZARR_TEMPORARY.search(name)
+    ]
+    for file in stale:
+        os.remove(file)
+    return len(stale)
+
 
 def create_or_open(url: str, spec: CacheSpec, *, storage_options: dict | None = None) -> FeatureCache:
-    """Open ``url`` for appending shards made with ``spec``, creating the cache if it does not exist.
+    """Open ``url`` for appending shards made with ``spec``, creating the cache if it does not exist; an existing
+    cache first loses the temporaries a killed run left (:func:`remove_stale_zarr_temporaries`).
 
     Refuses (CacheError) a cache written with another teacher, layers, dtype or layout.
     """
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    remove_stale_zarr_temporaries(fs, path)
     if is_zarr_group(url, storage_options):
         cache = FeatureCache.open(url, mode="r+", storage_options=storage_options)
         old, new = (
