@@ -22,7 +22,7 @@ from apmpipe.storage.cache import FeatureCache, is_zarr_group
 from apmpipe.storage.errors import AT_LEAST_ONE, ConfigError, InputError, check_ranges
 from apmpipe.storage.files import check_writable
 from apmpipe.storage.redact import redact_url
-from apmpipe.storage.sources import decode_image
+from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_image
 from apmpipe.storage.stream import iter_cache
 
 from .inputs import PixelNormalizer
@@ -121,9 +121,15 @@ def _load_inputs(
     for source in sources[:count]:
         try:
             data = Path(source).read_bytes()
+            image = decode_image(data, channels)  # first: it refuses an image too large to decode, in one line
             with Image.open(io.BytesIO(data)) as header:
                 originals.append((header.mode, header.size))
-            pixels.append(transform(decode_image(data, channels)).numpy())
+            pixels.append(transform(image).numpy())
+        except ImageTooLarge:
+            raise InputError(
+                f"image {redact_url(source)!r} has more than {DEFAULT_MAX_PIXELS:,} pixels, islands' limit; pass a "
+                "downscaled copy"
+            ) from None
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read image {redact_url(source)!r}: {exc}") from None
     return (

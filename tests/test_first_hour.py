@@ -532,6 +532,12 @@ def test_islands_says_what_it_converted(capsys: pytest.CaptureFixture, tmp_path:
     Image.new("RGB", (32, 32)).save(tmp_path / "fits.png")
     result = run_main(capsys, "islands", tmp_path / "fits.png", "--student", tiny_student, "--out", tmp_path / "k.png")
     assert result.stderr == ""
+    # above PIL's own decompression-bomb limit (Image.open raises before any check of ours): still one line
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (16_000, 16_000)).save(bomb)
+    result = run_main(capsys, "islands", bomb, "--student", tiny_student, "--out", tmp_path / "b.png")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "has more than 64,000,000 pixels, islands' limit; pass a downscaled copy" in result.stderr
 
 
 def test_islands_picture_has_gaps_labels_and_a_caption(tmp_path: Path, tiny_student: Path, eval_cache: Path) -> None:
