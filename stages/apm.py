@@ -16,6 +16,11 @@ Queries: ``query="paper"`` is the paper's ``[T, p]``. ``query="local"`` joins th
 (:func:`local_read`; prefix queries read zeros): the shared MLP no longer has to look a location's own detail up
 inside one global column, which is where a plain ``[T, p]`` loses the fit of patch tokens.
 
+Mixer: ``mixer_blocks > 0`` runs transformer blocks over the filter's cells (:class:`CellMixer`); ``T`` is then the
+mixed cells' mean, read with the same weights whatever the image's layout, and each grid query also reads its own
+mixed cell. The paper's ``T`` (every cell's output side by side, a weight per cell in the trunk's first layer) is what
+over-fits a small cache's per-image summary (the CLS token, the grid's mean): docs/train.md.
+
 Levels: by default one linear head per level on the shared trunk (``level_mode="heads"``): the trunk runs
 once per location for all levels. ``level_mode="query"`` instead appends a fixed level code to the query and
 runs the trunk once per (location, level) with a single head; it needs equal token widths across levels.
@@ -35,11 +40,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from apmpipe.storage.errors import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, Range, check_choice, check_ranges
 from apmpipe.storage.format import CacheSpec
 
+HEAD_WIDTH = 32  # channels per attention head of the cell mixer
 LEVEL_MODES = ("heads", "query")
 Locations = torch.Tensor | list[torch.Tensor | None] | None  # shared by every level, or one entry per level
 QUERY_MODES = ("paper", "local")
@@ -54,6 +61,8 @@ LEGACY_VALUES: dict[str, Any] = {
     "filter_width": 0,
     "trunk": "mlp",
     "pos_code": "fixed",
+    "mixer_blocks": 0,
+    "mixer_width": 128,
 }
 
 
@@ -102,6 +111,12 @@ class APMConfig:
         filter_layers: the filter's layers: 1 is the paper's one linear conv (kernel = stride = one cell); ``n > 1``
             follows it with GELU and ``n - 1`` 1x1 convs, each followed by GELU: a small MLP on each cell's pixels
             alone (cells still do not see each other; ``T`` carries nonlinear features of every cell).
+        mixer_blocks: transformer blocks (timm's ViT ``Block``) mixing the filter's cells, each with every other
+            (0: none, the paper). With a mixer ``T`` is the mean of the mixed cells (``mixer_width`` entries, read with
+            the same weights for every cell) instead of every cell's output side by side, and each grid query's
+            local read also takes its own cell of the mixed map (prefix queries read zeros); it needs the ``local``
+            query. Measured on the harder ViT: the absolute read of ``T`` is where CLS over-fits (docs/train.md).
+        mixer_width: the mixer's token width (a multiple of 32: one attention head per 32 channels).
         filter_width: width of the filter's inner layers when ``filter_layers > 1`` (0: ``trigger_channels``).
         pos_dim: width of the location code (0: as wide as ``T``, as in the paper).
         pos_code: ``fixed`` (the paper's 2-D sin/cos code) or ``learned`` (a table of one code per token location,
@@ -135,8 +150,15 @@ class APMConfig:
     filter_width: int = 0
     trunk: str = "mlp"
     pos_code: str = "fixed"
+    mixer_blocks: int = 0
+    mixer_width: int = 128
 
-    RANGES: ClassVar[dict[str, Range]] = {"filter_layers": AT_LEAST_ONE, "filter_width": NON_NEGATIVE}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "filter_layers": AT_LEAST_ONE,
+        "filter_width": NON_NEGATIVE,
+        "mixer_blocks": NON_NEGATIVE,
+        "mixer_width": AT_LEAST_ONE,
+    }
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "level_grids", tuple(tuple(g) for g in self.level_grids))
@@ -158,6 +180,12 @@ class APMConfig:
             raise ConfigError(f"--hidden needs at least one positive width, got {self.hidden}")
         check_choice("--pos-code", self.pos_code, POS_CODES)
         check_choice("--trunk", self.trunk, TRUNKS)
+        if self.mixer_blocks and self.query != "local":
+            raise ConfigError(
+                "--mixer-blocks needs --query local (a grid query reads its own mixed cell); use --mixer-blocks 0"
+            )
+        if self.mixer_blocks and self.mixer_width % HEAD_WIDTH:
+            raise ConfigError(f"--mixer-width must be a multiple of {HEAD_WIDTH}, got {self.mixer_width}")
 
     @property
     def one_grid(self) -> bool:
@@ -202,7 +230,8 @@ class APMConfig:
 
     @property
     def trigger_dim(self) -> int:
-        return self.trigger_channels * self.grid[0] * self.grid[1]
+        """Entries of ``T``: every cell's filter output side by side, or the mixed cells' mean with a mixer."""
+        return self.mixer_width if self.mixer_blocks else self.trigger_channels * self.grid[0] * self.grid[1]
 
     @property
     def code_dim(self) -> int:
@@ -211,8 +240,10 @@ class APMConfig:
 
     @property
     def local_dim(self) -> int:
-        """Width of a query's local read: one cell's pixels (0 for the paper's query)."""
-        return self.in_chans * self.patch_size[0] * self.patch_size[1] if self.query == "local" else 0
+        """Width of a query's local read: one cell's pixels and, with a mixer, its mixed cell (0: the paper's query)."""
+        if self.query != "local":
+            return 0
+        return self.in_chans * self.patch_size[0] * self.patch_size[1] + (self.mixer_width if self.mixer_blocks else 0)
 
     @property
     def num_tokens(self) -> int:
@@ -316,6 +347,37 @@ def cell_mlp(widths: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class CellMixer(nn.Module):
+    """Transformer blocks over the filter's cells (a learned position embedding per cell, pre-norm timm blocks, a final
+    LayerNorm): ``[B, C, h, w] -> [B, width, h, w]``, every cell informed by every other."""
+
+    def __init__(self, channels: int, cells: int, width: int, blocks: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(channels, width)
+        self.pos = nn.Parameter(torch.zeros(1, cells, width))
+        self.blocks = nn.Sequential(
+            *(Block(width, num_heads=width // HEAD_WIDTH, mlp_ratio=2.0) for _ in range(blocks))
+        )
+        self.norm = nn.LayerNorm(width)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The position embedding's start (its sub-layers reset themselves)."""
+        nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, cells: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = cells.shape
+        x = self.norm(self.blocks(self.embed(cells.flatten(2).transpose(1, 2)) + self.pos))
+        return x.transpose(1, 2).reshape(b, -1, h, w)
+
+    def macs(self, cells: int) -> int:
+        """Multiply-adds for one image: the embedding, then per block qkv + projection (4w²) and the MLP (4w²) per
+        cell, and attention's two products (2·cells²·w)."""
+        width = self.pos.shape[-1]
+        channels = self.embed.in_features
+        return cells * channels * width + len(self.blocks) * (8 * cells * width * width + 2 * cells * cells * width)
+
+
 def gather_locations(values: torch.Tensor, locations: torch.Tensor | None) -> torch.Tensor:
     """Rows of a per-location table ``[T, ...]`` for ``locations`` (None: all ``[T, ...]``; ``[L]``; ``[B, L]``)."""
     return values if locations is None else values[locations]
@@ -391,6 +453,12 @@ class APM(nn.Module):
         widths = config.filter_widths
         self.filter = nn.Conv2d(config.in_chans, widths[0], kernel_size=config.patch_size, stride=config.patch_size)
         self.cell_mlp = cell_mlp(widths) if len(widths) > 1 else None
+        cells = config.grid[0] * config.grid[1]
+        self.mixer = (
+            CellMixer(config.trigger_channels, cells, config.mixer_width, config.mixer_blocks)
+            if config.mixer_blocks
+            else None
+        )
         tables = self.code_tables()
         if config.pos_code == "learned":
             self.codes = nn.Parameter(torch.cat(tables))
@@ -428,8 +496,10 @@ class APM(nn.Module):
         return [location_codes(prefix, grid, cfg.code_dim, cfg.grid) for prefix, grid in layouts]
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters AdamW leaves undecayed besides biases and norms (timm's convention): the learned codes."""
-        return {"codes"} if self.config.pos_code == "learned" else set()
+        """Parameters AdamW leaves undecayed besides biases and norms (timm's convention): the learned codes and the
+        mixer's position embedding."""
+        exempt = {"codes"} if self.config.pos_code == "learned" else set()
+        return exempt | {"mixer.pos"} if self.mixer is not None else exempt
 
     def fit_input(self, images: torch.Tensor) -> torch.Tensor:
         """Resize images whose size is not a whole number of grid cells (e.g. a 225 px input on a 15x15 grid)."""
@@ -437,23 +507,35 @@ class APM(nn.Module):
             return images
         return F.interpolate(images, size=self.config.tiled_size, mode="bilinear", antialias=True, align_corners=False)
 
-    def read(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised images -> trigger columns ``[B, trigger_dim]`` and the images the local reads take (fitted to
-        the filter's cells; None for the paper's query)."""
+    def read(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Normalised images -> trigger columns ``[B, trigger_dim]`` and the maps the local reads take: the images
+        fitted to the filter's cells and, with a mixer, the mixed cells ``[B, mixer_width, h, w]`` (none for the
+        paper's query)."""
         images = self.fit_input(images)
-        return self.trigger_map(images).flatten(1), images if self.config.query == "local" else None
+        cells = self.trigger_map(images)
+        if self.mixer is None:
+            return cells.flatten(1), (images,) if self.config.query == "local" else ()
+        mixed = self.mixer(cells)
+        return mixed.mean((2, 3)), (images, mixed)
 
     def trigger_map(self, images: torch.Tensor) -> torch.Tensor:
         """Images fitted to the filter's cells -> the filter's output ``[B, trigger_channels, h, w]``."""
         cells = self.filter(images)
         return cells if self.cell_mlp is None else self.cell_mlp(cells)
 
-    def local_at(self, images: torch.Tensor, level: int | None, locations: torch.Tensor | None) -> torch.Tensor:
-        """The local reads ``[B, L, local_dim]`` of ``level``'s grid (None: the shared grid) at ``locations``."""
+    def local_at(
+        self, maps: tuple[torch.Tensor, ...], level: int | None, locations: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The local reads ``[B, L, local_dim]`` of ``level``'s grid (None: the shared grid) at ``locations``: each of
+        :meth:`read`'s maps at its own cell size (the filter's cell for images, one value for the mixed cells)."""
         cfg = self.config
         shared = level is None or cfg.one_grid
         grid, prefix = (cfg.grid, cfg.prefix_tokens) if shared else (cfg.grids[level], cfg.prefixes[level])
-        return local_read(images, grid, prefix, locations, cfg.patch_size)
+        reads = [
+            local_read(m, grid, prefix, locations, (m.shape[-2] // cfg.grid[0], m.shape[-1] // cfg.grid[1]))
+            for m in maps
+        ]
+        return torch.cat(reads, dim=-1) if len(reads) > 1 else reads[0]
 
     def trigger_share(self, trigger: torch.Tensor) -> torch.Tensor:
         """The part of every query's first trunk layer that depends on the image alone: ``T`` through its columns of
@@ -467,19 +549,19 @@ class APM(nn.Module):
         share: torch.Tensor,
         locations: torch.Tensor | None,
         level: int | None = None,
-        images: torch.Tensor | None = None,
+        maps: tuple[torch.Tensor, ...] = (),
     ) -> torch.Tensor:
         """The trunk's first linear layer ``[B, L, hidden[0]]`` on the queries ``[T, p(loc) (, level code) (, local
         read)]`` for the images' :meth:`trigger_share` and ``locations`` of ``level``'s grid (``[L]`` shared or
         ``[B, L]`` per image; None = all; ``level`` None: the shared grid), computed share by share: the trigger's
-        once per image, the codes' once per location, only the local read (``images`` from :meth:`read`) per query.
+        once per image, the codes' once per location, only the local read (``maps`` from :meth:`read`) per query.
         The same sum as the layer on the joined query, without repeating ``T``'s multiply-adds for every location."""
         _, code_w, level_w, local_w = self.trunk.first.weight.split(self.query_widths, dim=1)
         out = share + self.code_share(level, locations, code_w)
         if level is not None and self.config.level_mode == "query":
             out = out + F.linear(self.level_codes[level], level_w)
-        if images is not None:
-            out = out + F.linear(self.local_at(images, level, locations).to(share.dtype), local_w)
+        if maps:
+            out = out + F.linear(self.local_at(maps, level, locations).to(share.dtype), local_w)
         return out
 
     def code_share(self, level: int | None, locations: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
@@ -514,8 +596,8 @@ class APM(nn.Module):
     ) -> torch.Tensor:
         """Trunk features ``[B, L, hidden[-1]]`` for the queried locations of ``level``'s grid (None: the shared
         grid; in query mode the level's code is in the query)."""
-        trigger, images = self.read(images)
-        return self.trunk_features(self.first_layer(self.trigger_share(trigger), locations, level, images))
+        trigger, maps = self.read(images)
+        return self.trunk_features(self.first_layer(self.trigger_share(trigger), locations, level, maps))
 
     def forward_head(self, features: torch.Tensor, level: int | None = None) -> list[torch.Tensor]:
         """Trunk features -> standardised tokens: one ``[B, L, D_l]`` per level, or only ``level``'s."""
@@ -530,10 +612,10 @@ class APM(nn.Module):
         per level, and, if enabled, ``rgb`` ``[B, L_f, C*ph*pw]`` for the finest level's locations."""
         per_level = self.level_locations(locations)
         if self.config.level_mode == "query":
-            trigger, fitted = self.read(images)
+            trigger, maps = self.read(images)
             share = self.trigger_share(trigger)
             features = [
-                self.trunk_features(self.first_layer(share, locations, level, fitted))
+                self.trunk_features(self.first_layer(share, locations, level, maps))
                 for level in range(len(self.config.level_dims))
             ]
             standardized = [self.heads[0](f) for f in features]
@@ -555,9 +637,9 @@ class APM(nn.Module):
     def level_features(self, images: torch.Tensor, per_level: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """Trunk features ``[B, L_l, hidden[-1]]`` per level, each at its own grid's ``per_level`` locations, from one
         trunk pass over every level's queries."""
-        trigger, fitted = self.read(images)
+        trigger, maps = self.read(images)
         share = self.trigger_share(trigger)
-        firsts = [self.first_layer(share, where, level, fitted) for level, where in enumerate(per_level)]
+        firsts = [self.first_layer(share, where, level, maps) for level, where in enumerate(per_level)]
         features = self.trunk_features(torch.cat(firsts, dim=1))
         return list(features.split([f.shape[1] for f in firsts], dim=1))
 
@@ -595,7 +677,7 @@ class APM(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+                if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, CellMixer)):
                     module.reset_parameters()
             if isinstance(self.codes, nn.Parameter):
                 self.codes.copy_(torch.cat(self.code_tables()))
@@ -611,6 +693,7 @@ class APM(nn.Module):
         cells = cfg.grid[0] * cfg.grid[1]
         macs = cells * cfg.in_chans * widths[0] * cfg.patch_size[0] * cfg.patch_size[1]
         macs += cells * sum(a * b for a, b in itertools.pairwise(widths))  # the cells' 1x1 layers
+        macs += self.mixer.macs(cells) if self.mixer is not None else 0
         trigger_share = cfg.trigger_dim * cfg.hidden[0]  # once per image (APM.trigger_share), not per query
         macs += trigger_share
         trunk = sum(m.in_features * m.out_features for m in self.trunk.modules() if isinstance(m, nn.Linear))

@@ -72,7 +72,17 @@ DEFAULT_LOCATIONS = 4  # --locations left unset: grid locations per image per st
 EMA_DECAYS = Range(0, 0.9999)  # --ema-decay: 0 is off; 1 would never move
 POSITION_COUNTS = "echoed-batches"  # what StreamPosition.batch counts in checkpoints (older ones: loaded batches)
 # the student's architecture options: over the preset when given, compared with the student's own on --resume
-STUDENT_OPTIONS = ("hidden", "trigger_channels", "filter_layers", "filter_width", "trunk", "pos_code", "pos_dim")
+STUDENT_OPTIONS = (
+    "hidden",
+    "trigger_channels",
+    "filter_layers",
+    "filter_width",
+    "mixer_blocks",
+    "mixer_width",
+    "trunk",
+    "pos_code",
+    "pos_dim",
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,8 @@ class TrainConfig:
     trigger_channels: int | None = None
     filter_layers: int | None = None
     filter_width: int | None = None
+    mixer_blocks: int | None = None
+    mixer_width: int | None = None
     trunk: str | None = None
     pos_code: str | None = None
     pos_dim: int | None = None
@@ -139,6 +151,8 @@ class TrainConfig:
         "trigger_channels": AT_LEAST_ONE,
         "filter_layers": AT_LEAST_ONE,
         "filter_width": NON_NEGATIVE,
+        "mixer_blocks": NON_NEGATIVE,
+        "mixer_width": AT_LEAST_ONE,
         "pos_dim": NON_NEGATIVE,
         "locations": NON_NEGATIVE,
         "echo": AT_LEAST_ONE,
@@ -689,8 +703,9 @@ def changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 # architecture options whose value may differ from the student's yet build the same one (0: "as wide as T"; a
-# filter of one layer has no inner width), with the derived width that decides
-SAME_WHEN_EQUAL = {"filter_width": "filter_widths", "pos_dim": "code_dim"}
+# filter of one layer has no inner width; a student without a mixer has no mixer width), with the derived width
+# that decides
+SAME_WHEN_EQUAL = {"filter_width": "filter_widths", "pos_dim": "code_dim", "mixer_width": "local_dim"}
 
 
 def _with_student_options(saved: dict[str, Any], model_config: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:

@@ -484,17 +484,22 @@ def test_resume_keeps_the_runs_batch_lr_and_locations_where_left_unset(
     assert "batch_size = 8" in saved and "lr = 0.001" in saved and "locations = 16" in saved
 
 
+@pytest.mark.parametrize("mixer", [0, 1])
 def test_a_local_query_student_trains_evaluates_adapts_and_draws_islands(
-    tmp_path: Path, tiny_cache: Path, eval_cache: Path
+    tmp_path: Path, tiny_cache: Path, eval_cache: Path, mixer: int
 ) -> None:
     run = tmp_path / "run"
-    result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--query", "local", "--max-steps", "6")
+    mixing = ["--mixer-blocks", str(mixer), "--mixer-width", "32"]
+    result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--query", "local", "--max-steps", "6", *mixing)
     assert result.exit_code == 0, result.output
     weights, metadata = load_student(run)
     config = APMConfig.from_dict(metadata["model_config"])  # the tiny ViT: a 2x2 grid of 16x16 RGB cells
-    # one cell's pixels join each query: the trunk's first layer reads them beside T and the location code
-    assert config.query == "local" and config.patch_size == (16, 16)
-    assert weights["trunk.layers.0.weight"].shape[1] == config.trigger_dim + config.code_dim + 3 * 16 * 16
+    # one cell's pixels join each query (and its mixed cell, with a mixer): the trunk's first layer reads them beside
+    # T (every cell's filter output, or the mixed cells' mean) and the location code
+    assert config.query == "local" and config.patch_size == (16, 16) and config.mixer_blocks == mixer
+    mixed_cell = 32 if mixer else 0
+    assert weights["trunk.layers.0.weight"].shape[1] == config.trigger_dim + config.code_dim + 3 * 16 * 16 + mixed_cell
+    assert config.trigger_dim == (32 if mixer else config.trigger_channels * 4)
     out = tmp_path / "report"
     result = run_cli(
         "eval",
@@ -565,7 +570,11 @@ def test_resume_keeps_the_runs_own_student_after_the_preset_changed(
     assert run_cli(*args, "--resume", "--trunk", "residual", "--hidden", "96,96").exit_code == 0
     refused = run_cli(*args, "--resume", "--trunk", "mlp")
     assert refused.exit_code == 2 and "--trunk mlp (run: residual)" in refused.output, refused.output
-    # a width that builds the same student is no change: a one-layer filter has no inner width; 63 rounds up to 64
-    assert run_cli(*args, "--resume", "--filter-width", "16", "--pos-dim", "63").exit_code == 0
+    # a width that builds the same student is no change: a one-layer filter has no inner width, a student without a
+    # mixer no mixer width; 63 rounds up to 64
+    same = ["--filter-width", "16", "--pos-dim", "63", "--mixer-width", "64"]
+    assert run_cli(*args, "--resume", *same).exit_code == 0
     refused = run_cli(*args, "--resume", "--pos-dim", "32")
     assert refused.exit_code == 2 and "--pos-dim 32 (run: 64)" in refused.output, refused.output
+    refused = run_cli(*args, "--resume", "--mixer-blocks", "1")
+    assert refused.exit_code == 2 and "--mixer-blocks 1 (run: 0)" in refused.output, refused.output

@@ -233,6 +233,8 @@ def test_loader_workers_on_local_caches_decode_on_their_own_thread() -> None:
     [
         {"level_mode": "query"},  # one grid, the level's code in the query
         {"level_grids": ((4, 4), (2, 2)), "level_prefix_tokens": (1, 0)},  # a ConvNet's levels on two grids
+        {"mixer_blocks": 1, "mixer_width": 32},  # T the mixed cells' mean, each query also reading its mixed cell
+        {"mixer_blocks": 1, "mixer_width": 32, "level_grids": ((4, 4), (2, 2)), "level_prefix_tokens": (1, 0)},
     ],
 )
 def test_the_first_layer_by_shares_equals_the_layer_on_the_joined_query(layout: dict) -> None:
@@ -245,7 +247,10 @@ def test_the_first_layer_by_shares_equals_the_layer_on_the_joined_query(layout: 
     torch.manual_seed(0)
     model = APM(config)
     images = torch.randn(3, 2, 16, 16)
-    trigger = model.filter(images).flatten(1)
+    trigger, maps = model.read(images)
+    mixed = model.mixer(model.trigger_map(images)) if config.mixer_blocks else None
+    expected_trigger = model.filter(images).flatten(1) if mixed is None else mixed.mean((2, 3))
+    torch.testing.assert_close(trigger, expected_trigger)
     for level in (0, 1):
         grid, prefix = config.grids[level], config.prefixes[level]
         start, stop = model.code_spans[0 if config.one_grid else level]
@@ -258,5 +263,44 @@ def test_the_first_layer_by_shares_equals_the_layer_on_the_joined_query(layout: 
             if config.level_mode == "query":
                 parts.append(model.level_codes[level].expand(3, codes.shape[1], -1))
             parts.append(local_read(images, grid, prefix, where, config.patch_size))
+            if mixed is not None:  # one value per cell, area-averaged onto a coarser level's grid
+                parts.append(local_read(mixed, grid, prefix, where, (1, 1)))
             joined = model.trunk.layers[0](torch.cat(parts, dim=-1))
-            torch.testing.assert_close(model.first_layer(model.trigger_share(trigger), where, level, images), joined)
+            torch.testing.assert_close(model.first_layer(model.trigger_share(trigger), where, level, maps), joined)
+
+
+def test_a_cell_mixer_lets_every_cell_inform_every_query_and_saves_only_when_chosen() -> None:
+    from apmpipe.stages.apm import APM, APMConfig
+    from apmpipe.stages.train import TrainConfig, make_optimizer
+
+    base = APMConfig(
+        in_chans=1, image_size=(16, 16), grid=(4, 4), prefix_tokens=1, level_dims=(8,), pos_dim=8, hidden=(16,),
+        query="local", trigger_channels=3,
+    )  # fmt: skip
+    assert not {"mixer_blocks", "mixer_width"} & set(base.to_dict())
+    mixed = APMConfig.from_dict({**base.to_dict(), "mixer_blocks": 2, "mixer_width": 64})
+    assert APMConfig.from_dict(mixed.to_dict()) == mixed and mixed.trigger_dim == 64 and mixed.local_dim == 16 + 64
+    with pytest.raises(ConfigError, match="--mixer-blocks needs --query local"):
+        APMConfig.from_dict({**mixed.to_dict(), "query": "paper"})
+    with pytest.raises(ConfigError, match="--mixer-width must be a multiple of 32, got 48"):
+        APMConfig.from_dict({**mixed.to_dict(), "mixer_width": 48})
+    torch.manual_seed(0)
+    model = APM(mixed).eval()
+    images = torch.randn(2, 1, 16, 16)
+    changed = images.clone()
+    changed[:, :, 12:16, 12:16] += 1.0  # the last cell only
+    with torch.no_grad():  # a query at the first cell reads the change through the mixed cells, T and its own read
+        moved = (model(changed, torch.tensor([1]))["tokens"][0] - model(images, torch.tensor([1]))["tokens"][0]).abs()
+        _, maps = model.read(images)
+    assert moved.max() > 0 and maps[1].shape == (2, 64, 4, 4)
+    blocks = 2 * (8 * 16 * 64 * 64 + 2 * 16 * 16 * 64)  # qkv, projection and MLP per cell; attention's two products
+    mixer = 16 * 3 * 64 + blocks
+    first = (64 - 3 * 16) * 16 + 17 * 64 * 16  # T 64 wide, not 48 (once per image); 64 more inputs in all 17 queries
+    assert model.flops_per_image() - APM(base).flops_per_image() == 2 * (mixer + first)
+    config = TrainConfig(caches=("c",), out="o", batch_size=8, lr=1e-3)
+    optimizer, _ = make_optimizer(model, config, 10, torch.device("cpu"))
+    undecayed = {id(p) for p in optimizer.param_groups[1]["params"]}
+    assert id(model.mixer.pos) in undecayed and id(model.mixer.embed.weight) not in undecayed
+    before = model.mixer.pos.detach().clone()
+    model.reset_parameters(seed=1)
+    assert not torch.equal(model.mixer.pos, before) and 0.015 < float(model.mixer.pos.detach().std()) < 0.025

@@ -80,6 +80,16 @@ def train(
         int | None,
         typer.Option(help="Width of the filter's inner layers when --filter-layers > 1 (0: as T's channels)."),
     ] = None,
+    mixer_blocks: Annotated[
+        int | None,
+        typer.Option(
+            help="Transformer blocks mixing the filter's cells; T becomes their mean and each query also reads its "
+            "own mixed cell (0: none, the paper's T). Default: the preset's."
+        ),
+    ] = None,
+    mixer_width: Annotated[
+        int | None, typer.Option(help="The mixer's width, a multiple of 32. Default: the preset's.")
+    ] = None,
     trunk: Annotated[
         Trunk | None,
         typer.Option(
