@@ -107,17 +107,17 @@ class APMConfig:
             finest level's grid (the filter's cells) and ``prefix_tokens`` that level's prefix count.
         level_grids, level_prefix_tokens: each level's grid and prefix count when they differ between levels
             (a hierarchical teacher); empty: every level on ``grid`` with ``prefix_tokens``.
-        trigger_channels: output channels of the filter; ``T`` has ``trigger_channels * h * w`` entries.
+        trigger_channels: output channels of the filter; without a mixer ``T`` has ``trigger_channels * h * w`` entries.
         filter_layers: the filter's layers: 1 is the paper's one linear conv (kernel = stride = one cell); ``n > 1``
             follows it with GELU and ``n - 1`` 1x1 convs, each followed by GELU: a small MLP on each cell's pixels
             alone (cells still do not see each other; ``T`` carries nonlinear features of every cell).
+        filter_width: width of the filter's inner layers when ``filter_layers > 1`` (0: ``trigger_channels``).
         mixer_blocks: transformer blocks (timm's ViT ``Block``) mixing the filter's cells, each with every other
             (0: none, the paper). With a mixer ``T`` is the mean of the mixed cells (``mixer_width`` entries, read with
             the same weights for every cell) instead of every cell's output side by side, and each grid query's
             local read also takes its own cell of the mixed map (prefix queries read zeros); it needs the ``local``
             query. Measured on the harder ViT: the absolute read of ``T`` is where CLS over-fits (docs/train.md).
         mixer_width: the mixer's token width (a multiple of 32: one attention head per 32 channels).
-        filter_width: width of the filter's inner layers when ``filter_layers > 1`` (0: ``trigger_channels``).
         pos_dim: width of the location code (0: as wide as ``T``, as in the paper).
         pos_code: ``fixed`` (the paper's 2-D sin/cos code) or ``learned`` (a table of one code per token location,
             starting from the sin/cos code and trained with the student, as a ViT's position embedding).
