@@ -40,7 +40,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from apmpipe.storage.errors import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, Range, check_choice, check_ranges
@@ -112,7 +111,7 @@ class APMConfig:
             follows it with GELU and ``n - 1`` 1x1 convs, each followed by GELU: a small MLP on each cell's pixels
             alone (cells still do not see each other; ``T`` carries nonlinear features of every cell).
         filter_width: width of the filter's inner layers when ``filter_layers > 1`` (0: ``trigger_channels``).
-        mixer_blocks: transformer blocks (timm's ViT ``Block``) mixing the filter's cells, each with every other
+        mixer_blocks: pre-norm transformer blocks (:func:`mixer_block`) mixing the filter's cells, each with every other
             (0: none, the paper). With a mixer ``T`` is the mean of the mixed cells (``mixer_width`` entries, read with
             the same weights for every cell) instead of every cell's output side by side, and each grid query's
             local read also takes its own cell of the mixed map (prefix queries read zeros); it needs the ``local``
@@ -347,23 +346,39 @@ def cell_mlp(widths: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def mixer_block(width: int) -> nn.TransformerEncoderLayer:
+    """One pre-norm transformer block (torch's own: training never imports timm): attention with a head per 32
+    channels, then a GELU MLP twice as wide, no dropout."""
+    return nn.TransformerEncoderLayer(
+        width,
+        width // HEAD_WIDTH,
+        dim_feedforward=2 * width,
+        dropout=0.0,
+        activation="gelu",
+        batch_first=True,
+        norm_first=True,
+    )
+
+
 class CellMixer(nn.Module):
-    """Transformer blocks over the filter's cells (a learned position embedding per cell, pre-norm timm blocks, a final
-    LayerNorm): ``[B, C, h, w] -> [B, width, h, w]``, every cell informed by every other."""
+    """Transformer blocks over the filter's cells (a learned position embedding per cell, :func:`mixer_block` each, a
+    final LayerNorm): ``[B, C, h, w] -> [B, width, h, w]``, every cell informed by every other."""
 
     def __init__(self, channels: int, cells: int, width: int, blocks: int) -> None:
         super().__init__()
         self.embed = nn.Linear(channels, width)
         self.pos = nn.Parameter(torch.zeros(1, cells, width))
-        self.blocks = nn.Sequential(
-            *(Block(width, num_heads=width // HEAD_WIDTH, mlp_ratio=2.0) for _ in range(blocks))
-        )
+        self.blocks = nn.Sequential(*(mixer_block(width) for _ in range(blocks)))
         self.norm = nn.LayerNorm(width)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The position embedding's start (its sub-layers reset themselves)."""
+        """The parameters that are not a Linear's or a LayerNorm's (those reset themselves): the position embedding
+        and the attention's joint input projection (as torch's MultiheadAttention starts it)."""
         nn.init.trunc_normal_(self.pos, std=0.02)
+        for block in self.blocks:
+            nn.init.xavier_uniform_(block.self_attn.in_proj_weight)
+            nn.init.zeros_(block.self_attn.in_proj_bias)
 
     def forward(self, cells: torch.Tensor) -> torch.Tensor:
         b, _, h, w = cells.shape

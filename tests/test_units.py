@@ -301,6 +301,8 @@ def test_a_cell_mixer_lets_every_cell_inform_every_query_and_saves_only_when_cho
     optimizer, _ = make_optimizer(model, config, 10, torch.device("cpu"))
     undecayed = {id(p) for p in optimizer.param_groups[1]["params"]}
     assert id(model.mixer.pos) in undecayed and id(model.mixer.embed.weight) not in undecayed
-    before = model.mixer.pos.detach().clone()
+    before = {name: p.detach().clone() for name, p in model.mixer.named_parameters()}
     model.reset_parameters(seed=1)
-    assert not torch.equal(model.mixer.pos, before) and 0.015 < float(model.mixer.pos.detach().std()) < 0.025
+    changed = {name for name, p in model.mixer.named_parameters() if not torch.equal(p, before[name])}
+    assert {"pos", "blocks.0.self_attn.in_proj_weight", "blocks.1.linear2.weight"} <= changed
+    assert 0.015 < float(model.mixer.pos.detach().std()) < 0.025
