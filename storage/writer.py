@@ -45,20 +45,15 @@ from .token_codecs import EncodedTokens, decode_tokens
 ZARR_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
-def remove_stale_zarr_temporaries(fs: fsspec.AbstractFileSystem, path: str) -> int:
+def remove_stale_zarr_temporaries(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Delete the temporaries a killed writer left in the local cache at ``path`` (call under its writer lock: no
-    live writer has one open); object stores write whole objects and have none. Returns how many were removed."""
+    live writer has one open); object stores write whole objects and have none."""
     if not isinstance(fs, LocalFileSystem):
-        return 0
-    stale = [
-        os.path.join(folder, name)
-        for folder, _, names in os.walk(path)
-        for name in names
-        if ZARR_TEMPORARY.search(name)
-    ]
-    for file in stale:
-        os.remove(file)
-    return len(stale)
+        return
+    for folder, _, names in os.walk(path):
+        for name in names:
+            if ZARR_TEMPORARY.search(name):
+                os.remove(os.path.join(folder, name))
 
 
 def create_or_open(url: str, spec: CacheSpec, *, storage_options: dict | None = None) -> FeatureCache:
