@@ -552,16 +552,23 @@ class APM(nn.Module):
         ]
         return torch.cat(reads, dim=-1) if len(reads) > 1 else reads[0]
 
-    def trigger_share(self, trigger: torch.Tensor) -> torch.Tensor:
+    def first_weights(self) -> tuple[torch.Tensor, ...]:
+        """The trunk's first weight split by the query's parts (trigger, location code, level code, local read).
+        Split once per forward and passed on: each split's backward writes the whole weight's gradient, so one split
+        (not one per part and level) keeps the backward to one such write."""
+        return self.trunk.first.weight.split(self.query_widths, dim=1)
+
+    def trigger_share(self, trigger: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The part of every query's first trunk layer that depends on the image alone: ``T`` through its columns of
-        the first layer's weight, with the bias, ``[B, Dt] -> [B, 1, hidden[0]]``; computed once per image and
-        shared by all its locations and levels (:meth:`first_layer`)."""
-        first = self.trunk.first
-        return F.linear(trigger, first.weight[:, : self.config.trigger_dim], first.bias)[:, None, :]
+        the first layer's weight (``weights`` from :meth:`first_weights`), with the bias,
+        ``[B, Dt] -> [B, 1, hidden[0]]``; computed once per image and shared by all its locations and levels
+        (:meth:`first_layer`)."""
+        return F.linear(trigger, weights[0], self.trunk.first.bias)[:, None, :]
 
     def first_layer(
         self,
         share: torch.Tensor,
+        weights: tuple[torch.Tensor, ...],
         locations: torch.Tensor | None,
         level: int | None = None,
         maps: tuple[torch.Tensor, ...] = (),
@@ -571,7 +578,7 @@ class APM(nn.Module):
         ``[B, L]`` per image; None = all; ``level`` None: the shared grid), computed share by share: the trigger's
         once per image, the codes' once per location, only the local read (``maps`` from :meth:`read`) per query.
         The same sum as the layer on the joined query, without repeating ``T``'s multiply-adds for every location."""
-        _, code_w, level_w, local_w = self.trunk.first.weight.split(self.query_widths, dim=1)
+        _, code_w, level_w, local_w = weights
         out = share + self.code_share(level, locations, code_w)
         if level is not None and self.config.level_mode == "query":
             out = out + F.linear(self.level_codes[level], level_w)
@@ -612,7 +619,10 @@ class APM(nn.Module):
         """Trunk features ``[B, L, hidden[-1]]`` for the queried locations of ``level``'s grid (None: the shared
         grid; in query mode the level's code is in the query)."""
         trigger, maps = self.read(images)
-        return self.trunk_features(self.first_layer(self.trigger_share(trigger), locations, level, maps))
+        weights = self.first_weights()
+        return self.trunk_features(
+            self.first_layer(self.trigger_share(trigger, weights), weights, locations, level, maps)
+        )
 
     def forward_head(self, features: torch.Tensor, level: int | None = None) -> list[torch.Tensor]:
         """Trunk features -> standardised tokens: one ``[B, L, D_l]`` per level, or only ``level``'s."""
@@ -628,9 +638,10 @@ class APM(nn.Module):
         per_level = self.level_locations(locations)
         if self.config.level_mode == "query":
             trigger, maps = self.read(images)
-            share = self.trigger_share(trigger)
+            weights = self.first_weights()
+            share = self.trigger_share(trigger, weights)
             features = [
-                self.trunk_features(self.first_layer(share, locations, level, maps))
+                self.trunk_features(self.first_layer(share, weights, locations, level, maps))
                 for level in range(len(self.config.level_dims))
             ]
             standardized = [self.heads[0](f) for f in features]
@@ -653,8 +664,9 @@ class APM(nn.Module):
         """Trunk features ``[B, L_l, hidden[-1]]`` per level, each at its own grid's ``per_level`` locations, from one
         trunk pass over every level's queries."""
         trigger, maps = self.read(images)
-        share = self.trigger_share(trigger)
-        firsts = [self.first_layer(share, where, level, maps) for level, where in enumerate(per_level)]
+        weights = self.first_weights()
+        share = self.trigger_share(trigger, weights)
+        firsts = [self.first_layer(share, weights, where, level, maps) for level, where in enumerate(per_level)]
         features = self.trunk_features(torch.cat(firsts, dim=1))
         return list(features.split([f.shape[1] for f in firsts], dim=1))
 

@@ -23,7 +23,7 @@ from .objectives import (
     sample_level_locations,
     whole_levels,
 )
-from .train import train_step
+from .train import adamw, train_step
 
 TTT_START = ("trained", "scratch")
 
@@ -73,7 +73,7 @@ class EpisodicTTT:
         whole = whole_levels(model.config, self.head if self.loss.logit_weight else None)
         before = model.eval().predict_tokens(images, self.chunk)
         loss_before = self.objective(images, targets, logits)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.lr, weight_decay=0.0)
+        optimizer = adamw(model.parameters(), images.device, lr=self.config.lr, weight_decay=0.0)
         model.train()
         start = time.perf_counter()
         for step in range(self.config.steps):

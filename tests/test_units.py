@@ -194,6 +194,7 @@ def test_a_residual_trunk_and_learned_codes_save_only_when_chosen() -> None:
     optimizer, _ = make_optimizer(model, TrainConfig(caches=("c",), out="o", lr=1e-3), 10, torch.device("cpu"))
     decayed, exempt = (group["params"] for group in optimizer.param_groups)
     assert any(p is model.codes for p in exempt) and not any(p is model.codes for p in decayed)
+    assert optimizer.defaults["fused"]  # one kernel per step on a CPU too
     start = model.codes.detach().clone()
     with torch.no_grad():
         model.codes.add_(1.0)
@@ -266,7 +267,9 @@ def test_the_first_layer_by_shares_equals_the_layer_on_the_joined_query(layout: 
             if mixed is not None:  # one value per cell, area-averaged onto a coarser level's grid
                 parts.append(local_read(mixed, grid, prefix, where, (1, 1)))
             joined = model.trunk.layers[0](torch.cat(parts, dim=-1))
-            torch.testing.assert_close(model.first_layer(model.trigger_share(trigger), where, level, maps), joined)
+            weights = model.first_weights()
+            share = model.trigger_share(trigger, weights)
+            torch.testing.assert_close(model.first_layer(share, weights, where, level, maps), joined)
 
 
 def test_a_cell_mixer_lets_every_cell_inform_every_query_and_saves_only_when_chosen() -> None:
