@@ -565,6 +565,16 @@ class APM(nn.Module):
         (:meth:`first_layer`)."""
         return F.linear(trigger, weights[0], self.trunk.first.bias)[:, None, :]
 
+    def image_shares(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """What every query of ``images`` shares, for :meth:`first_layer`: the trigger's share
+        (:meth:`trigger_share`), the first weight's parts (:meth:`first_weights`) and the local reads' maps
+        (:meth:`read`)."""
+        trigger, maps = self.read(images)
+        weights = self.first_weights()
+        return self.trigger_share(trigger, weights), weights, maps
+
     def first_layer(
         self,
         share: torch.Tensor,
@@ -618,11 +628,8 @@ class APM(nn.Module):
     ) -> torch.Tensor:
         """Trunk features ``[B, L, hidden[-1]]`` for the queried locations of ``level``'s grid (None: the shared
         grid; in query mode the level's code is in the query)."""
-        trigger, maps = self.read(images)
-        weights = self.first_weights()
-        return self.trunk_features(
-            self.first_layer(self.trigger_share(trigger, weights), weights, locations, level, maps)
-        )
+        share, weights, maps = self.image_shares(images)
+        return self.trunk_features(self.first_layer(share, weights, locations, level, maps))
 
     def forward_head(self, features: torch.Tensor, level: int | None = None) -> list[torch.Tensor]:
         """Trunk features -> standardised tokens: one ``[B, L, D_l]`` per level, or only ``level``'s."""
@@ -637,9 +644,7 @@ class APM(nn.Module):
         per level, and, if enabled, ``rgb`` ``[B, L_f, C*ph*pw]`` for the finest level's locations."""
         per_level = self.level_locations(locations)
         if self.config.level_mode == "query":
-            trigger, maps = self.read(images)
-            weights = self.first_weights()
-            share = self.trigger_share(trigger, weights)
+            share, weights, maps = self.image_shares(images)
             features = [
                 self.trunk_features(self.first_layer(share, weights, locations, level, maps))
                 for level in range(len(self.config.level_dims))
@@ -663,9 +668,7 @@ class APM(nn.Module):
     def level_features(self, images: torch.Tensor, per_level: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """Trunk features ``[B, L_l, hidden[-1]]`` per level, each at its own grid's ``per_level`` locations, from one
         trunk pass over every level's queries."""
-        trigger, maps = self.read(images)
-        weights = self.first_weights()
-        share = self.trigger_share(trigger, weights)
+        share, weights, maps = self.image_shares(images)
         firsts = [self.first_layer(share, weights, where, level, maps) for level, where in enumerate(per_level)]
         features = self.trunk_features(torch.cat(firsts, dim=1))
         return list(features.split([f.shape[1] for f in firsts], dim=1))
