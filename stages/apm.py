@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -264,12 +264,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the authors' released model: 1-channel filter, code as wide as T, ReLU MLP 4096-4096-4096-2048-1024
     "paper": {"trigger_channels": 1, "pos_dim": 0, "hidden": (4096, 4096, 4096, 2048, 1024), "act": "relu"},
     "base": {"trigger_channels": 4, "pos_dim": 512, "hidden": (1024, 1024, 1024), "act": "gelu"},
-    # a 3-layer filter (one conv, then two 1x1 layers per cell, width 128) with 32 output channels, a residual trunk
-    # and learned location codes: measured on the demo's harder ViT teacher (docs/train.md); the default student
+    # a 3-layer filter (one conv, then two 1x1 layers per cell, width 128) with 32 output channels, one mixer block
+    # (teachers on one grid, --query local: :func:`config_for_cache`), a residual trunk and learned location codes:
+    # measured on the demo's harder ViT teacher (docs/train.md); the default student
     "small": {
         "trigger_channels": 32,
         "filter_layers": 3,
         "filter_width": 128,
+        "mixer_blocks": 1,
         "pos_dim": 256,
         "pos_code": "learned",
         "hidden": (512, 512, 512),
@@ -281,14 +283,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def config_for_cache(spec: CacheSpec, preset: str = "small", **overrides: Any) -> APMConfig:
-    """Size the student from a cache's layout (grid, widths, input) and a preset, with explicit overrides."""
+    """Size the student from a cache's layout (grid, widths, input) and a preset, with explicit overrides (None:
+    the preset's). A preset's mixer applies to a layout on one grid with ``query`` local: on a hierarchical teacher
+    it would attend over the finest grid (a ConvNeXt's 16x16 cells took a CPU step to 2.8x) with its effect there
+    unmeasured, and a paper query cannot read a mixed cell; ``mixer_blocks`` given explicitly is kept."""
     check_choice("--preset", preset, PRESETS)
     grids = tuple(level.grid for level in spec.levels)
     prefixes = tuple(level.prefix_tokens for level in spec.levels)
     finest = max(range(len(grids)), key=lambda i: (grids[i][0] * grids[i][1], -i))
     one_grid = len(set(zip(grids, prefixes, strict=True))) == 1
     c, h, w = spec.pixel_shape
-    base = APMConfig(
+    options = dict(PRESETS[preset])
+    if not one_grid or overrides.get("query") != "local":  # the query left unset is the paper's
+        options["mixer_blocks"] = 0
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    return APMConfig(
         in_chans=c,
         image_size=(h, w),
         grid=grids[finest],
@@ -296,9 +305,8 @@ def config_for_cache(spec: CacheSpec, preset: str = "small", **overrides: Any) -
         level_dims=tuple(level.dim for level in spec.levels),
         level_grids=() if one_grid else grids,
         level_prefix_tokens=() if one_grid else prefixes,
-        **PRESETS[preset],
+        **options,
     )
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 class MLP(nn.Module):

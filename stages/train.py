@@ -66,6 +66,8 @@ _logger = logging.getLogger(__name__)
 WARMUP_FRACTION = 0.05  # warmup never takes more than this share of the run
 CPU_BATCH_SIZE = 64  # --batch-size left unset: images per step per rank on a CPU ...
 CUDA_BATCH_SIZE = 1024  # ... and on a GPU, where a small student at 64 is launch-bound
+MIN_STEPS = 4000  # --min-steps left unset: the budget at any batch size but ...
+CUDA_MIN_STEPS = 2000  # ... CUDA's default batch, 16x the CPU's: 4,000 steps over-fitted held-out CLS (docs/train.md)
 BASE_LR = 2e-3  # --lr left unset: the peak LR at LR_BASE_BATCH images per step, scaled by default_lr
 LR_BASE_BATCH = 32
 DEFAULT_LOCATIONS = 4  # --locations left unset: grid locations per image per step (docs/train.md, images per step)
@@ -97,8 +99,8 @@ class TrainConfig:
     one. ``epochs`` 0 (the default) sizes the run from the cache: enough whole epochs for ``min_steps`` optimiser steps,
     at least one and at most ``max_epochs`` (0: no cap); small caches get more passes, large ones at least one.
     ``ema_decay`` above 0 exports an exponential moving average of the weights (:class:`WeightAverage`).
-    ``batch_size`` (the device's), ``lr`` (:func:`default_lr`) and ``locations`` left None take their defaults in
-    :meth:`for_device` before a run starts; ``--resume`` keeps the run's own instead.
+    ``batch_size`` (the device's), ``lr`` (:func:`default_lr`), ``locations`` and ``min_steps`` left None take their
+    defaults in :meth:`for_device` before a run starts; ``--resume`` keeps the run's own instead.
     """
 
     caches: tuple[str, ...]
@@ -123,7 +125,7 @@ class TrainConfig:
     augment: tuple[str, ...] = ()
     crop_scale: tuple[float, float] = (0.08, 1.0)
     epochs: int = 0
-    min_steps: int = 4000
+    min_steps: int | None = None
     max_epochs: int = 0
     max_steps: int = 0
     val: str | None = None
@@ -196,10 +198,15 @@ class TrainConfig:
         check_crop_scale(self.crop_scale)
 
     def for_device(self, device: torch.device) -> TrainConfig:
-        """This config with ``batch_size``, ``lr`` and ``locations`` set for ``device`` where left unset (None)."""
-        batch = self.batch_size or (CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE)
+        """This config with ``batch_size``, ``lr``, ``locations`` and ``min_steps`` set for ``device`` where left unset
+        (None); CUDA's fewer default steps go with its default batch only."""
+        cuda_default = self.batch_size is None and device.type == "cuda"
+        batch = self.batch_size or (CUDA_BATCH_SIZE if cuda_default else CPU_BATCH_SIZE)
         locations = DEFAULT_LOCATIONS if self.locations is None else self.locations
-        return replace(self, batch_size=batch, lr=self.lr or default_lr(batch), locations=locations)
+        min_steps = self.min_steps if self.min_steps is not None else CUDA_MIN_STEPS if cuda_default else MIN_STEPS
+        return replace(
+            self, batch_size=batch, lr=self.lr or default_lr(batch), locations=locations, min_steps=min_steps
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The options as ``config.toml``, checkpoints and the student record them (URLs redacted)."""
@@ -565,10 +572,11 @@ class _Run:
 
 
 def _keep_run_options(config: TrainConfig) -> TrainConfig:
-    """``--resume`` keeps the run's own batch size, LR and locations per step where this command leaves them unset
-    (the device's defaults, 64 on a CPU and 1,024 on CUDA, would change them when a run moves between devices, and
-    the defaults change between releases), its held-out cache (``--val``: a new location may be given, as for the
-    caches) and its student's query (a run saved before ``--query`` existed is a ``paper`` student)."""
+    """``--resume`` keeps the run's own batch size, LR, locations per step and step budget where this command leaves
+    them unset (the device's defaults, 64 images on a CPU and 1,024 on CUDA, would change them when a run moves
+    between devices, and the defaults change between releases), its held-out cache (``--val``: a new location may be
+    given, as for the caches) and its student's query (a run saved before ``--query`` existed is a
+    ``paper`` student)."""
     if not config.resume:
         return config
     saved = RunDir(config.out, config.storage_options).saved_options()
@@ -579,6 +587,7 @@ def _keep_run_options(config: TrainConfig) -> TrainConfig:
         batch_size=config.batch_size or saved.get("batch_size"),
         lr=config.lr or saved.get("lr"),
         locations=saved.get("locations") if config.locations is None else config.locations,
+        min_steps=saved.get("min_steps") if config.min_steps is None else config.min_steps,
         val=config.val or saved.get("val"),
         query=saved.get("query", BEFORE_OPTIONS["query"]),
     )

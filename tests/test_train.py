@@ -454,11 +454,24 @@ def test_batch_lr_and_locations_defaults_follow_the_device() -> None:
     assert TrainConfig(caches=("c",), out="o", lr=1e-3).for_device(torch.device("cuda")).lr == 1e-3
 
 
-def test_resume_keeps_the_runs_batch_lr_and_locations_where_left_unset(
+def test_cuda_default_batch_takes_half_the_steps() -> None:
+    """Unset --min-steps: 4,000 on a CPU and at any batch given by hand; 2,000 with CUDA's default batch (1,024 images,
+    16x the CPU's: 4,000 such steps over-fitted held-out CLS, docs/train.md); a given budget is kept anywhere."""
+    from apmpipe.stages.train import TrainConfig
+
+    cpu, cuda = (TrainConfig(caches=("c",), out="o").for_device(torch.device(kind)) for kind in ("cpu", "cuda"))
+    assert (cpu.min_steps, cuda.min_steps) == (4000, 2000)
+    by_hand = TrainConfig(caches=("c",), out="o", batch_size=64).for_device(torch.device("cuda"))
+    assert by_hand.min_steps == 4000
+    given = TrainConfig(caches=("c",), out="o", min_steps=300).for_device(torch.device("cuda"))
+    assert (given.batch_size, given.min_steps) == (1024, 300)
+
+
+def test_resume_keeps_the_runs_batch_lr_locations_and_budget_where_left_unset(
     capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path
 ) -> None:
-    """The defaults (64 images on a CPU, 1,024 on CUDA, 4 locations: they differ by device and by release) must not
-    stand in for a resumed run's own batch, LR and locations per step."""
+    """The defaults (64 images on a CPU, 1,024 on CUDA, 4 locations, 4,000 or 2,000 steps: they differ by device and
+    by release) must not stand in for a resumed run's own batch, LR, locations per step and step budget."""
     unset = [a for a in TRAIN_FAST if a not in ("--batch-size", "8")]
     out = tmp_path / "r"
     first = run_main(
@@ -474,6 +487,8 @@ def test_resume_keeps_the_runs_batch_lr_and_locations_where_left_unset(
         "0.001",
         "--locations",
         "16",
+        "--min-steps",
+        "30",
         "--max-steps",
         "2",
     )
@@ -482,6 +497,7 @@ def test_resume_keeps_the_runs_batch_lr_and_locations_where_left_unset(
     assert again.returncode == 0, again.stderr
     saved = (out / "config.toml").read_text()
     assert "batch_size = 8" in saved and "lr = 0.001" in saved and "locations = 16" in saved
+    assert "min_steps = 30" in saved
 
 
 @pytest.mark.parametrize("mixer", [0, 1])

@@ -272,6 +272,26 @@ def test_the_first_layer_by_shares_equals_the_layer_on_the_joined_query(layout: 
             torch.testing.assert_close(model.first_layer(share, weights, where, level, maps), joined)
 
 
+def test_the_default_preset_mixes_the_cells_of_one_grid_teacher_queried_locally() -> None:
+    """The small preset's mixer block applies to a ViT-like layout with --query local; a hierarchical layout (its
+    cost there unmeasured) and a paper query get none unless --mixer-blocks is given."""
+    from apmpipe.stages.apm import config_for_cache
+    from apmpipe.storage.format import CacheSpec, LevelLayout
+
+    def spec(*grids: tuple[int, int]) -> CacheSpec:
+        levels = tuple(LevelLayout(i + 1, 1, grid, 16) for i, grid in enumerate(grids))
+        return CacheSpec(teacher={}, data_config={"input_size": [1, 32, 32]}, levels=levels, final_norm=False,
+                         num_classes=0)  # fmt: skip
+
+    vit, convnet = spec((8, 8), (8, 8)), spec((8, 8), (4, 4))
+    assert config_for_cache(vit, query="local").mixer_blocks == 1
+    assert config_for_cache(vit, query="paper").mixer_blocks == 0
+    assert config_for_cache(vit).mixer_blocks == 0  # the query left unset: the paper's
+    assert config_for_cache(convnet, query="local").mixer_blocks == 0
+    assert config_for_cache(convnet, query="local", mixer_blocks=2).mixer_blocks == 2
+    assert config_for_cache(vit, "tiny", query="local").mixer_blocks == 0
+
+
 def test_a_cell_mixer_lets_every_cell_inform_every_query_and_saves_only_when_chosen() -> None:
     from apmpipe.stages.apm import APM, APMConfig
     from apmpipe.stages.train import TrainConfig, make_optimizer

@@ -21,7 +21,9 @@ ABLATIONS: dict[str, dict[str, object]] = {
         "filter_layers": 1,
         "trigger_channels": 16,
     },
-    "a cell mixer: T the mean of the mixed cells, each query reading its own (--mixer-blocks 1)": {"mixer_blocks": 1},
+    "no cell mixer: T every cell's filter output side by side, the previous default (--mixer-blocks 0)": {
+        "mixer_blocks": 0
+    },
     "no KL through the head (--logit-weight 0)": {"logit_weight": 0.0},
     "no target standardisation (--no-standardize)": {"standardize": False},
     "no extra prefix weight (--prefix-weight 0)": {"prefix_weight": 0.0},

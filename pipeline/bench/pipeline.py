@@ -237,7 +237,7 @@ class _Student:
             batch_size=stream.batch_size,
             loss=LossConfig(0.0),
         ).for_device(device)
-        self.model = APM(config_for_cache(stream.spec, preset))
+        self.model = APM(config_for_cache(stream.spec, preset, query=self.config.query))
         fit_target_scales(self.model, stream)
         self.model = self.model.to(device)
         self.optimizer, self.scheduler = make_optimizer(self.model, self.config, steps, device)

@@ -269,7 +269,7 @@ class _StudentClock:
         from apmpipe.stages.train import fit_target_scales, make_optimizer, train_step
 
         dev = self.device
-        model = APM(config_for_cache(self.stream.spec, self.preset))
+        model = APM(config_for_cache(self.stream.spec, self.preset, query=self.config.query))
         fit_target_scales(model, self.stream)
         model = model.to(dev)
         optimizer, scheduler = make_optimizer(model, self.config, steps, dev)

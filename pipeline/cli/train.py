@@ -148,8 +148,12 @@ def train(
     ] = "0.08,1",
     epochs: Annotated[int, typer.Option(help="Passes over the caches (0: enough for --min-steps steps).")] = 0,
     min_steps: Annotated[
-        int, typer.Option(help="With --epochs 0: train at least this many steps (whole epochs).")
-    ] = 4000,
+        int | None,
+        typer.Option(
+            help="With --epochs 0: train at least this many steps (whole epochs). Default: 4000; 2000 on CUDA at its "
+            "default batch (1,024 images)."
+        ),
+    ] = None,
     max_epochs: Annotated[
         int, typer.Option(help="With --epochs 0: at most this many epochs, whatever --min-steps asks (0: no cap).")
     ] = 0,
