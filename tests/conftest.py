@@ -20,6 +20,16 @@ from apmpipe.pipeline.datasets import write_digit_shards
 # one thread count for every process the tests start: bit-identical comparisons across runs hold on a loaded machine
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# the files that take longest, started first: the README's `-n 2 --dist loadfile` runs a file in one process, and
+# these, started last, would run alone at the end (test_demo.py's module fixture: the full demo's student budget)
+LONGEST_FILES = ("test_demo.py", "test_first_hour.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Collection order with :data:`LONGEST_FILES` moved to the front (xdist hands out files in this order)."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FILES)
+
+
 TINY_VIT = [
     "--teacher",
     "vit_tiny_patch16_224",

@@ -161,8 +161,8 @@ def _easy_plan() -> object:
 @pytest.fixture(scope="module")
 def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The full demo's student budget and eval on the small digits teacher (its full 60-epoch recipe on scikit-learn's
-    digits; ~7 min on 2 idle cores, its student 5.6 min), run once per module: the harder teacher's full run is too
-    long for the suite."""
+    digits; ~7 min on 2 idle cores before the mixer, whose student step is ~1.9x), run once per module: the harder
+    teacher's full run is too long for the suite."""
     out = tmp_path_factory.mktemp("full") / "demo"
     with pytest.MonkeyPatch.context() as patch:
         _run_demo_with_plan(patch, _easy_plan())
@@ -174,8 +174,9 @@ def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_default_student_decides_like_its_trained_teacher(full_demo: Path) -> None:
     """The product's promise on a trained teacher, with `apmpipe train`'s defaults.
 
-    Measured at seed 0 with this release's defaults (64 images, 4 locations a step; 1 thread): teacher 0.964 val
-    top-1; student through the teacher's head 0.982 (1.019x); R^2 patch/CLS 0.990/0.965 (layer 1), 0.950/0.956 (2).
+    Measured at seed 0 with this release's defaults (one mixer block; 64 images, 4 locations a step; 1 thread):
+    teacher 0.964 val top-1; student through the teacher's head 0.992 (1.029x); R^2 patch/CLS 0.987/0.970 (layer 1),
+    0.949/0.953 (2). Without the mixer: 0.982 (1.019x); 0.990/0.965, 0.950/0.956.
     """
     summary = json.loads((full_demo / "summary.json").read_text())
     assert summary["teacher"]["val_top1"] >= 0.95
