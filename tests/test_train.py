@@ -416,10 +416,14 @@ def _train_in_process(cache: Path, out: Path, **options: object) -> tuple[list[d
 
 
 @pytest.mark.slow  # torch.compile's C++ build on a CPU: tens of seconds on a loaded 2-core box
-def test_compiled_step_trains_like_the_eager_step(tmp_path: Path, tiny_cache: Path) -> None:
-    """--compile (the fast path) gives the eager step's losses and weights, step after step."""
-    eager, eager_weights = _train_in_process(tiny_cache, tmp_path / "eager", max_steps=4)
-    compiled, compiled_weights = _train_in_process(tiny_cache, tmp_path / "compiled", max_steps=4, compile=True)
+@pytest.mark.parametrize("student", [{}, {"mixer_blocks": 1, "mixer_width": 32}], ids=["tiny", "mixer"])
+def test_compiled_step_trains_like_the_eager_step(tmp_path: Path, tiny_cache: Path, student: dict) -> None:
+    """--compile (the fast path) gives the eager step's losses and weights, step after step (also with the default
+    student's cell mixer)."""
+    eager, eager_weights = _train_in_process(tiny_cache, tmp_path / "eager", max_steps=4, **student)
+    compiled, compiled_weights = _train_in_process(
+        tiny_cache, tmp_path / "compiled", max_steps=4, compile=True, **student
+    )
     assert [r["step"] for r in compiled] == [1, 2, 3, 4]
     for a, b in zip(eager, compiled, strict=True):
         for key in ("loss", "loss_level_1", "loss_level_2", "loss_rgb", "loss_logits"):
