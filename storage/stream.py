@@ -121,6 +121,11 @@ class StreamPlan:
         window = max(1, -(-window_samples // unit)) * unit
         return cls(sizes, blocks, unit, window, seed, rank, world_size)
 
+    @property
+    def images(self) -> int:
+        """Distinct images in the plan (an image's views counted once)."""
+        return sum(block.size for block in self.blocks)
+
     def fingerprint(self, urls: Sequence[str]) -> str:
         """Identifies the plan: the blocks read and how they are dealt. Equal fingerprints give equal epochs.
         Caches are named by canonical URL (``./c.zarr`` and ``/abs/c.zarr`` are one cache)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -456,6 +457,17 @@ def test_batch_lr_and_locations_defaults_follow_the_device() -> None:
     given = TrainConfig(caches=("c",), out="o", batch_size=32, locations=0).for_device(torch.device("cuda"))
     assert (given.batch_size, given.lr, given.locations) == (32, 2e-3, 0)
     assert TrainConfig(caches=("c",), out="o", lr=1e-3).for_device(torch.device("cuda")).lr == 1e-3
+
+
+def test_few_images_warn_that_held_out_cls_will_trail_training(
+    capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture, tmp_path: Path, tiny_cache: Path
+) -> None:
+    """Under 4,000 distinct images with under 32 views each, train says in one line what follows and what helps."""
+    with caplog.at_level(logging.WARNING):
+        result = run_main(capsys, "train", tiny_cache, "--out", tmp_path / "r", *TRAIN_FAST, "--max-steps", "1")
+    assert result.returncode == 0, result.stderr
+    (warning,) = [r.getMessage() for r in caplog.records if "distinct images" in r.getMessage()]
+    assert "120 distinct images x 1 view(s)" in warning and "extract --views 32" in warning and "--val" in warning
 
 
 def test_cuda_default_batch_takes_half_the_steps() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -38,13 +39,17 @@ def test_selection_keeps_the_best_weights_and_counts_scores_since() -> None:
 
 
 def test_val_exports_the_best_scored_weights_and_patience_stops_the_run(
-    capsys: pytest.CaptureFixture, tmp_path: Path, tiny_cache: Path, eval_cache: Path
+    capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture, tmp_path: Path, tiny_cache: Path, eval_cache: Path
 ) -> None:
     run = tmp_path / "run"
     # a high LR makes the held-out score fall back after its best, so --patience 2 ends the run early
     options = ["--val", str(eval_cache), "--val-every", "3", "--val-samples", "0", "--patience", "2", "--lr", "0.05"]
-    result = run_main(capsys, "train", str(tiny_cache), "--out", str(run), *TRAIN_FAST, "--max-steps", "60", *options)
+    with caplog.at_level(logging.WARNING):
+        result = run_main(
+            capsys, "train", str(tiny_cache), "--out", str(run), *TRAIN_FAST, "--max-steps", "60", *options
+        )
     assert result.returncode == 0, result.stderr
+    assert "distinct images" not in caplog.text  # held-out scores are what the few-images warning asks for
     records = _held_out_records(run)
     best = max(records, key=lambda r: r["val_r2"])
     after_best = [r for r in records if r["step"] > best["step"]]
