@@ -19,7 +19,8 @@ inside one global column, which is where a plain ``[T, p]`` loses the fit of pat
 Mixer: ``mixer_blocks > 0`` runs transformer blocks over the filter's cells (:class:`CellMixer`); ``T`` is then the
 mixed cells' mean, read with the same weights whatever the image's layout, and each grid query also reads its own
 mixed cell. The paper's ``T`` (every cell's output side by side, a weight per cell in the trunk's first layer) is what
-over-fits a small cache's per-image summary (the CLS token, the grid's mean): docs/train.md.
+over-fits a small cache's per-image summary (the CLS token, the grid's mean); a few of its channels beside the mean
+(``trigger_cells``) fit patch tokens better, and from the first steps, at that cost (docs/train.md).
 
 Levels: by default one linear head per level on the shared trunk (``level_mode="heads"``): the trunk runs
 once per location for all levels. ``level_mode="query"`` instead appends a fixed level code to the query and
@@ -62,6 +63,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "pos_code": "fixed",
     "mixer_blocks": 0,
     "mixer_width": 128,
+    "trigger_cells": 0,
 }
 
 
@@ -117,6 +119,9 @@ class APMConfig:
             local read also takes its own cell of the mixed map (prefix queries read zeros); it needs the ``local``
             query. Measured on the harder ViT: the absolute read of ``T`` is where CLS over-fits (docs/train.md).
         mixer_width: the mixer's token width (a multiple of 32: one attention head per 32 channels).
+        trigger_cells: with a mixer, ``T`` also carries this many of every cell's filter output channels, cells side
+            by side (the paper's ``T``, narrowed), after the mixed cells' mean (0: the mean alone; at most
+            ``trigger_channels``). Without a mixer ``T`` is every channel of every cell.
         pos_dim: width of the location code (0: as wide as ``T``, as in the paper).
         pos_code: ``fixed`` (the paper's 2-D sin/cos code) or ``learned`` (a table of one code per token location,
             starting from the sin/cos code and trained with the student, as a ViT's position embedding).
@@ -151,12 +156,14 @@ class APMConfig:
     pos_code: str = "fixed"
     mixer_blocks: int = 0
     mixer_width: int = 128
+    trigger_cells: int = 0
 
     RANGES: ClassVar[dict[str, Range]] = {
         "filter_layers": AT_LEAST_ONE,
         "filter_width": NON_NEGATIVE,
         "mixer_blocks": NON_NEGATIVE,
         "mixer_width": AT_LEAST_ONE,
+        "trigger_cells": NON_NEGATIVE,
     }
 
     def __post_init__(self) -> None:
@@ -185,6 +192,16 @@ class APMConfig:
             )
         if self.mixer_blocks and self.mixer_width % HEAD_WIDTH:
             raise ConfigError(f"--mixer-width must be a multiple of {HEAD_WIDTH}, got {self.mixer_width}")
+        if self.trigger_cells and not self.mixer_blocks:
+            raise ConfigError(
+                "--trigger-cells needs a cell mixer (without one T holds every channel of every cell); add "
+                "--mixer-blocks 1 or drop --trigger-cells"
+            )
+        if self.trigger_cells > self.trigger_channels:
+            raise ConfigError(
+                f"--trigger-cells {self.trigger_cells} is more than the filter's {self.trigger_channels} channels; "
+                f"use at most --trigger-cells {self.trigger_channels}"
+            )
 
     @property
     def one_grid(self) -> bool:
@@ -229,8 +246,10 @@ class APMConfig:
 
     @property
     def trigger_dim(self) -> int:
-        """Entries of ``T``: every cell's filter output side by side, or the mixed cells' mean with a mixer."""
-        return self.mixer_width if self.mixer_blocks else self.trigger_channels * self.grid[0] * self.grid[1]
+        """Entries of ``T``: every cell's filter output side by side; with a mixer the mixed cells' mean, then
+        ``trigger_cells`` channels of every cell."""
+        cells = self.grid[0] * self.grid[1]
+        return self.mixer_width + self.trigger_cells * cells if self.mixer_blocks else self.trigger_channels * cells
 
     @property
     def code_dim(self) -> int:
@@ -539,7 +558,10 @@ class APM(nn.Module):
         if self.mixer is None:
             return cells.flatten(1), (images,) if self.config.query == "local" else ()
         mixed = self.mixer(cells)
-        return mixed.mean((2, 3)), (images, mixed)
+        trigger = mixed.mean((2, 3))
+        if self.config.trigger_cells:
+            trigger = torch.cat([trigger, cells[:, : self.config.trigger_cells].flatten(1)], dim=1)
+        return trigger, (images, mixed)
 
     def trigger_map(self, images: torch.Tensor) -> torch.Tensor:
         """Images fitted to the filter's cells -> the filter's output ``[B, trigger_channels, h, w]``."""

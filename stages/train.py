@@ -86,6 +86,7 @@ STUDENT_OPTIONS = (
     "filter_width",
     "mixer_blocks",
     "mixer_width",
+    "trigger_cells",
     "trunk",
     "pos_code",
     "pos_dim",
@@ -114,6 +115,7 @@ class TrainConfig:
     filter_width: int | None = None
     mixer_blocks: int | None = None
     mixer_width: int | None = None
+    trigger_cells: int | None = None
     trunk: str | None = None
     pos_code: str | None = None
     pos_dim: int | None = None
@@ -160,6 +162,7 @@ class TrainConfig:
         "filter_width": NON_NEGATIVE,
         "mixer_blocks": NON_NEGATIVE,
         "mixer_width": AT_LEAST_ONE,
+        "trigger_cells": NON_NEGATIVE,
         "pos_dim": NON_NEGATIVE,
         "locations": NON_NEGATIVE,
         "echo": AT_LEAST_ONE,

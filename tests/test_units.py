@@ -235,6 +235,7 @@ def test_loader_workers_on_local_caches_decode_on_their_own_thread() -> None:
         {"level_mode": "query"},  # one grid, the level's code in the query
         {"level_grids": ((4, 4), (2, 2)), "level_prefix_tokens": (1, 0)},  # a ConvNet's levels on two grids
         {"mixer_blocks": 1, "mixer_width": 32},  # T the mixed cells' mean, each query also reading its mixed cell
+        {"mixer_blocks": 1, "mixer_width": 32, "trigger_cells": 2},  # T the mean, then 2 channels of every cell
         {"mixer_blocks": 1, "mixer_width": 32, "level_grids": ((4, 4), (2, 2)), "level_prefix_tokens": (1, 0)},
     ],
 )
@@ -250,7 +251,12 @@ def test_the_first_layer_by_shares_equals_the_layer_on_the_joined_query(layout: 
     images = torch.randn(3, 2, 16, 16)
     trigger, maps = model.read(images)
     mixed = model.mixer(model.trigger_map(images)) if config.mixer_blocks else None
-    expected_trigger = model.filter(images).flatten(1) if mixed is None else mixed.mean((2, 3))
+    cells = model.filter(images)
+    expected_trigger = (
+        cells.flatten(1)
+        if mixed is None
+        else torch.cat([mixed.mean((2, 3)), cells[:, : config.trigger_cells].flatten(1)], dim=1)
+    )
     torch.testing.assert_close(trigger, expected_trigger)
     for level in (0, 1):
         grid, prefix = config.grids[level], config.prefixes[level]
@@ -307,6 +313,12 @@ def test_a_cell_mixer_lets_every_cell_inform_every_query_and_saves_only_when_cho
         APMConfig.from_dict({**mixed.to_dict(), "query": "paper"})
     with pytest.raises(ConfigError, match="--mixer-width must be a multiple of 32, got 48"):
         APMConfig.from_dict({**mixed.to_dict(), "mixer_width": 48})
+    assert "trigger_cells" not in mixed.to_dict()  # a student saved before --trigger-cells loads as the mean alone
+    with pytest.raises(ConfigError, match="--trigger-cells needs a cell mixer"):
+        APMConfig.from_dict({**base.to_dict(), "trigger_cells": 1})
+    with pytest.raises(ConfigError, match="--trigger-cells 4 is more than the filter's 3 channels"):
+        APMConfig.from_dict({**mixed.to_dict(), "trigger_cells": 4})
+    assert APMConfig.from_dict({**mixed.to_dict(), "trigger_cells": 2}).trigger_dim == 64 + 2 * 16
     torch.manual_seed(0)
     model = APM(mixed).eval()
     images = torch.randn(2, 1, 16, 16)

@@ -24,6 +24,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "no cell mixer: T every cell's filter output side by side, the previous default (--mixer-blocks 0)": {
         "mixer_blocks": 0
     },
+    "T also carries 8 channels of every cell beside the mixed cells' mean (--trigger-cells 8)": {"trigger_cells": 8},
     "no KL through the head (--logit-weight 0)": {"logit_weight": 0.0},
     "no target standardisation (--no-standardize)": {"standardize": False},
     "no extra prefix weight (--prefix-weight 0)": {"prefix_weight": 0.0},

@@ -90,6 +90,14 @@ def train(
     mixer_width: Annotated[
         int | None, typer.Option(help="The mixer's width, a multiple of 32. Default: the preset's.")
     ] = None,
+    trigger_cells: Annotated[
+        int | None,
+        typer.Option(
+            help="With a mixer: channels of every cell's filter output that T also carries, cells side by side, "
+            "after the mixed cells' mean (patch tokens fit better, held-out CLS worse; 0: the mean alone). "
+            "Default: the preset's."
+        ),
+    ] = None,
     trunk: Annotated[
         Trunk | None,
         typer.Option(
