@@ -601,15 +601,15 @@ def _keep_run_options(config: TrainConfig) -> TrainConfig:
 def _warn_if_few_images(stream: CacheStream) -> None:
     """One warning when the caches hold fewer than FEW_IMAGES distinct images with fewer than ENOUGH_VIEWS views each:
     held-out CLS will trail training, and what helps."""
-    images, views = stream.plan.images, stream.spec.views
+    images, views = stream.plan.images, stream.plan.views
     if images < FEW_IMAGES and views < ENOUGH_VIEWS:
         _logger.warning(
-            "%s distinct images x %d view(s): so few, the student learns their summaries (CLS) by heart (measured: "
+            "%s distinct images x %s view(s): so few, the student learns their summaries (CLS) by heart (measured: "
             "1,024 images x 4 views, held-out CLS R2 0.13-0.16 under training's; x 32 views, 0.04); extract more "
             "views (extract --views 32 --view-augment crop) and score held-out images while training (--val): "
             "docs/train.md, 'Few images'",
             f"{images:,}",
-            views,
+            f"{views:.3g}",
         )
 
 

@@ -126,6 +126,12 @@ class StreamPlan:
         """Distinct images in the plan (an image's views counted once)."""
         return sum(block.size for block in self.blocks)
 
+    @property
+    def views(self) -> float:
+        """Views per distinct image over the plan's images (1 without ``extract --views``; caches extracted with
+        different ``--views`` weigh by their images)."""
+        return sum(block.size * block.views for block in self.blocks) / max(1, self.images)
+
     def fingerprint(self, urls: Sequence[str]) -> str:
         """Identifies the plan: the blocks read and how they are dealt. Equal fingerprints give equal epochs.
         Caches are named by canonical URL (``./c.zarr`` and ``/abs/c.zarr`` are one cache)."""

@@ -470,6 +470,15 @@ def test_few_images_warn_that_held_out_cls_will_trail_training(
     assert "120 distinct images x 1 view(s)" in warning and "extract --views 32" in warning and "--val" in warning
 
 
+def test_a_plan_counts_views_per_image_over_all_its_caches() -> None:
+    """Caches of one teacher extracted with different --views: the few-images warning weighs each by its images."""
+    from apmpipe.storage.stream import Block, StreamPlan
+
+    blocks = (Block(0, "a", 0, 10, views=4), Block(0, "a", 40, 50, views=4), Block(1, "b", 0, 60))
+    plan = StreamPlan({(0, "a"): 80, (1, "b"): 60}, blocks, unit=8, window=16, seed=0, rank=0, world_size=1)
+    assert plan.images == 80 and plan.views == (80 + 60) / 80
+
+
 def test_cuda_default_batch_takes_half_the_steps() -> None:
     """Unset --min-steps: 4,000 on a CPU and at any batch given by hand; 2,000 with CUDA's default batch (1,024 images,
     16x the CPU's: 4,000 such steps over-fitted held-out CLS, docs/train.md); a given budget is kept anywhere."""
