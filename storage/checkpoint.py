@@ -8,7 +8,7 @@ Layout of a run directory (a local folder or any fsspec URL: ``s3://bucket/run``
     checkpoints/step-00000500/  model.safetensors + state.pt (optimizer, scheduler, step, loader position, RNG)
     checkpoints/latest          name of the newest complete checkpoint (what a resume reads)
     student.safetensors         final weights; metadata holds the student and cache-layout JSON
-    .apmpipe-train.lock         the running train's writer lock (:mod:`.locks`)
+    .apmpipe-train.lock         while train runs: its writer lock (:mod:`.locks`)
 
 ``latest`` publishes a checkpoint: nothing reads a checkpoint folder that ``latest`` does not name, so a killed
 save never leaves a run that cannot resume.

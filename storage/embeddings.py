@@ -9,7 +9,7 @@ Layout (clip-retrieval's: one folder per kind of array, one file per part)::
                                  (written batch by batch: see RowFile)
     logits/{part}.npy            (with a teacher head) teacher-head logits of the last level    [N, K] float32
     metadata/{part}.parquet      key, label, part, row, source (+ topk_classes, topk_probs with a head)
-    .apmpipe-embed.lock          a POSIX record lock held by the running ``apmpipe embed`` and its pid (not data)
+    .apmpipe-embed.lock          while ``apmpipe embed`` runs: its POSIX record lock and pid (not data)
 
 Row ``i`` of every file of a part is one image (``row`` in the parquet). Features and tokens are float16 or
 float32 (``--dtype``). A part is written under temporary names (``.{part}.tmp``), each file fsynced, then renamed

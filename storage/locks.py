@@ -3,7 +3,9 @@ training run folder (``train``), local or on an object store.
 
 * Local folders: a POSIX record lock (``lockf``) on ``.apmpipe-COMMAND.lock``, which also holds the holder's pid.
   It belongs to the locking process alone (forked DataLoader workers do not inherit it) and the kernel drops it
-  the moment that process dies: a rerun right after ``kill -9`` proceeds.
+  the moment that process dies: a rerun right after ``kill -9`` proceeds. The holder deletes the file before it
+  lets go (a finished cache holds zarr's files alone: zarr-python warns about any other object it lists), so a
+  taker checks after locking that the file it locked is still the one at the path, and retries if not.
 * Object stores have no locks: the lock is a small JSON object ``.apmpipe-COMMAND.lock`` naming its holder (host,
   pid, a random token) and the time it was last renewed, renewed every ``LEASE_SECONDS / 4`` by a thread of the
   holder and deleted when the holder finishes. A lock is stale, and is taken over, when its holder ran on this host
@@ -39,7 +41,7 @@ _LOCKED_HERE: set[str] = set()  # locks this process holds: POSIX record locks n
 
 
 def lock_name(command: str) -> str:
-    """The lock file of the folder ``apmpipe COMMAND`` writes (not a zarr node: zarr readers ignore it)."""
+    """The lock file of the folder ``apmpipe COMMAND`` writes while it writes (deleted when it finishes)."""
     return f".apmpipe-{command}.lock"
 
 
@@ -71,14 +73,8 @@ def _local_lock(url: str, command: str, path: str) -> Iterator[None]:
     lock_path = os.path.realpath(os.path.join(path, lock_name(command)))
     if lock_path in _LOCKED_HERE:
         raise _busy(url, command, f"pid {os.getpid()}, this process")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = _lock_file_at(url, command, lock_path)
     try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise _busy(
-                url, command, f"pid {os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'}"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _LOCKED_HERE.add(lock_path)
@@ -86,8 +82,33 @@ def _local_lock(url: str, command: str, path: str) -> Iterator[None]:
             yield
         finally:
             _LOCKED_HERE.discard(lock_path)
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)  # while still locked: a taker that opened it sees it gone and retries
     finally:
         os.close(fd)  # releases the lock
+
+
+def _lock_file_at(url: str, command: str, lock_path: str) -> int:
+    """An open descriptor of the file at ``lock_path``, record-locked by this process; refused when another holds it.
+    A file its holder deleted between our open and our lock is not the lock any more: open the path again."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise _busy(url, command, f"pid {holder}") from None
+        if _same_file(fd, lock_path):
+            return fd
+        os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _read_holder(fs: fsspec.AbstractFileSystem, key: str) -> dict[str, Any] | None:

@@ -509,6 +509,41 @@ def test_lock_message_names_the_holder(tmp_path: Path) -> None:
     holder.communicate("\n")
 
 
+def test_a_finished_cache_holds_zarr_files_alone(tiny_cache: Path) -> None:
+    """extract deletes its lock file when it ends: zarr-python lists the cache's root without a warning."""
+    import warnings
+
+    assert not any(p.name.endswith(".lock") for p in tiny_cache.iterdir())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {name for name, _ in zarr.open_group(tiny_cache, mode="r").members()} >= {"shards"}
+
+
+def test_a_lock_file_deleted_between_open_and_lock_is_opened_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder that finishes between a taker's open and its lockf deletes the file the taker opened: the taker
+    must lock the file now at the path (else two runs could each hold a lock), and delete it when done."""
+    from apmpipe.storage import locks
+
+    opened: list[str] = []
+    real_open = os.open
+
+    def open_then_lose_it(path: str, *args: int) -> int:
+        fd = real_open(path, *args)
+        if not opened:
+            os.unlink(path)  # the previous holder's release, between our open and our lock
+        opened.append(path)
+        return fd
+
+    monkeypatch.setattr(locks.os, "open", open_then_lose_it)
+    folder = tmp_path / "c.zarr"
+    with locks.writer_lock(str(folder)):
+        lock = folder / locks.lock_name("extract")
+        assert len(opened) == 2 and lock.read_text().strip() == str(os.getpid())
+    assert not lock.exists()
+
+
 # -- 16, 17: info reads little and shows no secrets ----------------------------------------------------------
 def test_info_opens_no_array_and_lists_no_files_without_sizes(
     monkeypatch: pytest.MonkeyPatch, tiny_cache: Path
