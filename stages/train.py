@@ -63,7 +63,7 @@ from .validation import SCORE, HeldOut, Selection
 
 _logger = logging.getLogger(__name__)
 
-WARMUP_FRACTION = 0.05  # warmup never takes more than this share of the run
+WARMUP_FRACTION = 0.25  # warmup never takes more than this share of the run (docs/train.md, "Short runs")
 CPU_BATCH_SIZE = 64  # --batch-size left unset: images per step per rank on a CPU ...
 CUDA_BATCH_SIZE = 1024  # ... and on a GPU, where a small student at 64 is launch-bound
 MIN_STEPS = 4000  # --min-steps left unset: the budget at any batch size but ...
@@ -140,7 +140,7 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float = 0.05
     ema_decay: float = 0.0
-    warmup_steps: int = 200
+    warmup_steps: int = 800  # docs/train.md, "Warmup"
     clip_grad: float = 1.0
     window_samples: int = 512
     loader_workers: int = 0

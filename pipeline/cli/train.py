@@ -196,8 +196,8 @@ def train(
         typer.Option(help="Decay of an exponential moving average of the weights, which is exported (0: off)."),
     ] = 0.0,
     warmup_steps: Annotated[
-        int, typer.Option(help="Linear warmup steps (at most 5% of the run) before cosine decay.")
-    ] = 200,
+        int, typer.Option(help="Linear warmup steps (at most a quarter of the run) before cosine decay.")
+    ] = 800,
     clip_grad: Annotated[float, typer.Option(help="Gradient norm clip (0: off).")] = 1.0,
     mse_weight: Annotated[float, typer.Option(help="Weight of MSE on standardised teacher tokens, per level.")] = 1.0,
     prefix_weight: Annotated[
