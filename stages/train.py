@@ -140,7 +140,7 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float = 0.05
     ema_decay: float = 0.0
-    warmup_steps: int = 800  # docs/train.md, "Warmup"
+    warmup_steps: int = 200  # docs/train.md, "Warmup"
     clip_grad: float = 1.0
     window_samples: int = 512
     loader_workers: int = 0

@@ -345,10 +345,10 @@ def test_a_cell_mixer_lets_every_cell_inform_every_query_and_saves_only_when_cho
 
 def test_warmup_takes_the_steps_asked_for_up_to_a_quarter_of_the_run() -> None:
     """A short run (the quick demo's 150 steps) warms up for a quarter of it, not 5 %: the mixer student's first
-    steps at the full LR set it back (docs/train.md, "Warmup"); runs of 3,200 steps and more get all 800."""
+    steps at the full LR set it back (docs/train.md, "Warmup"); runs of 800 steps and more get all 200."""
     from apmpipe.stages.train import TrainConfig, lr_at, warmup_for
 
     config = TrainConfig(caches=("c.zarr",), out="r")
-    assert [warmup_for(total, config) for total in (4, 150, 2000, 3199, 3200, 4030)] == [1, 37, 500, 799, 800, 800]
+    assert [warmup_for(total, config) for total in (4, 150, 799, 800, 2000, 4030)] == [1, 37, 199, 200, 200, 200]
     warmup = warmup_for(150, config)
     assert lr_at(warmup - 1, 150, warmup) == 1.0 and lr_at(0, 150, warmup) == pytest.approx(1 / 37)

@@ -197,7 +197,7 @@ def train(
     ] = 0.0,
     warmup_steps: Annotated[
         int, typer.Option(help="Linear warmup steps (at most a quarter of the run) before cosine decay.")
-    ] = 800,
+    ] = 200,
     clip_grad: Annotated[float, typer.Option(help="Gradient norm clip (0: off).")] = 1.0,
     mse_weight: Annotated[float, typer.Option(help="Weight of MSE on standardised teacher tokens, per level.")] = 1.0,
     prefix_weight: Annotated[
