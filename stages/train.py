@@ -63,7 +63,7 @@ from .validation import SCORE, HeldOut, Selection
 
 _logger = logging.getLogger(__name__)
 
-WARMUP_FRACTION = 0.25  # warmup never takes more than this share of the run (docs/train.md, "Short runs")
+WARMUP_FRACTION = 0.25  # warmup never takes more than this share of the run (docs/train.md, "Warmup")
 CPU_BATCH_SIZE = 64  # --batch-size left unset: images per step per rank on a CPU ...
 CUDA_BATCH_SIZE = 1024  # ... and on a GPU, where a small student at 64 is launch-bound
 MIN_STEPS = 4000  # --min-steps left unset: the budget at any batch size but ...
