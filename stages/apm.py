@@ -301,11 +301,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def config_for_cache(spec: CacheSpec, preset: str = "small", **overrides: Any) -> APMConfig:
-    """Size the student from a cache's layout (grid, widths, input) and a preset, with explicit overrides (None:
-    the preset's). A preset's mixer applies to a layout on one grid with ``query`` local: on a hierarchical teacher
-    it would attend over the finest grid (a ConvNeXt's 16x16 cells took a CPU step to 2.8x) with its effect there
-    unmeasured, and a paper query cannot read a mixed cell; ``mixer_blocks`` given explicitly is kept."""
+def config_for_cache(spec: CacheSpec, preset: str = "small", query: str = "local", **overrides: Any) -> APMConfig:
+    """Size the student from a cache's layout (grid, widths, input), a preset and a query (``local``, as ``train``
+    defaults to), with explicit overrides (None: the preset's). A preset's mixer applies to a layout on one grid
+    with ``query`` local: on a hierarchical teacher it would attend over the finest grid (a ConvNeXt's 16x16 cells
+    took a CPU step to 2.8x) with its effect there unmeasured, and a paper query cannot read a mixed cell;
+    ``mixer_blocks`` given explicitly is kept."""
     check_choice("--preset", preset, PRESETS)
     grids = tuple(level.grid for level in spec.levels)
     prefixes = tuple(level.prefix_tokens for level in spec.levels)
@@ -313,10 +314,11 @@ def config_for_cache(spec: CacheSpec, preset: str = "small", **overrides: Any) -
     one_grid = len(set(zip(grids, prefixes, strict=True))) == 1
     c, h, w = spec.pixel_shape
     options = dict(PRESETS[preset])
-    if not one_grid or overrides.get("query") != "local":  # the query left unset is the paper's
+    if not one_grid or query != "local":
         options["mixer_blocks"] = 0
     options.update({k: v for k, v in overrides.items() if v is not None})
     return APMConfig(
+        query=query,
         in_chans=c,
         image_size=(h, w),
         grid=grids[finest],

@@ -292,7 +292,7 @@ def test_the_default_preset_mixes_the_cells_of_one_grid_teacher_queried_locally(
     vit, convnet = spec((8, 8), (8, 8)), spec((8, 8), (4, 4))
     assert config_for_cache(vit, query="local").mixer_blocks == 1
     assert config_for_cache(vit, query="paper").mixer_blocks == 0
-    assert config_for_cache(vit).mixer_blocks == 0  # the query left unset: the paper's
+    assert config_for_cache(vit).mixer_blocks == 1  # the query left unset: train's default, local
     assert config_for_cache(convnet, query="local").mixer_blocks == 0
     assert config_for_cache(convnet, query="local", mixer_blocks=2).mixer_blocks == 2
     assert config_for_cache(vit, "tiny", query="local").mixer_blocks == 0
