@@ -17,11 +17,14 @@ from typer.testing import CliRunner
 from apmpipe.pipeline.cli import app, main
 from apmpipe.pipeline.datasets import write_digit_shards
 
-# one thread count for every process the tests start: bit-identical comparisons across runs hold on a loaded machine
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# one thread count for every process the tests start (bit-identical comparisons across runs hold on a loaded machine),
+# and one thread: the README runs two workers on two cores, and two threads each left torch's parallel regions waiting
+# on descheduled threads (the full demo's student ran 77 images/s beside the other worker, a 1-thread run 128 alone)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# the files that take longest, started first: the README's `-n 2 --dist loadfile` runs a file in one process, and
-# these, started last, would run alone at the end (test_demo.py's module fixture: the full demo's student budget)
+# the files that take longest, started first: the README's `-n 2 --dist loadfile --no-loadscope-reorder` runs a file
+# in one process, in this order, and these, started last, would run alone at the end (test_demo.py's module fixture:
+# the full demo's student budget; xdist's own order, by test count, started it last)
 LONGEST_FILES = ("test_demo.py", "test_first_hour.py")
 
 
