@@ -151,18 +151,23 @@ def _run_demo_with_plan(patch: pytest.MonkeyPatch, plan: object) -> None:
     patch.setattr(demo.DemoPlan, "of", classmethod(lambda cls, quick, seed, teacher_kind="vit": plan))
 
 
+# the full demo's student, capped, on the quick demo's teacher: the full recipe's teacher (219 s) and the 4,000 default
+# steps (432 s for 1,000 beside the other worker) were the suite's longest part; at 500 steps the bars hold with room
+EASY_PLAN_STEPS = 500
+
+
 def _easy_plan() -> object:
-    """The full demo's student budget and TTT on the small digits teacher (its full recipe)."""
+    """The full demo's TTT and student (its defaults, capped at :data:`EASY_PLAN_STEPS`) on the small digits teacher
+    (the quick demo's recipe: a quarter of the full one's epochs)."""
     from apmpipe.pipeline import demo
 
-    return demo.DemoPlan(teacher=ReferenceRecipe(seed=0), max_steps=0, ttt_samples=20)
+    return replace(demo.DemoPlan.of(True, 0), max_steps=EASY_PLAN_STEPS, ttt_samples=20)
 
 
 @pytest.fixture(scope="module")
 def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The full demo's student budget and eval on the small digits teacher (its full 60-epoch recipe on scikit-learn's
-    digits; ~7 min on 2 idle cores before the mixer, whose student step is ~1.9x), run once per module: the harder
-    teacher's full run is too long for the suite."""
+    """The full demo's student and eval on the small digits teacher (15 epochs on scikit-learn's digits; ~4 min on one
+    idle thread), run once per module: the harder teacher's full run is too long for the suite."""
     out = tmp_path_factory.mktemp("full") / "demo"
     with pytest.MonkeyPatch.context() as patch:
         _run_demo_with_plan(patch, _easy_plan())
@@ -172,16 +177,18 @@ def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_default_student_decides_like_its_trained_teacher(full_demo: Path) -> None:
-    """The product's promise on a trained teacher, with `apmpipe train`'s defaults.
+    """The product's promise on a trained teacher, with `apmpipe train`'s defaults but an eighth of their steps.
 
-    Measured at seed 0 with this release's defaults (one mixer block; 64 images, 4 locations a step; 1 thread):
-    teacher 0.964 val top-1; student through the teacher's head 0.992 (1.029x); R^2 patch/CLS 0.987/0.970 (layer 1),
-    0.949/0.953 (2). Without the mixer: 0.982 (1.019x); 0.990/0.965, 0.950/0.956.
+    Measured at seed 0 (one mixer block; 64 images, 4 locations a step; 1 thread), the quick recipe's teacher (0.914
+    val top-1): 500 steps, student through the teacher's head 0.950 (1.039x); R^2 patch/CLS 0.966/0.962 (layer 1),
+    0.944/0.936 (2); 1,000 steps 1.009x, 0.989/0.989, 0.978/0.965. The full recipe's teacher (0.978) at 1,000 steps:
+    1.004x, 0.972/0.952, 0.925/0.947.
     """
     summary = json.loads((full_demo / "summary.json").read_text())
-    assert summary["teacher"]["val_top1"] >= 0.95
+    assert summary["teacher"]["val_top1"] >= 0.9
     options = summary["train"]["options"]
-    assert (options["batch_size"], options["locations"]) == (64, 4) and summary["train"]["steps"] >= 4000  # defaults
+    assert (options["batch_size"], options["locations"]) == (64, 4) and options["min_steps"] == 4000  # the defaults
+    assert summary["train"]["steps"] == EASY_PLAN_STEPS
     classification = summary["eval"]["classification"]
     head, probe = classification["teacher_head"], classification["probe"]
     assert head["student"]["top1"] >= 0.97 * head["teacher"]["top1"], head
