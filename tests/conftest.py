@@ -19,8 +19,8 @@ from apmpipe.pipeline.datasets import write_digit_shards
 
 # one thread count for every process the tests start (bit-identical comparisons across runs hold on a loaded machine),
 # and one thread: the README runs two workers on two cores, and two threads each oversubscribe them (torch's parallel
-# regions wait on descheduled threads: the full demo's 2-thread student ran 77 images/s beside the other worker and
-# a 1-thread job, where 1-thread students, two side by side, ran 128 each)
+# regions wait on descheduled threads). The demo's student on the small digits teacher, median images/s: 2 threads
+# beside the other 2-thread worker and a 1-thread job, 77; 1 thread beside one 1-thread job, 121; 1 thread alone, 194.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # the files that take longest, started first: the README's `-n 2 --dist loadfile --no-loadscope-reorder` runs a file
