@@ -50,6 +50,7 @@ HEAD_WIDTH = 32  # channels per attention head of the cell mixer
 LEVEL_MODES = ("heads", "query")
 Locations = torch.Tensor | list[torch.Tensor | None] | None  # shared by every level, or one entry per level
 QUERY_MODES = ("paper", "local")
+DEFAULT_QUERY = "local"  # the query train and config_for_cache build when none is named (docs/train.md)
 TRUNKS = ("mlp", "residual")
 POS_CODES = ("fixed", "learned")
 # fields added after students were first saved: a saved config without one had this value (and saves without it)
@@ -301,7 +302,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def config_for_cache(spec: CacheSpec, preset: str = "small", query: str = "local", **overrides: Any) -> APMConfig:
+def config_for_cache(spec: CacheSpec, preset: str = "small", query: str = DEFAULT_QUERY, **overrides: Any) -> APMConfig:
     """Size the student from a cache's layout (grid, widths, input), a preset and a query (``local``, as ``train``
     defaults to), with explicit overrides (None: the preset's). A preset's mixer applies to a layout on one grid
     with ``query`` local: on a hierarchical teacher it would attend over the finest grid (a ConvNeXt's 16x16 cells

@@ -44,7 +44,7 @@ from apmpipe.storage.remote import absolute_url, route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, loader_items, window_batches
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
-from .apm import APM, APMConfig, Locations, config_for_cache
+from .apm import APM, DEFAULT_QUERY, APMConfig, Locations, config_for_cache
 from .augment import augment_generator, check_crop_scale, draw_views, parse_augments
 from .head import TeacherHead
 from .inputs import PixelNormalizer
@@ -120,7 +120,7 @@ class TrainConfig:
     pos_code: str | None = None
     pos_dim: int | None = None
     level_mode: str = "heads"
-    query: str = "local"
+    query: str = DEFAULT_QUERY
     levels: tuple[int, ...] | None = None
     loss: LossConfig = LossConfig()
     standardize: bool = True
