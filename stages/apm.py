@@ -47,6 +47,7 @@ from apmpipe.storage.errors import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, Rang
 from apmpipe.storage.format import CacheSpec
 
 HEAD_WIDTH = 32  # channels per attention head of the cell mixer
+DROPOUTS = Range(0, 0.9)  # --mixer-dropout: 1 would drop every activation
 LEVEL_MODES = ("heads", "query")
 Locations = torch.Tensor | list[torch.Tensor | None] | None  # shared by every level, or one entry per level
 QUERY_MODES = ("paper", "local")
@@ -65,6 +66,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "mixer_blocks": 0,
     "mixer_width": 128,
     "trigger_cells": 0,
+    "mixer_dropout": 0.0,
 }
 
 
@@ -123,6 +125,8 @@ class APMConfig:
         trigger_cells: with a mixer, ``T`` also carries this many of every cell's filter output channels, cells side
             by side (the paper's ``T``, narrowed), after the mixed cells' mean (0: the mean alone; at most
             ``trigger_channels``). Without a mixer ``T`` is every channel of every cell.
+        mixer_dropout: dropout inside the mixer's blocks while training (attention weights, the attention's and the
+            MLP's outputs, the MLP's hidden layer; 0: none): a regulariser against learning few images' summaries.
         pos_dim: width of the location code (0: as wide as ``T``, as in the paper).
         pos_code: ``fixed`` (the paper's 2-D sin/cos code) or ``learned`` (a table of one code per token location,
             starting from the sin/cos code and trained with the student, as a ViT's position embedding).
@@ -158,6 +162,7 @@ class APMConfig:
     mixer_blocks: int = 0
     mixer_width: int = 128
     trigger_cells: int = 0
+    mixer_dropout: float = 0.0
 
     RANGES: ClassVar[dict[str, Range]] = {
         "filter_layers": AT_LEAST_ONE,
@@ -165,6 +170,7 @@ class APMConfig:
         "mixer_blocks": NON_NEGATIVE,
         "mixer_width": AT_LEAST_ONE,
         "trigger_cells": NON_NEGATIVE,
+        "mixer_dropout": DROPOUTS,
     }
 
     def __post_init__(self) -> None:
@@ -198,6 +204,8 @@ class APMConfig:
                 "--trigger-cells needs a cell mixer (without one T holds every channel of every cell); add "
                 "--mixer-blocks 1 or drop --trigger-cells"
             )
+        if self.mixer_dropout and not self.mixer_blocks:
+            raise ConfigError("--mixer-dropout needs a cell mixer; add --mixer-blocks 1 or drop --mixer-dropout")
         if self.trigger_cells > self.trigger_channels:
             raise ConfigError(
                 f"--trigger-cells {self.trigger_cells} is more than the filter's {self.trigger_channels} channels; "
@@ -316,7 +324,7 @@ def config_for_cache(spec: CacheSpec, preset: str = "small", query: str = DEFAUL
     c, h, w = spec.pixel_shape
     options = dict(PRESETS[preset])
     if not one_grid or query != "local":
-        options["mixer_blocks"] = 0
+        options.update(mixer_blocks=0, mixer_dropout=0.0)
     options.update({k: v for k, v in overrides.items() if v is not None})
     return APMConfig(
         query=query,
@@ -376,14 +384,14 @@ def cell_mlp(widths: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def mixer_block(width: int) -> nn.TransformerEncoderLayer:
+def mixer_block(width: int, dropout: float = 0.0) -> nn.TransformerEncoderLayer:
     """One pre-norm transformer block (torch's own: training never imports timm): attention with a head per 32
-    channels, then a GELU MLP twice as wide, no dropout."""
+    channels, then a GELU MLP twice as wide, with torch's dropout of ``dropout`` in its four places."""
     return nn.TransformerEncoderLayer(
         width,
         width // HEAD_WIDTH,
         dim_feedforward=2 * width,
-        dropout=0.0,
+        dropout=dropout,
         activation="gelu",
         batch_first=True,
         norm_first=True,
@@ -394,11 +402,11 @@ class CellMixer(nn.Module):
     """Transformer blocks over the filter's cells (a learned position embedding per cell, :func:`mixer_block` each, a
     final LayerNorm): ``[B, C, h, w] -> [B, width, h, w]``, every cell informed by every other."""
 
-    def __init__(self, channels: int, cells: int, width: int, blocks: int) -> None:
+    def __init__(self, channels: int, cells: int, width: int, blocks: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.embed = nn.Linear(channels, width)
         self.pos = nn.Parameter(torch.zeros(1, cells, width))
-        self.blocks = nn.Sequential(*(mixer_block(width) for _ in range(blocks)))
+        self.blocks = nn.Sequential(*(mixer_block(width, dropout) for _ in range(blocks)))
         self.norm = nn.LayerNorm(width)
         self.reset_parameters()
 
@@ -500,7 +508,7 @@ class APM(nn.Module):
         self.cell_mlp = cell_mlp(widths) if len(widths) > 1 else None
         cells = config.grid[0] * config.grid[1]
         self.mixer = (
-            CellMixer(config.trigger_channels, cells, config.mixer_width, config.mixer_blocks)
+            CellMixer(config.trigger_channels, cells, config.mixer_width, config.mixer_blocks, config.mixer_dropout)
             if config.mixer_blocks
             else None
         )

@@ -44,7 +44,7 @@ from apmpipe.storage.remote import absolute_url, route_storage_options
 from apmpipe.storage.stream import CacheStream, StreamPosition, TokenDecoder, loader_items, window_batches
 from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
-from .apm import APM, DEFAULT_QUERY, APMConfig, Locations, config_for_cache
+from .apm import APM, DEFAULT_QUERY, DROPOUTS, APMConfig, Locations, config_for_cache
 from .augment import augment_generator, check_crop_scale, draw_views, parse_augments
 from .head import TeacherHead
 from .inputs import PixelNormalizer
@@ -87,6 +87,7 @@ STUDENT_OPTIONS = (
     "mixer_blocks",
     "mixer_width",
     "trigger_cells",
+    "mixer_dropout",
     "trunk",
     "pos_code",
     "pos_dim",
@@ -116,6 +117,7 @@ class TrainConfig:
     mixer_blocks: int | None = None
     mixer_width: int | None = None
     trigger_cells: int | None = None
+    mixer_dropout: float | None = None
     trunk: str | None = None
     pos_code: str | None = None
     pos_dim: int | None = None
@@ -163,6 +165,7 @@ class TrainConfig:
         "mixer_blocks": NON_NEGATIVE,
         "mixer_width": AT_LEAST_ONE,
         "trigger_cells": NON_NEGATIVE,
+        "mixer_dropout": DROPOUTS,
         "pos_dim": NON_NEGATIVE,
         "locations": NON_NEGATIVE,
         "echo": AT_LEAST_ONE,

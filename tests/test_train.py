@@ -525,12 +525,17 @@ def test_resume_keeps_the_runs_batch_lr_locations_and_budget_where_left_unset(
     assert "min_steps = 30" in saved
 
 
-@pytest.mark.parametrize(("mixer", "cells"), [(0, 0), (1, 0), (1, 1)], ids=["no-mixer", "mixer", "mixer-cells"])
+@pytest.mark.parametrize(
+    ("mixer", "cells", "dropout"),
+    [(0, 0, 0.0), (1, 0, 0.0), (1, 1, 0.1)],
+    ids=["no-mixer", "mixer", "mixer-cells-dropout"],
+)
 def test_a_local_query_student_trains_evaluates_adapts_and_draws_islands(
-    tmp_path: Path, tiny_cache: Path, eval_cache: Path, mixer: int, cells: int
+    tmp_path: Path, tiny_cache: Path, eval_cache: Path, mixer: int, cells: int, dropout: float
 ) -> None:
     run = tmp_path / "run"
     mixing = ["--mixer-blocks", str(mixer), "--mixer-width", "32", *(["--trigger-cells", str(cells)] if cells else [])]
+    mixing += ["--mixer-dropout", str(dropout)] if dropout else []
     result = run_cli("train", tiny_cache, "--out", run, *TRAIN_FAST, "--query", "local", "--max-steps", "6", *mixing)
     assert result.exit_code == 0, result.output
     weights, metadata = load_student(run)
@@ -539,7 +544,7 @@ def test_a_local_query_student_trains_evaluates_adapts_and_draws_islands(
     # T (every cell's filter output, or the mixed cells' mean and --trigger-cells channels of each of the 4 cells)
     # and the location code
     assert config.query == "local" and config.patch_size == (16, 16) and config.mixer_blocks == mixer
-    assert config.trigger_cells == cells
+    assert config.trigger_cells == cells and config.mixer_dropout == dropout
     mixed_cell = 32 if mixer else 0
     assert weights["trunk.layers.0.weight"].shape[1] == config.trigger_dim + config.code_dim + 3 * 16 * 16 + mixed_cell
     assert config.trigger_dim == (32 + 4 * cells if mixer else config.trigger_channels * 4)
@@ -571,6 +576,12 @@ def test_trigger_cells_without_a_mixer_is_a_user_error(tmp_path: Path, tiny_cach
     result = run_cli("train", tiny_cache, "--out", tmp_path / "run", *TRAIN_FAST, "--trigger-cells", "1")
     assert result.exit_code == 2 and "--trigger-cells needs a cell mixer" in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "run" / "student.safetensors").exists()
+
+
+def test_mixer_dropout_without_a_mixer_is_a_user_error(tmp_path: Path, tiny_cache: Path) -> None:
+    """The tiny preset has no mixer: --mixer-dropout would change nothing, so it is refused, not ignored."""
+    result = run_cli("train", tiny_cache, "--out", tmp_path / "run", *TRAIN_FAST, "--mixer-dropout", "0.1")
+    assert result.exit_code == 2 and "--mixer-dropout needs a cell mixer" in result.output, result.output
 
 
 def test_a_run_saved_before_query_ema_and_max_epochs_existed_resumes(tmp_path: Path, tiny_cache: Path) -> None:

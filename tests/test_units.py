@@ -343,6 +343,35 @@ def test_a_cell_mixer_lets_every_cell_inform_every_query_and_saves_only_when_cho
     assert 0.015 < float(model.mixer.pos.detach().std()) < 0.025
 
 
+def test_mixer_dropout_acts_only_while_training_and_needs_a_mixer() -> None:
+    """--mixer-dropout drops inside the mixer's blocks in train mode alone; a student saved without it loads with none,
+    and asking for it without a mixer (or at 1, which drops everything) is refused, not ignored."""
+    from apmpipe.stages.apm import APM, APMConfig
+
+    mixed = APMConfig(
+        in_chans=1, image_size=(16, 16), grid=(4, 4), prefix_tokens=1, level_dims=(8,), pos_dim=8, hidden=(16,),
+        query="local", trigger_channels=3, mixer_blocks=1, mixer_width=32,
+    )  # fmt: skip
+    assert "mixer_dropout" not in mixed.to_dict() and mixed.mixer_dropout == 0.0
+    dropping = APMConfig.from_dict({**mixed.to_dict(), "mixer_dropout": 0.5})
+    assert APMConfig.from_dict(dropping.to_dict()).mixer_dropout == 0.5
+    with pytest.raises(ConfigError, match="--mixer-dropout needs a cell mixer"):
+        APMConfig.from_dict({**mixed.to_dict(), "mixer_blocks": 0, "mixer_dropout": 0.1})
+    with pytest.raises(ConfigError, match="--mixer-dropout must be between 0 and 0.9, got 1.0"):
+        APMConfig.from_dict({**mixed.to_dict(), "mixer_dropout": 1.0})
+    torch.manual_seed(0)
+    model = APM(dropping)
+    cells = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        first, second = model.mixer(cells), model.mixer(cells)  # two draws of the dropout masks
+        model.eval()
+        kept = model.mixer(cells)
+    assert not torch.allclose(first, second) and torch.equal(kept, model.mixer(cells))
+    plain = APM(mixed).eval()
+    plain.load_state_dict(model.state_dict())  # the same weights: dropout adds no parameter
+    assert torch.allclose(plain.mixer(cells), kept, atol=1e-6)
+
+
 def test_warmup_takes_the_steps_asked_for_up_to_a_quarter_of_the_run() -> None:
     """A short run (the quick demo's 150 steps) warms up for a quarter of it, not 5 %: the mixer student's first
     steps at the full LR set it back (docs/train.md, "Warmup"); runs of 800 steps and more get all 200."""

@@ -25,6 +25,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
         "mixer_blocks": 0
     },
     "T also carries 8 channels of every cell beside the mixed cells' mean (--trigger-cells 8)": {"trigger_cells": 8},
+    "dropout 0.1 inside the mixer while training (--mixer-dropout 0.1)": {"mixer_dropout": 0.1},
     "no KL through the head (--logit-weight 0)": {"logit_weight": 0.0},
     "no target standardisation (--no-standardize)": {"standardize": False},
     "no extra prefix weight (--prefix-weight 0)": {"prefix_weight": 0.0},

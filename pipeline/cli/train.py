@@ -98,6 +98,13 @@ def train(
             "Default: the preset's."
         ),
     ] = None,
+    mixer_dropout: Annotated[
+        float | None,
+        typer.Option(
+            help="With a mixer: dropout inside its blocks while training, against learning few images' summaries by "
+            "heart (0: none). Default: the preset's."
+        ),
+    ] = None,
     trunk: Annotated[
         Trunk | None,
         typer.Option(
