@@ -324,7 +324,7 @@ def config_for_cache(spec: CacheSpec, preset: str = "small", query: str = DEFAUL
     c, h, w = spec.pixel_shape
     options = dict(PRESETS[preset])
     if not one_grid or query != "local":
-        options.update(mixer_blocks=0, mixer_dropout=0.0)
+        options["mixer_blocks"] = 0
     options.update({k: v for k, v in overrides.items() if v is not None})
     return APMConfig(
         query=query,

@@ -102,7 +102,7 @@ def train(
         float | None,
         typer.Option(
             help="With a mixer: dropout inside its blocks while training, against learning few images' summaries by "
-            "heart (0: none). Default: the preset's."
+            "heart (0: none, every preset's)."
         ),
     ] = None,
     trunk: Annotated[
