@@ -571,17 +571,14 @@ def test_a_local_query_student_trains_evaluates_adapts_and_draws_islands(
     assert islands.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_trigger_cells_without_a_mixer_is_a_user_error(tmp_path: Path, tiny_cache: Path) -> None:
-    """The tiny preset has no mixer: --trigger-cells would change nothing, so it is refused, not ignored."""
-    result = run_cli("train", tiny_cache, "--out", tmp_path / "run", *TRAIN_FAST, "--trigger-cells", "1")
-    assert result.exit_code == 2 and "--trigger-cells needs a cell mixer" in result.output, result.output
+@pytest.mark.parametrize(("option", "value"), [("--trigger-cells", "1"), ("--mixer-dropout", "0.1")])
+def test_a_mixer_option_without_a_mixer_is_a_user_error(
+    tmp_path: Path, tiny_cache: Path, option: str, value: str
+) -> None:
+    """The tiny preset has no mixer: an option of the mixer would change nothing, so it is refused, not ignored."""
+    result = run_cli("train", tiny_cache, "--out", tmp_path / "run", *TRAIN_FAST, option, value)
+    assert result.exit_code == 2 and f"{option} needs a cell mixer" in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "run" / "student.safetensors").exists()
-
-
-def test_mixer_dropout_without_a_mixer_is_a_user_error(tmp_path: Path, tiny_cache: Path) -> None:
-    """The tiny preset has no mixer: --mixer-dropout would change nothing, so it is refused, not ignored."""
-    result = run_cli("train", tiny_cache, "--out", tmp_path / "run", *TRAIN_FAST, "--mixer-dropout", "0.1")
-    assert result.exit_code == 2 and "--mixer-dropout needs a cell mixer" in result.output, result.output
 
 
 def test_a_run_saved_before_query_ema_and_max_epochs_existed_resumes(tmp_path: Path, tiny_cache: Path) -> None:
