@@ -64,6 +64,7 @@ from .validation import SCORE, HeldOut, Selection
 _logger = logging.getLogger(__name__)
 
 WARMUP_FRACTION = 0.25  # warmup never takes more than this share of the run (docs/train.md, "Warmup")
+_DROPOUT_SALT = 0x0D50  # keeps each step's dropout seed apart from its location draws (same seed, rank, step)
 CPU_BATCH_SIZE = 64  # --batch-size left unset: images per step per rank on a CPU ...
 CUDA_BATCH_SIZE = 1024  # ... and on a GPU, where a small student at 64 is launch-bound
 MIN_STEPS = 4000  # --min-steps left unset: the budget at any batch size but ...
@@ -870,10 +871,18 @@ def _augmented(
     return views.images(images), targets, logits
 
 
+def seed_dropout(seed: int, rank: int, step: int) -> None:
+    """Seed torch's global generators, which the mixer's dropout draws from, for one step: distinct per seed, rank and
+    step, so a resumed run draws the masks an unbroken one drew."""
+    torch.manual_seed(hash((_DROPOUT_SALT, seed, rank, step)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
 def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logits: torch.Tensor | None) -> Losses:
-    """One optimiser step on a batch (augmented with ``--augment``) with this step's locations (seeded by seed,
-    rank and step)."""
+    """One optimiser step on a batch (augmented with ``--augment``) with this step's locations and dropout (seeded
+    by seed, rank and step; the mixer's dropout from the end of the warmup on)."""
     cfg = run.model.config
+    run.model.drop_in_mixer(run.step >= warmup_for(run.total_steps, run.config))
+    seed_dropout(run.config.seed, run.rank, run.step)
     if run.config.augment:
         images, targets, logits = _augmented(run, images, targets, logits)
     generator = location_generator(run.config.seed, run.rank, run.step)

@@ -57,6 +57,7 @@ class EpisodicTTT:
         self, model: APM, loss: LossConfig, config: TTTConfig, head: torch.nn.Module | None = None, chunk: int = 256
     ) -> None:
         self.model, self.loss, self.config, self.head, self.chunk = model, loss, config, head, chunk
+        model.drop_in_mixer(False)  # few steps on one image, like a run's first ones, where dropout slowed learning
         self.start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def _reset(self, sample: int) -> None:

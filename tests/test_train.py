@@ -604,6 +604,45 @@ def test_a_run_saved_before_query_ema_and_max_epochs_existed_resumes(tmp_path: P
     assert APMConfig.from_dict(config["model_config"]).query == "paper"
 
 
+def test_the_mixers_dropout_starts_after_the_warmup_and_resumes_with_the_same_masks(
+    tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--mixer-dropout stays off while the LR warms up, then drops; each step's masks are seeded by the run's seed,
+    rank and step (on CUDA too, whose generator the checkpoint does not hold), so a run killed after a checkpoint and
+    resumed exports the weights of an unbroken one."""
+    from apmpipe.stages.apm import APM
+    from apmpipe.stages.train import seed_dropout
+
+    draws = []
+    for seed, rank, step in [(0, 0, 7), (0, 0, 7), (0, 0, 8), (0, 1, 7), (1, 0, 7)]:
+        seed_dropout(seed, rank, step)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1]) and not any(torch.equal(draws[0], d) for d in draws[2:])
+
+    switched: list[bool] = []
+    drop_in_mixer = APM.drop_in_mixer
+
+    def recorded(model: APM, active: bool) -> None:
+        switched.append(active)
+        drop_in_mixer(model, active)
+
+    monkeypatch.setattr(APM, "drop_in_mixer", recorded)
+    mixer = ["--mixer-blocks", "1", "--mixer-width", "32", "--warmup-steps", "2", "--max-steps", "8"]
+    args = ["train", tiny_cache, *TRAIN_FAST, *mixer, "--checkpoint-every", "2"]
+    run = tmp_path / "run"
+    assert run_cli(*args, "--out", run, "--mixer-dropout", "0.5").exit_code == 0
+    assert switched == [False] * 2 + [True] * 6
+    unbroken = load_student(run)
+    assert unbroken[1]["model_config"]["mixer_dropout"] == 0.5
+    shutil.rmtree(run / "checkpoints" / "step-00000008")  # as if killed after the step-6 checkpoint
+    (run / "student.safetensors").unlink()
+    assert run_cli(*args, "--out", run, "--mixer-dropout", "0.5", "--resume").exit_code == 0
+    assert all(torch.equal(unbroken[0][name], weight) for name, weight in load_student(run)[0].items())
+    undropped = tmp_path / "undropped"
+    assert run_cli(*args, "--out", undropped, "--mixer-dropout", "0").exit_code == 0
+    assert not all(torch.equal(unbroken[0][name], weight) for name, weight in load_student(undropped)[0].items())
+
+
 def test_resume_keeps_the_runs_own_student_after_the_preset_changed(
     tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -370,6 +370,31 @@ def test_mixer_dropout_acts_only_while_training_and_needs_a_mixer() -> None:
     plain = APM(mixed).eval()
     plain.load_state_dict(model.state_dict())  # the same weights: dropout adds no parameter
     assert torch.allclose(plain.mixer(cells), kept, atol=1e-6)
+    model.train().drop_in_mixer(False)  # train's warmup and test-time training: train mode, no dropout
+    with torch.no_grad():
+        assert torch.allclose(model.mixer(cells), kept, atol=1e-6)
+        model.drop_in_mixer(True)
+        assert not torch.allclose(model.mixer(cells), kept, atol=1e-6)
+
+
+def test_test_time_training_of_a_dropout_student_is_seeded_per_sample() -> None:
+    """TTT keeps the mixer's dropout off (its few steps on one image are like a run's first steps), so an episode
+    depends on the sample's seed alone, as for a student without dropout."""
+    from apmpipe.stages.apm import APM, APMConfig
+    from apmpipe.stages.objectives import LossConfig
+    from apmpipe.stages.ttt import EpisodicTTT, TTTConfig
+
+    config = APMConfig(
+        in_chans=1, image_size=(16, 16), grid=(4, 4), prefix_tokens=1, level_dims=(8,), pos_dim=8, hidden=(16,),
+        query="local", trigger_channels=3, mixer_blocks=1, mixer_width=32, mixer_dropout=0.5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = APM(config)
+    images, tokens = torch.randn(1, 1, 16, 16), [torch.randn(1, 17, 8)]
+    ttt = EpisodicTTT(model, LossConfig(), TTTConfig(steps=3, lr=1e-3, locations=2))
+    first, again = ttt.adapt(1, images, tokens, None), ttt.adapt(1, images, tokens, None)
+    assert first.loss_after < first.loss_before
+    assert all(torch.equal(a, b) for a, b in zip(first.after, again.after, strict=True))
 
 
 def test_warmup_takes_the_steps_asked_for_up_to_a_quarter_of_the_run() -> None:

@@ -101,8 +101,8 @@ def train(
     mixer_dropout: Annotated[
         float | None,
         typer.Option(
-            help="With a mixer: dropout inside its blocks while training, against learning few images' summaries by "
-            "heart (0: none, every preset's)."
+            help="With a mixer: dropout inside its blocks while training, from the end of the warmup on, against "
+            "learning few images' summaries by heart (0: none, every preset's)."
         ),
     ] = None,
     trunk: Annotated[
