@@ -881,8 +881,9 @@ def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logi
     """One optimiser step on a batch (augmented with ``--augment``) with this step's locations and dropout (seeded
     by seed, rank and step; the mixer's dropout from the end of the warmup on)."""
     cfg = run.model.config
-    run.model.drop_in_mixer(run.step >= warmup_for(run.total_steps, run.config))
-    seed_dropout(run.config.seed, run.rank, run.step)
+    if cfg.mixer_dropout:
+        run.model.drop_in_mixer(run.step >= warmup_for(run.total_steps, run.config))
+        seed_dropout(run.config.seed, run.rank, run.step)
     if run.config.augment:
         images, targets, logits = _augmented(run, images, targets, logits)
     generator = location_generator(run.config.seed, run.rank, run.step)
