@@ -29,7 +29,7 @@ from apmpipe.storage.format import AUGMENTS, check_crop_scale, parse_augments
 
 __all__ = ["AUGMENTS", "check_crop_scale", "parse_augments"]  # the names live with the cache's view_augment
 
-from .runtime import to_device
+from .runtime import step_seed, to_device
 
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio range (width / height), as timm's RandomResizedCrop
 MIN_CROP_CELLS = 3  # a crop spans at least this many grid cells per side (a smaller one has no token map to pool)
@@ -38,7 +38,7 @@ _SALT = 0x0A06  # keeps augmentation draws apart from the location draws of the 
 
 def augment_generator(seed: int, stream: int, step: int) -> torch.Generator:
     """The generator of one step's augmentation: distinct per seed, stream (DDP rank) and step."""
-    return torch.Generator().manual_seed(hash((_SALT, seed, stream, step)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator().manual_seed(step_seed(_SALT, seed, stream, step))
 
 
 def _resample(maps: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

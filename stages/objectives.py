@@ -23,7 +23,7 @@ from torch import nn
 from apmpipe.storage.errors import NON_NEGATIVE, POSITIVE, ConfigError, Range, check_ranges
 
 from .apm import APM, APMConfig, Locations, patch_pixels
-from .runtime import to_device
+from .runtime import step_seed, to_device
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class LossConfig:
 
 def location_generator(seed: int, stream: int, step: int) -> torch.Generator:
     """A generator for one step's locations: distinct per seed, per stream (DDP rank or TTT sample) and step."""
-    return torch.Generator().manual_seed(hash((seed, stream, step)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator().manual_seed(step_seed(seed, stream, step))
 
 
 def sample_locations(

@@ -1,4 +1,4 @@
-"""Where code runs: device selection and torchrun (DDP) process-group setup."""
+"""Where code runs: device selection, torchrun (DDP) process-group setup and per-step seeds."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return torch.device(device)
+
+
+def step_seed(*parts: int) -> int:
+    """A non-negative 63-bit seed from integers (seed, stream, step, ...): the same in every process, since Python's
+    hash of a tuple of ints is not salted per process."""
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

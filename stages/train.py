@@ -58,7 +58,7 @@ from .objectives import (
     sample_level_locations,
     whole_levels,
 )
-from .runtime import process_rank, setup_distributed
+from .runtime import process_rank, setup_distributed, step_seed
 from .validation import SCORE, HeldOut, Selection
 
 _logger = logging.getLogger(__name__)
@@ -874,7 +874,7 @@ def _augmented(
 def seed_dropout(seed: int, rank: int, step: int) -> None:
     """Seed torch's global generators, which the mixer's dropout draws from, for one step: distinct per seed, rank and
     step, so a resumed run draws the masks an unbroken one drew."""
-    torch.manual_seed(hash((_DROPOUT_SALT, seed, rank, step)) & 0x7FFF_FFFF_FFFF_FFFF)
+    torch.manual_seed(step_seed(_DROPOUT_SALT, seed, rank, step))
 
 
 def _optimise(run: _Run, images: torch.Tensor, targets: list[torch.Tensor], logits: torch.Tensor | None) -> Losses:
