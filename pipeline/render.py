@@ -50,6 +50,11 @@ def extract_summary(summary: Any) -> None:
     _skips_and_failures(summary, "shard")
     if summary.nothing_stored:
         _err_line(f"error: {summary.nothing_stored}")
+    elif summary.few_images:
+        _err_line(
+            f"warning: {summary.few_images}; to train on this cache, extract it again into another --out with "
+            "--views 32 --view-augment crop (a held-out cache wants one view): docs/train.md, 'Few images'"
+        )
 
 
 def _skips_and_failures(totals: Any, unit: str) -> None:

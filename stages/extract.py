@@ -40,6 +40,7 @@ from apmpipe.storage.writer import ShardWriter, create_or_open, record_sources
 from .augment import Views, key_views, view_parameters, view_pixels
 from .extract_config import (
     ExtractConfig,
+    few_images_note,
     preflight,
 )  # ExtractConfig is public here too (cluster, bench, demo import it)
 from .runtime import loader_workers
@@ -71,6 +72,15 @@ class ExtractSummary(ShardTotals):
     stored_bytes: int
     cache_samples: int
     head: str
+    views: int = 1
+
+    @property
+    def few_images(self) -> str:
+        """When every input shard is in the cache and it holds too few images and views to train a student on
+        (:func:`few_images_note`): what follows, in one clause; empty otherwise."""
+        if self.count("failed") or not self.cache_samples:
+            return ""
+        return few_images_note(self.cache_samples // self.views, self.views)
 
     @property
     def images_per_second(self) -> float:
@@ -484,4 +494,5 @@ def extract(
         stored_bytes=cache.stored_bytes(),
         cache_samples=sum(cache.sample_counts().values()),
         head=head,
+        views=config.views,
     )

@@ -33,6 +33,19 @@ from apmpipe.storage.token_codecs import TOKEN_DTYPES
 from .input_options import label_options, resolve_config_inputs
 
 LOCAL_DIR = "local-dir:"
+FEW_IMAGES, ENOUGH_VIEWS = 4000, 32  # measured: docs/train.md, "Few images: more of the teacher's own views"
+
+
+def few_images_note(images: int, views: float) -> str:
+    """What a student trained on ``images`` distinct images with ``views`` views each will do, in one clause, when
+    they are fewer than FEW_IMAGES with fewer than ENOUGH_VIEWS views each; empty otherwise. ``train`` and
+    ``extract`` each add the fix that fits where they are."""
+    if images >= FEW_IMAGES or views >= ENOUGH_VIEWS:
+        return ""
+    return (
+        f"{images:,} distinct images x {views:.3g} view(s): so few, a student learns them by heart (measured on "
+        "1,024 images: held-out CLS R2 0.31-0.33 under training's with 1 view, 0.14-0.16 with 4, 0.04 with 32)"
+    )
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
 from .apm import APM, DEFAULT_QUERY, DROPOUTS, APMConfig, Locations, config_for_cache
 from .augment import augment_generator, check_crop_scale, draw_views, parse_augments
+from .extract_config import few_images_note
 from .head import TeacherHead
 from .inputs import PixelNormalizer
 from .objectives import (
@@ -72,7 +73,6 @@ CUDA_MIN_STEPS = 2000  # ... CUDA's default batch, 16x the CPU's: 4,000 steps ov
 BASE_LR = 2e-3  # --lr left unset: the peak LR at LR_BASE_BATCH images per step, scaled by default_lr
 LR_BASE_BATCH = 32
 # fewer distinct images than this, each with fewer views: the student learns their summaries (CLS) by heart
-FEW_IMAGES, ENOUGH_VIEWS = 4000, 32  # measured: docs/train.md, "Few images: more of the teacher's own views"
 DEFAULT_LOCATIONS = 4  # --locations left unset: grid locations per image per step (docs/train.md, images per step)
 EMA_DECAYS = Range(0, 0.9999)  # --ema-decay: 0 is off; 1 would never move
 # AdamW's fused kernel (all parameters in one pass): the default student's optimiser step on one CPU thread took
@@ -603,17 +603,14 @@ def _keep_run_options(config: TrainConfig) -> TrainConfig:
 
 
 def _warn_if_few_images(stream: CacheStream) -> None:
-    """One warning when the caches hold fewer than FEW_IMAGES distinct images with fewer than ENOUGH_VIEWS views each:
-    held-out CLS will trail training, and what helps."""
-    images, views = stream.plan.images, stream.plan.views
-    if images < FEW_IMAGES and views < ENOUGH_VIEWS:
+    """One warning when the caches hold too few distinct images and views (:func:`few_images_note`): held-out CLS
+    will trail training, and what helps."""
+    note = few_images_note(stream.plan.images, stream.plan.views)
+    if note:
         _logger.warning(
-            "%s distinct images x %s view(s): so few, the student learns their summaries (CLS) by heart (measured: "
-            "1,024 images x 4 views, held-out CLS R2 0.13-0.16 under training's; x 32 views, 0.04); extract more "
-            "views (extract --views 32 --view-augment crop) and score held-out images while training (--val): "
-            "docs/train.md, 'Few images'",
-            f"{images:,}",
-            f"{views:.3g}",
+            "%s; extract more views (extract --views 32 --view-augment crop) and score held-out images while "
+            "training (--val): docs/train.md, 'Few images'",
+            note,
         )
 
 

@@ -77,6 +77,28 @@ def test_views_hold_the_image_then_its_drawn_views_with_their_teachers_tokens(
     assert (spec["views"], spec["view_augment"], spec["view_crop_scale"]) == (3, ["flip", "crop"], [0.3, 1.0])
 
 
+def test_extract_warns_when_a_cache_holds_too_few_images_and_views_to_train_on(
+    capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str]
+) -> None:
+    """Under 4,000 images with under 32 views each, extract says in one line what a student trained on the cache
+    would do and how to extract it for training (measured: docs/train.md, "Few images"); 32 views say nothing, and
+    neither does a run with a failed shard (its image count is not the cache's)."""
+    from apmpipe.stages.extract import ExtractResult, ExtractSummary
+
+    base = [digit_shards[0], *TEACHER, "--layers", "-1", *FAST]
+    one = run_main(capsys, "extract", *base, "--out", tmp_path / "one.zarr")
+    assert one.returncode == 0, one.stderr
+    (line,) = [x for x in one.stderr.splitlines() if "distinct images" in x]
+    assert line.startswith("warning: 40 distinct images x 1 view(s): so few, a student learns them by heart")
+    assert "extract it again into another --out with --views 32 --view-augment crop" in line
+    views = ["--views", "32", "--view-augment", "crop", "--view-crop-scale", "0.3,1"]
+    many = run_main(capsys, "extract", *base, "--out", tmp_path / "many.zarr", *views)
+    assert many.returncode == 0 and "distinct images" not in many.stderr, many.stderr
+    failed = ExtractResult(name="digits-0001", status="failed", error="disk full")
+    summary = ExtractSummary("c.zarr", [failed], seconds=1.0, stored_bytes=1, cache_samples=40, head="none")
+    assert not summary.few_images and ExtractSummary("c.zarr", [], 1.0, 1, 40, "none").few_images
+
+
 def test_verify_and_info_on_views(views_cache: Path) -> None:
     result = run_cli("verify", views_cache, "--samples", "16")
     assert result.exit_code == 0 and "PASS" in result.output, result.output
