@@ -72,7 +72,6 @@ MIN_STEPS = 4000  # --min-steps left unset: the budget at any batch size but ...
 CUDA_MIN_STEPS = 2000  # ... CUDA's default batch, 16x the CPU's: 4,000 steps over-fitted held-out CLS (docs/train.md)
 BASE_LR = 2e-3  # --lr left unset: the peak LR at LR_BASE_BATCH images per step, scaled by default_lr
 LR_BASE_BATCH = 32
-# fewer distinct images than this, each with fewer views: the student learns their summaries (CLS) by heart
 DEFAULT_LOCATIONS = 4  # --locations left unset: grid locations per image per step (docs/train.md, images per step)
 EMA_DECAYS = Range(0, 0.9999)  # --ema-decay: 0 is off; 1 would never move
 # AdamW's fused kernel (all parameters in one pass): the default student's optimiser step on one CPU thread took
