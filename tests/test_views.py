@@ -80,10 +80,11 @@ def test_views_hold_the_image_then_its_drawn_views_with_their_teachers_tokens(
 def test_extract_warns_when_a_cache_holds_too_few_images_and_views_to_train_on(
     capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str]
 ) -> None:
-    """Under 4,000 images with under 32 views each, extract says in one line what a student trained on the cache
-    would do and how to extract it for training (measured: docs/train.md, "Few images"); 32 views say nothing, and
-    neither does a run with a failed shard (its image count is not the cache's)."""
+    """Under 32 views per image and under 4,000 images or 16,000 renders, extract says in one line what a student
+    trained on the cache would do and how to extract it for training (measured: docs/train.md, "Few images"); 32
+    views say nothing, and neither does a run with a failed shard (its image count is not the cache's)."""
     from apmpipe.stages.extract import ExtractResult, ExtractSummary
+    from apmpipe.stages.extract_config import few_images_note
 
     base = [digit_shards[0], *TEACHER, "--layers", "-1", *FAST]
     one = run_main(capsys, "extract", *base, "--out", tmp_path / "one.zarr")
@@ -97,6 +98,10 @@ def test_extract_warns_when_a_cache_holds_too_few_images_and_views_to_train_on(
     failed = ExtractResult(name="digits-0001", status="failed", error="disk full")
     summary = ExtractSummary("c.zarr", [failed], seconds=1.0, stored_bytes=1, cache_samples=40, head="none")
     assert not summary.few_images and ExtractSummary("c.zarr", [], 1.0, 1, 40, "none").few_images
+    # under 32 views, and under 4,000 images or 16,000 renders (4,000 x 1 view measured a gap of 0.10-0.12)
+    warned = [(1024, 16), (3999, 5), (4000, 1), (8000, 1.5)]
+    silent = [(40, 32), (4000, 4), (16000, 1), (100_000, 1)]
+    assert all(few_images_note(*plan) for plan in warned) and not any(few_images_note(*plan) for plan in silent)
 
 
 def test_verify_and_info_on_views(views_cache: Path) -> None:
