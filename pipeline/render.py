@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
+from apmpipe.stages.extract_config import MORE_VIEWS
 from apmpipe.storage.redact import redact_url
 
 from .console import counted, err_console, human_bytes, out_console, shown
@@ -53,7 +54,7 @@ def extract_summary(summary: Any) -> None:
     elif summary.few_images:
         _err_line(
             f"warning: {summary.few_images}; to train on this cache, extract it again into another --out with "
-            "--views 32 --view-augment crop (a held-out cache wants one view): docs/train.md, 'Few images'"
+            f"{MORE_VIEWS} (a held-out cache wants one view): docs/train.md, 'Few images'"
         )
 
 

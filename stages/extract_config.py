@@ -36,6 +36,7 @@ LOCAL_DIR = "local-dir:"
 # measured: docs/train.md, "Few images: more of the teacher's own views": from 16,000 renders (images x views) on the
 # CLS gap stayed within 0.06 (0.03-0.04 at 4,000 x 4 views and 1,024 x 32); 4,000 images x 1 view left it at 0.10-0.12
 FEW_IMAGES, ENOUGH_VIEWS, ENOUGH_RENDERS = 4000, 32, 16000
+MORE_VIEWS = f"--views {ENOUGH_VIEWS} --view-augment crop"  # the extract options both warnings advise
 
 
 def few_images_note(images: int, views: float) -> str:

@@ -46,7 +46,7 @@ from apmpipe.storage.tensorboard import ScalarWriter, events_folder
 
 from .apm import APM, DEFAULT_QUERY, DROPOUTS, APMConfig, Locations, config_for_cache
 from .augment import augment_generator, check_crop_scale, draw_views, parse_augments
-from .extract_config import few_images_note
+from .extract_config import MORE_VIEWS, few_images_note
 from .head import TeacherHead
 from .inputs import PixelNormalizer
 from .objectives import (
@@ -607,9 +607,10 @@ def _warn_if_few_images(stream: CacheStream) -> None:
     note = few_images_note(stream.plan.images, stream.plan.views)
     if note:
         _logger.warning(
-            "%s; extract more views (extract --views 32 --view-augment crop) and score held-out images while "
-            "training (--val): docs/train.md, 'Few images'",
+            "%s; extract more views (extract %s) and score held-out images while training (--val): docs/train.md, "
+            "'Few images'",
             note,
+            MORE_VIEWS,
         )
 
 
