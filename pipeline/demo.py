@@ -143,7 +143,7 @@ def _teacher_folder(out: Path, plan: DemoPlan, seed: int) -> tuple[Path, dict[st
 
 def _extract(shards: list[str], out: Path, teacher: Path, layers: tuple[int, ...], **storage: Any) -> ExtractSummary:
     """The teacher's ``layers`` over ``shards`` into cache ``out``; ``storage``: ExtractConfig storage options
-    (``dtype``, ``rank``, ``pixel_codec``)."""
+    (``dtype``, ``rank``, ``pixel_codec``, ``views``: one unless given, the demo's figures were measured so)."""
     config = ExtractConfig(
         inputs=tuple(shards),
         out=str(out),
@@ -153,7 +153,7 @@ def _extract(shards: list[str], out: Path, teacher: Path, layers: tuple[int, ...
         loader_workers=1,
         chunk_samples=16,
         shard_samples=128,
-        **storage,
+        **{"views": 1, **storage},
     )
     with ShardProgress() as progress:
         return extract(config, progress=progress, on_plan=progress.plan)

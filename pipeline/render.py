@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from apmpipe.stages.extract_config import MORE_VIEWS
+from apmpipe.stages.extract_config import AUTO_RENDERS, MORE_VIEWS
 from apmpipe.storage.redact import redact_url
 
 from .console import counted, err_console, human_bytes, out_console, shown
@@ -36,6 +36,7 @@ def extract_summary(summary: Any) -> None:
         ("cache", redact_url(summary.cache)),
         ("shards", f"{done}, {summary.count('failed')} failed"),
         ("images", f"{summary.images} written, {len(summary.skipped_samples)} samples skipped"),
+        ("views", _views_chosen(summary.views, summary.views_auto)),
         ("on disk", f"{human_bytes(summary.stored_bytes)} in the cache"),
         ("throughput", f"{summary.images_per_second:.1f} img/s over {summary.seconds:.1f} s"),
         ("teacher head", summary.head),
@@ -54,8 +55,20 @@ def extract_summary(summary: Any) -> None:
     elif summary.few_images:
         _err_line(
             f"warning: {summary.few_images}; to train on this cache, extract it again into another --out with "
-            f"{MORE_VIEWS} (a held-out cache wants one view): docs/train.md, 'Few images'"
+            f"{MORE_VIEWS}, the default (a held-out cache wants one view): docs/train.md, 'Few images'"
         )
+
+
+def _views_chosen(views: int, auto: bool) -> str:
+    """The views per image an extract run stored, and why when ``--views auto`` chose them."""
+    if not auto:
+        return f"{views} per image"
+    if views == 1:
+        return f"1 per image (--views auto: the inputs hold {AUTO_RENDERS:,} images or more)"
+    return (
+        f"{views} per image, the teacher's own tokens for each (--views auto: the inputs hold under "
+        f"{AUTO_RENDERS:,} images); eval and --val score view 0, so a cache only scored on wants --views 1"
+    )
 
 
 def _skips_and_failures(totals: Any, unit: str) -> None:

@@ -222,7 +222,8 @@ def _fit_rows(
         }, None
     train = FeatureCache.open(config.train_cache, storage_options=config.storage_options)
     train = cache_for_student(metadata, train, "train cache")
-    fitted = _pass(ctx, train, sample_subset(train, 0, config.seed), config.batch_size, config.chunk, None)
+    every = sample_subset(train, 0, config.seed, every_view=True)  # a train cache's views are training samples
+    fitted = _pass(ctx, train, every, config.batch_size, config.chunk, None)
     fitted = fitted.labelled()
     train_labels = fitted.cat("labels")
     if not len(train_labels):

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from apmpipe.storage.batches import ShardBatches, batch_loader
-from apmpipe.storage.cache import FeatureCache, stored_codec
+from apmpipe.storage.cache import FeatureCache, stored_spec
 from apmpipe.storage.describe import level_fidelity
 from apmpipe.storage.errors import CacheError, InputError, ModelError, failure_line
 from apmpipe.storage.format import DEFAULT_CODEC, STATUS_COMPLETE, CacheSpec
@@ -33,13 +33,15 @@ from apmpipe.storage.locks import writer_lock
 from apmpipe.storage.lowrank import BasisFit, TokenBasis
 from apmpipe.storage.pixel_codecs import LOSSY_CODECS, decode_pixels, encode_pixels, psnr
 from apmpipe.storage.redact import redact_url
-from apmpipe.storage.sources import ResolvedInputs, ShardSource, done_shards
+from apmpipe.storage.sources import ResolvedInputs, ShardSource, count_images, done_shards
 from apmpipe.storage.token_codecs import EncodedTokens, decode_tokens, encode_tokens
 from apmpipe.storage.writer import ShardWriter, create_or_open, record_sources
 
 from .augment import Views, key_views, view_parameters, view_pixels
 from .extract_config import (
+    AUTO_RENDERS,
     ExtractConfig,
+    auto_views,
     few_images_note,
     preflight,
 )  # ExtractConfig is public here too (cluster, bench, demo import it)
@@ -73,6 +75,7 @@ class ExtractSummary(ShardTotals):
     cache_samples: int
     head: str
     views: int = 1
+    views_auto: bool = False  # views chosen by --views auto
 
     @property
     def few_images(self) -> str:
@@ -360,6 +363,23 @@ def _write_teacher_head(cache: FeatureCache, teacher: Teacher) -> str:
     return f"stored ({head.pool} pooling, {teacher.num_classes} classes)"
 
 
+def _decided(config: ExtractConfig, inputs: ResolvedInputs, stored: CacheSpec | None) -> ExtractConfig:
+    """``config`` with what it leaves open decided: a rerun without --codec or --views keeps the cache's (and its
+    views' augmentations); a new cache gets DEFAULT_CODEC and, with --views auto, :func:`auto_views` of the
+    images its inputs hold (counted up to AUTO_RENDERS)."""
+    if stored is not None:
+        config = replace(config, codec=config.codec or stored.codec)
+        if config.views is None:
+            config = replace(config, view_augment=stored.view_augment, view_crop_scale=stored.view_crop_scale)
+            config = config.with_views(stored.views)
+        return config
+    config = replace(config, codec=config.codec or DEFAULT_CODEC)
+    if config.views is None:
+        images = count_images(inputs.shards, AUTO_RENDERS, config.storage_options)
+        config = config.with_views(auto_views(images))
+    return config
+
+
 def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
     return CacheSpec(
         teacher=teacher.identity(),
@@ -373,9 +393,11 @@ def cache_spec(config: ExtractConfig, teacher: Teacher) -> CacheSpec:
         shard_samples=config.shard_samples,
         rank=config.rank,
         pixel_codec=config.pixel_codec,
-        views=config.views,
-        view_augment=config.view_augment,
-        view_crop_scale=config.view_crop_scale,
+        **(
+            {"views": config.views, "view_augment": config.view_augment, "view_crop_scale": config.view_crop_scale}
+            if config.views > 1
+            else {}
+        ),  # one view: the spec of a cache made before --views
     )
 
 
@@ -473,8 +495,9 @@ def extract(
     teachers = teachers or TeacherPool()
     teacher = teacher_for(config if driver_device is None else replace(config, device=driver_device), teachers)
     with writer_lock(config.out, storage_options=config.storage_options):
-        codec = config.codec or stored_codec(config.out, config.storage_options) or DEFAULT_CODEC
-        config = replace(config, codec=codec)  # a rerun without --codec keeps the cache's
+        stored = stored_spec(config.out, config.storage_options)
+        views_auto = config.views is None and stored is None  # counted now, not kept from the cache
+        config = _decided(config, inputs, stored)
         cache = create_or_open(config.out, cache_spec(config, teacher), storage_options=config.storage_options)
         record_sources(cache, [s.url for s in inputs.shards], inputs.classes or config.class_names)
         _ensure_bases(cache, config, teacher, inputs.shards)
@@ -495,4 +518,5 @@ def extract(
         cache_samples=sum(cache.sample_counts().values()),
         head=head,
         views=config.views,
+        views_auto=views_auto,
     )

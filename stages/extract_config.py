@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from apmpipe.storage.errors import (
@@ -33,17 +33,25 @@ from apmpipe.storage.token_codecs import TOKEN_DTYPES
 from .input_options import label_options, resolve_config_inputs
 
 LOCAL_DIR = "local-dir:"
-# measured: docs/train.md, "Few images: more of the teacher's own views": from 16,000 renders (images x views) on the
-# CLS gap stayed within 0.06 (0.03-0.04 at 4,000 x 4 views and 1,024 x 32); 4,000 images x 1 view left it at 0.10-0.12
-FEW_IMAGES, ENOUGH_VIEWS, ENOUGH_RENDERS = 4000, 32, 16000
-MORE_VIEWS = f"--views {ENOUGH_VIEWS} --view-augment crop"  # the extract options both warnings advise
+# measured: docs/train.md, "Few images: more of the teacher's own views". Under 16,000 samples (images x views) and
+# 32 views the CLS gap was 0.08-0.50 (4,000 x 1 view: 0.10-0.12; 1,024 x 8: 0.08), from there on within 0.06 (4,000 x 4:
+# 0.03); 32,768 samples kept it inside 0.05 (1,024 x 32: 0.04, two seeds), so --views auto stores that many
+ENOUGH_VIEWS, ENOUGH_RENDERS, AUTO_RENDERS = 32, 16_000, 32_768
+AUTO_VIEW_AUGMENT, AUTO_VIEW_CROP_SCALE = ("crop",), (0.35, 1.0)  # the views every row of that table was measured on
+MORE_VIEWS = "--views auto"  # the extract option both warnings advise (extract's default)
+
+
+def auto_views(images: int) -> int:
+    """The views per image ``extract --views auto`` stores for ``images`` images: enough for AUTO_RENDERS samples
+    (images x views), at most ENOUGH_VIEWS; 1 from AUTO_RENDERS images on."""
+    return min(ENOUGH_VIEWS, max(1, -(-AUTO_RENDERS // max(1, images))))
 
 
 def few_images_note(images: int, views: float) -> str:
     """What a student trained on ``images`` distinct images with ``views`` views each will do, in one clause, when
-    they have fewer than ENOUGH_VIEWS views each and are fewer than FEW_IMAGES or make fewer than ENOUGH_RENDERS
-    renders; empty otherwise. ``train`` and ``extract`` each add the fix that fits where they are."""
-    if views >= ENOUGH_VIEWS or (images >= FEW_IMAGES and images * views >= ENOUGH_RENDERS):
+    they have fewer than ENOUGH_VIEWS views each and make fewer than ENOUGH_RENDERS samples; empty otherwise.
+    ``train`` and ``extract`` each add the fix that fits where they are."""
+    if views >= ENOUGH_VIEWS or images * views >= ENOUGH_RENDERS:
         return ""
     return (
         f"{images:,} distinct images x {views:.3g} view(s): so few, a student learns them by heart (measured on "
@@ -120,9 +128,9 @@ class ExtractConfig:
     codec: str | None = None  # None: the codec of the cache at ``out`` when it exists, else DEFAULT_CODEC
     rank: int = 0
     pixel_codec: str = "raw"
-    views: int = 1
-    view_augment: tuple[str, ...] = ()
-    view_crop_scale: tuple[float, float] = (0.08, 1.0)
+    views: int | None = None  # None: auto, auto_views() of the images counted (resolved by :meth:`with_views`)
+    view_augment: tuple[str, ...] = ()  # with views > 1 or auto: () stands for AUTO_VIEW_AUGMENT
+    view_crop_scale: tuple[float, float] = AUTO_VIEW_CROP_SCALE
     batch_size: int = 32
     loader_workers: int = -1
     chunk_samples: int = 16
@@ -160,10 +168,13 @@ class ExtractConfig:
         if not self.layers:
             raise ConfigError("--layers is empty; pass e.g. --layers 4,8,12 or --layers -1")
         object.__setattr__(self, "view_augment", parse_augments(self.view_augment, "--view-augment"))
+        if self.views is not None and self.views > 1 and not self.view_augment:
+            object.__setattr__(self, "view_augment", AUTO_VIEW_AUGMENT)
         check_crop_scale(self.view_crop_scale, "--view-crop-scale")
-        if (self.views > 1) != bool(self.view_augment):
+        if self.views == 1 and self.view_augment:
             raise ConfigError(
-                "--views N (N > 1) and --view-augment go together: e.g. --views 4 --view-augment crop,flip"
+                "--view-augment draws views 1..N-1, and --views 1 stores the image alone; pass --views N (N > 1) or "
+                "--views auto"
             )
         if self.shard_samples % self.chunk_samples:
             raise ConfigError(
@@ -207,6 +218,11 @@ class ExtractConfig:
             max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
             **options,
         )
+
+    def with_views(self, views: int) -> ExtractConfig:
+        """This config with ``views`` per image decided (``--views auto`` resolved): with more than one, its
+        --view-augment (AUTO_VIEW_AUGMENT if none was given); with one, none."""
+        return replace(self, views=views, view_augment=self.view_augment if views > 1 else ())
 
     def to_dict(self) -> dict[str, Any]:
         return {

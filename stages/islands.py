@@ -23,7 +23,7 @@ from apmpipe.storage.errors import AT_LEAST_ONE, ConfigError, InputError, check_
 from apmpipe.storage.files import check_writable
 from apmpipe.storage.redact import redact_url
 from apmpipe.storage.sources import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_image
-from apmpipe.storage.stream import iter_cache
+from apmpipe.storage.stream import first_images, iter_subset
 
 from .inputs import PixelNormalizer
 from .preprocess import pixel_transform
@@ -110,10 +110,11 @@ def _load_inputs(
     what was converted (image files only)."""
     if cache is not None:
         pixels, teacher, names = [], [], []
-        for shard, _start, data in iter_cache(cache, count, count):
-            pixels.append(data.pixels)
-            teacher += [[t[i] for t in data.tokens] for i in range(len(data.labels))]
-            names += [f"{shard}/{k}" for k in data.keys]
+        for shard, rows in first_images(cache, count).items():
+            for data in iter_subset(cache, {shard: rows}, count):
+                pixels.append(data.pixels)
+                teacher += [[t[i] for t in data.tokens] for i in range(len(data.labels))]
+                names += [f"{shard}/{k}" for k in data.keys]
         return np.concatenate(pixels), teacher, names, ""
     transform = pixel_transform(layout["data_config"])
     channels, height, width = layout["data_config"]["input_size"]

@@ -607,8 +607,8 @@ def _warn_if_few_images(stream: CacheStream) -> None:
     note = few_images_note(stream.plan.images, stream.plan.views)
     if note:
         _logger.warning(
-            "%s; extract more views (extract %s) and score held-out images while training (--val): docs/train.md, "
-            "'Few images'",
+            "%s; extract more views (extract %s, the default) and score held-out images while training (--val): "
+            "docs/train.md, 'Few images'",
             note,
             MORE_VIEWS,
         )

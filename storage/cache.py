@@ -119,12 +119,26 @@ class CachedSamples:
             tokens=[t[index] for t in self.tokens],
         )
 
+    @staticmethod
+    def joined(parts: Sequence[CachedSamples]) -> CachedSamples:
+        """The samples of ``parts`` (slices of one cache) one after another."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return CachedSamples(
+            pixels=None if first.pixels is None else np.concatenate([p.pixels for p in parts]),
+            labels=np.concatenate([p.labels for p in parts]),
+            keys=[key for p in parts for key in p.keys],
+            logits=None if first.logits is None else np.concatenate([p.logits for p in parts]),
+            tokens=[np.concatenate(level) for level in zip(*(p.tokens for p in parts), strict=True)],
+        )
 
-def stored_codec(url: str, storage_options: dict | None = None) -> str | None:
-    """The ``--codec`` of the cache at ``url``; None when there is no cache there yet."""
+
+def stored_spec(url: str, storage_options: dict | None = None) -> CacheSpec | None:
+    """The spec of the cache at ``url``; None when there is no cache there yet."""
     if not is_zarr_group(url, storage_options):
         return None
-    return FeatureCache.open(url, storage_options=storage_options).spec.codec
+    return FeatureCache.open(url, storage_options=storage_options).spec
 
 
 def is_zarr_group(url: str, storage_options: dict | None = None) -> bool:
@@ -299,6 +313,14 @@ class FeatureCache:
                     _check_every_chunk_stored(array)
             self._array_handles[name] = arrays
         return self._array_handles[name]
+
+    def image_rows(self, name: str, count: int) -> np.ndarray:
+        """The rows of complete shard group ``name`` (of ``count`` samples) that hold its images as they are: every
+        row, or with ``--views`` the rows of view 0. What scores a student reads: a view is a training sample,
+        not another image."""
+        if self.spec.views == 1:
+            return np.arange(count)
+        return np.flatnonzero(self._stored(name, "view", 0, count) == 0)
 
     def check_shard(self, name: str) -> None:
         """Refuse complete shard group ``name`` when an array lacks samples or chunk files (readers that open its

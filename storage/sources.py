@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -370,6 +371,27 @@ def iter_samples(
         yield from _iter_folder_block(source, label_key is not None, storage_options)
     else:
         yield from _iter_tar(source, label_key, class_names, storage_options)
+
+
+def count_images(shards: Sequence[ShardSource], limit: int, storage_options: dict | None = None) -> int:
+    """The images of ``shards``, counted up to ``limit``: a folder block's files without reading them, a tar's
+    samples with an image by reading it in stored order until the count reaches ``limit``. A tar that cannot be
+    read counts what was read before the fault (its extraction then reports it)."""
+    count = 0
+    for shard in shards:
+        if count >= limit:
+            break
+        if shard.is_folder_block:
+            count += len(shard.files)
+            continue
+        try:
+            for sample in iter_samples(shard, label_key=None, storage_options=storage_options):
+                count += sample.image is not None
+                if count >= limit:
+                    break
+        except (OSError, EOFError, ValueError, tarfile.TarError):
+            continue
+    return min(count, limit)
 
 
 _SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) * 510 + 65535) // 131070).astype(

@@ -621,35 +621,56 @@ def iter_cache(
                     return
 
 
-def sample_subset(cache: FeatureCache, count: int, seed: int) -> dict[str, np.ndarray]:
-    """A seeded random choice of ``count`` samples across all complete shards (0 or more than held: all), as
-    sorted indices per shard. Shard order is not class order, but folder caches are class-sorted: never take the
-    first N."""
-    sizes = cache.sample_counts()
-    total = sum(sizes.values())
+def sample_subset(cache: FeatureCache, count: int, seed: int, every_view: bool = False) -> dict[str, np.ndarray]:
+    """A seeded random choice of ``count`` images across all complete shards (0 or more than held: all), as sorted
+    row indices per shard; of a cache with ``--views``, view 0 of each (see :meth:`FeatureCache.image_rows`), or
+    with ``every_view`` every sample. Shard order is not class order, but folder caches are class-sorted: never
+    take the first N."""
+    rows = {
+        name: np.arange(size) if every_view else cache.image_rows(name, size)
+        for name, size in cache.sample_counts().items()
+    }
+    total = sum(len(held) for held in rows.values())
     chosen = (
         np.arange(total)
         if not count or count >= total
         else np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
     )
     out, offset = {}, 0
-    for name, size in sizes.items():
-        mine = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
+    for name, held in rows.items():
+        mine = chosen[(chosen >= offset) & (chosen < offset + len(held))] - offset
         if len(mine):
-            out[name] = mine
-        offset += size
+            out[name] = held[mine]
+        offset += len(held)
+    return out
+
+
+def first_images(cache: FeatureCache, count: int) -> dict[str, np.ndarray]:
+    """The first ``count`` images of the cache in stored order (complete shards sorted by name), as row indices
+    per shard (see :func:`sample_subset`)."""
+    out: dict[str, np.ndarray] = {}
+    for name, size in cache.sample_counts().items():
+        if count <= 0:
+            break
+        out[name] = cache.image_rows(name, size)[:count]
+        count -= len(out[name])
     return out
 
 
 def iter_subset(
     cache: FeatureCache, subset: dict[str, np.ndarray], batch_size: int, token_dtype: str = "float32"
 ) -> Iterator[CachedSamples]:
-    """The samples of ``subset`` (see :func:`sample_subset`) in batches of at most ``batch_size``, reading whole
-    chunks."""
+    """The samples of ``subset`` (see :func:`sample_subset`) in batches of at most ``batch_size``, reading the whole
+    chunks that hold them (and no chunk between two of them that holds none: a cache's other views)."""
     chunk, sizes = cache.spec.chunk_samples, cache.sample_counts()
     for name, indices in subset.items():
         for first in range(0, len(indices), batch_size):
             wanted = indices[first : first + batch_size]
-            start, stop = wanted[0] // chunk * chunk, min((wanted[-1] // chunk + 1) * chunk, sizes[name])
-            data = cache.read(name, int(start), int(stop), token_dtype=np.dtype(token_dtype))
-            yield data.rows(wanted - start)
+            runs = np.split(wanted, np.flatnonzero(np.diff(wanted // chunk) > 1) + 1)  # rows of adjacent chunks
+            parts = []
+            for run in runs:
+                start, stop = run[0] // chunk * chunk, min((run[-1] // chunk + 1) * chunk, sizes[name])
+                parts.append(
+                    cache.read(name, int(start), int(stop), token_dtype=np.dtype(token_dtype)).rows(run - start)
+                )
+            yield CachedSamples.joined(parts)

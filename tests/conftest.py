@@ -45,7 +45,7 @@ TINY_VIT = [
     "--model-arg",
     "num_classes=10",
 ]
-FAST = ["--batch-size", "16", "--chunk-samples", "8", "--shard-samples", "16", "--loader-workers", "0"]
+FAST = ["--batch-size", "16", "--chunk-samples", "8", "--shard-samples", "16", "--loader-workers", "0", "--views", "1"]
 
 
 TINY_TRAIN = ["--preset", "tiny", "--batch-size", "8", "--window-samples", "32", "--loader-workers", "0"]

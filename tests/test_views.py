@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
+from PIL import Image
 
 from apmpipe.pipeline.datasets import write_digit_shards
 from apmpipe.stages.augment import key_views, view_parameters, view_pixels
 from apmpipe.storage.cache import FeatureCache
 from apmpipe.storage.checkpoint import load_student
 from apmpipe.storage.format import view_order
-from apmpipe.storage.stream import StreamPlan
+from apmpipe.storage.sources import count_images, resolve_inputs
+from apmpipe.storage.stream import StreamPlan, iter_subset, sample_subset
 
 from .conftest import (
     FAST,
@@ -80,9 +83,10 @@ def test_views_hold_the_image_then_its_drawn_views_with_their_teachers_tokens(
 def test_extract_warns_when_a_cache_holds_too_few_images_and_views_to_train_on(
     capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str]
 ) -> None:
-    """Under 32 views per image and under 4,000 images or 16,000 renders, extract says in one line what a student
-    trained on the cache would do and how to extract it for training (measured: docs/train.md, "Few images"); 32
-    views say nothing, and neither does a run with a failed shard (its image count is not the cache's)."""
+    """Under 16,000 samples (images x views) and 32 views, extract says in one line
+    what a student trained on the cache would do and how to extract it for training (measured: docs/train.md, "Few
+    images"); enough views say nothing, and neither does a run with a failed shard (its image count is not the
+    cache's)."""
     from apmpipe.stages.extract import ExtractResult, ExtractSummary
     from apmpipe.stages.extract_config import few_images_note
 
@@ -91,17 +95,86 @@ def test_extract_warns_when_a_cache_holds_too_few_images_and_views_to_train_on(
     assert one.returncode == 0, one.stderr
     (line,) = [x for x in one.stderr.splitlines() if "distinct images" in x]
     assert line.startswith("warning: 40 distinct images x 1 view(s): so few, a student learns them by heart")
-    assert "extract it again into another --out with --views 32 --view-augment crop" in line
-    views = ["--views", "32", "--view-augment", "crop", "--view-crop-scale", "0.3,1"]
-    many = run_main(capsys, "extract", *base, "--out", tmp_path / "many.zarr", *views)
+    assert "extract it again into another --out with --views auto, the default" in line
+    many = run_main(capsys, "extract", *base, "--out", tmp_path / "many.zarr", "--views", "32")
     assert many.returncode == 0 and "distinct images" not in many.stderr, many.stderr
     failed = ExtractResult(name="digits-0001", status="failed", error="disk full")
     summary = ExtractSummary("c.zarr", [failed], seconds=1.0, stored_bytes=1, cache_samples=40, head="none")
     assert not summary.few_images and ExtractSummary("c.zarr", [], 1.0, 1, 40, "none").few_images
-    # under 32 views, and under 4,000 images or 16,000 renders (4,000 x 1 view measured a gap of 0.10-0.12)
-    warned = [(1024, 16), (3999, 5), (4000, 1), (8000, 1.5)]
-    silent = [(40, 32), (4000, 4), (16000, 1), (100_000, 1)]
+    # under 16,000 renders and 32 views (4,000 x 1 view measured a gap of 0.10-0.12, 4,000 x 4 0.03)
+    warned = [(40, 31), (1024, 8), (2048, 4), (3999, 4), (4000, 1), (8000, 1.5)]
+    silent = [(40, 32), (1024, 16), (2048, 8), (4000, 4), (16000, 1), (100_000, 1)]
     assert all(few_images_note(*plan) for plan in warned) and not any(few_images_note(*plan) for plan in silent)
+
+
+def test_views_auto_counts_the_images_and_stores_enough_views_of_few(
+    capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str]
+) -> None:
+    """``--views auto`` (the default): enough views for 32,768 samples, at most 32 and at least 1, counted before
+    the cache's layout is fixed; views drawn by crop at scale 0.35-1 unless --view-augment says otherwise. A rerun
+    without --views keeps the cache's views and their augmentations, where counting again would change them."""
+    from apmpipe.stages.extract_config import auto_views
+    from apmpipe.storage.sources import ShardSource
+
+    counts = {40: 32, 1000: 32, 1024: 32, 1025: 32, 2048: 16, 4000: 9, 8000: 5, 16000: 3, 16384: 2, 32768: 1, 10**6: 1}
+    assert {images: auto_views(images) for images in counts} == counts
+    shards = resolve_inputs(digit_shards).shards
+    assert count_images(shards, 32768) == 120 and count_images(shards, 50) == 50
+    folder = ShardSource("block-0", "/nowhere", files=("a.png", "b.png"), labels=(0, 1))  # counted, not read
+    assert count_images([folder, *shards], 32768) == 122
+    auto = tmp_path / "auto.zarr"
+    base = [digit_shards[0], *TEACHER, "--layers", "-1", *FAST]
+    result = run_main(capsys, "extract", *base, "--out", auto, "--views", "auto")
+    assert result.returncode == 0 and "distinct images" not in result.stderr, result.stderr
+    assert "32 per image, the teacher's own tokens for each (--views auto" in re.sub(r"[\s│]+", " ", result.stdout)
+    spec = FeatureCache.open(str(auto)).spec
+    assert (spec.views, spec.view_augment, spec.view_crop_scale) == (32, ("crop",), (0.35, 1.0))
+    assert FeatureCache.open(str(auto)).sample_counts() == {"digits-0000": 40 * 32}
+    far = tmp_path / "dask.zarr"  # the driver counts and decides; its workers write what it decided
+    assert run_cli("extract", *base, "--out", far, "--views", "auto", "--workers", "2").exit_code == 0
+    ours, theirs = shard_arrays(auto), shard_arrays(far)
+    assert ours.keys() == theirs.keys() and FeatureCache.open(str(far)).spec.views == 32
+    for key in ("view", "augment", "pixels", "keys", "labels"):
+        np.testing.assert_array_equal(ours[f"digits-0000/{key}"], theirs[f"digits-0000/{key}"], err_msg=key)
+    adopted = tmp_path / "adopted.zarr"
+    assert run_main(capsys, "extract", *base, "--out", adopted, *VIEWS).returncode == 0
+    more = run_main(capsys, "extract", *digit_shards[:2], *base[1:], "--out", adopted, "--views", "auto")
+    assert more.returncode == 0 and "3 per image" in more.stdout, more.stderr
+    spec = FeatureCache.open(str(adopted)).spec
+    assert (spec.views, spec.view_augment, spec.view_crop_scale) == (3, ("flip", "crop"), (0.3, 1.0))
+    assert FeatureCache.open(str(adopted)).sample_counts() == {"digits-0000": 120, "digits-0001": 120}
+
+
+def test_scores_read_each_image_once_from_a_views_cache(
+    tmp_path: Path, views_cache: Path, digit_shards: list[str]
+) -> None:
+    """eval, its TTT and islands read view 0 of a cache with views (the image itself): the same report and picture
+    as on the same images extracted with one view. A view is a training sample, not another held-out image."""
+    plain = tmp_path / "plain.zarr"
+    args = ["extract", *digit_shards, "--out", plain, *TEACHER, "--layers", "1,-1", "--dtype", "float32", *FAST]
+    assert run_cli(*args).exit_code == 0
+    run = tmp_path / "run"
+    assert run_cli("train", plain, "--out", run, *TRAIN_FAST, "--max-steps", "4").exit_code == 0
+    reports = []
+    for cache in (plain, views_cache):
+        out = tmp_path / f"eval-{cache.stem}"
+        options = ["--ttt-steps", "2", "--ttt-samples", "3", "--max-samples", "50", "--batch-size", "16"]
+        result = run_cli("eval", cache, "--student", run, "--out", out, *options)
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "eval.json").read_text())
+        timings = ("ms_per_step", "ms_per_sample")
+        report["ttt"] = {key: value for key, value in report["ttt"].items() if key not in timings}
+        reports.append({key: report[key] for key in ("samples", "fidelity", "classification", "ttt")})
+        result = run_cli("islands", cache, "--student", run, "--out", out / "i.png", "--images", "20", "--panel", "32")
+        assert result.exit_code == 0, result.output
+    assert reports[0]["samples"] == 50 and reports[1] == reports[0]
+    cache, reads = FeatureCache.open(str(views_cache)), []
+    read = cache.read
+    cache.read = lambda name, start, stop, **options: reads.append(stop - start) or read(name, start, stop, **options)
+    batches = list(iter_subset(cache, sample_subset(cache, 0, 0), 64))
+    assert sum(len(b.labels) for b in batches) == sum(reads) == 120  # view 0's chunks alone, of 360 samples
+    pictures = [np.asarray(Image.open(tmp_path / f"eval-{c.stem}" / "i.png")) for c in (plain, views_cache)]
+    np.testing.assert_array_equal(pictures[0], pictures[1])
 
 
 def test_verify_and_info_on_views(views_cache: Path) -> None:
@@ -123,8 +196,8 @@ def test_views_refused_when_they_differ_or_lack_an_augmentation(
         and result.stderr
         == f"error: cache {str(views_cache)!r} was written with views 3, not 2; use another --out or the same options\n"
     )
-    result = run_main(capsys, *args, "--views", "3")
-    assert result.returncode == 2 and "--views N (N > 1) and --view-augment go together" in result.stderr
+    result = run_main(capsys, *args, *FAST, "--views", "3", "--view-crop-scale", "0.3,1")  # the default view_augment
+    assert result.returncode == 2 and "was written with view_augment ['flip', 'crop'], not ['crop']" in result.stderr
     result = run_main(capsys, *args, "--views", "3", "--view-augment", "rotate")
     assert result.returncode == 2 and "--view-augment 'rotate' is not one of flip, crop" in result.stderr
     result = run_main(capsys, *args, "--views", "0")
@@ -197,6 +270,8 @@ def test_views_on_s3_equal_the_local_cache(
     assert result.exit_code == 0, result.output
     options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint}}
     remote = zarr.open_group(cache, mode="r", storage_options=options)["shards/digits-0001"]
+    s3fs.S3FileSystem(**options).put(digit_shards[0], "apm-views/in/digits-0000.tar")  # --views auto counts there
+    assert count_images(resolve_inputs(["s3://apm-views/in/"], storage_options=options).shards, 32768, options) == 40
     local = zarr.open_group(str(views_cache), mode="r")["shards/digits-0001"]
     for name in ("view", "augment", "pixels", "tokens/2", "logits"):
         np.testing.assert_array_equal(remote[name][...], local[name][...], err_msg=name)

@@ -55,7 +55,7 @@ def augment_fidelity(url: str, seed: int = 0, crop_scale: tuple[float, float] = 
     from apmpipe.stages.verify import rebuild_teacher
     from apmpipe.storage.cache import FeatureCache
     from apmpipe.storage.errors import CacheError
-    from apmpipe.storage.stream import iter_cache
+    from apmpipe.storage.stream import iter_subset, sample_subset
 
     cache = FeatureCache.open(url)
     stored = cache.head()
@@ -66,7 +66,7 @@ def augment_fidelity(url: str, seed: int = 0, crop_scale: tuple[float, float] = 
     probe = _AugmentProbe(rebuild_teacher(cache, device="cpu"), TeacherHead(*stored), cache.spec, seed, crop_scale)
     bench_progress("the teacher on every held-out image flipped, and cropped")
     with torch.inference_mode():
-        for index, (_, _, batch) in enumerate(iter_cache(cache, 64)):
+        for index, batch in enumerate(iter_subset(cache, sample_subset(cache, 0, 0), 64)):
             probe.measure(index, batch)
     return probe.rows()
 

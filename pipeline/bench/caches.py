@@ -28,13 +28,14 @@ def bench_cache_config(
     **options: object,
 ) -> ExtractConfig:
     """The extraction of a bench's cache, ``workdir/bench.zarr``: ``images`` bundled digits through ``teacher``
-    (random init, ``model_kwargs``) at ``layers``; ``options``: other :class:`ExtractConfig` fields."""
+    (random init, ``model_kwargs``) at ``layers``; ``options``: other :class:`ExtractConfig` fields (one view
+    unless ``views`` is given: a bench measures what it names)."""
     return ExtractConfig(
         inputs=tuple(default_bench_shards(workdir, images, 64)),
         out=str(workdir / "bench.zarr"),
         teacher=TeacherConfig(teacher, pretrained=False, model_kwargs=tuple(sorted((model_kwargs or {}).items()))),
         layers=layers,
-        **options,
+        **{"views": 1, **options},
     )
 
 

@@ -68,6 +68,7 @@ def bench_extract_command(
             teacher,
             layers=parse_int_list(layers, "--layers"),
             model_kwargs=parse_key_values(model_arg, "--model-arg"),
+            views=1,  # the teacher's img/s over images as they are
             **options,
         )
         result = bench_extract(config)

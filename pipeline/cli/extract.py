@@ -21,6 +21,7 @@ from .options import (
     parse_key_values,
     parse_number_list,
     parse_storage_options,
+    parse_views,
     stage_options,
 )
 
@@ -97,19 +98,20 @@ def extract(
         ),
     ] = PixelCodec.raw,
     views: Annotated[
-        int,
+        str,
         typer.Option(
             help="Store each image as this many views, each with the teacher's own tokens and logits: view 0 the "
-            "image, the others drawn by --view-augment from the image's key (train draws one view per image "
-            "per epoch)."
+            "image, the others drawn by --view-augment from the image's key (train draws one view per image per "
+            "epoch; eval scores view 0). auto: enough for 32,768 samples, at most 32 views, when the inputs hold "
+            "fewer images (counted first), else 1; a cache you only evaluate on wants 1."
         ),
-    ] = 1,
+    ] = "auto",
     view_augment: Annotated[
-        str, typer.Option(help="With --views N > 1, the views' augmentations, comma-separated: flip, crop.")
+        str, typer.Option(help="The views' augmentations, comma-separated: flip, crop [default: crop].")
     ] = "",
     view_crop_scale: Annotated[
         str, typer.Option(help="With --view-augment crop: MIN,MAX share of the image's area a view's crop covers.")
-    ] = "0.08,1",
+    ] = "0.35,1",
     batch_size: Annotated[int, typer.Option(help="Images per teacher forward (times --views).")] = 32,
     loader_workers: Annotated[
         int,
@@ -178,6 +180,7 @@ def extract(
         "model_arg",
         "class_names",
         "storage_option",
+        "views",
         "view_augment",
         "view_crop_scale",
         *RUN_ON,
@@ -191,7 +194,8 @@ def extract(
         class_names_file=class_names,
         storage_options=parse_storage_options(storage_option),
         view_augment=tuple(name for name in view_augment.replace(" ", "").split(",") if name),
-        view_crop_scale=parse_number_list(view_crop_scale, "--view-crop-scale", float, "0.08,1"),
+        views=parse_views(views),
+        view_crop_scale=parse_number_list(view_crop_scale, "--view-crop-scale", float, "0.35,1"),
         **options,
     )
     inputs = preflight(config)

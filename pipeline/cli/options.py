@@ -159,6 +159,16 @@ def parse_number_list(text: str, option: str, kind: type, example: str) -> tuple
         ) from None
 
 
+def parse_views(text: str) -> int | None:
+    """``--views``: a count, or ``auto`` (None, decided from the inputs' images)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--views {text!r} is neither a count nor auto; e.g. --views 4 or --views auto") from None
+
+
 def parse_key_values(items: list[str] | None, option: str) -> dict[str, Any]:
     """``KEY=VALUE`` pairs; values are Python literals when they parse as one (``32``, ``True``, ``(1, 2)``),
     else strings."""
