@@ -42,7 +42,8 @@ def extract_summary(summary: Any) -> None:
         ("teacher head", summary.head),
     ]
     if summary.cache_samples:
-        rows.insert(4, ("bytes per image", human_bytes(summary.stored_bytes / summary.cache_samples)))
+        per_image = human_bytes(summary.stored_bytes * summary.views / summary.cache_samples)
+        rows.insert(5, ("bytes per image", per_image + (f" ({summary.views} views)" if summary.views > 1 else "")))
     for layer, stats in summary.fidelity.items():
         fidelity = f"min cosine {stats['cosine_min']:.5f}, relative MSE {stats['relative_mse']:.2e}"
         rows.append((f"fidelity layer {layer}", fidelity))
