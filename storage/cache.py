@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
+from zarr.errors import ZarrUserWarning
 
 from .errors import ApmError, CacheError, plain_message
 from .format import (
@@ -44,6 +46,7 @@ from .pixel_codecs import decode_pixels
 from .redact import redact_in, redact_url
 from .token_codecs import decode_tokens
 
+_TEMPORARY_WARNING = r"Object at \S*\.[0-9a-f]{32}\.partial is not recognized"  # see quiet_zarr_temporaries
 _REWRITE = "delete its group (shards/{name}) and rerun apmpipe extract to rewrite it"
 
 
@@ -141,6 +144,17 @@ def stored_spec(url: str, storage_options: dict | None = None) -> CacheSpec | No
     return FeatureCache.open(url, storage_options=storage_options).spec
 
 
+def quiet_zarr_temporaries() -> None:
+    """Keep zarr from warning about another writer's temporary: its LocalStore writes NAME.<32 hex>.partial and
+    renames it into place, and a group listing that meets one (dask workers, a concurrent extract) says it is no
+    hierarchy component, which it is not meant to be. Called before each listing (a filter set at import time is
+    lost when the import ran inside a ``catch_warnings``, as pytest's collection does)."""
+    quiet = ("ignore", _TEMPORARY_WARNING, ZarrUserWarning)
+    first = warnings.filters[0] if warnings.filters else (None, None, None)
+    if (first[0], first[1] and first[1].pattern, first[2]) != quiet:  # first, or filters set since would win; adding
+        warnings.filterwarnings(*quiet)  # it again each time would reset every warning's "once" registry
+
+
 def is_zarr_group(url: str, storage_options: dict | None = None) -> bool:
     """Whether ``url`` (local path or fsspec URL) holds a Zarr v3 group (a feature cache or another one), without
     opening it: callers that accept a cache or image files tell them apart with this."""
@@ -197,6 +211,7 @@ class FeatureCache:
     def shard_attrs(self) -> dict[str, dict[str, Any]]:
         """Attributes of every shard group, in one listing (each group's metadata is one read, remote ones too).
         When a group's metadata cannot be read, the group is found and named (CacheError)."""
+        quiet_zarr_temporaries()
         try:
             return {name: dict(group.attrs) for name, group in self._shards().groups()}
         except Exception:
@@ -296,6 +311,7 @@ class FeatureCache:
         """The arrays of a complete shard group, opened once per cache object (metadata reads are not free) and
         checked against the group's ``num_samples``."""
         if name not in self._array_handles:
+            quiet_zarr_temporaries()
             with reading(f"shard {name!r} of cache {redact_url(self.url)!r}", _REWRITE.format(name=name)):
                 group = self.shard(name)
                 arrays = {path: node for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)}

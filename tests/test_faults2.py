@@ -253,6 +253,31 @@ def test_dask_workers_with_and_without_a_gpu_write_one_precision(
     assert {attrs["precision"] for attrs in cache.shard_attrs().values()} == {"float32"}
 
 
+def test_another_writers_zarr_temporary_is_listed_without_a_warning(
+    tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing that meets another writer's temporary (zarr's LocalStore writes NAME.<32 hex>.partial, then renames
+    it) says nothing: it once printed zarr's "not recognized as a component" warning beside a dask run."""
+    import shutil
+    import warnings
+
+    from apmpipe.storage import cache as cache_module
+
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(tiny_cache, copy)
+    (copy / "shards" / f"zarr.{'0' * 32}.partial").write_bytes(b"{")
+    for quiet in (False, True):
+        if not quiet:  # the listing without the filter: the warning this test is about
+            monkeypatch.setattr(cache_module, "quiet_zarr_temporaries", lambda: None)
+        else:
+            monkeypatch.undo()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert len(FeatureCache.open(str(copy)).shard_attrs()) == 3
+        said = [w for w in caught if "not recognized as a component" in str(w.message)]
+        assert bool(said) != quiet, said
+
+
 def test_a_task_refuses_a_precision_its_worker_cannot_compute(tiny_cache: Path, digit_shards: list[str]) -> None:
     """A CPU worker handed a run decided in bfloat16 autocast (every worker had a GPU when it started) refuses in
     one line rather than write float32 shards beside them."""
