@@ -60,6 +60,11 @@ def extract_summary(summary: Any) -> None:
         )
 
 
+def counting_images(limit: int) -> None:
+    """Before ``extract --views auto`` reads tar shards to count their images (silent otherwise for a while)."""
+    _err_line(f"extract: counting the tar shards' images for --views auto (up to {limit:,}; --views N skips this)")
+
+
 def _views_chosen(views: int, auto: bool) -> str:
     """The views per image an extract run stored, and why when ``--views auto`` chose them."""
     if not auto:

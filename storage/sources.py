@@ -92,6 +92,11 @@ class ResolvedInputs:
     shards: tuple[ShardSource, ...]
     classes: tuple[str, ...] = ()
 
+    @property
+    def all_folder_blocks(self) -> bool:
+        """Whether every unit is an image-folder block (images counted from their file lists, none read)."""
+        return all(shard.is_folder_block for shard in self.shards)
+
 
 def _is_tar(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)

@@ -169,7 +169,8 @@ def extract(
     """Run a timm teacher once over image shards into a feature cache.
 
     The cache is a resumable Zarr v3 group: rerunning the command completes it."""
-    from apmpipe.stages.extract_config import ExtractConfig, preflight  # no torch yet: bad options fail fast
+    from apmpipe.stages.extract_config import AUTO_RENDERS, ExtractConfig, preflight  # no torch yet: fail fast
+    from apmpipe.storage.cache import is_zarr_group
 
     options = stage_options(
         ctx,
@@ -199,6 +200,8 @@ def extract(
         **options,
     )
     inputs = preflight(config)
+    if config.views is None and not inputs.all_folder_blocks and not is_zarr_group(out, config.storage_options):
+        render.counting_images(AUTO_RENDERS)
     from apmpipe.stages.extract import extract as run_extract
 
     runner = _shard_runner(workers, scheduler, scheduler_file, resources)
