@@ -34,8 +34,9 @@ from .input_options import label_options, resolve_config_inputs
 
 LOCAL_DIR = "local-dir:"
 # measured: docs/train.md, "Few images: more of the teacher's own views". Under 16,000 samples (images x views) and
-# 32 views the CLS gap was 0.08-0.50 (4,000 x 1 view: 0.10-0.12; 1,024 x 8: 0.08), from there on within 0.06 (4,000 x 4:
-# 0.03); 32,768 samples kept it inside 0.05 (1,024 x 32: 0.04, two seeds), so --views auto stores that many
+# 32 views the CLS gap was 0.08-0.50 (4,000 x 1 view: 0.10-0.12; 1,024 x 8: 0.08), from there on 0.03-0.063 (4,000 x 4:
+# 0.03; 1,024 x 16: 0.05-0.063); 32,768 samples kept it inside 0.05 on 1,024-4,000 images (1,024 x 32: 0.036-0.047),
+# so --views auto stores that many
 ENOUGH_VIEWS, ENOUGH_RENDERS, AUTO_RENDERS = 32, 16_000, 32_768
 AUTO_VIEW_AUGMENT, AUTO_VIEW_CROP_SCALE = ("crop",), (0.35, 1.0)  # the views every row of that table was measured on
 MORE_VIEWS = "--views auto"  # the extract option both warnings advise (extract's default)
