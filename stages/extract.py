@@ -363,10 +363,12 @@ def _write_teacher_head(cache: FeatureCache, teacher: Teacher) -> str:
     return f"stored ({head.pool} pooling, {teacher.num_classes} classes)"
 
 
-def _decided(config: ExtractConfig, inputs: ResolvedInputs, stored: CacheSpec | None) -> ExtractConfig:
+def _decided(
+    config: ExtractConfig, inputs: ResolvedInputs, stored: CacheSpec | None, on_count: Callable[[], None]
+) -> ExtractConfig:
     """``config`` with what it leaves open decided: a rerun without --codec or --views keeps the cache's (and its
     views' augmentations); a new cache gets DEFAULT_CODEC and, with --views auto, :func:`auto_views` of the
-    images its inputs hold (counted up to AUTO_RENDERS)."""
+    images its inputs hold (counted up to AUTO_RENDERS, after ``on_count`` when tar shards are read for it)."""
     if stored is not None:
         config = replace(config, codec=config.codec or stored.codec)
         if config.views is None:
@@ -375,6 +377,8 @@ def _decided(config: ExtractConfig, inputs: ResolvedInputs, stored: CacheSpec | 
         return config
     config = replace(config, codec=config.codec or DEFAULT_CODEC)
     if config.views is None:
+        if not inputs.all_folder_blocks:
+            on_count()
         images = count_images(inputs.shards, AUTO_RENDERS, config.storage_options)
         config = config.with_views(auto_views(images))
     return config
@@ -478,12 +482,14 @@ def extract(
     progress: Progress | None = None,
     runner: ShardRunner | None = None,
     on_plan: Callable[[int, int], None] | None = None,
+    on_count: Callable[[], None] | None = None,
     driver_device: str | None = None,
     inputs: ResolvedInputs | None = None,
     teachers: TeacherPool | None = None,
 ) -> ExtractSummary:
     """Run stage one. ``runner`` executes the incomplete shards (default: in this process).
 
+    ``on_count``: called before ``--views auto`` reads tar shards to count their images (for a new cache).
     ``driver_device``: where this process builds its own teacher (cache spec, head check); None shares
     ``config.device`` and the teacher with an in-process runner, ``"cpu"`` suits a driver of remote workers.
     ``inputs``: what :func:`preflight` returned for ``config``, when the caller checked it already.
@@ -497,7 +503,7 @@ def extract(
     with writer_lock(config.out, storage_options=config.storage_options):
         stored = stored_spec(config.out, config.storage_options)
         views_auto = config.views is None and stored is None  # counted now, not kept from the cache
-        config = _decided(config, inputs, stored)
+        config = _decided(config, inputs, stored, on_count or (lambda: None))
         cache = create_or_open(config.out, cache_spec(config, teacher), storage_options=config.storage_options)
         record_sources(cache, [s.url for s in inputs.shards], inputs.classes or config.class_names)
         _ensure_bases(cache, config, teacher, inputs.shards)

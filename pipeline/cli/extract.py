@@ -170,7 +170,6 @@ def extract(
 
     The cache is a resumable Zarr v3 group: rerunning the command completes it."""
     from apmpipe.stages.extract_config import AUTO_RENDERS, ExtractConfig, preflight  # no torch yet: fail fast
-    from apmpipe.storage.cache import is_zarr_group
 
     options = stage_options(
         ctx,
@@ -200,15 +199,19 @@ def extract(
         **options,
     )
     inputs = preflight(config)
-    if config.views is None and not inputs.all_folder_blocks and not is_zarr_group(out, config.storage_options):
-        render.counting_images(AUTO_RENDERS)
     from apmpipe.stages.extract import extract as run_extract
 
     runner = _shard_runner(workers, scheduler, scheduler_file, resources)
     with ShardProgress() as progress:  # beside remote workers the driver's teacher (spec, head check) stays on the CPU
         driver = "cpu" if runner else None
         summary = run_extract(
-            config, progress=progress, runner=runner, on_plan=progress.plan, driver_device=driver, inputs=inputs
+            config,
+            progress=progress,
+            runner=runner,
+            on_plan=progress.plan,
+            on_count=lambda: render.counting_images(AUTO_RENDERS),
+            driver_device=driver,
+            inputs=inputs,
         )
     render.extract_summary(summary)
     if summary.count("failed") or summary.nothing_stored:
