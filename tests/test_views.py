@@ -83,10 +83,9 @@ def test_views_hold_the_image_then_its_drawn_views_with_their_teachers_tokens(
 def test_extract_warns_when_a_cache_holds_too_few_images_and_views_to_train_on(
     capsys: pytest.CaptureFixture, tmp_path: Path, digit_shards: list[str]
 ) -> None:
-    """Under 16,000 samples (images x views) and 32 views, extract says in one line
-    what a student trained on the cache would do and how to extract it for training (measured: docs/train.md, "Few
-    images"); enough views say nothing, and neither does a run with a failed shard (its image count is not the
-    cache's)."""
+    """Under 16,000 samples (images x views) and 32 views, extract says in one line what a student trained on the
+    cache would do and how to extract it for training (measured: docs/train.md, "Few images"); enough views say
+    nothing, and neither does a run with a failed shard (its image count is not the cache's)."""
     from apmpipe.stages.extract import ExtractResult, ExtractSummary
     from apmpipe.stages.extract_config import few_images_note
 
@@ -201,6 +200,13 @@ def test_views_refused_when_they_differ_or_lack_an_augmentation(
     assert result.returncode == 2 and "was written with view_augment ['flip', 'crop'], not ['crop']" in result.stderr
     result = run_main(capsys, *args, "--views", "3", "--view-augment", "rotate")
     assert result.returncode == 2 and "--view-augment 'rotate' is not one of flip, crop" in result.stderr
+    result = run_main(capsys, *args, "--views", "1", "--view-augment", "flip")
+    assert result.returncode == 2 and result.stderr == (
+        "error: --view-augment draws views 1..N-1, and --views 1 stores the image alone; pass --views N (N > 1) or "
+        "--views auto\n"
+    )
+    result = run_main(capsys, *args, "--views", "x")
+    assert result.stderr == "error: --views 'x' is neither a count nor auto; e.g. --views 4 or --views auto\n"
     result = run_main(capsys, *args, "--views", "0")
     assert result.returncode == 2 and result.stderr == "error: --views must be at least 1, got 0\n"
 
