@@ -602,25 +602,6 @@ def _scatter(parts: list[np.ndarray], destination: np.ndarray, out: torch.Tensor
     return out
 
 
-def iter_cache(
-    cache: FeatureCache, batch_size: int, limit: int = 0, token_dtype: str = "float32"
-) -> Iterator[tuple[str, int, Any]]:
-    """Every sample of a cache in stored order (complete shards sorted by name), as ``(shard, start, CachedSamples)``.
-
-    Reads whole chunks; ``limit`` > 0 stops after that many samples. For evaluation, not training.
-    """
-    remaining = limit or -1
-    for name, total in cache.sample_counts().items():
-        step = max(cache.spec.chunk_samples, batch_size // cache.spec.chunk_samples * cache.spec.chunk_samples)
-        for start in range(0, total, step):
-            stop = min(start + step, total) if remaining < 0 else min(start + step, total, start + remaining)
-            yield name, start, cache.read(name, start, stop, token_dtype=np.dtype(token_dtype))
-            if remaining > 0:
-                remaining -= stop - start
-                if remaining == 0:
-                    return
-
-
 def sample_subset(cache: FeatureCache, count: int, seed: int, every_view: bool = False) -> dict[str, np.ndarray]:
     """A seeded random choice of ``count`` images across all complete shards (0 or more than held: all), as sorted
     row indices per shard; of a cache with ``--views``, view 0 of each (see :meth:`FeatureCache.image_rows`), or
